@@ -1,0 +1,45 @@
+"""datavalue: training-data attribution and valuation.
+
+Record per-sample gradients during training (:class:`Recorder`), build data value embeddings
+(:func:`build_embeddings`), ask which training examples made the model do something
+(:class:`Attributor`), and turn contributions into Shapley values and royalties
+(:mod:`datavalue.shapley`).
+
+Sign convention everywhere: influence = loss(without occurrence) - loss(with); positive = helpful.
+
+Heavy dependencies load lazily: ``from datavalue import shapley`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Recorder": ("datavalue.capture", "Recorder"),
+    "inspect": ("datavalue.capture", "inspect"),
+    "per_sample_gradients": ("datavalue.capture", "per_sample_gradients"),
+    "build_embeddings": ("datavalue.embeddings", "build_embeddings"),
+    "Attributor": ("datavalue.query", "Attributor"),
+    "open_run": ("datavalue.store", "open_run"),
+}
+_SUBMODULES = {"capture", "store", "embeddings", "shapley", "testing", "errors", "query"}
+
+__all__ = [*sorted(_LAZY), *sorted(_SUBMODULES), "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"datavalue.{name}")
+    raise AttributeError(f"module 'datavalue' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

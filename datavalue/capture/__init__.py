@@ -1,0 +1,28 @@
+"""Capture: hooks that record per-sample (projected) gradients from the user's own backward.
+
+Public pieces: :class:`Recorder` (training loop), :func:`per_sample_gradients` (query/test
+gradients in a run's layout), :func:`inspect` (what is captured by which rule), and the rule
+registry :data:`LAYER_RULES` with :class:`LayerRule` to extend it.
+"""
+
+from datavalue.capture._gradients import engine_for_run as engine_for_run
+from datavalue.capture._gradients import exact_layout as exact_layout
+from datavalue.capture._gradients import per_sample_gradients as per_sample_gradients
+from datavalue.capture._inspect import inspect as inspect
+from datavalue.capture._projection import projection_matrix as projection_matrix
+from datavalue.capture._projection import split_budget as split_budget
+from datavalue.capture._rules import LAYER_RULES as LAYER_RULES
+from datavalue.capture._rules import LayerRule as LayerRule
+from datavalue.capture.recorder import Recorder as Recorder
+
+__all__ = [
+    "LAYER_RULES",
+    "LayerRule",
+    "Recorder",
+    "engine_for_run",
+    "exact_layout",
+    "inspect",
+    "per_sample_gradients",
+    "projection_matrix",
+    "split_budget",
+]

@@ -1,0 +1,297 @@
+"""The hook engine: plans blocks, attaches hooks, routes per-sample gradients into a sink.
+
+Lifecycle (Kronfluence's tracker pattern): ``plan -> attach -> (begin -> backward -> collect)* ->
+detach``. Forward hooks keep each captured module's inputs; a tensor hook on its output receives
+the output gradient during whatever backward runs next (the user's own ``loss.backward()``, or an
+``autograd.grad`` issued by the engine for test gradients and Fisher pseudo-gradients) and calls
+the module's rule. Nothing is written onto the user's modules or parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from datavalue.capture._projection import SIDE_COLS, SIDE_DENSE, SIDE_ROWS, projection_matrix, split_budget
+from datavalue.capture._rules import FALLBACK, LAYER_RULES, OPAQUE_MODULES, BlockDraft, LayerRule, Sketch
+from datavalue.errors import CaptureError, RecorderError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of gradient columns (serialised into the run manifest)."""
+
+    name: str
+    index: int
+    rule: str
+    kind: str
+    params: list[str]
+    shape: list[int]
+    k_rows: int
+    k_cols: int
+    k: int
+    start: int
+    stop: int
+    has_bias: bool = False
+    modules: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modules"] = list(self.modules)
+        return d
+
+
+@dataclass
+class _Entry:
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    drafts: list[BlockDraft]
+
+
+def trainable_fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """``{name: shape}`` of the model's trainable parameters (tied ones once)."""
+    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Engine:
+    """Per-sample gradient capture for one model and one projection.
+
+    Args:
+        model: the torch module.
+        proj_dim: total sketch dimension, a dict per block name, or ``None`` for exact gradients.
+        seed: root seed of the sketch matrices.
+        layers: optional module names to capture (default: every module with trainable params).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        proj_dim: int | Mapping[str, int] | None,
+        seed: int,
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        self.model = model
+        self.seed = int(seed)
+        self.proj_dim = proj_dim
+        self.layers = list(layers) if layers is not None else None
+        self.entries, self.blocks = self._plan(model, proj_dim, layers)
+        first = next(iter(model.parameters()))
+        self.device, self.dtype = first.device, first.dtype
+        self.sketches = self._sketches()
+        self._handles: list[Any] = []
+        self.sink: dict[str, torch.Tensor] | None = None
+        self.batch_size: int | None = None
+        self.outputs: list[torch.Tensor] = []
+        self.n_grad_events = 0
+        self.n_forward_events = 0
+        self._replaying = False
+        self._root_hook: Callable[[torch.Tensor], None] | None = None
+
+    # ------------------------------------------------------------------ planning
+    @staticmethod
+    def _plan(model: nn.Module, proj_dim, layers) -> tuple[list[_Entry], list[BlockSpec]]:
+        canonical: dict[int, str] = {}
+        for n, p in model.named_parameters():
+            canonical.setdefault(id(p), n)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); nothing to record."
+            )
+        alias_count: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            alias_count[id(p)] = alias_count.get(id(p), 0) + 1
+        tied = {canonical[i] for i, c in alias_count.items() if c > 1}
+
+        wanted = set(layers) if layers is not None else None
+        names_of_modules = {n for n, _ in model.named_modules(remove_duplicate=False)}
+        if wanted is not None and wanted - names_of_modules:
+            raise RecorderError(f"layers= names unknown modules {sorted(wanted - names_of_modules)}; see datavalue.inspect(model).")
+        entries: list[_Entry] = []
+        drafts_by_key: dict[str, tuple[BlockDraft, str, list[str]]] = {}
+        opaque: list[str] = []
+        for mname, module in model.named_modules(remove_duplicate=False):
+            if any(mname.startswith(o + ".") for o in opaque):
+                continue  # inside a module the fallback handles as a whole
+            if isinstance(module, OPAQUE_MODULES):
+                opaque.append(mname)
+                own = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            else:
+                own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own or (wanted is not None and mname not in wanted):
+                continue
+            prefix = f"{mname}." if mname else ""
+            rule = LAYER_RULES.lookup(module) or FALLBACK
+            drafts = rule.drafts(module, prefix, _tied_local(prefix, own, canonical, tied))
+            covered = {q for d in drafts for q in d.params}
+            if len(covered) < len(own) and rule is not FALLBACK:
+                rule, drafts = FALLBACK, FALLBACK.drafts(module, prefix, set())
+            # rename local aliases to canonical names
+            drafts = [_canonicalise(d, prefix, module, canonical) for d in drafts]
+            entries.append(_Entry(mname, module, rule, drafts))
+            for d in drafts:
+                if d.key in drafts_by_key:
+                    prev, prev_rule, mods = drafts_by_key[d.key]
+                    if (prev.kind, prev.shape, prev.params) != (d.kind, d.shape, d.params):
+                        raise UnsupportedModelError(
+                            f"parameter {d.key} is shared by modules {mods + [mname]} whose layouts differ "
+                            f"({prev.kind}{prev.shape} vs {d.kind}{d.shape}); register a LayerRule that matches."
+                        )
+                    mods.append(mname)
+                else:
+                    drafts_by_key[d.key] = (d, rule.name, [mname])
+        ordered = list(drafts_by_key.values())
+        ks = split_budget([d.key for d, _, _ in ordered], [d.kind for d, _, _ in ordered],
+                          [d.shape for d, _, _ in ordered], proj_dim)
+        blocks, start = [], 0
+        for i, ((d, rname, mods), (kr, kc, k)) in enumerate(zip(ordered, ks)):
+            blocks.append(BlockSpec(d.key, i, rname, d.kind, list(d.params), list(d.shape), kr, kc, k,
+                                    start, start + k, d.has_bias, tuple(mods)))
+            start += k
+        return entries, blocks
+
+    def _sketches(self) -> dict[str, Sketch]:
+        out = {}
+        for b in self.blocks:
+            def mat(side: int, k: int, dim: int) -> torch.Tensor | None:
+                if k >= dim:
+                    return None
+                return torch.as_tensor(projection_matrix(self.seed, b.index, side, k, dim), dtype=self.dtype, device=self.device)
+
+            if b.kind == "kron":
+                out[b.name] = Sketch("kron", mat(SIDE_ROWS, b.k_rows, b.shape[0]), mat(SIDE_COLS, b.k_cols, b.shape[1]), b.k)
+            else:
+                out[b.name] = Sketch("dense", mat(SIDE_DENSE, b.k, b.shape[0]), None, b.k)
+        return out
+
+    @property
+    def k(self) -> int:
+        return self.blocks[-1].stop if self.blocks else 0
+
+    def projection_json(self) -> dict[str, Any]:
+        return {
+            "proj_dim": dict(self.proj_dim) if isinstance(self.proj_dim, Mapping) else self.proj_dim,
+            "seed": self.seed,
+            "layers": self.layers,
+            "k": self.k,
+            "blocks": [b.to_json() for b in self.blocks],
+        }
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, *, root_hook: Callable[[Any], None] | None = None) -> None:
+        if self._handles:
+            raise CaptureError("hooks are already attached for this engine.")
+        for e in self.entries:
+            self._handles.append(e.module.register_forward_hook(self._make_forward_hook(e), with_kwargs=True))
+        if root_hook is not None:
+            self._handles.append(self.model.register_forward_hook(lambda m, a, out: root_hook(out)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_forward_hook(self, entry: _Entry):
+        def hook(module, args, kwargs, output):
+            if self.sink is None or self._replaying or not torch.is_grad_enabled():
+                return
+            out = output if torch.is_tensor(output) else next((o for o in _flat(output) if torch.is_tensor(o)), None)
+            if out is None or not out.requires_grad:
+                return
+            self.n_forward_events += 1
+            saved = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            saved_kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+            self.outputs.append(out)
+            out.register_hook(lambda g, e=entry, a=saved, kw=saved_kw: self._on_grad(e, a, kw, g))
+
+        return hook
+
+    def _on_grad(self, entry: _Entry, args, kwargs, grad: torch.Tensor) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        self.n_grad_events += 1
+        b = self.batch_size
+        if b is not None and grad.shape[0] != b:
+            raise RecorderError(
+                f"module {entry.name or '<root>'} saw a batch of {grad.shape[0]} examples but sample_ids has {b}; "
+                "pass exactly one id per example (batch dimension first)."
+            )
+        self._replaying = True
+        try:
+            with torch.no_grad():
+                contrib = entry.rule.per_sample(entry.module, args, kwargs, grad.detach(), self.sketches, entry.drafts)
+        finally:
+            self._replaying = False
+        for key, v in contrib.items():
+            if key in sink:
+                sink[key] = sink[key] + v
+            else:
+                sink[key] = v
+
+    # ------------------------------------------------------------------ sinks
+    def begin(self, batch_size: int | None) -> None:
+        self.sink = {}
+        self.batch_size = batch_size
+        self.outputs = []
+        self.n_grad_events = 0
+        self.n_forward_events = 0
+
+    def end(self) -> dict[str, torch.Tensor]:
+        sink, self.sink = self.sink or {}, None
+        self.outputs = []
+        return sink
+
+    def assemble(self, sink: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Concatenate a sink's blocks in column order; modules that did not run give zeros."""
+        cols = []
+        for b in self.blocks:
+            v = sink.get(b.name)
+            cols.append(v.reshape(n, b.k) if v is not None else torch.zeros(n, b.k, dtype=self.dtype, device=self.device))
+        return torch.cat(cols, 1)
+
+    def grad_wrt_outputs(self, scalar_or_tensor: torch.Tensor, grad_outputs: torch.Tensor | None = None) -> None:
+        """Backpropagate to the hooked module outputs only (parameters' ``.grad`` untouched)."""
+        outs = [o for o in self.outputs if o.requires_grad]
+        if not outs:
+            raise CaptureError("no captured module took part in this forward pass.")
+        torch.autograd.grad(scalar_or_tensor, outs, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+
+
+def _flat(x: Any):
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _flat(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _flat(y)
+    else:
+        yield x
+
+
+def _tied_local(prefix: str, own, canonical: dict[int, str], tied: set[str]) -> set[str]:
+    """Local (prefixed) names of the module's parameters that are tied elsewhere."""
+    return {f"{prefix}{n}" for n, p in own if canonical[id(p)] in tied}
+
+
+def _canonicalise(d: BlockDraft, prefix: str, module: nn.Module, canonical: dict[int, str]) -> BlockDraft:
+    def canon(q: str) -> str:
+        local = q[len(prefix):] if q.startswith(prefix) else q
+        p = module.get_parameter(local) if local else None
+        return canonical.get(id(p), q) if p is not None else q
+
+    params = tuple(canon(q) for q in d.params)
+    return BlockDraft(canon(d.key), params, d.kind, d.shape, d.has_bias)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").numpy()

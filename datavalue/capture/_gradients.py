@@ -1,0 +1,115 @@
+"""Per-sample gradients in a run's own layout and projection (test/query gradients)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
+from datavalue.errors import ModelMismatchError, QueryError
+from datavalue.store import fingerprint_params
+
+
+def engine_for_run(model: nn.Module, manifest: Mapping[str, Any]) -> Engine:
+    """An :class:`Engine` that reproduces the recorded projection; checks the model fingerprint."""
+    fp = manifest.get("model_fingerprint", {})
+    mine = fingerprint_params(trainable_fingerprint(model))
+    if fp.get("digest") != mine["digest"]:
+        rec, now = fp.get("params", {}), mine["params"]
+        missing = sorted(set(rec) - set(now))[:5]
+        extra = sorted(set(now) - set(rec))[:5]
+        shape = [f"{k}: {rec[k]} vs {now[k]}" for k in sorted(set(rec) & set(now)) if list(rec[k]) != list(now[k])][:5]
+        raise ModelMismatchError(
+            "the model does not match the run's fingerprint (trainable parameter names and shapes). "
+            f"Missing: {missing}; unexpected: {extra}; shape differences: {shape}. "
+            "Build the same architecture that was recorded (and the same requires_grad flags)."
+        )
+    proj = manifest["projection"]
+    pd = proj["proj_dim"]
+    eng = Engine(model, proj_dim=pd, seed=proj["seed"], layers=proj.get("layers"))
+    recorded = [(b["name"], b["k"], b["start"]) for b in proj["blocks"]]
+    if [(b.name, b.k, b.start) for b in eng.blocks] != recorded:
+        raise ModelMismatchError("the model's capture plan differs from the recorded one (blocks or dimensions); "
+                                 "was a LayerRule registered or removed since recording?")
+    return eng
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module], torch.Tensor],
+    run_or_manifest: Any,
+    *,
+    engine: Engine | None = None,
+) -> np.ndarray:
+    """``(m, k)`` projected gradients of ``m`` per-sample losses, in the run's layout.
+
+    Args:
+        model: the model at the weights of interest (e.g. the final weights).
+        loss_fn: ``loss_fn(model) -> (m,)`` per-example losses (``reduction="none"``).
+        run_or_manifest: a :class:`datavalue.store.Run`, its manifest dict, or a path.
+
+    Parameters' ``.grad`` is left untouched.
+
+    Example:
+        >>> g = per_sample_gradients(model, lambda m: F.cross_entropy(m(x), y, reduction="none"), run)  # doctest: +SKIP
+    """
+    manifest = _manifest(run_or_manifest)
+    eng = engine or engine_for_run(model, manifest)
+    eng.attach()
+    try:
+        eng.begin(None)
+        try:
+            losses = loss_fn(model)
+            if not torch.is_tensor(losses) or losses.dim() != 1:
+                raise QueryError(
+                    "loss_fn must return a 1-d tensor of per-example losses (use reduction='none'), got "
+                    f"{type(losses).__name__} with shape {getattr(losses, 'shape', None)}."
+                )
+            m = losses.shape[0]
+            eng.batch_size = m
+            eng.grad_wrt_outputs(losses.sum())
+            sink = dict(eng.sink or {})
+        finally:
+            eng.end()
+        return to_numpy(eng.assemble(sink, m))
+    finally:
+        eng.detach()
+
+
+def _manifest(x: Any) -> Mapping[str, Any]:
+    if isinstance(x, Mapping):
+        return x
+    if hasattr(x, "manifest"):
+        return x.manifest
+    from datavalue.store import open_run
+
+    return open_run(x).manifest
+
+
+def exact_layout(named: Mapping[str, torch.Tensor], blocks: list[Mapping[str, Any]]) -> np.ndarray:
+    """Lay full-parameter tensors (e.g. ``{name: p.grad}``) out in an *exact* run's columns.
+
+    Kronecker blocks are the matrix ``[W.reshape(rows, -1) | bias]`` flattened row-major; dense
+    blocks concatenate their parameters flattened. Used as a slow oracle (a plain backward per
+    example) and to turn a full gradient into the exact-run layout.
+    """
+    parts = []
+    for b in blocks:
+        if b["kind"] == "kron" and b["k"] != b["shape"][0] * b["shape"][1]:
+            raise QueryError(f"block {b['name']} is projected; exact_layout needs a run recorded with proj_dim=None.")
+        if b["kind"] == "dense" and b["k"] != b["shape"][0]:
+            raise QueryError(f"block {b['name']} is projected; exact_layout needs a run recorded with proj_dim=None.")
+        ts = [named[p].detach().to(torch.float64) for p in b["params"]]
+        if b["kind"] == "kron":
+            rows = b["shape"][0]
+            mat = ts[0].reshape(rows, -1)
+            if b.get("has_bias"):
+                mat = torch.cat([mat, ts[1].reshape(rows, 1)], 1)
+            parts.append(mat.reshape(-1))
+        else:
+            parts.append(torch.cat([t.reshape(-1) for t in ts]))
+    return torch.cat(parts).cpu().numpy()

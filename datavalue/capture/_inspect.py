@@ -1,0 +1,40 @@
+"""``datavalue.inspect(model)``: what would be captured, by which rule, at what size."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+
+from datavalue.capture._engine import Engine
+
+
+class CapturePlan(list):
+    """A list of dicts (one per block) that prints as a table."""
+
+    def __str__(self) -> str:
+        head = f"{'block':32s} {'rule':22s} {'kind':6s} {'shape':>14s} {'k':>7s}  modules"
+        rows = [head, "-" * len(head)]
+        for b in self:
+            shape = "x".join(str(s) for s in b["shape"])
+            rows.append(f"{b['name']:32s} {b['rule']:22s} {b['kind']:6s} {shape:>14s} {b['k']:>7d}  {','.join(b['modules'])}")
+        rows.append(f"total k = {sum(b['k'] for b in self)}")
+        return "\n".join(rows)
+
+    __repr__ = __str__
+
+
+def inspect(model: nn.Module, *, proj_dim: int | Mapping[str, int] | None = 1024, layers: Sequence[str] | None = None) -> CapturePlan:
+    """List the blocks a :class:`Recorder` would capture for ``model``: rule, layout and sketch size.
+
+    Example:
+        >>> import torch
+        >>> print(inspect(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)), proj_dim=None))  # doctest: +NORMALIZE_WHITESPACE
+        block                            rule                   kind            shape       k  modules
+        ------------------------------------------------------------------------------------------------
+        0.weight                         linear                 kron              8x5      40  0
+        2.weight                         linear                 kron              2x9      18  2
+        total k = 58
+    """
+    eng = Engine(model, proj_dim=proj_dim, seed=0, layers=layers)
+    return CapturePlan(b.to_json() for b in eng.blocks)

@@ -1,0 +1,100 @@
+"""Framework-free pieces of the gradient sketch: budget split and seeded matrices.
+
+Every projection matrix is a pure function of ``(seed, block_index, side)`` through numpy's
+``SeedSequence``, so a PyTorch and a JAX recorder of the same model produce the same vectors.
+
+The sketch of a weight matrix ``W`` (``rows x cols``, the bias as an appended column) is the
+Kronecker product ``P_rows (x) P_cols``: a per-sample gradient ``sum_t d_t a_t^T`` is stored as
+``sum_t (P_rows d_t)(P_cols a_t)^T``, never forming the full gradient. Entries are
+``N(0, 1/k)``, so inner products are preserved in expectation. A side whose budget reaches
+its full size is not projected at all (identity), which is exact.
+
+Budget rule (``proj_dim`` an int, the total over blocks): water-filling. Each block gets an equal
+share of what is left; a block whose exact size fits in its share is stored exactly and returns
+the rest to the pool. A Kronecker block with share ``s`` uses ``k_rows = min(rows, isqrt(s))`` and
+``k_cols = min(cols, s // k_rows)``, then widens ``k_rows`` if ``cols`` ran out. A dict gives each
+block (by name) its own total ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+SIDE_ROWS = 0  # output-gradient side of a weight matrix
+SIDE_COLS = 1  # input (activation) side
+SIDE_DENSE = 2  # flattened dense gradient
+
+
+def projection_matrix(seed: int, block_index: int, side: int, k: int, dim: int) -> np.ndarray:
+    """The ``(k, dim)`` float64 Gaussian sketch for one side of one block, entries ``N(0, 1/k)``.
+
+    Example:
+        >>> projection_matrix(0, 3, SIDE_COLS, 4, 10).shape
+        (4, 10)
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(block_index), int(side)]))
+    return rng.standard_normal((k, dim)) / math.sqrt(k)
+
+
+def kron_dims(rows: int, cols: int, share: int) -> tuple[int, int]:
+    """Split a share ``s`` into ``(k_rows, k_cols)`` with ``k_rows * k_cols <= s``."""
+    share = max(1, int(share))
+    k_r = max(1, min(rows, math.isqrt(share)))
+    k_c = max(1, min(cols, share // k_r))
+    if k_c == cols:
+        k_r = max(1, min(rows, share // k_c))
+    return k_r, k_c
+
+
+def split_budget(
+    names: Sequence[str],
+    kinds: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    proj_dim: int | Mapping[str, int] | None,
+) -> list[tuple[int, int, int]]:
+    """``(k_rows, k_cols, k)`` per block (``k_cols = 1`` for dense blocks).
+
+    ``proj_dim=None`` keeps every block exact.
+    """
+    sizes = [int(np.prod(s)) for s in shapes]
+    if proj_dim is None:
+        shares = sizes
+    elif isinstance(proj_dim, Mapping):
+        unknown = set(proj_dim) - set(names)
+        if unknown:
+            raise ValueError(f"proj_dim names unknown blocks {sorted(unknown)}; blocks are {list(names)}")
+        missing = [n for n in names if n not in proj_dim]
+        if missing:
+            raise ValueError(f"proj_dim dict must give every block a dimension; missing {missing}")
+        shares = [min(int(proj_dim[n]), sz) for n, sz in zip(names, sizes)]
+    else:
+        total = int(proj_dim)
+        if total < len(names):
+            raise ValueError(f"proj_dim={total} is smaller than the number of blocks ({len(names)}); use at least {len(names)}.")
+        shares = [0] * len(names)
+        todo = sorted(range(len(names)), key=lambda i: sizes[i])
+        left = total
+        while todo:
+            s = left // len(todo)
+            i = todo[0]
+            if sizes[i] <= s:  # fits exactly: exact storage, give back the rest
+                shares[i] = sizes[i]
+                left -= sizes[i]
+                todo.pop(0)
+            else:
+                for j in todo:
+                    shares[j] = s
+                break
+    out = []
+    for kind, shape, share, size in zip(kinds, shapes, shares, sizes):
+        if kind == "kron":
+            rows, cols = int(shape[0]), int(shape[1])
+            k_r, k_c = (rows, cols) if share >= size else kron_dims(rows, cols, share)
+            out.append((k_r, k_c, k_r * k_c))
+        else:
+            k = min(size, max(1, share))
+            out.append((k, 1, k))
+    return out

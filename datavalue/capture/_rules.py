@@ -1,0 +1,346 @@
+"""Per-layer rules that turn a layer's input and output gradient into per-sample gradients.
+
+A rule sees, for one call of a module, the inputs saved by a forward hook and the gradient of
+the loss with respect to the module's output (a tensor hook). It never runs a second backward.
+
+* ``Linear`` (any leading dims), ``Conv1d``/``Conv2d`` (groups=1, zero padding) and ``Embedding``
+  are *Kronecker* rules: the per-sample gradient of the weight matrix (bias as an appended input
+  column) is ``sum_t d_t a_t^T``; each side is projected before the sum over tokens/positions.
+* ``LayerNorm`` and the ``torch.func`` *fallback* (any other module with trainable parameters)
+  produce dense per-sample gradients that are projected with one Gaussian matrix.
+
+Extend with your own rule::
+
+    @LAYER_RULES.register(MyLayer)
+    class MyRule(LayerRule): ...
+
+Registering a type twice raises unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datavalue.errors import CaptureError
+
+
+@dataclass(frozen=True)
+class BlockDraft:
+    """A block a rule asks for: which parameters, how they are laid out."""
+
+    key: str  # identity used to merge tied parameters (name of the primary parameter)
+    params: tuple[str, ...]  # qualified parameter names, in layout order
+    kind: str  # "kron" or "dense"
+    shape: tuple[int, ...]  # (rows, cols) for kron, (n,) for dense
+    has_bias: bool = False
+
+
+class Sketch:
+    """Projection of one block, as torch tensors on the model's device and dtype.
+
+    ``rows``/``cols`` are ``(k, dim)`` matrices or ``None`` (identity, exact). For dense blocks
+    only ``rows`` is used.
+    """
+
+    def __init__(self, kind: str, rows: torch.Tensor | None, cols: torch.Tensor | None, k: int) -> None:
+        self.kind, self.rows, self.cols, self.k = kind, rows, cols, k
+
+    def left(self, d: torch.Tensor) -> torch.Tensor:
+        """Project the row side: ``(..., rows) -> (..., k_rows)``."""
+        return d if self.rows is None else d @ self.rows.T
+
+    def right(self, a: torch.Tensor) -> torch.Tensor:
+        """Project the column side: ``(..., cols) -> (..., k_cols)``."""
+        return a if self.cols is None else a @ self.cols.T
+
+    def left_columns(self, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """``P_rows e_index`` for integer indices (one-hot inputs of an Embedding)."""
+        if self.rows is None:
+            return F.one_hot(index, n_rows).to(self._dtype())
+        return self.rows.T[index]
+
+    def dense(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.rows is None else v @ self.rows.T
+
+    def _dtype(self) -> torch.dtype:
+        m = self.rows if self.rows is not None else self.cols
+        return m.dtype if m is not None else torch.get_default_dtype()
+
+
+def kron_sum(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``sum_t left[b,t,:] (x) right[b,t,:]`` flattened: ``(b,L,kr),(b,L,kc) -> (b, kr*kc)``."""
+    b = left.shape[0]
+    return torch.einsum("blr,blc->brc", left, right).reshape(b, -1)
+
+
+class LayerRule(abc.ABC):
+    """How one module type yields per-sample gradients. Subclass and register to extend."""
+
+    #: name shown by ``datavalue.inspect``
+    name: str = "rule"
+
+    def supports(self, module: nn.Module) -> bool:  # noqa: ARG002
+        """Whether this rule can handle this instance (else the fallback is used)."""
+        return True
+
+    @abc.abstractmethod
+    def drafts(self, module: nn.Module, prefix: str, tied: set[str]) -> list[BlockDraft]:
+        """Blocks for the module's own trainable parameters (``tied``: names shared elsewhere)."""
+
+    @abc.abstractmethod
+    def per_sample(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        grad_out: torch.Tensor,
+        sketches: dict[str, Sketch],
+        drafts: list[BlockDraft],
+    ) -> dict[str, torch.Tensor]:
+        """``{draft.key: (b, k) projected per-sample gradient}`` for one call of the module."""
+
+
+class RuleRegistry:
+    """Maps module types to rules; refuses silent overwrite."""
+
+    def __init__(self) -> None:
+        self._rules: dict[type, LayerRule] = {}
+
+    def register(self, module_type: type, *, overwrite: bool = False):
+        def deco(rule_cls: type[LayerRule]) -> type[LayerRule]:
+            if module_type in self._rules and not overwrite:
+                raise ValueError(
+                    f"a rule for {module_type.__name__} is already registered "
+                    f"({type(self._rules[module_type]).__name__}); pass overwrite=True to replace it."
+                )
+            self._rules[module_type] = rule_cls()
+            return rule_cls
+
+        return deco
+
+    def lookup(self, module: nn.Module) -> LayerRule | None:
+        """Exact type match first, then the nearest registered base class."""
+        for cls in type(module).__mro__:
+            rule = self._rules.get(cls)
+            if rule is not None and rule.supports(module):
+                return rule
+            if rule is not None:
+                return None
+        return None
+
+
+LAYER_RULES = RuleRegistry()
+
+
+def _trainable(module: nn.Module, prefix: str, names: tuple[str, ...]) -> list[str]:
+    out = []
+    for n in names:
+        p = getattr(module, n, None)
+        if isinstance(p, nn.Parameter) and p.requires_grad:
+            out.append(f"{prefix}{n}")
+    return out
+
+
+@LAYER_RULES.register(nn.Linear)
+class LinearRule(LayerRule):
+    """``y = x W^T + b`` over any leading dims: Kronecker ``(out) x (in + 1)``."""
+
+    name = "linear"
+
+    def drafts(self, module, prefix, tied):
+        w = f"{prefix}weight"
+        params = _trainable(module, prefix, ("weight", "bias"))
+        has_bias = f"{prefix}bias" in params
+        if w not in params:
+            return [BlockDraft(f"{prefix}bias", (f"{prefix}bias",), "dense", (module.out_features,))] if has_bias else []
+        if has_bias and w in tied:  # a tied weight keeps the shared layout; the bias stands alone
+            return [
+                BlockDraft(w, (w,), "kron", (module.out_features, module.in_features)),
+                BlockDraft(f"{prefix}bias", (f"{prefix}bias",), "dense", (module.out_features,)),
+            ]
+        return [BlockDraft(w, tuple(params), "kron", (module.out_features, module.in_features + has_bias), has_bias)]
+
+    def per_sample(self, module, args, kwargs, grad_out, sketches, drafts):
+        a = args[0]
+        b = a.shape[0]
+        a = a.reshape(b, -1, a.shape[-1])
+        d = grad_out.reshape(b, -1, grad_out.shape[-1])
+        out = {}
+        for dr in drafts:
+            sk = sketches[dr.key]
+            if dr.kind == "dense":  # lone bias
+                out[dr.key] = sk.dense(d.sum(1))
+                continue
+            aa = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if dr.has_bias else a
+            out[dr.key] = kron_sum(sk.left(d), sk.right(aa))
+        return out
+
+
+class _ConvRule(LayerRule):
+    dims = 2
+
+    def supports(self, module):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+    def drafts(self, module, prefix, tied):
+        w = f"{prefix}weight"
+        params = _trainable(module, prefix, ("weight", "bias"))
+        if w not in params or w in tied:
+            return []  # handled by the fallback
+        has_bias = f"{prefix}bias" in params
+        cols = module.weight[0].numel() + has_bias
+        return [BlockDraft(w, tuple(params), "kron", (module.out_channels, cols), has_bias)]
+
+    def per_sample(self, module, args, kwargs, grad_out, sketches, drafts):
+        x = args[0]
+        if self.dims == 1:
+            x, g = x.unsqueeze(-2), grad_out.unsqueeze(-2)
+            ks, st, pd, dl = (1, module.kernel_size[0]), (1, module.stride[0]), (0, module.padding[0]), (1, module.dilation[0])
+        else:
+            g = grad_out
+            ks, st, pd, dl = module.kernel_size, module.stride, module.padding, module.dilation
+        b = x.shape[0]
+        cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st).transpose(1, 2)  # (b, L, in*k)
+        d = g.reshape(b, g.shape[1], -1).transpose(1, 2)  # (b, L, out)
+        dr = drafts[0]
+        if dr.has_bias:
+            cols = torch.cat([cols, cols.new_ones(cols.shape[:-1] + (1,))], -1)
+        sk = sketches[dr.key]
+        return {dr.key: kron_sum(sk.left(d), sk.right(cols))}
+
+
+@LAYER_RULES.register(nn.Conv2d)
+class Conv2dRule(_ConvRule):
+    """2-d convolution as a Linear over unfolded patches (groups=1, zero padding)."""
+
+    name = "conv2d"
+    dims = 2
+
+
+@LAYER_RULES.register(nn.Conv1d)
+class Conv1dRule(_ConvRule):
+    """1-d convolution as a Linear over unfolded patches (groups=1, zero padding)."""
+
+    name = "conv1d"
+    dims = 1
+
+
+@LAYER_RULES.register(nn.Embedding)
+class EmbeddingRule(LayerRule):
+    """Lookup table: gradient row ``token`` gets ``d``; Kronecker ``(vocab) x (dim)``."""
+
+    name = "embedding"
+
+    def supports(self, module):
+        return not module.sparse and module.max_norm is None
+
+    def drafts(self, module, prefix, tied):
+        w = f"{prefix}weight"
+        if w not in _trainable(module, prefix, ("weight",)):
+            return []
+        return [BlockDraft(w, (w,), "kron", (module.num_embeddings, module.embedding_dim))]
+
+    def per_sample(self, module, args, kwargs, grad_out, sketches, drafts):
+        idx = args[0]
+        b = idx.shape[0]
+        idx = idx.reshape(b, -1)
+        d = grad_out.reshape(b, idx.shape[1], -1)
+        if module.padding_idx is not None:
+            d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
+        dr = drafts[0]
+        sk = sketches[dr.key]
+        left = sk.left_columns(idx, module.num_embeddings).to(d.dtype)
+        return {dr.key: kron_sum(left, sk.right(d))}
+
+
+@LAYER_RULES.register(nn.LayerNorm)
+class LayerNormRule(LayerRule):
+    """Elementwise affine after normalisation: dense ``[sum d*xhat, sum d]``."""
+
+    name = "layernorm"
+
+    def drafts(self, module, prefix, tied):
+        params = _trainable(module, prefix, ("weight", "bias"))
+        if not params or any(p in tied for p in params):
+            return []
+        n = sum(int(torch.Size(module.normalized_shape).numel()) for _ in params)
+        return [BlockDraft(params[0], tuple(params), "dense", (n,))]
+
+    def per_sample(self, module, args, kwargs, grad_out, sketches, drafts):
+        x = args[0]
+        b = x.shape[0]
+        nd = len(module.normalized_shape)
+        xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        d = grad_out
+        red = tuple(range(1, x.dim() - nd))
+        parts = []
+        dr = drafts[0]
+        for p in dr.params:
+            v = d * xhat if p.endswith("weight") else d
+            parts.append((v.sum(red) if red else v).reshape(b, -1))
+        return {dr.key: sketches[dr.key].dense(torch.cat(parts, 1))}
+
+
+#: Modules whose forward uses their children's parameters without calling the children
+#: (``nn.MultiheadAttention`` reads ``out_proj.weight`` directly): the fallback takes all their
+#: parameters, recursively, and their children are not hooked.
+OPAQUE_MODULES: tuple[type, ...] = (nn.MultiheadAttention,)
+
+
+class FallbackRule(LayerRule):
+    """Any module with its own trainable parameters: per-sample VJP with ``torch.func``.
+
+    Re-runs the module's forward per example under ``vmap`` (so the module must treat examples
+    independently, e.g. no BatchNorm in training mode), differentiating only its *own*
+    parameters with the recorded output gradient as cotangent.
+    """
+
+    name = "fallback(torch.func)"
+
+    def drafts(self, module, prefix, tied):
+        recurse = isinstance(module, OPAQUE_MODULES)
+        named = [(n, p) for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+        if not named:
+            return []
+        n = sum(p.numel() for _, p in named)
+        return [BlockDraft(f"{prefix}{named[0][0]}", tuple(f"{prefix}{k}" for k, _ in named), "dense", (n,))]
+
+    def per_sample(self, module, args, kwargs, grad_out, sketches, drafts):
+        from torch.func import functional_call, vjp, vmap
+
+        dr = drafts[0]
+        all_params = dict(module.named_parameters(recurse=isinstance(module, OPAQUE_MODULES)))
+        local = [n for n, p in all_params.items() if p.requires_grad]
+        params = {k: all_params[k].detach() for k in local}
+        b = grad_out.shape[0]
+        in_dims = tuple(0 if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == b else None for a in args)
+
+        def one(x_args, g):
+            def f(p):
+                xs = tuple(a.unsqueeze(0) if d == 0 else a for a, d in zip(x_args, in_dims))
+                out = functional_call(module, p, xs, kwargs)
+                if not torch.is_tensor(out):
+                    out = out[0]
+                return out
+
+            _, pull = vjp(f, params)
+            (gp,) = pull(g.unsqueeze(0))
+            return torch.cat([gp[k].reshape(-1) for k in local])
+
+        try:
+            flat = vmap(one, in_dims=(in_dims, 0))(args, grad_out)
+        except Exception as exc:
+            raise CaptureError(
+                f"the torch.func fallback failed on {type(module).__name__}: {exc}. Register a LayerRule for it "
+                "(datavalue.capture.LAYER_RULES.register) or exclude it with layers=[...]."
+            ) from exc
+        return {dr.key: sketches[dr.key].dense(flat)}
+
+
+FALLBACK = FallbackRule()

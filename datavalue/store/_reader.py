@@ -1,0 +1,246 @@
+"""Read-only view of a run store, with lazy dask arrays for out-of-core work."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from datavalue.errors import StoreCorruptError, StoreExistsError, StoreMismatchError, StoreNotFoundError
+from datavalue.store._schema import MANIFEST_KEY, SCHEMA_VERSION
+
+
+def _open_group(path: Path, mode: str) -> zarr.Group:
+    if not (path / "zarr.json").exists():
+        raise StoreNotFoundError(f"no datavalue run at {path} (no zarr.json). Record one with datavalue.Recorder.")
+    try:
+        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except Exception as exc:  # unreadable metadata
+        raise StoreCorruptError(f"cannot open the zarr group at {path}: {exc}") from exc
+
+
+class Run:
+    """A committed, read-only view of a recorded run.
+
+    Only what the ``commit`` counter covers is visible. Small per-row and per-step arrays are
+    loaded eagerly as numpy; ``grads`` and ``fisher`` are lazy dask arrays chunked by rows.
+
+    Example:
+        >>> run = open_run("runs/x.zarr")            # doctest: +SKIP
+        >>> run.n_steps, run.grads.shape              # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._group = _open_group(self.path, "r")
+        manifest = self._group.attrs.get(MANIFEST_KEY)
+        if manifest is None:
+            raise StoreMismatchError(f"{self.path} is a zarr group but not a datavalue run (no '{MANIFEST_KEY}' attrs).")
+        self.manifest: dict[str, Any] = dict(manifest)
+        version = self.manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreMismatchError(
+                f"{self.path} has schema version {version}; this datavalue reads version {SCHEMA_VERSION}. "
+                "Install the datavalue version that wrote it, or re-record."
+            )
+        self.n_steps, self.n_rows, self.n_fisher_rows, self.generation = (int(x) for x in self._read_small("commit"))
+
+    # ------------------------------------------------------------------ helpers
+    def _read_small(self, name: str, stop: int | None = None) -> np.ndarray:
+        try:
+            arr = self._group[name]
+            return np.asarray(arr[:stop] if stop is not None else arr[:])
+        except KeyError as exc:
+            raise StoreNotFoundError(f"{self.path} has no array {name!r}") from exc
+        except Exception as exc:
+            raise StoreCorruptError(f"reading {name!r} from {self.path} failed (checksum or I/O): {exc}") from exc
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of a row array (``grads``, ``fisher``, ...) as numpy, within the commit."""
+        limit = self.n_fisher_rows if name == "fisher" else self.n_rows
+        stop = limit if stop is None else min(stop, limit)
+        try:
+            return np.asarray(self._group[name][start:stop])
+        except KeyError as exc:
+            raise StoreNotFoundError(f"{self.path} has no array {name!r}") from exc
+        except Exception as exc:
+            raise StoreCorruptError(f"reading {name}[{start}:{stop}] from {self.path} failed (checksum or I/O): {exc}") from exc
+
+    # ------------------------------------------------------------------ per-step
+    @functools.cached_property
+    def step_ptr(self) -> np.ndarray:
+        return self._read_small("step_ptr", self.n_steps + 1)
+
+    @functools.cached_property
+    def lr(self) -> np.ndarray:
+        return self._read_small("lr", self.n_steps)
+
+    @functools.cached_property
+    def epoch(self) -> np.ndarray:
+        return self._read_small("epoch", self.n_steps)
+
+    @functools.cached_property
+    def grad_scale(self) -> np.ndarray:
+        return self._read_small("grad_scale", self.n_steps)
+
+    @functools.cached_property
+    def momentum(self) -> np.ndarray:
+        return self._read_small("momentum", self.n_steps)
+
+    @functools.cached_property
+    def weight_decay(self) -> np.ndarray:
+        return self._read_small("weight_decay", self.n_steps)
+
+    # ------------------------------------------------------------------ per-row
+    @functools.cached_property
+    def sample_id(self) -> np.ndarray:
+        return self._read_small("sample_id", self.n_rows)
+
+    @functools.cached_property
+    def weight(self) -> np.ndarray:
+        return self._read_small("weight", self.n_rows)
+
+    @functools.cached_property
+    def flags(self) -> np.ndarray:
+        return self._read_small("flags", self.n_rows)
+
+    @functools.cached_property
+    def row_step(self) -> np.ndarray:
+        """``(R,)`` step index of every row."""
+        return np.repeat(np.arange(self.n_steps), np.diff(self.step_ptr))
+
+    # ------------------------------------------------------------------ big arrays
+    @property
+    def row_chunk(self) -> int:
+        return int(self._group["grads"].chunks[0])
+
+    @property
+    def proj_dim(self) -> int:
+        return int(self._group["grads"].shape[1])
+
+    @property
+    def grads(self) -> da.Array:
+        """``(R, k)`` lazy per-sample gradients (committed rows only)."""
+        return da.from_zarr(self._group["grads"])[: self.n_rows]
+
+    @property
+    def has_fisher(self) -> bool:
+        return "fisher" in self._group
+
+    @property
+    def fisher(self) -> da.Array:
+        if not self.has_fisher:
+            raise StoreNotFoundError(
+                f"{self.path} holds no Fisher pseudo-gradients; record with Recorder(..., curvature='fisher')."
+            )
+        return da.from_zarr(self._group["fisher"])[: self.n_fisher_rows]
+
+    @functools.cached_property
+    def fisher_ptr(self) -> np.ndarray:
+        if not self.has_fisher:
+            raise StoreNotFoundError(f"{self.path} holds no Fisher pseudo-gradients.")
+        return self._read_small("fisher_ptr", self.n_steps + 1)
+
+    # ------------------------------------------------------------------ manifest views
+    @property
+    def blocks(self) -> list[dict[str, Any]]:
+        return list(self.manifest["projection"]["blocks"])
+
+    @property
+    def optimizer(self) -> dict[str, Any]:
+        return dict(self.manifest.get("optimizer") or {"kind": None, "dampening": 0.0, "nesterov": False})
+
+    def has_array(self, name: str) -> bool:
+        try:
+            self._group[name]
+        except KeyError:
+            return False
+        return True
+
+    def info(self) -> dict[str, Any]:
+        """Summary used by ``datavalue info``."""
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        proj = self.manifest.get("projection", {})
+        emb = []
+        if self.has_array("embeddings"):
+            emb = sorted(k for k in self._group["embeddings"].group_keys())
+        return {
+            "path": str(self.path),
+            "schema_version": self.manifest.get("schema_version"),
+            "steps": self.n_steps,
+            "occurrences": self.n_rows,
+            "unique_samples": int(np.unique(self.sample_id).size) if self.n_rows else 0,
+            "epochs": sorted(set(int(e) for e in np.unique(self.epoch))) if self.n_steps else [],
+            "proj_dim": self.proj_dim,
+            "projection": "exact" if proj.get("proj_dim") is None else f"kronecker sketch, seed {proj.get('seed')}",
+            "blocks": [(b["name"], b["rule"], b["stop"] - b["start"]) for b in self.blocks],
+            "fisher_rows": self.n_fisher_rows if self.has_fisher else None,
+            "nonfinite_rows": int((self.flags & 1).sum()) if self.n_rows else 0,
+            "lr_range": [float(self.lr.min()), float(self.lr.max())] if self.n_steps else None,
+            "loss_reduction": self.manifest.get("loss_reduction"),
+            "optimizer": self.manifest.get("optimizer"),
+            "storage_dtype": self.manifest.get("storage_dtype"),
+            "embeddings": emb,
+            "size_bytes": size,
+            "versions": self.manifest.get("versions"),
+        }
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """Open a recorded run read-only. See :class:`Run`."""
+    return Run(path)
+
+
+def create_array(
+    path: str | os.PathLike[str],
+    name: str,
+    *,
+    shape: tuple[int, ...],
+    dtype: str,
+    chunks: tuple[int, ...],
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create a derived array (e.g. ``embeddings/fisher/values``) inside a run; returns it writable.
+
+    Raises:
+        StoreExistsError: the array exists and ``overwrite`` is False.
+    """
+    from datavalue.store._schema import float_codecs
+
+    g = _open_group(Path(path), "r+")
+    exists = True
+    try:
+        g[name]
+    except KeyError:
+        exists = False
+    if exists and not overwrite:
+        raise StoreExistsError(f"{path}/{name} already exists; pass overwrite=True to rebuild it.")
+    arr = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=float_codecs(),
+                         fill_value=0, overwrite=True)
+    if attrs:
+        arr.attrs.update(attrs)
+    return arr
+
+
+def open_array(path: str | os.PathLike[str], name: str) -> zarr.Array:
+    """Open a derived array of a run read-only."""
+    g = _open_group(Path(path), "r")
+    try:
+        return g[name]
+    except KeyError as exc:
+        raise StoreNotFoundError(f"{path} has no array {name!r}") from exc
+
+
+def delete_path(path: str | os.PathLike[str], name: str) -> None:
+    """Remove a derived array or group (e.g. a stale embedding build) from a run."""
+    g = _open_group(Path(path), "r+")
+    try:
+        del g[name]
+    except KeyError:
+        pass

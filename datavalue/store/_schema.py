@@ -1,0 +1,104 @@
+"""Schema of a run store: array names, dtypes, codecs, manifest checks.
+
+The layout is documented for users in ``docs/store-format.md``; this module is its single
+source of truth in code. Bump :data:`SCHEMA_VERSION` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+SCHEMA_VERSION = 1
+MANIFEST_KEY = "datavalue"
+
+#: Per-occurrence arrays (one entry per row).
+ROW_ARRAYS: dict[str, str] = {"sample_id": "int64", "weight": "float64", "flags": "uint8"}
+#: Per-step arrays (one entry per committed step).
+STEP_ARRAYS: dict[str, str] = {
+    "lr": "float64",
+    "epoch": "int64",
+    "grad_scale": "float64",
+    "momentum": "float64",
+    "weight_decay": "float64",
+}
+FLAG_NONFINITE = 1
+
+#: Manifest keys that must match between a run on disk and a recorder resuming it.
+RESUME_KEYS = ("schema_version", "projection", "model_fingerprint", "loss_reduction", "curvature", "storage_dtype")
+
+
+def float_codecs() -> list[Any]:
+    """Compressors of the large float arrays: zstd, then a crc32c checksum of the chunk."""
+    return [ZstdCodec(level=1), Crc32cCodec()]
+
+
+def small_codecs() -> list[Any]:
+    """Compressors of small arrays: only the checksum."""
+    return [Crc32cCodec()]
+
+
+def fingerprint_params(named_shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Fingerprint of a model from its trainable parameter names and shapes.
+
+    Example:
+        >>> fingerprint_params({"w": [2, 3]})["digest"][:8]
+        '5e3a3fbb'
+    """
+    canon = json.dumps(sorted((k, list(v)) for k, v in named_shapes.items()))
+    return {"params": {k: list(v) for k, v in named_shapes.items()}, "digest": hashlib.sha256(canon.encode()).hexdigest()}
+
+
+def diff_manifests(on_disk: dict[str, Any], new: dict[str, Any], keys: tuple[str, ...] = RESUME_KEYS) -> list[str]:
+    """Human-readable differences between two manifests on ``keys`` (empty when they agree)."""
+    out = []
+    for key in keys:
+        a, b = on_disk.get(key), new.get(key)
+        if _canon(a) != _canon(b):
+            out.append(f"{key}: recorded {_short(a)}, now {_short(b)}")
+    return out
+
+
+def _canon(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, default=str)
+
+
+def _short(x: Any, n: int = 160) -> str:
+    s = _canon(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+@dataclass(frozen=True)
+class StepBlock:
+    """Everything recorded for one optimizer step; the unit the writer commits.
+
+    Attributes:
+        step: global step index t.
+        sample_id: ``(b,)`` int64 ids of the examples in the batch.
+        weight: ``(b,)`` float64 weights ``w_t(z)`` in the stepped loss.
+        grads: ``(b, k)`` unweighted per-sample gradients (projected).
+        flags: ``(b,)`` uint8 row flags (bit 0: non-finite, stored as zeros).
+        lr, epoch, grad_scale, momentum, weight_decay: per-step scalars.
+        fisher: ``(f, k)`` pseudo-gradient rows (weight included) or ``None``.
+    """
+
+    step: int
+    sample_id: np.ndarray
+    weight: np.ndarray
+    grads: np.ndarray
+    flags: np.ndarray
+    lr: float
+    epoch: int = -1
+    grad_scale: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    fisher: np.ndarray | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.sample_id.shape[0])

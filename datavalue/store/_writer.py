@@ -1,0 +1,254 @@
+"""Append-only, crash-safe writer of a run store.
+
+Data rows are written first, then the single-chunk ``commit`` array (an atomic file replace in
+zarr's LocalStore). A reader, or a recorder resuming after a crash, trusts only what ``commit``
+says; rows past it are ignored and overwritten.
+
+Writing happens on a background thread so that training never waits on disk; errors raised
+there surface on the next :meth:`RunWriter.submit` or on :meth:`RunWriter.close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from datavalue.errors import StoreExistsError, StoreMismatchError, StoreNotFoundError, RecorderStateError
+from datavalue.store._schema import (
+    MANIFEST_KEY,
+    ROW_ARRAYS,
+    SCHEMA_VERSION,
+    STEP_ARRAYS,
+    StepBlock,
+    diff_manifests,
+    float_codecs,
+    small_codecs,
+)
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "zarr.json").exists()
+
+
+def _grow(arr: zarr.Array, needed: int) -> None:
+    """Resize axis 0 of ``arr`` to at least ``needed`` (doubling, so resizes are rare)."""
+    cap = arr.shape[0]
+    if needed <= cap:
+        return
+    new = max(needed, 2 * cap, arr.chunks[0])
+    arr.resize((new, *arr.shape[1:]))
+
+
+class RunWriter:
+    """Writes :class:`StepBlock` objects into a Zarr v3 run, committing each one.
+
+    Args:
+        path: directory of the run (``*.zarr`` by convention).
+        manifest: JSON-serialisable provenance (see ``docs/store-format.md``).
+        k: number of gradient columns.
+        mode: ``"create"`` (refuse existing data), ``"overwrite"`` or ``"resume"``.
+        chunk_rows: rows per chunk of the row arrays.
+        storage_dtype: ``"float32"`` or ``"float16"``.
+        fisher: whether the run stores pseudo-gradient rows.
+        background: write on a background thread (default) or synchronously.
+        max_queue: steps that may wait in memory before ``submit`` blocks.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        manifest: dict[str, Any],
+        *,
+        k: int,
+        mode: str = "create",
+        chunk_rows: int | None = None,
+        storage_dtype: str = "float32",
+        fisher: bool = False,
+        background: bool = True,
+        max_queue: int = 8,
+    ) -> None:
+        self.path = Path(path)
+        self.k = int(k)
+        manifest = dict(manifest, schema_version=SCHEMA_VERSION, storage_dtype=storage_dtype)
+        if chunk_rows is None:
+            # about 4 MiB of gradients per chunk, at least 64 rows
+            chunk_rows = int(max(64, min(65536, (4 << 20) // (4 * max(self.k, 1)))))
+        if mode not in ("create", "overwrite", "resume"):
+            raise ValueError(f"mode must be 'create', 'overwrite' or 'resume', got {mode!r}")
+        exists = self.path.exists() and any(self.path.iterdir()) if self.path.is_dir() else self.path.exists()
+        if mode == "create" and exists:
+            raise StoreExistsError(
+                f"{self.path} already exists. Pass resume=True to continue that run after its last "
+                "committed step, or overwrite=True to replace it."
+            )
+        if mode == "resume" and not exists:
+            raise StoreNotFoundError(f"resume=True but there is no run at {self.path}; drop resume=True to start one.")
+        if mode == "resume":
+            self._open_existing(manifest)
+        else:
+            if exists:
+                if not _is_run(self.path) and self.path.is_dir():
+                    raise StoreExistsError(f"{self.path} exists and is not a datavalue run; refusing to delete it.")
+                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+            self._create(manifest, chunk_rows, storage_dtype, fisher)
+        self.manifest = manifest if mode != "resume" else self.manifest
+        self._error: BaseException | None = None
+        self._closed = False
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=max_queue)
+            self._thread = threading.Thread(target=self._worker, name="datavalue-writer", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------ set-up
+    def _create(self, manifest: dict[str, Any], chunk_rows: int, storage_dtype: str, fisher: bool) -> None:
+        g = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        g.attrs[MANIFEST_KEY] = manifest
+        cap = chunk_rows
+        g.create_array("grads", shape=(cap, self.k), chunks=(chunk_rows, self.k), dtype=storage_dtype,
+                       compressors=float_codecs(), fill_value=0)
+        for name, dt in ROW_ARRAYS.items():
+            g.create_array(name, shape=(cap,), chunks=(chunk_rows,), dtype=dt, compressors=small_codecs(), fill_value=0)
+        step_chunk = 4096
+        for name, dt in STEP_ARRAYS.items():
+            g.create_array(name, shape=(step_chunk,), chunks=(step_chunk,), dtype=dt, compressors=small_codecs(), fill_value=0)
+        g.create_array("step_ptr", shape=(step_chunk + 1,), chunks=(step_chunk,), dtype="int64",
+                       compressors=small_codecs(), fill_value=0)
+        if fisher:
+            g.create_array("fisher", shape=(cap, self.k), chunks=(chunk_rows, self.k), dtype=storage_dtype,
+                           compressors=float_codecs(), fill_value=0)
+            g.create_array("fisher_ptr", shape=(step_chunk + 1,), chunks=(step_chunk,), dtype="int64",
+                           compressors=small_codecs(), fill_value=0)
+        g.create_array("commit", shape=(4,), chunks=(4,), dtype="int64", compressors=small_codecs(), fill_value=0)
+        self._group = g
+        self.steps = self.rows = self.fisher_rows = self.generation = 0
+
+    def _open_existing(self, manifest: dict[str, Any]) -> None:
+        if not _is_run(self.path):
+            raise StoreNotFoundError(f"{self.path} is not a zarr run (no zarr.json).")
+        g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        on_disk = dict(g.attrs.get(MANIFEST_KEY, {}))
+        diffs = diff_manifests(on_disk, manifest)
+        if diffs:
+            raise StoreMismatchError(
+                f"cannot resume {self.path}: the recorder's configuration differs from the recorded one:\n  "
+                + "\n  ".join(diffs)
+                + "\nRe-create the Recorder with the recorded settings, or pass overwrite=True to start over."
+            )
+        if "grads" in g and g["grads"].shape[1] != self.k:
+            raise StoreMismatchError(f"{self.path} has {g['grads'].shape[1]} gradient columns, this recorder makes {self.k}.")
+        self._group = g
+        self.manifest = on_disk
+        self.steps, self.rows, self.fisher_rows, self.generation = (int(x) for x in g["commit"][:])
+        self.generation += 1
+        logger.info("resuming %s after %d committed steps (%d rows)", self.path, self.steps, self.rows)
+
+    @property
+    def has_fisher(self) -> bool:
+        return "fisher" in self._group
+
+    # ------------------------------------------------------------------ writing
+    def submit(self, block: StepBlock) -> None:
+        """Queue one step for writing (returns at once unless the queue is full)."""
+        if self._closed:
+            raise RecorderStateError("this run writer is closed; open a new Recorder(..., resume=True) to record more.")
+        self._raise_pending()
+        if self._queue is None:
+            self._write([block])
+        else:
+            self._queue.put(block)
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RecorderStateError(f"the background writer failed: {err!r}") from err
+
+    def _worker(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            # drain what has piled up so that several steps share one write
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(b is _STOP for b in batch)
+            blocks = [b for b in batch if b is not _STOP]
+            if blocks and self._error is None:
+                try:
+                    self._write(blocks)
+                except BaseException as exc:  # surfaced to the training thread
+                    logger.exception("datavalue writer failed")
+                    self._error = exc
+            for _ in batch:
+                self._queue.task_done()
+            if stop:
+                return
+
+    def _write(self, blocks: list[StepBlock]) -> None:
+        g = self._group
+        for i, b in enumerate(blocks):
+            if b.step != self.steps + i:
+                raise RecorderStateError(f"step {b.step} submitted out of order (expected {self.steps + i}).")
+        n_rows = sum(b.n_rows for b in blocks)
+        r0, r1 = self.rows, self.rows + n_rows
+        t0, t1 = self.steps, self.steps + len(blocks)
+        for name in ("grads", *ROW_ARRAYS):
+            _grow(g[name], r1)
+        for name in STEP_ARRAYS:
+            _grow(g[name], t1)
+        _grow(g["step_ptr"], t1 + 1)
+        g["grads"][r0:r1] = np.concatenate([b.grads for b in blocks]).astype(g["grads"].dtype, copy=False)
+        g["sample_id"][r0:r1] = np.concatenate([b.sample_id for b in blocks])
+        g["weight"][r0:r1] = np.concatenate([b.weight for b in blocks])
+        g["flags"][r0:r1] = np.concatenate([b.flags for b in blocks])
+        for name in STEP_ARRAYS:
+            g[name][t0:t1] = np.array([getattr(b, name) for b in blocks], dtype=g[name].dtype)
+        g["step_ptr"][t0 + 1 : t1 + 1] = r0 + np.cumsum([b.n_rows for b in blocks])
+        f1 = self.fisher_rows
+        if "fisher" in g:
+            fis = [b.fisher if b.fisher is not None else np.zeros((0, self.k), np.float32) for b in blocks]
+            f0, f1 = self.fisher_rows, self.fisher_rows + sum(len(f) for f in fis)
+            _grow(g["fisher"], f1)
+            _grow(g["fisher_ptr"], t1 + 1)
+            if f1 > f0:
+                g["fisher"][f0:f1] = np.concatenate(fis).astype(g["fisher"].dtype, copy=False)
+            g["fisher_ptr"][t0 + 1 : t1 + 1] = f0 + np.cumsum([len(f) for f in fis])
+        # data is on disk: now make it visible (atomic single-chunk replace)
+        g["commit"][:] = np.array([t1, r1, f1, self.generation], dtype=np.int64)
+        self.steps, self.rows, self.fisher_rows = t1, r1, f1
+
+    def flush(self) -> None:
+        """Block until every submitted step is committed."""
+        if self._queue is not None:
+            self._queue.join()
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Flush and stop the background thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+        self._raise_pending()
+
+    def update_manifest(self, **entries: Any) -> None:
+        """Merge ``entries`` into the manifest on disk (e.g. the optimizer once it is known)."""
+        self.manifest = dict(self.manifest, **entries)
+        self._group.attrs[MANIFEST_KEY] = self.manifest

@@ -261,10 +261,13 @@ class Engine:
 
     def grad_wrt_outputs(self, scalar_or_tensor: torch.Tensor, grad_outputs: torch.Tensor | None = None) -> None:
         """Backpropagate to the hooked module outputs only (parameters' ``.grad`` untouched)."""
-        outs = [o for o in self.outputs if o.requires_grad]
-        if not outs:
+        if not self.outputs:
             raise CaptureError("no captured module took part in this forward pass.")
-        torch.autograd.grad(scalar_or_tensor, outs, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+        # Differentiate w.r.t. the parameters (returned, never accumulated into .grad): the tensor
+        # hooks fire on the way. Asking for the hooked outputs instead would stop early at
+        # outputs that an in-place op (ReLU(inplace=True)) modified afterwards.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.autograd.grad(scalar_or_tensor, params, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
 
 
 def _flat(x: Any):

@@ -83,3 +83,32 @@ def test_gradients_not_disturbed_by_recording(tmp_path):
             _loss("gpt", m2(x), y).backward()
     for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("name", ["gpt", "cnn"])
+def test_query_gradients_match_training_capture(tmp_path, name):
+    """per_sample_gradients (test side, no .grad touched) equals what the recorder stored (projected)."""
+    torch.manual_seed(0)
+    model = MODELS[name]().double()
+    x, y = _data(name, torch.Generator().manual_seed(2))
+    path = tmp_path / "r.zarr"
+    with datavalue.Recorder(path, model, proj_dim=96, seed=3, storage_dtype="float64") as rec:
+        with rec.step(sample_ids=range(B), lr=0.1):
+            _loss(name, model(x), y).backward()
+    stored = open_run(path).grads.compute()
+    before = [p.grad.clone() for p in model.parameters()]
+    q = datavalue.per_sample_gradients(model, lambda m: _loss(name, m(x), y, reduction="none"), open_run(path))
+    np.testing.assert_allclose(q, stored, rtol=1e-8, atol=1e-12)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
+def test_query_gradients_refuse_other_model(tmp_path):
+    from datavalue.errors import ModelMismatchError
+
+    model = mlp()
+    with datavalue.Recorder(tmp_path / "r.zarr", model, proj_dim=16) as rec:
+        with rec.step(sample_ids=range(2), lr=0.1):
+            model(torch.randn(2, 6)).sum().backward()
+    other = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4))
+    with pytest.raises(ModelMismatchError, match="0.weight: \\[9, 6\\] vs \\[10, 6\\]"):
+        datavalue.per_sample_gradients(other, lambda m: m(torch.randn(2, 6)).sum(1), open_run(tmp_path / "r.zarr"))

@@ -1,0 +1,125 @@
+"""``datavalue`` command line: a thin layer over the public API.
+
+Commands: ``info RUN``, ``build RUN``, ``query RUN ...``, ``royalties LEDGER ...``, ``demo``.
+Writing commands refuse to overwrite without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from datavalue.store import open_run
+
+    info = open_run(args.run).info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"run            {info['path']}  (schema v{info['schema_version']})")
+    print(f"steps          {info['steps']}")
+    print(f"occurrences    {info['occurrences']}")
+    print(f"unique samples {info['unique_samples']}")
+    print(f"epochs         {info['epochs']}")
+    print(f"columns (k)    {info['proj_dim']}  [{info['projection']}]")
+    print(f"storage dtype  {info['storage_dtype']}")
+    print(f"loss reduction {info['loss_reduction']}")
+    print(f"optimizer      {info['optimizer']}")
+    if info["lr_range"]:
+        print(f"lr range       {info['lr_range'][0]:g} .. {info['lr_range'][1]:g}")
+    print(f"fisher rows    {info['fisher_rows'] if info['fisher_rows'] is not None else 'not recorded'}")
+    print(f"non-finite     {info['nonfinite_rows']} rows flagged")
+    print(f"embeddings     {', '.join(info['embeddings']) or 'none built (datavalue build RUN)'}")
+    print(f"size on disk   {_fmt_bytes(info['size_bytes'])}")
+    print("blocks:")
+    for name, rule, k in info["blocks"]:
+        print(f"  {name:36s} {rule:22s} k={k}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from datavalue.embeddings import build_embeddings
+
+    out = build_embeddings(args.run, curvature=args.curvature, segments=args.segments, overwrite=args.overwrite,
+                           dtype=args.dtype)
+    print(f"embeddings built: {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from datavalue.demo import run_demo
+
+    run_demo(args.out, n_train=args.n_train, epochs=args.epochs, proj_dim=args.proj_dim, seed=args.seed,
+             overwrite=True, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datavalue", description="Training-data attribution and valuation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="print a run's manifest, steps, occurrences, size")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("build", help="build data value embeddings of a run")
+    p.add_argument("run")
+    p.add_argument("--curvature", default=None, choices=["none", "empirical_fisher", "fisher"])
+    p.add_argument("--segments", type=int, default=1)
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("demo", help="train an MLP on real MNIST with the recorder and explain a few test digits")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--proj-dim", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    for name, mod in (("query", "datavalue._cli_query"), ("royalties", "datavalue._cli_royalties")):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:  # optional command not installed in this build
+            if exc.name != mod:
+                raise
+            continue
+        m.add_parser(sub)
+        sub.choices[name].set_defaults(func=m.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        from datavalue.errors import DataValueError
+
+        if isinstance(exc, DataValueError):
+            print(f"datavalue: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

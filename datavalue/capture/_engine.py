@@ -42,6 +42,7 @@ class BlockSpec:
     stop: int
     has_bias: bool = False
     modules: tuple[str, ...] = ()
+    bias_axis: int = 1
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -94,6 +95,7 @@ class Engine:
         self.outputs: list[torch.Tensor] = []
         self.n_grad_events = 0
         self.n_forward_events = 0
+        self._seen_batch = 0
         self._replaying = False
         self._root_hook: Callable[[torch.Tensor], None] | None = None
 
@@ -155,7 +157,7 @@ class Engine:
         blocks, start = [], 0
         for i, ((d, rname, mods), (kr, kc, k)) in enumerate(zip(ordered, ks)):
             blocks.append(BlockSpec(d.key, i, rname, d.kind, list(d.params), list(d.shape), kr, kc, k,
-                                    start, start + k, d.has_bias, tuple(mods)))
+                                    start, start + k, d.has_bias, tuple(mods), d.bias_axis))
             start += k
         return entries, blocks
 
@@ -208,10 +210,22 @@ class Engine:
             if out is None or not out.requires_grad:
                 return
             self.n_forward_events += 1
+            b = self.batch_size or self._seen_batch
+            new_output = None
+            if torch.is_tensor(output) and output.dim() > 0 and output.shape[0] == 1 and b > 1:
+                # Shared across the batch and broadcast later (e.g. GPT-2's position embedding with
+                # position_ids of shape (1, T)): expand so that each example gets its own gradient.
+                # Values are unchanged; only the graph gains an expand.
+                new_output = out = output.expand(b, *output.shape[1:])
+                args = tuple(a.expand(b, *a.shape[1:]) if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == 1 else a
+                             for a in args)
+            elif out.dim() > 0:
+                self._seen_batch = max(self._seen_batch, out.shape[0])
             saved = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
             saved_kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
             self.outputs.append(out)
             out.register_hook(lambda g, e=entry, a=saved, kw=saved_kw: self._on_grad(e, a, kw, g))
+            return new_output
 
         return hook
 
@@ -245,6 +259,7 @@ class Engine:
         self.outputs = []
         self.n_grad_events = 0
         self.n_forward_events = 0
+        self._seen_batch = 0
 
     def end(self) -> dict[str, torch.Tensor]:
         sink, self.sink = self.sink or {}, None
@@ -293,7 +308,7 @@ def _canonicalise(d: BlockDraft, prefix: str, module: nn.Module, canonical: dict
         return canonical.get(id(p), q) if p is not None else q
 
     params = tuple(canon(q) for q in d.params)
-    return BlockDraft(canon(d.key), params, d.kind, d.shape, d.has_bias)
+    return BlockDraft(canon(d.key), params, d.kind, d.shape, d.has_bias, d.bias_axis)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

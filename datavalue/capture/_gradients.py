@@ -104,7 +104,13 @@ def exact_layout(named: Mapping[str, torch.Tensor], blocks: list[Mapping[str, An
         if b["kind"] == "dense" and b["k"] != b["shape"][0]:
             raise QueryError(f"block {b['name']} is projected; exact_layout needs a run recorded with proj_dim=None.")
         ts = [named[p].detach().to(torch.float64) for p in b["params"]]
-        if b["kind"] == "kron":
+        if b["kind"] == "kron" and b.get("bias_axis", 1) == 0:  # HF Conv1D: [W; b], W (in, out)
+            rows, cols = b["shape"]
+            mat = ts[0].reshape(-1, cols)
+            if b.get("has_bias"):
+                mat = torch.cat([mat, ts[1].reshape(1, cols)], 0)
+            parts.append(mat.reshape(-1))
+        elif b["kind"] == "kron":
             rows = b["shape"][0]
             mat = ts[0].reshape(rows, -1)
             if b.get("has_bias"):

@@ -39,6 +39,7 @@ class BlockDraft:
     kind: str  # "kron" or "dense"
     shape: tuple[int, ...]  # (rows, cols) for kron, (n,) for dense
     has_bias: bool = False
+    bias_axis: int = 1  # kron: bias appended as a last column (1, Linear) or a last row (0, HF Conv1D)
 
 
 class Sketch:
@@ -111,6 +112,7 @@ class RuleRegistry:
 
     def __init__(self) -> None:
         self._rules: dict[type, LayerRule] = {}
+        self._by_name: dict[str, LayerRule] = {}
 
     def register(self, module_type: type, *, overwrite: bool = False):
         def deco(rule_cls: type[LayerRule]) -> type[LayerRule]:
@@ -124,8 +126,22 @@ class RuleRegistry:
 
         return deco
 
+    def register_by_name(self, qualname: str, *, overwrite: bool = False):
+        """Register a rule for a type named ``"package.module.Class"`` without importing it."""
+
+        def deco(rule_cls: type[LayerRule]) -> type[LayerRule]:
+            if qualname in self._by_name and not overwrite:
+                raise ValueError(f"a rule for {qualname} is already registered; pass overwrite=True to replace it.")
+            self._by_name[qualname] = rule_cls()
+            return rule_cls
+
+        return deco
+
     def lookup(self, module: nn.Module) -> LayerRule | None:
         """Exact type match first, then the nearest registered base class."""
+        rule = self._by_name.get(f"{type(module).__module__}.{type(module).__qualname__}")
+        if rule is not None and rule.supports(module):
+            return rule
         for cls in type(module).__mro__:
             rule = self._rules.get(cls)
             if rule is not None and rule.supports(module):
@@ -180,6 +196,36 @@ class LinearRule(LayerRule):
             aa = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if dr.has_bias else a
             out[dr.key] = kron_sum(sk.left(d), sk.right(aa))
         return out
+
+
+@LAYER_RULES.register_by_name("transformers.pytorch_utils.Conv1D")
+class HFConv1DRule(LayerRule):
+    """Hugging Face GPT-2's ``Conv1D``: ``y = x W + b`` with ``W`` of shape ``(in, out)``.
+
+    Kronecker ``(in + 1) x (out)``: rows are the activation side, the bias is an appended row.
+    """
+
+    name = "hf_conv1d"
+
+    def drafts(self, module, prefix, tied):
+        w = f"{prefix}weight"
+        params = _trainable(module, prefix, ("weight", "bias"))
+        if w not in params or w in tied:
+            return []
+        has_bias = f"{prefix}bias" in params
+        n_in, n_out = module.weight.shape
+        return [BlockDraft(w, tuple(params), "kron", (n_in + has_bias, n_out), has_bias, bias_axis=0)]
+
+    def per_sample(self, module, args, kwargs, grad_out, sketches, drafts):
+        a = args[0]
+        b = a.shape[0]
+        a = a.reshape(b, -1, a.shape[-1])
+        d = grad_out.reshape(b, -1, grad_out.shape[-1])
+        dr = drafts[0]
+        if dr.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)
+        sk = sketches[dr.key]
+        return {dr.key: kron_sum(sk.left(a), sk.right(d))}
 
 
 class _ConvRule(LayerRule):

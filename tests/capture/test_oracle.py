@@ -112,3 +112,32 @@ def test_query_gradients_refuse_other_model(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4))
     with pytest.raises(ModelMismatchError, match="0.weight: \\[9, 6\\] vs \\[10, 6\\]"):
         datavalue.per_sample_gradients(other, lambda m: m(torch.randn(2, 6)).sum(1), open_run(tmp_path / "r.zarr"))
+
+
+def test_hf_gpt2_exact_capture(tmp_path):
+    """A tiny randomly initialised GPT-2 from a config (Conv1D, tied wte/lm_head, wpe, LayerNorm)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    plan = {b["name"]: b for b in datavalue.inspect(model, proj_dim=None)}
+    assert plan["transformer.h.0.attn.c_attn.weight"]["rule"] == "hf_conv1d"
+    assert plan["transformer.wte.weight"]["modules"] == ["transformer.wte", "lm_head"]
+    ids = torch.randint(0, 13, (3, 6), generator=torch.Generator().manual_seed(0))
+
+    def loss(m, x, reduction="mean"):
+        logits = m(input_ids=x).logits
+        per = F.cross_entropy(logits[:, :-1].reshape(-1, 13), x[:, 1:].reshape(-1), reduction="none").reshape(len(x), -1).mean(1)
+        return per.mean() if reduction == "mean" else per
+
+    with datavalue.Recorder(tmp_path / "g.zarr", model, proj_dim=None, storage_dtype="float64") as rec:
+        with rec.step(sample_ids=range(3), lr=0.1):
+            loss(model, ids).backward()
+        blocks = rec.blocks
+    captured = open_run(tmp_path / "g.zarr").grads.compute()
+    for i in range(3):
+        model.zero_grad()
+        loss(model, ids[i : i + 1]).backward()
+        expect = exact_layout({n: p.grad for n, p in model.named_parameters()}, blocks)
+        np.testing.assert_allclose(captured[i], expect, rtol=1e-6, atol=1e-10 * np.abs(expect).max())

@@ -14,6 +14,7 @@ import logging
 import queue
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from datavalue.store._schema import (
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+_FLUSH = object()
+_FLUSH_TIMER = object()
 
 
 def _is_run(path: Path) -> bool:
@@ -62,7 +65,9 @@ class RunWriter:
         storage_dtype: ``"float32"`` or ``"float16"``.
         fisher: whether the run stores pseudo-gradient rows.
         background: write on a background thread (default) or synchronously.
-        max_queue: steps that may wait in memory before ``submit`` blocks.
+        max_queue: steps that may wait in the queue before ``submit`` blocks.
+        commit_interval: seconds a step may wait in the writer's buffer before it is committed
+            (a chunk's worth of rows, ``flush`` and ``close`` commit at once).
     """
 
     def __init__(
@@ -76,14 +81,17 @@ class RunWriter:
         storage_dtype: str = "float32",
         fisher: bool = False,
         background: bool = True,
-        max_queue: int = 8,
+        max_queue: int = 64,
+        commit_interval: float = 10.0,
     ) -> None:
         self.path = Path(path)
+        self.commit_interval = float(commit_interval)
         self.k = int(k)
         manifest = dict(manifest, schema_version=SCHEMA_VERSION, storage_dtype=storage_dtype)
         if chunk_rows is None:
             # about 4 MiB of gradients per chunk, at least 64 rows
             chunk_rows = int(max(64, min(65536, (4 << 20) // (4 * max(self.k, 1)))))
+        self.chunk_rows = int(chunk_rows)
         if mode not in ("create", "overwrite", "resume"):
             raise ValueError(f"mode must be 'create', 'overwrite' or 'resume', got {mode!r}")
         exists = self.path.exists() and any(self.path.iterdir()) if self.path.is_dir() else self.path.exists()
@@ -150,6 +158,7 @@ class RunWriter:
         if "grads" in g and g["grads"].shape[1] != self.k:
             raise StoreMismatchError(f"{self.path} has {g['grads'].shape[1]} gradient columns, this recorder makes {self.k}.")
         self._group = g
+        self.chunk_rows = int(g["grads"].chunks[0])
         self.manifest = on_disk
         self.steps, self.rows, self.fisher_rows, self.generation = (int(x) for x in g["commit"][:])
         self.generation += 1
@@ -176,27 +185,39 @@ class RunWriter:
             raise RecorderStateError(f"the background writer failed: {err!r}") from err
 
     def _worker(self) -> None:
+        """Coalesce steps and write them in chunk-sized pieces.
+
+        A partial chunk costs a read-modify-write of the whole chunk, so steps are buffered until a
+        chunk's worth of rows is pending, ``commit_interval`` seconds have passed since the oldest
+        pending step, or a flush/close asks for it. A crash loses at most that window; everything
+        committed before it stays readable.
+        """
         assert self._queue is not None
+        pending: list[StepBlock] = []
+        rows = 0
+        oldest = 0.0
         while True:
-            item = self._queue.get()
-            batch = [item]
-            # drain what has piled up so that several steps share one write
-            while True:
+            timeout = None if not pending else max(0.0, oldest + self.commit_interval - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = _FLUSH_TIMER
+            force = item is _STOP or item is _FLUSH or item is _FLUSH_TIMER
+            if isinstance(item, StepBlock):
+                if not pending:
+                    oldest = time.monotonic()
+                pending.append(item)
+                rows += item.n_rows
+            if pending and (force or rows >= self.chunk_rows) and self._error is None:
                 try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(b is _STOP for b in batch)
-            blocks = [b for b in batch if b is not _STOP]
-            if blocks and self._error is None:
-                try:
-                    self._write(blocks)
+                    self._write(pending)
                 except BaseException as exc:  # surfaced to the training thread
                     logger.exception("datavalue writer failed")
                     self._error = exc
-            for _ in batch:
+                pending, rows = [], 0
+            if item is not _FLUSH_TIMER:
                 self._queue.task_done()
-            if stop:
+            if item is _STOP:
                 return
 
     def _write(self, blocks: list[StepBlock]) -> None:
@@ -234,7 +255,8 @@ class RunWriter:
 
     def flush(self) -> None:
         """Block until every submitted step is committed."""
-        if self._queue is not None:
+        if self._queue is not None and not self._closed:
+            self._queue.put(_FLUSH)
             self._queue.join()
         self._raise_pending()
 

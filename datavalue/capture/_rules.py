@@ -51,14 +51,23 @@ class Sketch:
 
     def __init__(self, kind: str, rows: torch.Tensor | None, cols: torch.Tensor | None, k: int) -> None:
         self.kind, self.rows, self.cols, self.k = kind, rows, cols, k
+        # transposed copies, contiguous, so the hot path is one plain GEMM
+        self.rows_t = rows.T.contiguous() if rows is not None else None
+        self.cols_t = cols.T.contiguous() if cols is not None else None
 
     def left(self, d: torch.Tensor) -> torch.Tensor:
         """Project the row side: ``(..., rows) -> (..., k_rows)``."""
-        return d if self.rows is None else d @ self.rows.T
+        return d if self.rows_t is None else d @ self.rows_t
 
     def right(self, a: torch.Tensor) -> torch.Tensor:
         """Project the column side: ``(..., cols) -> (..., k_cols)``."""
-        return a if self.cols is None else a @ self.cols.T
+        return a if self.cols_t is None else a @ self.cols_t
+
+    def right_affine(self, a: torch.Tensor) -> torch.Tensor:
+        """Project ``[a, 1]`` (bias as an appended constant input) without materialising it."""
+        if self.cols_t is None:
+            return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)
+        return torch.addmm(self.cols_t[-1], a.reshape(-1, a.shape[-1]), self.cols_t[:-1]).reshape(*a.shape[:-1], -1)
 
     def left_columns(self, index: torch.Tensor, n_rows: int) -> torch.Tensor:
         """``P_rows e_index`` for integer indices (one-hot inputs of an Embedding)."""
@@ -193,8 +202,7 @@ class LinearRule(LayerRule):
             if dr.kind == "dense":  # lone bias
                 out[dr.key] = sk.dense(d.sum(1))
                 continue
-            aa = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if dr.has_bias else a
-            out[dr.key] = kron_sum(sk.left(d), sk.right(aa))
+            out[dr.key] = kron_sum(sk.left(d), sk.right_affine(a) if dr.has_bias else sk.right(a))
         return out
 
 

@@ -1,0 +1,292 @@
+"""Record per-sample projected gradients from a JAX / optax training loop.
+
+Same store, same layout, same numpy-seeded sketches as the PyTorch :class:`~datavalue.Recorder`:
+a JAX run and a PyTorch run of the same model produce the same vectors, and the rest of the
+engine (embeddings, queries, royalties) cannot tell them apart.
+
+Per-sample gradients come from ``jax.vmap(jax.grad(per_example_loss))`` inside one jitted
+function that also projects them; :meth:`JaxRecorder.step` returns the batch gradient (the
+weighted sum of the per-sample ones), so the training step needs no second backward.
+
+Parameter conventions (a flat or nested dict; nested keys are joined with ``"."``):
+
+* ``"<layer>.weight"`` of shape ``(out, in)`` with optional ``"<layer>.bias"`` ``(out,)``: a
+  Kronecker block ``(out) x (in + 1)``, exactly like ``torch.nn.Linear``.
+* ``"<layer>.kernel"`` of shape ``(in, out)`` (flax ``Dense``) with optional ``"<layer>.bias"``:
+  a Kronecker block ``(in + 1) x (out)``, bias as the last row.
+* anything else: a dense block.
+
+Example (optax SGD)::
+
+    import jax, jax.numpy as jnp, optax
+    from datavalue.capture.jax import JaxRecorder
+
+    def per_example_loss(params, x, y):           # one example
+        h = jnp.tanh(params["0.weight"] @ x + params["0.bias"])
+        logits = params["2.weight"] @ h + params["2.bias"]
+        return -jax.nn.log_softmax(logits)[y]
+
+    opt = optax.sgd(0.1)
+    state = opt.init(params)
+    with JaxRecorder("runs/jax.zarr", params, per_example_loss, proj_dim=1024) as rec:
+        for ids, x, y in batches:
+            grads = rec.step(params, x, y, sample_ids=ids, lr=0.1)   # batch-mean gradient
+            updates, state = opt.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+
+jax is imported only here; ``import datavalue`` never imports it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datavalue.capture._projection import SIDE_COLS, SIDE_DENSE, SIDE_ROWS, projection_matrix, split_budget
+from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
+from datavalue.store import RunWriter, StepBlock, fingerprint_params
+from datavalue.store._schema import FLAG_NONFINITE
+
+__all__ = ["JaxRecorder", "flatten_params", "plan_blocks"]
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> flat ``{"a.b.c": array}`` in insertion order."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_params(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def _unflatten_like(params: Mapping[str, Any], flat: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in params.items():
+        name = f"{prefix}{k}"
+        out[k] = _unflatten_like(v, flat, name + ".") if isinstance(v, Mapping) else flat[name]
+    return out
+
+
+def plan_blocks(flat: Mapping[str, Any], proj_dim: int | Mapping[str, int] | None) -> list[dict[str, Any]]:
+    """Blocks in the PyTorch recorder's manifest format, for parameters named as documented above."""
+    drafts = []
+    used = set()
+    for name, p in flat.items():
+        if name in used:
+            continue
+        shape = tuple(np.shape(p))
+        layer, _, leaf = name.rpartition(".")
+        bias = f"{layer}.bias" if layer else "bias"
+        has_bias = bias in flat and bias not in used and leaf in ("weight", "kernel") and len(shape) == 2
+        if leaf == "weight" and len(shape) == 2:
+            params = [name, bias] if has_bias else [name]
+            drafts.append((name, "linear", "kron", params, (shape[0], shape[1] + has_bias), has_bias, 1))
+        elif leaf == "kernel" and len(shape) == 2:
+            params = [name, bias] if has_bias else [name]
+            drafts.append((name, "dense_kernel", "kron", params, (shape[0] + has_bias, shape[1]), has_bias, 0))
+        else:
+            drafts.append((name, "dense", "dense", [name], (int(np.prod(shape)),), False, 1))
+            params = [name]
+        used.update(params)
+    ks = split_budget([d[0] for d in drafts], [d[2] for d in drafts], [d[4] for d in drafts], proj_dim)
+    blocks, start = [], 0
+    for i, ((name, rule, kind, params, shape, has_bias, axis), (kr, kc, k)) in enumerate(zip(drafts, ks)):
+        mod = name.rpartition(".")[0]
+        blocks.append({"name": name, "index": i, "rule": rule, "kind": kind, "params": list(params), "shape": list(shape),
+                       "k_rows": kr, "k_cols": kc, "k": k, "start": start, "stop": start + k, "has_bias": has_bias,
+                       "modules": [mod], "bias_axis": axis})
+        start += k
+    return blocks
+
+
+def _block_matrix(block: Mapping[str, Any], g: Mapping[str, Any]) -> jnp.ndarray:
+    """Per-sample gradient of a block, ``(b, rows, cols)`` for kron or ``(b, n)`` for dense."""
+    ps = [g[p] for p in block["params"]]
+    b = ps[0].shape[0]
+    if block["kind"] == "dense":
+        return jnp.concatenate([p.reshape(b, -1) for p in ps], 1)
+    if block["bias_axis"] == 1:
+        mat = ps[0].reshape(b, block["shape"][0], -1)
+        return jnp.concatenate([mat, ps[1].reshape(b, -1, 1)], 2) if block["has_bias"] else mat
+    mat = ps[0].reshape(b, -1, block["shape"][1])
+    return jnp.concatenate([mat, ps[1].reshape(b, 1, -1)], 1) if block["has_bias"] else mat
+
+
+class JaxRecorder:
+    """Records a JAX training loop into a datavalue run.
+
+    Args:
+        path: the run directory (Zarr v3).
+        params: the initial parameters (flat or nested dict of arrays).
+        per_example_loss: ``per_example_loss(params, *example) -> scalar`` for ONE example.
+        proj_dim, seed, loss_reduction, storage_dtype, resume, overwrite, on_nonfinite: as for the
+            PyTorch :class:`~datavalue.Recorder`.
+        optimizer: ``{"kind": "sgd", "momentum": .., "weight_decay": ..}`` recorded into the run
+            (optax transforms are opaque, so say what the update does).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        params: Mapping[str, Any],
+        per_example_loss: Callable[..., Any],
+        *,
+        proj_dim: int | Mapping[str, int] | None = 1024,
+        seed: int = 0,
+        loss_reduction: str = "mean",
+        optimizer: Mapping[str, Any] | None = None,
+        storage_dtype: str = "float32",
+        resume: bool = False,
+        overwrite: bool = False,
+        on_nonfinite: str = "raise",
+        chunk_rows: int | None = None,
+    ) -> None:
+        if loss_reduction not in ("mean", "sum", "token_mean"):
+            raise RecorderError(f"loss_reduction must be 'mean', 'sum' or 'token_mean', got {loss_reduction!r}.")
+        if on_nonfinite not in ("raise", "skip"):
+            raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        flat = flatten_params(params)
+        if not flat:
+            raise RecorderError("params is empty; nothing to record.")
+        self.blocks = plan_blocks(flat, proj_dim)
+        self.k = self.blocks[-1]["stop"]
+        self.loss_reduction = loss_reduction
+        self.on_nonfinite = on_nonfinite
+        self._params_template = params
+        dtype = jnp.asarray(next(iter(flat.values()))).dtype
+        mats = []
+        for b in self.blocks:
+            if b["kind"] == "kron":
+                r = None if b["k_rows"] >= b["shape"][0] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_ROWS, b["k_rows"], b["shape"][0]), dtype)
+                c = None if b["k_cols"] >= b["shape"][1] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_COLS, b["k_cols"], b["shape"][1]), dtype)
+            else:
+                r = None if b["k"] >= b["shape"][0] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_DENSE, b["k"], b["shape"][0]), dtype)
+                c = None
+            mats.append((r, c))
+        blocks = self.blocks
+
+        def per_sample(params_flat, weights, *batch):
+            def loss_one(pf, *ex):
+                return per_example_loss(_unflatten_like(self._params_template, pf), *ex)
+
+            g = jax.vmap(jax.grad(loss_one), in_axes=(None,) + (0,) * len(batch))(params_flat, *batch)
+            cols = []
+            for blk, (r, c) in zip(blocks, mats):
+                m = _block_matrix(blk, g)
+                if blk["kind"] == "kron":
+                    if r is not None:
+                        m = jnp.einsum("kr,brc->bkc", r, m)
+                    if c is not None:
+                        m = jnp.einsum("brc,kc->brk", m, c)
+                else:
+                    m = m if r is None else m @ r.T
+                cols.append(m.reshape(m.shape[0], -1))
+            mean_grad = jax.tree_util.tree_map(lambda x: jnp.tensordot(weights, x, axes=1), g)
+            return jnp.concatenate(cols, 1), mean_grad
+
+        self._per_sample = jax.jit(per_sample)
+        versions = {}
+        for pkg in ("datavalue-engine", "jax", "numpy", "zarr"):
+            try:
+                versions[pkg] = importlib.metadata.version(pkg)
+            except importlib.metadata.PackageNotFoundError:
+                versions[pkg] = "unknown"
+        opt = dict(optimizer or {"kind": None})
+        opt.setdefault("dampening", 0.0)
+        opt.setdefault("nesterov", False)
+        self._momentum = float(opt.get("momentum", 0.0) or 0.0)
+        self._weight_decay = float(opt.get("weight_decay", 0.0) or 0.0)
+        manifest = {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions,
+            "framework": "jax",
+            "projection": {"proj_dim": dict(proj_dim) if isinstance(proj_dim, Mapping) else proj_dim, "seed": int(seed),
+                           "layers": None, "k": self.k, "blocks": self.blocks},
+            "model_fingerprint": fingerprint_params({n: list(np.shape(p)) for n, p in flat.items()}),
+            "loss_reduction": loss_reduction,
+            "curvature": {"fisher": None},
+            "capture_dtype": str(dtype),
+            "optimizer": opt,
+        }
+        mode = "resume" if resume else ("overwrite" if overwrite else "create")
+        self.writer = RunWriter(path, manifest, k=self.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype)
+        self.path = self.writer.path
+        self._next_step = self.writer.steps
+        self.closed = False
+
+    @property
+    def n_steps(self) -> int:
+        return self._next_step
+
+    def step(self, params: Mapping[str, Any], *batch: Any, sample_ids: Any, lr: float, epoch: int | None = None,
+             clip_coef: float | None = None, tokens: Any = None) -> Any:
+        """Record one step at ``params`` (the weights *before* the update); returns the batch gradient.
+
+        Args:
+            params: current parameters (same structure as at construction).
+            *batch: arrays with the batch dimension first, passed to ``per_example_loss`` per example.
+            sample_ids: one int id per example.
+            lr: the learning rate of this step.
+
+        Returns:
+            The gradient of the stepped loss (weighted sum of per-sample gradients), shaped like
+            ``params``: feed it to your optax update.
+        """
+        from datavalue.capture.recorder import parse_sample_ids
+
+        if self.closed:
+            raise RecorderStateError("this JaxRecorder is closed; open a new one with resume=True to record more steps.")
+        ids = parse_sample_ids(sample_ids)
+        b = ids.size
+        for arr in batch:
+            if np.shape(arr)[0] != b:
+                raise RecorderError(f"a batch array has {np.shape(arr)[0]} examples but sample_ids has {b}; pass one id per example.")
+        if self.loss_reduction == "mean":
+            w = np.full(b, 1.0 / b)
+        elif self.loss_reduction == "sum":
+            w = np.ones(b)
+        else:
+            if tokens is None:
+                raise RecorderError('loss_reduction="token_mean" needs step(..., tokens=per-example token counts).')
+            t = np.asarray(tokens, np.float64)
+            w = t / t.sum()
+        flat = flatten_params(params)
+        rows, grad_flat = self._per_sample(flat, jnp.asarray(w, dtype=jnp.asarray(next(iter(flat.values()))).dtype), *batch)
+        g = np.asarray(rows)
+        flags = np.zeros(b, np.uint8)
+        finite = np.isfinite(g).all(1)
+        if not finite.all():
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(f"step {self._next_step}: non-finite per-sample gradients for ids {ids[~finite][:10].tolist()}.")
+            g = np.where(finite[:, None], g, 0.0)
+            flags[~finite] |= FLAG_NONFINITE
+        self.writer.submit(StepBlock(step=self._next_step, sample_id=ids, weight=w, grads=g, flags=flags, lr=float(lr),
+                                     epoch=-1 if epoch is None else int(epoch),
+                                     grad_scale=1.0 if clip_coef is None else float(clip_coef),
+                                     momentum=self._momentum, weight_decay=self._weight_decay))
+        self._next_step += 1
+        return _unflatten_like(self._params_template, grad_flat)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+    def __enter__(self) -> JaxRecorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -90,32 +90,53 @@ def _manifest(x: Any) -> Mapping[str, Any]:
     return open_run(x).manifest
 
 
+def block_matrix(block: Mapping[str, Any], named: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A full-parameter tensor dict laid out as one block: ``(rows, cols)`` (kron) or ``(n,)`` (dense).
+
+    Kronecker blocks are ``[W.reshape(rows, -1) | bias]`` (``[W; bias]`` for ``bias_axis=0``);
+    dense blocks concatenate their parameters flattened.
+    """
+    ts = [named[p] for p in block["params"]]
+    if block["kind"] != "kron":
+        return torch.cat([t.reshape(-1) for t in ts])
+    rows, cols = block["shape"]
+    if block.get("bias_axis", 1) == 0:  # HF Conv1D / flax kernel: W (in, out)
+        mat = ts[0].reshape(-1, cols)
+        return torch.cat([mat, ts[1].reshape(1, cols)], 0) if block.get("has_bias") else mat
+    mat = ts[0].reshape(rows, -1)
+    return torch.cat([mat, ts[1].reshape(rows, 1)], 1) if block.get("has_bias") else mat
+
+
+def project_full(engine: Engine, named: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Sketch of a full gradient (e.g. the accumulated ``.grad``) in the engine's columns: ``(k,)``.
+
+    By linearity it equals the sum of the sketched per-sample gradients that produced it.
+    Parameters missing from ``named`` (no gradient) count as zeros.
+    """
+    parts = []
+    for b in engine.blocks:
+        if any(named.get(p) is None for p in b.params):
+            parts.append(torch.zeros(b.k, dtype=engine.dtype, device=engine.device))
+            continue
+        m = block_matrix(b.to_json(), named).to(engine.dtype)
+        sk = engine.sketches[b.name]
+        if b.kind == "kron":
+            m = sk.right(sk.left(m.T).T)  # P_rows M P_cols^T
+        else:
+            m = sk.dense(m)
+        parts.append(m.reshape(-1))
+    return torch.cat(parts)
+
+
 def exact_layout(named: Mapping[str, torch.Tensor], blocks: list[Mapping[str, Any]]) -> np.ndarray:
     """Lay full-parameter tensors (e.g. ``{name: p.grad}``) out in an *exact* run's columns.
 
-    Kronecker blocks are the matrix ``[W.reshape(rows, -1) | bias]`` flattened row-major; dense
-    blocks concatenate their parameters flattened. Used as a slow oracle (a plain backward per
-    example) and to turn a full gradient into the exact-run layout.
+    Used as a slow oracle (a plain backward per example) and to turn a full gradient into the
+    exact-run layout; see :func:`block_matrix` for the layout.
     """
     parts = []
     for b in blocks:
-        if b["kind"] == "kron" and b["k"] != b["shape"][0] * b["shape"][1]:
+        if b["k"] != int(np.prod(b["shape"])):
             raise QueryError(f"block {b['name']} is projected; exact_layout needs a run recorded with proj_dim=None.")
-        if b["kind"] == "dense" and b["k"] != b["shape"][0]:
-            raise QueryError(f"block {b['name']} is projected; exact_layout needs a run recorded with proj_dim=None.")
-        ts = [named[p].detach().to(torch.float64) for p in b["params"]]
-        if b["kind"] == "kron" and b.get("bias_axis", 1) == 0:  # HF Conv1D: [W; b], W (in, out)
-            rows, cols = b["shape"]
-            mat = ts[0].reshape(-1, cols)
-            if b.get("has_bias"):
-                mat = torch.cat([mat, ts[1].reshape(1, cols)], 0)
-            parts.append(mat.reshape(-1))
-        elif b["kind"] == "kron":
-            rows = b["shape"][0]
-            mat = ts[0].reshape(rows, -1)
-            if b.get("has_bias"):
-                mat = torch.cat([mat, ts[1].reshape(rows, 1)], 1)
-            parts.append(mat.reshape(-1))
-        else:
-            parts.append(torch.cat([t.reshape(-1) for t in ts]))
+        parts.append(block_matrix(b, {p: named[p].detach().to(torch.float64) for p in b["params"]}).reshape(-1))
     return torch.cat(parts).cpu().numpy()

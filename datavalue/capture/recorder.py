@@ -161,17 +161,10 @@ class Recorder:
         self.fisher_samples = int(fisher_samples)
         self.engine = Engine(model, proj_dim=proj_dim, seed=seed, layers=layers)
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
-        manifest = {
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
-            "projection": self.engine.projection_json(),
-            "model_fingerprint": fingerprint_params(trainable_fingerprint(model)),
-            "model_class": type(model).__qualname__,
-            "loss_reduction": loss_reduction,
-            "curvature": {"fisher": {"max_classes": self.fisher_max_classes, "samples": self.fisher_samples}} if self.fisher else {"fisher": None},
-            "capture_dtype": str(self.engine.dtype).replace("torch.", ""),
-            "optimizer": _optimizer_config(optimizer),
-        }
+        manifest = base_manifest(
+            self.engine, model, loss_reduction=loss_reduction, optimizer=optimizer,
+            fisher={"max_classes": self.fisher_max_classes, "samples": self.fisher_samples} if self.fisher else None,
+        )
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
         self.writer = RunWriter(path, manifest, k=self.engine.k, mode=mode, chunk_rows=chunk_rows,
                                 storage_dtype=storage_dtype, fisher=self.fisher, background=background)
@@ -361,6 +354,23 @@ class Recorder:
             pass
 
 
+def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, optimizer: Any,
+                  fisher: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The run manifest every torch recorder writes (see ``docs/store-format.md``)."""
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "projection": engine.projection_json(),
+        "model_fingerprint": fingerprint_params(trainable_fingerprint(model)),
+        "model_class": type(model).__qualname__,
+        "loss_reduction": loss_reduction,
+        "curvature": {"fisher": fisher},
+        "capture_dtype": str(engine.dtype).replace("torch.", ""),
+        "optimizer": _optimizer_config(optimizer),
+        **extra,
+    }
+
+
 def _logits_of(output: Any) -> torch.Tensor | None:
     if torch.is_tensor(output):
         return output
@@ -375,6 +385,8 @@ def _logits_of(output: Any) -> torch.Tensor | None:
 def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any]:
     if opt is None:
         return {"kind": None, "dampening": 0.0, "nesterov": False}
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
+        opt = opt.optimizer
     g = opt.param_groups[0]
     kind = type(opt).__name__.lower()
     cfg: dict[str, Any] = {"kind": kind, "class": type(opt).__qualname__, "n_groups": len(opt.param_groups),

@@ -88,3 +88,21 @@ def test_float16_storage_and_projected_shapes(tmp_path):
         assert rec.proj_dim <= 64
     run = open_run(tmp_path / "r.zarr")
     assert run.grads.dtype == np.float16 and run.grads.shape == (5, rec.proj_dim)
+
+
+def test_sum_of_sketched_rows_equals_sketch_of_batch_gradient(tmp_path):
+    """Linearity self-check used for clipping detection: sum_i w_i P g_i = P(sum_i w_i g_i)."""
+    from datavalue.capture._gradients import project_full
+
+    from tests.capture.models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT().double()
+    x = torch.randint(0, 11, (4, 5))
+    with datavalue.Recorder(tmp_path / "r.zarr", model, proj_dim=200, storage_dtype="float64") as rec:
+        with rec.step(sample_ids=range(4), lr=0.1):
+            logits = model(x)
+            F.cross_entropy(logits.reshape(-1, 11), x.reshape(-1)).backward()
+        full = project_full(rec.engine, {n: p.grad for n, p in model.named_parameters()}).numpy()
+    run = open_run(tmp_path / "r.zarr")
+    np.testing.assert_allclose(run.weight @ run.grads.compute(), full, rtol=1e-8, atol=1e-12)

@@ -1,0 +1,1 @@
+"""Integrations that sit on top of capture: Hugging Face ``transformers.Trainer`` (``hf``)."""

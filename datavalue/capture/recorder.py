@@ -24,6 +24,8 @@ import logging
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +79,54 @@ def parse_sample_ids(sample_ids: Any) -> np.ndarray:
     return arr
 
 
+@dataclass(frozen=True)
+class _DistInfo:
+    """torch.distributed bookkeeping: rank, world size, and the collectives the recorder needs."""
+
+    rank: int = 0
+    world: int = 1
+
+    @staticmethod
+    def detect(flag: bool | None) -> _DistInfo:
+        import torch.distributed as dist
+
+        on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if flag and not on:
+            raise RecorderError("distributed=True but no torch.distributed process group with more than one rank is initialised.")
+        if flag is False or not on:
+            return _DistInfo()
+        return _DistInfo(dist.get_rank(), dist.get_world_size())
+
+    def broadcast_int(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate ranks' tensors along dim 0 (different lengths allowed), in rank order."""
+        import torch.distributed as dist
+
+        n = torch.tensor([t.shape[0]], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        m = max(int(s.item()) for s in sizes)
+        pad = torch.zeros((m - t.shape[0], *t.shape[1:]), dtype=t.dtype)
+        out = [torch.zeros((m, *t.shape[1:]), dtype=t.dtype) for _ in range(self.world)]
+        dist.all_gather(out, torch.cat([t.detach().cpu(), pad]))
+        return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+    def gather(self, g, ids, weights, fisher):
+        g = self._all_gather(g)
+        ids = to_numpy(self._all_gather(torch.from_numpy(ids)))
+        weights = to_numpy(self._all_gather(torch.from_numpy(weights)))
+        fisher = self._all_gather(fisher)
+        return g, ids, weights, fisher
+
+
 class StepHandle:
     """Yielded by :meth:`Recorder.step`; set ``clip_coef`` after clipping if it is only known then."""
 
@@ -110,6 +160,10 @@ class Recorder:
             model has at most this many outputs, else sample ``fisher_samples`` labels per example.
         chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
         background: write on a background thread (default True).
+        distributed: record under ``torch.distributed`` (default: when a process group with more
+            than one rank is initialised). Each rank records its local part of the global batch
+            (pass the local ``sample_ids``); per-sample weights account for DDP's averaging over
+            ranks; rows are gathered to rank 0, which owns the manifest and commits, in rank order.
 
     Sign convention of everything built from a run: influence = loss(without) - loss(with);
     positive means the occurrence helped.
@@ -134,7 +188,9 @@ class Recorder:
         fisher_samples: int = 1,
         chunk_rows: int | None = None,
         background: bool = True,
+        distributed: bool | None = None,
     ) -> None:
+        model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
             raise RecorderError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -166,10 +222,20 @@ class Recorder:
             fisher={"max_classes": self.fisher_max_classes, "samples": self.fisher_samples} if self.fisher else None,
         )
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
-        self.writer = RunWriter(path, manifest, k=self.engine.k, mode=mode, chunk_rows=chunk_rows,
-                                storage_dtype=storage_dtype, fisher=self.fisher, background=background)
-        self.path = self.writer.path
-        self._next_step = self.writer.steps
+        self._dist = _DistInfo.detect(distributed)
+        self.writer: RunWriter | None = None
+        if self._dist.rank == 0:
+            try:
+                self.writer = RunWriter(path, manifest, k=self.engine.k, mode=mode, chunk_rows=chunk_rows,
+                                        storage_dtype=storage_dtype, fisher=self.fisher, background=background)
+            except Exception:
+                self._dist.broadcast_int(-1)
+                raise
+        start = self._dist.broadcast_int(self.writer.steps if self.writer is not None else 0)
+        if start < 0:
+            raise RecorderStateError("rank 0 could not open the run (see its error); this rank stops too.")
+        self.path = Path(path)
+        self._next_step = start
         self._active: StepHandle | None = None
         self.closed = False
         self._fisher_rows: list[torch.Tensor] = []
@@ -225,7 +291,7 @@ class Recorder:
         handle = StepHandle(self._next_step, clip_coef)
         self._active = handle
         self._fisher_rows = []
-        self._weights_t = torch.as_tensor(weights, dtype=self.engine.dtype, device=self.engine.device)
+        self._weights_t = torch.as_tensor(weights / self._dist.world, dtype=self.engine.dtype, device=self.engine.device)
         self.engine.begin(ids.size)
         ok = False
         try:
@@ -256,10 +322,16 @@ class Recorder:
                 "no backward pass reached the model inside rec.step(): call loss.backward() inside the with-block "
                 f"(forward calls seen: {eng.n_forward_events})."
             )
-        b = ids.size
-        g = eng.assemble(sink, b)
+        g = eng.assemble(sink, ids.size)
         w = torch.as_tensor(weights, dtype=g.dtype, device=g.device)
         g = g / w.unsqueeze(1)  # captured: grad of w*l; stored: grad of l
+        weights = np.asarray(weights, np.float64) / self._dist.world  # DDP averages the ranks' gradients
+        fisher_t = torch.cat(self._fisher_rows) if self._fisher_rows else torch.zeros(0, eng.k, dtype=g.dtype, device=g.device)
+        if self._dist.world > 1:
+            g, ids, weights, fisher_t = self._dist.gather(g, ids, weights, fisher_t)
+            if np.unique(ids).size != ids.size:
+                raise RecorderError(f"step {handle.index}: sample ids repeat across ranks; each example needs a unique id.")
+        b = ids.size
         flags = np.zeros(b, np.uint8)
         finite = torch.isfinite(g).all(1)
         if not bool(finite.all()):
@@ -272,19 +344,18 @@ class Recorder:
             logger.warning("step %d: %d non-finite rows stored as zeros and flagged", handle.index, bad.size)
             g = torch.where(finite.unsqueeze(1), g, torch.zeros_like(g))
             flags[~to_numpy(finite)] |= FLAG_NONFINITE
-        fisher = None
-        if self.fisher:
-            fisher = to_numpy(torch.cat(self._fisher_rows)) if self._fisher_rows else np.zeros((0, eng.k), np.float32)
-            fisher = np.nan_to_num(fisher, nan=0.0, posinf=0.0, neginf=0.0)
+        fisher = np.nan_to_num(to_numpy(fisher_t), nan=0.0, posinf=0.0, neginf=0.0) if self.fisher else None
         opt = _optimizer_state(self.optimizer)
         step_lr = float(lr) if lr is not None else opt["lr"]
+        self._next_step += 1
+        if self.writer is None:  # not rank 0
+            return
         self.writer.submit(StepBlock(
             step=handle.index, sample_id=ids, weight=np.asarray(weights, np.float64), grads=to_numpy(g), flags=flags,
             lr=step_lr, epoch=-1 if epoch is None else int(epoch),
             grad_scale=1.0 if handle.clip_coef is None else float(handle.clip_coef),
             momentum=opt["momentum"], weight_decay=opt["weight_decay"], fisher=fisher,
         ))
-        self._next_step += 1
 
     # ------------------------------------------------------------------ fisher
     def _on_model_output(self, output: Any) -> None:
@@ -328,7 +399,8 @@ class Recorder:
     # ------------------------------------------------------------------ close
     def flush(self) -> None:
         """Block until every recorded step is committed to disk."""
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         """Flush pending steps, detach hooks. Idempotent."""
@@ -338,7 +410,8 @@ class Recorder:
         self.engine.detach()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def __enter__(self) -> Recorder:
         return self

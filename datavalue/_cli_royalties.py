@@ -1,0 +1,116 @@
+"""``datavalue royalties``: a period statement from a royalty ledger, as HTML, JSON or CSV.
+
+A thin layer over :class:`datavalue.shapley.RoyaltyLedger` and
+:func:`datavalue.shapley.write_report`. Wire it into the main parser with::
+
+    subparsers = parser.add_subparsers(dest="command")
+    _cli_royalties.add_parser(subparsers)
+    ...
+    args = parser.parse_args()
+    if args.command == "royalties":
+        return args.handler(args)        # or _cli_royalties.run(args)
+
+Usage::
+
+    datavalue royalties LEDGER --period START:END --out report.html [--format html|json|csv]
+                        [--overwrite] [--aggregation share-then-sum|average-then-share]
+                        [--registry owners.json]
+
+Exit codes: 0 written, 1 error (message on stderr), 2 usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Register the ``royalties`` subcommand on ``subparsers`` and return its parser."""
+    p = subparsers.add_parser(
+        "royalties",
+        help="write a per-owner royalty statement for a period",
+        description=(
+            "Read a royalty ledger (JSON lines written by datavalue.shapley.RoyaltyLedger), "
+            "verify its hash chain, aggregate the rows of a period per owner and write a report."
+        ),
+        usage=(
+            "datavalue royalties LEDGER --period START:END --out report.html "
+            "[--format html|json|csv] [--overwrite]"
+        ),
+    )
+    p.add_argument("ledger", metavar="LEDGER", help="path of the ledger (.jsonl)")
+    p.add_argument(
+        "--period",
+        required=True,
+        metavar="START:END",
+        help="half-open period [START, END) as ISO dates or datetimes, e.g. "
+        "2025-01-01:2025-02-01; either side may be empty",
+    )
+    p.add_argument("--out", required=True, metavar="PATH", help="report file to write")
+    p.add_argument(
+        "--format",
+        choices=("html", "json", "csv"),
+        default=None,
+        help="report format (default: from the --out extension)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+    p.add_argument(
+        "--aggregation",
+        choices=("share-then-sum", "average-then-share"),
+        default="share-then-sum",
+        help="sum per-output amounts (default) or split the period pool by mean values",
+    )
+    p.add_argument(
+        "--registry", default=None, metavar="JSON", help="owner registry (merges shell owners)"
+    )
+    p.set_defaults(handler=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``datavalue royalties``; returns the process exit code."""
+    from datavalue import shapley
+    from datavalue.shapley._report import infer_format
+
+    try:
+        fmt = args.format or infer_format(args.out)
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise shapley.OutputExistsError(
+                f"{out} already exists; refusing to overwrite it. Pass --overwrite or choose "
+                "another --out."
+            )
+        period = shapley.Period.parse(args.period)
+        ledger = shapley.RoyaltyLedger(args.ledger, create=False)
+        registry = shapley.OwnerRegistry.load(args.registry) if args.registry else None
+        statement = ledger.statement(period, aggregation=args.aggregation, registry=registry)
+        shapley.write_report(statement, out, format=fmt, overwrite=args.overwrite)
+    except shapley.ShapleyError as exc:
+        print(f"datavalue royalties: error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {fmt} statement for {statement.n_generations} outputs, "
+        f"{len(statement.owners)} owners, paid {statement.paid_total} {statement.currency} "
+        f"to {out}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``python -m datavalue._cli_royalties``) for testing."""
+    parser = argparse.ArgumentParser(prog="datavalue")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_parser(subparsers)
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

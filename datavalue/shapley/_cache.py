@@ -1,0 +1,175 @@
+"""Append-only on-disk cache of coalition utilities (JSON lines, never pickle).
+
+Expensive utilities (one fine-tuned model per coalition) are evaluated once and written here the
+moment they are known, so a crashed or interrupted run resumes where it stopped::
+
+    {"schema": "datavalue.shapley.utility-cache", "version": 1, "n": 4, "fingerprint": "..."}
+    {"mask": 0, "value": -1234.5}
+    {"mask": 5, "value": -1001.25}
+
+The first line is a header; each further line is one coalition, keyed by its bitmask (bit ``i``
+set when player ``i`` is in the coalition). Floats are written with ``repr`` and so round-trip
+exactly. Reopening checks the header loudly: a cache written for a different number of players
+or a different ``fingerprint`` (e.g. a hash of the training config) is refused rather than
+silently reused. A final line cut short by a crash is dropped (with a warning) on reopen.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+
+from datavalue.shapley._errors import CacheMismatchError, UtilityError
+
+__all__ = ["DiskCache"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = "datavalue.shapley.utility-cache"
+_VERSION = 1
+
+
+class DiskCache:
+    """A JSON-lines file mapping coalition bitmasks to utilities.
+
+    Args:
+        path: the cache file; created (with its parent directory) when missing.
+        n: number of players of the game.
+        fingerprint: free text identifying the utility (model, data, training config). A cache
+            whose recorded fingerprint differs is refused.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "u.jsonl")
+        >>> with DiskCache(path, n=2, fingerprint="demo") as c:
+        ...     c.put(3, 1.5)
+        >>> DiskCache(path, n=2, fingerprint="demo").get(3)
+        1.5
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, n: int, fingerprint: str = "") -> None:
+        self.path = Path(path)
+        self.n = int(n)
+        self.fingerprint = str(fingerprint)
+        self._values: dict[int, float] = {}
+        self._lock = threading.Lock()
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._load()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            header = {
+                "schema": _SCHEMA,
+                "version": _VERSION,
+                "n": self.n,
+                "fingerprint": self.fingerprint,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(),
+            }
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(header, sort_keys=True) + "\n")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def _load(self) -> None:
+        raw = self.path.read_bytes()
+        if not raw.endswith(b"\n"):
+            cut = raw.rfind(b"\n") + 1
+            logger.warning(
+                "utility cache %s ends with a partial line (interrupted write); dropping %d bytes",
+                self.path,
+                len(raw) - cut,
+            )
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+            raw = raw[:cut]
+        lines = raw.decode("utf-8").splitlines()
+        if not lines:
+            raise CacheMismatchError(f"utility cache {self.path} has no header line.")
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            header = None
+        if not isinstance(header, dict) or header.get("schema") != _SCHEMA:
+            raise CacheMismatchError(
+                f"{self.path} is not a datavalue utility cache (expected a header with "
+                f"schema={_SCHEMA!r} on line 1). Pass a new cache_path."
+            )
+        if header.get("version") != _VERSION:
+            raise CacheMismatchError(
+                f"{self.path} has cache version {header.get('version')}; this library reads "
+                f"version {_VERSION}. Recompute into a new cache_path."
+            )
+        if header.get("n") != self.n:
+            raise CacheMismatchError(
+                f"{self.path} was written for n={header.get('n')} players; this game has "
+                f"n={self.n}. Use a new cache_path for a game with different players."
+            )
+        if header.get("fingerprint") != self.fingerprint:
+            raise CacheMismatchError(
+                f"{self.path} was written with fingerprint={header.get('fingerprint')!r}; this "
+                f"utility has fingerprint={self.fingerprint!r}. Reusing it would mix utilities of "
+                "different models: use a new cache_path, or pass the recorded fingerprint."
+            )
+        for lineno, line in enumerate(lines[1:], start=2):
+            try:
+                rec = json.loads(line)
+                mask, value = int(rec["mask"]), float(rec["value"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise CacheMismatchError(
+                    f"{self.path}:{lineno} is not a cache record (expected "
+                    f'{{"mask": int, "value": float}}); got {line[:80]!r}.'
+                ) from None
+            if not 0 <= mask < (1 << self.n):
+                raise CacheMismatchError(
+                    f"{self.path}:{lineno} has mask {mask} outside 0..2**{self.n}-1."
+                )
+            self._values[mask] = value
+        logger.info("resumed utility cache %s with %d coalitions", self.path, len(self._values))
+
+    def get(self, mask: int) -> float | None:
+        """The cached utility of ``mask``, or ``None``."""
+        return self._values.get(mask)
+
+    def __contains__(self, mask: object) -> bool:
+        return mask in self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def items(self) -> list[tuple[int, float]]:
+        """All cached ``(mask, value)`` pairs."""
+        return list(self._values.items())
+
+    def put(self, mask: int, value: float) -> None:
+        """Record a utility and flush it to disk immediately."""
+        value = float(value)
+        if not math.isfinite(value):
+            raise UtilityError(f"cannot cache non-finite utility {value} for mask {mask}.")
+        with self._lock:
+            if mask in self._values:
+                return
+            self._values[mask] = value
+            self._fh.write(json.dumps({"mask": int(mask), "value": value}) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        """Flush to stable storage and close the file."""
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+
+    def __enter__(self) -> DiskCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort; callers should close()
+        fh = getattr(self, "_fh", None)
+        if fh is not None and not fh.closed:
+            fh.close()

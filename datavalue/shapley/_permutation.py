@@ -1,0 +1,126 @@
+"""Permutation Monte Carlo Shapley values (Castro et al. 2009) with antithetic pairs.
+
+The Shapley value is the expected marginal contribution of a player when players join in a
+uniformly random order. One permutation ``pi`` gives every player one marginal contribution,
+and these telescope: ``sum_i c_i(pi) = v(N) - v(empty)``. Every sample is therefore efficient,
+and so is every average of samples (up to float rounding).
+
+Antithetic sampling pairs each permutation with its reverse: a player early in one is late in
+the other, so the two contributions are negatively correlated and their average has lower
+variance. The pair is the i.i.d. unit for the standard error.
+
+Cost: ``n + 1`` utilities per permutation (fewer with the coalition cache). Hoeffding gives
+``n_samples >= 2 r**2 ln(2n/delta) / eps**2`` permutations for error ``eps`` with probability
+``1 - delta`` when marginal contributions lie in a range ``r``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from datavalue.shapley._mc import Moments, parse_batch_size, run_batches
+from datavalue.shapley._result import ShapleyResult
+from datavalue.shapley._stopping import StoppingRule, parse_stopping
+from datavalue.shapley._utility import Utility, as_utility
+from datavalue.shapley._validation import parse_rng
+
+__all__ = ["permutation", "permutation_contributions"]
+
+
+def permutation_contributions(util: Utility, perms: np.ndarray) -> np.ndarray:
+    """Marginal contributions ``c[b, i]`` of each player in each permutation.
+
+    Args:
+        util: the cached utility.
+        perms: ``(b, n)`` int array, each row a permutation of ``0..n-1`` (joining order).
+
+    Returns:
+        ``(b, n)`` array with ``c[b, perms[b, j]] = v(first j+1 players) - v(first j players)``.
+    """
+    b, n = perms.shape
+    if n <= 62:
+        bits = np.left_shift(np.int64(1), perms.astype(np.int64))
+        prefix = np.zeros((b, n + 1), dtype=np.int64)
+        np.cumsum(bits, axis=1, out=prefix[:, 1:])
+        masks = prefix.ravel().tolist()
+    else:  # Python ints: any number of players
+        masks = []
+        for row in perms.tolist():
+            m = 0
+            masks.append(m)
+            for i in row:
+                m |= 1 << i
+                masks.append(m)
+    u = util.evaluate_masks(masks).reshape(b, n + 1)
+    contrib = np.empty((b, n))
+    np.put_along_axis(contrib, perms, np.diff(u, axis=1), axis=1)
+    return contrib
+
+
+def permutation(
+    v: Any,
+    n: int | None = None,
+    *,
+    n_samples: int | None = None,
+    stop: StoppingRule | None = None,
+    seed: Any = None,
+    antithetic: bool = True,
+    batch_size: int = 64,
+    n_jobs: int | None = None,
+    client: Any = None,
+) -> ShapleyResult:
+    """Shapley values by permutation sampling (antithetic by default).
+
+    Args:
+        v: utility ``v(frozenset) -> float``, a game, a :class:`Utility` or ``CoalitionGame``.
+        n: number of players (optional when ``v`` has ``.n``).
+        n_samples: permutations to draw (rounded up to even when antithetic). With ``stop`` it is
+            a hard budget; alone it is the goal.
+        stop: a :class:`StoppingRule`, e.g. ``StderrBelow(1e-3) | MaxTime(60)``.
+        seed: root seed (int, ``SeedSequence`` or ``Generator``) for reproducible sampling.
+        antithetic: pair each permutation with its reverse.
+        batch_size: permutations evaluated per batch (a batch is de-duplicated and evaluated
+            together, in parallel if ``n_jobs``/``client`` is set); rules are checked between.
+        n_jobs: thread-pool size for utility evaluation.
+        client: dask ``distributed.Client`` for utility evaluation.
+
+    Returns:
+        :class:`ShapleyResult`; ``values.sum() == v(N) - v(empty)`` up to rounding for every
+        sample count, and ``stderr`` is the standard error over i.i.d. units (pairs).
+
+    Example:
+        >>> res = permutation(lambda S: float(len(S)) ** 2, 4, n_samples=200, seed=0)
+        >>> res.values.round(6).tolist(), bool(res.stderr.max() < 1e-9)     # symmetric game
+        ([4.0, 4.0, 4.0, 4.0], True)
+    """
+    util = as_utility(v, n, n_jobs=n_jobs, client=client)
+    n = util.n
+    loop_rule, goal_rule = parse_stopping(n_samples, stop)
+    batch_size = parse_batch_size(batch_size)
+    rng = parse_rng(seed)
+    per_unit = 2 if antithetic else 1
+    moments = Moments(n)
+
+    def step(k: int) -> None:
+        perms = rng.permuted(np.tile(np.arange(n), (k, 1)), axis=1)
+        if antithetic:
+            c = permutation_contributions(util, np.concatenate([perms, perms[:, ::-1]]))
+            moments.add(0.5 * (c[:k] + c[k:]))
+        else:
+            moments.add(permutation_contributions(util, perms))
+
+    def state() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return moments.mean.copy(), moments.stderr(), moments.count * per_unit
+
+    return run_batches(
+        util=util,
+        step=step,
+        state=state,
+        loop_rule=loop_rule,
+        goal_rule=goal_rule,
+        batch_size=max(1, batch_size // per_unit),
+        per_unit=per_unit,
+        method="permutation-antithetic" if antithetic else "permutation",
+    )

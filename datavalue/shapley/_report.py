@@ -1,0 +1,194 @@
+"""Royalty reports in three formats: JSON (machines), CSV (accounting), HTML (people).
+
+All three render a :class:`PeriodStatement`. The HTML page is self-contained (inline CSS and
+inline SVG, no scripts, no external assets): a summary with the reconciliation, the owner
+table, a bar chart of owner shares, a per-output stacked breakdown and each owner's summed value
+with a +-2 standard error bar. Writers refuse to replace an existing file unless
+``overwrite=True``; the format is inferred from the extension when not given.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from decimal import Decimal
+from html import escape
+from pathlib import Path
+
+from datavalue.shapley._errors import InvalidGameError, OutputExistsError
+from datavalue.shapley._statement import PeriodStatement
+from datavalue.shapley._svg import bar_chart, error_bar_chart, stacked_columns
+
+__all__ = ["FORMATS", "infer_format", "render_report", "write_report"]
+
+FORMATS = ("html", "json", "csv")
+_EXTENSIONS = {".html": "html", ".htm": "html", ".json": "json", ".csv": "csv"}
+_MAX_COLUMNS = 120  # generations drawn in the breakdown chart
+
+
+def _render_json(st: PeriodStatement) -> str:
+    return json.dumps(st.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def _render_csv(st: PeriodStatement) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    start = "" if st.period.start is None else st.period.start.isoformat()
+    end = "" if st.period.end is None else st.period.end.isoformat()
+    w.writerow(
+        ["period_start", "period_end", "kind", "owner", "name", "amount", "currency", "share",
+         "n_generations", "n_paid", "value_sum", "value_stderr", "aggregation", "policies"]
+    )  # fmt: skip
+    common = [st.aggregation, ";".join(st.policies)]
+    for o in st.owners:
+        w.writerow(
+            [start, end, "owner", o.owner, o.name, str(o.amount), st.currency, f"{o.share:.6f}",
+             o.n_generations, o.n_paid, repr(o.value_sum), repr(o.value_stderr), *common]
+        )  # fmt: skip
+    w.writerow([start, end, "unallocated", "", "", str(st.unallocated_total), st.currency, "",
+                st.n_no_positive, "", "", "", *common])  # fmt: skip
+    w.writerow([start, end, "pool_total", "", "", str(st.pool_total), st.currency, "",
+                st.n_generations, "", "", "", *common])  # fmt: skip
+    return buf.getvalue()
+
+
+_CSS = """
+body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}
+td.num{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}
+.ok{color:#2a7a2a}.bad{color:#b00020}.note{color:#666;font-size:90%}
+"""
+
+
+def _money(d: Decimal, cur: str) -> str:
+    return f"{d:,} {cur}"
+
+
+def _render_html(st: PeriodStatement) -> str:
+    cur = escape(st.currency)
+    ok = st.reconciles
+    rows = "\n".join(
+        f"<tr><td>{escape(o.name)}</td><td>{escape(o.owner)}</td>"
+        f'<td class="num">{escape(_money(o.amount, st.currency))}</td>'
+        f'<td class="num">{100 * o.share:.2f}%</td><td class="num">{o.n_generations}</td>'
+        f'<td class="num">{o.n_paid}</td><td class="num">{o.value_sum:.6g}</td>'
+        f'<td class="num">{o.value_stderr:.3g}</td></tr>'
+        for o in st.owners
+    )
+    labels = [o.name for o in st.owners]
+    shares = bar_chart(
+        labels,
+        [float(o.amount) for o in st.owners],
+        title=f"Owner amounts ({st.currency})",
+        value_labels=[f"{o.amount} ({100 * o.share:.1f}%)" for o in st.owners],
+    )
+    gens = st.generations[:_MAX_COLUMNS]
+    owner_ids = [o.owner for o in st.owners]
+    breakdown = stacked_columns(
+        [g.output_id for g in gens],
+        labels,
+        [[float(g.amounts.get(o, 0)) for o in owner_ids] for g in gens],
+        title="Amount per output, by owner",
+        unit=f" {st.currency}",
+    )
+    truncated = (
+        f'<p class="note">Showing the first {_MAX_COLUMNS} of {st.n_generations} outputs.</p>'
+        if st.n_generations > _MAX_COLUMNS
+        else ""
+    )
+    uncertainty = error_bar_chart(
+        labels,
+        [o.value_sum for o in st.owners],
+        [2.0 * o.value_stderr for o in st.owners],
+        title="Summed value per owner, \u00b12 standard errors",
+    )
+    period = escape(st.period.label())
+    status = (
+        '<span class="ok">reconciles exactly</span>'
+        if ok
+        else '<span class="bad">DOES NOT RECONCILE</span>'
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Royalty statement {period}</title>
+<style>{_CSS}</style></head><body>
+<h1>Royalty statement</h1>
+<p>Period <b>{period}</b> &middot; aggregation <b>{escape(st.aggregation)}</b> &middot;
+policies <b>{escape(", ".join(st.policies) or "none")}</b> &middot; {st.n_generations} outputs</p>
+<table>
+<tr><th>Pool total</th><td class="num">{escape(_money(st.pool_total, st.currency))}</td></tr>
+<tr><th>Paid to owners</th><td class="num">{escape(_money(st.paid_total, st.currency))}</td></tr>
+<tr><th>Unallocated</th><td class="num">{escape(_money(st.unallocated_total, st.currency))}</td></tr>
+<tr><th>Outputs with no positive contributor</th><td class="num">{st.n_no_positive}</td></tr>
+<tr><th>Reconciliation</th><td>{status}</td></tr>
+</table>
+<h2>Owners</h2>
+<table><tr><th>Owner</th><th>Id</th><th>Amount ({cur})</th><th>Share</th><th>Outputs</th>
+<th>Paid outputs</th><th>Value sum</th><th>Std. error</th></tr>
+{rows}
+</table>
+<h2>Shares</h2>
+{shares}
+<h2>Per-output breakdown</h2>
+{truncated}
+{breakdown}
+<h2>Uncertainty</h2>
+<p class="note">Values are the owners' (Shapley) contributions summed over the period's outputs;
+bars show &plusmn;2 standard errors of the estimators (zero for exact enumeration).</p>
+{uncertainty}
+</body></html>
+"""
+
+
+def render_report(statement: PeriodStatement, format: str = "html") -> str:  # noqa: A002
+    """Render a statement as ``"html"``, ``"json"`` or ``"csv"`` text.
+
+    Example:
+        >>> from datavalue.shapley._ledger import Period
+        >>> from datavalue.shapley._statement import build_statement
+        >>> st = build_statement([], period=Period())
+        >>> render_report(st, "csv").splitlines()[0].split(",")[:4]
+        ['period_start', 'period_end', 'kind', 'owner']
+    """
+    if format not in FORMATS:
+        raise InvalidGameError(f"format must be one of {FORMATS}; got {format!r}.")
+    return {"html": _render_html, "json": _render_json, "csv": _render_csv}[format](statement)
+
+
+def infer_format(path: str | os.PathLike[str]) -> str:
+    """Report format from a file extension (``.html``, ``.htm``, ``.json``, ``.csv``)."""
+    ext = Path(path).suffix.lower()
+    if ext not in _EXTENSIONS:
+        raise InvalidGameError(
+            f"cannot infer the report format from {str(path)!r}; expected an extension in "
+            f"{sorted(_EXTENSIONS)}. Pass format='html' | 'json' | 'csv'."
+        )
+    return _EXTENSIONS[ext]
+
+
+def write_report(
+    statement: PeriodStatement,
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,  # noqa: A002
+    overwrite: bool = False,
+) -> Path:
+    """Write a statement to ``path`` (format from the extension unless given).
+
+    Raises:
+        OutputExistsError: if ``path`` exists and ``overwrite`` is false.
+    """
+    p = Path(path)
+    fmt = format if format is not None else infer_format(p)
+    text = render_report(statement, fmt)
+    if p.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{p} already exists; refusing to overwrite it. Pass overwrite=True "
+            "(--overwrite on the command line) or choose another path."
+        )
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+    return p

@@ -25,11 +25,19 @@ import datavalue
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DEVICE = "cpu"
+
+
+def _sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def mlp_case():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
-    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+                          nn.Linear(256, 10)).to(DEVICE)
+    x, y = torch.randn(128, 784, device=DEVICE), torch.randint(0, 10, (128,), device=DEVICE)
     return "MLP 784-512-512-256-10, batch 128", model, (lambda m: F.cross_entropy(m(x), y)), 128
 
 
@@ -38,8 +46,8 @@ def gpt2_case():
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=2048, n_positions=64, n_embd=128, n_layer=2, n_head=4)
-    model = transformers.GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, 2048, (16, 64))
+    model = transformers.GPT2LMHeadModel(cfg).to(DEVICE)
+    ids = torch.randint(0, 2048, (16, 64), device=DEVICE)
 
     def loss(m):
         logits = m(input_ids=ids).logits
@@ -49,6 +57,7 @@ def gpt2_case():
 
 
 def time_steps(model, opt, loss_fn, n, rec=None, b=0, start=0):
+    _sync()
     t0 = time.perf_counter()
     for i in range(n):
         if rec is None:
@@ -60,6 +69,7 @@ def time_steps(model, opt, loss_fn, n, rec=None, b=0, start=0):
         opt.zero_grad()
     if rec is not None:
         rec.flush()
+    _sync()
     return (time.perf_counter() - t0) / n
 
 
@@ -87,8 +97,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "docs/results/capture.md"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    global DEVICE
+    DEVICE = args.device
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     rows = []
     for case_fn, proj in ((mlp_case, 1024), (gpt2_case, 1024)):
         case = case_fn()
@@ -103,7 +117,9 @@ def main() -> None:
         "",
         "`benchmarks/capture_overhead.py` (same process, plain and recorded blocks interleaved, "
         f"{args.reps} repetitions of {args.steps} steps, median). proj_dim 1024, float32 storage, background writer.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
+        f"torch {torch.__version__}, device {DEVICE}"
+        + (f" ({torch.cuda.get_device_name()})" if DEVICE.startswith("cuda") else "") + ".",
         "",
         "| model | plain ms/step | recorded ms/step | ratio |",
         "|---|---|---|---|",

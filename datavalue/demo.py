@@ -79,7 +79,9 @@ def run_demo(out: str | Path = "runs/demo", *, n_train: int = 4000, epochs: int 
     t_embed = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    xq, yq = torch.from_numpy(xte[:n_explain]), torch.from_numpy(yte[:n_explain])
+    _, first = np.unique(yte, return_index=True)  # one test digit per class, the first n_explain classes
+    pick = np.sort(first)[:n_explain]
+    xq, yq = torch.from_numpy(xte[pick]), torch.from_numpy(yte[pick])
     attr = datavalue.Attributor(run_path, model, progress=progress)
     top = attr.top_k(lambda m: F.cross_entropy(m(xq), yq, reduction="none"), k=k, by="sample")
     t_query = time.perf_counter() - t2
@@ -88,7 +90,7 @@ def run_demo(out: str | Path = "runs/demo", *, n_train: int = 4000, epochs: int 
     print(table)
     (out / "top_k.txt").write_text(table + "\n")
     png = out / "demo.png"
-    _grid(png, xte[:n_explain], yte[:n_explain], x, y, helpful, harmful)
+    _grid(png, xte[pick], yte[pick], x, y, helpful, harmful)
     print(f"\nwrote {run_path} (the run, with embeddings), {png} (picture) and {out / 'top_k.txt'}")
     print(f"time: train+record {t_train:.1f}s, embeddings {t_embed:.1f}s, query {t_query:.1f}s")
     print(f"inspect the run: datavalue info {run_path}")
@@ -123,16 +125,16 @@ def _grid(path: Path, xq, yq, x, y, helpful, harmful) -> None:
     axes = np.atleast_2d(axes)
     for j in range(n):
         ax = axes[j, 0]
-        ax.imshow(xq[j].reshape(28, 28), cmap="gray")
+        ax.imshow(xq[j].reshape(28, 28), cmap="gray_r")
         ax.set_title(f"test {yq[j]}", fontsize=8, color="navy")
-        for c, (i, s) in enumerate(helpful[j]):
-            a = axes[j, 1 + c]
-            a.imshow(x[i].reshape(28, 28), cmap="Greens_r")
-            a.set_title(f"#{i} '{y[i]}'\n{s:+.1e}", fontsize=6)
-        for c, (i, s) in enumerate(harmful[j]):
-            a = axes[j, 1 + k + c]
-            a.imshow(x[i].reshape(28, 28), cmap="Reds_r")
-            a.set_title(f"#{i} '{y[i]}'\n{s:+.1e}", fontsize=6)
+        for col0, side, color in ((1, helpful[j], "tab:green"), (1 + k, harmful[j], "tab:red")):
+            for c, (i, s) in enumerate(side):
+                a = axes[j, col0 + c]
+                a.imshow(x[i].reshape(28, 28), cmap="gray_r")
+                a.set_title(f"#{i} label {y[i]}\n{s:+.1e}", fontsize=6, color=color)
+                for sp in a.spines.values():
+                    sp.set_color(color)
+                    sp.set_linewidth(2.5)
     for a in axes.ravel():
         a.set_xticks([])
         a.set_yticks([])

@@ -1,0 +1,125 @@
+"""``datavalue query``: the most helpful and harmful training data for a test set, to Parquet.
+
+A thin layer over :class:`datavalue.query.Attributor`::
+
+    datavalue query runs/x.zarr --model mypkg.models:trained --data mypkg.data:test_set \\
+        --top-k 10 --out results.parquet [--by sample|occurrence|step] [--curvature fisher] [--overwrite]
+
+``--model`` names a function returning the model with the weights to explain. ``--data`` names a
+function returning either ``loss_fn`` (``model -> (m,)`` per-example losses) or a tuple ``(x, y)``,
+scored with per-example cross-entropy. A function is ``module:function`` or
+``path/to/file.py:function``.
+
+The lead wires :func:`add_parser` into the main parser; :func:`run` returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datavalue.errors import DataValueError, QueryError, StoreExistsError
+
+logger = logging.getLogger(__name__)
+
+USAGE = ("datavalue query RUN --model module:function --data module:function --out results.parquet "
+         "[--top-k 10] [--by sample|occurrence|step] [--curvature NAME] [--overwrite]")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``query`` on ``parser.add_subparsers(dest="command")``; sets ``func=run``."""
+    p = subparsers.add_parser(
+        "query",
+        usage=USAGE,
+        help="rank training data by influence on a test set (top-k helpful and harmful) and write Parquet",
+        description=(
+            "Score every training occurrence of a recorded run against test points and write the most helpful and "
+            "most harmful to Parquet. Sign: score = loss(without) - loss(with); positive = helpful."
+        ),
+    )
+    p.add_argument("run", metavar="RUN", help="the recorded run (*.zarr) with built embeddings")
+    p.add_argument("--model", required=True, metavar="MOD:FN",
+                   help="function returning the model at the weights to explain (module:function or file.py:function)")
+    p.add_argument("--data", required=True, metavar="MOD:FN",
+                   help="function returning loss_fn(model) -> (m,) per-example losses, or a tuple (x, y) for "
+                        "per-example cross-entropy")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--top-k", type=int, default=10, dest="top_k",
+                   help="how many helpful and harmful per test point (default 10; 0 writes every score)")
+    p.add_argument("--by", choices=("sample", "occurrence", "step"), default="sample",
+                   help="rank samples (all epochs summed, default), single occurrences, or steps")
+    p.add_argument("--curvature", default=None, help="embedding build to use (default: fisher, else empirical_fisher)")
+    p.add_argument("--kind", choices=("dvemb", "grad_dot", "tracin"), default=None,
+                   help="dvemb: built embeddings (default); tracin / grad_dot: raw recorded gradients")
+    p.add_argument("--steps", default=None, metavar="T0:T1", help="only occurrences of steps T0 <= t < T1")
+    p.add_argument("--chunk-rows", type=int, default=None, dest="chunk_rows", help="embedding rows per streamed chunk")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``datavalue query``; returns the exit status (0 ok, 1 error)."""
+    try:
+        return _run(args)
+    except DataValueError as exc:
+        print(f"datavalue query: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from datavalue.query import Attributor
+    from datavalue.query._load import load_loss, load_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise StoreExistsError(f"{out} already exists; pass --overwrite to replace it.")
+    if args.top_k < 0:
+        raise QueryError(f"--top-k must be >= 0, got {args.top_k}.")
+    model = load_model(args.model)
+    loss_fn = load_loss(args.data)
+    by = None if args.by == "occurrence" else args.by
+    steps = parse_steps_arg(args.steps)
+    attr = Attributor(args.run, model, curvature=args.curvature, kind=args.kind, chunk_rows=args.chunk_rows,
+                      progress=not args.no_progress)
+    logger.info("%r", attr)
+    if args.top_k > 0:
+        res = attr.top_k(loss_fn, k=args.top_k, by=by, steps=steps)
+        path = attr.save_parquet(res, out, overwrite=args.overwrite)
+        n = len(res.to_frame())
+    else:
+        scores = attr.scores(loss_fn, by=by, steps=steps)
+        path = attr.save_parquet(scores, out, by=by, steps=steps, overwrite=args.overwrite)
+        n = scores.shape[1]
+    print(f"wrote {n} rows to {path} ({attr.kind}, curvature={attr.curvature}, by={args.by})")
+    return 0
+
+
+def parse_steps_arg(text: str | None) -> tuple[int | None, int | None] | None:
+    """``"T0:T1"`` (either side may be empty) to a step window."""
+    if text is None:
+        return None
+    a, sep, b = text.partition(":")
+    if not sep:
+        raise QueryError(f"--steps must look like T0:T1 (either side may be empty), got {text!r}.")
+    try:
+        return (int(a) if a else None, int(b) if b else None)
+    except ValueError:
+        raise QueryError(f"--steps must look like T0:T1 with integers, got {text!r}.") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (``python -m datavalue._cli_query RUN ...``)."""
+    parser = argparse.ArgumentParser(prog="datavalue")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["query", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

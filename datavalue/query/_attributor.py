@@ -1,0 +1,423 @@
+"""The query facade: which recorded training occurrences made the model do this?
+
+``Attributor(run, model)`` pairs a recorded run (and its built embeddings) with the model at the
+weights to explain. A query is a per-example loss ``loss_fn(model) -> (m,)``; its test gradients
+``q`` ``(m, k)`` are taken with the run's own capture hooks and projection (the model's fingerprint
+is checked against the run's), and the scores are
+
+    S = q @ E.T        (m, R):  S[i, r] ~= loss_i(without occurrence r) - loss_i(with it)
+
+positive = the occurrence helped test point ``i``. ``E`` is read from the run in row chunks through
+dask and never held in memory whole; aggregated queries (``by="sample"``, ``"owner"``, ``"step"``)
+and top-k never form ``S`` either. See ``docs/queries.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from datavalue.capture import engine_for_run, per_sample_gradients
+from datavalue.errors import NonFiniteError, QueryError
+from datavalue.query import _stream
+from datavalue.query._groups import Grouping, parse_by, parse_owners, parse_steps, regroup
+from datavalue.query._results import TopK, dataset_values, describe, score_frame, write_parquet
+from datavalue.query._source import Source, resolve_source
+from datavalue.store import Run, open_run
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module], torch.Tensor]
+#: Default size of one streamed chunk of embeddings (rounded to whole storage chunks).
+CHUNK_BYTES = 16 << 20
+REDUCE = (None, "mean", "sum")
+
+
+class Attributor:
+    """Attribution queries against a recorded run, streamed out of core.
+
+    Args:
+        path: the run (``*.zarr``) recorded by :class:`datavalue.Recorder`.
+        model: the model at the weights to explain (usually the final weights), same architecture
+            as recorded; its fingerprint is checked here. May be None if every query passes test
+            gradients ``(m, k)`` instead of a loss function.
+        curvature: which embedding build to use; None picks ``"fisher"`` if built, else
+            ``"empirical_fisher"``, else the only one present.
+        embeddings: ``"grads"`` to score with the raw recorded gradients, or the name of an array
+            inside the run (e.g. ``"embeddings/fisher/at/100/values"`` from ``embeddings_at``).
+        kind: ``"dvemb"`` (built embeddings, default), ``"grad_dot"`` (raw gradients) or
+            ``"tracin"`` (``lr[t] * grad_scale[t] * weight * grads``).
+        client: a ``dask.distributed.Client`` or a local scheduler name (``"threads"``,
+            ``"synchronous"``); None uses dask's threaded scheduler.
+        chunk_rows: embedding rows per streamed chunk; default about 16 MiB, whole storage chunks.
+            Peak memory is a few chunks (per worker thread) plus the output.
+        progress: show progress bars.
+
+    Example:
+        >>> attr = Attributor("runs/x.zarr", model)                                  # doctest: +SKIP
+        >>> S = attr.scores(lambda m: F.cross_entropy(m(x), y, reduction="none"))     # doctest: +SKIP
+        >>> S.shape == (len(x), len(attr.occurrences))                               # doctest: +SKIP
+        True
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module | None = None,
+        *,
+        curvature: str | None = None,
+        embeddings: str | None = None,
+        kind: str | None = None,
+        client: Any = None,
+        chunk_rows: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.run: Run = open_run(self.path)
+        self.model = model
+        self._engine = engine_for_run(model, self.run.manifest) if model is not None else None
+        self.source: Source = resolve_source(self.run, curvature=curvature, embeddings=embeddings, kind=kind)
+        if self.n_rows == 0:
+            raise QueryError(f"{self.path} has no committed occurrences to attribute to.")
+        self.client = client
+        self.chunk_rows = _parse_chunk_rows(chunk_rows, self.source.array)
+        self.progress = bool(progress)
+
+    def __repr__(self) -> str:
+        return (f"Attributor({str(self.path)!r}, kind={self.kind!r}, curvature={self.curvature!r}, "
+                f"steps={self.n_steps}, occurrences={self.n_rows}, k={self.run.proj_dim})")
+
+    # ------------------------------------------------------------------ what the columns are
+    @property
+    def kind(self) -> str:
+        return self.source.kind
+
+    @property
+    def curvature(self) -> str | None:
+        return self.source.curvature
+
+    @property
+    def n_steps(self) -> int:
+        """Steps covered by the embeddings (the run's, or a checkpoint's)."""
+        return self.source.n_steps
+
+    @property
+    def n_rows(self) -> int:
+        """Occurrences covered: the columns of ``scores(..., by=None)``."""
+        return int(self.run.step_ptr[self.n_steps])
+
+    @functools.cached_property
+    def occurrences(self) -> pd.DataFrame:
+        """``(R,)`` table aligned with the columns of ``scores(..., by=None)``.
+
+        Columns ``step, epoch, sample_id, weight, lr, grad_scale``; the index is the row.
+        """
+        return self._details(np.arange(self.n_rows))
+
+    def _details(self, rows: np.ndarray) -> pd.DataFrame:
+        run = self.run
+        steps = run.row_step[rows]
+        return pd.DataFrame(
+            {"step": steps, "epoch": run.epoch[steps], "sample_id": run.sample_id[rows], "weight": run.weight[rows],
+             "lr": run.lr[steps], "grad_scale": run.grad_scale[steps]},
+            index=pd.Index(rows, name="row"),
+        )
+
+    @functools.cached_property
+    def _samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unique sample ids of the covered rows (sorted) and the inverse index of every row."""
+        uniq, inv = np.unique(self.run.sample_id[: self.n_rows], return_inverse=True)
+        return uniq, inv.astype(np.int64)
+
+    def _grouping(self, by: Any, owners: Any, unowned: str, steps: Any) -> Grouping:
+        by = parse_by(by)
+        t0, t1 = parse_steps(steps, self.n_steps)
+        r0, r1 = int(self.run.step_ptr[t0]), int(self.run.step_ptr[t1])
+        if by is None:
+            return Grouping(None, r0, r1, None, np.arange(r0, r1))
+        if by == "step":
+            return Grouping("step", r0, r1, self.run.row_step[r0:r1] - t0, np.arange(t0, t1))
+        uniq, inv = self._samples
+        if by == "sample":
+            present, groups = regroup(inv[r0:r1], uniq.size)
+            return Grouping("sample", r0, r1, groups, uniq[present])
+        labels, owner_of = parse_owners(owners, uniq, unowned)
+        present, groups = regroup(owner_of[inv[r0:r1]], labels.size)
+        return Grouping("owner", r0, r1, groups, labels[present])
+
+    def labels(self, by: str | None = None, *, owners: Any = None, unowned: str = "raise", steps: Any = None) -> np.ndarray:
+        """Labels of the columns that :meth:`scores` returns for the same ``by/owners/unowned/steps``.
+
+        ``by=None``: global row indices (index into :attr:`occurrences`); ``"sample"``: sample ids
+        (sorted); ``"owner"``: owners; ``"step"``: step indices.
+        """
+        return self._grouping(by, owners, unowned, steps).labels
+
+    # ------------------------------------------------------------------ test gradients
+    def test_gradients(self, loss_fn: LossFn) -> np.ndarray:
+        """``(m, k)`` projected gradients of ``loss_fn(model)`` (``(m,)`` per-example losses) in the run's layout."""
+        if self._engine is None:
+            raise QueryError("this Attributor has no model; pass Attributor(path, model) to query with a loss function, "
+                             "or pass test gradients (m, k) directly.")
+        return per_sample_gradients(self.model, loss_fn, self.run, engine=self._engine)
+
+    def _query(self, query: LossFn | np.ndarray | torch.Tensor) -> np.ndarray:
+        if callable(query) and not isinstance(query, (np.ndarray, torch.Tensor)):
+            q = self.test_gradients(query)
+        else:
+            q = query.detach().cpu().numpy() if torch.is_tensor(query) else np.asarray(query)
+            if q.ndim == 1:
+                q = q[None, :]
+            if q.ndim != 2 or q.shape[1] != self.run.proj_dim or not np.issubdtype(q.dtype, np.floating):
+                raise QueryError(
+                    f"a query is a loss function model -> (m,) losses or test gradients of shape (m, {self.run.proj_dim}); "
+                    f"got {describe(q)} of dtype {q.dtype}."
+                )
+        if q.shape[0] == 0:
+            raise QueryError("the query has no test points (loss_fn returned an empty tensor).")
+        if not np.isfinite(q).all():
+            bad = np.flatnonzero(~np.isfinite(q).all(1))[:5].tolist()
+            raise NonFiniteError(f"test gradients of test points {bad} contain NaN/Inf; check those losses.")
+        return q
+
+    # ------------------------------------------------------------------ lazy pieces
+    def _embeddings(self, start: int, stop: int) -> da.Array:
+        arr = self.source.array
+        return da.from_zarr(arr, chunks=(self.chunk_rows, arr.shape[1]))[start:stop]
+
+    def _row_scale(self, start: int, stop: int) -> np.ndarray | None:
+        if self.kind != "tracin":
+            return None
+        run, steps = self.run, self.run.row_step[start:stop]
+        return run.lr[steps] * run.grad_scale[steps] * run.weight[start:stop]
+
+    def _lazy_scores(self, q: np.ndarray, g: Grouping) -> da.Array:
+        """``(rows, m)`` lazy scores over ``da.from_zarr`` (for ``lazy=True`` results)."""
+        return _stream.score_rows(q, self._embeddings(g.start, g.stop), self._row_scale(g.start, g.stop))
+
+    def _chunks(self, q: np.ndarray, g: Grouping) -> _stream.ChunkTasks:
+        """Independent per-chunk score tasks over the selected rows (eager, streamed queries)."""
+        return _stream.ChunkTasks(self.source.array, q, g.start, g.stop, chunk_rows=self.chunk_rows,
+                                  row_scale=self._row_scale(g.start, g.stop), client=self.client)
+
+    # ------------------------------------------------------------------ queries
+    def scores(
+        self,
+        query: LossFn | np.ndarray,
+        *,
+        by: str | None = None,
+        owners: Any = None,
+        unowned: str = "raise",
+        steps: Any = None,
+        lazy: bool = False,
+    ) -> np.ndarray | da.Array:
+        """Influence of training occurrences (or samples, owners, steps) on every test point.
+
+        ``S[i, j] ~= loss_i(without j) - loss_i(with j)``: positive = ``j`` helped test point ``i``.
+
+        Args:
+            query: ``loss_fn(model) -> (m,)`` per-example losses (``reduction="none"``), or test
+                gradients ``(m, k)`` already in the run's layout.
+            by: ``None`` (one column per occurrence), ``"sample"`` (summed over each sample's
+                occurrences: the estimate for removing the sample from every epoch), ``"owner"``
+                (summed over an owner's samples), ``"step"`` (summed over each step's batch).
+            owners: for ``by="owner"``: a mapping ``sample_id -> owner``, a callable, or an array
+                aligned with ``labels(by="sample")``.
+            unowned: samples without owner: ``"raise"``, ``"drop"``, or ``"group"`` (owner ``None``).
+            steps: ``(t0, t1)`` half-open step window; only occurrences of those steps count.
+            lazy: return a dask array instead of computing.
+
+        Returns:
+            ``(m, n_columns)``: float32 for occurrences (float64 embeddings stay float64), float64
+            for aggregates. Column labels: :meth:`labels` with the same arguments.
+        """
+        q = self._query(query)
+        g = self._grouping(by, owners, unowned, steps)
+        if lazy:
+            rows = self._lazy_scores(q, g)
+            if g.by is None:
+                return rows.T
+            out = _stream.grouped_sums(rows, g.groups, g.n_columns)
+            return da.from_delayed(out, shape=(q.shape[0], g.n_columns), dtype=np.float64)
+        if g.by is None:
+            return _stream.stream_blocks(self._chunks(q, g), client=self.client, progress=self.progress, desc="scores")
+        return self._grouped(q, g, f"scores by {g.by}")
+
+    def _grouped(self, q: np.ndarray, g: Grouping, desc: str) -> np.ndarray:
+        """``(m, n_groups)`` float64 sums of the scores by group, streamed."""
+        if g.n_columns == 0 or g.stop == g.start:
+            return np.zeros((q.shape[0], g.n_columns))
+        groups = g.groups
+        chunks = self._chunks(q, g).with_reduce(_stream.segment_chunk, lambda a, b: (groups[a:b],))
+        part = _stream.stream_reduce(chunks, _stream.combine_segments, client=self.client, progress=self.progress,
+                                     desc=desc, partial_bytes=self.chunk_rows * q.shape[0] * 8, n_groups=g.n_columns)
+        return _stream.densify(part, g.n_columns)
+
+    def top_k(
+        self,
+        query: LossFn | np.ndarray,
+        k: int = 10,
+        *,
+        by: str | None = None,
+        owners: Any = None,
+        unowned: str = "raise",
+        steps: Any = None,
+    ) -> TopK:
+        """The ``k`` most helpful and ``k`` most harmful columns per test point, streamed.
+
+        For occurrences (``by=None``) every chunk keeps only its own top and bottom ``k`` per test
+        point; for aggregates the sums are streamed first (``(m, n_groups)`` in memory), then ranked.
+        Arguments as in :meth:`scores`. Returns :class:`TopK` (``.to_frame()``, ``.to_parquet()``).
+        """
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise QueryError(f"k must be a positive int, got {k!r}.")
+        q = self._query(query)
+        g = self._grouping(by, owners, unowned, steps)
+        if g.n_columns == 0:
+            raise QueryError("the selection has no columns (empty step window or every sample dropped).")
+        if g.by is None:
+            chunks = self._chunks(q, g).with_reduce(_stream.topk_chunk, lambda a, b: (a, int(k)))
+            part = _stream.stream_reduce(chunks, _stream.combine_top_k, client=self.client, progress=self.progress,
+                                         desc="top-k", partial_bytes=4 * 16 * q.shape[0] * int(k), k=int(k))
+            hv, hi, lv, li = _stream.finalize_top_k(part, int(k))
+        else:
+            hv, hi, lv, li = _stream.dense_top_k(self._grouped(q, g, f"top-k by {g.by}"), int(k))
+        details = None
+        if g.by is None:
+            details = self._details(np.unique(np.concatenate([g.labels[hi].ravel(), g.labels[li].ravel()])))
+        return TopK(g.by, g.labels[hi], hv, g.labels[li], lv, details)
+
+    def stage_influence(
+        self,
+        query: LossFn | np.ndarray,
+        *,
+        normalize_by_lr: bool = True,
+        steps: Any = None,
+        lazy: bool = False,
+    ) -> np.ndarray | da.Array:
+        """``(m, T)`` influence of each step's batch: the sum over the step's occurrences.
+
+        With ``normalize_by_lr`` it is divided by ``lr[t]`` (NaN where ``lr[t] == 0``), the
+        per-batch influence of the paper's phase analysis (warm-up / basin / late ascent). Without
+        it, the row sums equal the sums of ``scores(query)`` over the same window. Column labels:
+        ``labels(by="step", steps=steps)``.
+        """
+        S = self.scores(query, by="step", steps=steps, lazy=lazy)
+        if not normalize_by_lr:
+            return S
+        t0, t1 = parse_steps(steps, self.n_steps)
+        lr = self.run.lr[t0:t1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(lr != 0, 1.0 / np.where(lr != 0, lr, 1.0), np.nan)
+        return S * inv[None, :]
+
+    # ------------------------------------------------------------------ tables and datasets
+    def frame(self, scores: np.ndarray, *, by: str | None = None, owners: Any = None, unowned: str = "raise",
+              steps: Any = None) -> pd.DataFrame:
+        """Scores as a wide table: one row per column label, one ``test_<i>`` column per test point.
+
+        Pass the same ``by/owners/unowned/steps`` that produced ``scores``. For occurrences the
+        rows carry ``row, step, epoch, sample_id, weight, lr, grad_scale``.
+        """
+        g = self._grouping(by, owners, unowned, steps)
+        scores = self._check_columns(scores, g)
+        details = self._details(g.labels) if g.by is None else None
+        if g.by == "step":
+            details = pd.DataFrame({"epoch": self.run.epoch[g.labels], "lr": self.run.lr[g.labels]})
+        return score_frame(scores, g.labels, g.by, details)
+
+    def save_parquet(self, scores: np.ndarray | TopK, path: str | os.PathLike[str], *, by: str | None = None,
+                     owners: Any = None, unowned: str = "raise", steps: Any = None, overwrite: bool = False) -> Path:
+        """Write scores (see :meth:`frame`) or a :class:`TopK` result to Parquet; refuses to overwrite by default."""
+        if isinstance(scores, TopK):
+            return scores.to_parquet(path, overwrite=overwrite)
+        return write_parquet(self.frame(scores, by=by, owners=owners, unowned=unowned, steps=steps), path,
+                             overwrite=overwrite)
+
+    def to_dataset(
+        self,
+        scores: np.ndarray | LossFn,
+        dataset: Any,
+        *,
+        id_column: str = "id",
+        prefix: str = "influence",
+        reduce: str | None = None,
+        by: str | None = "sample",
+        steps: Any = None,
+        fill_value: float = float("nan"),
+    ) -> Any:
+        """Add score columns to a ``datasets.Dataset``, matched on the sample id in ``id_column``.
+
+        Args:
+            scores: ``scores(..., by="sample")`` (or ``by=None`` occurrence scores with ``by=None``
+                here: they are summed per sample), or a loss function to compute them.
+            dataset: a ``datasets.Dataset`` whose ``id_column`` holds the run's sample ids.
+            prefix: column names ``<prefix>_<i>`` per test point, or ``<prefix>`` with ``reduce``.
+            reduce: ``"mean"`` or ``"sum"`` over test points: one column instead of ``m``.
+            fill_value: for examples the run never trained on (default NaN).
+
+        Returns:
+            A new dataset with the columns added.
+        """
+        if reduce not in REDUCE:
+            raise QueryError(f"reduce must be one of {REDUCE}, got {reduce!r}.")
+        if callable(scores) and not isinstance(scores, np.ndarray):
+            scores, by = self.scores(scores, by="sample", steps=steps), "sample"
+        by = parse_by(by)
+        if by not in (None, "sample"):
+            raise QueryError(f"to_dataset matches rows by sample id; pass scores by='sample' (or by=None), not {by!r}.")
+        g = self._grouping(by, None, "raise", steps)
+        scores = self._check_columns(scores, g)
+        if by is None:  # occurrences -> samples
+            gs = self._grouping("sample", None, "raise", steps)
+            summed = np.zeros((scores.shape[0], gs.n_columns))
+            np.add.at(summed.T, gs.groups, np.asarray(scores, np.float64).T)
+            scores, g = summed, gs
+        if id_column not in dataset.column_names:
+            raise QueryError(f"the dataset has no column {id_column!r} (columns: {dataset.column_names}); pass id_column=.")
+        ids = np.asarray(dataset[id_column])
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise QueryError(f"dataset column {id_column!r} must hold integer sample ids, got dtype {ids.dtype}.")
+        values = dataset_values(scores, g.labels, ids.astype(np.int64), fill_value)
+        if reduce is None:
+            cols = {f"{prefix}_{i}": values[:, i] for i in range(values.shape[1])}
+        else:
+            with np.errstate(all="ignore"):
+                cols = {prefix: values.mean(1) if reduce == "mean" else values.sum(1)}
+        clash = sorted(set(cols) & set(dataset.column_names))
+        if clash:
+            raise QueryError(f"the dataset already has columns {clash[:5]}; choose another prefix= or remove them.")
+        for name, col in cols.items():
+            dataset = dataset.add_column(name, col.tolist())
+        return dataset
+
+    def _check_columns(self, scores: Any, g: Grouping) -> np.ndarray:
+        scores = np.asarray(scores)
+        if scores.ndim == 1:
+            scores = scores[None, :]
+        if scores.ndim != 2 or scores.shape[1] != g.n_columns:
+            raise QueryError(
+                f"scores has shape {scores.shape} but by={g.by!r} (with these owners/steps) gives {g.n_columns} columns. "
+                "Pass the same by=/owners=/steps= that computed the scores."
+            )
+        return scores
+
+
+def _parse_chunk_rows(chunk_rows: int | None, array: Any) -> int:
+    if chunk_rows is None:
+        stored = int(array.chunks[0])
+        row_bytes = int(array.shape[1]) * np.dtype(array.dtype).itemsize
+        return stored * max(1, round(CHUNK_BYTES / max(1, stored * row_bytes)))
+    if not isinstance(chunk_rows, (int, np.integer)) or isinstance(chunk_rows, bool) or chunk_rows < 1:
+        raise QueryError(f"chunk_rows must be a positive int, got {chunk_rows!r}.")
+    return int(chunk_rows)

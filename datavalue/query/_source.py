@@ -1,0 +1,136 @@
+"""Which vectors the test gradients are dotted with: built embeddings or the raw gradients.
+
+========================== ====================================================================
+``kind``                   vector of occurrence ``(t, z)``
+========================== ====================================================================
+``"dvemb"`` (default)      ``embeddings/<curvature>/values``: the data value embedding, i.e. the
+                           removal's first-order effect on the final weights
+``"grad_dot"``             ``grads``: the raw gradient (gradient similarity; no step size)
+``"tracin"``               ``lr[t] * grad_scale[t] * weight * grads`` (TracIn with the final
+                           weights as the only checkpoint, the H = 0 embedding)
+========================== ====================================================================
+
+Curvature resolution for ``"dvemb"``: an explicit ``curvature=`` must be built; otherwise
+``"fisher"`` if built, else ``"empirical_fisher"``, else the only one present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import zarr
+
+from datavalue.errors import QueryError, StoreNotFoundError
+from datavalue.store import Run, open_array
+
+KINDS = ("dvemb", "grad_dot", "tracin")
+PREFERENCE = ("fisher", "empirical_fisher")
+#: Attribute key under which ``build_embeddings`` stores its provenance (``n_rows``, ``complete``, ...).
+BUILD_ATTRS = "datavalue_embeddings"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The resolved embedding source of an :class:`~datavalue.query.Attributor`.
+
+    Attributes:
+        kind: ``"dvemb"``, ``"grad_dot"`` or ``"tracin"``.
+        array_name: the Zarr array inside the run (``"grads"`` or ``"embeddings/<c>/values"``).
+        curvature: the curvature name for ``"dvemb"``, else None.
+        array: the read-only zarr array (may hold spare rows past the run's commit).
+        attrs: the array's attributes (build provenance).
+        n_steps: steps the vectors cover (the run's steps, or a checkpoint's for ``embeddings_at``).
+    """
+
+    kind: str
+    array_name: str
+    curvature: str | None
+    array: Any
+    attrs: dict[str, Any]
+    n_steps: int = -1
+
+
+def built_curvatures(run: Run) -> list[str]:
+    """Curvature names with an ``embeddings/<name>/values`` array in the run, sorted."""
+    if not run.has_array("embeddings"):
+        return []
+    group = zarr.open_group(str(run.path), mode="r")["embeddings"]
+    return sorted(name for name in group.group_keys() if run.has_array(f"embeddings/{name}/values"))
+
+
+def resolve_source(run: Run, *, curvature: str | None, embeddings: str | None, kind: str | None) -> Source:
+    """Validate ``curvature`` / ``embeddings`` / ``kind`` and open the array they name."""
+    if kind is not None and kind not in KINDS:
+        raise QueryError(f"kind must be one of {KINDS}, got {kind!r}.")
+    if embeddings == "grads" or kind in ("grad_dot", "tracin"):
+        if kind == "dvemb":
+            raise QueryError("embeddings='grads' scores with the raw gradients; kind='dvemb' needs built embeddings. "
+                             "Use kind='grad_dot' or kind='tracin', or drop embeddings='grads'.")
+        if embeddings not in (None, "grads"):
+            raise QueryError(f"kind={kind!r} scores with the recorded gradients; drop embeddings={embeddings!r}.")
+        if curvature is not None:
+            raise QueryError(f"curvature={curvature!r} selects built embeddings; it has no meaning for kind={kind!r}.")
+        arr = open_array(run.path, "grads")
+        return Source(kind or "grad_dot", "grads", None, arr, dict(arr.attrs), run.n_steps)
+    if embeddings is not None:  # an explicit array path
+        if curvature is not None:
+            raise QueryError("pass either curvature= or embeddings=<array path>, not both.")
+        try:
+            arr = open_array(run.path, embeddings)
+        except StoreNotFoundError as exc:
+            raise QueryError(f"{run.path} has no array {embeddings!r}; built: {built_curvatures(run)}.") from exc
+        attrs = dict(arr.attrs)
+        return _checked(run, Source("dvemb", embeddings, attrs.get("curvature"), arr, attrs))
+    built = built_curvatures(run)
+    if curvature is None:
+        if not built:
+            raise QueryError(
+                f"{run.path} has no embeddings yet. Build them first with datavalue.build_embeddings({str(run.path)!r}) "
+                "(or query the raw gradients with Attributor(..., kind='tracin'))."
+            )
+        preferred = [c for c in PREFERENCE if c in built]
+        if preferred:
+            curvature = preferred[0]
+        elif len(built) == 1:
+            curvature = built[0]
+        else:
+            raise QueryError(f"{run.path} has several embedding builds {built}; choose one with curvature=.")
+    elif curvature not in built:
+        raise QueryError(
+            f"{run.path} has no {curvature!r} embeddings (built: {built or 'none'}). Run "
+            f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}) first."
+        )
+    name = f"embeddings/{curvature}/values"
+    arr = open_array(run.path, name)
+    return _checked(run, Source("dvemb", name, curvature, arr, dict(arr.attrs)))
+
+
+def _checked(run: Run, src: Source) -> Source:
+    arr = src.array
+    meta = dict(src.attrs.get(BUILD_ATTRS, {}))
+    if arr.ndim != 2 or arr.shape[1] != run.proj_dim:
+        raise QueryError(
+            f"{src.array_name} has shape {arr.shape}; the run's gradients have {run.proj_dim} columns. "
+            "Rebuild the embeddings with overwrite=True."
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise QueryError(f"{src.array_name} has dtype {arr.dtype}; embeddings must be floating point.")
+    curvature = src.curvature or meta.get("curvature")
+    rebuild = f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}, overwrite=True)"
+    if meta.get("complete") is False:
+        raise QueryError(f"{src.array_name} is an unfinished build (interrupted or still running). Rebuild: {rebuild}.")
+    if "checkpoint_step" in meta:  # embeddings_at(): w.r.t. an intermediate checkpoint, rows of the steps before it
+        n_steps = int(meta["checkpoint_step"])
+        if not 0 <= n_steps <= run.n_steps or arr.shape[0] != int(run.step_ptr[n_steps]):
+            raise QueryError(f"{src.array_name} (checkpoint step {n_steps}) does not match the run's rows; recompute it.")
+        return dataclasses.replace(src, curvature=curvature, n_steps=n_steps)
+    built_rows = meta.get("n_rows")
+    if arr.shape[0] < run.n_rows or (built_rows is not None and int(built_rows) != run.n_rows):
+        rows = built_rows if built_rows is not None else arr.shape[0]
+        raise QueryError(
+            f"{src.array_name} covers {rows} occurrences but the run now has {run.n_rows} (training was recorded "
+            f"further after the build). Rebuild with {rebuild}, or extend it with datavalue.embeddings.extend_embeddings."
+        )
+    return dataclasses.replace(src, curvature=curvature, n_steps=run.n_steps)

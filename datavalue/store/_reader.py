@@ -49,6 +49,34 @@ class Run:
                 "Install the datavalue version that wrote it, or re-record."
             )
         self.n_steps, self.n_rows, self.n_fisher_rows, self.generation = (int(x) for x in self._read_small("commit"))
+        self._check_chunks()
+
+    def _committed_length(self, name: str) -> int:
+        if name in ("grads", "sample_id", "weight", "flags"):
+            return self.n_rows
+        if name == "fisher":
+            return self.n_fisher_rows
+        if name in ("step_ptr", "fisher_ptr"):
+            return self.n_steps + 1
+        return self.n_steps
+
+    def _check_chunks(self) -> None:
+        """Every chunk the commit covers must exist: a deleted chunk would otherwise read as zeros."""
+        for name in ("grads", "sample_id", "weight", "flags", "lr", "epoch", "grad_scale", "momentum",
+                     "weight_decay", "step_ptr", "fisher", "fisher_ptr"):
+            n = self._committed_length(name)
+            if n <= (1 if name.endswith("_ptr") else 0) or not (self.path / name).exists():
+                continue
+            arr = self._group[name]
+            C = int(arr.chunks[0])
+            suffix = ("0",) * (len(arr.shape) - 1)
+            for i in range(-(-n // C)):
+                if not self.path.joinpath(name, "c", str(i), *suffix).is_file():
+                    raise StoreCorruptError(
+                        f"{self.path}: chunk {name}/c/{'/'.join((str(i), *suffix))} (entries {i * C}..{min(n, (i + 1) * C) - 1}) "
+                        "is missing although the run's commit covers it; the run is damaged. Restore it from a copy, or "
+                        "re-record from the last intact step."
+                    )
 
     # ------------------------------------------------------------------ helpers
     def _read_small(self, name: str, stop: int | None = None) -> np.ndarray:
@@ -65,11 +93,26 @@ class Run:
         limit = self.n_fisher_rows if name == "fisher" else self.n_rows
         stop = limit if stop is None else min(stop, limit)
         try:
-            return np.asarray(self._group[name][start:stop])
+            arr = self._group[name]
         except KeyError as exc:
             raise StoreNotFoundError(f"{self.path} has no array {name!r}") from exc
+        try:
+            return np.asarray(arr[start:stop])
         except Exception as exc:
-            raise StoreCorruptError(f"reading {name}[{start}:{stop}] from {self.path} failed (checksum or I/O): {exc}") from exc
+            raise StoreCorruptError(
+                f"reading {name}[{start}:{stop}] from {self.path} failed: {self._bad_chunk(arr, name, start, stop)}: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _bad_chunk(arr: zarr.Array, name: str, start: int, stop: int) -> str:
+        """Name the first chunk in ``start:stop`` that fails to decode (checksum, truncation)."""
+        C = int(arr.chunks[0])
+        for i in range(start // C, -(-stop // C)):
+            try:
+                arr[i * C : min((i + 1) * C, arr.shape[0])]
+            except Exception:
+                return f"chunk {name}/c/{i}{'/0' * (len(arr.shape) - 1)} is corrupt (checksum mismatch or truncated)"
+        return "I/O error"
 
     # ------------------------------------------------------------------ per-step
     @functools.cached_property

@@ -168,3 +168,66 @@ def test_info_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "occurrences    2" in out and "unique samples 2" in out
     assert main(["info", str(tmp_path / "missing.zarr")]) == 2
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_chunk_gives_typed_error_naming_the_chunk(tmp_path, damage):
+    w = RunWriter(tmp_path / "r.zarr", {"projection": {"blocks": []}}, k=4, chunk_rows=4, background=False)
+    for t in range(5):
+        w.submit(_block(t))
+    w.close()
+    chunk = tmp_path / "r.zarr" / "grads" / "c" / "1" / "0"
+    if damage == "delete":
+        chunk.unlink()
+        with pytest.raises(StoreCorruptError, match="grads/c/1/0 .* is missing"):
+            open_run(tmp_path / "r.zarr")
+        return
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:10] if damage == "truncate" else data[:5] + bytes([data[5] ^ 0xFF]) + data[6:])
+    run = open_run(tmp_path / "r.zarr")
+    with pytest.raises(StoreCorruptError, match="chunk grads/c/1/0 is corrupt"):
+        run.read("grads", 0, 15)
+
+
+def test_concurrent_reader_sees_only_committed_steps(tmp_path):
+    """A reader polling during recording always sees a consistent prefix of whole steps."""
+    import threading
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    path = tmp_path / "r.zarr"
+    rec = datavalue.Recorder(path, model, proj_dim=None, chunk_rows=8, storage_dtype="float64")
+    done = threading.Event()
+    seen, problems = [], []
+
+    def reader():
+        while not done.is_set():
+            try:
+                run = open_run(path)
+            except Exception as exc:  # the group may not exist for an instant at start
+                problems.append(repr(exc))
+                continue
+            ptr = run.step_ptr
+            if run.n_steps and (ptr[-1] != run.n_rows or np.any(np.diff(ptr) != 3)):
+                problems.append(f"inconsistent: steps {run.n_steps}, rows {run.n_rows}, ptr {ptr}")
+            if run.n_rows:
+                ids = run.sample_id
+                if not np.array_equal(ids, np.arange(run.n_rows)):
+                    problems.append(f"ids {ids}")
+                g = run.read("grads", 0, run.n_rows)
+                if np.any(np.abs(g).sum(1) == 0):
+                    problems.append("a committed row reads as zeros")
+            seen.append(run.n_steps)
+
+    th = threading.Thread(target=reader)
+    th.start()
+    x = torch.randn(3, 5)
+    for t in range(40):
+        with rec.step(sample_ids=[3 * t, 3 * t + 1, 3 * t + 2], lr=0.1):
+            model(x).pow(2).sum().backward()
+        if t % 7 == 0:
+            rec.flush()
+    rec.close()
+    done.set()
+    th.join()
+    assert not problems, problems[:3]
+    assert len(seen) > 3 and seen == sorted(seen)

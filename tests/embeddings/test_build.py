@@ -1,0 +1,213 @@
+"""build_embeddings / embeddings_at / extend_embeddings on runs written through the store."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from datavalue.embeddings import build_embeddings, embeddings_at, extend_embeddings
+from datavalue.errors import (
+    CurvatureUnavailableError,
+    EmbeddingError,
+    NonFiniteError,
+    StoreExistsError,
+)
+from datavalue.store import open_array, open_run
+
+from ._synthetic import by_hand, make_steps, write_run
+
+SETTINGS = {
+    "sgd": dict(),
+    "wd": dict(weight_decay=0.05),
+    "momentum": dict(momentum=0.9, weight_decay=0.01),
+}
+
+
+def _values(path, curvature, name="values"):
+    return np.asarray(open_array(path, f"embeddings/{curvature}/{name}")[:])
+
+
+@pytest.mark.parametrize("curvature", ["empirical_fisher", "fisher", "none"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_build_matches_core_and_segments_match_sequential(tmp_path, setting, curvature):
+    steps = make_steps(1, 23, fisher=True, **SETTINGS[setting])
+    path = write_run(tmp_path / "r.zarr", steps, fisher=True)
+    info = build_embeddings(path, curvature, progress=False, storage_dtype="float64")
+    seq = _values(path, curvature)
+    assert seq.shape == (open_run(path).n_rows, 7) and info.n_steps == 23
+    np.testing.assert_allclose(seq, by_hand(steps, curvature), rtol=0, atol=1e-12)
+    for K in (2, 5):
+        build_embeddings(
+            path, curvature, segments=K, overwrite=True, progress=False, storage_dtype="float64"
+        )
+        np.testing.assert_allclose(_values(path, curvature), seq, rtol=0, atol=1e-8)
+
+
+def test_clipping_constant_mode(tmp_path):
+    steps = make_steps(12, 10, momentum=0.5)
+    path = write_run(tmp_path / "r.zarr", steps)
+    build_embeddings(path, progress=False, storage_dtype="float64", clipping="constant")
+    want = by_hand(steps, "empirical_fisher", clipping="constant")
+    np.testing.assert_allclose(_values(path, "empirical_fisher"), want, atol=1e-12)
+    assert np.abs(want - by_hand(steps, "empirical_fisher")).max() > 1e-3  # the modes differ
+    with pytest.raises(EmbeddingError, match="clipping must be"):
+        build_embeddings(path, progress=False, clipping="ignore", overwrite=True)
+
+
+def test_default_curvature_and_float32(tmp_path):
+    steps = make_steps(2, 10)
+    path = write_run(tmp_path / "r.zarr", steps)
+    info = build_embeddings(path, progress=False, dtype="float32")
+    assert info.curvature == "empirical_fisher"
+    got = _values(path, "empirical_fisher")
+    assert got.dtype == np.float32
+    want = by_hand(steps, "empirical_fisher")
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def test_segments_on_a_distributed_client(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    steps = make_steps(3, 17, momentum=0.8)
+    path = write_run(tmp_path / "r.zarr", steps)
+    want = by_hand(steps, "empirical_fisher")
+    with distributed.Client(
+        processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0"
+    ) as client:
+        build_embeddings(path, segments=4, client=client, progress=False, storage_dtype="float64")
+    np.testing.assert_allclose(_values(path, "empirical_fisher"), want, atol=1e-8)
+
+
+@pytest.mark.parametrize("setting", ["sgd", "momentum"])
+def test_embeddings_at_a_checkpoint(tmp_path, setting):
+    steps = make_steps(4, 20, **SETTINGS[setting])
+    path = write_run(tmp_path / "r.zarr", steps)
+    build_embeddings(path, segments=4, progress=False, storage_dtype="float64")
+    run = open_run(path)
+    for b in (5, 11, 20):  # a boundary or not, and the end
+        got = np.asarray(embeddings_at(path, b, progress=False)[:])
+        assert got.shape[0] == run.step_ptr[b]
+        np.testing.assert_allclose(got, by_hand(steps, "empirical_fisher", stop=b), atol=1e-8)
+    with pytest.raises(StoreExistsError):
+        embeddings_at(path, 11, progress=False)
+    with pytest.raises(EmbeddingError):
+        embeddings_at(path, 21, progress=False)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("segments", [1, 3])
+def test_extend_equals_rebuild(tmp_path, setting, segments):
+    steps = make_steps(5, 14, **SETTINGS[setting])
+    more = make_steps(6, 9, t0=14, **SETTINGS[setting])
+    path = write_run(tmp_path / "r.zarr", steps)
+    build_embeddings(path, segments=segments, progress=False, storage_dtype="float64")
+    write_run(path, more, mode="resume")
+    info = extend_embeddings(path, segments=segments, progress=False)
+    assert info.n_steps == 23 and info.n_rows == open_run(path).n_rows
+    want = by_hand(steps + more, "empirical_fisher")
+    np.testing.assert_allclose(_values(path, "empirical_fisher"), want, rtol=0, atol=1e-8)
+    # the extended build's operators still serve checkpoints, and a second extension works
+    np.testing.assert_allclose(
+        np.asarray(embeddings_at(path, 14, progress=False)[:]),
+        by_hand(steps, "empirical_fisher"),
+        atol=1e-8,
+    )
+    extra = make_steps(7, 4, t0=23, **SETTINGS[setting])
+    write_run(path, extra, mode="resume")
+    extend_embeddings(path, progress=False)
+    np.testing.assert_allclose(
+        _values(path, "empirical_fisher"),
+        by_hand(steps + more + extra, "empirical_fisher"),
+        atol=1e-8,
+    )
+
+
+def test_extend_momentum_without_velocity_refuses(tmp_path):
+    steps = make_steps(8, 6, momentum=0.9)
+    path = write_run(tmp_path / "r.zarr", steps)
+    build_embeddings(path, progress=False, velocity=False)
+    write_run(path, make_steps(9, 3, t0=6, momentum=0.9), mode="resume")
+    with pytest.raises(EmbeddingError, match="velocity"):
+        extend_embeddings(path, progress=False)
+
+
+def test_dampening_and_nesterov_from_the_manifest(tmp_path):
+    steps = make_steps(10, 12, momentum=0.7)
+    for kw in (dict(dampening=0.3), dict(nesterov=True)):
+        path = write_run(tmp_path / f"r{len(kw)}{list(kw)[0]}.zarr", steps, **kw)
+        build_embeddings(path, progress=False, storage_dtype="float64", segments=3)
+        np.testing.assert_allclose(
+            _values(path, "empirical_fisher"), by_hand(steps, "empirical_fisher", **kw), atol=1e-8
+        )
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_fisher_unavailable_names_the_recorder_option(tmp_path):
+    path = write_run(tmp_path / "r.zarr", make_steps(0, 3))
+    with pytest.raises(CurvatureUnavailableError, match=r"Recorder\(\.\.\., curvature=.fisher.\)"):
+        build_embeddings(path, "fisher", progress=False)
+    with pytest.raises(EmbeddingError, match="curvature must be"):
+        build_embeddings(path, "hessian", progress=False)
+
+
+def test_rebuild_needs_overwrite(tmp_path):
+    path = write_run(tmp_path / "r.zarr", make_steps(0, 3))
+    build_embeddings(path, progress=False)
+    before = _values(path, "empirical_fisher")
+    with pytest.raises(StoreExistsError, match="overwrite=True"):
+        build_embeddings(path, progress=False)
+    np.testing.assert_array_equal(_values(path, "empirical_fisher"), before)
+    build_embeddings(path, progress=False, overwrite=True)
+
+
+def test_nonfinite_gradient_is_reported_with_its_step(tmp_path):
+    steps = make_steps(0, 6)
+    steps[3].grads[1, 2] = np.nan
+    path = write_run(tmp_path / "r.zarr", steps)
+    with pytest.raises(NonFiniteError, match="step 3"):
+        build_embeddings(path, progress=False)
+
+
+def test_exploding_operator_warns_then_raises(tmp_path):
+    steps = make_steps(0, 8, scale=6.0)  # eta * lambda_max(H) >> 2: expansive steps
+    path = write_run(tmp_path / "r.zarr", steps)
+    with pytest.warns(RuntimeWarning, match="expansive"):
+        info = build_embeddings(path, progress=False, explode_threshold=10.0)
+    assert info.expansive_steps and info.max_operator > 10.0
+    huge = make_steps(0, 40, scale=1e6)
+    path = write_run(tmp_path / "h.zarr", huge)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NonFiniteError, match="step"):
+            build_embeddings(path, progress=False)
+
+
+def test_progress_bar_and_attrs(tmp_path, capsys):
+    steps = make_steps(11, 9, momentum=0.5)
+    path = write_run(tmp_path / "r.zarr", steps)
+    info = build_embeddings(path, segments=2, progress=True)
+    assert "embeddings (empirical_fisher)" in capsys.readouterr().err
+    meta = open_array(path, "embeddings/empirical_fisher/values").attrs["datavalue_embeddings"]
+    assert meta["complete"] and meta["n_steps"] == 9 and meta["curvature"] == "empirical_fisher"
+    assert meta["segments"] == [list(s) for s in info.segments] and meta["velocity"] is True
+    assert "positive = helpful" in meta["sign"]
+    assert open_array(path, "embeddings/empirical_fisher/ops/block000").shape == (
+        2,
+        8,
+        8,
+    )  # 2k x 2k
+
+
+def test_embeddings_package_imports_neither_torch_nor_capture():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, datavalue.embeddings, datavalue.embeddings._build, datavalue.embeddings._stream; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('datavalue.capture')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,199 @@
+"""The build plan: a run's per-step bookkeeping, validated once and made picklable for tasks.
+
+``_make_plan`` reads what the recursion needs from the store (lr, clipping, weight decay,
+momentum, which step creates the momentum buffer, block column ranges) so that every task works
+from plain numpy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import warnings
+from typing import Any
+
+import numpy as np
+
+from datavalue.errors import CurvatureUnavailableError, EmbeddingError, NonFiniteError
+
+CURVATURES = ("fisher", "empirical_fisher", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything a task needs (picklable: plain numbers and numpy arrays)."""
+
+    path: str
+    curvature: str
+    dtype: str
+    blocks: tuple[tuple[int, int], ...]
+    step_ptr: np.ndarray
+    fisher_ptr: np.ndarray | None
+    lr: np.ndarray
+    grad_scale: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    fresh: np.ndarray
+    dampening: float
+    nesterov: bool
+    momentum_mode: bool
+    window: int
+    explode: float
+    clipping: str = "direction"
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.lr.shape[0])
+
+    def width(self, i: int) -> int:
+        k = self.blocks[i][1] - self.blocks[i][0]
+        return 2 * k if self.momentum_mode else k
+
+
+def _parse_curvature(run: Any, curvature: str | None) -> str:
+    if curvature is None:
+        return "fisher" if run.has_fisher else "empirical_fisher"
+    if curvature not in CURVATURES:
+        raise EmbeddingError(f"curvature must be one of {CURVATURES} or None, got {curvature!r}.")
+    if curvature == "fisher" and not run.has_fisher:
+        raise CurvatureUnavailableError(
+            f"{run.path} holds no true-Fisher pseudo-gradients, so curvature='fisher' is unavailable. Record with "
+            "Recorder(..., curvature='fisher') (one extra backward per step, the most faithful choice), or build with "
+            "curvature='empirical_fisher'."
+        )
+    return curvature
+
+
+CLIPPING = ("direction", "constant")
+
+
+def _parse_clipping(clipping: str) -> str:
+    if clipping not in CLIPPING:
+        raise EmbeddingError(f"clipping must be one of {CLIPPING}, got {clipping!r}.")
+    return clipping
+
+
+def _parse_dtype(dtype: str) -> str:
+    d = str(np.dtype(dtype))
+    if d not in ("float64", "float32"):
+        raise EmbeddingError(f"dtype must be 'float64' or 'float32', got {dtype!r}.")
+    return d
+
+
+def _blocks(run: Any) -> tuple[tuple[int, int], ...]:
+    k = int(run.proj_dim)
+    try:
+        blocks = run.blocks
+    except (KeyError, TypeError):
+        blocks = []
+    spans = sorted((int(b["start"]), int(b["stop"])) for b in blocks) or [(0, k)]
+    pos = 0
+    for a, b in spans:
+        if a != pos or b <= a:
+            raise EmbeddingError(
+                f"{run.path}: manifest blocks {spans} do not tile the {k} gradient columns."
+            )
+        pos = b
+    if pos != k:
+        raise EmbeddingError(
+            f"{run.path}: manifest blocks end at column {pos}, the gradients have {k}."
+        )
+    return tuple(spans)
+
+
+def _optimizer_handling(run: Any) -> tuple[str, dict[str, Any]]:
+    opt = run.optimizer or {}
+    kind = opt.get("kind")
+    if kind in (None, "sgd"):
+        return "sgd", opt
+    warnings.warn(
+        f"{run.path} was trained with {kind!r}; the embeddings treat it as SGD with the recorded learning rates "
+        "(momentum and preconditioning ignored, the paper's proxy). Validate with datavalue.testing.trajectory_loo "
+        "before trusting rankings at a large learning rate.",
+        stacklevel=3,
+    )
+    return "sgd-proxy", opt
+
+
+def _make_plan(
+    run: Any,
+    curvature: str,
+    dtype: str,
+    window: int | None,
+    explode: float,
+    clipping: str = "direction",
+) -> tuple[_Plan, str]:
+    handling, opt = _optimizer_handling(run)
+    T = int(run.n_steps)
+    momentum = np.asarray(run.momentum, dtype=np.float64)[:T].copy()
+    if handling != "sgd":
+        momentum[:] = 0.0
+    if np.any(momentum < 0) or np.any(momentum >= 1):
+        raise EmbeddingError(
+            f"{run.path}: momentum must lie in [0, 1), got range [{momentum.min()}, {momentum.max()}]."
+        )
+    prev = np.concatenate([[0.0], momentum[:-1]])
+    # torch creates the momentum buffer (buf = d, no dampening) on the first step with momentum != 0
+    fresh = (momentum != 0) & (prev == 0)
+    lr = np.asarray(run.lr, dtype=np.float64)[:T]
+    if not np.all(np.isfinite(lr)):
+        bad = int(np.flatnonzero(~np.isfinite(lr))[0])
+        raise NonFiniteError(
+            f"{run.path}: the recorded lr of step {bad} is {lr[bad]}; pass lr= to rec.step() or optimizer=."
+        )
+    plan = _Plan(
+        path=str(run.path),
+        curvature=curvature,
+        dtype=dtype,
+        blocks=_blocks(run),
+        step_ptr=np.asarray(run.step_ptr, dtype=np.int64)[: T + 1],
+        fisher_ptr=np.asarray(run.fisher_ptr, dtype=np.int64)[: T + 1]
+        if curvature == "fisher"
+        else None,
+        lr=lr,
+        grad_scale=np.asarray(run.grad_scale, dtype=np.float64)[:T],
+        weight_decay=np.asarray(run.weight_decay, dtype=np.float64)[:T],
+        momentum=momentum,
+        fresh=fresh,
+        dampening=float(opt.get("dampening", 0.0) or 0.0),
+        nesterov=bool(opt.get("nesterov", False)),
+        momentum_mode=bool(np.any(momentum != 0)),
+        window=int(window or max(run.row_chunk, 1)),
+        explode=float(explode),
+        clipping=_parse_clipping(clipping),
+    )
+    return plan, handling
+
+
+def _digest(plan: _Plan, T: int) -> str:
+    """Fingerprint of the first ``T`` steps' bookkeeping (a resumed run must keep it)."""
+    h = hashlib.sha256()
+    for arr in (
+        plan.step_ptr[: T + 1],
+        plan.lr[:T],
+        plan.grad_scale[:T],
+        plan.weight_decay[:T],
+        plan.momentum[:T],
+    ):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    if plan.fisher_ptr is not None:
+        h.update(np.ascontiguousarray(plan.fisher_ptr[: T + 1]).tobytes())
+    return h.hexdigest()
+
+
+def _split(step_ptr: np.ndarray, lo: int, hi: int, K: int) -> list[tuple[int, int]]:
+    """``K`` contiguous step ranges covering ``[lo, hi)`` with about equal row counts."""
+    n = hi - lo
+    K = max(1, min(int(K), n))
+    rows = step_ptr[lo : hi + 1].astype(np.float64)
+    targets = rows[0] + (rows[-1] - rows[0]) * np.arange(1, K) / K
+    cuts = lo + np.searchsorted(rows, targets, side="left")
+    bounds = [lo]
+    for c in cuts:
+        c = int(min(max(c, bounds[-1] + 1), hi - (K - len(bounds))))
+        bounds.append(c)
+    bounds.append(hi)
+    return [(bounds[i], bounds[i + 1]) for i in range(K)]
+
+
+# ---------------------------------------------------------------------- row streaming

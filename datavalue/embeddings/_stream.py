@@ -1,0 +1,480 @@
+"""Streaming execution of the recursion: reverse row windows, chunk-owned writes, segments.
+
+A task (:func:`_scan`) runs a step range backward for every block, reading the run's rows in
+windows from the end and writing the output chunks it owns entirely; chunks shared with a
+neighbouring segment come back to the driver (:func:`_write_pieces`), so no two writers ever
+touch one chunk. :func:`_run_segments` runs the two passes of a segmented build through dask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from datavalue.embeddings import _core as core
+from datavalue.embeddings._plan import _Plan
+from datavalue.errors import EmbeddingError, NonFiniteError
+
+logger = logging.getLogger(__name__)
+
+
+class _ReverseRows:
+    """Rows of a store array, read in windows from the end toward the start (chunk aligned)."""
+
+    def __init__(self, run: Any, name: str, lo: int, window: int, chunk: int) -> None:
+        self.run, self.name, self.lo = run, name, int(lo)
+        self.window, self.chunk = max(int(window), 1), max(int(chunk), 1)
+        self.c0 = self.c1 = 0
+        self.buf: np.ndarray | None = None
+
+    def get(self, r0: int, r1: int) -> np.ndarray:
+        if self.buf is None or not (self.c0 <= r0 and r1 <= self.c1):
+            start = ((r1 - self.window) // self.chunk) * self.chunk
+            start = min(max(start, self.lo), r0)
+            self.buf = np.asarray(self.run.read(self.name, start, r1))
+            self.c0, self.c1 = start, r1
+            if self.buf.shape[0] != r1 - start:
+                raise EmbeddingError(
+                    f"{self.run.path}: {self.name}[{start}:{r1}] returned {self.buf.shape[0]} rows."
+                )
+        return self.buf[r0 - self.c0 : r1 - self.c0]
+
+
+class _ChunkWriter:
+    """Buffers output rows of one task by output chunk; writes the chunks the task owns entirely,
+    returns the pieces of shared chunks (``(row0, values, v_values)``) for the driver."""
+
+    def __init__(self, arrays: Sequence[Any], lo: int, hi: int, n_rows: int, chunk: int) -> None:
+        self.arrays = list(arrays)
+        self.lo, self.hi, self.n_rows, self.chunk = lo, hi, n_rows, chunk
+        self.buf: dict[int, list[np.ndarray]] = {}
+        self.fill: dict[int, int] = {}
+        self.pieces: list[tuple[int, list[np.ndarray]]] = []
+
+    def _span(self, ci: int) -> tuple[int, int]:
+        return ci * self.chunk, min((ci + 1) * self.chunk, self.n_rows)
+
+    def put(self, r0: int, parts: Sequence[np.ndarray]) -> None:
+        r1 = r0 + parts[0].shape[0]
+        for ci in range(
+            r0 // self.chunk, (r1 - 1) // self.chunk + 1 if r1 > r0 else r0 // self.chunk
+        ):
+            c0, c1 = self._span(ci)
+            a, b = max(c0, r0), min(c1, r1)
+            if ci not in self.buf:
+                self.buf[ci] = [
+                    np.zeros((c1 - c0, p.shape[1]), dtype=arr.dtype)
+                    for p, arr in zip(parts, self.arrays, strict=True)
+                ]
+                self.fill[ci] = 0
+            for dst, src in zip(self.buf[ci], parts, strict=True):
+                dst[a - c0 : b - c0] = src[a - r0 : b - r0]
+            self.fill[ci] += b - a
+            mine0, mine1 = max(c0, self.lo), min(c1, self.hi)
+            if self.fill[ci] == mine1 - mine0:
+                bufs = self.buf.pop(ci)
+                del self.fill[ci]
+                if mine0 == c0 and mine1 == c1:
+                    for arr, data in zip(self.arrays, bufs, strict=True):
+                        arr[c0:c1] = data
+                else:
+                    self.pieces.append((mine0, [d[mine0 - c0 : mine1 - c0] for d in bufs]))
+
+    def close(self) -> list[tuple[int, list[np.ndarray]]]:
+        if self.buf:
+            raise EmbeddingError(
+                f"internal: output chunks {sorted(self.buf)} were left incomplete."
+            )
+        return self.pieces
+
+
+def _write_pieces(
+    arrays: Sequence[Any], pieces: Sequence[tuple[int, list[np.ndarray]]], chunk: int
+) -> None:
+    """Driver side: merge the pieces of shared chunks and write each chunk once."""
+    by_chunk: dict[int, list[tuple[int, list[np.ndarray]]]] = {}
+    for r0, parts in pieces:
+        by_chunk.setdefault(r0 // chunk, []).append((r0, parts))
+    for ci, group in by_chunk.items():
+        c0 = ci * chunk
+        c1 = min(c0 + chunk, arrays[0].shape[0])
+        datas = [np.asarray(arr[c0:c1]) for arr in arrays]
+        for r0, parts in group:
+            for d, p in zip(datas, parts, strict=True):
+                d[r0 - c0 : r0 - c0 + p.shape[0]] = p
+        for arr, d in zip(arrays, datas, strict=True):
+            arr[c0:c1] = d
+
+
+# ---------------------------------------------------------------------- one task
+
+
+def _identity_states(plan: _Plan, velocity: bool) -> list[core.BlockState]:
+    return [core.init_state(b - a, velocity=velocity, dtype=plan.dtype) for a, b in plan.blocks]
+
+
+def _scan(
+    plan: _Plan,
+    lo: int,
+    hi: int,
+    start: list[np.ndarray] | None,
+    *,
+    transfer: bool,
+    velocity: bool,
+    outputs: Sequence[Any] | None,
+    out_offset: int = 0,
+    n_out: int = 0,
+    out_chunk: int = 1,
+    tick: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run steps ``hi-1 .. lo`` backward.
+
+    ``start``: per block the operator ``(n, w)`` after step ``hi - 1`` (``None``: the identity,
+    ``[I, 0]``, or the full ``2k`` identity with ``transfer``/``velocity``). With ``outputs``,
+    rows ``step_ptr[lo]:step_ptr[hi]`` of the embeddings are written to ``outputs[0]`` (and their
+    velocity part to ``outputs[1]``) at ``row - out_offset``.
+    Returns the per-block operators before step ``lo`` and health statistics.
+    """
+    from datavalue.store import open_run
+
+    run = open_run(plan.path)
+    chunk = max(int(run.row_chunk), 1)
+    k_total = plan.blocks[-1][1]
+    if start is None:
+        # transfer operators are k x k without momentum, 2k x 2k with it
+        states = _identity_states(plan, velocity=(transfer and plan.momentum_mode) or velocity)
+    else:
+        states = [
+            core.state_from_operator(np.asarray(R, dtype=plan.dtype), b - a)
+            for R, (a, b) in zip(start, plan.blocks, strict=True)
+        ]
+    r_lo, r_hi = int(plan.step_ptr[lo]), int(plan.step_ptr[hi])
+    grads = _ReverseRows(run, "grads", r_lo, plan.window, chunk)
+    weights = _ReverseRows(run, "weight", r_lo, plan.window, chunk)
+    fisher = None
+    if plan.curvature == "fisher":
+        assert plan.fisher_ptr is not None
+        fisher = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
+    writer = None
+    if outputs is not None:
+        writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
+    embed = writer is not None
+    max_op, expansive = 0.0, []
+    for t in range(hi - 1, lo - 1, -1):
+        r0, r1 = int(plan.step_ptr[t]), int(plan.step_ptr[t + 1])
+        G_all = grads.get(r0, r1)
+        w = np.asarray(weights.get(r0, r1), dtype=np.float64)
+        if not np.all(np.isfinite(G_all)):
+            bad = r0 + int(np.flatnonzero(~np.isfinite(G_all).all(1))[0])
+            raise NonFiniteError(
+                f"{plan.path}: step {t}, row {bad}: non-finite gradient in the store. Re-record with "
+                "Recorder(..., on_nonfinite='skip') to store such rows as flagged zeros."
+            )
+        if np.any(w < 0) or not np.all(np.isfinite(w)):
+            raise EmbeddingError(
+                f"{plan.path}: step {t} has negative or non-finite row weights {w[:5]}."
+            )
+        F_all = None
+        if fisher is not None:
+            assert plan.fisher_ptr is not None
+            F_all = fisher.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
+            if not np.all(np.isfinite(F_all)):
+                raise NonFiniteError(
+                    f"{plan.path}: step {t}: non-finite Fisher pseudo-gradient rows in the store."
+                )
+        u = ug = None
+        if plan.clipping == "direction" and plan.grad_scale[t] < 1.0 and r1 > r0:
+            # the clipped step is c * g_hat with c = max_norm / ||g_hat||: keep d c (docs/math.md, 5)
+            g_hat = w @ np.asarray(G_all, dtype=np.float64)
+            norm = float(np.linalg.norm(g_hat))
+            if norm > 0:
+                u = g_hat / norm
+                ug = np.asarray(G_all, dtype=np.float64) @ u
+        thetas, vels = [], []
+        for i, (a, b) in enumerate(plan.blocks):
+            if plan.curvature == "empirical_fisher":
+                curv: Any = "empirical_fisher"
+            elif plan.curvature == "fisher":
+                assert F_all is not None
+                curv = F_all[:, a:b]
+            else:
+                curv = None
+            states[i], E = core.step_back(
+                states[i],
+                G_all[:, a:b],
+                w,
+                lr=float(plan.lr[t]),
+                curv=curv,
+                weight_decay=float(plan.weight_decay[t]),
+                momentum=float(plan.momentum[t]),
+                dampening=plan.dampening,
+                nesterov=plan.nesterov,
+                fresh=bool(plan.fresh[t]),
+                grad_scale=float(plan.grad_scale[t]),
+                embed=embed,
+                clip_u=None if u is None else u[a:b],
+                clip_ug=ug,
+            )
+            m = states[i].max_abs()
+            if not np.isfinite(m):
+                raise NonFiniteError(
+                    f"{plan.path}: the embedding operator of block {i} became non-finite at step {t} (lr {plan.lr[t]:.3g}). "
+                    "The step map is expansive there (eta * lambda_max(H) > 2); the first-order estimate is meaningless. "
+                    "Check the learning rate / loss of that step."
+                )
+            if m > plan.explode and (not expansive or expansive[-1] != t):
+                expansive.append(t)
+            max_op = max(max_op, m)
+            if embed:
+                assert E is not None
+                k = b - a
+                thetas.append(E[:, :k])
+                if velocity:
+                    vels.append(E[:, k:])
+        if writer is not None:
+            parts = [np.concatenate(thetas, axis=1) if thetas else np.zeros((r1 - r0, k_total))]
+            if not np.all(np.isfinite(parts[0])):
+                raise NonFiniteError(f"{plan.path}: non-finite embeddings at step {t}.")
+            if velocity:
+                parts.append(np.concatenate(vels, axis=1))
+            writer.put(r0 - out_offset, parts)
+        if tick is not None:
+            tick(1)
+    return {
+        "ops": [core.operator(s, plan.width(i)) for i, s in enumerate(states)],
+        "pieces": writer.close() if writer is not None else [],
+        "max_op": max_op,
+        "expansive": expansive[:20],
+    }
+
+
+# ---------------------------------------------------------------------- execution
+
+
+def _execute(
+    fns: list[Callable[..., Any]], client: Any, bar: Any, sizes: Sequence[int] | None = None
+) -> list[Any]:
+    """Run zero-argument task callables as ``dask.delayed`` tasks: on ``client`` (a
+    ``dask.distributed.Client``) when given, else on the threaded scheduler. With a client the
+    progress bar advances by ``sizes[i]`` when task ``i`` finishes (tasks cannot reach the bar)."""
+    if not fns:
+        return []
+    if len(fns) == 1 and client is None:
+        return [fns[0]()]
+    import dask
+
+    tasks = [dask.delayed(f, pure=False)() for f in fns]
+    if client is None:
+        # parallelism comes from the tasks: one BLAS thread each, or BLAS threads oversubscribe the
+        # cores (measured: 2 segments on 2 cores, 0.84 s with one BLAS thread per task, 1.5 s without)
+        with _one_blas_thread():
+            return list(dask.compute(*tasks, scheduler="threads"))
+    from distributed import as_completed
+
+    futures = client.compute(tasks)
+    index = {f.key: i for i, f in enumerate(futures)}
+    for fut in as_completed(futures):
+        if bar is not None and sizes is not None:
+            bar.update(sizes[index[fut.key]])
+    return client.gather(futures)
+
+
+def _one_blas_thread() -> Any:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: without it BLAS keeps its own thread count
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+class _Tick:
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step")
+
+
+def _task(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
+    def run() -> Any:
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _run_segments(
+    plan: _Plan,
+    bounds: list[tuple[int, int]],
+    *,
+    final_velocity: bool,
+    known_ops: dict[int, list[np.ndarray]] | None,
+    outputs: Sequence[Any] | None,
+    out_offset: int,
+    n_out: int,
+    out_chunk: int,
+    client: Any,
+    progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    """Embeddings of steps ``bounds[0][0] .. bounds[-1][1]`` w.r.t. the weights after the last one.
+
+    Returns ``start`` (per block, the operator before the first step), ``ops`` (per segment, per
+    block, the transfer operators) and health statistics.
+    """
+    K = len(bounds)
+    known_ops = dict(known_ops or {})
+    n_scan = sum(hi - lo for lo, hi in bounds)
+    need = [s for s in range(K) if s not in known_ops] if K > 1 else []
+    total = n_scan + sum(bounds[s][1] - bounds[s][0] for s in need)
+    bar = _bar(total, desc, progress)
+    tick = _Tick(bar) if client is None else None
+    stats: dict[str, Any] = {"max_op": 0.0, "expansive": []}
+
+    def absorb(res: dict[str, Any]) -> None:
+        stats["max_op"] = max(stats["max_op"], res["max_op"])
+        stats["expansive"] = sorted(set(stats["expansive"]) | set(res["expansive"]))
+
+    try:
+        if K == 1:
+            lo, hi = bounds[0]
+            res = _scan(
+                plan,
+                lo,
+                hi,
+                None,
+                transfer=False,
+                velocity=final_velocity,
+                outputs=outputs,
+                out_offset=out_offset,
+                n_out=n_out,
+                out_chunk=out_chunk,
+                tick=tick,
+            )
+            absorb(res)
+            if tick is None and bar is not None:
+                bar.update(hi - lo)
+            if outputs is not None:
+                _write_pieces(outputs, res["pieces"], out_chunk)
+            ops0 = None
+            if final_velocity or not plan.momentum_mode:
+                ops0 = res["ops"]  # the whole range's transfer operator
+            return {"start": res["ops"], "ops": [ops0], **stats}
+
+        # pass 1: transfer operators of the segments not known yet
+        fns = [
+            _task(
+                _scan,
+                plan,
+                bounds[s][0],
+                bounds[s][1],
+                None,
+                transfer=True,
+                velocity=False,
+                outputs=None,
+                tick=tick,
+            )
+            for s in need
+        ]
+        sizes = [bounds[s][1] - bounds[s][0] for s in need]
+        for s, res in zip(need, _execute(fns, client, bar, sizes), strict=True):
+            absorb(res)
+            known_ops[s] = res["ops"]
+        # chaining: the operator at each segment's end, from the last segment backward
+        nb = len(plan.blocks)
+        ends: list[list[np.ndarray]] = [[] for _ in range(K)]
+        cur = [_final_operator(plan, i, final_velocity) for i in range(nb)]
+        for s in range(K - 1, -1, -1):
+            ends[s] = cur
+            cur = [
+                core.chain(cur[i], known_ops[s][i], plan.blocks[i][1] - plan.blocks[i][0])
+                for i in range(nb)
+            ]
+        start = cur
+        # pass 2: the recursions with embeddings, in parallel
+        fns = [
+            _task(
+                _scan,
+                plan,
+                bounds[s][0],
+                bounds[s][1],
+                ends[s],
+                transfer=False,
+                velocity=final_velocity,
+                outputs=outputs,
+                out_offset=out_offset,
+                n_out=n_out,
+                out_chunk=out_chunk,
+                tick=tick,
+            )
+            for s in range(K)
+        ]
+        results = _execute(fns, client, bar, [hi - lo for lo, hi in bounds])
+        pieces = []
+        for s, res in enumerate(results):
+            absorb(res)
+            pieces.extend(res["pieces"])
+            # consistency: the operator a segment ends with is the next one's start
+            want = ends[s - 1] if s > 0 else start
+            for i, (got, exp) in enumerate(zip(res["ops"], want, strict=True)):
+                g, e = _same_width(got, exp)
+                scale = max(1.0, float(np.abs(e).max()))
+                tol = 1e-6 if plan.dtype == "float64" else 1e-2
+                if float(np.abs(g - e).max()) > tol * scale:
+                    logger.warning(
+                        "segment %d block %d: chained and recomputed operators differ by %.3g",
+                        s,
+                        i,
+                        float(np.abs(g - e).max()),
+                    )
+        if outputs is not None:
+            _write_pieces(outputs, pieces, out_chunk)
+        return {"start": start, "ops": [known_ops[s] for s in range(K)], **stats}
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _same_width(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w = max(a.shape[1], b.shape[1])
+    return _pad_cols(a, w), _pad_cols(b, w)
+
+
+def _pad_cols(a: np.ndarray, w: int) -> np.ndarray:
+    if a.shape[1] == w:
+        return a
+    out = np.zeros((a.shape[0], w), dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def _final_operator(plan: _Plan, i: int, velocity: bool) -> np.ndarray:
+    """``[I, 0]`` (or the ``2k`` identity with ``velocity``) at the width of the plan's operators."""
+    k = plan.blocks[i][1] - plan.blocks[i][0]
+    return core.operator(core.init_state(k, velocity=velocity, dtype=plan.dtype), plan.width(i))
+
+
+def _pad_op(op: np.ndarray | None, w: int) -> np.ndarray:
+    """A transfer operator padded with zeros to ``w x w`` (a ``k x k`` operator of a segment without
+    momentum acts on ``delta theta`` only; its velocity rows and columns are never used)."""
+    out = np.zeros((w, w))
+    if op is None:
+        return np.full((w, w), np.nan)
+    out[: op.shape[0], : op.shape[1]] = op
+    return out
+
+
+# ---------------------------------------------------------------------- store helpers

@@ -59,6 +59,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from datavalue.store import archive_run
+
+    out = archive_run(args.run, args.out, overwrite=args.overwrite)
+    print(f"wrote {out} ({_fmt_bytes(out.stat().st_size)}); open it with datavalue.open_run({str(out)!r})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from datavalue.demo import run_demo
 
@@ -84,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("archive", help="pack a run into one .zip that open_run/Attributor read directly")
+    p.add_argument("run")
+    p.add_argument("out", help="the archive path, ending in .zip")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("demo", help="train an MLP on real MNIST with the recorder and explain a few test digits")
     p.add_argument("--out", default="runs/demo")

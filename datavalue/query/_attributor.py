@@ -82,8 +82,8 @@ class Attributor:
         chunk_rows: int | None = None,
         progress: bool = True,
     ) -> None:
-        self.path = Path(path)
-        self.run: Run = open_run(self.path)
+        self.run: Run = open_run(path)
+        self.path = self.run.path
         self.model = model
         self._engine = engine_for_run(model, self.run.manifest) if model is not None else None
         self.source: Source = resolve_source(self.run, curvature=curvature, embeddings=embeddings, kind=kind)

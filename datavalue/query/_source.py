@@ -56,7 +56,7 @@ def built_curvatures(run: Run) -> list[str]:
     """Curvature names with an ``embeddings/<name>/values`` array in the run, sorted."""
     if not run.has_array("embeddings"):
         return []
-    group = zarr.open_group(str(run.path), mode="r")["embeddings"]
+    group = run._group["embeddings"]
     return sorted(name for name in group.group_keys() if run.has_array(f"embeddings/{name}/values"))
 
 

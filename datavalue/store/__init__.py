@@ -4,6 +4,7 @@ The layout is documented in ``docs/store-format.md``. This package knows no hook
 """
 
 from datavalue.store._reader import Run as Run
+from datavalue.store._reader import archive_run as archive_run
 from datavalue.store._reader import create_array as create_array
 from datavalue.store._reader import delete_path as delete_path
 from datavalue.store._reader import open_array as open_array
@@ -18,6 +19,7 @@ __all__ = [
     "Run",
     "RunWriter",
     "StepBlock",
+    "archive_run",
     "create_array",
     "delete_path",
     "fingerprint_params",

@@ -11,17 +11,58 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from datavalue.errors import StoreCorruptError, StoreExistsError, StoreMismatchError, StoreNotFoundError
-from datavalue.store._schema import MANIFEST_KEY, SCHEMA_VERSION
+from datavalue.errors import (
+    StoreCorruptError,
+    StoreExistsError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+)
+from datavalue.store._schema import MANIFEST_KEY, OPTIONAL_STEP_ARRAYS, SCHEMA_VERSION
 
 
-def _open_group(path: Path, mode: str) -> zarr.Group:
-    if not (path / "zarr.json").exists():
-        raise StoreNotFoundError(f"no datavalue run at {path} (no zarr.json). Record one with datavalue.Recorder.")
+def is_local(location: Any) -> bool:
+    """Whether a run location is a plain local directory (writable, crash-safe)."""
+    if not isinstance(location, (str, os.PathLike)):
+        return False
+    s = os.fspath(location)
+    return "://" not in s and not s.endswith(".zip")
+
+
+def _normalise(location: Any) -> Any:
+    """Local directories become ``Path``; archives and URLs stay strings; Store objects pass through."""
+    if is_local(location):
+        return Path(location)
+    return os.fspath(location) if isinstance(location, os.PathLike) else location
+
+
+def _open_group(location: Any, mode: str) -> zarr.Group:
+    """Open a run's root group from a directory, a ``.zip`` archive, an fsspec URL or a zarr Store."""
+    if is_local(location):
+        path = Path(location)
+        if not (path / "zarr.json").exists():
+            raise StoreNotFoundError(f"no datavalue run at {path} (no zarr.json). Record one with datavalue.Recorder.")
+        store: Any = str(path)
+    else:
+        if mode != "r":
+            raise StoreReadOnlyError(
+                f"{location} is an archive or a remote/in-memory store, which datavalue opens read-only; copy the run "
+                "to a local directory to record into it or to build embeddings."
+            )
+        if isinstance(location, (str, os.PathLike)) and os.fspath(location).endswith(".zip") and "://" not in os.fspath(location):
+            if not Path(location).is_file():
+                raise StoreNotFoundError(f"no run archive at {location}.")
+            store = zarr.storage.ZipStore(os.fspath(location), mode="r")
+        elif isinstance(location, (str, os.PathLike)):
+            store = zarr.storage.FsspecStore.from_url(os.fspath(location), read_only=True)
+        else:
+            store = location  # a zarr Store object (e.g. zarr.storage.MemoryStore in tests)
     try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+        return zarr.open_group(store, mode=mode, zarr_format=3)
+    except FileNotFoundError as exc:
+        raise StoreNotFoundError(f"no datavalue run at {location}: {exc}") from exc
     except Exception as exc:  # unreadable metadata
-        raise StoreCorruptError(f"cannot open the zarr group at {path}: {exc}") from exc
+        raise StoreCorruptError(f"cannot open the zarr group at {location}: {exc}") from exc
 
 
 class Run:
@@ -36,7 +77,7 @@ class Run:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = _normalise(path)
         self._group = _open_group(self.path, "r")
         manifest = self._group.attrs.get(MANIFEST_KEY)
         if manifest is None:
@@ -63,15 +104,15 @@ class Run:
     def _check_chunks(self) -> None:
         """Every chunk the commit covers must exist: a deleted chunk would otherwise read as zeros."""
         for name in ("grads", "sample_id", "weight", "flags", "lr", "epoch", "grad_scale", "momentum",
-                     "weight_decay", "step_ptr", "fisher", "fisher_ptr"):
+                     "weight_decay", "step_ptr", "fisher", "fisher_ptr", *OPTIONAL_STEP_ARRAYS):
             n = self._committed_length(name)
-            if n <= (1 if name.endswith("_ptr") else 0) or not (self.path / name).exists():
+            if n <= (1 if name.endswith("_ptr") else 0) or not self.has_array(name):
                 continue
             arr = self._group[name]
             C = int(arr.chunks[0])
             suffix = ("0",) * (len(arr.shape) - 1)
             for i in range(-(-n // C)):
-                if not self.path.joinpath(name, "c", str(i), *suffix).is_file():
+                if not self._chunk_exists(name, (str(i), *suffix)):
                     raise StoreCorruptError(
                         f"{self.path}: chunk {name}/c/{'/'.join((str(i), *suffix))} (entries {i * C}..{min(n, (i + 1) * C) - 1}) "
                         "is missing although the run's commit covers it; the run is damaged. Restore it from a copy, or "
@@ -79,6 +120,13 @@ class Run:
                     )
 
     # ------------------------------------------------------------------ helpers
+    def _chunk_exists(self, name: str, key: tuple[str, ...]) -> bool:
+        if isinstance(self.path, Path):
+            return self.path.joinpath(name, "c", *key).is_file()
+        from zarr.core.sync import sync
+
+        return bool(sync(self._group.store.exists("/".join((name, "c", *key)))))
+
     def _read_small(self, name: str, stop: int | None = None) -> np.ndarray:
         try:
             arr = self._group[name]
@@ -89,8 +137,9 @@ class Run:
             raise StoreCorruptError(f"reading {name!r} from {self.path} failed (checksum or I/O): {exc}") from exc
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of a row array (``grads``, ``fisher``, ...) as numpy, within the commit."""
-        limit = self.n_fisher_rows if name == "fisher" else self.n_rows
+        """Rows ``start:stop`` of a row array (``grads``, ``fisher``, ...) as numpy, within the commit
+        (for an optional per-step array such as ``adam_v``: steps ``start:stop``)."""
+        limit = self.n_steps if name in OPTIONAL_STEP_ARRAYS else (self.n_fisher_rows if name == "fisher" else self.n_rows)
         stop = limit if stop is None else min(stop, limit)
         try:
             arr = self._group[name]
@@ -189,6 +238,19 @@ class Run:
             raise StoreNotFoundError(f"{self.path} holds no Fisher pseudo-gradients.")
         return self._read_small("fisher_ptr", self.n_steps + 1)
 
+    @property
+    def has_adam_state(self) -> bool:
+        """Whether the run stores the Adam moments per step (``adam_m``, ``adam_v``, ``adam_step``)."""
+        return all(n in self._group for n in OPTIONAL_STEP_ARRAYS)
+
+    def adam_first_step(self) -> int:
+        """First step whose Adam moments were recorded (0 unless added on resume)."""
+        return int(self._group["adam_v"].attrs.get("first_step", 0)) if self.has_adam_state else -1
+
+    @functools.cached_property
+    def adam_step(self) -> np.ndarray:
+        return self._read_small("adam_step", self.n_steps)
+
     # ------------------------------------------------------------------ manifest views
     @property
     def blocks(self) -> list[dict[str, Any]]:
@@ -207,7 +269,12 @@ class Run:
 
     def info(self) -> dict[str, Any]:
         """Summary used by ``datavalue info``."""
-        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        if isinstance(self.path, Path):
+            size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        elif isinstance(self.path, (str, os.PathLike)) and os.fspath(self.path).endswith(".zip") and os.path.isfile(self.path):
+            size = os.path.getsize(self.path)
+        else:
+            size = -1
         proj = self.manifest.get("projection", {})
         emb = []
         if self.has_array("embeddings"):
@@ -234,9 +301,33 @@ class Run:
         }
 
 
-def open_run(path: str | os.PathLike[str]) -> Run:
-    """Open a recorded run read-only. See :class:`Run`."""
+def open_run(path: str | os.PathLike[str] | Any) -> Run:
+    """Open a recorded run read-only. See :class:`Run`.
+
+    ``path`` is a run directory, a ``.zip`` archive made by :func:`archive_run` (or
+    ``datavalue archive``), an fsspec URL that zarr can read (``s3://bucket/run.zarr``, needs the
+    matching fsspec backend, e.g. ``s3fs``), or a zarr ``Store`` object.
+    """
     return Run(path)
+
+
+def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Pack a run directory into one uncompressed ``.zip`` that :func:`open_run` reads directly."""
+    import zipfile
+
+    src, dst = Path(path), Path(out)
+    Run(src)  # refuse to archive something that is not a readable run
+    if dst.suffix != ".zip":
+        raise ValueError(f"the archive name must end in .zip, got {dst.name}")
+    if dst.exists() and not overwrite:
+        raise StoreExistsError(f"{dst} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    tmp = dst.with_name(dst.name + ".partial")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for f in sorted(src.rglob("*")):
+            if f.is_file() and not f.name.endswith(".partial"):
+                zf.write(f, f.relative_to(src).as_posix())
+    os.replace(tmp, dst)
+    return dst
 
 
 def create_array(
@@ -256,7 +347,7 @@ def create_array(
     """
     from datavalue.store._schema import float_codecs
 
-    g = _open_group(Path(path), "r+")
+    g = _open_group(path, "r+")
     exists = True
     try:
         g[name]
@@ -273,7 +364,7 @@ def create_array(
 
 def open_array(path: str | os.PathLike[str], name: str) -> zarr.Array:
     """Open a derived array of a run read-only."""
-    g = _open_group(Path(path), "r")
+    g = _open_group(path, "r")
     try:
         return g[name]
     except KeyError as exc:
@@ -282,7 +373,7 @@ def open_array(path: str | os.PathLike[str], name: str) -> zarr.Array:
 
 def delete_path(path: str | os.PathLike[str], name: str) -> None:
     """Remove a derived array or group (e.g. a stale embedding build) from a run."""
-    g = _open_group(Path(path), "r+")
+    g = _open_group(path, "r+")
     try:
         del g[name]
     except KeyError:

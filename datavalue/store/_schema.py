@@ -28,6 +28,12 @@ STEP_ARRAYS: dict[str, str] = {
     "weight_decay": "float64",
 }
 FLAG_NONFINITE = 1
+#: Optional per-step *vector* arrays ``(T, k)`` in the gradient columns' layout, created on the first
+#: step that carries them (``StepBlock.extra``). ``adam_m``/``adam_v``: the Adam/AdamW moments
+#: ``exp_avg``/``exp_avg_sq`` *before* the step's update (exact runs: per parameter; projected runs:
+#: each column holds its block's mean). ``adam_step`` ``(T,)``: the bias-correction step count the
+#: update of step ``t`` uses (torch's ``state["step"]`` after the update). See docs/store-format.md.
+OPTIONAL_STEP_ARRAYS: dict[str, str] = {"adam_m": "vector", "adam_v": "vector", "adam_step": "scalar"}
 
 #: Manifest keys that must match between a run on disk and a recorder resuming it.
 RESUME_KEYS = ("schema_version", "projection", "model_fingerprint", "loss_reduction", "curvature", "storage_dtype")
@@ -89,6 +95,8 @@ class StepBlock:
         flags: ``(b,)`` uint8 row flags (bit 0: non-finite, stored as zeros).
         lr, epoch, grad_scale, momentum, weight_decay: per-step scalars.
         fisher: ``(f, k)`` pseudo-gradient rows (weight included) or ``None``.
+        extra: optional per-step entries named in :data:`OPTIONAL_STEP_ARRAYS` (``(k,)`` vectors or
+            scalars), e.g. the Adam moments; steps without them are stored as NaN.
     """
 
     step: int
@@ -102,6 +110,7 @@ class StepBlock:
     momentum: float = 0.0
     weight_decay: float = 0.0
     fisher: np.ndarray | None = None
+    extra: dict[str, Any] | None = None
 
     @property
     def n_rows(self) -> int:

@@ -26,6 +26,7 @@ import google_crc32c
 from datavalue.errors import StoreExistsError, StoreMismatchError, StoreNotFoundError, RecorderStateError
 from datavalue.store._schema import (
     MANIFEST_KEY,
+    OPTIONAL_STEP_ARRAYS,
     ROW_ARRAYS,
     SCHEMA_VERSION,
     STEP_ARRAYS,
@@ -300,11 +301,38 @@ class RunWriter:
             appends["fisher"] = np.concatenate(fis)
             appends["fisher_ptr"] = self.fisher_rows + np.cumsum([len(f) for f in fis])
             f1 = self.fisher_rows + len(appends["fisher"])
+        self._optional_step_arrays(blocks, appends)
         for name, data in appends.items():
             self._tail(name).append(data)
         # data chunks first ...
         self._commit_chunk(np.array([t1, r1, f1, self.generation], dtype=np.int64))  # ... then visibility
         self.steps, self.rows, self.fisher_rows = t1, r1, f1
+
+    def _optional_step_arrays(self, blocks: list[StepBlock], appends: dict[str, np.ndarray]) -> None:
+        """Per-step optional arrays (``StepBlock.extra``): created on first use (earlier steps NaN,
+        ``first_step`` attribute), NaN for steps that lack them."""
+        names = {n for b in blocks for n in (b.extra or {})}
+        names |= {n for n in OPTIONAL_STEP_ARRAYS if n in self._group}
+        for name in sorted(names):
+            kind = OPTIONAL_STEP_ARRAYS.get(name)
+            if kind is None:
+                raise RecorderStateError(f"unknown optional per-step array {name!r}; known: {sorted(OPTIONAL_STEP_ARRAYS)}")
+            width = (self.k,) if kind == "vector" else ()
+            if name not in self._group:
+                dt = "float64" if self.manifest.get("storage_dtype") == "float64" or kind == "scalar" else "float32"
+                rows = 4096 if kind == "scalar" else int(max(1, min(4096, (4 << 20) // (4 * max(self.k, 1)))))
+                cap = max(rows, self.steps + len(blocks))
+                arr = self._group.create_array(name, shape=(cap, *width), chunks=(rows, *width), dtype=dt,
+                                               compressors=small_codecs(), fill_value=np.nan,
+                                               config={"write_empty_chunks": True})
+                arr.attrs["first_step"] = int(self.steps)
+                if self.steps:  # earlier steps: NaN (fill value), written out so the chunks exist
+                    arr[: self.steps] = np.nan
+            data = []
+            for b in blocks:
+                v = (b.extra or {}).get(name)
+                data.append(np.full(width, np.nan) if v is None else np.asarray(v, np.float64).reshape(width))
+            appends[name] = np.stack(data)
 
     def _tail(self, name: str) -> _AppendArray:
         tail = self._tails.get(name)

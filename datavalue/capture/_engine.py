@@ -18,8 +18,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from datavalue.capture._projection import SIDE_COLS, SIDE_DENSE, SIDE_ROWS, projection_matrix, split_budget
-from datavalue.capture._rules import FALLBACK, LAYER_RULES, OPAQUE_MODULES, BlockDraft, LayerRule, Sketch
+from datavalue.capture._projection import (
+    SIDE_COLS,
+    SIDE_DENSE,
+    SIDE_ROWS,
+    projection_matrix,
+    split_budget,
+)
+from datavalue.capture._rules import (
+    FALLBACK,
+    LAYER_RULES,
+    OPAQUE_MODULES,
+    BlockDraft,
+    LayerRule,
+    Sketch,
+)
 from datavalue.errors import CaptureError, RecorderError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -162,17 +175,18 @@ class Engine:
         return entries, blocks
 
     def _sketches(self) -> dict[str, Sketch]:
+        def mat(index: int, side: int, k: int, dim: int) -> torch.Tensor | None:
+            if k >= dim:  # the full side fits: exact, no projection
+                return None
+            return torch.as_tensor(projection_matrix(self.seed, index, side, k, dim), dtype=self.dtype, device=self.device)
+
         out = {}
         for b in self.blocks:
-            def mat(side: int, k: int, dim: int) -> torch.Tensor | None:
-                if k >= dim:
-                    return None
-                return torch.as_tensor(projection_matrix(self.seed, b.index, side, k, dim), dtype=self.dtype, device=self.device)
-
             if b.kind == "kron":
-                out[b.name] = Sketch("kron", mat(SIDE_ROWS, b.k_rows, b.shape[0]), mat(SIDE_COLS, b.k_cols, b.shape[1]), b.k)
+                out[b.name] = Sketch("kron", mat(b.index, SIDE_ROWS, b.k_rows, b.shape[0]),
+                                     mat(b.index, SIDE_COLS, b.k_cols, b.shape[1]), b.k)
             else:
-                out[b.name] = Sketch("dense", mat(SIDE_DENSE, b.k, b.shape[0]), None, b.k)
+                out[b.name] = Sketch("dense", mat(b.index, SIDE_DENSE, b.k, b.shape[0]), None, b.k)
         return out
 
     @property

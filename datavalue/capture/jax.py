@@ -49,7 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datavalue.capture._projection import SIDE_COLS, SIDE_DENSE, SIDE_ROWS, projection_matrix, split_budget
+from datavalue.capture._projection import (
+    SIDE_COLS,
+    SIDE_DENSE,
+    SIDE_ROWS,
+    projection_matrix,
+    split_budget,
+)
 from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
 from datavalue.store import RunWriter, StepBlock, fingerprint_params
 from datavalue.store._schema import FLAG_NONFINITE
@@ -207,7 +213,7 @@ class JaxRecorder:
         self._momentum = float(opt.get("momentum", 0.0) or 0.0)
         self._weight_decay = float(opt.get("weight_decay", 0.0) or 0.0)
         manifest = {
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "versions": versions,
             "framework": "jax",
             "projection": {"proj_dim": dict(proj_dim) if isinstance(proj_dim, Mapping) else proj_dim, "seed": int(seed),

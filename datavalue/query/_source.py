@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-import zarr
 
 from datavalue.errors import QueryError, StoreNotFoundError
 from datavalue.store import Run, open_array

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import datavalue
 from datavalue.store import open_run
-
 from tests.capture._ddp_worker import data, make_model, worker
 
 

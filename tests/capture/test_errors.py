@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 
 import datavalue
-from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError, UnsupportedModelError
+from datavalue.errors import (
+    NonFiniteError,
+    RecorderError,
+    RecorderStateError,
+    UnsupportedModelError,
+)
 from datavalue.store import open_run
 
 

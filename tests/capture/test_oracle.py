@@ -8,7 +8,6 @@ import torch.nn.functional as F
 import datavalue
 from datavalue.capture import exact_layout
 from datavalue.store import open_run
-
 from tests.capture.models import CNN, TinyGPT, fallback_model, mlp
 
 B = 5

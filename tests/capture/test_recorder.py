@@ -7,7 +7,6 @@ import torch.nn.functional as F
 import datavalue
 from datavalue.capture import exact_layout
 from datavalue.store import open_run
-
 from tests.capture.models import mlp
 
 
@@ -93,7 +92,6 @@ def test_float16_storage_and_projected_shapes(tmp_path):
 def test_sum_of_sketched_rows_equals_sketch_of_batch_gradient(tmp_path):
     """Linearity self-check used for clipping detection: sum_i w_i P g_i = P(sum_i w_i g_i)."""
     from datavalue.capture._gradients import project_full
-
     from tests.capture.models import TinyGPT
 
     torch.manual_seed(0)

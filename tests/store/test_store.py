@@ -14,7 +14,12 @@ import torch
 import zarr
 
 import datavalue
-from datavalue.errors import StoreCorruptError, StoreExistsError, StoreMismatchError, StoreNotFoundError
+from datavalue.errors import (
+    StoreCorruptError,
+    StoreExistsError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
 from datavalue.store import RunWriter, StepBlock, open_run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -52,6 +52,7 @@ __all__ = [
     "Batch",
     "Reference",
     "ReplayMismatchError",
+    "AdamConfig",
     "SGDConfig",
     "spearman_per_test",
     "train_reference",
@@ -131,6 +132,74 @@ class SGDConfig:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class AdamConfig:
+    """``torch.optim.Adam`` / ``torch.optim.AdamW`` settings of the reference run.
+
+    Attributes:
+        kind: ``"adamw"`` (decoupled weight decay) or ``"adam"`` (coupled: ``wd * theta`` added to
+            the gradient).
+        betas, eps, weight_decay: as in torch.
+        max_grad_norm, grad_scales, reduction: as in :class:`SGDConfig`.
+
+    Snapshots deep-copy the moments and the step count; every replay loads a deep copy, so a
+    replay never mutates a snapshot (the aliasing pitfall of ``optimizer.load_state_dict``).
+    """
+
+    kind: str = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = None
+    grad_scales: tuple[float, ...] | None = None
+    reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("adam", "adamw"):
+            raise ValueError(f"kind must be 'adam' or 'adamw', got {self.kind!r}")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        if self.max_grad_norm is not None and self.grad_scales is not None:
+            raise ValueError("give max_grad_norm or grad_scales, not both")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def optimizer(self, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+        cls = torch.optim.AdamW if self.kind == "adamw" else torch.optim.Adam
+        return cls(params, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+
+def _config_from_optimizer(optimizer: torch.optim.Optimizer) -> SGDConfig | AdamConfig:
+    g = optimizer.param_groups[0]
+    if len(optimizer.param_groups) != 1 or optimizer.state:
+        raise ValueError("optimizer must be fresh (no state) with one param group")
+    if type(optimizer) is torch.optim.SGD:
+        return SGDConfig(
+            momentum=float(g["momentum"]),
+            dampening=float(g["dampening"]),
+            weight_decay=float(g["weight_decay"]),
+            nesterov=bool(g["nesterov"]),
+        )
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        if g.get("amsgrad") or g.get("maximize"):
+            raise ValueError("amsgrad and maximize are not supported by the reference")
+        decoupled = type(optimizer) is torch.optim.AdamW or bool(g.get("decoupled_weight_decay"))
+        return AdamConfig(
+            kind="adamw" if decoupled else "adam",
+            betas=tuple(g["betas"]),
+            eps=float(g["eps"]),
+            weight_decay=float(g["weight_decay"]),
+        )
+    raise ValueError(
+        f"optimizer must be a fresh torch.optim.SGD, Adam or AdamW, got {type(optimizer).__name__}"
+    )
+
+
+_OPT_KEYS = {
+    SGDConfig: ("momentum", "dampening", "weight_decay", "nesterov"),
+    AdamConfig: ("kind", "betas", "eps", "weight_decay"),
+}
+
+
 @dataclasses.dataclass
 class _Snapshot:
     model: dict[str, torch.Tensor]
@@ -155,7 +224,7 @@ class Reference:
     batches: list[Batch]
     lrs: np.ndarray
     loss_fn: LossFn
-    config: SGDConfig
+    config: SGDConfig | AdamConfig
     snapshots: dict[int, _Snapshot]
     final_state: dict[str, torch.Tensor]
     grad_scales: np.ndarray
@@ -198,7 +267,7 @@ def _step(
     batch: Batch,
     lr: float,
     loss_fn: LossFn,
-    cfg: SGDConfig,
+    cfg: SGDConfig | AdamConfig,
     t: int,
     keep: torch.Tensor | None,
     context: AbstractContextManager[Any] | None = None,
@@ -234,7 +303,9 @@ def _step(
     return c
 
 
-def _new_optimizer(model: nn.Module, cfg: SGDConfig, lr: float) -> torch.optim.SGD:
+def _new_optimizer(
+    model: nn.Module, cfg: SGDConfig | AdamConfig, lr: float
+) -> torch.optim.Optimizer:
     return cfg.optimizer([p for p in model.parameters() if p.requires_grad], lr)
 
 
@@ -271,9 +342,9 @@ def train_reference(
     lrs: Sequence[float] | np.ndarray,
     loss_fn: LossFn,
     *,
-    config: SGDConfig | None = None,
+    config: SGDConfig | AdamConfig | None = None,
     model: nn.Module | None = None,
-    optimizer: torch.optim.SGD | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     snapshot_every: int = 1,
     step_context: Callable[[int, Batch, float], AbstractContextManager[Any]] | None = None,
     verify: bool = True,
@@ -287,12 +358,13 @@ def train_reference(
         lrs: ``(T,)`` the learning rate of every step.
         loss_fn: ``loss_fn(model, inputs, targets) -> (b,)`` per-example losses
             (``reduction="none"``); the stepped loss is their mean (or sum, see ``config``).
-        config: optimizer, reduction and clipping (:class:`SGDConfig`); default plain SGD, mean.
+        config: optimizer, reduction and clipping (:class:`SGDConfig`, or :class:`AdamConfig` for
+            ``torch.optim.Adam``/``AdamW``); default plain SGD, mean.
         model: the model to train in place (e.g. one a ``Recorder`` is attached to); default
             ``model_factory()``. Its initial weights are the run's initial weights.
-        optimizer: a fresh ``torch.optim.SGD`` over ``model``'s parameters to step with (e.g. the
-            one given to ``Recorder(optimizer=...)``); its momentum, dampening, weight decay and
-            Nesterov flag must agree with ``config`` (default config: taken from it).
+        optimizer: a fresh ``torch.optim.SGD``, ``Adam`` or ``AdamW`` over ``model``'s parameters
+            to step with (e.g. the one given to ``Recorder(optimizer=...)``); its settings must
+            agree with ``config`` (default config: taken from it).
         snapshot_every: keep a snapshot before every n-th step (memory vs replay time).
         step_context: ``step_context(t, batch, lr)`` returns a context manager that wraps the
             forward and backward of step ``t``, e.g. ``lambda t, b, lr: rec.step(sample_ids=b.sample_ids, lr=lr)``.
@@ -305,22 +377,12 @@ def train_reference(
         A :class:`Reference` for :func:`trajectory_loo`.
     """
     if optimizer is not None:
-        g = optimizer.param_groups[0]
-        if (
-            not isinstance(optimizer, torch.optim.SGD)
-            or len(optimizer.param_groups) != 1
-            or optimizer.state
-        ):
-            raise ValueError("optimizer must be a fresh torch.optim.SGD with one param group")
-        from_opt = dict(
-            momentum=float(g["momentum"]),
-            dampening=float(g["dampening"]),
-            weight_decay=float(g["weight_decay"]),
-            nesterov=bool(g["nesterov"]),
-        )
+        from_opt = _config_from_optimizer(optimizer)
         if config is None:
-            config = SGDConfig(**from_opt)
-        elif any(getattr(config, key) != val for key, val in from_opt.items()):
+            config = from_opt
+        elif type(config) is not type(from_opt) or any(
+            getattr(config, key) != getattr(from_opt, key) for key in _OPT_KEYS[type(config)]
+        ):
             raise ValueError(f"optimizer settings {from_opt} disagree with {config}")
     cfg = config or SGDConfig()
     batches = list(batches)

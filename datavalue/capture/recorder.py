@@ -64,6 +64,11 @@ def parse_sample_ids(sample_ids: Any) -> np.ndarray:
         raise RecorderError(f"sample_ids must be 1-d (one id per example), got shape {arr.shape}.")
     if arr.size == 0:
         raise RecorderError("sample_ids is empty; a step needs at least one example.")
+    if arr.dtype == object and all(isinstance(v, (int, np.integer)) for v in arr.tolist()):
+        big = [v for v in arr.tolist() if not -(2**63) <= v < 2**63]
+        if big:
+            raise RecorderError(f"sample ids must fit in int64; got {big[:3]}. Map your keys to smaller int ids.")
+        arr = arr.astype(np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
         if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
             arr = arr.astype(np.int64)
@@ -164,6 +169,10 @@ class Recorder:
             than one rank is initialised). Each rank records its local part of the global batch
             (pass the local ``sample_ids``); per-sample weights account for DDP's averaging over
             ranks; rows are gathered to rank 0, which owns the manifest and commits, in rank order.
+        record_optimizer_state: store the Adam/AdamW moments of every step (per-step arrays
+            ``adam_m``, ``adam_v``, ``adam_step``; ``2 T k`` numbers), which Adam-aware embeddings
+            need (``build_embeddings(..., optimizer="adamw")``). Default: whenever ``optimizer``
+            is a ``torch.optim.Adam``/``AdamW``. ``True`` with another optimizer is an error.
 
     Sign convention of everything built from a run: influence = loss(without) - loss(with);
     positive means the occurrence helped.
@@ -189,6 +198,7 @@ class Recorder:
         chunk_rows: int | None = None,
         background: bool = True,
         distributed: bool | None = None,
+        record_optimizer_state: bool | None = None,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
@@ -215,7 +225,18 @@ class Recorder:
         self.fisher = curvature == "fisher"
         self.fisher_max_classes = int(fisher_max_classes)
         self.fisher_samples = int(fisher_samples)
-        self.engine = Engine(model, proj_dim=proj_dim, seed=seed, layers=layers)
+        is_adam = type(_unwrap(optimizer)).__name__.lower() in ("adam", "adamw") if optimizer is not None else False
+        if record_optimizer_state and not is_adam:
+            raise RecorderError("record_optimizer_state=True needs optimizer= a torch.optim.Adam or AdamW.")
+        if is_adam and (getattr(_unwrap(optimizer), "defaults", {}).get("amsgrad") and record_optimizer_state):
+            raise RecorderError("record_optimizer_state does not support amsgrad=True.")
+        self.record_optimizer_state = is_adam if record_optimizer_state is None else bool(record_optimizer_state)
+        try:
+            self.engine = Engine(model, proj_dim=proj_dim, seed=seed, layers=layers)
+        except ValueError as exc:
+            if isinstance(exc, RecorderError):
+                raise
+            raise RecorderError(f"cannot split proj_dim={proj_dim!r} over the model's blocks: {exc}") from exc
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
         manifest = base_manifest(
             self.engine, model, loss_reduction=loss_reduction, optimizer=optimizer,
@@ -287,6 +308,8 @@ class Recorder:
         ids = parse_sample_ids(sample_ids)
         if lr is None and self.optimizer is None:
             raise RecorderError("no lr: pass rec.step(..., lr=...) or create the Recorder with optimizer=...")
+        if lr is not None and not (np.isfinite(float(lr)) and float(lr) >= 0):
+            raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
         weights = self._weights(ids.size, tokens)
         handle = StepHandle(self._next_step, clip_coef)
         self._active = handle
@@ -355,7 +378,47 @@ class Recorder:
             lr=step_lr, epoch=-1 if epoch is None else int(epoch),
             grad_scale=1.0 if handle.clip_coef is None else float(handle.clip_coef),
             momentum=opt["momentum"], weight_decay=opt["weight_decay"], fisher=fisher,
+            extra=self._adam_extra(),
         ))
+
+    def _adam_extra(self) -> dict[str, Any] | None:
+        """Adam/AdamW moments *before* this step's update (read before ``optimizer.step()``).
+
+        ``adam_m[t]``, ``adam_v[t]`` are torch's ``exp_avg``/``exp_avg_sq`` after step ``t - 1``
+        (zeros at the first step), in the run's columns: exact runs map every parameter to its
+        column (``exact_layout``); projected runs store each block's mean of the moments in all its
+        columns (a scalar preconditioner per block, see docs/math.md). ``adam_step[t]`` is the
+        bias-correction count of step ``t``'s update (torch's ``state["step"]`` after it).
+        """
+        opt = _unwrap(self.optimizer)
+        if not self.record_optimizer_state or opt is None:
+            return None
+        from datavalue.capture._gradients import block_matrix
+
+        params = dict(self.model.named_parameters())
+        m_named, v_named, steps = {}, {}, set()
+        for name, p in params.items():
+            st = opt.state.get(p, {})
+            m_named[name] = st["exp_avg"].detach() if "exp_avg" in st else torch.zeros_like(p)
+            v_named[name] = st["exp_avg_sq"].detach() if "exp_avg_sq" in st else torch.zeros_like(p)
+            if p.requires_grad:
+                s = st.get("step", 0)
+                steps.add(float(s.item() if torch.is_tensor(s) else s))
+        m_parts, v_parts = [], []
+        for b in self.engine.blocks:
+            bj = b.to_json()
+            exact = b.k == int(np.prod(bj["shape"])) and self.engine.projection_json().get("proj_dim") is None
+            mm = block_matrix(bj, m_named).to(torch.float64).reshape(-1)
+            vv = block_matrix(bj, v_named).to(torch.float64).reshape(-1)
+            if not exact:
+                mm, vv = mm.mean().expand(b.k), vv.mean().expand(b.k)
+            m_parts.append(mm)
+            v_parts.append(vv)
+        return {
+            "adam_m": to_numpy(torch.cat(m_parts)),
+            "adam_v": to_numpy(torch.cat(v_parts)),
+            "adam_step": (max(steps) if steps else 0.0) + 1.0,
+        }
 
     # ------------------------------------------------------------------ fisher
     def _on_model_output(self, output: Any) -> None:
@@ -431,7 +494,7 @@ def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, opti
                   fisher: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """The run manifest every torch recorder writes (see ``docs/store-format.md``)."""
     return {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "projection": engine.projection_json(),
         "model_fingerprint": fingerprint_params(trainable_fingerprint(model)),
@@ -455,16 +518,21 @@ def _logits_of(output: Any) -> torch.Tensor | None:
     return None
 
 
+def _unwrap(opt: Any) -> Any:
+    while opt is not None and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # accelerate
+        opt = opt.optimizer
+    return opt
+
+
 def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any]:
     if opt is None:
         return {"kind": None, "dampening": 0.0, "nesterov": False}
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
-        opt = opt.optimizer
+    opt = _unwrap(opt)
     g = opt.param_groups[0]
     kind = type(opt).__name__.lower()
     cfg: dict[str, Any] = {"kind": kind, "class": type(opt).__qualname__, "n_groups": len(opt.param_groups),
                            "dampening": float(g.get("dampening", 0.0) or 0.0), "nesterov": bool(g.get("nesterov", False))}
-    for key in ("betas", "eps", "amsgrad", "maximize"):
+    for key in ("betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay"):
         if key in g:
             cfg[key] = list(g[key]) if isinstance(g[key], tuple) else g[key]
     lrs = {float(gr["lr"]) for gr in opt.param_groups}

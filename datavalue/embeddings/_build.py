@@ -68,7 +68,8 @@ class BuildInfo:
         n_steps, n_rows: steps and rows covered.
         segments: the ``(start, stop)`` step ranges of the segments.
         velocity: whether ``v_values`` (the momentum part, needed to extend momentum runs) was kept.
-        optimizer: how the optimizer was modelled (``"sgd"`` exact, or ``"sgd-proxy"``).
+        optimizer: how the optimizer was modelled (``"sgd"`` exact, ``"adam"``/``"adamw"``
+            Adam-aware, or ``"sgd-proxy"``).
         max_operator: largest ``|entry|`` the operator reached (a health indicator).
         expansive_steps: first steps at which the operator passed the explosion threshold.
         seconds: wall time.
@@ -196,6 +197,8 @@ def build_embeddings(
     velocity: bool | None = None,
     clipping: str = "direction",
     explode_threshold: float = 1e6,
+    optimizer: str | None = None,
+    adam_second_moment: bool = True,
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 
@@ -229,6 +232,15 @@ def build_embeddings(
             when every parameter is recorded unprojected, approximate under a sketch or when
             some parameters are not recorded); ``"constant"`` treats it as a fixed factor.
         explode_threshold: warn when an operator entry exceeds this (expansive steps).
+        optimizer: how to model the optimizer: ``"adamw"``/``"adam"`` (Adam-aware: the linearised
+            dynamics of weights, first and second moments, ``docs/math.md`` section 7; needs the
+            moments recorded by ``Recorder(..., optimizer=opt)``, ``record_optimizer_state``),
+            ``"sgd"`` (SGD runs), ``"sgd-proxy"`` (an Adam run treated as SGD, the paper's proxy).
+            Default: from the recorded optimizer (Adam-aware when the moments are there, else the
+            proxy with a warning).
+        adam_second_moment: keep the second-moment perturbation ``delta v`` in the Adam state
+            (``3k`` state; ``False``: ``2k``, measured in docs/results/adam.md). Projected runs
+            always drop it (their stored moments are block means).
 
     Returns:
         :class:`BuildInfo`.
@@ -260,8 +272,18 @@ def build_embeddings(
             f"{path} already holds {base}/values. Pass overwrite=True to rebuild it, or extend_embeddings() to add "
             "steps recorded since."
         )
-    plan, handling = _make_plan(run, curvature, dtype, chunk_rows, explode_threshold, clipping)
-    vel = plan.momentum_mode and (
+    plan, handling = _make_plan(
+        run, curvature, dtype, chunk_rows, explode_threshold, clipping, optimizer, adam_second_moment
+    )
+    if plan.adam is not None:
+        if int(segments) != 1:
+            raise EmbeddingError(
+                "Adam-aware builds run as one sequential segment for now (segments=1); transfer operators "
+                "of the 3k Adam state are not implemented."
+            )
+        if velocity:
+            raise EmbeddingError("velocity=True is for SGD momentum runs; Adam-aware builds store delta theta only.")
+    vel = plan.adam is None and plan.momentum_mode and (
         velocity is None or bool(velocity)
     )  # v is fictitious without momentum
     k = int(run.proj_dim)
@@ -280,6 +302,7 @@ def build_embeddings(
         "optimizer": handling,
         "optimizer_manifest": run.optimizer,
         "clipping": plan.clipping,
+        "adam": None if plan.adam is None else dict(plan.adam, betas=list(plan.adam["betas"])),
         "run_digest": _digest(plan, T),
         "run_generation": int(getattr(run, "generation", -1)),
         "sign": SIGN,
@@ -402,8 +425,10 @@ def embeddings_at(
     name = f"{base}/at/{step}/values"
     if run.has_array(name) and not overwrite:
         raise StoreExistsError(f"{path}/{name} exists; pass overwrite=True to recompute it.")
+    _refuse_adam(path, meta, "embeddings_at")
     plan, _ = _make_plan(
-        run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction")
+        run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
+        _replay_optimizer(meta),
     )
     seg = [tuple(b) for b in meta["segments"]]
     bounds, known = [], {}
@@ -473,8 +498,10 @@ def extend_embeddings(
     meta = _read_attrs(path, curvature)
     T0, R0 = int(meta["n_steps"]), int(meta["n_rows"])
     T1, R1 = int(run.n_steps), int(run.n_rows)
+    _refuse_adam(path, meta, "extend_embeddings")
     plan, handling = _make_plan(
-        run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction")
+        run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
+        _replay_optimizer(meta),
     )
     if T1 < T0 or int(plan.step_ptr[T0]) != R0 or _digest(plan, T0) != meta["run_digest"]:
         raise EmbeddingError(
@@ -564,6 +591,19 @@ def extend_embeddings(
     values.attrs[ATTRS_KEY] = meta
     _warn_expansive(path, res)
     return _info_from_meta(path, curvature, meta, time.perf_counter() - t_start, handling=handling)
+
+
+def _refuse_adam(path: Any, meta: dict[str, Any], what: str) -> None:
+    if meta.get("optimizer") in ("adam", "adamw"):
+        raise EmbeddingError(
+            f"{path}: {what} is not implemented for Adam-aware builds yet (no transfer operators of the 3k Adam "
+            f"state); rebuild with build_embeddings(..., overwrite=True) after training resumed."
+        )
+
+
+def _replay_optimizer(meta: dict[str, Any]) -> str | None:
+    """The optimizer handling a stored build used (older builds: the default choice)."""
+    return "sgd-proxy" if meta.get("optimizer") == "sgd-proxy" else None
 
 
 def _writable(path: Any, name: str) -> Any:

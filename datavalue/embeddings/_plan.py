@@ -40,6 +40,7 @@ class _Plan:
     window: int
     explode: float
     clipping: str = "direction"
+    adam: dict[str, Any] | None = None  # Adam-aware mode: betas, eps, decoupled, second_moment, exact
 
     @property
     def n_steps(self) -> int:
@@ -47,6 +48,8 @@ class _Plan:
 
     def width(self, i: int) -> int:
         k = self.blocks[i][1] - self.blocks[i][0]
+        if self.adam is not None:
+            return 3 * k
         return 2 * k if self.momentum_mode else k
 
 
@@ -101,15 +104,53 @@ def _blocks(run: Any) -> tuple[tuple[int, int], ...]:
     return tuple(spans)
 
 
-def _optimizer_handling(run: Any) -> tuple[str, dict[str, Any]]:
+OPTIMIZERS = ("adam", "adamw", "sgd", "sgd-proxy")
+
+
+def _optimizer_handling(run: Any, optimizer: str | None = None) -> tuple[str, dict[str, Any]]:
+    """How to model the recorded optimizer: ``"sgd"`` (exact), ``"adam"``/``"adamw"``
+    (Adam-aware, needs the recorded moments) or ``"sgd-proxy"`` (Adam run treated as SGD)."""
     opt = run.optimizer or {}
     kind = opt.get("kind")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise EmbeddingError(f"optimizer must be one of {OPTIMIZERS} or None, got {optimizer!r}.")
     if kind in (None, "sgd"):
+        if optimizer in ("adam", "adamw"):
+            raise EmbeddingError(
+                f"{run.path} was not trained with Adam/AdamW (recorded optimizer: {kind!r}); "
+                "optimizer='adam'/'adamw' needs a run recorded with Recorder(..., optimizer=<Adam/AdamW>)."
+            )
         return "sgd", opt
+    is_adam = kind in ("adam", "adamw")
+    if optimizer in ("adam", "adamw") or (optimizer is None and is_adam and run.has_adam_state):
+        if not is_adam:
+            raise EmbeddingError(f"{run.path} was trained with {kind!r}, not Adam/AdamW.")
+        if not run.has_adam_state:
+            raise EmbeddingError(
+                f"{run.path} holds no Adam moments (arrays adam_m, adam_v, adam_step), which Adam-aware embeddings "
+                "need. Record with Recorder(..., optimizer=opt, record_optimizer_state=True) (the default for "
+                "Adam/AdamW optimizers), or build the SGD proxy with optimizer='sgd-proxy'."
+            )
+        if run.adam_first_step() != 0:
+            raise EmbeddingError(
+                f"{run.path}: Adam moments were recorded only from step {run.adam_first_step()} on (the run was resumed "
+                "by a Recorder that stored them); re-record the whole run, or use optimizer='sgd-proxy'."
+            )
+        if opt.get("amsgrad") or opt.get("maximize"):
+            raise EmbeddingError(f"{run.path}: amsgrad/maximize Adam is not supported by the Adam-aware build.")
+        decoupled = kind == "adamw" or bool(opt.get("decoupled_weight_decay", False))
+        return ("adamw" if decoupled else "adam"), opt
+    if optimizer == "sgd":
+        raise EmbeddingError(f"{run.path} was trained with {kind!r}; use optimizer='sgd-proxy' to treat it as SGD.")
     warnings.warn(
         f"{run.path} was trained with {kind!r}; the embeddings treat it as SGD with the recorded learning rates "
         "(momentum and preconditioning ignored, the paper's proxy). Validate with datavalue.testing.trajectory_loo "
-        "before trusting rankings at a large learning rate.",
+        "before trusting rankings at a large learning rate"
+        + (
+            "; record with Recorder(..., optimizer=opt, record_optimizer_state=True) for Adam-aware embeddings."
+            if is_adam and optimizer is None
+            else "."
+        ),
         stacklevel=3,
     )
     return "sgd-proxy", opt
@@ -122,8 +163,10 @@ def _make_plan(
     window: int | None,
     explode: float,
     clipping: str = "direction",
+    optimizer: str | None = None,
+    second_moment: bool = True,
 ) -> tuple[_Plan, str]:
-    handling, opt = _optimizer_handling(run)
+    handling, opt = _optimizer_handling(run, optimizer)
     T = int(run.n_steps)
     momentum = np.asarray(run.momentum, dtype=np.float64)[:T].copy()
     if handling != "sgd":
@@ -161,8 +204,22 @@ def _make_plan(
         window=int(window or max(run.row_chunk, 1)),
         explode=float(explode),
         clipping=_parse_clipping(clipping),
+        adam=_adam_info(run, opt, handling, second_moment) if handling in ("adam", "adamw") else None,
     )
     return plan, handling
+
+
+def _adam_info(run: Any, opt: dict[str, Any], handling: str, second_moment: bool) -> dict[str, Any]:
+    exact = run.manifest.get("projection", {}).get("proj_dim") is None
+    betas = opt.get("betas") or [0.9, 0.999]
+    return {
+        "betas": (float(betas[0]), float(betas[1])),
+        "eps": float(opt.get("eps", 1e-8)),
+        "decoupled": handling == "adamw",
+        # under a sketch the stored moments are block means: the v-term needs per-parameter g
+        "second_moment": bool(second_moment) and exact,
+        "exact": exact,
+    }
 
 
 def _digest(plan: _Plan, T: int) -> str:

@@ -140,6 +140,15 @@ def _scan(
     """
     from datavalue.store import open_run
 
+    if plan.adam is not None:
+        if start is not None or transfer or velocity:
+            raise EmbeddingError(
+                "internal: Adam-aware builds run as one sequential segment (no transfer operators)."
+            )
+        return _scan_adam(
+            plan, lo, hi, outputs=outputs, out_offset=out_offset, n_out=n_out,
+            out_chunk=out_chunk, tick=tick,
+        )
     run = open_run(plan.path)
     chunk = max(int(run.row_chunk), 1)
     k_total = plan.blocks[-1][1]
@@ -245,6 +254,138 @@ def _scan(
             tick(1)
     return {
         "ops": [core.operator(s, plan.width(i)) for i, s in enumerate(states)],
+        "pieces": writer.close() if writer is not None else [],
+        "max_op": max_op,
+        "expansive": expansive[:20],
+    }
+
+
+def _check_rows(plan: _Plan, t: int, r0: int, G_all: np.ndarray, w: np.ndarray) -> None:
+    if not np.all(np.isfinite(G_all)):
+        bad = r0 + int(np.flatnonzero(~np.isfinite(G_all).all(1))[0])
+        raise NonFiniteError(
+            f"{plan.path}: step {t}, row {bad}: non-finite gradient in the store. Re-record with "
+            "Recorder(..., on_nonfinite='skip') to store such rows as flagged zeros."
+        )
+    if np.any(w < 0) or not np.all(np.isfinite(w)):
+        raise EmbeddingError(f"{plan.path}: step {t} has negative or non-finite row weights {w[:5]}.")
+
+
+def _scan_adam(
+    plan: _Plan,
+    lo: int,
+    hi: int,
+    *,
+    outputs: Sequence[Any] | None,
+    out_offset: int = 0,
+    n_out: int = 0,
+    out_chunk: int = 1,
+    tick: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Adam-aware backward scan of steps ``hi-1 .. lo`` (docs/math.md, section 7), from
+    ``R^(hi) = [I, 0, 0]``. Per step it reads the stored moments before the step (``adam_m[t]``,
+    ``adam_v[t]``) and after it (``adam_*[t+1]``; for the run's last step they are advanced with
+    the gradient summed from the stored rows). The gradient the optimizer used is recovered
+    exactly as ``g_t = (m_{t+1} - b1 m_t) / (1 - b1)`` (clipping and coupled decay included)."""
+    from datavalue.store import open_run
+
+    assert plan.adam is not None
+    info = plan.adam
+    b1, b2 = info["betas"]
+    run = open_run(plan.path)
+    T = int(run.n_steps)
+    chunk = max(int(run.row_chunk), 1)
+    k_total = plan.blocks[-1][1]
+    states = [core.init_adam_state(b - a, dtype=plan.dtype) for a, b in plan.blocks]
+    r_lo, r_hi = int(plan.step_ptr[lo]), int(plan.step_ptr[hi])
+    grads = _ReverseRows(run, "grads", r_lo, plan.window, chunk)
+    weights = _ReverseRows(run, "weight", r_lo, plan.window, chunk)
+    schunk = max(1, int(run._group["adam_v"].chunks[0]))
+    mom_m = _ReverseRows(run, "adam_m", lo, schunk, schunk)
+    mom_v = _ReverseRows(run, "adam_v", lo, schunk, schunk)
+    adam_step = np.asarray(run.adam_step, dtype=np.float64)
+    fisher = None
+    if plan.curvature == "fisher":
+        assert plan.fisher_ptr is not None
+        fisher = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
+    writer = None
+    if outputs is not None:
+        writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
+    embed = writer is not None
+    max_op, expansive = 0.0, []
+    for t in range(hi - 1, lo - 1, -1):
+        r0, r1 = int(plan.step_ptr[t]), int(plan.step_ptr[t + 1])
+        G_all = grads.get(r0, r1)
+        w = np.asarray(weights.get(r0, r1), dtype=np.float64)
+        _check_rows(plan, t, r0, G_all, w)
+        c = float(plan.grad_scale[t])
+        lr = float(plan.lr[t])
+        mv = np.asarray(mom_m.get(t, min(t + 2, T)), dtype=np.float64)
+        vv = np.asarray(mom_v.get(t, min(t + 2, T)), dtype=np.float64)
+        if not (np.all(np.isfinite(mv)) and np.all(np.isfinite(vv))):
+            raise NonFiniteError(
+                f"{plan.path}: step {t}: the recorded Adam moments are missing (NaN) or non-finite; record every "
+                "step with Recorder(..., optimizer=opt, record_optimizer_state=True)."
+            )
+        if t + 1 < T:
+            m_next, v_next = mv[1], vv[1]
+            g = (m_next - b1 * mv[0]) / (1.0 - b1)
+        else:  # the last recorded step: advance the moments with the stored rows' gradient
+            g = c * (w @ np.asarray(G_all, dtype=np.float64))
+            m_next = b1 * mv[0] + (1.0 - b1) * g
+            v_next = b2 * vv[0] + (1.0 - b2) * g * g if info["exact"] else vv[0]
+        coef_all = core.adam_coefficients(
+            m_next, v_next, g, lr=lr, step=float(adam_step[t]), betas=(b1, b2), eps=info["eps"],
+            weight_decay=float(plan.weight_decay[t]), decoupled=info["decoupled"],
+            second_moment=info["second_moment"],
+        )
+        F_all = None
+        if fisher is not None:
+            assert plan.fisher_ptr is not None
+            F_all = fisher.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
+            if not np.all(np.isfinite(F_all)):
+                raise NonFiniteError(
+                    f"{plan.path}: step {t}: non-finite Fisher pseudo-gradient rows in the store."
+                )
+        thetas = []
+        for i, (a, b) in enumerate(plan.blocks):
+            if plan.curvature == "empirical_fisher":
+                curv: Any = "empirical_fisher"
+            elif plan.curvature == "fisher":
+                assert F_all is not None
+                curv = F_all[:, a:b]
+            else:
+                curv = None
+            coef = core.AdamStepCoef(
+                p=coef_all.p[a:b],
+                q=None if coef_all.q is None else coef_all.q[a:b],
+                r=None if coef_all.r is None else coef_all.r[a:b],
+                b1=b1, b2=b2, decay=coef_all.decay, lam=coef_all.lam,
+            )
+            states[i], E = core.adam_step_back(
+                states[i], G_all[:, a:b], w, coef, curv=curv, grad_scale=c, embed=embed
+            )
+            m = states[i].max_abs()
+            if not np.isfinite(m):
+                raise NonFiniteError(
+                    f"{plan.path}: the Adam embedding operator of block {i} became non-finite at step {t} "
+                    f"(lr {lr:.3g}); the first-order estimate is meaningless there."
+                )
+            if m > plan.explode and (not expansive or expansive[-1] != t):
+                expansive.append(t)
+            max_op = max(max_op, m)
+            if embed:
+                assert E is not None
+                thetas.append(E[:, : b - a])
+        if writer is not None:
+            part = np.concatenate(thetas, axis=1) if thetas else np.zeros((r1 - r0, k_total))
+            if not np.all(np.isfinite(part)):
+                raise NonFiniteError(f"{plan.path}: non-finite embeddings at step {t}.")
+            writer.put(r0 - out_offset, [part])
+        if tick is not None:
+            tick(1)
+    return {
+        "ops": [None] * len(plan.blocks),
         "pieces": writer.close() if writer is not None else [],
         "max_op": max_op,
         "expansive": expansive[:20],
@@ -370,7 +511,7 @@ def _run_segments(
             if outputs is not None:
                 _write_pieces(outputs, res["pieces"], out_chunk)
             ops0 = None
-            if final_velocity or not plan.momentum_mode:
+            if (final_velocity or not plan.momentum_mode) and plan.adam is None:
                 ops0 = res["ops"]  # the whole range's transfer operator
             return {"start": res["ops"], "ops": [ops0], **stats}
 

@@ -13,6 +13,7 @@ import zarr
 
 from datavalue.errors import (
     StoreCorruptError,
+    StoreError,
     StoreExistsError,
     StoreMismatchError,
     StoreNotFoundError,
@@ -317,6 +318,8 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
 
     src, dst = Path(path), Path(out)
     Run(src)  # refuse to archive something that is not a readable run
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise StoreError(f"{dst} lies inside the run {src}; writing there would change the run. Choose a path outside it.")
     if dst.suffix != ".zip":
         raise ValueError(f"the archive name must end in .zip, got {dst.name}")
     if dst.exists() and not overwrite:

@@ -32,7 +32,7 @@ FLAG_NONFINITE = 1
 #: step that carries them (``StepBlock.extra``). ``adam_m``/``adam_v``: the Adam/AdamW moments
 #: ``exp_avg``/``exp_avg_sq`` *before* the step's update (exact runs: per parameter; projected runs:
 #: each column holds its block's mean). ``adam_step`` ``(T,)``: the bias-correction step count the
-#: update of step ``t`` uses (torch's ``state["step"]`` after the update). See docs/store-format.md.
+#: update of step ``t`` uses (torch's ``state["step"]`` after the update). See docs/math.md, section 10.
 OPTIONAL_STEP_ARRAYS: dict[str, str] = {"adam_m": "vector", "adam_v": "vector", "adam_step": "scalar"}
 
 #: Manifest keys that must match between a run on disk and a recorder resuming it.

@@ -19,11 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
-import google_crc32c
 
-from datavalue.errors import StoreExistsError, StoreMismatchError, StoreNotFoundError, RecorderStateError
+from datavalue.errors import (
+    RecorderStateError,
+    StoreExistsError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
 from datavalue.store._schema import (
     MANIFEST_KEY,
     OPTIONAL_STEP_ARRAYS,

@@ -13,7 +13,14 @@ from torch import nn
 import datavalue
 from datavalue.capture import per_sample_gradients
 from datavalue.store import open_array, open_run
-from datavalue.testing import Batch, SGDConfig, spearman_per_test, train_reference, trajectory_loo
+from datavalue.testing import (
+    AdamConfig,
+    Batch,
+    SGDConfig,
+    spearman_per_test,
+    train_reference,
+    trajectory_loo,
+)
 
 
 @dataclasses.dataclass
@@ -59,7 +66,13 @@ def make_case(
     epochs=3,
     n_removals=200,
     seed=0,
+    adam: str | None = None,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    epsilon: float | None = None,
 ) -> Case:
+    """``adam="adamw"``/``"adam"`` trains with torch's AdamW/Adam (``weight_decay`` applies to it)
+    instead of SGD; ``epsilon`` also computes the exact first-order target ``case.linear``."""
     X, Y, tr, te, g = _data(n_train, n_test, seed)
     batches = []
     for _ in range(epochs):
@@ -76,21 +89,27 @@ def make_case(
         return F.cross_entropy(m(x), y, reduction="none")
 
     model = factory()
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        dampening=dampening,
-        nesterov=nesterov,
-    )
-    config = SGDConfig(
-        momentum=momentum,
-        weight_decay=weight_decay,
-        dampening=dampening,
-        nesterov=nesterov,
-        max_grad_norm=max_grad_norm,
-    )
+    if adam is not None:
+        config = AdamConfig(
+            kind=adam, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm
+        )
+        opt = config.optimizer(model.parameters(), lr)
+    else:
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            dampening=dampening,
+            nesterov=nesterov,
+        )
+        config = SGDConfig(
+            momentum=momentum,
+            weight_decay=weight_decay,
+            dampening=dampening,
+            nesterov=nesterov,
+            max_grad_norm=max_grad_norm,
+        )
     rec = datavalue.Recorder(
         path, model, proj_dim=None, optimizer=opt, curvature="fisher", storage_dtype="float64"
     )
@@ -113,11 +132,14 @@ def make_case(
     test_grads = per_sample_gradients(final, test_loss, run)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(ids), size=min(n_removals, len(ids)), replace=False))
-    truth = trajectory_loo(
-        ref, list(zip(steps[rows].tolist(), ids[rows].tolist(), strict=True)), test_loss
-    )
+    removals = list(zip(steps[rows].tolist(), ids[rows].tolist(), strict=True))
+    truth = trajectory_loo(ref, removals, test_loss)
     with torch.no_grad():
         acc = float((final(X[te]).argmax(1) == Y[te]).double().mean())
     case = Case(str(path), rows, truth, test_grads, ref, acc)
     case.clip_fraction = float(np.mean(ref.grad_scales < 1.0))
+    case.linear = None
+    if epsilon is not None:
+        case.linear = trajectory_loo(ref, removals, test_loss, epsilon=epsilon)
+    case.test_loss = test_loss
     return case

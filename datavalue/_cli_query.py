@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from datavalue.errors import DataValueError, QueryError, StoreExistsError
+from datavalue.errors import DataValueError, QueryError, StoreError, StoreExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ def _run(args: argparse.Namespace) -> int:
     from datavalue.query._load import load_loss, load_model
 
     out = Path(args.out)
+    if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
+        raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
+                         "Choose a path outside it.")
     if out.exists() and not args.overwrite:
         raise StoreExistsError(f"{out} already exists; pass --overwrite to replace it.")
     if args.top_k < 0:

@@ -96,6 +96,17 @@ def _base(curvature: str) -> str:
     return f"embeddings/{curvature}"
 
 
+def _unfinished(path: Any, base: str) -> bool:
+    """Whether ``base/values`` exists from a build that never completed."""
+    from datavalue.store import open_array
+
+    try:
+        arr = open_array(path, f"{base}/values")
+    except Exception:
+        return False
+    return not dict(arr.attrs.get(ATTRS_KEY, {})).get("complete", False)
+
+
 def _read_attrs(path: Any, curvature: str) -> dict[str, Any]:
     from datavalue.store import open_array
 
@@ -267,6 +278,10 @@ def build_embeddings(
     if T == 0:
         raise EmbeddingError(f"{path} has no committed steps; record some training first.")
     base = _base(curvature)
+    if not overwrite and _unfinished(path, base):
+        # an interrupted build is never marked complete: restart it instead of demanding overwrite=True
+        logger.warning("%s/%s: replacing an unfinished (interrupted) build", path, base)
+        overwrite = True
     if run.has_array(f"{base}/values") and not overwrite:
         raise StoreExistsError(
             f"{path} already holds {base}/values. Pass overwrite=True to rebuild it, or extend_embeddings() to add "

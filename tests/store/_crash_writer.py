@@ -1,6 +1,6 @@
 """A recording process for the crash trials: deterministic steps written through RunWriter.
 
-Usage: python _crash_writer.py RUN N_STEPS [resume]. Step t has 4 rows whose gradients are a
+Usage: python _crash_writer.py RUN N_STEPS [resume] [fast]. Step t has 4 rows whose gradients are a
 pure function of t, so a run resumed after any number of kills must equal an uninterrupted one.
 """
 
@@ -29,11 +29,12 @@ def block(t: int) -> StepBlock:
 
 def main() -> None:
     path, n = sys.argv[1], int(sys.argv[2])
-    resume = len(sys.argv) > 3
+    resume = len(sys.argv) > 3 and sys.argv[3] == "resume"
+    pause = 0.0 if "fast" in sys.argv[3:] else 0.004
     w = RunWriter(path, MANIFEST, k=K, mode="resume" if resume else "create", chunk_rows=16, commit_interval=0.01)
     for t in range(w.steps, n):
         w.submit(block(t))
-        time.sleep(0.004)
+        time.sleep(pause)
     w.close()
 
 

@@ -365,3 +365,13 @@ def test_errors_doc_lists_every_case():
     ids = re.findall(r"^\| `([a-z0-9-]+)` \|", doc, re.M)
     assert sorted(ids) == sorted(CASES), set(ids) ^ set(CASES)
     assert len(CASES) >= 25
+
+
+def test_other_major_version_is_refused(tmp_path):
+    rec_for(tmp_path).close()
+    zj = tmp_path / "r.zarr" / "zarr.json"
+    meta = json.loads(zj.read_text())
+    meta["attributes"]["datavalue"]["versions"]["datavalue-engine"] = "7.0.0"
+    zj.write_text(json.dumps(meta))
+    with pytest.raises(E.StoreMismatchError, match="datavalue-engine 7.0.0"):
+        open_run(tmp_path / "r.zarr")

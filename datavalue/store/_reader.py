@@ -22,6 +22,16 @@ from datavalue.errors import (
 from datavalue.store._schema import MANIFEST_KEY, OPTIONAL_STEP_ARRAYS, SCHEMA_VERSION
 
 
+def _our_version() -> str:
+    from datavalue import __version__
+
+    return __version__
+
+
+def _our_major() -> str:
+    return _our_version().split(".")[0]
+
+
 def is_local(location: Any) -> bool:
     """Whether a run location is a plain local directory (writable, crash-safe)."""
     if not isinstance(location, (str, os.PathLike)):
@@ -85,6 +95,12 @@ class Run:
             raise StoreMismatchError(f"{self.path} is a zarr group but not a datavalue run (no '{MANIFEST_KEY}' attrs).")
         self.manifest: dict[str, Any] = dict(manifest)
         version = self.manifest.get("schema_version")
+        wrote = str((self.manifest.get("versions") or {}).get("datavalue-engine", "unknown"))
+        if wrote[:1].isdigit() and wrote.split(".")[0] != _our_major():
+            raise StoreMismatchError(
+                f"{self.path} was written by datavalue-engine {wrote}; this is version {_our_version()} (another major "
+                "version). Read it with the major version that wrote it, or re-record."
+            )
         if version != SCHEMA_VERSION:
             raise StoreMismatchError(
                 f"{self.path} has schema version {version}; this datavalue reads version {SCHEMA_VERSION}. "

@@ -211,3 +211,15 @@ def test_embeddings_package_imports_neither_torch_nor_capture():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_segments_on_a_process_cluster(tmp_path):
+    """Worker processes (spawned) read the run from disk and write their segments' rows."""
+    distributed = pytest.importorskip("distributed")
+    steps = make_steps(3, 17, momentum=0.8)
+    path = write_run(tmp_path / "r.zarr", steps)
+    want = by_hand(steps, "empirical_fisher")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        build_embeddings(path, segments=4, client=client, progress=False, storage_dtype="float64")
+    np.testing.assert_allclose(_values(path, "empirical_fisher"), want, atol=1e-8)

@@ -49,3 +49,25 @@ def test_archives_are_read_only(built):
     archive_run(tmp / "r.zarr", tmp / "ro.zip")
     with pytest.raises(StoreReadOnlyError, match="read-only"):
         create_array(tmp / "ro.zip", "embeddings/x/values", shape=(1, 1), dtype="float32", chunks=(1, 1))
+
+
+def test_run_in_a_memory_store(built):
+    """A zarr MemoryStore holding a copy of the run (e.g. in tests) opens like the directory."""
+    import zarr
+
+    tmp, model, x, y = built
+    src = zarr.storage.LocalStore(str(tmp / "r.zarr"), read_only=True)
+    mem = zarr.storage.MemoryStore()
+    from zarr.core.sync import sync
+
+    async def copy():
+        from zarr.core.buffer import default_buffer_prototype
+
+        async for key in src.list():
+            await mem.set(key, await src.get(key, prototype=default_buffer_prototype()))
+
+    sync(copy())
+    run = open_run(mem)
+    ref = open_run(tmp / "r.zarr")
+    np.testing.assert_array_equal(run.grads.compute(), ref.grads.compute())
+    np.testing.assert_array_equal(run.step_ptr, ref.step_ptr)

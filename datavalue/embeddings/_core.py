@@ -82,10 +82,10 @@ class BlockState:
         return self.M.dtype
 
     def max_abs(self) -> float:
-        """Largest entry of ``[M, R_v]`` in absolute value (the explosion monitor)."""
-        m = float(np.max(np.abs(self.M))) if self.M.size else 0.0
+        """Largest entry of ``[M, R_v]`` in absolute value (the explosion monitor; no temporaries)."""
+        m = max(float(self.M.max()), -float(self.M.min())) if self.M.size else 0.0
         if self.Rv is not None and self.Rv.size:
-            m = max(m, float(np.max(np.abs(self.Rv))))
+            m = max(m, float(self.Rv.max()), -float(self.Rv.min()))
         return m
 
 
@@ -165,6 +165,20 @@ def _pad(X: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray) -> None:
+    """``M -= X.T @ Y`` in place (one BLAS GEMM with beta=1 when possible, no k x k temporary)."""
+    if M.flags.c_contiguous and M.dtype in (np.float64, np.float32) and X.shape[0]:
+        from scipy.linalg import blas
+
+        gemm = blas.dgemm if M.dtype == np.float64 else blas.sgemm
+        X = np.asarray(X, dtype=M.dtype)
+        Y = np.asarray(Y, dtype=M.dtype)
+        # C-contiguous M is the Fortran-ordered M.T:  M.T <- M.T - Y.T @ X
+        gemm(-1.0, Y, X, beta=1.0, c=M.T, trans_a=1, overwrite_c=1)
+        return
+    M -= X.T @ Y
+
+
 def _xpT(X: np.ndarray, state: BlockState, coef: StepCoef) -> np.ndarray:
     """``X @ P.T`` for rows ``X`` (rows, k), with ``P = a R_v - b (Theta0 - M)``: (rows, n)."""
     out = X @ state.M.T
@@ -200,8 +214,9 @@ def step_back(
     clip_u: np.ndarray | None = None,
     clip_ug: np.ndarray | None = None,
     embed: bool = True,
+    inplace: bool = False,
 ) -> tuple[BlockState, np.ndarray | None]:
-    """One step of the backward recursion for one block (pure: ``state`` is not modified).
+    """One step of the backward recursion for one block (pure unless ``inplace``).
 
     Args:
         state: the operator after step t (from later steps only).
@@ -221,6 +236,8 @@ def step_back(
         clip_ug: ``(b,)`` the rows' inner products with the *whole* ``u`` (all blocks);
             default: this block's ``G @ clip_u``.
         embed: compute the embeddings (``False``: operator only, for transfer operators).
+        inplace: update ``state.M`` in place instead of copying it (the streaming builders do;
+            a ``k x k`` copy per step costs as much as the update itself on many cores).
 
     Returns:
         ``(new_state, E)`` with ``E`` the ``(b, n)`` embeddings (row-stacked ``e_t(z)``; the first
@@ -256,32 +273,15 @@ def step_back(
         else:
             E = GP * (-c * w)[:, None]
 
-    # P A = c (F P^T)^T F + lam P ; M <- M - P A
-    M = state.M.copy()
-    if isinstance(curv, str):
-        if curv != "empirical_fisher":
-            raise ValueError(f"curv must be an array, 'empirical_fisher' or None, got {curv!r}")
-        if G.shape[0]:
-            sw = np.sqrt(w)
-            assert GP is not None
-            FP = GP if Pu is None else GP - np.outer(G @ u, Pu)
-            M -= c * ((FP * sw[:, None]).T @ (G * sw[:, None]))
-    elif curv is not None:
-        F = np.asarray(curv, dtype=dtype)
-        if F.shape[0]:
-            FP = _xpT(F, state, coef)
-            if Pu is not None:
-                FP -= np.outer(F @ u, Pu)
-            M -= c * (FP.T @ F)
+    # Everything that reads the old state is computed before M is updated (in place or not).
+    lamP = None
     if lam != 0.0:
         # P = a R_v + b M - b Theta0
-        P = coef.b * state.M
+        lamP = (lam * coef.b) * state.M
         if state.Rv is not None:
-            P = P + coef.a * state.Rv
+            lamP += (lam * coef.a) * state.Rv
         k = state.k
-        P[np.arange(k), np.arange(k)] -= coef.b
-        M -= lam * P
-
+        lamP[np.arange(k), np.arange(k)] -= lam * coef.b
     if coef.beta_in == 0.0:
         Rv = None
     else:
@@ -291,6 +291,26 @@ def step_back(
         if state.Rv is not None:
             Rv += state.Rv
         Rv *= coef.beta_in
+
+    # P A = c (F P^T)^T F + lam P ; M <- M - P A
+    M = state.M if inplace else state.M.copy()
+    if isinstance(curv, str):
+        if curv != "empirical_fisher":
+            raise ValueError(f"curv must be an array, 'empirical_fisher' or None, got {curv!r}")
+        if G.shape[0]:
+            sw = np.sqrt(w)
+            assert GP is not None
+            FP = GP if Pu is None else GP - np.outer(G @ u, Pu)
+            _sub_outer(M, FP * (c * sw)[:, None], G * sw[:, None])
+    elif curv is not None:
+        F = np.asarray(curv, dtype=dtype)
+        if F.shape[0]:
+            FP = _xpT(F, state, coef)
+            if Pu is not None:
+                FP -= np.outer(F @ u, Pu)
+            _sub_outer(M, FP * c, F)
+    if lamP is not None:
+        M -= lamP
     return BlockState(M=M, Rv=Rv), E
 
 

@@ -226,6 +226,7 @@ def _scan(
                 embed=embed,
                 clip_u=None if u is None else u[a:b],
                 clip_ug=ug,
+                inplace=True,  # the scan owns its states
             )
             m = states[i].max_abs()
             if not np.isfinite(m):

@@ -160,16 +160,7 @@ def _scan(
             core.state_from_operator(np.asarray(R, dtype=plan.dtype), b - a)
             for R, (a, b) in zip(start, plan.blocks, strict=True)
         ]
-    r_lo, r_hi = int(plan.step_ptr[lo]), int(plan.step_ptr[hi])
-    grads = _ReverseRows(run, "grads", r_lo, plan.window, chunk)
-    weights = _ReverseRows(run, "weight", r_lo, plan.window, chunk)
-    fisher = None
-    if plan.curvature == "fisher":
-        assert plan.fisher_ptr is not None
-        fisher = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
-    writer = None
-    if outputs is not None:
-        writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
+    grads, weights, fisher, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
     embed = writer is not None
     max_op, expansive = 0.0, []
     for t in range(hi - 1, lo - 1, -1):
@@ -261,6 +252,22 @@ def _scan(
     }
 
 
+
+def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Sequence[Any] | None,
+                  out_offset: int, n_out: int, out_chunk: int) -> tuple[Any, Any, Any, Any]:
+    """Reverse readers of a step range's rows (gradients, weights, Fisher rows) and its output writer."""
+    r_lo, r_hi = int(plan.step_ptr[lo]), int(plan.step_ptr[hi])
+    grads = _ReverseRows(run, "grads", r_lo, plan.window, chunk)
+    weights = _ReverseRows(run, "weight", r_lo, plan.window, chunk)
+    fisher = None
+    if plan.curvature == "fisher":
+        assert plan.fisher_ptr is not None
+        fisher = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
+    writer = None
+    if outputs is not None:
+        writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
+    return grads, weights, fisher, writer
+
 def _check_rows(plan: _Plan, t: int, r0: int, G_all: np.ndarray, w: np.ndarray) -> None:
     if not np.all(np.isfinite(G_all)):
         bad = r0 + int(np.flatnonzero(~np.isfinite(G_all).all(1))[0])
@@ -298,20 +305,11 @@ def _scan_adam(
     chunk = max(int(run.row_chunk), 1)
     k_total = plan.blocks[-1][1]
     states = [core.init_adam_state(b - a, dtype=plan.dtype) for a, b in plan.blocks]
-    r_lo, r_hi = int(plan.step_ptr[lo]), int(plan.step_ptr[hi])
-    grads = _ReverseRows(run, "grads", r_lo, plan.window, chunk)
-    weights = _ReverseRows(run, "weight", r_lo, plan.window, chunk)
+    grads, weights, fisher, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
     schunk = max(1, int(run._group["adam_v"].chunks[0]))
     mom_m = _ReverseRows(run, "adam_m", lo, schunk, schunk)
     mom_v = _ReverseRows(run, "adam_v", lo, schunk, schunk)
     adam_step = np.asarray(run.adam_step, dtype=np.float64)
-    fisher = None
-    if plan.curvature == "fisher":
-        assert plan.fisher_ptr is not None
-        fisher = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
-    writer = None
-    if outputs is not None:
-        writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
     embed = writer is not None
     max_op, expansive = 0.0, []
     for t in range(hi - 1, lo - 1, -1):

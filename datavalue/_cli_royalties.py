@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         shapley.write_report(statement, out, format=fmt, overwrite=args.overwrite)
     except shapley.ShapleyError as exc:
         print(f"datavalue royalties: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # same exit code as the main CLI for a DataValueError
     print(
         f"wrote {fmt} statement for {statement.n_generations} outputs, "
         f"{len(statement.owners)} owners, paid {statement.paid_total} {statement.currency} "

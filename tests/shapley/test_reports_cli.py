@@ -115,7 +115,7 @@ def test_cli_refuses_overwrite_without_flag(ledger_path, tmp_path, capsys):
     out = tmp_path / "r.html"
     out.write_text("old")
     argv = ["royalties", str(ledger_path), "--period", "2025-01-01:2025-02-01", "--out", str(out)]
-    assert _cli_royalties.run(parse(argv)) == 1
+    assert _cli_royalties.run(parse(argv)) == 2
     assert out.read_text() == "old" and "--overwrite" in capsys.readouterr().err
     assert _cli_royalties.run(parse(argv + ["--overwrite"])) == 0
     assert "<svg" in out.read_text()
@@ -133,7 +133,7 @@ def test_cli_refuses_overwrite_without_flag(ledger_path, tmp_path, capsys):
 )
 def test_cli_errors_are_reported(ledger_path, tmp_path, capsys, extra, message):
     argv = ["royalties", str(ledger_path), "--out", str(tmp_path / "r.html"), *extra]
-    assert _cli_royalties.run(parse(argv)) == 1
+    assert _cli_royalties.run(parse(argv)) == 2
     assert message in capsys.readouterr().err
 
 
@@ -148,7 +148,7 @@ def test_cli_missing_ledger_and_bad_extension(tmp_path, capsys):
             str(tmp_path / "r.html"),
         ]
     )
-    assert _cli_royalties.run(args) == 1
+    assert _cli_royalties.run(args) == 2
     args = parse(
         [
             "royalties",
@@ -159,7 +159,7 @@ def test_cli_missing_ledger_and_bad_extension(tmp_path, capsys):
             str(tmp_path / "r.pdf"),
         ]
     )
-    assert _cli_royalties.run(args) == 1
+    assert _cli_royalties.run(args) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "extension" in err
 

@@ -55,19 +55,17 @@ __all__ = [
 Curv = np.ndarray | Literal["empirical_fisher"] | None
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockState:
-    """Backward state of one block: the row operator ``R = [Theta0 - M, R_v]``.
+def _max_abs(a: np.ndarray | None) -> float:
+    """``max |a|`` in two passes without an ``abs()`` temporary (0 for ``None`` or empty)."""
+    if a is None or not a.size:
+        return 0.0
+    return max(float(a.max()), -float(a.min()))
 
-    Attributes:
-        M: ``(n, k)`` with ``R_theta = Theta0 - M``; ``Theta0`` is the identity in the first ``k``
-            rows and zero below.
-        Rv: ``(n, k)`` velocity columns of the operator, or ``None`` when they are zero (every
-            plain-SGD step resets them to zero).
-    """
+
+class _OperatorShape:
+    """``n``, ``k`` and ``dtype`` of a block state, read from its ``M`` (``(n, k)``)."""
 
     M: np.ndarray
-    Rv: np.ndarray | None
 
     @property
     def n(self) -> int:
@@ -81,12 +79,24 @@ class BlockState:
     def dtype(self) -> np.dtype:
         return self.M.dtype
 
+
+@dataclasses.dataclass(frozen=True)
+class BlockState(_OperatorShape):
+    """Backward state of one block: the row operator ``R = [Theta0 - M, R_v]``.
+
+    Attributes:
+        M: ``(n, k)`` with ``R_theta = Theta0 - M``; ``Theta0`` is the identity in the first ``k``
+            rows and zero below.
+        Rv: ``(n, k)`` velocity columns of the operator, or ``None`` when they are zero (every
+            plain-SGD step resets them to zero).
+    """
+
+    M: np.ndarray
+    Rv: np.ndarray | None
+
     def max_abs(self) -> float:
-        """Largest entry of ``[M, R_v]`` in absolute value (the explosion monitor; no temporaries)."""
-        m = max(float(self.M.max()), -float(self.M.min())) if self.M.size else 0.0
-        if self.Rv is not None and self.Rv.size:
-            m = max(m, float(self.Rv.max()), -float(self.Rv.min()))
-        return m
+        """Largest entry of ``[M, R_v]`` in absolute value (the explosion monitor)."""
+        return max(_max_abs(self.M), _max_abs(self.Rv))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,7 +385,7 @@ def chain(R: np.ndarray, Phi: np.ndarray, k: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdamBlockState:
+class AdamBlockState(_OperatorShape):
     """Backward state of one block under Adam/AdamW: ``R = [Theta0 - M, R_m, R_v]`` (``n x 3k``).
 
     ``R_m``/``R_v`` are the operator's columns on the perturbations of the first and second
@@ -386,22 +396,10 @@ class AdamBlockState:
     Rm: np.ndarray | None
     Rv: np.ndarray | None
 
-    @property
-    def n(self) -> int:
-        return int(self.M.shape[0])
-
-    @property
-    def k(self) -> int:
-        return int(self.M.shape[1])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.M.dtype
-
     def max_abs(self) -> float:
         """Largest ``|entry|`` of ``M`` (the explosion monitor; ``R_m``/``R_v`` are in the units of
         the moments, ``R_v`` scales like ``1 / g^2`` and is large by construction)."""
-        return float(np.max(np.abs(self.M))) if self.M.size else 0.0
+        return _max_abs(self.M)
 
     def finite(self) -> bool:
         return all(bool(np.all(np.isfinite(x))) for x in (self.M, self.Rm, self.Rv) if x is not None)

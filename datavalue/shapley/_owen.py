@@ -32,8 +32,11 @@ import numpy as np
 from datavalue.shapley._errors import InvalidGameError, InvalidValuesError
 from datavalue.shapley._exact import exact
 from datavalue.shapley._kernel import kernel_shap
-from datavalue.shapley._mc import Moments, parse_batch_size, run_batches
-from datavalue.shapley._permutation import permutation, permutation_contributions
+from datavalue.shapley._mc import parse_batch_size
+from datavalue.shapley._permutation import (
+    permutation,
+    sample_permutations,
+)
 from datavalue.shapley._result import ShapleyResult
 from datavalue.shapley._stopping import StoppingRule, parse_stopping
 from datavalue.shapley._stratified import stratified
@@ -167,33 +170,16 @@ def owen_permutation(
     loop_rule, goal_rule = parse_stopping(n_samples, stop)
     batch_size = parse_batch_size(batch_size)
     rng = parse_rng(seed)
-    per_unit = 2 if antithetic else 1
-    moments = Moments(n)
     blocks = [np.array(g, dtype=np.int64) for g in parsed]
 
-    def step(k: int) -> None:
+    def draw(k: int) -> np.ndarray:
+        """``k`` union-respecting orders: owners at random, then each owner's works at random."""
         union_order = rng.permuted(np.tile(np.arange(len(blocks)), (k, 1)), axis=1)
         inner = [rng.permuted(np.tile(b, (k, 1)), axis=1) for b in blocks]
-        perms = np.stack([np.concatenate([inner[j][r] for j in union_order[r]]) for r in range(k)])
-        if antithetic:
-            c = permutation_contributions(util, np.concatenate([perms, perms[:, ::-1]]))
-            moments.add(0.5 * (c[:k] + c[k:]))
-        else:
-            moments.add(permutation_contributions(util, perms))
+        return np.stack([np.concatenate([inner[j][r] for j in union_order[r]]) for r in range(k)])
 
-    def state() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return moments.mean.copy(), moments.stderr(), moments.count * per_unit
-
-    return run_batches(
-        util=util,
-        step=step,
-        state=state,
-        loop_rule=loop_rule,
-        goal_rule=goal_rule,
-        batch_size=max(1, batch_size // per_unit),
-        per_unit=per_unit,
-        method="owen-permutation-antithetic" if antithetic else "owen-permutation",
-    )
+    return sample_permutations(util, draw, antithetic=antithetic, loop_rule=loop_rule, goal_rule=goal_rule,
+                               batch_size=batch_size, method="owen-permutation")
 
 
 _GROUP_ESTIMATORS = ("exact", "permutation", "stratified", "kernelshap")

@@ -100,11 +100,35 @@ def permutation(
     loop_rule, goal_rule = parse_stopping(n_samples, stop)
     batch_size = parse_batch_size(batch_size)
     rng = parse_rng(seed)
+    return sample_permutations(
+        util,
+        lambda k: rng.permuted(np.tile(np.arange(n), (k, 1)), axis=1),
+        antithetic=antithetic,
+        loop_rule=loop_rule,
+        goal_rule=goal_rule,
+        batch_size=batch_size,
+        method="permutation",
+    )
+
+
+def sample_permutations(
+    util: Utility,
+    draw: Any,
+    *,
+    antithetic: bool,
+    loop_rule: Any,
+    goal_rule: Any,
+    batch_size: int,
+    method: str,
+) -> ShapleyResult:
+    """Permutation Monte Carlo over orders drawn by ``draw(k) -> (k, n)``; the reversed order is
+    the antithetic partner (it must come from the same distribution). Shared by plain Shapley and
+    Owen values, which differ only in which permutations they draw."""
     per_unit = 2 if antithetic else 1
-    moments = Moments(n)
+    moments = Moments(util.n)
 
     def step(k: int) -> None:
-        perms = rng.permuted(np.tile(np.arange(n), (k, 1)), axis=1)
+        perms = draw(k)
         if antithetic:
             c = permutation_contributions(util, np.concatenate([perms, perms[:, ::-1]]))
             moments.add(0.5 * (c[:k] + c[k:]))
@@ -122,5 +146,5 @@ def permutation(
         goal_rule=goal_rule,
         batch_size=max(1, batch_size // per_unit),
         per_unit=per_unit,
-        method="permutation-antithetic" if antithetic else "permutation",
+        method=f"{method}-antithetic" if antithetic else method,
     )

@@ -40,7 +40,6 @@ jax is imported only here; ``import datavalue`` never imports it.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -58,7 +57,7 @@ from datavalue.capture._projection import (
 )
 from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
 from datavalue.store import RunWriter, StepBlock, fingerprint_params
-from datavalue.store._schema import FLAG_NONFINITE
+from datavalue.store._schema import FLAG_NONFINITE, package_versions
 
 __all__ = ["JaxRecorder", "flatten_params", "plan_blocks"]
 
@@ -201,12 +200,6 @@ class JaxRecorder:
             return jnp.concatenate(cols, 1), mean_grad
 
         self._per_sample = jax.jit(per_sample)
-        versions = {}
-        for pkg in ("datavalue-engine", "jax", "numpy", "zarr"):
-            try:
-                versions[pkg] = importlib.metadata.version(pkg)
-            except importlib.metadata.PackageNotFoundError:
-                versions[pkg] = "unknown"
         opt = dict(optimizer or {"kind": None})
         opt.setdefault("dampening", 0.0)
         opt.setdefault("nesterov", False)
@@ -214,7 +207,7 @@ class JaxRecorder:
         self._weight_decay = float(opt.get("weight_decay", 0.0) or 0.0)
         manifest = {
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "versions": versions,
+            "versions": package_versions("jax", "numpy", "zarr"),
             "framework": "jax",
             "projection": {"proj_dim": dict(proj_dim) if isinstance(proj_dim, Mapping) else proj_dim, "seed": int(seed),
                            "layers": None, "k": self.k, "blocks": self.blocks},
@@ -248,7 +241,7 @@ class JaxRecorder:
             The gradient of the stepped loss (weighted sum of per-sample gradients), shaped like
             ``params``: feed it to your optax update.
         """
-        from datavalue.capture.recorder import parse_sample_ids
+        from datavalue.capture.recorder import parse_sample_ids, step_weights
 
         if self.closed:
             raise RecorderStateError("this JaxRecorder is closed; open a new one with resume=True to record more steps.")
@@ -257,15 +250,7 @@ class JaxRecorder:
         for arr in batch:
             if np.shape(arr)[0] != b:
                 raise RecorderError(f"a batch array has {np.shape(arr)[0]} examples but sample_ids has {b}; pass one id per example.")
-        if self.loss_reduction == "mean":
-            w = np.full(b, 1.0 / b)
-        elif self.loss_reduction == "sum":
-            w = np.ones(b)
-        else:
-            if tokens is None:
-                raise RecorderError('loss_reduction="token_mean" needs step(..., tokens=per-example token counts).')
-            t = np.asarray(tokens, np.float64)
-            w = t / t.sum()
+        w = step_weights(self.loss_reduction, b, np.asarray(tokens) if tokens is not None else None)
         flat = flatten_params(params)
         rows, grad_flat = self._per_sample(flat, jnp.asarray(w, dtype=jnp.asarray(next(iter(flat.values()))).dtype), *batch)
         g = np.asarray(rows)

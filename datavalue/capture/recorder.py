@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata
 import logging
 import os
 import weakref
@@ -35,7 +34,7 @@ from torch import nn
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
 from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
 from datavalue.store import RunWriter, StepBlock, fingerprint_params
-from datavalue.store._schema import FLAG_NONFINITE
+from datavalue.store._schema import FLAG_NONFINITE, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +42,6 @@ _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Recorder] = weakref.WeakKeyDicti
 
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 CURVATURES = (None, "none", "empirical_fisher", "fisher")
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("datavalue-engine", "torch", "numpy", "zarr"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
 
 
 def parse_sample_ids(sample_ids: Any) -> np.ndarray:
@@ -130,6 +119,23 @@ class _DistInfo:
         weights = to_numpy(self._all_gather(torch.from_numpy(weights)))
         fisher = self._all_gather(fisher)
         return g, ids, weights, fisher
+
+
+def step_weights(loss_reduction: str, b: int, tokens: Any = None) -> np.ndarray:
+    """``(b,)`` weights ``w_t(z)`` of a step's examples in the stepped loss.
+
+    ``"mean"``: 1/b; ``"sum"``: 1; ``"token_mean"``: tokens(z) / tokens(B) (``tokens`` required).
+    """
+    if loss_reduction == "mean":
+        return np.full(b, 1.0 / b)
+    if loss_reduction == "sum":
+        return np.ones(b)
+    if tokens is None:
+        raise RecorderError('loss_reduction="token_mean" needs step(..., tokens=per-example token counts).')
+    t = np.asarray(tokens.detach().cpu() if torch.is_tensor(tokens) else tokens, dtype=np.float64).reshape(-1)
+    if t.size != b or (t < 0).any() or t.sum() <= 0:
+        raise RecorderError(f"tokens must be {b} non-negative counts with a positive sum, got {t.size} values summing to {t.sum()}.")
+    return t / t.sum()
 
 
 class StepHandle:
@@ -310,7 +316,7 @@ class Recorder:
             raise RecorderError("no lr: pass rec.step(..., lr=...) or create the Recorder with optimizer=...")
         if lr is not None and not (np.isfinite(float(lr)) and float(lr) >= 0):
             raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
-        weights = self._weights(ids.size, tokens)
+        weights = step_weights(self.loss_reduction, ids.size, tokens)
         handle = StepHandle(self._next_step, clip_coef)
         self._active = handle
         self._fisher_rows = []
@@ -325,18 +331,6 @@ class Recorder:
             self._active = None
             if ok:
                 self._finish(handle, ids, weights, sink, lr, epoch)
-
-    def _weights(self, b: int, tokens: Any) -> np.ndarray:
-        if self.loss_reduction == "mean":
-            return np.full(b, 1.0 / b)
-        if self.loss_reduction == "sum":
-            return np.ones(b)
-        if tokens is None:
-            raise RecorderError('loss_reduction="token_mean" needs rec.step(..., tokens=per-example token counts).')
-        t = np.asarray(tokens.detach().cpu() if torch.is_tensor(tokens) else tokens, dtype=np.float64).reshape(-1)
-        if t.size != b or (t < 0).any() or t.sum() <= 0:
-            raise RecorderError(f"tokens must be {b} non-negative counts with a positive sum, got {t.size} values summing to {t.sum()}.")
-        return t / t.sum()
 
     def _finish(self, handle: StepHandle, ids, weights, sink, lr, epoch) -> None:
         eng = self.engine
@@ -495,7 +489,7 @@ def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, opti
     """The run manifest every torch recorder writes (see ``docs/store-format.md``)."""
     return {
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": package_versions("torch", "numpy", "zarr"),
         "projection": engine.projection_json(),
         "model_fingerprint": fingerprint_params(trainable_fingerprint(model)),
         "model_class": type(model).__qualname__,

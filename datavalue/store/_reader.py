@@ -19,7 +19,12 @@ from datavalue.errors import (
     StoreNotFoundError,
     StoreReadOnlyError,
 )
-from datavalue.store._schema import MANIFEST_KEY, OPTIONAL_STEP_ARRAYS, SCHEMA_VERSION
+from datavalue.store._schema import (
+    MANIFEST_KEY,
+    OPTIONAL_STEP_ARRAYS,
+    SCHEMA_VERSION,
+    committed_length,
+)
 
 
 def _our_version() -> str:
@@ -110,13 +115,7 @@ class Run:
         self._check_chunks()
 
     def _committed_length(self, name: str) -> int:
-        if name in ("grads", "sample_id", "weight", "flags"):
-            return self.n_rows
-        if name == "fisher":
-            return self.n_fisher_rows
-        if name in ("step_ptr", "fisher_ptr"):
-            return self.n_steps + 1
-        return self.n_steps
+        return committed_length(name, steps=self.n_steps, rows=self.n_rows, fisher_rows=self.n_fisher_rows)
 
     def _check_chunks(self) -> None:
         """Every chunk the commit covers must exist: a deleted chunk would otherwise read as zeros."""

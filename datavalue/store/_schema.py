@@ -39,6 +39,30 @@ OPTIONAL_STEP_ARRAYS: dict[str, str] = {"adam_m": "vector", "adam_v": "vector", 
 RESUME_KEYS = ("schema_version", "projection", "model_fingerprint", "loss_reduction", "curvature", "storage_dtype")
 
 
+def committed_length(name: str, *, steps: int, rows: int, fisher_rows: int) -> int:
+    """How many entries of array ``name`` a commit of ``(steps, rows, fisher_rows)`` covers."""
+    if name in ("grads", *ROW_ARRAYS):
+        return rows
+    if name == "fisher":
+        return fisher_rows
+    if name in ("step_ptr", "fisher_ptr"):
+        return steps + 1
+    return steps  # per-step arrays (STEP_ARRAYS, adam_*)
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ``datavalue-engine`` and ``packages`` for a manifest (``"unknown"`` if absent)."""
+    import importlib.metadata
+
+    out = {}
+    for pkg in ("datavalue-engine", *packages):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
 def float_codecs() -> list[Any]:
     """Codecs of the large float arrays: a crc32c checksum of each chunk, no compression.
 

@@ -36,6 +36,7 @@ from datavalue.store._schema import (
     SCHEMA_VERSION,
     STEP_ARRAYS,
     StepBlock,
+    committed_length,
     diff_manifests,
     float_codecs,
     small_codecs,
@@ -346,13 +347,7 @@ class RunWriter:
         return tail
 
     def _valid_length(self, name: str) -> int:
-        if name in ("grads", *ROW_ARRAYS):
-            return self.rows
-        if name == "fisher":
-            return self.fisher_rows
-        if name in ("step_ptr", "fisher_ptr"):
-            return self.steps + 1
-        return self.steps
+        return committed_length(name, steps=self.steps, rows=self.rows, fisher_rows=self.fisher_rows)
 
     def _commit_chunk(self, values: np.ndarray) -> None:
         _write_chunk(self.path / "commit" / "c" / "0", values)

@@ -54,7 +54,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from datavalue.embeddings import build_embeddings
 
     out = build_embeddings(args.run, curvature=args.curvature, segments=args.segments, overwrite=args.overwrite,
-                           dtype=args.dtype)
+                           dtype=args.dtype, blocks=args.blocks)
     print(f"embeddings built: {out}")
     return 0
 
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature", default=None, choices=["none", "empirical_fisher", "fisher"])
     p.add_argument("--segments", type=int, default=1)
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--blocks", default="auto", choices=["auto", "layer", "full"],
+                   help="one operator per layer block, one over all columns, or full while it fits 256 MiB (default)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_build)
 

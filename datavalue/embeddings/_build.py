@@ -73,6 +73,7 @@ class BuildInfo:
         max_operator: largest ``|entry|`` the operator reached (a health indicator).
         expansive_steps: first steps at which the operator passed the explosion threshold.
         seconds: wall time.
+        blocks: the ``(start, stop)`` column spans that got one operator each.
     """
 
     path: str
@@ -87,6 +88,7 @@ class BuildInfo:
     max_operator: float
     expansive_steps: tuple[int, ...]
     seconds: float
+    blocks: tuple[tuple[int, int], ...] = ()
 
 
 # ---------------------------------------------------------------------- the plan
@@ -210,6 +212,7 @@ def build_embeddings(
     explode_threshold: float = 1e6,
     optimizer: str | None = None,
     adam_second_moment: bool = True,
+    blocks: str = "auto",
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 
@@ -252,6 +255,13 @@ def build_embeddings(
         adam_second_moment: keep the second-moment perturbation ``delta v`` in the Adam state
             (``3k`` state; ``False``: ``2k``, measured in docs/results/adam.md). Projected runs
             always drop it (their stored moments are block means).
+        blocks: the operator's block structure. ``"layer"``: one operator per recorded block (no
+            cross-layer curvature; memory ``sum_l k_l^2``). ``"full"``: one operator over all ``k``
+            columns (memory ``k^2``, flops ``B k^2`` per step). ``"auto"`` (default): ``"full"``
+            for ``curvature="fisher"`` while its state takes at most 256 MiB (``k`` up to 5,792
+            in float64 for SGD, half that with momentum, a third for Adam), else ``"layer"``.
+            Cross-layer true-Fisher curvature matters at larger learning rates (measured in
+            docs/results/loo_fidelity.md); the empirical Fisher did better per layer.
 
     Returns:
         :class:`BuildInfo`.
@@ -288,7 +298,7 @@ def build_embeddings(
             "steps recorded since."
         )
     plan, handling = _make_plan(
-        run, curvature, dtype, chunk_rows, explode_threshold, clipping, optimizer, adam_second_moment
+        run, curvature, dtype, chunk_rows, explode_threshold, clipping, optimizer, adam_second_moment, blocks
     )
     if plan.adam is not None:
         if int(segments) != 1:
@@ -317,6 +327,8 @@ def build_embeddings(
         "optimizer": handling,
         "optimizer_manifest": run.optimizer,
         "clipping": plan.clipping,
+        "block_mode": blocks,
+        "blocks": [list(b) for b in plan.blocks],
         "adam": None if plan.adam is None else dict(plan.adam, betas=list(plan.adam["betas"])),
         "run_digest": _digest(plan, T),
         "run_generation": int(getattr(run, "generation", -1)),
@@ -384,6 +396,7 @@ def build_embeddings(
         max_operator=res["max_op"],
         expansive_steps=tuple(res["expansive"]),
         seconds=time.perf_counter() - t_start,
+        blocks=plan.blocks,
     )
 
 
@@ -443,7 +456,7 @@ def embeddings_at(
     _refuse_adam(path, meta, "embeddings_at")
     plan, _ = _make_plan(
         run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
-        _replay_optimizer(meta),
+        _replay_optimizer(meta), blocks=meta.get("blocks", "layer"),
     )
     seg = [tuple(b) for b in meta["segments"]]
     bounds, known = [], {}
@@ -516,7 +529,7 @@ def extend_embeddings(
     _refuse_adam(path, meta, "extend_embeddings")
     plan, handling = _make_plan(
         run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
-        _replay_optimizer(meta),
+        _replay_optimizer(meta), blocks=meta.get("blocks", "layer"),
     )
     if T1 < T0 or int(plan.step_ptr[T0]) != R0 or _digest(plan, T0) != meta["run_digest"]:
         raise EmbeddingError(
@@ -683,4 +696,5 @@ def _info_from_meta(
         max_operator=float(meta.get("max_operator", 0.0)),
         expansive_steps=tuple(meta.get("expansive_steps", [])),
         seconds=seconds,
+        blocks=tuple(tuple(b) for b in meta.get("blocks", [])),
     )

@@ -259,8 +259,11 @@ class Attributor:
             return np.zeros((q.shape[0], g.n_columns))
         groups = g.groups
         chunks = self._chunks(q, g).with_reduce(_stream.segment_chunk, lambda a, b: (groups[a:b],))
+        # the result is dense (m, n_groups) anyway: accumulate into it from the start (no sparse merges)
+        acc = (None, np.zeros((q.shape[0], g.n_columns)))
         part = _stream.stream_reduce(chunks, _stream.combine_segments, client=self.client, progress=self.progress,
-                                     desc=desc, partial_bytes=self.chunk_rows * q.shape[0] * 8, n_groups=g.n_columns)
+                                     desc=desc, partial_bytes=self.chunk_rows * q.shape[0] * 8, n_groups=g.n_columns,
+                                     init=acc)
         return _stream.densify(part, g.n_columns)
 
     def top_k(

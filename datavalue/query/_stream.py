@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 #: Partials merged per tree node. Small enough that few partials wait in memory at once.
 FAN_IN = 4
 
-Partial = tuple[np.ndarray | None, np.ndarray]  # (group ids or None for dense, (g, m) sums)
+Partial = tuple[np.ndarray | None, np.ndarray]  # sparse (ids, (len(ids), m) sums) or dense (None, (m, n_groups))
 #: Delayed score blocks ``(rows, m)`` with their ``[start, stop)`` positions in the selection.
 Blocks = list[tuple[Delayed, int, int]]
 
@@ -206,21 +206,23 @@ def segment_chunk(s: np.ndarray, groups: np.ndarray) -> Partial:
 
 
 def combine_segments(*parts: Partial, n_groups: int) -> Partial:
-    """Merge partials (float64); the result is dense ``(n_groups, m)`` once it would cover half of them.
+    """Merge partials (float64); the result is dense once it would cover half of the groups.
 
-    A dense input is updated in place: every partial has exactly one reader (its combine task, or
-    the driver's accumulator).
+    A sparse partial is ``(ids, sums)`` with ``sums`` ``(len(ids), m)``; a dense one is
+    ``(None, sums)`` with ``sums`` ``(m, n_groups)``, the layout of the final result, so that
+    :func:`densify` never copies it. A dense input is updated in place: every partial has exactly
+    one reader (its combine task, or the driver's accumulator).
     """
-    m = parts[0][1].shape[1]
     dense = [p for p in parts if p[0] is None]
     sparse = [p for p in parts if p[0] is not None]
+    m = dense[0][1].shape[0] if dense else sparse[0][1].shape[1]
     n_ids = sum(len(p[0]) for p in sparse)
     if dense or 2 * n_ids > n_groups:
-        out = dense[0][1] if dense else np.zeros((n_groups, m))
+        out = dense[0][1] if dense else np.zeros((m, n_groups))
         for _, d in dense[1:]:
             out += d
         for ids, sums in sparse:
-            out[ids] += sums  # ids are unique within a partial
+            out[:, ids] += sums.T  # ids are unique within a partial
         return None, out
     union = np.unique(np.concatenate([p[0] for p in sparse]))
     out = np.zeros((union.size, m))
@@ -230,13 +232,13 @@ def combine_segments(*parts: Partial, n_groups: int) -> Partial:
 
 
 def densify(part: Partial, n_groups: int) -> np.ndarray:
-    """``(m, n_groups)`` float64 (C-contiguous) from a partial."""
+    """``(m, n_groups)`` float64 (C-contiguous) from a partial (a dense one is returned as is)."""
     ids, sums = part
-    if ids is not None:
-        full = np.zeros((n_groups, sums.shape[1]))
-        full[ids] = sums
-        sums = full
-    return np.ascontiguousarray(sums.T)
+    if ids is None:
+        return sums
+    full = np.zeros((sums.shape[1], n_groups))
+    full[:, ids] = sums.T
+    return full
 
 
 def segment_partials(blocks: Blocks, groups: np.ndarray) -> list[Delayed]:
@@ -381,6 +383,7 @@ def stream_reduce(
     desc: str = "datavalue query",
     window: int | None = None,
     partial_bytes: int = 0,
+    init: Any = None,
     **kwargs: Any,
 ) -> Any:
     """Reduce delayed per-chunk partials with bounded memory; returns the combined partial.
@@ -392,6 +395,8 @@ def stream_reduce(
     crosses the network. Peak memory is about ``2 * window * (chunk + partial) + accumulator``,
     however long the run. Windows grow past one chunk per thread while their partials
     (``partial_bytes`` each, if given) fit in :data:`WINDOW_BYTES`: fewer, larger submissions.
+    ``init`` starts the accumulator (e.g. a dense zero partial, so that every fold is a scatter-add
+    instead of a merge of growing sparse partials).
     """
     if not parts:
         raise ValueError("stream_reduce needs at least one partial")
@@ -400,7 +405,7 @@ def stream_reduce(
     windows: Iterable[list[Delayed]] = (list(parts[i : i + width]) for i in range(0, len(parts), width))
     if dist:  # merge each window on the workers first
         windows = ([delayed(combine, pure=True)(*w, **kwargs)] if len(w) > 1 else w for w in windows)
-    acc: Any = None
+    acc: Any = init
     done = 0
     with tqdm(total=len(parts), desc=desc, unit="chunk", disable=not progress, leave=False) as bar:
         for results in _window_results(windows, client):

@@ -66,11 +66,20 @@ def write_run(path, steps, *, fisher=False, chunk_rows=5, mode="create", **mkw):
     return path
 
 
-def by_hand(steps, curvature, *, dampening=0.0, nesterov=False, stop=None, clipping="direction"):
-    """Embeddings w.r.t. the weights after step ``stop - 1`` by the pure core, one block at a time."""
+FULL = [(0, BLOCKS[-1][1])]
+
+
+def by_hand(steps, curvature, *, dampening=0.0, nesterov=False, stop=None, clipping="direction", blocks=None):
+    """Embeddings w.r.t. the weights after step ``stop - 1`` by the pure core, one block at a time.
+
+    ``blocks``: the operator spans, ``FULL`` (one operator) or ``BLOCKS`` (the recorded layer
+    blocks); default: what ``blocks="auto"`` picks for these tiny runs (``FULL`` for the true
+    Fisher, ``BLOCKS`` otherwise)."""
+    if blocks is None:
+        blocks = FULL if curvature == "fisher" else BLOCKS
     steps = steps[:stop] if stop is not None else steps
     out = [None] * len(steps)
-    states = [core.init_state(b - a) for a, b in BLOCKS]
+    states = [core.init_state(b - a) for a, b in blocks]
     for t in range(len(steps) - 1, -1, -1):
         s = steps[t]
         fresh = s.momentum != 0 and (t == 0 or steps[t - 1].momentum == 0)
@@ -80,7 +89,7 @@ def by_hand(steps, curvature, *, dampening=0.0, nesterov=False, stop=None, clipp
             u = g_hat / np.linalg.norm(g_hat)
             ug = s.grads @ u  # inner products with the whole direction, all blocks
         parts = []
-        for i, (a, b) in enumerate(BLOCKS):
+        for i, (a, b) in enumerate(blocks):
             curv = {"empirical_fisher": "empirical_fisher", "none": None}.get(curvature)
             if curvature == "fisher":
                 curv = s.fisher[:, a:b]

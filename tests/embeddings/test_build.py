@@ -16,7 +16,7 @@ from datavalue.errors import (
 )
 from datavalue.store import open_array, open_run
 
-from ._synthetic import by_hand, make_steps, write_run
+from ._synthetic import BLOCKS, FULL, by_hand, make_steps, write_run
 
 SETTINGS = {
     "sgd": dict(),
@@ -43,6 +43,52 @@ def test_build_matches_core_and_segments_match_sequential(tmp_path, setting, cur
             path, curvature, segments=K, overwrite=True, progress=False, storage_dtype="float64"
         )
         np.testing.assert_allclose(_values(path, curvature), seq, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("curvature", ["empirical_fisher", "fisher"])
+@pytest.mark.parametrize("setting", ["sgd", "momentum"])
+def test_block_modes_match_the_core_with_those_blocks(tmp_path, setting, curvature):
+    steps = make_steps(11, 15, fisher=True, **SETTINGS[setting])
+    path = write_run(tmp_path / "r.zarr", steps, fisher=True)
+    got = {}
+    for mode, spans in (("layer", BLOCKS), ("full", FULL)):
+        info = build_embeddings(path, curvature, blocks=mode, overwrite=True, progress=False, storage_dtype="float64")
+        assert [list(b) for b in info.blocks] == [list(b) for b in spans]
+        got[mode] = _values(path, curvature)
+        np.testing.assert_allclose(got[mode], by_hand(steps, curvature, blocks=spans), rtol=0, atol=1e-12)
+        build_embeddings(path, curvature, blocks=mode, segments=3, overwrite=True, progress=False,
+                         storage_dtype="float64")
+        np.testing.assert_allclose(_values(path, curvature), got[mode], rtol=0, atol=1e-8)
+        meta = open_array(path, f"embeddings/{curvature}/values").attrs["datavalue_embeddings"]
+        assert meta["block_mode"] == mode and meta["blocks"] == [list(b) for b in spans]
+    # cross-layer curvature changes the result (the test would not notice a mode that is ignored)
+    assert np.abs(got["full"] - got["layer"]).max() > 1e-4
+    # "auto" takes the full operator for the true Fisher on a run this small, the layers otherwise
+    info = build_embeddings(path, curvature, overwrite=True, progress=False, storage_dtype="float64")
+    assert len(info.blocks) == (1 if curvature == "fisher" else len(BLOCKS))
+
+
+def test_full_blocks_survive_extend_and_checkpoints(tmp_path):
+    steps, more = make_steps(12, 12, fisher=True), make_steps(13, 7, t0=12, fisher=True)
+    path = write_run(tmp_path / "r.zarr", steps, fisher=True)
+    build_embeddings(path, "empirical_fisher", blocks="full", segments=3, progress=False, storage_dtype="float64")
+    write_run(path, more, mode="resume", fisher=True)
+    info = extend_embeddings(path, "empirical_fisher", progress=False)
+    assert len(info.blocks) == 1  # the stored build's blocks, not the "auto" choice (layers)
+    np.testing.assert_allclose(
+        _values(path, "empirical_fisher"), by_hand(steps + more, "empirical_fisher", blocks=FULL), atol=1e-8
+    )
+    np.testing.assert_allclose(
+        np.asarray(embeddings_at(path, 12, "empirical_fisher", progress=False)[:]),
+        by_hand(steps, "empirical_fisher", blocks=FULL),
+        atol=1e-8,
+    )
+
+
+def test_unknown_block_mode_is_refused(tmp_path):
+    path = write_run(tmp_path / "r.zarr", make_steps(14, 3))
+    with pytest.raises(EmbeddingError, match="blocks must be one of"):
+        build_embeddings(path, blocks="diagonal", progress=False)
 
 
 def test_clipping_constant_mode(tmp_path):

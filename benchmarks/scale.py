@@ -57,7 +57,7 @@ def child(mode: str, path: str) -> None:
 
     t0 = time.perf_counter()
     if mode == "build":
-        datavalue.build_embeddings(path, curvature="empirical_fisher", dtype="float32", progress=False)
+        datavalue.build_embeddings(path, curvature="empirical_fisher", dtype="float32", progress=False, blocks="layer")
     else:
         attr = datavalue.Attributor(path, None, progress=False)
         q = np.random.default_rng(1).standard_normal((16, K)).astype(np.float32)

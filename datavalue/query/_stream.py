@@ -24,6 +24,7 @@ To add a reduction, write a chunk function ``(score_block, ...) -> partial`` and
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -374,6 +375,24 @@ def _window_results(windows: Iterable[list[Delayed]], client: Any) -> Iterator[l
             yield res
 
 
+@contextlib.contextmanager
+def one_blas_thread(client: Any) -> Iterator[None]:
+    """Limit BLAS to one thread while chunks are scored on several local dask threads.
+
+    Each thread's ``(rows, k) @ (k, m)`` product is memory-bound; BLAS threads on top of dask's
+    oversubscribe the cores (measured on 2 cores, in-memory run: 1.2 GB/s with BLAS's default
+    threads, 2.0 GB/s with one; ``benchmarks/query_bandwidth.py``). Distributed workers already
+    start with one BLAS thread; a single-threaded scheduler keeps BLAS's own threads.
+    """
+    if is_distributed(client) or n_threads(client) <= 1:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def stream_reduce(
     parts: Sequence[Delayed],
     combine: Callable[..., Any],
@@ -407,7 +426,8 @@ def stream_reduce(
         windows = ([delayed(combine, pure=True)(*w, **kwargs)] if len(w) > 1 else w for w in windows)
     acc: Any = init
     done = 0
-    with tqdm(total=len(parts), desc=desc, unit="chunk", disable=not progress, leave=False) as bar:
+    with one_blas_thread(client), tqdm(total=len(parts), desc=desc, unit="chunk", disable=not progress,
+                                       leave=False) as bar:
         for results in _window_results(windows, client):
             while results:
                 res = results.pop(0)
@@ -426,7 +446,8 @@ def stream_blocks(chunks: ChunkTasks, *, client: Any = None, progress: bool = Tr
     rows = max((b - a for a, b in chunks.bounds), default=0)
     width = _window(client, rows * chunks.m * chunks.dtype.itemsize)
     starts = range(0, len(chunks), width)
-    with tqdm(total=len(chunks), desc=desc, unit="chunk", disable=not progress, leave=False) as bar:
+    with one_blas_thread(client), tqdm(total=len(chunks), desc=desc, unit="chunk", disable=not progress,
+                                       leave=False) as bar:
         for i, vals in zip(starts, _window_results((chunks[i : i + width] for i in starts), client), strict=True):
             for (a, b), v in zip(chunks.bounds[i : i + width], vals, strict=True):
                 out[:, a:b] = v.T

@@ -27,8 +27,10 @@ from datavalue.testing import spearman_per_test  # noqa: E402
 from tests.embeddings._digits import make_case  # noqa: E402
 
 VARIANTS = {
-    "adam (fisher, 3k)": dict(curvature="fisher", optimizer="adamw"),
-    "adam (fisher, 2k: no delta v)": dict(curvature="fisher", optimizer="adamw", adam_second_moment=False),
+    "adam (fisher, 3k)": dict(curvature="fisher", optimizer="adamw", blocks="full"),
+    "adam (fisher, 3k, per layer)": dict(curvature="fisher", optimizer="adamw", blocks="layer"),
+    "adam (fisher, 2k: no delta v)": dict(curvature="fisher", optimizer="adamw", adam_second_moment=False,
+                                          blocks="full"),
     "adam (empirical fisher, 3k)": dict(curvature="empirical_fisher", optimizer="adamw"),
     "adam (no curvature, 3k)": dict(curvature="none", optimizer="adamw"),
     "sgd proxy (fisher)": dict(curvature="fisher", optimizer="sgd-proxy"),

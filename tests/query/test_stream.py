@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -85,3 +86,35 @@ def test_chunk_tasks_align_with_storage_chunks_for_any_window():
             sums = _stream.densify(part, 3)
             np.testing.assert_allclose(sums, np.stack([expect[:, groups == j].sum(1) for j in range(3)], 1),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_one_blas_thread_limits_blas_only_on_local_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("no BLAS library found by threadpoolctl")
+    with _stream.one_blas_thread(None):  # local threads: one BLAS thread each
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
+    with _stream.one_blas_thread("sync"):  # one scoring thread: BLAS keeps its own
+        assert blas_threads() == before
+
+
+def test_grouped_sums_fold_into_a_dense_accumulator_without_copies():
+    rng = np.random.default_rng(3)
+    acc = (None, np.zeros((2, 6)))
+    out_arr = acc[1]
+    parts = [(np.array([0, 4]), rng.normal(size=(2, 2))), (np.array([1, 4, 5]), rng.normal(size=(3, 2)))]
+    want = np.zeros((2, 6))
+    for ids, sums in parts:
+        want[:, ids] += sums.T
+    got = _stream.combine_segments(acc, *parts, n_groups=6)
+    assert got[0] is None and got[1] is out_arr  # updated in place, (m, n_groups) layout
+    dense = _stream.densify(got, 6)
+    assert dense is out_arr and dense.flags.c_contiguous
+    np.testing.assert_allclose(dense, want)
+    np.testing.assert_allclose(_stream.densify(parts[1], 6)[:, [1, 4, 5]], parts[1][1].T)

@@ -4,16 +4,25 @@ Models: a 4-layer MLP (batch 128, 784-512-512-256-10) and a small GPT-2 built fr
 (2 layers, n_embd 128, vocab 2048, 64 tokens, batch 16); proj_dim 1024. Each repetition times a
 block of plain steps and a block of recorded steps, alternating, and reports the median ratio.
 Writes docs/results/capture.md. Run: ``.venv/bin/python benchmarks/capture_overhead.py``.
+
+``--sweep`` (issue #9) instead times every model in {MLP, CNN, GPT-2} x proj_dim {256, 1024, 4096} x
+storage {float32, float16} (12 steps per block, 5 repetitions unless told) and writes a table to
+docs/results/capture_sweep.md: ``.venv/bin/python benchmarks/capture_overhead.py --sweep``.
+Restrict it with ``--models``, ``--projs`` and ``--storages``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +48,15 @@ def mlp_case():
                           nn.Linear(256, 10)).to(DEVICE)
     x, y = torch.randn(128, 784, device=DEVICE), torch.randint(0, 10, (128,), device=DEVICE)
     return "MLP 784-512-512-256-10, batch 128", model, (lambda m: F.cross_entropy(m(x), y)), 128
+
+
+def cnn_case():
+    """A small conv net on 1x28x28 inputs (batch 128, random data, CE loss)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(64 * 12 * 12, 128), nn.ReLU(), nn.Linear(128, 10)).to(DEVICE)
+    x, y = torch.randn(128, 1, 28, 28, device=DEVICE), torch.randint(0, 10, (128,), device=DEVICE)
+    return "CNN conv32-conv64-pool-fc128-10, 1x28x28, batch 128", model, (lambda m: F.cross_entropy(m(x), y)), 128
 
 
 def gpt2_case():
@@ -73,36 +91,145 @@ def time_steps(model, opt, loss_fn, n, rec=None, b=0, start=0):
     return (time.perf_counter() - t0) / n
 
 
-def measure(case, *, proj_dim, reps, steps, curvature=None):
-    name, model, loss_fn, b = case
+def interleaved(case, path: str, *, proj_dim: int, reps: int, steps: int, curvature: str | None = None,
+                storage_dtype: str = "float32") -> tuple[list[float], list[float], int]:
+    """Alternate blocks of plain and recorded steps, recording into ``path``.
+
+    Returns the seconds per step of each plain block and each recorded block, and the stored k.
+    """
+    _, model, loss_fn, b = case
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with tempfile.TemporaryDirectory() as d:
-        rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=proj_dim, optimizer=opt, curvature=curvature)
-        rec.close()  # hooks off while timing the plain steps; re-opened per block below
-        time_steps(model, opt, loss_fn, 3)
-        plain, recorded, start = [], [], 0
-        for _ in range(reps):
-            plain.append(time_steps(model, opt, loss_fn, steps))
-            rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=proj_dim, optimizer=opt,
-                                     curvature=curvature, resume=True)
-            recorded.append(time_steps(model, opt, loss_fn, steps, rec, b, start))
-            start += steps
-            rec.close()
+    kw = dict(proj_dim=proj_dim, optimizer=opt, curvature=curvature, storage_dtype=storage_dtype)
+    rec = datavalue.Recorder(path, model, **kw)
+    k = rec.proj_dim
+    rec.close()  # hooks off while timing the plain steps; re-opened per block below
+    time_steps(model, opt, loss_fn, 3)
+    plain, recorded, start = [], [], 0
+    for _ in range(reps):
+        plain.append(time_steps(model, opt, loss_fn, steps))
+        rec = datavalue.Recorder(path, model, resume=True, **kw)
+        recorded.append(time_steps(model, opt, loss_fn, steps, rec, b, start))
+        start += steps
+        rec.close()
+    return plain, recorded, k
+
+
+def medians(plain: list[float], recorded: list[float]) -> tuple[float, float, float]:
+    """Median plain and recorded ms/step, and the median of the per-repetition ratios."""
     ratios = [r / p for r, p in zip(recorded, plain)]
-    return name, statistics.median(plain) * 1e3, statistics.median(recorded) * 1e3, statistics.median(ratios)
+    return statistics.median(plain) * 1e3, statistics.median(recorded) * 1e3, statistics.median(ratios)
+
+
+def measure(case, *, proj_dim, reps, steps, curvature=None):
+    with tempfile.TemporaryDirectory() as d:
+        plain, recorded, _ = interleaved(case, os.path.join(d, "r.zarr"), proj_dim=proj_dim, reps=reps, steps=steps,
+                                         curvature=curvature)
+    return (case[0], *medians(plain, recorded))
+
+
+# ---------------------------------------------------------------------------------------- sweep
+SWEEP_CASES: dict[str, Callable[[], tuple]] = {"mlp": mlp_case, "cnn": cnn_case, "gpt2": gpt2_case}
+SWEEP_PROJS = (256, 1024, 4096)
+SWEEP_STORAGES = ("float32", "float16")
+#: bytes per stored row besides the gradient (sample_id int64, weight float64, flags uint8) and per
+#: step (lr, epoch, grad_scale, momentum, weight_decay, step_ptr: 8 bytes each); see docs/store-format.md
+ROW_EXTRA_BYTES, STEP_EXTRA_BYTES = 8 + 8 + 1, 6 * 8
+
+
+def dir_bytes(path: str | Path) -> int:
+    """Total size of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def sweep_row(model: str, proj_dim: int, storage: str, *, reps: int, steps: int) -> dict:
+    """Time one (model, proj_dim, storage) configuration on a fresh model in a temporary run."""
+    case = SWEEP_CASES[model]()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "r.zarr")
+        plain, recorded, k = interleaved(case, path, proj_dim=proj_dim, reps=reps, steps=steps, storage_dtype=storage)
+        disk = dir_bytes(path) / (reps * steps)
+    p, r, ratio = medians(plain, recorded)
+    payload = case[3] * (k * torch.finfo(getattr(torch, storage)).bits // 8 + ROW_EXTRA_BYTES) + STEP_EXTRA_BYTES
+    return dict(model=model, name=case[0], proj_dim=proj_dim, storage=storage, plain=p, recorded=r, ratio=ratio, k=k,
+                payload=payload, disk=disk)
+
+
+def command_line() -> str:
+    """The command this process was started with, the interpreter relative to the repo when inside it."""
+    exe = os.path.relpath(sys.executable, ROOT)
+    return shlex.join([sys.executable if exe.startswith("..") else exe, *sys.argv])
+
+
+def sweep_table(rows: list[dict], *, reps: int, steps: int) -> list[str]:
+    """The markdown report of a sweep: header (command, date, machine), table, notes."""
+    lines = [
+        "# Capture overhead sweep (issue #9)",
+        "",
+        f"Command: `{command_line()}`",
+        f"Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
+        f"torch {torch.__version__}, device {DEVICE}"
+        + (f" ({torch.cuda.get_device_name()})" if DEVICE.startswith("cuda") else "") + ".",
+        "",
+        f"Same process, plain and recorded blocks interleaved, {reps} repetitions of {steps} steps, median; "
+        "SGD, background writer, no curvature. Ratio: median of the per-repetition ratios.",
+        "",
+        "| model | proj_dim | storage | plain ms/step | recorded ms/step | ratio | stored k "
+        "| payload KiB/step | on disk KiB/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in rows:
+        lines.append(f"| {x['model']} | {x['proj_dim']} | {x['storage']} | {x['plain']:.1f} | {x['recorded']:.1f} "
+                     f"| {x['ratio']:.2f}x | {x['k']} | {x['payload'] / 1024:.1f} | {x['disk'] / 1024:.1f} |")
+    lines += ["", "Models:"]
+    lines += [f"- {m}: {n}" for m, n in dict((x["model"], x["name"]) for x in rows).items()]
+    lines += [
+        "",
+        "Stored k: gradient columns actually stored per row (proj_dim split over the layers). Payload: rows per step x "
+        f"(k x itemsize + {ROW_EXTRA_BYTES} B) + {STEP_EXTRA_BYTES} B per step. On disk: run directory size / steps "
+        "recorded; it includes metadata and the zero-padded last chunk (max(64, 4 MiB / (4 k)) rows per chunk, "
+        "so about 4 MiB in float32, 2 MiB in float16), so it exceeds the payload on short runs.",
+    ]
+    return lines
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Run the model x proj_dim x storage grid and write the table to ``args.sweep_out``."""
+    rows = []
+    for model in args.models:
+        for proj in args.projs:
+            for storage in args.storages:
+                rows.append(sweep_row(model, proj, storage, reps=args.reps, steps=args.steps))
+                x = rows[-1]
+                print(f"{model} proj_dim={proj} {storage}: plain {x['plain']:.1f} ms, recorded {x['recorded']:.1f} ms, "
+                      f"ratio {x['ratio']:.2f}x, k={x['k']}", flush=True)
+    lines = sweep_table(rows, reps=args.reps, steps=args.steps)
+    Path(args.sweep_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.sweep_out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 7; 5 with --sweep)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per block (default 20; 12 with --sweep)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/capture.md"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    ap.add_argument("--sweep", action="store_true", help="model x proj_dim x storage grid (issue #9)")
+    ap.add_argument("--models", nargs="+", choices=list(SWEEP_CASES), default=list(SWEEP_CASES))
+    ap.add_argument("--projs", nargs="+", type=int, default=list(SWEEP_PROJS))
+    ap.add_argument("--storages", nargs="+", choices=list(SWEEP_STORAGES), default=list(SWEEP_STORAGES))
+    ap.add_argument("--sweep-out", default=str(ROOT / "docs/results/capture_sweep.md"))
     args = ap.parse_args()
+    args.reps = args.reps if args.reps is not None else (5 if args.sweep else 7)
+    args.steps = args.steps if args.steps is not None else (12 if args.sweep else 20)
     global DEVICE
     DEVICE = args.device
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    if args.sweep:
+        sweep(args)
+        return
     rows = []
     for case_fn, proj in ((mlp_case, 1024), (gpt2_case, 1024)):
         case = case_fn()

@@ -9,6 +9,7 @@ touch one chunk. :func:`_run_segments` runs the two passes of a segmented build 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -437,13 +438,26 @@ def _execute(
 
 
 def _one_blas_thread() -> Any:
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it BLAS keeps its own thread count
-        from contextlib import nullcontext
+    from threadpoolctl import threadpool_limits
 
-        return nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
+
+
+#: Operators narrower than this run their GEMMs on one BLAS thread (too small to split).
+SMALL_BLOCK = 512
+
+
+def _scan_blas_threads(plan: _Plan) -> int:
+    """BLAS threads for one scan on the driver.
+
+    The scan's GEMMs run next to the row reader and the writer threads; BLAS threads that spin
+    against them are catastrophic. Measured on 2 cores (``benchmarks/scale.py`` layout: 4 blocks
+    of 64, 128 rows per step): 3,200 occurrences/s with BLAS's default 2 threads, 131,000 with
+    one; one block of 2,048 (B = 128): 7.4 s vs 4.5 s for 200 steps. So: one thread for narrow
+    operators, and all cores but one for wide ones.
+    """
+    width = max(plan.width(i) for i in range(len(plan.blocks)))
+    return 1 if width < SMALL_BLOCK else max(1, (os.cpu_count() or 1) - 1)
 
 
 class _Tick:
@@ -504,20 +518,23 @@ def _run_segments(
 
     try:
         if K == 1:
+            from threadpoolctl import threadpool_limits
+
             lo, hi = bounds[0]
-            res = _scan(
-                plan,
-                lo,
-                hi,
-                None,
-                transfer=False,
-                velocity=final_velocity,
-                outputs=outputs,
-                out_offset=out_offset,
-                n_out=n_out,
-                out_chunk=out_chunk,
-                tick=tick,
-            )
+            with threadpool_limits(limits=_scan_blas_threads(plan), user_api="blas"):
+                res = _scan(
+                    plan,
+                    lo,
+                    hi,
+                    None,
+                    transfer=False,
+                    velocity=final_velocity,
+                    outputs=outputs,
+                    out_offset=out_offset,
+                    n_out=n_out,
+                    out_chunk=out_chunk,
+                    tick=tick,
+                )
             absorb(res)
             if tick is None and bar is not None:
                 bar.update(hi - lo)

@@ -24,7 +24,6 @@ import argparse
 import glob
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,8 +37,8 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datavalue  # noqa: E402
-from datavalue.embeddings import build_embeddings  # noqa: E402
 from datavalue.capture import engine_for_run  # noqa: E402
+from datavalue.embeddings import build_embeddings  # noqa: E402
 from datavalue.query import Attributor  # noqa: E402
 
 FULL = dict(steps=600, batch=16, warmup=20, lr=0.3, min_lr_frac=0.02, ctx=64, proj_dim=1024, n_val=32, val_every=10,

@@ -22,12 +22,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
+import run as P  # noqa: E402
+
 import datavalue  # noqa: E402
 from datavalue.embeddings import build_embeddings  # noqa: E402
 from datavalue.query import Attributor  # noqa: E402
 from datavalue.testing import Batch, train_reference, trajectory_loo  # noqa: E402
-
-import run as P  # noqa: E402
 
 
 def main():

@@ -147,10 +147,11 @@ from datavalue.testing import spearman_per_test  # noqa: E402
 from ._digits import make_case  # noqa: E402
 
 # measured (experiments/adam/run.py, docs/results/adam.md; tanh MLP 64-16-10 on digits, AdamW,
-# weight decay 0.01, 24 steps, 200 occurrences x 40 test points, fisher curvature, 3k state):
-#   lr 1e-3: adam-aware 0.962, sgd proxy 0.700, exact linearisation 0.965
-#   lr 1e-2: adam-aware 0.780, sgd proxy 0.595, exact linearisation 0.939
-ADAM_MIN = {1e-3: 0.95, 1e-2: 0.75}
+# weight decay 0.01, 24 steps, 200 occurrences x 40 test points, fisher curvature, 3k state, one full
+# operator (the default); per-layer operators in brackets):
+#   lr 1e-3: adam-aware 0.962 [0.962], sgd proxy 0.700, exact linearisation 0.965
+#   lr 1e-2: adam-aware 0.821 [0.780], sgd proxy 0.598, exact linearisation 0.939
+ADAM_MIN = {1e-3: 0.95, 1e-2: 0.8}
 PROXY_MARGIN = 0.1  # the Adam-aware estimate beats the SGD proxy by at least this much
 
 

@@ -70,6 +70,7 @@ def make_case(
     betas=(0.9, 0.999),
     eps=1e-8,
     epsilon: float | None = None,
+    proj_dim: int | None = None,
 ) -> Case:
     """``adam="adamw"``/``"adam"`` trains with torch's AdamW/Adam (``weight_decay`` applies to it)
     instead of SGD; ``epsilon`` also computes the exact first-order target ``case.linear``."""
@@ -111,7 +112,7 @@ def make_case(
             max_grad_norm=max_grad_norm,
         )
     rec = datavalue.Recorder(
-        path, model, proj_dim=None, optimizer=opt, curvature="fisher", storage_dtype="float64"
+        path, model, proj_dim=proj_dim, optimizer=opt, curvature="fisher", storage_dtype="float64"
     )
     with rec:
         ref = train_reference(

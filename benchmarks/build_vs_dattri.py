@@ -291,7 +291,7 @@ def worker_roofline(args):
         M = rng.standard_normal((P, P)).astype(dt)
         if lib == "torch":
             X, M = torch.from_numpy(X), torch.from_numpy(M)
-        f = (lambda: X @ M.T)
+        f = (lambda X=X, M=M: X @ M.T)
         f()
         ts = []
         for _ in range(max(5, int(0.5 / max(1e-4, _time(f))))):

@@ -207,7 +207,7 @@ def run_selection(cfg, train, val, V, run_path, windows, log):
                         val_at = t
                         cost += len(Xval)
                     C = P[cand]
-                    g = datavalue.per_sample_gradients(model, lambda m: per_window_loss(m, C), run, engine=engine)
+                    g = datavalue.per_sample_gradients(model, lambda m, C=C: per_window_loss(m, C), run, engine=engine)
                     cost += 2 * B
                     align = (g @ g_val) / (np.linalg.norm(g, axis=1) + 1e-12)  # cosine (|g_val| is common)
                     keep = cand[np.argsort(-align)[:B]]
@@ -337,8 +337,8 @@ def main():
         log(f"phases {k}: {s}")
 
     T = cfg["steps"]
-    e, l = int(cfg["early"] * T), int(cfg["late"] * T)
-    windows = {"never": [], "early": [(0, e)], "late": [(l, T)], "early+late": [(0, e), (l, T)],
+    e, la = int(cfg["early"] * T), int(cfg["late"] * T)
+    windows = {"never": [], "early": [(0, e)], "late": [(la, T)], "early+late": [(0, e), (la, T)],
                "throughout": [(0, T)]}
     sel = run_selection(cfg, train, val, V, run_path, windows, log)
 

@@ -31,8 +31,12 @@ included) or the string ``"empirical_fisher"`` (``F = sqrt(w) G``, reusing ``G @
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
-from typing import Literal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import numpy as np
 
@@ -175,23 +179,80 @@ def _pad(X: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+# ---------------------------------------------------------------------- row-split GEMMs
+#
+# The streaming scan runs its GEMMs next to a row-reader and a writer thread. BLAS's own threads
+# spin-wait between calls and starve those threads (measured on 2 cores: a 2048-wide operator ran
+# at 3,041 occurrences/s on 2 OpenBLAS threads, 4,531 on one). Instead the scan keeps BLAS at one
+# thread and, for wide operators, splits each GEMM by rows of the operator over a small pool of
+# Python threads that block (not spin) between steps. Measured in a real build (one 2048-wide
+# operator, b = 128, float32, 300 steps, median of 3): 4,715 occurrences/s unsplit, 5,831 split.
+_GEMM = threading.local()
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+#: Operators narrower than this are never split (the GEMMs are too small to share).
+SPLIT_MIN = 512
+
+
+@contextlib.contextmanager
+def gemm_threads(n: int) -> Iterator[None]:
+    """Within the context, split the GEMMs of operators at least :data:`SPLIT_MIN` wide over
+    ``n`` threads (this thread only; BLAS itself should run one thread, see ``threadpoolctl``)."""
+    old = getattr(_GEMM, "n", 1)
+    _GEMM.n = max(1, int(n))
+    try:
+        yield
+    finally:
+        _GEMM.n = old
+
+
+def _parts(rows: int) -> list[tuple[int, int]] | None:
+    n = getattr(_GEMM, "n", 1)
+    if n <= 1 or rows < SPLIT_MIN:
+        return None
+    edges = np.linspace(0, rows, n + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _map(fn: Callable[[int, int], Any], parts: list[tuple[int, int]]) -> list[Any]:
+    pool = _POOLS.get(len(parts))
+    if pool is None:
+        pool = _POOLS[len(parts)] = concurrent.futures.ThreadPoolExecutor(
+            len(parts), thread_name_prefix="datavalue-gemm"
+        )
+    return list(pool.map(lambda ab: fn(*ab), parts))
+
+
 def _sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray) -> None:
-    """``M -= X.T @ Y`` in place (one BLAS GEMM with beta=1 when possible, no k x k temporary)."""
+    """``M -= X.T @ Y`` in place (one BLAS GEMM with beta=1 when possible, no k x k temporary;
+    split by rows of ``M`` inside :func:`gemm_threads`)."""
     if M.flags.c_contiguous and M.dtype in (np.float64, np.float32) and X.shape[0]:
         from scipy.linalg import blas
 
         gemm = blas.dgemm if M.dtype == np.float64 else blas.sgemm
         X = np.asarray(X, dtype=M.dtype)
         Y = np.asarray(Y, dtype=M.dtype)
-        # C-contiguous M is the Fortran-ordered M.T:  M.T <- M.T - Y.T @ X
-        gemm(-1.0, Y, X, beta=1.0, c=M.T, trans_a=1, overwrite_c=1)
+        # C-contiguous M is the Fortran-ordered M.T:  M.T <- M.T - Y.T @ X (rows a:b of M: M[a:b].T)
+        parts = _parts(M.shape[0])
+        if parts is None:
+            gemm(-1.0, Y, X, beta=1.0, c=M.T, trans_a=1, overwrite_c=1)
+            return
+        Xs = {ab: np.ascontiguousarray(X[:, ab[0] : ab[1]]) for ab in parts}
+        _map(lambda a, b: gemm(-1.0, Y, Xs[(a, b)], beta=1.0, c=M[a:b].T, trans_a=1, overwrite_c=1), parts)
         return
     M -= X.T @ Y
 
 
+def _matmul_T(X: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """``X @ M.T`` (rows, M.shape[0]), split by rows of ``M`` inside :func:`gemm_threads`."""
+    parts = _parts(M.shape[0])
+    if parts is None:
+        return X @ M.T
+    return np.concatenate(_map(lambda a, b: X @ M[a:b].T, parts), axis=1)
+
+
 def _xpT(X: np.ndarray, state: BlockState, coef: StepCoef) -> np.ndarray:
     """``X @ P.T`` for rows ``X`` (rows, k), with ``P = a R_v - b (Theta0 - M)``: (rows, n)."""
-    out = X @ state.M.T
+    out = _matmul_T(X, state.M)
     out -= _pad(X, state.n)
     out *= coef.b
     if state.Rv is not None and coef.a != 0.0:

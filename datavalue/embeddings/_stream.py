@@ -457,7 +457,7 @@ def _scan_blas_threads(plan: _Plan) -> int:
     operators, and all cores but one for wide ones.
     """
     width = max(plan.width(i) for i in range(len(plan.blocks)))
-    return 1 if width < SMALL_BLOCK else max(1, (os.cpu_count() or 1) - 1)
+    return 1 if width < SMALL_BLOCK else max(1, os.cpu_count() or 1)
 
 
 class _Tick:
@@ -521,7 +521,7 @@ def _run_segments(
             from threadpoolctl import threadpool_limits
 
             lo, hi = bounds[0]
-            with threadpool_limits(limits=_scan_blas_threads(plan), user_api="blas"):
+            with threadpool_limits(limits=1, user_api="blas"), core.gemm_threads(_scan_blas_threads(plan)):
                 res = _scan(
                     plan,
                     lo,

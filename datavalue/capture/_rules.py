@@ -260,12 +260,19 @@ class _ConvRule(LayerRule):
             g = grad_out
             ks, st, pd, dl = module.kernel_size, module.stride, module.padding, module.dilation
         b = x.shape[0]
-        cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st).transpose(1, 2)  # (b, L, in*k)
         d = g.reshape(b, g.shape[1], -1).transpose(1, 2)  # (b, L, out)
         dr = drafts[0]
+        sk = sketches[dr.key]
+        if sk.cols is not None:
+            # the column sketch of the unfolded patches is itself a convolution with the sketch rows
+            # as filters: (b, k_c, L) straight from x, without materialising the (b, L, in*k) patches
+            n_in = sk.cols.shape[1] - dr.has_bias
+            filt = sk.cols[:, :n_in].reshape(sk.cols.shape[0], x.shape[1], *ks)
+            right = F.conv2d(x, filt, sk.cols[:, n_in] if dr.has_bias else None, stride=st, padding=pd, dilation=dl)
+            return {dr.key: kron_sum(sk.left(d), right.reshape(b, right.shape[1], -1).transpose(1, 2))}
+        cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st).transpose(1, 2)  # (b, L, in*k)
         if dr.has_bias:
             cols = torch.cat([cols, cols.new_ones(cols.shape[:-1] + (1,))], -1)
-        sk = sketches[dr.key]
         return {dr.key: kron_sum(sk.left(d), sk.right(cols))}
 
 

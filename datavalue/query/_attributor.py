@@ -34,6 +34,7 @@ from datavalue.query._groups import Grouping, parse_by, parse_owners, parse_step
 from datavalue.query._results import TopK, dataset_values, describe, score_frame, write_parquet
 from datavalue.query._source import Source, resolve_source
 from datavalue.store import Run, open_run
+from datavalue.store._chunkfiles import fast_rows
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class Attributor:
             raise QueryError(f"{self.path} has no committed occurrences to attribute to.")
         self.client = client
         self.chunk_rows = _parse_chunk_rows(chunk_rows, self.source.array)
+        # streamed queries read the chunk files directly when the layout is the run's plain one
+        self._rows = fast_rows(self.source.array)
         self.progress = bool(progress)
 
     def __repr__(self) -> str:
@@ -207,7 +210,7 @@ class Attributor:
 
     def _chunks(self, q: np.ndarray, g: Grouping) -> _stream.ChunkTasks:
         """Independent per-chunk score tasks over the selected rows (eager, streamed queries)."""
-        return _stream.ChunkTasks(self.source.array, q, g.start, g.stop, chunk_rows=self.chunk_rows,
+        return _stream.ChunkTasks(self._rows, q, g.start, g.stop, chunk_rows=self.chunk_rows,
                                   row_scale=self._row_scale(g.start, g.stop), client=self.client)
 
     # ------------------------------------------------------------------ queries

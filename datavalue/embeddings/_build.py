@@ -259,9 +259,11 @@ def build_embeddings(
             cross-layer curvature; memory ``sum_l k_l^2``). ``"full"``: one operator over all ``k``
             columns (memory ``k^2``, flops ``B k^2`` per step). ``"auto"`` (default): ``"full"``
             for ``curvature="fisher"`` while its state takes at most 256 MiB (``k`` up to 5,792
-            in float64 for SGD, half that with momentum, a third for Adam), else ``"layer"``.
-            Cross-layer true-Fisher curvature matters at larger learning rates (measured in
-            docs/results/loo_fidelity.md); the empirical Fisher did better per layer.
+            in float64 for SGD, half that with momentum, a third for Adam) and the sketch keeps at
+            least a quarter of the parameters' dimensions (exact gradients always do), else
+            ``"layer"``. Cross-layer true-Fisher curvature matters at larger learning rates
+            (docs/results/loo_fidelity.md); the empirical Fisher did better per layer, and so did
+            the true Fisher under a heavy sketch (docs/results/poison.md).
 
     Returns:
         :class:`BuildInfo`.

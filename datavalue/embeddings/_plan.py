@@ -121,9 +121,10 @@ def _resolve_blocks(
     else ``"layer"``. An explicit sequence of spans (a stored build's) is validated and used as is.
 
     Why ``"auto"`` depends on the curvature (measured, docs/results/loo_fidelity.md): the full true
-    Fisher beat the per-layer one in every case measured, while the full *empirical* Fisher scored
-    lower than its per-layer form on the digits MLP (0.886 vs 0.929 at lr 0.07); with ``"none"``
-    the operator stays the identity and blocks do not matter."""
+    Fisher beat the per-layer one with exact gradients and moderate sketches, while the full
+    *empirical* Fisher scored lower than its per-layer form on the digits MLP (0.886 vs 0.929 at
+    lr 0.07); with ``"none"`` the operator stays the identity and blocks do not matter. Under heavy
+    compression (a sketch keeping under :data:`AUTO_FULL_KEPT` of the dimensions) it stays per layer."""
     spans = _blocks(run)
     k = spans[-1][1]
     if not isinstance(blocks, str):
@@ -144,7 +145,27 @@ def _resolve_blocks(
     if blocks == "full":
         return ((0, k),)
     width = _state_factor(adam, momentum_mode) * k
-    return ((0, k),) if width * width * np.dtype(dtype).itemsize <= AUTO_FULL_BYTES else spans
+    fits = width * width * np.dtype(dtype).itemsize <= AUTO_FULL_BYTES
+    return ((0, k),) if fits and _kept_fraction(run) >= AUTO_FULL_KEPT else spans
+
+
+#: ``blocks="auto"`` takes the full operator only while the sketch keeps at least this fraction of
+#: the recorded parameters' dimensions. Under heavy compression the cross-layer operator measured
+#: worse: a 256-dim sketch of a 50,890-parameter MLP (docs/results/poison.md, exact-LOO check) gave
+#: Spearman 0.20 with one full operator against 0.38 per layer; at 1,018 of 3,322 dims (31%) and with
+#: exact gradients the full operator was better everywhere (docs/results/loo_fidelity.md).
+AUTO_FULL_KEPT = 0.25
+
+
+def _kept_fraction(run: Any) -> float:
+    """Stored columns / parameter dimensions of the recorded blocks (1.0 for exact runs)."""
+    try:
+        blocks = list(run.blocks)
+    except (KeyError, TypeError):
+        return 1.0
+    k = sum(int(b["stop"]) - int(b["start"]) for b in blocks)
+    dims = sum(int(np.prod(b["shape"])) if b.get("shape") else int(b["stop"]) - int(b["start"]) for b in blocks)
+    return k / dims if dims else 1.0
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "sgd-proxy")

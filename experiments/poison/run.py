@@ -332,6 +332,13 @@ def write_md(path, cfg, data, all_res, evals, wall, cmd, figname, n_steps):
           "clean-image CE, so its net effect on the difference is negative. The plain `target_ce` query is the "
           "meaningful one here; `trigger_diff` is kept as a negative result.",
           "- Early/late: `early` = poisoned images only in the first third of the epochs, `late` = only in the last third.",
+          "- Curvature under a heavy sketch: here 241 dims keep 0.5% of the 50,890 parameters' dimensions, and the "
+          "curvature options rank the poison worse than `none` (AUC above; Spearman with exact LOO below). With one "
+          "full operator for the true Fisher (`blocks=\"full\"`) the LOO check fell further, from 0.381 to 0.202 (run "
+          "2026-11-22, session 2), so `blocks=\"auto\"` stays per layer when a sketch keeps under a quarter of the "
+          "dimensions (docs/math.md, section 4). A sketch far smaller than the per-step curvature's rank (320 Fisher "
+          "rows per step) piles its trace onto few dimensions and over-damps. For detection work on heavily compressed "
+          "runs, `curvature=\"none\"` (or a larger `proj_dim`) ranks best here.",
           ""]
     loo = HERE / "work" / "loo_check.md"
     if loo.exists():

@@ -269,3 +269,22 @@ def test_segments_on_a_process_cluster(tmp_path):
             distributed.Client(cluster) as client:
         build_embeddings(path, segments=4, client=client, progress=False, storage_dtype="float64")
     np.testing.assert_allclose(_values(path, "empirical_fisher"), want, atol=1e-8)
+
+
+def test_auto_blocks_stay_per_layer_under_a_heavy_sketch():
+    from types import SimpleNamespace
+
+    from datavalue.embeddings._plan import _resolve_blocks
+
+    def run(shapes, ks):
+        edges = np.cumsum([0, *ks])
+        blocks = [{"start": int(a), "stop": int(b), "shape": s} for a, b, s in zip(edges[:-1], edges[1:], shapes)]
+        return SimpleNamespace(blocks=blocks, proj_dim=int(edges[-1]), path="r.zarr")
+
+    kw = dict(curvature="fisher", adam=False, momentum_mode=False, dtype="float64")
+    light = run([[16, 20], [10, 17]], [100, 70])  # 170 of 490 dims kept (35%): full
+    heavy = run([[64, 785], [10, 65]], [121, 120])  # 241 of 50,890 (0.5%): per layer
+    assert _resolve_blocks(light, "auto", **kw) == ((0, 170),)
+    assert _resolve_blocks(heavy, "auto", **kw) == ((0, 121), (121, 241))
+    assert _resolve_blocks(heavy, "full", **kw) == ((0, 241),)  # an explicit choice is kept
+    assert _resolve_blocks(light, "auto", **dict(kw, curvature="empirical_fisher")) == ((0, 100), (100, 170))

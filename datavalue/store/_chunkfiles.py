@@ -32,8 +32,9 @@ class ChunkFileRows:
     """
 
     def __init__(self, directory: str | os.PathLike[str], shape: tuple[int, int], chunk_rows: int, dtype: Any,
-                 fill_value: float = 0.0) -> None:
+                 fill_value: float = 0.0, name: str | None = None) -> None:
         self.directory = Path(directory)
+        self.name = name or self.directory.name  # the array's path inside the run, for error messages
         self.shape = (int(shape[0]), int(shape[1]))
         self.chunk_rows = int(chunk_rows)
         self.chunks = (self.chunk_rows, self.shape[1])
@@ -70,6 +71,7 @@ class ChunkFileRows:
 
     def _read_chunk(self, i: int, dest: np.ndarray, width: int) -> None:
         path = self.directory / "c" / str(i) / "0"
+        label = f"{self.name}/c/{i}/0"
         n = self.chunk_rows * width
         try:
             f = open(path, "rb")  # noqa: SIM115
@@ -82,12 +84,13 @@ class ChunkFileRows:
             tail = f.read(8)
         if got != n or len(tail) != 4:
             raise StoreCorruptError(
-                f"chunk {path} is truncated or too long ({got + len(tail)} bytes, expected {n + 4}); "
-                "the run is damaged: restore it from a copy or re-record the affected steps."
+                f"chunk {label} is corrupt (truncated or too long: {got + len(tail)} bytes, expected {n + 4}; "
+                f"file {path}); restore the run from a copy or re-record the affected steps."
             )
         if crc32c.crc32c(view) != int.from_bytes(tail, "little"):
             raise StoreCorruptError(
-                f"chunk {path} is corrupt (crc32c checksum mismatch); restore the run from a copy or re-record it."
+                f"chunk {label} is corrupt (crc32c checksum mismatch; file {path}); restore the run from a copy or "
+                "re-record it."
             )
 
 
@@ -117,6 +120,7 @@ def fast_rows(array: Any) -> Any:
         ):
             return array
         directory = Path(str(store.root)) / array.path
-        return ChunkFileRows(directory, array.shape, array.chunks[0], array.dtype, float(meta.fill_value or 0.0))
+        return ChunkFileRows(directory, array.shape, array.chunks[0], array.dtype, float(meta.fill_value or 0.0),
+                             name=str(array.path))
     except Exception:  # any surprise in zarr's metadata API: keep zarr's reader
         return array

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature", default=None, choices=["none", "empirical_fisher", "fisher"])
     p.add_argument("--segments", type=int, default=1)
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    p.add_argument("--blocks", default="auto", choices=["auto", "layer", "full"],
-                   help="one operator per layer block, one over all columns, or auto (default): full for the true "
+    p.add_argument("--blocks", default="layer", choices=["layer", "full", "auto"],
+                   help="one operator per layer block (default), one over all columns, or auto: full for the true "
                         "Fisher while it fits 256 MiB and the sketch keeps >= 1/4 of the dimensions")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_build)

@@ -212,7 +212,7 @@ def build_embeddings(
     explode_threshold: float = 1e6,
     optimizer: str | None = None,
     adam_second_moment: bool = True,
-    blocks: str = "auto",
+    blocks: str = "layer",
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 
@@ -255,9 +255,10 @@ def build_embeddings(
         adam_second_moment: keep the second-moment perturbation ``delta v`` in the Adam state
             (``3k`` state; ``False``: ``2k``, measured in docs/results/adam.md). Projected runs
             always drop it (their stored moments are block means).
-        blocks: the operator's block structure. ``"layer"``: one operator per recorded block (no
-            cross-layer curvature; memory ``sum_l k_l^2``). ``"full"``: one operator over all ``k``
-            columns (memory ``k^2``, flops ``B k^2`` per step). ``"auto"`` (default): ``"full"``
+        blocks: the operator's block structure. ``"layer"`` (default, the paper's block-diagonal
+            form): one operator per recorded block (no cross-layer curvature; memory
+            ``sum_l k_l^2``). ``"full"``: one operator over all ``k`` columns (memory ``k^2``,
+            flops ``B k^2`` per step). ``"auto"`` (recommended for the true Fisher): ``"full"``
             for ``curvature="fisher"`` while its state takes at most 256 MiB (``k`` up to 5,792
             in float64 for SGD, half that with momentum, a third for Adam) and the sketch keeps at
             least a quarter of the parameters' dimensions (exact gradients always do), else

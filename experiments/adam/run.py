@@ -33,7 +33,7 @@ VARIANTS = {
                                           blocks="full"),
     "adam (empirical fisher, 3k)": dict(curvature="empirical_fisher", optimizer="adamw"),
     "adam (no curvature, 3k)": dict(curvature="none", optimizer="adamw"),
-    "sgd proxy (fisher)": dict(curvature="fisher", optimizer="sgd-proxy"),
+    "sgd proxy (fisher)": dict(curvature="fisher", optimizer="sgd-proxy", blocks="full"),
 }
 
 

@@ -300,7 +300,7 @@ def write_report(results, a, cmd, wall, out_md: Path, out_png: Path):
         worst_dv_m = min(dv, key=lambda m: table[m][j])
         best_b = max(table[m][j] for m in base)
         best_b_m = max(base, key=lambda m: table[m][j])
-        lines.append(f"- lr {lr} {k}: Fisher (full, the default)@1024 = {fisher1024:.3f} ({'>= 0.9' if fisher1024 >= 0.9 else 'BELOW 0.9'}); "
+        lines.append(f"- lr {lr} {k}: Fisher (full operator)@1024 = {fisher1024:.3f} ({'>= 0.9' if fisher1024 >= 0.9 else 'BELOW 0.9'}); "
                      f"best baseline {best_b_m} {best_b:.3f} vs worst curvature option {worst_dv_m} {worst_dv:.3f} "
                      f"({'all baselines below all DVEmb options' if best_b < worst_dv else 'ORDERING VIOLATED'}).")
     lines.append("")
@@ -328,7 +328,7 @@ def write_report(results, a, cmd, wall, out_md: Path, out_png: Path):
     lines.append("- Embeddings: `datavalue.build_embeddings(path, curvature, storage_dtype=\"float64\", blocks=...)` for "
                  "none / empirical_fisher / fisher, with one operator per layer (`blocks=\"layer\"`, the paper's "
                  "block-diagonal form) and one operator over all columns (`blocks=\"full\"`, cross-layer curvature; "
-                 "the default for the true Fisher); estimate = embedding @ test gradient at the final weights "
+                 "what `blocks=\"auto\"` picks for the true Fisher at 1024 dims and exact; the default is per layer); estimate = embedding @ test gradient at the final weights "
                  "(`datavalue.per_sample_gradients`, same projection).")
     lines.append(f"- Removals (seed {a.seed + 2}): {a.n_single} random occurrences (single) and {a.n_all} random "
                  f"sample ids (all epochs); {a.n_test} test points, per-test loss = cross entropy.")

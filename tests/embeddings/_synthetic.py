@@ -73,10 +73,9 @@ def by_hand(steps, curvature, *, dampening=0.0, nesterov=False, stop=None, clipp
     """Embeddings w.r.t. the weights after step ``stop - 1`` by the pure core, one block at a time.
 
     ``blocks``: the operator spans, ``FULL`` (one operator) or ``BLOCKS`` (the recorded layer
-    blocks); default: what ``blocks="auto"`` picks for these tiny runs (``FULL`` for the true
-    Fisher, ``BLOCKS`` otherwise)."""
+    blocks, what the default ``blocks="layer"`` builds)."""
     if blocks is None:
-        blocks = FULL if curvature == "fisher" else BLOCKS
+        blocks = BLOCKS
     steps = steps[:stop] if stop is not None else steps
     out = [None] * len(steps)
     states = [core.init_state(b - a) for a, b in blocks]

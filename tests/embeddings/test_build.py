@@ -63,8 +63,11 @@ def test_block_modes_match_the_core_with_those_blocks(tmp_path, setting, curvatu
         assert meta["block_mode"] == mode and meta["blocks"] == [list(b) for b in spans]
     # cross-layer curvature changes the result (the test would not notice a mode that is ignored)
     assert np.abs(got["full"] - got["layer"]).max() > 1e-4
-    # "auto" takes the full operator for the true Fisher on a run this small, the layers otherwise
+    # the default is the paper's per-layer form; "auto" takes the full operator for the true Fisher
+    # on a run this small, the layers otherwise
     info = build_embeddings(path, curvature, overwrite=True, progress=False, storage_dtype="float64")
+    assert len(info.blocks) == len(BLOCKS)
+    info = build_embeddings(path, curvature, blocks="auto", overwrite=True, progress=False, storage_dtype="float64")
     assert len(info.blocks) == (1 if curvature == "fisher" else len(BLOCKS))
 
 
@@ -74,7 +77,7 @@ def test_full_blocks_survive_extend_and_checkpoints(tmp_path):
     build_embeddings(path, "empirical_fisher", blocks="full", segments=3, progress=False, storage_dtype="float64")
     write_run(path, more, mode="resume", fisher=True)
     info = extend_embeddings(path, "empirical_fisher", progress=False)
-    assert len(info.blocks) == 1  # the stored build's blocks, not the "auto" choice (layers)
+    assert len(info.blocks) == 1  # the stored build's blocks, not the default (layers)
     np.testing.assert_allclose(
         _values(path, "empirical_fisher"), by_hand(steps + more, "empirical_fisher", blocks=FULL), atol=1e-8
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from datavalue._blas import one_blas_thread
 from datavalue.embeddings import _core as core
 from datavalue.embeddings._plan import _Plan
 from datavalue.errors import EmbeddingError, NonFiniteError
@@ -168,47 +169,25 @@ def _scan(
         r0, r1 = int(plan.step_ptr[t]), int(plan.step_ptr[t + 1])
         G_all = grads.get(r0, r1)
         w = np.asarray(weights.get(r0, r1), dtype=np.float64)
-        if not np.all(np.isfinite(G_all)):
-            bad = r0 + int(np.flatnonzero(~np.isfinite(G_all).all(1))[0])
-            raise NonFiniteError(
-                f"{plan.path}: step {t}, row {bad}: non-finite gradient in the store. Re-record with "
-                "Recorder(..., on_nonfinite='skip') to store such rows as flagged zeros."
-            )
-        if np.any(w < 0) or not np.all(np.isfinite(w)):
-            raise EmbeddingError(
-                f"{plan.path}: step {t} has negative or non-finite row weights {w[:5]}."
-            )
-        F_all = None
-        if fisher is not None:
-            assert plan.fisher_ptr is not None
-            F_all = fisher.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
-            if not np.all(np.isfinite(F_all)):
-                raise NonFiniteError(
-                    f"{plan.path}: step {t}: non-finite Fisher pseudo-gradient rows in the store."
-                )
+        _check_rows(plan, t, r0, G_all, w)
+        F_all = _fisher_rows(plan, fisher, t)
         u = ug = None
         if plan.clipping == "direction" and plan.grad_scale[t] < 1.0 and r1 > r0:
             # the clipped step is c * g_hat with c = max_norm / ||g_hat||: keep d c (docs/math.md, 5)
-            g_hat = w @ np.asarray(G_all, dtype=np.float64)
+            G64 = np.asarray(G_all, dtype=np.float64)
+            g_hat = w @ G64
             norm = float(np.linalg.norm(g_hat))
             if norm > 0:
                 u = g_hat / norm
-                ug = np.asarray(G_all, dtype=np.float64) @ u
+                ug = G64 @ u
         thetas, vels = [], []
         for i, (a, b) in enumerate(plan.blocks):
-            if plan.curvature == "empirical_fisher":
-                curv: Any = "empirical_fisher"
-            elif plan.curvature == "fisher":
-                assert F_all is not None
-                curv = F_all[:, a:b]
-            else:
-                curv = None
             states[i], E = core.step_back(
                 states[i],
                 G_all[:, a:b],
                 w,
                 lr=float(plan.lr[t]),
-                curv=curv,
+                curv=_block_curv(plan, F_all, a, b),
                 weight_decay=float(plan.weight_decay[t]),
                 momentum=float(plan.momentum[t]),
                 dampening=plan.dampening,
@@ -220,19 +199,7 @@ def _scan(
                 clip_ug=ug,
                 inplace=True,  # the scan owns its states
             )
-            if not _monitor_now(b - a, t, lo, hi):
-                m = 0.0
-            else:
-                m = states[i].max_abs()
-            if not np.isfinite(m):
-                raise NonFiniteError(
-                    f"{plan.path}: the embedding operator of block {i} became non-finite by step {t} (lr {plan.lr[t]:.3g}). "
-                    "The step map is expansive there (eta * lambda_max(H) > 2); the first-order estimate is meaningless. "
-                    "Check the learning rate / loss of that step."
-                )
-            if m > plan.explode and (not expansive or expansive[-1] != t):
-                expansive.append(t)
-            max_op = max(max_op, m)
+            max_op = max(max_op, _watch(plan, states[i], i, t, lo, hi, expansive))
             if embed:
                 assert E is not None
                 k = b - a
@@ -282,6 +249,42 @@ def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Se
     if outputs is not None:
         writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
     return grads, weights, fisher, writer
+
+def _fisher_rows(plan: _Plan, fisher: Any, t: int) -> np.ndarray | None:
+    """Step ``t``'s stored true-Fisher pseudo-gradient rows (``None`` for other curvatures), checked."""
+    if fisher is None:
+        return None
+    assert plan.fisher_ptr is not None
+    F_all = fisher.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
+    if not np.all(np.isfinite(F_all)):
+        raise NonFiniteError(f"{plan.path}: step {t}: non-finite Fisher pseudo-gradient rows in the store.")
+    return F_all
+
+
+def _block_curv(plan: _Plan, F_all: np.ndarray | None, a: int, b: int) -> Any:
+    """The ``curv`` argument of the core step for columns ``a:b``."""
+    if plan.curvature == "empirical_fisher":
+        return "empirical_fisher"
+    if plan.curvature == "fisher":
+        assert F_all is not None
+        return F_all[:, a:b]
+    return None
+
+
+def _watch(plan: _Plan, state: Any, i: int, t: int, lo: int, hi: int, expansive: list[int]) -> float:
+    """Explosion monitor of block ``i`` after step ``t``: its largest ``|entry|`` (0 when not checked
+    this step, see :func:`_monitor_now`); records expansive steps, raises on non-finite values."""
+    m = state.max_abs() if _monitor_now(state.k, t, lo, hi) else 0.0
+    if not np.isfinite(m):
+        raise NonFiniteError(
+            f"{plan.path}: the embedding operator of block {i} became non-finite by step {t} (lr {plan.lr[t]:.3g}). "
+            "The step map is expansive there (eta * lambda_max(H) > 2); the first-order estimate is meaningless. "
+            "Check the learning rate / loss of that step."
+        )
+    if m > plan.explode and (not expansive or expansive[-1] != t):
+        expansive.append(t)
+    return m
+
 
 def _check_rows(plan: _Plan, t: int, r0: int, G_all: np.ndarray, w: np.ndarray) -> None:
     if not np.all(np.isfinite(G_all)):
@@ -353,23 +356,9 @@ def _scan_adam(
             weight_decay=float(plan.weight_decay[t]), decoupled=info["decoupled"],
             second_moment=info["second_moment"],
         )
-        F_all = None
-        if fisher is not None:
-            assert plan.fisher_ptr is not None
-            F_all = fisher.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
-            if not np.all(np.isfinite(F_all)):
-                raise NonFiniteError(
-                    f"{plan.path}: step {t}: non-finite Fisher pseudo-gradient rows in the store."
-                )
+        F_all = _fisher_rows(plan, fisher, t)
         thetas = []
         for i, (a, b) in enumerate(plan.blocks):
-            if plan.curvature == "empirical_fisher":
-                curv: Any = "empirical_fisher"
-            elif plan.curvature == "fisher":
-                assert F_all is not None
-                curv = F_all[:, a:b]
-            else:
-                curv = None
             coef = core.AdamStepCoef(
                 p=coef_all.p[a:b],
                 q=None if coef_all.q is None else coef_all.q[a:b],
@@ -377,17 +366,9 @@ def _scan_adam(
                 b1=b1, b2=b2, decay=coef_all.decay, lam=coef_all.lam,
             )
             states[i], E = core.adam_step_back(
-                states[i], G_all[:, a:b], w, coef, curv=curv, grad_scale=c, embed=embed
+                states[i], G_all[:, a:b], w, coef, curv=_block_curv(plan, F_all, a, b), grad_scale=c, embed=embed
             )
-            m = states[i].max_abs() if _monitor_now(b - a, t, lo, hi) else 0.0
-            if not np.isfinite(m):
-                raise NonFiniteError(
-                    f"{plan.path}: the Adam embedding operator of block {i} became non-finite by step {t} "
-                    f"(lr {lr:.3g}); the first-order estimate is meaningless there."
-                )
-            if m > plan.explode and (not expansive or expansive[-1] != t):
-                expansive.append(t)
-            max_op = max(max_op, m)
+            max_op = max(max_op, _watch(plan, states[i], i, t, lo, hi, expansive))
             if embed:
                 assert E is not None
                 thetas.append(E[:, : b - a])
@@ -425,7 +406,7 @@ def _execute(
     if client is None:
         # parallelism comes from the tasks: one BLAS thread each, or BLAS threads oversubscribe the
         # cores (measured: 2 segments on 2 cores, 0.84 s with one BLAS thread per task, 1.5 s without)
-        with _one_blas_thread():
+        with one_blas_thread():
             return list(dask.compute(*tasks, scheduler="threads"))
     from distributed import as_completed
 
@@ -435,29 +416,6 @@ def _execute(
         if bar is not None and sizes is not None:
             bar.update(sizes[index[fut.key]])
     return client.gather(futures)
-
-
-def _one_blas_thread() -> Any:
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-#: Operators narrower than this run their GEMMs on one BLAS thread (too small to split).
-SMALL_BLOCK = 512
-
-
-def _scan_blas_threads(plan: _Plan) -> int:
-    """BLAS threads for one scan on the driver.
-
-    The scan's GEMMs run next to the row reader and the writer threads; BLAS threads that spin
-    against them are catastrophic. Measured on 2 cores (``benchmarks/scale.py`` layout: 4 blocks
-    of 64, 128 rows per step): 3,200 occurrences/s with BLAS's default 2 threads, 131,000 with
-    one; one block of 2,048 (B = 128): 7.4 s vs 4.5 s for 200 steps. So: one thread for narrow
-    operators, and all cores but one for wide ones.
-    """
-    width = max(plan.width(i) for i in range(len(plan.blocks)))
-    return 1 if width < SMALL_BLOCK else max(1, os.cpu_count() or 1)
 
 
 class _Tick:
@@ -518,10 +476,10 @@ def _run_segments(
 
     try:
         if K == 1:
-            from threadpoolctl import threadpool_limits
-
             lo, hi = bounds[0]
-            with threadpool_limits(limits=1, user_api="blas"), core.gemm_threads(_scan_blas_threads(plan)):
+            # one scan on the driver: BLAS on one thread, wide operators split over all cores
+            # (core.gemm_threads; narrow ones are never split, measured in core's notes)
+            with one_blas_thread(), core.gemm_threads(os.cpu_count() or 1):
                 res = _scan(
                     plan,
                     lo,

@@ -38,6 +38,8 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 from tqdm.auto import tqdm
 
+from datavalue import _blas
+
 logger = logging.getLogger(__name__)
 
 #: Partials merged per tree node. Small enough that few partials wait in memory at once.
@@ -387,9 +389,7 @@ def one_blas_thread(client: Any) -> Iterator[None]:
     if is_distributed(client) or n_threads(client) <= 1:
         yield
         return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas.one_blas_thread():
         yield
 
 

@@ -17,18 +17,14 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, ce, make_batches, make_factory, pool2, record
+from run import ROOT, ce, load_data, make_batches, make_factory, record
 
 import datavalue
-from datavalue.data import load_mnist
 from datavalue.store import open_array, open_run
 from datavalue.testing import spearman_per_test, trajectory_loo
 
 torch.use_deterministic_algorithms(True)
-xtr, ytr = load_mnist("train", 512, seed=0)
-xte, yte = load_mnist("test", 50, seed=1)
-Xtr, Ytr = torch.tensor(pool2(xtr), dtype=torch.float64), torch.tensor(ytr)
-Xte, Yte = torch.tensor(pool2(xte), dtype=torch.float64), torch.tensor(yte)
+Xtr, Ytr, Xte, Yte = load_data(512, 50, 0)
 fac = make_factory(16, 0)
 batches, ep = make_batches(Xtr, Ytr, 32, 3, 1)
 tl = lambda m: ce(m, Xte, Yte)  # noqa: E731

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, ce, flat_grads, full_hessian, make_batches, make_factory, pool2  # noqa: E402
+from run import ROOT, ce, flat_grads, full_hessian, load_data, make_batches, make_factory  # noqa: E402
 
-from datavalue.data import load_mnist  # noqa: E402
 from datavalue.testing import spearman_per_test, train_reference, trajectory_loo  # noqa: E402
 
 
@@ -105,10 +104,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     t_all = time.perf_counter()
-    xtr, ytr = load_mnist("train", a.n_train, seed=a.data_seed)
-    xte, yte = load_mnist("test", a.n_test, seed=a.data_seed + 1)
-    data = (torch.tensor(pool2(xtr), dtype=torch.float64), torch.tensor(ytr),
-            torch.tensor(pool2(xte), dtype=torch.float64), torch.tensor(yte))
+    data = load_data(a.n_train, a.n_test, a.data_seed)
 
     def log(msg):
         print(f"[{time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)

@@ -53,6 +53,14 @@ def pool2(x: np.ndarray) -> np.ndarray:
     return x.reshape(n, 14, 2, 14, 2).mean(axis=(2, 4)).reshape(n, 196)
 
 
+def load_data(n_train: int, n_test: int, data_seed: int) -> tuple[torch.Tensor, ...]:
+    """(Xtr, Ytr, Xte, Yte): real MNIST subsets (seeds data_seed, data_seed + 1), 14x14, float64."""
+    xtr, ytr = load_mnist("train", n_train, seed=data_seed)
+    xte, yte = load_mnist("test", n_test, seed=data_seed + 1)
+    return (torch.tensor(pool2(xtr), dtype=torch.float64), torch.tensor(ytr),
+            torch.tensor(pool2(xte), dtype=torch.float64), torch.tensor(yte))
+
+
 def make_factory(hidden: int, seed: int):
     def factory() -> nn.Module:
         g = torch.get_rng_state()
@@ -421,10 +429,7 @@ def main(argv=None):
     torch.use_deterministic_algorithms(True)
 
     t_all = time.perf_counter()
-    xtr, ytr = load_mnist("train", a.n_train, seed=a.data_seed)
-    xte, yte = load_mnist("test", a.n_test, seed=a.data_seed + 1)
-    data = (torch.tensor(pool2(xtr), dtype=torch.float64), torch.tensor(ytr),
-            torch.tensor(pool2(xte), dtype=torch.float64), torch.tensor(yte))
+    data = load_data(a.n_train, a.n_test, a.data_seed)
 
     def log(msg):
         print(f"[{time.perf_counter() - t_all:7.1f}s] {msg}", flush=True)

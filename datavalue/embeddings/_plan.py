@@ -83,12 +83,17 @@ def _parse_dtype(dtype: str) -> str:
     return d
 
 
+def _manifest_blocks(run: Any) -> list[dict[str, Any]]:
+    """The run manifest's block entries (empty for a manifest without them)."""
+    try:
+        return list(run.blocks)
+    except (KeyError, TypeError):
+        return []
+
+
 def _blocks(run: Any) -> tuple[tuple[int, int], ...]:
     k = int(run.proj_dim)
-    try:
-        blocks = run.blocks
-    except (KeyError, TypeError):
-        blocks = []
+    blocks = _manifest_blocks(run)
     spans = sorted((int(b["start"]), int(b["stop"])) for b in blocks) or [(0, k)]
     pos = 0
     for a, b in spans:
@@ -159,10 +164,7 @@ AUTO_FULL_KEPT = 0.25
 
 def _kept_fraction(run: Any) -> float:
     """Stored columns / parameter dimensions of the recorded blocks (1.0 for exact runs)."""
-    try:
-        blocks = list(run.blocks)
-    except (KeyError, TypeError):
-        return 1.0
+    blocks = _manifest_blocks(run)
     k = sum(int(b["stop"]) - int(b["start"]) for b in blocks)
     dims = sum(int(np.prod(b["shape"])) if b.get("shape") else int(b["stop"]) - int(b["start"]) for b in blocks)
     return k / dims if dims else 1.0

@@ -22,7 +22,7 @@ import datetime as _dt
 import logging
 import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Recorder] = weakref.WeakKeyDictionary()
 
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
-CURVATURES = (None, "none", "empirical_fisher", "fisher")
+CURVATURES = (None, "none", "empirical_fisher", "fisher", "hessian")
 
 
 def parse_sample_ids(sample_ids: Any) -> np.ndarray:
@@ -158,8 +158,11 @@ class Recorder:
         optimizer: the torch optimizer; when given, the actual lr, momentum and weight decay of
             every step are read from its first param group, and ``lr`` may be omitted.
         curvature: ``"fisher"`` also records true-Fisher pseudo-gradients (the recorder runs the
-            extra backward itself; labels from the model's softmax); ``None``, ``"none"`` and
-            ``"empirical_fisher"`` need nothing extra.
+            extra backward itself; labels from the model's softmax); ``"hessian"`` records each
+            step's exact Hessian sketched on both sides (``S H S^T``, ``k x k`` per step; pass
+            ``rec.step(..., hessian_loss=...)``; ``k`` Hessian-vector products per step, for small
+            models); a sequence such as ``("fisher", "hessian")`` records both; ``None``,
+            ``"none"`` and ``"empirical_fisher"`` need nothing extra.
         loss_reduction: how the stepped loss combines examples: ``"mean"`` (weight 1/|B|),
             ``"sum"`` (weight 1) or ``"token_mean"`` (weight tokens(z)/tokens(B), pass ``tokens=``).
         layers: module names to capture (default: all modules with trainable parameters).
@@ -175,6 +178,8 @@ class Recorder:
             than one rank is initialised). Each rank records its local part of the global batch
             (pass the local ``sample_ids``); per-sample weights account for DDP's averaging over
             ranks; rows are gathered to rank 0, which owns the manifest and commits, in rank order.
+        hessian_max_dim: refuse ``curvature="hessian"`` above this many columns (its cost grows as
+            ``k`` Hessian-vector products and ``k^2`` stored numbers per step).
         record_optimizer_state: store the Adam/AdamW moments of every step (per-step arrays
             ``adam_m``, ``adam_v``, ``adam_step``; ``2 T k`` numbers), which Adam-aware embeddings
             need (``build_embeddings(..., optimizer="adamw")``). Default: whenever ``optimizer``
@@ -192,7 +197,7 @@ class Recorder:
         proj_dim: int | Mapping[str, int] | None = 1024,
         seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
-        curvature: str | None = None,
+        curvature: str | Sequence[str] | None = None,
         loss_reduction: str = "mean",
         layers: Sequence[str] | None = None,
         storage_dtype: str = "float32",
@@ -205,14 +210,16 @@ class Recorder:
         background: bool = True,
         distributed: bool | None = None,
         record_optimizer_state: bool | None = None,
+        hessian_max_dim: int = 4096,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
             raise RecorderError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise RecorderError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
-        if curvature not in CURVATURES:
-            raise RecorderError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+        kinds = (curvature,) if curvature is None or isinstance(curvature, str) else tuple(curvature)
+        if not kinds or any(c not in CURVATURES for c in kinds):
+            raise RecorderError(f"curvature must be one of {CURVATURES} or a sequence of them, got {curvature!r}.")
         if on_nonfinite not in ("raise", "skip"):
             raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
         if storage_dtype not in ("float32", "float16", "float64"):
@@ -228,7 +235,8 @@ class Recorder:
         self.optimizer = optimizer
         self.loss_reduction = loss_reduction
         self.on_nonfinite = on_nonfinite
-        self.fisher = curvature == "fisher"
+        self.fisher = "fisher" in kinds
+        self.hessian = "hessian" in kinds
         self.fisher_max_classes = int(fisher_max_classes)
         self.fisher_samples = int(fisher_samples)
         is_adam = type(_unwrap(optimizer)).__name__.lower() in ("adam", "adamw") if optimizer is not None else False
@@ -243,13 +251,22 @@ class Recorder:
             if isinstance(exc, RecorderError):
                 raise
             raise RecorderError(f"cannot split proj_dim={proj_dim!r} over the model's blocks: {exc}") from exc
+        if self.hessian and self.engine.k > int(hessian_max_dim):
+            raise RecorderError(
+                f"curvature='hessian' with k={self.engine.k} columns costs {self.engine.k} Hessian-vector products and "
+                f"{self.engine.k}^2 stored numbers per step, above hessian_max_dim={int(hessian_max_dim)}. Use a smaller "
+                "proj_dim, curvature='fisher', or raise hessian_max_dim if you mean it."
+            )
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
         manifest = base_manifest(
             self.engine, model, loss_reduction=loss_reduction, optimizer=optimizer,
             fisher={"max_classes": self.fisher_max_classes, "samples": self.fisher_samples} if self.fisher else None,
+            hessian={"kind": "exact", "sketch": "both sides"} if self.hessian else None,
         )
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
         self._dist = _DistInfo.detect(distributed)
+        if self.hessian and self._dist.world > 1:
+            raise RecorderError("curvature='hessian' is not supported under torch.distributed; use curvature='fisher'.")
         self.writer: RunWriter | None = None
         if self._dist.rank == 0:
             try:
@@ -266,6 +283,7 @@ class Recorder:
         self._active: StepHandle | None = None
         self.closed = False
         self._fisher_rows: list[torch.Tensor] = []
+        self._hessian: torch.Tensor | None = None
         self._weights_t: torch.Tensor | None = None
         self.engine.attach(root_hook=self._on_model_output if self.fisher else None)
         _ATTACHED[model] = self
@@ -296,6 +314,7 @@ class Recorder:
         epoch: int | None = None,
         clip_coef: float | None = None,
         tokens: Any = None,
+        hessian_loss: Callable[[], torch.Tensor] | None = None,
     ) -> Iterator[StepHandle]:
         """Record the backward pass run inside the ``with`` block as one optimizer step.
 
@@ -306,6 +325,11 @@ class Recorder:
             clip_coef: gradient clipping coefficient of the step (``min(1, max_norm/norm)``);
                 may also be set later on the yielded handle (``h.clip_coef = ...``).
             tokens: per-example token counts, required for ``loss_reduction="token_mean"``.
+            hessian_loss: with ``curvature="hessian"``, a zero-argument closure that recomputes the
+                loss the optimizer steps on for this batch (same reduction), e.g.
+                ``lambda: F.cross_entropy(model(x), y)``. It is evaluated at the current weights
+                (before ``optimizer.step()``) with the parameters substituted functionally:
+                ``.grad`` is not touched. Use deterministic layers (no dropout) or the same mode.
         """
         if self.closed:
             raise RecorderStateError("this Recorder is closed; open a new one with resume=True to record more steps.")
@@ -317,6 +341,19 @@ class Recorder:
         if lr is not None and not (np.isfinite(float(lr)) and float(lr) >= 0):
             raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
         weights = step_weights(self.loss_reduction, ids.size, tokens)
+        if self.hessian and hessian_loss is None:
+            raise RecorderError(
+                "this Recorder records curvature='hessian': pass rec.step(..., hessian_loss=lambda: loss_fn(model(x), y)), "
+                "a closure recomputing the batch's stepped loss."
+            )
+        if hessian_loss is not None and not self.hessian:
+            raise RecorderError("hessian_loss= is only used with Recorder(..., curvature='hessian').")
+        self._hessian = None
+        if hessian_loss is not None:
+            from datavalue.capture._hessian import sketched_hessian
+
+            with torch.enable_grad():  # at the weights before this step's update; hooks are idle
+                self._hessian = sketched_hessian(self.model, hessian_loss, self.engine)
         handle = StepHandle(self._next_step, clip_coef)
         self._active = handle
         self._fisher_rows = []
@@ -362,6 +399,18 @@ class Recorder:
             g = torch.where(finite.unsqueeze(1), g, torch.zeros_like(g))
             flags[~to_numpy(finite)] |= FLAG_NONFINITE
         fisher = np.nan_to_num(to_numpy(fisher_t), nan=0.0, posinf=0.0, neginf=0.0) if self.fisher else None
+        extra = self._adam_extra()
+        if self._hessian is not None:
+            H = to_numpy(self._hessian)
+            if not np.all(np.isfinite(H)):
+                if self.on_nonfinite == "raise":
+                    raise NonFiniteError(
+                        f"step {handle.index}: the Hessian of hessian_loss is non-finite; nothing was written for this "
+                        "step. Fix the loss, or pass on_nonfinite='skip' (the step's Hessian is then stored as NaN and "
+                        "a curvature='hessian' build stops there)."
+                    )
+                H = np.full_like(H, np.nan)
+            extra = dict(extra or {}, hessian=H)
         opt = _optimizer_state(self.optimizer)
         step_lr = float(lr) if lr is not None else opt["lr"]
         self._next_step += 1
@@ -372,7 +421,7 @@ class Recorder:
             lr=step_lr, epoch=-1 if epoch is None else int(epoch),
             grad_scale=1.0 if handle.clip_coef is None else float(handle.clip_coef),
             momentum=opt["momentum"], weight_decay=opt["weight_decay"], fisher=fisher,
-            extra=self._adam_extra(),
+            extra=extra,
         ))
 
     def _adam_extra(self) -> dict[str, Any] | None:
@@ -485,7 +534,8 @@ class Recorder:
 
 
 def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, optimizer: Any,
-                  fisher: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+                  fisher: dict[str, Any] | None = None, hessian: dict[str, Any] | None = None,
+                  **extra: Any) -> dict[str, Any]:
     """The run manifest every torch recorder writes (see ``docs/store-format.md``)."""
     return {
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -494,7 +544,7 @@ def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, opti
         "model_fingerprint": fingerprint_params(trainable_fingerprint(model)),
         "model_class": type(model).__qualname__,
         "loss_reduction": loss_reduction,
-        "curvature": {"fisher": fisher},
+        "curvature": {"fisher": fisher, **({"hessian": hessian} if hessian else {})},
         "capture_dtype": str(engine.dtype).replace("torch.", ""),
         "optimizer": _optimizer_config(optimizer),
         **extra,

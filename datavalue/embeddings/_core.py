@@ -26,7 +26,9 @@ On a clipped step the coefficient's own derivative is kept with ``clip_u`` (``A 
 + lam I``, injection ``c w (I - u u^T) g``), see ``docs/math.md`` section 5.
 
 Extend by adding a curvature kind: give :func:`step_back` its rows ``F`` (``H = F^T F``, weights
-included) or the string ``"empirical_fisher"`` (``F = sqrt(w) G``, reusing ``G @ P^T``).
+included), the string ``"empirical_fisher"`` (``F = sqrt(w) G``, reusing ``G @ P^T``), or an explicit
+symmetric matrix wrapped in :class:`CurvMatrix` (e.g. the exact Hessian, which is indefinite and has
+no real rows ``F``): then ``P A = c (H P^T)^T + lam P`` costs one ``(k x k) @ (k x n)`` product.
 """
 
 from __future__ import annotations
@@ -54,9 +56,27 @@ __all__ = [
     "adam_coefficients",
     "adam_step_back",
     "init_adam_state",
+    "CurvMatrix",
 ]
 
-Curv = np.ndarray | Literal["empirical_fisher"] | None
+
+@dataclasses.dataclass(frozen=True)
+class CurvMatrix:
+    """An explicit symmetric curvature block ``H_t`` (``k x k``, weights included, before the
+    clipping coefficient), for curvatures that are not a sum of squares such as the exact Hessian.
+
+    Example:
+        >>> F = np.array([[1.0, 2.0]])
+        >>> s1, _ = step_back(init_state(2), F, np.array([1.0]), lr=0.1, curv=F)
+        >>> s2, _ = step_back(init_state(2), F, np.array([1.0]), lr=0.1, curv=CurvMatrix(F.T @ F))
+        >>> bool(np.allclose(s1.M, s2.M))
+        True
+    """
+
+    H: np.ndarray
+
+
+Curv = np.ndarray | CurvMatrix | Literal["empirical_fisher"] | None
 
 
 def _max_abs(a: np.ndarray | None) -> float:
@@ -295,7 +315,8 @@ def step_back(
         w: ``(b,)`` weights ``w_t(z)`` of the rows in the stepped loss.
         lr: ``eta_t``.
         curv: ``(f, k)`` curvature rows ``F`` with ``H_t = F^T F`` (weights included, before
-            ``grad_scale``); ``"empirical_fisher"`` for ``F = sqrt(w) G``; ``None`` for ``H = 0``.
+            ``grad_scale``); a :class:`CurvMatrix` holding ``H_t`` itself; ``"empirical_fisher"``
+            for ``F = sqrt(w) G``; ``None`` for ``H = 0``.
         weight_decay: coupled decay ``lambda_t`` (torch.optim.SGD semantics).
         momentum, dampening, nesterov, fresh: see :func:`step_coefficients`.
         grad_scale: clipping coefficient ``c_t``.
@@ -373,6 +394,12 @@ def step_back(
             assert GP is not None
             FP = GP if Pu is None else GP - np.outer(G @ u, Pu)
             _sub_outer(M, FP * (c * sw)[:, None], G * sw[:, None])
+    elif isinstance(curv, CurvMatrix):
+        H = np.asarray(curv.H, dtype=dtype)
+        HP = _xpT(H, state, coef)  # H P^T: (k, n); H symmetric, so P H = HP.T
+        if Pu is not None:
+            HP -= np.outer(H @ u, Pu)
+        M -= c * HP.T
     elif curv is not None:
         F = np.asarray(curv, dtype=dtype)
         if F.shape[0]:
@@ -601,6 +628,8 @@ def adam_step_back(
             sw = np.sqrt(w)
             assert GP is not None
             PA += c * ((GP * sw[:, None]).T @ (G * sw[:, None]))
+    elif isinstance(curv, CurvMatrix):
+        PA += c * _adam_xpT(np.asarray(curv.H, dtype=dtype), state, coef, s).T
     elif curv is not None:
         F = np.asarray(curv, dtype=dtype)
         if F.shape[0]:

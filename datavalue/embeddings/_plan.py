@@ -16,7 +16,9 @@ import numpy as np
 
 from datavalue.errors import CurvatureUnavailableError, EmbeddingError, NonFiniteError
 
-CURVATURES = ("fisher", "empirical_fisher", "none")
+CURVATURES = ("hessian", "fisher", "empirical_fisher", "none")
+#: Curvatures whose cross-layer terms ``blocks="auto"`` keeps (one operator over all columns).
+FULL_CURVATURES = ("hessian", "fisher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +56,17 @@ class _Plan:
 
 
 def _parse_curvature(run: Any, curvature: str | None) -> str:
+    has_hessian = bool(getattr(run, "has_hessian", False))
     if curvature is None:
-        return "fisher" if run.has_fisher else "empirical_fisher"
+        return "hessian" if has_hessian else "fisher" if run.has_fisher else "empirical_fisher"
     if curvature not in CURVATURES:
         raise EmbeddingError(f"curvature must be one of {CURVATURES} or None, got {curvature!r}.")
+    if curvature == "hessian" and not has_hessian:
+        raise CurvatureUnavailableError(
+            f"{run.path} holds no per-step Hessians, so curvature='hessian' is unavailable. Record with "
+            "Recorder(..., curvature='hessian') and rec.step(..., hessian_loss=...) (k Hessian-vector products per "
+            "step: small models), or build with curvature='fisher' or 'empirical_fisher'."
+        )
     if curvature == "fisher" and not run.has_fisher:
         raise CurvatureUnavailableError(
             f"{run.path} holds no true-Fisher pseudo-gradients, so curvature='fisher' is unavailable. Record with "
@@ -145,7 +154,7 @@ def _resolve_blocks(
             f"blocks must be one of {BLOCK_MODES}, got {blocks!r}: 'layer' keeps one operator per recorded block "
             "(memory sum of k_l^2), 'full' one operator over all columns (cross-layer curvature, memory k^2)."
         )
-    if blocks == "layer" or len(spans) == 1 or (blocks == "auto" and curvature != "fisher"):
+    if blocks == "layer" or len(spans) == 1 or (blocks == "auto" and curvature not in FULL_CURVATURES):
         return spans
     if blocks == "full":
         return ((0, k),)

@@ -245,15 +245,28 @@ def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Se
     if plan.curvature == "fisher":
         assert plan.fisher_ptr is not None
         fisher = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
+    elif plan.curvature == "hessian":
+        hchunk = max(1, int(run._group["hessian"].chunks[0]))
+        fisher = _ReverseRows(run, "hessian", lo, hchunk, hchunk)
     writer = None
     if outputs is not None:
         writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
     return grads, weights, fisher, writer
 
 def _fisher_rows(plan: _Plan, fisher: Any, t: int) -> np.ndarray | None:
-    """Step ``t``'s stored true-Fisher pseudo-gradient rows (``None`` for other curvatures), checked."""
+    """Step ``t``'s stored true-Fisher pseudo-gradient rows, or its ``(k, k)`` Hessian for
+    ``curvature="hessian"`` (``None`` for other curvatures), checked."""
     if fisher is None:
         return None
+    if plan.curvature == "hessian":
+        H = fisher.get(t, t + 1)[0]
+        if not np.all(np.isfinite(H)):
+            raise NonFiniteError(
+                f"{plan.path}: step {t}: the stored Hessian is missing (NaN: the step was recorded without "
+                "hessian_loss=) or non-finite. Record every step with rec.step(..., hessian_loss=...), or build "
+                "with curvature='fisher' or 'empirical_fisher'."
+            )
+        return H
     assert plan.fisher_ptr is not None
     F_all = fisher.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
     if not np.all(np.isfinite(F_all)):
@@ -268,6 +281,9 @@ def _block_curv(plan: _Plan, F_all: np.ndarray | None, a: int, b: int) -> Any:
     if plan.curvature == "fisher":
         assert F_all is not None
         return F_all[:, a:b]
+    if plan.curvature == "hessian":
+        assert F_all is not None
+        return core.CurvMatrix(F_all[a:b, a:b])
     return None
 
 

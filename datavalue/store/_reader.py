@@ -257,7 +257,12 @@ class Run:
     @property
     def has_adam_state(self) -> bool:
         """Whether the run stores the Adam moments per step (``adam_m``, ``adam_v``, ``adam_step``)."""
-        return all(n in self._group for n in OPTIONAL_STEP_ARRAYS)
+        return all(n in self._group for n in ("adam_m", "adam_v", "adam_step"))
+
+    @property
+    def has_hessian(self) -> bool:
+        """Whether the run stores each step's sketched exact Hessian (``Recorder(..., curvature="hessian")``)."""
+        return "hessian" in self._group
 
     def adam_first_step(self) -> int:
         """First step whose Adam moments were recorded (0 unless added on resume)."""

@@ -33,7 +33,11 @@ FLAG_NONFINITE = 1
 #: ``exp_avg``/``exp_avg_sq`` *before* the step's update (exact runs: per parameter; projected runs:
 #: each column holds its block's mean). ``adam_step`` ``(T,)``: the bias-correction step count the
 #: update of step ``t`` uses (torch's ``state["step"]`` after the update). See docs/math.md, section 10.
-OPTIONAL_STEP_ARRAYS: dict[str, str] = {"adam_m": "vector", "adam_v": "vector", "adam_step": "scalar"}
+#: ``hessian`` ``(T, k, k)``: the exact Hessian of step ``t``'s stepped loss at the weights before
+#: the update, sketched on both sides (``S H_t S^T``; ``Recorder(..., curvature="hessian")``).
+OPTIONAL_STEP_ARRAYS: dict[str, str] = {
+    "adam_m": "vector", "adam_v": "vector", "adam_step": "scalar", "hessian": "matrix",
+}
 
 #: Manifest keys that must match between a run on disk and a recorder resuming it.
 RESUME_KEYS = ("schema_version", "projection", "model_fingerprint", "loss_reduction", "curvature", "storage_dtype")

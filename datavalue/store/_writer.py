@@ -323,10 +323,11 @@ class RunWriter:
             kind = OPTIONAL_STEP_ARRAYS.get(name)
             if kind is None:
                 raise RecorderStateError(f"unknown optional per-step array {name!r}; known: {sorted(OPTIONAL_STEP_ARRAYS)}")
-            width = (self.k,) if kind == "vector" else ()
+            width = {"vector": (self.k,), "matrix": (self.k, self.k)}.get(kind, ())
             if name not in self._group:
                 dt = "float64" if self.manifest.get("storage_dtype") == "float64" or kind == "scalar" else "float32"
-                rows = 4096 if kind == "scalar" else int(max(1, min(4096, (4 << 20) // (4 * max(self.k, 1)))))
+                per = 4 * int(np.prod(width)) if width else 0
+                rows = 4096 if not per else int(max(1, min(4096, (4 << 20) // per)))
                 cap = max(rows, self.steps + len(blocks))
                 arr = self._group.create_array(name, shape=(cap, *width), chunks=(rows, *width), dtype=dt,
                                                compressors=small_codecs(), fill_value=np.nan,

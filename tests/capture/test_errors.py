@@ -116,7 +116,7 @@ def test_bad_options(setup):
     with pytest.raises(RecorderError, match="loss_reduction"):
         datavalue.Recorder(path, model, loss_reduction="avg")
     with pytest.raises(RecorderError, match="curvature"):
-        datavalue.Recorder(path, model, curvature="hessian")
+        datavalue.Recorder(path, model, curvature="ggn")
     with pytest.raises(RecorderError, match="resume=True and overwrite=True"):
         datavalue.Recorder(path, model, resume=True, overwrite=True)
     with pytest.raises(RecorderError, match="layers="):

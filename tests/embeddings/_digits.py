@@ -71,6 +71,7 @@ def make_case(
     eps=1e-8,
     epsilon: float | None = None,
     proj_dim: int | None = None,
+    curvature: str | tuple[str, ...] = "fisher",
 ) -> Case:
     """``adam="adamw"``/``"adam"`` trains with torch's AdamW/Adam (``weight_decay`` applies to it)
     instead of SGD; ``epsilon`` also computes the exact first-order target ``case.linear``."""
@@ -112,8 +113,14 @@ def make_case(
             max_grad_norm=max_grad_norm,
         )
     rec = datavalue.Recorder(
-        path, model, proj_dim=proj_dim, optimizer=opt, curvature="fisher", storage_dtype="float64"
+        path, model, proj_dim=proj_dim, optimizer=opt, curvature=curvature, storage_dtype="float64"
     )
+    hessian = "hessian" in ((curvature,) if isinstance(curvature, str) else curvature)
+
+    def step_context(t, b, lr_):
+        loss = (lambda: ce(model, b.inputs, b.targets).mean()) if hessian else None
+        return rec.step(sample_ids=b.sample_ids, lr=lr_, hessian_loss=loss)
+
     with rec:
         ref = train_reference(
             factory,
@@ -123,7 +130,7 @@ def make_case(
             model=model,
             optimizer=opt,
             config=config,
-            step_context=lambda t, b, lr_: rec.step(sample_ids=b.sample_ids, lr=lr_),
+            step_context=step_context,
         )
     run = open_run(path)
     steps, ids = ref.occurrences()

@@ -198,8 +198,10 @@ def test_fisher_unavailable_names_the_recorder_option(tmp_path):
     path = write_run(tmp_path / "r.zarr", make_steps(0, 3))
     with pytest.raises(CurvatureUnavailableError, match=r"Recorder\(\.\.\., curvature=.fisher.\)"):
         build_embeddings(path, "fisher", progress=False)
-    with pytest.raises(EmbeddingError, match="curvature must be"):
+    with pytest.raises(CurvatureUnavailableError, match=r"Recorder\(\.\.\., curvature=.hessian.\)"):
         build_embeddings(path, "hessian", progress=False)
+    with pytest.raises(EmbeddingError, match="curvature must be"):
+        build_embeddings(path, "ggn", progress=False)
 
 
 def test_rebuild_needs_overwrite(tmp_path):

@@ -38,11 +38,12 @@ from datavalue.store import open_array, open_run
 from datavalue.testing import Batch, spearman_per_test, train_reference, trajectory_loo
 
 ROOT = Path(__file__).resolve().parents[2]
-CURVS = ("none", "empirical_fisher", "fisher")
-CURV_LABEL = {"none": "none (H=0)", "empirical_fisher": "empirical Fisher", "fisher": "true Fisher"}
+CURVS = ("none", "empirical_fisher", "fisher", "hessian")
+CURV_LABEL = {"none": "none (H=0)", "empirical_fisher": "empirical Fisher", "fisher": "true Fisher",
+              "hessian": "exact Hessian"}
 # (curvature, blocks): per-layer operators and one full operator (cross-layer curvature); H = 0 has no operator
 VARIANTS = (("none", "layer"), ("empirical_fisher", "layer"), ("empirical_fisher", "full"), ("fisher", "layer"),
-            ("fisher", "full"))
+            ("fisher", "full"), ("hessian", "layer"), ("hessian", "full"))
 BLOCK_LABEL = {"layer": " per layer", "full": " full"}
 
 
@@ -130,11 +131,17 @@ def full_hessian(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, chunk: int 
 def record(path, factory, batches, lrs, epochs_of, proj):
     model = factory()
     opt = torch.optim.SGD(model.parameters(), lr=float(lrs[0]))
-    rec = datavalue.Recorder(path, model, proj_dim=proj, seed=0, optimizer=opt, curvature="fisher",
+    rec = datavalue.Recorder(path, model, proj_dim=proj, seed=0, optimizer=opt, curvature=("fisher", "hessian"),
                              storage_dtype="float64", overwrite=True)
+
+    def step(t, b, lr):
+        # the exact Hessian of the stepped (batch-mean) loss, S H S^T, recorded next to the Fisher rows
+        return rec.step(sample_ids=b.sample_ids, lr=lr, epoch=epochs_of[t],
+                        hessian_loss=lambda: ce(model, b.inputs, b.targets).mean())
+
     with rec:
         ref = train_reference(factory, batches, lrs, ce, model=model, optimizer=opt, verify=proj is None,
-                              step_context=lambda t, b, lr: rec.step(sample_ids=b.sample_ids, lr=lr, epoch=epochs_of[t]))
+                              step_context=step)
     return ref
 
 
@@ -324,7 +331,8 @@ def write_report(results, a, cmd, wall, out_md: Path, out_png: Path):
     lines.append(f"- Training: plain SGD (no momentum, no weight decay), batch-mean CE loss, batch size {a.batch_size}, "
                  f"{a.epochs} epochs, {results[0]['T']} steps, {results[0]['n_rows']} recorded occurrences; batch order "
                  f"seed {a.seed + 1}; constant lr per run.")
-    lines.append("- Recording: `datavalue.Recorder(curvature=\"fisher\", storage_dtype=\"float64\", seed=0)` with "
+    lines.append("- Recording: `datavalue.Recorder(curvature=(\"fisher\", \"hessian\"), storage_dtype=\"float64\", seed=0)` "
+                 "(each step's exact Hessian sketched on both sides via `rec.step(..., hessian_loss=...)`) with "
                  f"proj_dim None (exact) and {', '.join(k for k in results[0]['proj_k'] if k != 'exact')} (stored dims: "
                  + ", ".join(f"{k}: {v}" for k, v in results[0]["proj_k"].items())
                  + ")"
@@ -334,7 +342,7 @@ def write_report(results, a, cmd, wall, out_md: Path, out_png: Path):
                  + ". Each projection is a separate recording of the identical trajectory (same init and batches); "
                  "the final weights of all recordings were checked to agree bit for bit.")
     lines.append("- Embeddings: `datavalue.build_embeddings(path, curvature, storage_dtype=\"float64\", blocks=...)` for "
-                 "none / empirical_fisher / fisher, with one operator per layer (`blocks=\"layer\"`, the paper's "
+                 "none / empirical_fisher / fisher / hessian, with one operator per layer (`blocks=\"layer\"`, the paper's "
                  "block-diagonal form) and one operator over all columns (`blocks=\"full\"`, cross-layer curvature; "
                  "what `blocks=\"auto\"` picks for the true Fisher at 1024 dims and exact; the default is per layer); estimate = embedding @ test gradient at the final weights "
                  "(`datavalue.per_sample_gradients`, same projection).")

@@ -27,6 +27,8 @@ from datavalue.testing import spearman_per_test  # noqa: E402
 from tests.embeddings._digits import make_case  # noqa: E402
 
 VARIANTS = {
+    "adam (hessian, 3k)": dict(curvature="hessian", optimizer="adamw", blocks="full"),
+    "adam (hessian, 3k, per layer)": dict(curvature="hessian", optimizer="adamw", blocks="layer"),
     "adam (fisher, 3k)": dict(curvature="fisher", optimizer="adamw", blocks="full"),
     "adam (fisher, 3k, per layer)": dict(curvature="fisher", optimizer="adamw", blocks="layer"),
     "adam (fisher, 2k: no delta v)": dict(curvature="fisher", optimizer="adamw", adam_second_moment=False,
@@ -50,7 +52,7 @@ def main() -> None:
         for lr in args.lrs:
             t0 = time.perf_counter()
             c = make_case(Path(tmp) / f"lr{lr}.zarr", lr=lr, weight_decay=args.weight_decay, adam="adamw",
-                          n_removals=args.removals, epsilon=args.epsilon)
+                          n_removals=args.removals, epsilon=args.epsilon, curvature=("fisher", "hessian"))
             t_truth = time.perf_counter() - t0
             row = {"lr": lr, "weight_decay": args.weight_decay, "accuracy": c.accuracy,
                    "linear_vs_loo": spearman_per_test(c.linear, c.truth), "seconds_truth": t_truth}
@@ -79,8 +81,9 @@ def write_md(results, args) -> None:
         f"{args.removals} random single occurrences against exact trajectory LOO (`datavalue.testing.trajectory_loo`, "
         "float64, replay checked bit-identical). Tanh MLP 64-16-10 on sklearn digits (standardised pixels), "
         "256 training examples, batch 32, 3 epochs (24 steps), torch AdamW (betas 0.9/0.999, eps 1e-8, weight "
-        f"decay {args.weight_decay}), recorded with `Recorder(proj_dim=None, curvature='fisher', optimizer=opt)` "
-        "(exact per-sample gradients, Adam moments recorded by default). 'exact linearisation' is "
+        f"decay {args.weight_decay}), recorded with `Recorder(proj_dim=None, curvature=('fisher', 'hessian'), optimizer=opt)` "
+        "and `rec.step(..., hessian_loss=...)` (exact per-sample gradients, each step's exact Hessian, Adam moments "
+        "recorded by default). 'exact linearisation' is "
         f"`trajectory_loo(..., epsilon={args.epsilon})`: the derivative of the final test loss in the "
         "occurrence's weight, the best any first-order estimate can do. Reproduce: "
         "`.venv/bin/python experiments/adam/run.py`.",

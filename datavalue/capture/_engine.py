@@ -22,6 +22,8 @@ from datavalue.capture._projection import (
     SIDE_COLS,
     SIDE_DENSE,
     SIDE_ROWS,
+    DEFAULT_SKETCH,
+    SKETCHES,
     projection_matrix,
     split_budget,
 )
@@ -93,9 +95,13 @@ class Engine:
         proj_dim: int | Mapping[str, int] | None,
         seed: int,
         layers: Sequence[str] | None = None,
+        sketch: str = DEFAULT_SKETCH,
     ) -> None:
+        if sketch not in SKETCHES:
+            raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
         self.model = model
         self.seed = int(seed)
+        self.sketch = sketch
         self.proj_dim = proj_dim
         self.layers = list(layers) if layers is not None else None
         self.entries, self.blocks = self._plan(model, proj_dim, layers)
@@ -178,7 +184,8 @@ class Engine:
         def mat(index: int, side: int, k: int, dim: int) -> torch.Tensor | None:
             if k >= dim:  # the full side fits: exact, no projection
                 return None
-            return torch.as_tensor(projection_matrix(self.seed, index, side, k, dim), dtype=self.dtype, device=self.device)
+            return torch.as_tensor(projection_matrix(self.seed, index, side, k, dim, self.sketch), dtype=self.dtype,
+                                   device=self.device)
 
         out = {}
         for b in self.blocks:
@@ -197,6 +204,7 @@ class Engine:
         return {
             "proj_dim": dict(self.proj_dim) if isinstance(self.proj_dim, Mapping) else self.proj_dim,
             "seed": self.seed,
+            "sketch": self.sketch,
             "layers": self.layers,
             "k": self.k,
             "blocks": [b.to_json() for b in self.blocks],

@@ -5,9 +5,23 @@ Every projection matrix is a pure function of ``(seed, block_index, side)`` thro
 
 The sketch of a weight matrix ``W`` (``rows x cols``, the bias as an appended column) is the
 Kronecker product ``P_rows (x) P_cols``: a per-sample gradient ``sum_t d_t a_t^T`` is stored as
-``sum_t (P_rows d_t)(P_cols a_t)^T``, never forming the full gradient. Entries are
-``N(0, 1/k)``, so inner products are preserved in expectation. A side whose budget reaches
-its full size is not projected at all (identity), which is exact.
+``sum_t (P_rows d_t)(P_cols a_t)^T``, never forming the full gradient. A side whose budget
+reaches its full size is not projected at all (identity), which is exact.
+
+Two kinds of side matrix, both with ``E[P^T P] = I`` so that inner products are preserved in
+expectation (``manifest["projection"]["sketch"]``; runs written before the key existed are
+``"gaussian"``):
+
+- ``"orthogonal"`` (default for new runs): the Gaussian matrix's rows orthonormalised (QR, signs
+  fixed by ``R``'s diagonal, so a Haar-random orthonormal frame), scaled by ``sqrt(dim / k)``.
+  ``P P^T = (dim / k) I`` exactly: the sketch is a scaled orthogonal projection, with no
+  Marchenko-Pastur spread in the kept directions. That matters most when ``k`` is a sizeable
+  fraction of ``dim``, where a Gaussian ``P^T P`` has eigenvalues from near 0 to several times 1.
+  Measured on the digits MLP (docs/results/sketch.md): +0.05 to +0.09 Spearman against exact LOO
+  at 1,024 and 512 dims for SGD, +0.04 to +0.08 for AdamW. Sides with ``dim * k^2`` above
+  :data:`ORTHO_MAX_WORK` (a QR over a few seconds) stay Gaussian; there ``k << dim`` and the
+  Gaussian rows are nearly orthogonal anyway.
+- ``"gaussian"``: entries ``N(0, 1/k)``.
 
 Budget rule (``proj_dim`` an int, the total over blocks): water-filling. Each block gets an equal
 share of what is left; a block whose exact size fits in its share is stored exactly and returns
@@ -28,15 +42,50 @@ SIDE_COLS = 1  # input (activation) side
 SIDE_DENSE = 2  # flattened dense gradient
 
 
-def projection_matrix(seed: int, block_index: int, side: int, k: int, dim: int) -> np.ndarray:
-    """The ``(k, dim)`` float64 Gaussian sketch for one side of one block, entries ``N(0, 1/k)``.
+SKETCHES = ("orthogonal", "gaussian")
+#: Sketch of new runs.
+DEFAULT_SKETCH = "orthogonal"
+#: ``"orthogonal"`` sides with ``dim * k * k`` above this stay Gaussian (QR cost).
+ORTHO_MAX_WORK = 1 << 33
+
+
+def projection_matrix(seed: int, block_index: int, side: int, k: int, dim: int, kind: str = "gaussian") -> np.ndarray:
+    """The ``(k, dim)`` float64 sketch for one side of one block (``kind``: see the module doc).
 
     Example:
         >>> projection_matrix(0, 3, SIDE_COLS, 4, 10).shape
         (4, 10)
+        >>> P = projection_matrix(0, 3, SIDE_COLS, 4, 10, "orthogonal")
+        >>> bool(np.allclose(P @ P.T, 10 / 4 * np.eye(4)))
+        True
     """
+    if kind not in SKETCHES:
+        raise ValueError(f"sketch must be one of {SKETCHES}, got {kind!r}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(block_index), int(side)]))
-    return rng.standard_normal((k, dim)) / math.sqrt(k)
+    G = rng.standard_normal((k, dim))
+    if kind == "orthogonal" and k <= dim and dim * k * k <= ORTHO_MAX_WORK:
+        Q, R = np.linalg.qr(G.T)  # (dim, k)
+        Q *= np.where(np.diag(R) < 0, -1.0, 1.0)[None, :]
+        return np.ascontiguousarray(Q.T) * math.sqrt(dim / k)
+    return G / math.sqrt(k)
+
+
+def resolve_sketch(path, sketch: str | None, resume: bool) -> str:
+    """The sketch kind a recorder uses: ``sketch`` when given; on ``resume``, the run's own
+    (``"gaussian"`` for runs written before the kind was recorded); else :data:`DEFAULT_SKETCH`."""
+    if sketch is not None:
+        if sketch not in SKETCHES:
+            raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
+        return sketch
+    if resume:
+        from datavalue.store import open_run
+
+        try:
+            proj = open_run(path).manifest.get("projection") or {}
+        except Exception:  # no readable run yet: the writer reports that with its own error
+            return DEFAULT_SKETCH
+        return str(proj.get("sketch", "gaussian"))
+    return DEFAULT_SKETCH
 
 
 def kron_dims(rows: int, cols: int, share: int) -> tuple[int, int]:

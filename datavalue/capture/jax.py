@@ -53,6 +53,7 @@ from datavalue.capture._projection import (
     SIDE_DENSE,
     SIDE_ROWS,
     projection_matrix,
+    resolve_sketch,
     split_budget,
 )
 from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
@@ -134,7 +135,7 @@ class JaxRecorder:
         path: the run directory (Zarr v3).
         params: the initial parameters (flat or nested dict of arrays).
         per_example_loss: ``per_example_loss(params, *example) -> scalar`` for ONE example.
-        proj_dim, seed, loss_reduction, storage_dtype, resume, overwrite, on_nonfinite: as for the
+        proj_dim, seed, loss_reduction, storage_dtype, resume, overwrite, on_nonfinite, sketch: as for the
             PyTorch :class:`~datavalue.Recorder`.
         optimizer: ``{"kind": "sgd", "momentum": .., "weight_decay": ..}`` recorded into the run
             (optax transforms are opaque, so say what the update does).
@@ -155,6 +156,7 @@ class JaxRecorder:
         overwrite: bool = False,
         on_nonfinite: str = "raise",
         chunk_rows: int | None = None,
+        sketch: str | None = None,
     ) -> None:
         if loss_reduction not in ("mean", "sum", "token_mean"):
             raise RecorderError(f"loss_reduction must be 'mean', 'sum' or 'token_mean', got {loss_reduction!r}.")
@@ -164,6 +166,7 @@ class JaxRecorder:
         if not flat:
             raise RecorderError("params is empty; nothing to record.")
         self.blocks = plan_blocks(flat, proj_dim)
+        kind = resolve_sketch(path, sketch, resume)
         self.k = self.blocks[-1]["stop"]
         self.loss_reduction = loss_reduction
         self.on_nonfinite = on_nonfinite
@@ -172,10 +175,10 @@ class JaxRecorder:
         mats = []
         for b in self.blocks:
             if b["kind"] == "kron":
-                r = None if b["k_rows"] >= b["shape"][0] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_ROWS, b["k_rows"], b["shape"][0]), dtype)
-                c = None if b["k_cols"] >= b["shape"][1] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_COLS, b["k_cols"], b["shape"][1]), dtype)
+                r = None if b["k_rows"] >= b["shape"][0] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_ROWS, b["k_rows"], b["shape"][0], kind), dtype)
+                c = None if b["k_cols"] >= b["shape"][1] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_COLS, b["k_cols"], b["shape"][1], kind), dtype)
             else:
-                r = None if b["k"] >= b["shape"][0] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_DENSE, b["k"], b["shape"][0]), dtype)
+                r = None if b["k"] >= b["shape"][0] else jnp.asarray(projection_matrix(seed, b["index"], SIDE_DENSE, b["k"], b["shape"][0], kind), dtype)
                 c = None
             mats.append((r, c))
         blocks = self.blocks
@@ -209,7 +212,7 @@ class JaxRecorder:
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "versions": package_versions("jax", "numpy", "zarr"),
             "framework": "jax",
-            "projection": {"proj_dim": dict(proj_dim) if isinstance(proj_dim, Mapping) else proj_dim, "seed": int(seed),
+            "projection": {"proj_dim": dict(proj_dim) if isinstance(proj_dim, Mapping) else proj_dim, "seed": int(seed), "sketch": kind,
                            "layers": None, "k": self.k, "blocks": self.blocks},
             "model_fingerprint": fingerprint_params({n: list(np.shape(p)) for n, p in flat.items()}),
             "loss_reduction": loss_reduction,

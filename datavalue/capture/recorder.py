@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
+from datavalue.capture._projection import resolve_sketch
 from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
 from datavalue.store import RunWriter, StepBlock, fingerprint_params
 from datavalue.store._schema import FLAG_NONFINITE, package_versions
@@ -180,6 +181,9 @@ class Recorder:
             ranks; rows are gathered to rank 0, which owns the manifest and commits, in rank order.
         hessian_max_dim: refuse ``curvature="hessian"`` above this many columns (its cost grows as
             ``k`` Hessian-vector products and ``k^2`` stored numbers per step).
+        sketch: ``"orthogonal"`` (default for new runs: orthonormal rows per side, more faithful when
+            ``k`` is a sizeable fraction of a layer's size) or ``"gaussian"``; on ``resume`` the
+            run's own kind (see ``datavalue.capture._projection``).
         record_optimizer_state: store the Adam/AdamW moments of every step (per-step arrays
             ``adam_m``, ``adam_v``, ``adam_step``; ``2 T k`` numbers), which Adam-aware embeddings
             need (``build_embeddings(..., optimizer="adamw")``). Default: whenever ``optimizer``
@@ -211,6 +215,7 @@ class Recorder:
         distributed: bool | None = None,
         record_optimizer_state: bool | None = None,
         hessian_max_dim: int = 4096,
+        sketch: str | None = None,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
@@ -246,7 +251,8 @@ class Recorder:
             raise RecorderError("record_optimizer_state does not support amsgrad=True.")
         self.record_optimizer_state = is_adam if record_optimizer_state is None else bool(record_optimizer_state)
         try:
-            self.engine = Engine(model, proj_dim=proj_dim, seed=seed, layers=layers)
+            self.engine = Engine(model, proj_dim=proj_dim, seed=seed, layers=layers,
+                                 sketch=resolve_sketch(path, sketch, resume))
         except ValueError as exc:
             if isinstance(exc, RecorderError):
                 raise

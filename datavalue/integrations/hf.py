@@ -31,6 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from datavalue.capture._engine import Engine, to_numpy
+from datavalue.capture._projection import resolve_sketch
 from datavalue.capture._gradients import project_full
 from datavalue.capture.recorder import _optimizer_state, base_manifest, parse_sample_ids
 from datavalue.errors import NonFiniteError, RecorderError
@@ -47,7 +48,7 @@ class DataValueCallback(TrainerCallback):
 
     Args:
         path: the run directory (Zarr v3).
-        proj_dim, seed, layers, storage_dtype, resume, overwrite, on_nonfinite: as for
+        proj_dim, seed, layers, storage_dtype, resume, overwrite, on_nonfinite, sketch: as for
             :class:`datavalue.Recorder`.
         id_column: the dataset column with one int id per example.
         shift_labels: count tokens on ``labels[..., 1:]`` (causal LM). ``None``: guess from the
@@ -67,8 +68,10 @@ class DataValueCallback(TrainerCallback):
         overwrite: bool = False,
         on_nonfinite: str = "raise",
         shift_labels: bool | None = None,
+        sketch: str | None = None,
     ) -> None:
         self.path = path
+        self.sketch = sketch
         self.proj_dim, self.seed, self.layers = proj_dim, seed, layers
         self.id_column = id_column
         self.storage_dtype = storage_dtype
@@ -97,7 +100,8 @@ class DataValueCallback(TrainerCallback):
         if self.shift_labels is None:
             name = type(model).__name__
             self.shift_labels = name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
-        self.engine = Engine(model, proj_dim=self.proj_dim, seed=self.seed, layers=self.layers)
+        self.engine = Engine(model, proj_dim=self.proj_dim, seed=self.seed, layers=self.layers,
+                             sketch=resolve_sketch(self.path, self.sketch, self.mode == "resume"))
         manifest = base_manifest(self.engine, model, loss_reduction="token_mean", optimizer=optimizer,
                                  integration={"name": "transformers.Trainer",
                                               "gradient_accumulation_steps": int(args.gradient_accumulation_steps),

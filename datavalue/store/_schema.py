@@ -96,10 +96,18 @@ def diff_manifests(on_disk: dict[str, Any], new: dict[str, Any], keys: tuple[str
     """Human-readable differences between two manifests on ``keys`` (empty when they agree)."""
     out = []
     for key in keys:
-        a, b = on_disk.get(key), new.get(key)
+        a, b = _normalise(key, on_disk.get(key)), _normalise(key, new.get(key))
         if _canon(a) != _canon(b):
             out.append(f"{key}: recorded {_short(a)}, now {_short(b)}")
     return out
+
+
+def _normalise(key: str, value: Any) -> Any:
+    """Fill manifest defaults that older versions did not write (the projection's sketch kind was
+    always Gaussian before it was recorded)."""
+    if key == "projection" and isinstance(value, dict) and "sketch" not in value:
+        return dict(value, sketch="gaussian")
+    return value
 
 
 def _canon(x: Any) -> str:

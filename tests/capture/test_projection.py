@@ -67,3 +67,47 @@ def test_budget_rule():
     assert split_budget(["a"], ["kron"], [(4, 5)], None) == [(4, 5, 20)]
     with pytest.raises(ValueError, match="missing"):
         split_budget(["a", "b"], ["kron", "kron"], [(4, 5), (4, 5)], {"a": 6})
+
+
+def test_orthogonal_sketch_rows_are_a_scaled_orthonormal_frame():
+    a = projection_matrix(7, 2, 1, 5, 30, "orthogonal")
+    np.testing.assert_allclose(a @ a.T, 30 / 5 * np.eye(5), atol=1e-12)
+    np.testing.assert_array_equal(a, projection_matrix(7, 2, 1, 5, 30, "orthogonal"))  # deterministic
+    # unbiased for inner products: the mean of P^T P over seeds tends to I (Haar frame: E = I exactly);
+    # 400 seeds, 5 of 30 dims: each diagonal entry has sd about sqrt(2 (30/5 - 1) / 400) = 0.16 -> 4 sd bound
+    mean = np.mean([(lambda p: p.T @ p)(projection_matrix(s, 0, 1, 5, 30, "orthogonal")) for s in range(400)], 0)
+    assert np.abs(np.diag(mean) - 1).max() < 0.64 and np.abs(mean - np.diag(np.diag(mean))).max() < 0.64
+    with pytest.raises(ValueError, match="sketch must be"):
+        projection_matrix(7, 2, 1, 5, 30, "sparse")
+
+
+def test_runs_without_a_sketch_kind_are_read_and_resumed_as_gaussian(tmp_path):
+    """Runs written before the manifest named the sketch used Gaussian matrices: test gradients
+    for them and a resumed recording must keep using Gaussian ones."""
+    import zarr
+
+    from datavalue.capture._gradients import engine_for_run
+    from datavalue.store._schema import MANIFEST_KEY
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(30, 20).double()
+    x, y = torch.randn(6, 30, dtype=torch.float64), torch.randint(0, 20, (6,))
+    path = tmp_path / "old.zarr"
+    with datavalue.Recorder(path, model, proj_dim=64, storage_dtype="float64", sketch="gaussian") as rec:
+        with rec.step(sample_ids=range(6), lr=0.1):
+            F.cross_entropy(model(x), y).backward()
+    g = zarr.open_group(str(path), mode="r+")
+    man = dict(g.attrs[MANIFEST_KEY])
+    assert man["projection"].pop("sketch") == "gaussian"
+    g.attrs[MANIFEST_KEY] = man  # as an older version wrote it
+    eng = engine_for_run(model, open_run(path).manifest)
+    assert eng.sketch == "gaussian"
+    with datavalue.Recorder(path, model, proj_dim=64, storage_dtype="float64", resume=True) as rec:
+        with rec.step(sample_ids=range(6, 12), lr=0.1):
+            F.cross_entropy(model(x), y).backward()
+    grads = open_run(path).read("grads")
+    np.testing.assert_allclose(grads[6:], grads[:6], atol=1e-12)  # same batch, same weights, same sketch
+    # a new run defaults to the orthogonal sketch, whose rows differ
+    new = _grads(tmp_path, model, x, y, 64, 0, "new")
+    assert open_run(tmp_path / "new.zarr").manifest["projection"]["sketch"] == "orthogonal"
+    assert not np.allclose(new, grads[:6])

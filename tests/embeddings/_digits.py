@@ -72,6 +72,7 @@ def make_case(
     epsilon: float | None = None,
     proj_dim: int | None = None,
     curvature: str | tuple[str, ...] = "fisher",
+    sketch: str | None = None,
 ) -> Case:
     """``adam="adamw"``/``"adam"`` trains with torch's AdamW/Adam (``weight_decay`` applies to it)
     instead of SGD; ``epsilon`` also computes the exact first-order target ``case.linear``."""
@@ -113,7 +114,8 @@ def make_case(
             max_grad_norm=max_grad_norm,
         )
     rec = datavalue.Recorder(
-        path, model, proj_dim=proj_dim, optimizer=opt, curvature=curvature, storage_dtype="float64"
+        path, model, proj_dim=proj_dim, optimizer=opt, curvature=curvature, storage_dtype="float64",
+        sketch=sketch,
     )
     hessian = "hessian" in ((curvature,) if isinstance(curvature, str) else curvature)
 

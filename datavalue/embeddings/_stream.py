@@ -8,6 +8,8 @@ touch one chunk. :func:`_run_segments` runs the two passes of a segmented build 
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -55,6 +57,23 @@ class _ChunkWriter:
         self.buf: dict[int, list[np.ndarray]] = {}
         self.fill: dict[int, int] = {}
         self.pieces: list[tuple[int, list[np.ndarray]]] = []
+        # Full chunks are written by one background thread (at most 2 waiting), so that encoding and
+        # file I/O overlap the next steps' GEMMs, which release the GIL. Measured on a 2048-wide
+        # float32 build (400 steps, b=128): writes took 2.3 ms of a 20 ms step on the scan thread.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="datavalue-embwrite")
+        self._pending: list[concurrent.futures.Future[None]] = []
+
+    def _write(self, c0: int, c1: int, bufs: list[np.ndarray]) -> None:
+        def write() -> None:
+            for arr, data in zip(self.arrays, bufs, strict=True):
+                arr[c0:c1] = data
+
+        for f in [f for f in self._pending if f.done()]:
+            f.result()  # raises a failed write
+            self._pending.remove(f)
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(write))
 
     def _span(self, ci: int) -> tuple[int, int]:
         return ci * self.chunk, min((ci + 1) * self.chunk, self.n_rows)
@@ -80,12 +99,17 @@ class _ChunkWriter:
                 bufs = self.buf.pop(ci)
                 del self.fill[ci]
                 if mine0 == c0 and mine1 == c1:
-                    for arr, data in zip(self.arrays, bufs, strict=True):
-                        arr[c0:c1] = data
+                    self._write(c0, c1, bufs)
                 else:
                     self.pieces.append((mine0, [d[mine0 - c0 : mine1 - c0] for d in bufs]))
 
     def close(self) -> list[tuple[int, list[np.ndarray]]]:
+        try:
+            for f in self._pending:
+                f.result()  # raises the first write error
+        finally:
+            self._pending = []
+            self._pool.shutdown(wait=True)
         if self.buf:
             raise EmbeddingError(
                 f"internal: output chunks {sorted(self.buf)} were left incomplete."

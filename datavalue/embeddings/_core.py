@@ -287,7 +287,9 @@ def _matmul_T(X: np.ndarray, M: np.ndarray) -> np.ndarray:
     parts = _parts(M.shape[0])
     if parts is None:
         return X @ M.T
-    return np.concatenate(_map(lambda a, b: X @ M[a:b].T, parts), axis=1)
+    out = np.empty((X.shape[0], M.shape[0]), dtype=np.result_type(X, M))
+    _map(lambda a, b: np.matmul(X, M[a:b].T, out=out[:, a:b]), parts)  # no concatenation copy
+    return out
 
 
 def _xpT(X: np.ndarray, state: BlockState, coef: StepCoef) -> np.ndarray:

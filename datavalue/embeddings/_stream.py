@@ -231,7 +231,10 @@ def _scan(
                 if velocity:
                     vels.append(E[:, k:])
         if writer is not None:
-            parts = [np.concatenate(thetas, axis=1) if thetas else np.zeros((r1 - r0, k_total))]
+            if len(thetas) == 1:  # one operator: no concatenation copy
+                parts = [thetas[0]]
+            else:
+                parts = [np.concatenate(thetas, axis=1) if thetas else np.zeros((r1 - r0, k_total))]
             if not np.all(np.isfinite(parts[0])):
                 raise NonFiniteError(f"{plan.path}: non-finite embeddings at step {t}.")
             if velocity:

@@ -80,7 +80,20 @@ def sketched_hessian(
     P = sum(int(p.numel()) for p in params.values())
     zeros = {n: torch.zeros_like(params[n]) for n in names}
     _, adjoint = torch.func.vjp(sketch, zeros)  # adjoint(e) = S^T e as a parameter dict
-    _, hvp = torch.func.vjp(torch.func.grad(loss_of), params)  # hvp(u) = H u (H symmetric)
+    device = engine.device
+    # the random state is restored afterwards: the extra forward must not shift the training
+    # loop's later dropout masks or sampling
+    # BatchNorm in training mode: normalise with the batch statistics as the real step did, but do
+    # not update the running statistics (the extra forward must leave them as training left them)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    try:
+        for m in bns:
+            m.track_running_stats = False
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _, hvp = torch.func.vjp(torch.func.grad(loss_of), params)  # hvp(u) = H u (H symmetric)
+    finally:
+        for m in bns:
+            m.track_running_stats = True
     step = int(chunk) if chunk else max(1, min(k, CHUNK_NUMBERS // max(P, 1)))
     eye = torch.eye(k, dtype=engine.dtype, device=engine.device)
     rows = []

@@ -133,3 +133,33 @@ def test_hessian_errors(tmp_path):
                 pass
     with pytest.raises(RecorderError, match="hessian_max_dim"):
         datavalue.Recorder(tmp_path / "c.zarr", _model(2), proj_dim=None, curvature="hessian", hessian_max_dim=10)
+
+
+def test_recording_the_hessian_leaves_training_unchanged(tmp_path):
+    """The Hessian's extra forward must not move BatchNorm statistics or the random state (dropout):
+    a run recorded with curvature='hessian' ends bit-identical to the same run without it."""
+
+    def train(curvature, name):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        g = torch.Generator().manual_seed(1)
+        # BatchNorm in training mode mixes the batch's examples (no per-sample gradient): record the
+        # Linear layers only; its running statistics still update at every forward
+        with datavalue.Recorder(tmp_path / f"{name}.zarr", model, proj_dim=None, optimizer=opt, curvature=curvature,
+                                storage_dtype="float64", layers=["0", "4"]) as rec:
+            for _ in range(4):
+                x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+                y = torch.randint(0, 3, (8,), generator=g)
+                loss = (lambda x=x, y=y: F.cross_entropy(model(x), y)) if curvature else None
+                with rec.step(sample_ids=range(8), hessian_loss=loss):
+                    F.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        return model.state_dict(), open_run(tmp_path / f"{name}.zarr").read("grads")
+
+    plain, g_plain = train(None, "plain")
+    hess, g_hess = train("hessian", "hessian")
+    for k in plain:
+        assert torch.equal(plain[k], hess[k]), k
+    np.testing.assert_array_equal(g_plain, g_hess)

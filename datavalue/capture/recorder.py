@@ -335,7 +335,9 @@ class Recorder:
                 loss the optimizer steps on for this batch (same reduction), e.g.
                 ``lambda: F.cross_entropy(model(x), y)``. It is evaluated at the current weights
                 (before ``optimizer.step()``) with the parameters substituted functionally:
-                ``.grad`` is not touched. Use deterministic layers (no dropout) or the same mode.
+                ``.grad``, BatchNorm running statistics and the random state are left as they were,
+                so training is unchanged. Dropout inside the closure draws its own masks (not the
+                real step's): for an exact match use deterministic layers or eval mode.
         """
         if self.closed:
             raise RecorderStateError("this Recorder is closed; open a new one with resume=True to record more steps.")

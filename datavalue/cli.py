@@ -41,6 +41,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info["lr_range"]:
         print(f"lr range       {info['lr_range'][0]:g} .. {info['lr_range'][1]:g}")
     print(f"fisher rows    {info['fisher_rows'] if info['fisher_rows'] is not None else 'not recorded'}")
+    print(f"hessian        {'recorded (k x k per step)' if info.get('hessian') else 'not recorded'}")
     print(f"non-finite     {info['nonfinite_rows']} rows flagged")
     print(f"embeddings     {', '.join(info['embeddings']) or 'none built (datavalue build RUN)'}")
     print(f"size on disk   {_fmt_bytes(info['size_bytes'])}")
@@ -87,12 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build data value embeddings of a run")
     p.add_argument("run")
-    p.add_argument("--curvature", default=None, choices=["none", "empirical_fisher", "fisher"])
+    p.add_argument("--curvature", default=None, choices=["none", "empirical_fisher", "fisher", "hessian"],
+                   help="default: hessian if recorded, else fisher if recorded, else empirical_fisher")
     p.add_argument("--segments", type=int, default=1)
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument("--blocks", default="layer", choices=["layer", "full", "auto"],
                    help="one operator per layer block (default), one over all columns, or auto: full for the true "
-                        "Fisher while it fits 256 MiB and the sketch keeps >= 1/4 of the dimensions")
+                        "Fisher and the exact Hessian while it fits 256 MiB and the sketch keeps >= 1/4 of the "
+                        "dimensions")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_build)
 

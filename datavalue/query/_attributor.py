@@ -52,8 +52,8 @@ class Attributor:
         model: the model at the weights to explain (usually the final weights), same architecture
             as recorded; its fingerprint is checked here. May be None if every query passes test
             gradients ``(m, k)`` instead of a loss function.
-        curvature: which embedding build to use; None picks ``"fisher"`` if built, else
-            ``"empirical_fisher"``, else the only one present.
+        curvature: which embedding build to use; None picks ``"hessian"`` if built, else ``"fisher"``,
+            else ``"empirical_fisher"``, else the only one present.
         embeddings: ``"grads"`` to score with the raw recorded gradients, or the name of an array
             inside the run (e.g. ``"embeddings/fisher/at/100/values"`` from ``embeddings_at``).
         kind: ``"dvemb"`` (built embeddings, default), ``"grad_dot"`` (raw gradients) or

@@ -11,7 +11,7 @@
 ========================== ====================================================================
 
 Curvature resolution for ``"dvemb"``: an explicit ``curvature=`` must be built; otherwise
-``"fisher"`` if built, else ``"empirical_fisher"``, else the only one present.
+``"hessian"`` if built, else ``"fisher"``, else ``"empirical_fisher"``, else the only one present.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from datavalue.errors import QueryError, StoreNotFoundError
 from datavalue.store import Run, open_array
 
 KINDS = ("dvemb", "grad_dot", "tracin")
-PREFERENCE = ("fisher", "empirical_fisher")
+PREFERENCE = ("hessian", "fisher", "empirical_fisher")
 #: Attribute key under which ``build_embeddings`` stores its provenance (``n_rows``, ``complete``, ...).
 BUILD_ATTRS = "datavalue_embeddings"
 

@@ -308,9 +308,11 @@ class Run:
             "unique_samples": int(np.unique(self.sample_id).size) if self.n_rows else 0,
             "epochs": sorted(set(int(e) for e in np.unique(self.epoch))) if self.n_steps else [],
             "proj_dim": self.proj_dim,
-            "projection": "exact" if proj.get("proj_dim") is None else f"kronecker sketch, seed {proj.get('seed')}",
+            "projection": "exact" if proj.get("proj_dim") is None
+            else f"kronecker sketch ({proj.get('sketch', 'gaussian')}), seed {proj.get('seed')}",
             "blocks": [(b["name"], b["rule"], b["stop"] - b["start"]) for b in self.blocks],
             "fisher_rows": self.n_fisher_rows if self.has_fisher else None,
+            "hessian": self.has_hessian,
             "nonfinite_rows": int((self.flags & 1).sum()) if self.n_rows else 0,
             "lr_range": [float(self.lr.min()), float(self.lr.max())] if self.n_steps else None,
             "loss_reduction": self.manifest.get("loss_reduction"),

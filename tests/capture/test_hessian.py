@@ -163,3 +163,25 @@ def test_recording_the_hessian_leaves_training_unchanged(tmp_path):
     for k in plain:
         assert torch.equal(plain[k], hess[k]), k
     np.testing.assert_array_equal(g_plain, g_hess)
+
+
+def test_cli_reports_and_builds_the_hessian(tmp_path, capsys):
+    from datavalue.cli import main
+
+    model = _model()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    path = tmp_path / "r.zarr"
+    with datavalue.Recorder(path, model, proj_dim=None, curvature="hessian", storage_dtype="float64") as rec:
+        for _ in range(2):
+            with rec.step(sample_ids=range(4), lr=0.1, hessian_loss=lambda: F.cross_entropy(model(x), y)):
+                F.cross_entropy(model(x), y).backward()
+    assert main(["info", str(path)]) == 0
+    assert "recorded (k x k per step)" in capsys.readouterr().out
+    assert main(["build", str(path), "--curvature", "hessian", "--blocks", "auto"]) == 0
+    assert "hessian" in open_run(path).info()["embeddings"]
+    # queries prefer the exact-Hessian build when several are present
+    from datavalue.embeddings import build_embeddings
+    from datavalue.query import Attributor
+
+    build_embeddings(path, "empirical_fisher", progress=False)
+    assert Attributor(path, model, progress=False).source.curvature == "hessian"

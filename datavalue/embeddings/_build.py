@@ -62,7 +62,7 @@ class BuildInfo:
 
     Attributes:
         path: the run.
-        curvature: ``"fisher"``, ``"empirical_fisher"`` or ``"none"``.
+        curvature: ``"hessian"``, ``"fisher"``, ``"empirical_fisher"`` or ``"none"``.
         array: name of the embeddings array inside the run (``embeddings/<curvature>/values``).
         dtype: compute dtype of the recursion.
         n_steps, n_rows: steps and rows covered.
@@ -225,9 +225,12 @@ def build_embeddings(
 
     Args:
         path: a run recorded by ``datavalue.Recorder``.
-        curvature: ``"fisher"`` (true-Fisher pseudo-gradients recorded with
-            ``Recorder(..., curvature="fisher")``; most faithful), ``"empirical_fisher"`` (the paper's
-            ``sum w g g^T``), ``"none"`` (``H = 0``); default: ``"fisher"`` if the run has it.
+        curvature: ``"hessian"`` (each step's exact Hessian, recorded with
+            ``Recorder(..., curvature="hessian")``; exact to first order with exact gradients and
+            ``blocks="full"``; small models), ``"fisher"`` (true-Fisher pseudo-gradients recorded
+            with ``Recorder(..., curvature="fisher")``), ``"empirical_fisher"`` (the paper's
+            ``sum w g g^T``), ``"none"`` (``H = 0``); default: ``"hessian"`` if the run has it, else
+            ``"fisher"`` if the run has it, else ``"empirical_fisher"``.
         dtype: compute dtype of the recursion, ``"float64"`` (default) or ``"float32"``.
         segments: cut the trajectory into this many segments, processed in parallel (two passes;
             same result as ``segments=1`` to rounding). The two passes do about twice the flops of

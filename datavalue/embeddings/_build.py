@@ -273,7 +273,7 @@ def build_embeddings(
         :class:`BuildInfo`.
 
     Raises:
-        CurvatureUnavailableError: ``"fisher"`` on a run without pseudo-gradients.
+        CurvatureUnavailableError: ``"fisher"`` or ``"hessian"`` on a run that did not record it.
         StoreExistsError: the build exists and ``overwrite`` is False.
         NonFiniteError: NaN/Inf in the gradients, curvature or operator (with the step index).
 

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from datavalue.capture._projection import (
+    DEFAULT_SKETCH,
     SIDE_COLS,
     SIDE_DENSE,
     SIDE_ROWS,
-    DEFAULT_SKETCH,
     SKETCHES,
     projection_matrix,
     split_budget,

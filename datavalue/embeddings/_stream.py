@@ -9,7 +9,6 @@ touch one chunk. :func:`_run_segments` runs the two passes of a segmented build 
 from __future__ import annotations
 
 import concurrent.futures
-
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -186,7 +185,7 @@ def _scan(
             core.state_from_operator(np.asarray(R, dtype=plan.dtype), b - a)
             for R, (a, b) in zip(start, plan.blocks, strict=True)
         ]
-    grads, weights, fisher, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
+    grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
     embed = writer is not None
     max_op, expansive = 0.0, []
     for t in range(hi - 1, lo - 1, -1):
@@ -194,7 +193,7 @@ def _scan(
         G_all = grads.get(r0, r1)
         w = np.asarray(weights.get(r0, r1), dtype=np.float64)
         _check_rows(plan, t, r0, G_all, w)
-        F_all = _fisher_rows(plan, fisher, t)
+        F_all = _step_curvature(plan, curv, t)
         u = ug = None
         if plan.clipping == "direction" and plan.grad_scale[t] < 1.0 and r1 > r0:
             # the clipped step is c * g_hat with c = max_norm / ||g_hat||: keep d c (docs/math.md, 5)
@@ -264,29 +263,29 @@ def _monitor_now(k: int, t: int, lo: int, hi: int) -> bool:
 
 def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Sequence[Any] | None,
                   out_offset: int, n_out: int, out_chunk: int) -> tuple[Any, Any, Any, Any]:
-    """Reverse readers of a step range's rows (gradients, weights, Fisher rows) and its output writer."""
+    """Reverse readers of a step range's rows (gradients, weights, stored curvature) and its output writer."""
     r_lo, r_hi = int(plan.step_ptr[lo]), int(plan.step_ptr[hi])
     grads = _ReverseRows(run, "grads", r_lo, plan.window, chunk)
     weights = _ReverseRows(run, "weight", r_lo, plan.window, chunk)
-    fisher = None
+    curv = None  # the stored curvature: Fisher rows, or one k x k Hessian per step
     if plan.curvature == "fisher":
         assert plan.fisher_ptr is not None
-        fisher = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
+        curv = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
     elif plan.curvature == "hessian":
         hchunk = max(1, int(run._group["hessian"].chunks[0]))
-        fisher = _ReverseRows(run, "hessian", lo, hchunk, hchunk)
+        curv = _ReverseRows(run, "hessian", lo, hchunk, hchunk)
     writer = None
     if outputs is not None:
         writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
-    return grads, weights, fisher, writer
+    return grads, weights, curv, writer
 
-def _fisher_rows(plan: _Plan, fisher: Any, t: int) -> np.ndarray | None:
+def _step_curvature(plan: _Plan, curv: Any, t: int) -> np.ndarray | None:
     """Step ``t``'s stored true-Fisher pseudo-gradient rows, or its ``(k, k)`` Hessian for
     ``curvature="hessian"`` (``None`` for other curvatures), checked."""
-    if fisher is None:
+    if curv is None:
         return None
     if plan.curvature == "hessian":
-        H = fisher.get(t, t + 1)[0]
+        H = curv.get(t, t + 1)[0]
         if not np.all(np.isfinite(H)):
             raise NonFiniteError(
                 f"{plan.path}: step {t}: the stored Hessian is missing (NaN: the step was recorded without "
@@ -295,7 +294,7 @@ def _fisher_rows(plan: _Plan, fisher: Any, t: int) -> np.ndarray | None:
             )
         return H
     assert plan.fisher_ptr is not None
-    F_all = fisher.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
+    F_all = curv.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
     if not np.all(np.isfinite(F_all)):
         raise NonFiniteError(f"{plan.path}: step {t}: non-finite Fisher pseudo-gradient rows in the store.")
     return F_all
@@ -366,7 +365,7 @@ def _scan_adam(
     chunk = max(int(run.row_chunk), 1)
     k_total = plan.blocks[-1][1]
     states = [core.init_adam_state(b - a, dtype=plan.dtype) for a, b in plan.blocks]
-    grads, weights, fisher, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
+    grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
     schunk = max(1, int(run._group["adam_v"].chunks[0]))
     mom_m = _ReverseRows(run, "adam_m", lo, schunk, schunk)
     mom_v = _ReverseRows(run, "adam_v", lo, schunk, schunk)
@@ -399,7 +398,7 @@ def _scan_adam(
             weight_decay=float(plan.weight_decay[t]), decoupled=info["decoupled"],
             second_moment=info["second_moment"],
         )
-        F_all = _fisher_rows(plan, fisher, t)
+        F_all = _step_curvature(plan, curv, t)
         thetas = []
         for i, (a, b) in enumerate(plan.blocks):
             coef = core.AdamStepCoef(

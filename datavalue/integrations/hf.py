@@ -31,8 +31,8 @@ import torch
 from transformers import TrainerCallback
 
 from datavalue.capture._engine import Engine, to_numpy
-from datavalue.capture._projection import resolve_sketch
 from datavalue.capture._gradients import project_full
+from datavalue.capture._projection import resolve_sketch
 from datavalue.capture.recorder import _optimizer_state, base_manifest, parse_sample_ids
 from datavalue.errors import NonFiniteError, RecorderError
 from datavalue.store import RunWriter, StepBlock

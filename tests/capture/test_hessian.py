@@ -71,7 +71,7 @@ def test_recorder_stores_the_hessian_before_each_update(tmp_path):
     xs = [torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(3)]
     ys = [torch.randint(0, 3, (6,), generator=g) for _ in range(3)]
     engine = Engine(_model(), proj_dim=8, seed=0)
-    want, grads_plain = [], []
+    want = []
     # the same run without the Hessian: the recorded gradients must not change
     plain = _model()
     popt = torch.optim.SGD(plain.parameters(), lr=0.3, momentum=0.9)

@@ -20,6 +20,7 @@ from torch import nn
 
 from datavalue.capture._engine import Engine
 from datavalue.capture._gradients import project_full
+from datavalue.errors import RecorderError
 
 #: Numbers held per chunk of Hessian-vector products (directions x parameters).
 CHUNK_NUMBERS = 1 << 24
@@ -67,7 +68,7 @@ def sketched_hessian(
     def loss_of(p: dict[str, torch.Tensor]) -> torch.Tensor:
         out = torch.func.functional_call(wrapper, {f"model.{n}": v for n, v in p.items()}, ())
         if not torch.is_tensor(out) or out.dim() != 0:
-            raise ValueError(
+            raise RecorderError(
                 "hessian_loss must return the scalar loss the optimizer steps on (e.g. the batch mean), got "
                 f"{type(out).__name__} with shape {tuple(getattr(out, 'shape', ()))}."
             )

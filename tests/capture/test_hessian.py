@@ -122,7 +122,7 @@ def test_hessian_errors(tmp_path):
         with pytest.raises(RecorderError, match="hessian_loss=lambda"):
             with rec.step(sample_ids=range(4), lr=0.1):
                 pass
-        with pytest.raises(ValueError, match="scalar loss"):
+        with pytest.raises(RecorderError, match="scalar loss"):
             with rec.step(sample_ids=range(4), lr=0.1,
                           hessian_loss=lambda: F.cross_entropy(model(x), y, reduction="none")):
                 pass

@@ -262,7 +262,7 @@ def build_embeddings(
             form): one operator per recorded block (no cross-layer curvature; memory
             ``sum_l k_l^2``). ``"full"``: one operator over all ``k`` columns (memory ``k^2``,
             flops ``B k^2`` per step). ``"auto"`` (recommended for the true Fisher): ``"full"``
-            for ``curvature="fisher"`` while its state takes at most 256 MiB (``k`` up to 5,792
+            for ``curvature="fisher"`` or ``"hessian"`` while its state takes at most 256 MiB (``k`` up to 5,792
             in float64 for SGD, half that with momentum, a third for Adam) and the sketch keeps at
             least a quarter of the parameters' dimensions (exact gradients always do), else
             ``"layer"``. Cross-layer true-Fisher curvature matters at larger learning rates

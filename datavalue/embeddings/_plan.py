@@ -131,7 +131,7 @@ def _resolve_blocks(
     run: Any, blocks: Any, *, curvature: str, adam: bool, momentum_mode: bool, dtype: str
 ) -> tuple[tuple[int, int], ...]:
     """Column spans of the operators: the recorded blocks (``"layer"``), one span (``"full"``), or
-    for ``"auto"``: ``"full"`` with the true Fisher when its operator fits :data:`AUTO_FULL_BYTES`,
+    for ``"auto"``: ``"full"`` with the true Fisher or the exact Hessian when its operator fits :data:`AUTO_FULL_BYTES`,
     else ``"layer"``. An explicit sequence of spans (a stored build's) is validated and used as is.
 
     Why ``"auto"`` depends on the curvature (measured, docs/results/loo_fidelity.md): the full true

@@ -307,11 +307,6 @@ def build_embeddings(
         run, curvature, dtype, chunk_rows, explode_threshold, clipping, optimizer, adam_second_moment, blocks
     )
     if plan.adam is not None:
-        if int(segments) != 1:
-            raise EmbeddingError(
-                "Adam-aware builds run as one sequential segment for now (segments=1); transfer operators "
-                "of the 3k Adam state are not implemented."
-            )
         if velocity:
             raise EmbeddingError("velocity=True is for SGD momentum runs; Adam-aware builds store delta theta only.")
     vel = plan.adam is None and plan.momentum_mode and (

@@ -56,6 +56,8 @@ __all__ = [
     "adam_coefficients",
     "adam_step_back",
     "init_adam_state",
+    "adam_operator",
+    "adam_state_from_operator",
     "CurvMatrix",
 ]
 
@@ -583,9 +585,38 @@ def adam_coefficients(
     )
 
 
-def init_adam_state(k: int, *, dtype: np.dtype | str = np.float64) -> AdamBlockState:
-    """``R^(T) = [I, 0, 0]``: embeddings are ``delta theta_T``."""
-    return AdamBlockState(M=np.zeros((k, k), dtype=np.dtype(dtype)), Rm=None, Rv=None)
+def init_adam_state(k: int, *, dtype: np.dtype | str = np.float64, transfer: bool = False) -> AdamBlockState:
+    """``R^(T) = [I, 0, 0]``: embeddings are ``delta theta_T``. With ``transfer``, the identity on the
+    whole ``3k`` state (``n = 3k`` rows): the scan then yields a segment's transfer operator."""
+    dt = np.dtype(dtype)
+    if not transfer:
+        return AdamBlockState(M=np.zeros((k, k), dtype=dt), Rm=None, Rv=None)
+    return adam_state_from_operator(np.eye(3 * k, dtype=dt), k)
+
+
+def adam_operator(state: AdamBlockState) -> np.ndarray:
+    """The row operator ``[Theta0 - M, R_m, R_v]`` as an ``(n, 3k)`` matrix (zeros for a ``None`` part)."""
+    n, k = state.n, state.k
+    R = np.zeros((n, 3 * k), dtype=state.dtype)
+    R[:, :k] = -state.M
+    R[np.arange(k), np.arange(k)] += 1.0
+    if state.Rm is not None:
+        R[:, k : 2 * k] = state.Rm
+    if state.Rv is not None:
+        R[:, 2 * k :] = state.Rv
+    return R
+
+
+def adam_state_from_operator(R: np.ndarray, k: int) -> AdamBlockState:
+    """Inverse of :func:`adam_operator`: ``R`` is ``(n, 3k)``."""
+    R = np.asarray(R)
+    if R.shape[1] != 3 * k:
+        raise ValueError(f"an Adam operator has 3k={3 * k} columns, got {R.shape[1]}")
+    M = -R[:, :k].copy()
+    M[np.arange(k), np.arange(k)] += 1.0
+    Rm = R[:, k : 2 * k].copy() if np.any(R[:, k : 2 * k]) else None
+    Rv = R[:, 2 * k :].copy() if np.any(R[:, 2 * k :]) else None
+    return AdamBlockState(M=M, Rm=Rm, Rv=Rv)
 
 
 def _adam_xpT(X: np.ndarray, state: AdamBlockState, coef: AdamStepCoef, s: np.ndarray) -> np.ndarray:

@@ -166,12 +166,10 @@ def _scan(
     from datavalue.store import open_run
 
     if plan.adam is not None:
-        if start is not None or transfer or velocity:
-            raise EmbeddingError(
-                "internal: Adam-aware builds run as one sequential segment (no transfer operators)."
-            )
+        if velocity:
+            raise EmbeddingError("internal: Adam-aware builds store delta theta only (no velocity part).")
         return _scan_adam(
-            plan, lo, hi, outputs=outputs, out_offset=out_offset, n_out=n_out,
+            plan, lo, hi, start, transfer=transfer, outputs=outputs, out_offset=out_offset, n_out=n_out,
             out_chunk=out_chunk, tick=tick,
         )
     run = open_run(plan.path)
@@ -343,7 +341,9 @@ def _scan_adam(
     plan: _Plan,
     lo: int,
     hi: int,
+    start: list[np.ndarray] | None = None,
     *,
+    transfer: bool = False,
     outputs: Sequence[Any] | None,
     out_offset: int = 0,
     n_out: int = 0,
@@ -364,7 +364,13 @@ def _scan_adam(
     T = int(run.n_steps)
     chunk = max(int(run.row_chunk), 1)
     k_total = plan.blocks[-1][1]
-    states = [core.init_adam_state(b - a, dtype=plan.dtype) for a, b in plan.blocks]
+    if start is not None:  # the operators at the segment's end, chained from later segments
+        states = [
+            core.adam_state_from_operator(np.asarray(R, dtype=plan.dtype), b - a)
+            for R, (a, b) in zip(start, plan.blocks, strict=True)
+        ]
+    else:  # [I, 0, 0] at the run's end, or the 3k identity for a transfer operator
+        states = [core.init_adam_state(b - a, dtype=plan.dtype, transfer=transfer) for a, b in plan.blocks]
     grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
     schunk = max(1, int(run._group["adam_v"].chunks[0]))
     mom_m = _ReverseRows(run, "adam_m", lo, schunk, schunk)
@@ -422,7 +428,7 @@ def _scan_adam(
         if tick is not None:
             tick(1)
     return {
-        "ops": [None] * len(plan.blocks),
+        "ops": [core.adam_operator(s) for s in states],
         "pieces": writer.close() if writer is not None else [],
         "max_op": max_op,
         "expansive": expansive[:20],
@@ -613,7 +619,10 @@ def _run_segments(
                     )
         if outputs is not None:
             _write_pieces(outputs, pieces, out_chunk)
-        return {"start": start, "ops": [known_ops[s] for s in range(K)], **stats}
+        # Adam transfer operators are not kept: nothing reuses them (extend_embeddings and
+        # embeddings_at refuse Adam runs), and at 3k x 3k per block they are the largest state
+        ops = [known_ops[s] if plan.adam is None else None for s in range(K)]
+        return {"start": start, "ops": ops, **stats}
     finally:
         if bar is not None:
             bar.close()
@@ -635,6 +644,8 @@ def _pad_cols(a: np.ndarray, w: int) -> np.ndarray:
 def _final_operator(plan: _Plan, i: int, velocity: bool) -> np.ndarray:
     """``[I, 0]`` (or the ``2k`` identity with ``velocity``) at the width of the plan's operators."""
     k = plan.blocks[i][1] - plan.blocks[i][0]
+    if plan.adam is not None:
+        return core.adam_operator(core.init_adam_state(k, dtype=plan.dtype))
     return core.operator(core.init_state(k, velocity=velocity, dtype=plan.dtype), plan.width(i))
 
 

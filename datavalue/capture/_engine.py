@@ -23,7 +23,7 @@ from datavalue.capture._projection import (
     SIDE_COLS,
     SIDE_DENSE,
     SIDE_ROWS,
-    SKETCHES,
+    check_sketch,
     projection_matrix,
     split_budget,
 )
@@ -97,11 +97,9 @@ class Engine:
         layers: Sequence[str] | None = None,
         sketch: str = DEFAULT_SKETCH,
     ) -> None:
-        if sketch not in SKETCHES:
-            raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
         self.model = model
         self.seed = int(seed)
-        self.sketch = sketch
+        self.sketch = check_sketch(sketch)
         self.proj_dim = proj_dim
         self.layers = list(layers) if layers is not None else None
         self.entries, self.blocks = self._plan(model, proj_dim, layers)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
+from datavalue.capture._projection import run_sketch
 from datavalue.errors import ModelMismatchError, QueryError
 from datavalue.store import fingerprint_params
 
@@ -30,8 +31,7 @@ def engine_for_run(model: nn.Module, manifest: Mapping[str, Any]) -> Engine:
         )
     proj = manifest["projection"]
     pd = proj["proj_dim"]
-    # runs written before the sketch kind was recorded used Gaussian matrices
-    eng = Engine(model, proj_dim=pd, seed=proj["seed"], layers=proj.get("layers"), sketch=proj.get("sketch", "gaussian"))
+    eng = Engine(model, proj_dim=pd, seed=proj["seed"], layers=proj.get("layers"), sketch=run_sketch(proj))
     recorded = [(b["name"], b["k"], b["start"]) for b in proj["blocks"]]
     if [(b.name, b.k, b.start) for b in eng.blocks] != recorded:
         raise ModelMismatchError("the model's capture plan differs from the recorded one (blocks or dimensions); "

@@ -61,7 +61,6 @@ def sketched_hessian(
         >>> tuple(H.shape), bool(torch.allclose(H, H.T))
         ((8, 8), True)
     """
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     wrapper = _Closure(model, loss_fn)
 
@@ -79,13 +78,12 @@ def sketched_hessian(
 
     k = engine.k
     P = sum(int(p.numel()) for p in params.values())
-    zeros = {n: torch.zeros_like(params[n]) for n in names}
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
     _, adjoint = torch.func.vjp(sketch, zeros)  # adjoint(e) = S^T e as a parameter dict
     device = engine.device
-    # the random state is restored afterwards: the extra forward must not shift the training
-    # loop's later dropout masks or sampling
-    # BatchNorm in training mode: normalise with the batch statistics as the real step did, but do
-    # not update the running statistics (the extra forward must leave them as training left them)
+    # The extra forward must leave training as it was. BatchNorm in training mode normalises with
+    # the batch statistics as the real step did, without updating its running statistics; the
+    # random state is restored, so the loop's later dropout masks and sampling do not shift.
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     try:
         for m in bns:

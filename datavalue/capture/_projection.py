@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,19 @@ DEFAULT_SKETCH = "orthogonal"
 ORTHO_MAX_WORK = 1 << 33
 
 
+def check_sketch(kind: str) -> str:
+    """``kind`` if it names a sketch, else a ``ValueError`` listing the choices."""
+    if kind not in SKETCHES:
+        raise ValueError(f"sketch must be one of {SKETCHES}, got {kind!r}")
+    return kind
+
+
+def run_sketch(projection: Mapping[str, Any]) -> str:
+    """The sketch kind of a run's ``manifest["projection"]``: runs written before the kind was
+    recorded used Gaussian matrices."""
+    return str(projection.get("sketch", "gaussian"))
+
+
 def projection_matrix(seed: int, block_index: int, side: int, k: int, dim: int, kind: str = "gaussian") -> np.ndarray:
     """The ``(k, dim)`` float64 sketch for one side of one block (``kind``: see the module doc).
 
@@ -59,8 +73,7 @@ def projection_matrix(seed: int, block_index: int, side: int, k: int, dim: int, 
         >>> bool(np.allclose(P @ P.T, 10 / 4 * np.eye(4)))
         True
     """
-    if kind not in SKETCHES:
-        raise ValueError(f"sketch must be one of {SKETCHES}, got {kind!r}")
+    check_sketch(kind)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(block_index), int(side)]))
     G = rng.standard_normal((k, dim))
     if kind == "orthogonal" and k <= dim and dim * k * k <= ORTHO_MAX_WORK:
@@ -80,9 +93,7 @@ def resolve_sketch(path, sketch: str | None, resume: bool) -> str:
     """The sketch kind a recorder uses: ``sketch`` when given; on ``resume``, the run's own
     (``"gaussian"`` for runs written before the kind was recorded); else :data:`DEFAULT_SKETCH`."""
     if sketch is not None:
-        if sketch not in SKETCHES:
-            raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
-        return sketch
+        return check_sketch(sketch)
     if resume:
         from datavalue.store import open_run
 
@@ -90,7 +101,7 @@ def resolve_sketch(path, sketch: str | None, resume: bool) -> str:
             proj = open_run(path).manifest.get("projection") or {}
         except Exception:  # no readable run yet: the writer reports that with its own error
             return DEFAULT_SKETCH
-        return str(proj.get("sketch", "gaussian"))
+        return run_sketch(proj)
     return DEFAULT_SKETCH
 
 

@@ -245,8 +245,8 @@ def _map(fn: Callable[[int, int], Any], parts: list[tuple[int, int]]) -> list[An
 
 
 def _sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray) -> None:
-    """``M -= X.T @ Y`` in place (one BLAS GEMM with beta=1 when possible, no k x k temporary;
-    split by rows of ``M`` inside :func:`gemm_threads`)."""
+    """``M -= X.T @ Y`` in place: one BLAS GEMM with beta=1 (no temporary) on one thread; split by
+    rows of ``M`` inside :func:`gemm_threads`, each part through a per-thread buffer."""
     if M.flags.c_contiguous and M.dtype in (np.float64, np.float32) and X.shape[0]:
         from scipy.linalg import blas
 
@@ -439,6 +439,15 @@ def step_back(
 # ---------------------------------------------------------------------- operators
 
 
+def _theta0_minus(X: np.ndarray) -> np.ndarray:
+    """``Theta0 - X`` for an ``(n, k)`` block (``Theta0 = [I; 0]``), a new array: it turns ``M`` into
+    the operator's ``R_theta`` columns and back."""
+    out = -X
+    k = X.shape[1]
+    out[np.arange(k), np.arange(k)] += 1.0
+    return out
+
+
 def operator(state: BlockState, width: int | None = None) -> np.ndarray:
     """The row operator ``[Theta0 - M, R_v]`` as an ``(n, width)`` matrix.
 
@@ -451,8 +460,7 @@ def operator(state: BlockState, width: int | None = None) -> np.ndarray:
     if width not in (k, 2 * k):
         raise ValueError(f"width must be k={k} or 2k={2 * k}, got {width}")
     R = np.zeros((n, width), dtype=state.dtype)
-    R[:, :k] = -state.M
-    R[np.arange(k), np.arange(k)] += 1.0
+    R[:, :k] = _theta0_minus(state.M)
     if state.Rv is not None:
         if width == k:
             if np.any(state.Rv):
@@ -465,8 +473,7 @@ def operator(state: BlockState, width: int | None = None) -> np.ndarray:
 def state_from_operator(R: np.ndarray, k: int) -> BlockState:
     """Inverse of :func:`operator`: ``R`` is ``(n, k)`` or ``(n, 2k)``."""
     R = np.asarray(R)
-    M = -R[:, :k].copy()
-    M[np.arange(k), np.arange(k)] += 1.0
+    M = _theta0_minus(R[:, :k])
     Rv = None
     if R.shape[1] == 2 * k and np.any(R[:, k:]):
         Rv = R[:, k:].copy()
@@ -598,8 +605,7 @@ def adam_operator(state: AdamBlockState) -> np.ndarray:
     """The row operator ``[Theta0 - M, R_m, R_v]`` as an ``(n, 3k)`` matrix (zeros for a ``None`` part)."""
     n, k = state.n, state.k
     R = np.zeros((n, 3 * k), dtype=state.dtype)
-    R[:, :k] = -state.M
-    R[np.arange(k), np.arange(k)] += 1.0
+    R[:, :k] = _theta0_minus(state.M)
     if state.Rm is not None:
         R[:, k : 2 * k] = state.Rm
     if state.Rv is not None:
@@ -612,8 +618,7 @@ def adam_state_from_operator(R: np.ndarray, k: int) -> AdamBlockState:
     R = np.asarray(R)
     if R.shape[1] != 3 * k:
         raise ValueError(f"an Adam operator has 3k={3 * k} columns, got {R.shape[1]}")
-    M = -R[:, :k].copy()
-    M[np.arange(k), np.arange(k)] += 1.0
+    M = _theta0_minus(R[:, :k])
     Rm = R[:, k : 2 * k].copy() if np.any(R[:, k : 2 * k]) else None
     Rv = R[:, 2 * k :].copy() if np.any(R[:, 2 * k :]) else None
     return AdamBlockState(M=M, Rm=Rm, Rv=Rv)

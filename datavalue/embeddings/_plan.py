@@ -49,19 +49,15 @@ class _Plan:
         return int(self.lr.shape[0])
 
     def width(self, i: int) -> int:
-        k = self.blocks[i][1] - self.blocks[i][0]
-        if self.adam is not None:
-            return 3 * k
-        return 2 * k if self.momentum_mode else k
+        return _state_factor(self.adam is not None, self.momentum_mode) * (self.blocks[i][1] - self.blocks[i][0])
 
 
 def _parse_curvature(run: Any, curvature: str | None) -> str:
-    has_hessian = bool(getattr(run, "has_hessian", False))
     if curvature is None:
-        return "hessian" if has_hessian else "fisher" if run.has_fisher else "empirical_fisher"
+        return "hessian" if run.has_hessian else "fisher" if run.has_fisher else "empirical_fisher"
     if curvature not in CURVATURES:
         raise EmbeddingError(f"curvature must be one of {CURVATURES} or None, got {curvature!r}.")
-    if curvature == "hessian" and not has_hessian:
+    if curvature == "hessian" and not run.has_hessian:
         raise CurvatureUnavailableError(
             f"{run.path} holds no per-step Hessians, so curvature='hessian' is unavailable. Record with "
             "Recorder(..., curvature='hessian') and rec.step(..., hessian_loss=...) (k Hessian-vector products per "

@@ -174,7 +174,6 @@ def _scan(
         )
     run = open_run(plan.path)
     chunk = max(int(run.row_chunk), 1)
-    k_total = plan.blocks[-1][1]
     if start is None:
         # transfer operators are k x k without momentum, 2k x 2k with it
         states = _identity_states(plan, velocity=(transfer and plan.momentum_mode) or velocity)
@@ -228,14 +227,11 @@ def _scan(
                 if velocity:
                     vels.append(E[:, k:])
         if writer is not None:
-            if len(thetas) == 1:  # one operator: no concatenation copy
-                parts = [thetas[0]]
-            else:
-                parts = [np.concatenate(thetas, axis=1) if thetas else np.zeros((r1 - r0, k_total))]
+            parts = [_join(thetas)]
             if not np.all(np.isfinite(parts[0])):
                 raise NonFiniteError(f"{plan.path}: non-finite embeddings at step {t}.")
             if velocity:
-                parts.append(np.concatenate(vels, axis=1))
+                parts.append(_join(vels))
             writer.put(r0 - out_offset, parts)
         if tick is not None:
             tick(1)
@@ -276,6 +272,12 @@ def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Se
     if outputs is not None:
         writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
     return grads, weights, curv, writer
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """The blocks' columns side by side (the plan has at least one block; one operator: no copy)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
 
 def _step_curvature(plan: _Plan, curv: Any, t: int) -> np.ndarray | None:
     """Step ``t``'s stored true-Fisher pseudo-gradient rows, or its ``(k, k)`` Hessian for
@@ -363,7 +365,6 @@ def _scan_adam(
     run = open_run(plan.path)
     T = int(run.n_steps)
     chunk = max(int(run.row_chunk), 1)
-    k_total = plan.blocks[-1][1]
     if start is not None:  # the operators at the segment's end, chained from later segments
         states = [
             core.adam_state_from_operator(np.asarray(R, dtype=plan.dtype), b - a)
@@ -421,7 +422,7 @@ def _scan_adam(
                 assert E is not None
                 thetas.append(E[:, : b - a])
         if writer is not None:
-            part = np.concatenate(thetas, axis=1) if thetas else np.zeros((r1 - r0, k_total))
+            part = _join(thetas)
             if not np.all(np.isfinite(part)):
                 raise NonFiniteError(f"{plan.path}: non-finite embeddings at step {t}.")
             writer.put(r0 - out_offset, [part])
@@ -522,25 +523,16 @@ def _run_segments(
         stats["max_op"] = max(stats["max_op"], res["max_op"])
         stats["expansive"] = sorted(set(stats["expansive"]) | set(res["expansive"]))
 
+    # the embedding scans (as opposed to the transfer-operator scans of pass 1)
+    embed_kw = dict(transfer=False, velocity=final_velocity, outputs=outputs, out_offset=out_offset, n_out=n_out,
+                    out_chunk=out_chunk, tick=tick)
     try:
         if K == 1:
             lo, hi = bounds[0]
             # one scan on the driver: BLAS on one thread, wide operators split over all cores
             # (core.gemm_threads; narrow ones are never split, measured in core's notes)
             with one_blas_thread(), core.gemm_threads(os.cpu_count() or 1):
-                res = _scan(
-                    plan,
-                    lo,
-                    hi,
-                    None,
-                    transfer=False,
-                    velocity=final_velocity,
-                    outputs=outputs,
-                    out_offset=out_offset,
-                    n_out=n_out,
-                    out_chunk=out_chunk,
-                    tick=tick,
-                )
+                res = _scan(plan, lo, hi, None, **embed_kw)
             absorb(res)
             if tick is None and bar is not None:
                 bar.update(hi - lo)
@@ -582,23 +574,7 @@ def _run_segments(
             ]
         start = cur
         # pass 2: the recursions with embeddings, in parallel
-        fns = [
-            _task(
-                _scan,
-                plan,
-                bounds[s][0],
-                bounds[s][1],
-                ends[s],
-                transfer=False,
-                velocity=final_velocity,
-                outputs=outputs,
-                out_offset=out_offset,
-                n_out=n_out,
-                out_chunk=out_chunk,
-                tick=tick,
-            )
-            for s in range(K)
-        ]
+        fns = [_task(_scan, plan, bounds[s][0], bounds[s][1], ends[s], **embed_kw) for s in range(K)]
         results = _execute(fns, client, bar, [hi - lo for lo, hi in bounds])
         pieces = []
         for s, res in enumerate(results):

@@ -8,7 +8,11 @@ own threads and 131,000 on one; in-memory queries at 1.2 vs 2.0 GB/s (docs/resul
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Any
+
+import numpy as np
 
 
 def one_blas_thread() -> Any:
@@ -16,3 +20,98 @@ def one_blas_thread() -> Any:
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
+
+
+# ---------------------------------------------------------------------- a GEMM that releases the GIL
+#
+# ``C <- alpha op(A) op(B) + beta C`` straight into ``C``. numpy's ``matmul`` runs in parallel from
+# several threads but has no ``beta`` (an in-place ``M -= X.T @ Y`` needs a temporary and one more pass
+# over M); scipy's ``sgemm`` has ``beta`` but, called from two threads on its own OpenBLAS, ran the two
+# halves of an update one after the other (docs/results/performance.md). ctypes releases the GIL around
+# foreign calls, so the CBLAS ``gemm`` of the OpenBLAS that numpy itself loaded gives both. Where that
+# library cannot be found (MKL or Accelerate builds, other OpenBLAS symbol names) or fails its
+# self-check, :func:`gemm_nogil` returns ``False`` and callers keep numpy.
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+#: Where the GEMM came from (library path, symbol names, integer type), once found.
+SOURCE: dict[str, Any] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _cblas() -> dict[np.dtype, Any] | None:
+    try:
+        from threadpoolctl import threadpool_info
+
+        libs = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+        libs.sort(key=lambda i: "numpy" not in str(i.get("filepath", "")))  # numpy's own first
+        for info in libs:
+            lib = ctypes.CDLL(str(info["filepath"]))
+            for sym_s, sym_d, int_t in (("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_", ctypes.c_int64),
+                                        ("cblas_sgemm64_", "cblas_dgemm64_", ctypes.c_int64),
+                                        ("scipy_cblas_sgemm", "scipy_cblas_dgemm", ctypes.c_int),
+                                        ("cblas_sgemm", "cblas_dgemm", ctypes.c_int)):
+                fs, fd = getattr(lib, sym_s, None), getattr(lib, sym_d, None)
+                if fs is None or fd is None:
+                    continue
+                out: dict[np.dtype, Any] = {}
+                for f, real in ((fs, ctypes.c_float), (fd, ctypes.c_double)):
+                    f.restype = None
+                    f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, int_t, int_t, int_t, real,
+                                  ctypes.c_void_p, int_t, ctypes.c_void_p, int_t, real, ctypes.c_void_p, int_t]
+                    out[np.dtype(np.float32 if real is ctypes.c_float else np.float64)] = f
+                if _self_check(out):
+                    SOURCE.update(path=str(info["filepath"]), symbols=(sym_s, sym_d), int_t=int_t)
+                    return out
+    except Exception:  # pragma: no cover - any surprise: numpy path
+        return None
+    return None
+
+
+def _call(f: Any, C: np.ndarray, A: np.ndarray, B: np.ndarray, alpha: float, beta: float, trans_a: bool,
+          trans_b: bool = False) -> None:
+    m, n = C.shape
+    kk = A.shape[0] if trans_a else A.shape[1]
+    f(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS, m, n, kk, alpha,
+      A.ctypes.data, A.strides[0] // A.itemsize, B.ctypes.data, B.strides[0] // B.itemsize,
+      beta, C.ctypes.data, C.strides[0] // C.itemsize)
+
+
+def _self_check(fns: dict[np.dtype, Any]) -> bool:
+    rng = np.random.default_rng(0)
+    for dt, f in fns.items():
+        A = rng.standard_normal((5, 8)).astype(dt)[:, 1:7]  # a view with leading dimension 8
+        B = rng.standard_normal((5, 3)).astype(dt)
+        C = rng.standard_normal((6, 3)).astype(dt)
+        want = C - 2.0 * (A.T @ B)
+        _call(f, C, A, B, -2.0, 1.0, True)
+        Bt = np.ascontiguousarray(B.T)
+        want2 = 0.5 * (A.T @ B)
+        C2 = np.full_like(want2, np.nan)  # beta = 0 must not read C
+        _call(f, C2, A, Bt, 0.5, 0.0, True, True)
+        if not (np.allclose(C, want, rtol=1e-4, atol=1e-4) and np.allclose(C2, want2, rtol=1e-4, atol=1e-4)):
+            return False
+    return True
+
+
+def _row_major(a: np.ndarray) -> bool:
+    return a.ndim == 2 and a.strides[1] == a.itemsize and a.strides[0] >= a.shape[1] * a.itemsize
+
+
+def gemm_nogil(C: np.ndarray, A: np.ndarray, B: np.ndarray, *, alpha: float = 1.0, beta: float = 0.0,
+               trans_a: bool = False, trans_b: bool = False) -> bool:
+    """``C <- alpha op(A) @ op(B) + beta C`` in place without holding the GIL; ``op(X) = X.T`` with
+    ``trans_a`` / ``trans_b`` (``B`` is then given untransposed, as stored). Returns ``False`` (and does nothing) when it cannot: no usable CBLAS, mixed or
+    non-float dtypes, or arrays whose rows are not contiguous; the caller then uses numpy."""
+    fns = _cblas()
+    if fns is None or not (C.dtype == A.dtype == B.dtype) or C.dtype not in fns:
+        return False
+    if not (_row_major(C) and _row_major(A) and _row_major(B)) or not C.flags.writeable:
+        return False
+    rows_a, cols_a = (A.shape[1], A.shape[0]) if trans_a else A.shape
+    rows_b, cols_b = (B.shape[1], B.shape[0]) if trans_b else B.shape
+    if C.shape != (rows_a, cols_b) or cols_a != rows_b or 0 in C.shape:
+        return False
+    _call(fns[C.dtype], C, A, B, float(alpha), float(beta), trans_a, trans_b)
+    return True
+

@@ -130,6 +130,7 @@ def _store_ops(
     path: Any, curvature: str, plan: _Plan, ops: list[list[np.ndarray] | None], append_to: int = 0
 ) -> None:
     from datavalue.store import create_array, open_array
+    from datavalue.store._chunkfiles import write_all
 
     K = len(ops)
     for i in range(len(plan.blocks)):
@@ -141,9 +142,9 @@ def _store_ops(
             data = np.zeros((append_to + K, w, w))
             data[:append_to, : old.shape[1], : old.shape[2]] = old
         else:
-            data = np.zeros((K, w, w))
+            data = np.empty((K, w, w))  # _pad_op writes every entry
         for s, op in enumerate(ops):
-            data[append_to + s] = _pad_op(None if op is None else op[i], w)
+            _pad_op(None if op is None else op[i], w, out=data[append_to + s])
         arr = create_array(
             path,
             name,
@@ -155,7 +156,7 @@ def _store_ops(
                 "meaning": "transfer operator of each segment, rows/cols (delta theta, delta v)"
             },
         )
-        arr[:] = data
+        write_all(arr, data)
 
 
 def _load_ops(path: Any, curvature: str, plan: _Plan, K: int) -> list[list[np.ndarray]]:

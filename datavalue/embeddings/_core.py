@@ -42,6 +42,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from datavalue._blas import gemm_nogil
+
 __all__ = [
     "BlockState",
     "StepCoef",
@@ -244,9 +246,9 @@ def _map(fn: Callable[[int, int], Any], parts: list[tuple[int, int]]) -> list[An
     return list(pool.map(lambda ab: fn(*ab), parts))
 
 
-def _sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray) -> None:
-    """``M -= X.T @ Y`` in place: one BLAS GEMM with beta=1 (no temporary) on one thread; split by
-    rows of ``M`` inside :func:`gemm_threads`, each part through a per-thread buffer."""
+def _sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray, alpha: float = 1.0) -> None:
+    """``M -= alpha X.T @ Y`` in place: one BLAS GEMM with beta=1 (no temporary) on one thread; split
+    by rows of ``M`` inside :func:`gemm_threads`."""
     if M.flags.c_contiguous and M.dtype in (np.float64, np.float32) and X.shape[0]:
         from scipy.linalg import blas
 
@@ -256,19 +258,28 @@ def _sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray) -> None:
         # C-contiguous M is the Fortran-ordered M.T:  M.T <- M.T - Y.T @ X (rows a:b of M: M[a:b].T)
         parts = _parts(M.shape[0])
         if parts is None:
-            gemm(-1.0, Y, X, beta=1.0, c=M.T, trans_a=1, overwrite_c=1)
+            gemm(-float(alpha), Y, X, beta=1.0, c=M.T, trans_a=1, overwrite_c=1)
             return
-        # scipy's f2py GEMM holds the GIL, so parts would run one after another (measured: 10.9 ms for
-        # two halves on two threads vs 5.9 ms with numpy); numpy's matmul releases it. Each part goes
-        # through a per-thread buffer and an in-place subtraction (one extra pass over its rows).
+        # scipy's sgemm (its own OpenBLAS) does not run in parallel from two threads (two halves of a
+        # 2048-wide float32 update: 12.0 ms one after the other, 13.8 ms on two threads). numpy's
+        # OpenBLAS called through ctypes does (10.3 / 6.0 ms) and accumulates in place
+        # (datavalue._blas.gemm_nogil); without it, numpy's matmul into a per-thread buffer plus an
+        # in-place subtraction (one extra pass over the part's rows).
+        X = np.ascontiguousarray(X)
+        Y = np.ascontiguousarray(Y)
+
         def part(a: int, b: int) -> None:
+            if gemm_nogil(M[a:b], X[:, a:b], Y, alpha=-float(alpha), beta=1.0, trans_a=True):
+                return
             buf = _buffer((b - a, M.shape[1]), M.dtype)
             np.matmul(X[:, a:b].T, Y, out=buf)
+            if alpha != 1.0:
+                buf *= alpha
             M[a:b] -= buf
 
         _map(part, parts)
         return
-    M -= X.T @ Y
+    M -= alpha * (X.T @ Y)
 
 
 def _buffer(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
@@ -290,7 +301,13 @@ def _matmul_T(X: np.ndarray, M: np.ndarray) -> np.ndarray:
     if parts is None:
         return X @ M.T
     out = np.empty((X.shape[0], M.shape[0]), dtype=np.result_type(X, M))
-    _map(lambda a, b: np.matmul(X, M[a:b].T, out=out[:, a:b]), parts)  # no concatenation copy
+    X = np.ascontiguousarray(X, dtype=out.dtype)
+
+    def part(a: int, b: int) -> None:  # straight into the output's columns: no concatenation copy
+        if not gemm_nogil(out[:, a:b], X, M[a:b], trans_b=True):
+            np.matmul(X, M[a:b].T, out=out[:, a:b])
+
+    _map(part, parts)
     return out
 
 
@@ -413,7 +430,11 @@ def step_back(
     if isinstance(curv, str):
         if curv != "empirical_fisher":
             raise ValueError(f"curv must be an array, 'empirical_fisher' or None, got {curv!r}")
-        if G.shape[0]:
+        if G.shape[0] and E is not None and Pu is None:
+            # (c sqrt(w) GP)^T (sqrt(w) G) = -E^T G: the embeddings already carry c w (no scaled copies;
+            # a clipped step's E uses the whole gradient's u @ g, its update this block's)
+            _sub_outer(M, E, G, alpha=-1.0)
+        elif G.shape[0]:
             sw = np.sqrt(w)
             assert GP is not None
             FP = GP if Pu is None else GP - np.outer(G @ u, Pu)

@@ -20,7 +20,7 @@ import numpy as np
 
 from datavalue.errors import StoreCorruptError
 
-__all__ = ["ChunkFileRows", "fast_rows"]
+__all__ = ["ChunkFileRows", "fast_rows", "write_all"]
 
 
 class ChunkFileRows:
@@ -94,9 +94,10 @@ class ChunkFileRows:
             )
 
 
-def fast_rows(array: Any) -> Any:
-    """A :class:`ChunkFileRows` reading the same rows as ``array`` (a zarr array), or ``array``
-    itself when its layout is not the run's plain one (non-local store, other codecs or chunking)."""
+def _plain_local(array: Any) -> Path | None:
+    """The chunk directory of a zarr v3 array in a local directory with the run's plain layout (codecs
+    ``bytes(little) -> crc32c``, default ``/`` chunk keys, float data, one chunk across every axis but
+    the first), or ``None``."""
     try:
         from zarr.codecs import BytesCodec, Crc32cCodec
         from zarr.storage import LocalStore
@@ -104,23 +105,52 @@ def fast_rows(array: Any) -> Any:
         meta = array.metadata
         store = array.store
         if not isinstance(store, LocalStore):
-            return array
+            return None
         codecs = tuple(meta.codecs)
         if (
             meta.zarr_format != 3
-            or len(array.shape) != 2
+            or len(array.shape) < 2
             or len(codecs) != 2
             or not isinstance(codecs[0], BytesCodec)
             or not isinstance(codecs[1], Crc32cCodec)
             or getattr(codecs[0].endian, "value", "little") not in ("little", None)
-            or tuple(array.chunks)[1] != array.shape[1]
+            or tuple(array.chunks)[1:] != tuple(array.shape)[1:]
             or getattr(meta.chunk_key_encoding, "name", "") != "default"
             or getattr(meta.chunk_key_encoding, "separator", "") != "/"
             or np.dtype(array.dtype).kind != "f"
         ):
-            return array
-        directory = Path(str(store.root)) / array.path
-        return ChunkFileRows(directory, array.shape, array.chunks[0], array.dtype, float(meta.fill_value or 0.0),
-                             name=str(array.path))
-    except Exception:  # any surprise in zarr's metadata API: keep zarr's reader
+            return None
+        return Path(str(store.root)) / array.path
+    except Exception:  # any surprise in zarr's metadata API: keep zarr's reader / writer
+        return None
+
+
+def fast_rows(array: Any) -> Any:
+    """A :class:`ChunkFileRows` reading the same rows as ``array`` (a zarr array), or ``array``
+    itself when its layout is not the run's plain one (non-local store, other codecs or chunking)."""
+    directory = _plain_local(array)
+    if directory is None or len(array.shape) != 2:
         return array
+    return ChunkFileRows(directory, array.shape, array.chunks[0], array.dtype,
+                         float(array.metadata.fill_value or 0.0), name=str(array.path))
+
+
+def write_all(array: Any, data: np.ndarray) -> None:
+    """``array[:] = data``; for a local array with the run's plain layout, chunk file by chunk file
+    with the store writer's encoder (zarr's write path cost 0.14 s of Python for one 32 MB operator)."""
+    from datavalue.store._writer import _write_chunk
+
+    data = np.asarray(data, dtype=array.dtype)
+    directory = _plain_local(array)
+    if directory is None or data.shape != tuple(array.shape):
+        array[...] = data
+        return
+    C = int(array.chunks[0])
+    zeros = ["0"] * (data.ndim - 1)
+    for i in range(-(-data.shape[0] // C)):
+        piece = data[i * C : (i + 1) * C]
+        if piece.shape[0] < C:  # zarr stores edge chunks whole
+            full = np.zeros((C, *data.shape[1:]), dtype=data.dtype)
+            full[: piece.shape[0]] = piece
+            piece = full
+        _write_chunk(directory.joinpath("c", str(i), *zeros), piece)

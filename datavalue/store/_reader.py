@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 import zarr
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 from datavalue.errors import (
     StoreCorruptError,
@@ -234,6 +236,8 @@ class Run:
     @property
     def grads(self) -> da.Array:
         """``(R, k)`` lazy per-sample gradients (committed rows only)."""
+        import dask.array as da  # here, not at import: recording never needs dask (0.5 s to import)
+
         return da.from_zarr(self._group["grads"])[: self.n_rows]
 
     @property
@@ -246,6 +250,8 @@ class Run:
             raise StoreNotFoundError(
                 f"{self.path} holds no Fisher pseudo-gradients; record with Recorder(..., curvature='fisher')."
             )
+        import dask.array as da
+
         return da.from_zarr(self._group["fisher"])[: self.n_fisher_rows]
 
     @functools.cached_property

@@ -238,21 +238,35 @@ def test_chain_of_segment_operators_equals_whole_run():
     np.testing.assert_allclose(back, R, atol=1e-14)
 
 
+@pytest.mark.parametrize("nogil", [True, False], ids=["cblas", "numpy"])
+@pytest.mark.parametrize("curv", ["fisher", "empirical_fisher"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_row_split_gemms_equal_the_unsplit_step(monkeypatch, dtype):
+def test_row_split_gemms_equal_the_unsplit_step(monkeypatch, dtype, momentum, curv, nogil):
     """Inside gemm_threads, wide operators split X @ M.T and the rank-b update by rows of M over a
-    thread pool; the result must equal the single-call step (to rounding)."""
+    thread pool, through the GIL-free CBLAS GEMM or numpy's matmul; the result must equal the
+    single-call step (to rounding)."""
     rng = np.random.default_rng(7)
     k, b = 37, 5
     G, F = rng.normal(size=(b, k)), rng.normal(size=(3 * b, k)) * 0.3
     w = np.full(b, 1.0 / b)
-    base = core.init_state(k, dtype=dtype)
-    base.M[:] = rng.normal(size=(k, k)) * 0.1
-    want_state, want_E = core.step_back(base, G, w, lr=0.3, curv=F)
+    base = core.init_state(k, velocity=momentum > 0, dtype=dtype)
+    base.M[:] = rng.normal(size=base.M.shape) * 0.1
+    kw = dict(lr=0.3, curv=F if curv == "fisher" else curv, momentum=momentum, weight_decay=0.01)
+    want_state, want_E = core.step_back(base, G, w, **kw)
     monkeypatch.setattr(core, "SPLIT_MIN", 8)  # split this small operator
+    calls = []
+    real = core.gemm_nogil
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k) if nogil else False
+
+    monkeypatch.setattr(core, "gemm_nogil", spy)
     with core.gemm_threads(3):
-        assert core._parts(k) is not None
-        got_state, got_E = core.step_back(base, G, w, lr=0.3, curv=F)
+        assert core._parts(base.M.shape[0]) is not None
+        got_state, got_E = core.step_back(base, G, w, **kw)
+    assert calls  # the split path ran
     tol = 1e-12 if dtype == "float64" else 1e-5
     np.testing.assert_allclose(got_E, want_E, atol=tol)
     np.testing.assert_allclose(got_state.M, want_state.M, atol=tol)

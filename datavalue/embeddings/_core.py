@@ -250,14 +250,16 @@ def _sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray, alpha: float = 1.0) 
     """``M -= alpha X.T @ Y`` in place: one BLAS GEMM with beta=1 (no temporary) on one thread; split
     by rows of ``M`` inside :func:`gemm_threads`."""
     if M.flags.c_contiguous and M.dtype in (np.float64, np.float32) and X.shape[0]:
-        from scipy.linalg import blas
-
-        gemm = blas.dgemm if M.dtype == np.float64 else blas.sgemm
-        X = np.asarray(X, dtype=M.dtype)
-        Y = np.asarray(Y, dtype=M.dtype)
-        # C-contiguous M is the Fortran-ordered M.T:  M.T <- M.T - Y.T @ X (rows a:b of M: M[a:b].T)
+        X = np.ascontiguousarray(X, dtype=M.dtype)
+        Y = np.ascontiguousarray(Y, dtype=M.dtype)
         parts = _parts(M.shape[0])
         if parts is None:
+            if gemm_nogil(M, X, Y, alpha=-float(alpha), beta=1.0, trans_a=True):
+                return
+            from scipy.linalg import blas  # imported on first use only (0.15 s)
+
+            gemm = blas.dgemm if M.dtype == np.float64 else blas.sgemm
+            # C-contiguous M is the Fortran-ordered M.T:  M.T <- M.T - Y.T @ X
             gemm(-float(alpha), Y, X, beta=1.0, c=M.T, trans_a=1, overwrite_c=1)
             return
         # scipy's sgemm (its own OpenBLAS) does not run in parallel from two threads (two halves of a
@@ -265,9 +267,6 @@ def _sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray, alpha: float = 1.0) 
         # OpenBLAS called through ctypes does (10.3 / 6.0 ms) and accumulates in place
         # (datavalue._blas.gemm_nogil); without it, numpy's matmul into a per-thread buffer plus an
         # in-place subtraction (one extra pass over the part's rows).
-        X = np.ascontiguousarray(X)
-        Y = np.ascontiguousarray(Y)
-
         def part(a: int, b: int) -> None:
             if gemm_nogil(M[a:b], X[:, a:b], Y, alpha=-float(alpha), beta=1.0, trans_a=True):
                 return
@@ -295,17 +294,29 @@ def _buffer(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
     return buf
 
 
-def _matmul_T(X: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """``X @ M.T`` (rows, M.shape[0]), split by rows of ``M`` inside :func:`gemm_threads`."""
+def _matmul_T(X: np.ndarray, M: np.ndarray, *, alpha: float = 1.0, minus: np.ndarray | None = None) -> np.ndarray:
+    """``alpha (X @ M.T - minus @ Theta0.T)`` (rows, M.shape[0]), split by rows of ``M`` inside
+    :func:`gemm_threads`; ``minus`` (rows, k <= M.shape[0]) fills the output first and the GEMM
+    accumulates onto it (one pass instead of a subtraction and a scaling)."""
     parts = _parts(M.shape[0])
+    dtype = np.result_type(X, M)
     if parts is None:
-        return X @ M.T
-    out = np.empty((X.shape[0], M.shape[0]), dtype=np.result_type(X, M))
-    X = np.ascontiguousarray(X, dtype=out.dtype)
+        out = X @ M.T
+        if minus is not None:
+            out[:, : minus.shape[1]] -= minus
+        if alpha != 1.0:
+            out *= alpha
+        return out
+    out = np.empty((X.shape[0], M.shape[0]), dtype=dtype)
+    X = np.ascontiguousarray(X, dtype=dtype)
+    if minus is not None:
+        np.multiply(minus, -alpha, out=out[:, : minus.shape[1]])
+    if minus is None or minus.shape[1] < out.shape[1]:
+        out[:, 0 if minus is None else minus.shape[1] :] = 0.0
 
     def part(a: int, b: int) -> None:  # straight into the output's columns: no concatenation copy
-        if not gemm_nogil(out[:, a:b], X, M[a:b], trans_b=True):
-            np.matmul(X, M[a:b].T, out=out[:, a:b])
+        if not gemm_nogil(out[:, a:b], X, M[a:b], alpha=alpha, beta=1.0, trans_b=True):
+            out[:, a:b] += alpha * (X @ M[a:b].T)
 
     _map(part, parts)
     return out
@@ -313,9 +324,7 @@ def _matmul_T(X: np.ndarray, M: np.ndarray) -> np.ndarray:
 
 def _xpT(X: np.ndarray, state: BlockState, coef: StepCoef) -> np.ndarray:
     """``X @ P.T`` for rows ``X`` (rows, k), with ``P = a R_v - b (Theta0 - M)``: (rows, n)."""
-    out = _matmul_T(X, state.M)
-    out -= _pad(X, state.n)
-    out *= coef.b
+    out = _matmul_T(X, state.M, alpha=coef.b, minus=X)
     if state.Rv is not None and coef.a != 0.0:
         out += coef.a * (X @ state.Rv.T)
     return out

@@ -401,7 +401,8 @@ def worker_projected(args):
             rec = datavalue.Recorder(path, model, proj_dim=proj, optimizer=opt, storage_dtype="float32")
             _train_with(model, opt, x, y, B, E, lr, rec=rec)
             t1 = time.perf_counter()
-            datavalue.build_embeddings(path, curvature="empirical_fisher", dtype="float64", progress=False,
+            dtype = "float32" if args.system.endswith("-f32") else "float64"  # dattri computes in float32
+            datavalue.build_embeddings(path, curvature="empirical_fisher", dtype=dtype, progress=False,
                                        blocks=blocks)
             t2 = time.perf_counter()
             S, _ = our_scores(path, model, xt, yt)
@@ -456,7 +457,8 @@ def section_c(quick, reps, threads, dattri_ok):
     cfg = dict(d=64, h=32, c=10, n=512, B=32, E=4, m=32, K=1024) if quick else \
         dict(d=128, h=64, c=10, n=2048, B=64, E=5, m=64, K=1024)
     P = cfg["d"] * cfg["h"] + cfg["h"] + cfg["h"] * cfg["c"] + cfg["c"]
-    systems = ["ours-proj", "ours-proj-full", "ours-exact"]  # per-layer operators, one full operator
+    # per-layer operators (float64 and float32 recursion), one full operator, exact
+    systems = ["ours-proj", "ours-proj-f32", "ours-proj-full", "ours-exact"]
     if dattri_ok:
         systems += ["dattri-exact", "dattri-proj", "dattri-kronecker", "dattri-elementwise"]
     tmp = tempfile.mkdtemp()

@@ -60,10 +60,10 @@ def study(cfg, n_seeds, K=1024):
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from build_vs_dattri import _train_with, make_data, make_model
     from scipy.stats import spearmanr
 
     import datavalue
-    from build_vs_dattri import _train_with, make_data, make_model
     from datavalue.capture._projection import projection_matrix, split_budget
     from datavalue.embeddings import _core as core
     from datavalue.store import open_run

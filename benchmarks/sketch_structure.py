@@ -7,8 +7,11 @@ the two effects (sketch structure, per-layer budget split) on the same trajector
 
 1. train section C's MLP once with an *exact* run (``proj_dim=None``), same data, seed and schedule;
 2. project the stored exact per-sample gradients and the exact test gradients offline, per layer,
-   with (a) the Kronecker sketch the recorder uses, (b) a dense orthogonal sketch of the flattened
-   layer gradient with the same number of dimensions; three seeds each;
+   with the same number of dimensions ``k`` per layer: (a) the Kronecker sketch the recorder uses;
+   (b) a Khatri-Rao sketch, ``(S_out g) * (S_in a) / sqrt(k)`` elementwise with ``k``-row side
+   matrices (Gaussian, or stacked orthogonal frames), which also never materialises ``g a^T`` and
+   costs ``k (out + in)`` per example; (c) a dense orthogonal sketch of the flattened layer gradient
+   (``k x size`` per example); three seeds each;
 3. run the recursion (``datavalue.embeddings._core.step_back``, empirical Fisher, per-layer
    operators) on each, and score Spearman (mean over test points, all-epoch scores) against the
    exact build of the same run.
@@ -43,7 +46,7 @@ def main():
     cfgs = [dict(d=64, h=32, c=10, n=512, B=32, E=4, m=32)]
     if not a.quick:
         cfgs.append(dict(d=128, h=64, c=10, n=2048, B=64, E=5, m=64))
-    lines = ["# Kronecker vs dense per-layer sketches (offline study)", "",
+    lines = ["# Kronecker, Khatri-Rao and dense per-layer sketches (offline study)", "",
              f"Command: `python benchmarks/sketch_structure.py{' --quick' if a.quick else ''}`. Section C's MLPs "
              "(benchmarks/build_vs_dattri.py), K = 1024, orthogonal sketches, empirical-Fisher recursion with "
              f"per-layer operators; Spearman against the exact build of the same run, mean of {a.seeds} sketch "
@@ -100,6 +103,18 @@ def study(cfg, n_seeds, K=1024):
                 Sq = projection_matrix(seed, i, 1, kc, q, "orthogonal") if kc < q else np.eye(q)
                 fns.append(lambda X, So=So, Sq=Sq, o=o, q=q: np.einsum(
                     "ro,nos,cs->nrc", So, X.reshape(-1, o, q), Sq, optimize=True).reshape(X.shape[0], -1))
+            elif kind in ("kr", "kr-ortho") and b["kind"] == "kron":
+                o, q = b["shape"]
+                rng = np.random.default_rng([seed, i, 7])
+                def frames(kk, dim, kind=kind, rng=rng):
+                    if kind == "kr":
+                        return rng.standard_normal((kk, dim))
+                    reps = -(-kk // dim)
+                    fr = [np.linalg.qr(rng.standard_normal((dim, dim)))[0] * np.sqrt(dim) for _ in range(reps)]
+                    return np.concatenate(fr)[:kk]
+                So, Sq = frames(k, o), frames(k, q)
+                fns.append(lambda X, So=So, Sq=Sq, o=o, q=q, k=k: np.einsum(
+                    "jo,nos,js->nj", So, X.reshape(-1, o, q), Sq, optimize=True) / np.sqrt(k))
             else:
                 S = projection_matrix(seed, i, 2, k, sizes[i], "orthogonal")
                 fns.append(lambda X, S=S: X @ S.T)
@@ -131,18 +146,18 @@ def study(cfg, n_seeds, K=1024):
 
     P = sum(sizes)
     out = [f"## MLP {d}-{h}-{c}, P = {P:,}, {run.n_steps} steps of {B}", "",
-           "| budget split | dims per layer | Kronecker sketch (the recorder's) | dense sketch |", "|---|---|---|---|"]
+           "| budget split | dims per layer | Kronecker | Khatri-Rao gaussian | Khatri-Rao stacked orthogonal | dense |", "|---|---|---|---|---|---|"]
     splits = [("water-filling (default)", split_budget(names, kinds, shapes, K))]
     for label, wts in (("proportional to size", sizes), ("proportional to sqrt(size)", [s ** 0.5 for s in sizes])):
         alloc = [min(sz, int(round(K * v / sum(wts)))) for v, sz in zip(wts, sizes, strict=True)]
         splits.append((label, split_budget(names, kinds, shapes, dict(zip(names, alloc, strict=True)))))
     for label, ks in splits:
         cells = []
-        for kind in ("kron", "dense"):
+        for kind in ("kron", "kr", "kr-ortho", "dense"):
             vals = [sp(scores(sketches(kind, ks, seed))) for seed in range(n_seeds)]
             cells.append(f"{np.mean(vals):.3f} ({min(vals):.3f}-{max(vals):.3f})")
         dims = " / ".join(str(k[2]) if kk == "dense" else f"{k[2]} ({k[0]}x{k[1]})" for k, kk in zip(ks, kinds, strict=True))
-        out.append(f"| {label} | {dims} | {cells[0]} | {cells[1]} |")
+        out.append(f"| {label} | {dims} | " + " | ".join(cells) + " |")
     return [*out, ""]
 
 

@@ -47,13 +47,17 @@ def _cblas() -> dict[np.dtype, Any] | None:
         libs.sort(key=lambda i: "numpy" not in str(i.get("filepath", "")))  # numpy's own first
         for info in libs:
             lib = ctypes.CDLL(str(info["filepath"]))
-            for sym_s, sym_d, int_t in (("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_", ctypes.c_int64),
-                                        ("cblas_sgemm64_", "cblas_dgemm64_", ctypes.c_int64),
-                                        ("scipy_cblas_sgemm", "scipy_cblas_dgemm", ctypes.c_int),
-                                        ("cblas_sgemm", "cblas_dgemm", ctypes.c_int)):
-                fs, fd = getattr(lib, sym_s, None), getattr(lib, sym_d, None)
-                if fs is None or fd is None:
+            for sym_s, sym_d, cfg in (("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_", "scipy_openblas_get_config64_"),
+                                      ("cblas_sgemm64_", "cblas_dgemm64_", "openblas_get_config64_"),
+                                      ("scipy_cblas_sgemm", "scipy_cblas_dgemm", "scipy_openblas_get_config"),
+                                      ("cblas_sgemm", "cblas_dgemm", "openblas_get_config")):
+                fs, fd, fc = (getattr(lib, n, None) for n in (sym_s, sym_d, cfg))
+                if fs is None or fd is None or fc is None:
                     continue
+                # the integer width comes from the build itself (an ILP64 build may export unsuffixed names):
+                # a wrong width would be a crash, not a failed self-check
+                fc.restype, fc.argtypes = ctypes.c_char_p, []
+                int_t = ctypes.c_int64 if b"USE64BITINT" in (fc() or b"") else ctypes.c_int
                 out: dict[np.dtype, Any] = {}
                 for f, real in ((fs, ctypes.c_float), (fd, ctypes.c_double)):
                     f.restype = None

@@ -229,6 +229,21 @@ def gemm_threads(n: int) -> Iterator[None]:
         _GEMM.n = old
 
 
+def gemm_thread_count() -> int:
+    """The thread count set by :func:`gemm_threads` for this thread (1 outside it)."""
+    return int(getattr(_GEMM, "n", 1))
+
+
+def run_threads(fns: list[Callable[[], Any]]) -> list[Any]:
+    """Run zero-argument callables on the GEMM pool of :func:`gemm_thread_count` threads (inside
+    :func:`gemm_threads`; the callers' GEMMs release the GIL), results in order."""
+    n = max(1, min(gemm_thread_count(), len(fns)))
+    pool = _POOLS.get(-n)
+    if pool is None:  # apart from the row-split pool: a block task may itself split its GEMMs
+        pool = _POOLS[-n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="datavalue-blocks")
+    return list(pool.map(lambda f: f(), fns))
+
+
 def _parts(rows: int) -> list[tuple[int, int]] | None:
     n = getattr(_GEMM, "n", 1)
     if n <= 1 or rows < SPLIT_MIN:

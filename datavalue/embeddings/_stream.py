@@ -237,6 +237,7 @@ def _scan(
     grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
     embed = writer is not None
     max_op, expansive = 0.0, []
+    groups = _block_groups(plan, lo, hi)
     for t in range(hi - 1, lo - 1, -1):
         r0, r1 = int(plan.step_ptr[t]), int(plan.step_ptr[t + 1])
         G_all = grads.get(r0, r1)
@@ -253,8 +254,11 @@ def _scan(
                 u = g_hat / norm
                 ug = G64 @ u
         thetas, vels = [], []
-        for i, (a, b) in enumerate(plan.blocks):
-            states[i], E = core.step_back(
+
+        def one(i: int, t: int = t, G_all: np.ndarray = G_all, w: np.ndarray = w, F_all: Any = F_all,
+                u: Any = u, ug: Any = ug) -> tuple[core.BlockState, np.ndarray | None]:
+            a, b = plan.blocks[i]
+            return core.step_back(
                 states[i],
                 G_all[:, a:b],
                 w,
@@ -271,6 +275,10 @@ def _scan(
                 clip_ug=ug,
                 inplace=True,  # the scan owns its states
             )
+
+        results = _step_blocks(one, len(plan.blocks), groups)
+        for i, (a, b) in enumerate(plan.blocks):
+            states[i], E = results[i]
             max_op = max(max_op, _watch(plan, states[i], i, t, lo, hi, expansive))
             if embed:
                 assert E is not None
@@ -294,6 +302,47 @@ def _scan(
         "expansive": expansive[:20],
     }
 
+
+
+#: Narrow blocks run concurrently (one group of blocks per GEMM thread) when a step's recursion over them
+#: costs at least this many multiply-adds (``b * sum k^2``); below it the thread hand-offs cost more.
+PARALLEL_MIN_WORK = 1 << 21
+
+
+def _block_groups(plan: _Plan, lo: int, hi: int) -> list[list[int]] | None:
+    """Blocks narrower than ``core.SPLIT_MIN`` (whose GEMMs are never split) shared among the scan's GEMM
+    threads, balanced by ``k^2`` (longest first); ``None``: one thread runs every block in turn."""
+    n = core.gemm_thread_count()
+    narrow = [i for i, (a, b) in enumerate(plan.blocks) if b - a < core.SPLIT_MIN]
+    if n <= 1 or len(narrow) < 2 or hi <= lo:
+        return None
+    rows = (int(plan.step_ptr[hi]) - int(plan.step_ptr[lo])) / (hi - lo)
+    cost = {i: (plan.blocks[i][1] - plan.blocks[i][0]) ** 2 for i in narrow}
+    if rows * sum(cost.values()) < PARALLEL_MIN_WORK:
+        return None
+    groups: list[list[int]] = [[] for _ in range(min(n, len(narrow)))]
+    load = [0] * len(groups)
+    for i in sorted(narrow, key=lambda j: -cost[j]):
+        g = load.index(min(load))
+        groups[g].append(i)
+        load[g] += cost[i]
+    return groups
+
+
+def _step_blocks(one: Callable[[int], Any], n_blocks: int, groups: list[list[int]] | None) -> list[Any]:
+    """``one(i)`` for every block: wide blocks on this thread (their GEMMs split by rows), then the
+    narrow ones by ``groups``, one group per thread (or all here when ``groups`` is None)."""
+    out: list[Any] = [None] * n_blocks
+    grouped = {i for g in groups for i in g} if groups else set()
+    for i in range(n_blocks):
+        if i not in grouped:
+            out[i] = one(i)
+    if groups:
+        done = core.run_threads([lambda g=g: [one(i) for i in g] for g in groups])
+        for g, res in zip(groups, done, strict=True):
+            for i, r in zip(g, res, strict=True):
+                out[i] = r
+    return out
 
 
 #: Blocks up to this width are checked for explosion / non-finite values after every step; wider

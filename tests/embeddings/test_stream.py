@@ -134,3 +134,29 @@ def test_direct_chunk_writes_read_back_through_zarr(tmp_path, monkeypatch):
     assert len(written) == n_chunks  # every output chunk went through the direct path, once
     assert arr.shape[0] % arr.chunks[0] != 0  # a partial last chunk
     np.testing.assert_allclose(arr[:], by_hand(steps, "empirical_fisher"), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", ["sgd", "momentum-clipped"])
+def test_blocks_run_concurrently_with_the_same_result(tmp_path, monkeypatch, setting):
+    """Narrow blocks shared among the scan's threads give exactly the one-thread result (each block's
+    recursion is independent of the others within a step)."""
+    from datavalue.embeddings import _core as core
+    from datavalue.embeddings import _stream, build_embeddings
+    from datavalue.store import open_array
+
+    from ._synthetic import make_steps, write_run
+
+    kw = {"momentum": 0.9, "weight_decay": 0.01} if setting != "sgd" else {}
+    steps = make_steps(2, 17, fisher=True, **kw)  # grad_scale < 1 on most steps: clipped directions
+    path = write_run(tmp_path / "r.zarr", steps, fisher=True)
+    build_embeddings(path, "fisher", progress=False, storage_dtype="float64")
+    want = np.asarray(open_array(path, "embeddings/fisher/values")[:])
+
+    calls = []
+    real = core.run_threads
+    monkeypatch.setattr(core, "run_threads", lambda fns: (calls.append(len(fns)), real(fns))[1])
+    monkeypatch.setattr(_stream, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(_stream.os, "cpu_count", lambda: 3)
+    build_embeddings(path, "fisher", progress=False, storage_dtype="float64", overwrite=True)
+    assert calls and all(n == 2 for n in calls)  # two blocks, two groups, every step
+    np.testing.assert_array_equal(np.asarray(open_array(path, "embeddings/fisher/values")[:]), want)

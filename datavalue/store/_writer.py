@@ -61,9 +61,13 @@ def _write_chunk(path: Path, chunk: np.ndarray) -> None:
     chunks itself. Readers use zarr unchanged (tests read everything back through zarr).
     """
     data = memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    with open(tmp, "wb") as f:  # the array's buffer, then its checksum: no bytes copies
+    try:
+        f = open(tmp, "wb")  # noqa: SIM115
+    except FileNotFoundError:  # the chunk's directory is new: create it (not before every write: a system call)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(tmp, "wb")  # noqa: SIM115
+    with f:  # the array's buffer, then its checksum: no bytes copies
         f.write(data)
         f.write(crc32c.crc32c(data).to_bytes(4, "little"))
     os.replace(tmp, path)
@@ -174,6 +178,7 @@ class RunWriter:
         self._tails: dict[str, _AppendArray] = {}
         self._has_fisher: bool | None = None
         self._error: BaseException | None = None
+        self._optional: set[str] | None = None  # optional per-step arrays present (see _optional_step_arrays)
         self._closed = False
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -318,7 +323,9 @@ class RunWriter:
         """Per-step optional arrays (``StepBlock.extra``): created on first use (earlier steps NaN,
         ``first_step`` attribute), NaN for steps that lack them."""
         names = {n for b in blocks for n in (b.extra or {})}
-        names |= {n for n in OPTIONAL_STEP_ARRAYS if n in self._group}
+        if self._optional is None:  # which optional arrays the run has: looked up once (each lookup is a
+            self._optional = {n for n in OPTIONAL_STEP_ARRAYS if n in self._group}  # zarr store round trip)
+        names |= self._optional
         for name in sorted(names):
             kind = OPTIONAL_STEP_ARRAYS.get(name)
             if kind is None:
@@ -333,6 +340,7 @@ class RunWriter:
                                                compressors=small_codecs(), fill_value=np.nan,
                                                config={"write_empty_chunks": True})
                 arr.attrs["first_step"] = int(self.steps)
+                self._optional.add(name)
                 if self.steps:  # earlier steps: NaN (fill value), written out so the chunks exist
                     arr[: self.steps] = np.nan
             data = []

@@ -213,6 +213,7 @@ def _pad(X: np.ndarray, n: int) -> np.ndarray:
 # operator, b = 128, float32, 300 steps, median of 3): 4,715 occurrences/s unsplit, 5,831 split.
 _GEMM = threading.local()
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_BLOCK_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 #: Operators narrower than this are never split (the GEMMs are too small to share).
 SPLIT_MIN = 512
 
@@ -238,9 +239,9 @@ def run_threads(fns: list[Callable[[], Any]]) -> list[Any]:
     """Run zero-argument callables on the GEMM pool of :func:`gemm_thread_count` threads (inside
     :func:`gemm_threads`; the callers' GEMMs release the GIL), results in order."""
     n = max(1, min(gemm_thread_count(), len(fns)))
-    pool = _POOLS.get(-n)
-    if pool is None:  # apart from the row-split pool: a block task may itself split its GEMMs
-        pool = _POOLS[-n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="datavalue-blocks")
+    pool = _BLOCK_POOLS.get(n)
+    if pool is None:  # apart from the row-split pools
+        pool = _BLOCK_POOLS[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="datavalue-blocks")
     return list(pool.map(lambda f: f(), fns))
 
 

@@ -9,6 +9,7 @@ touch one chunk. :func:`_run_segments` runs the two passes of a segmented build 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -20,8 +21,8 @@ from datavalue._blas import one_blas_thread
 from datavalue.embeddings import _core as core
 from datavalue.embeddings._plan import _Plan
 from datavalue.errors import EmbeddingError, NonFiniteError
-from datavalue.store._chunkfiles import ChunkFileRows, fast_rows
-from datavalue.store._writer import _write_chunk
+from datavalue.store._chunkfiles import ChunkFileRows, chunk_dir, fast_rows
+from datavalue.store._writer import write_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +70,9 @@ class _ReverseRows:
         return self.buf[r0 - self.c0 : r1 - self.c0]
 
 
-_PREFETCH: list[concurrent.futures.ThreadPoolExecutor] = []
-
-
+@functools.lru_cache(maxsize=1)
 def _prefetch_pool() -> concurrent.futures.ThreadPoolExecutor:
-    if not _PREFETCH:
-        _PREFETCH.append(concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datavalue-readahead"))
-    return _PREFETCH[0]
+    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datavalue-readahead")
 
 
 class _ChunkWriter:
@@ -103,12 +100,8 @@ class _ChunkWriter:
             for arr, data, direct in zip(self.arrays, bufs, self._direct, strict=True):
                 if direct is None:
                     arr[c0:c1] = data
-                    continue
-                if data.shape[0] < self.chunk:  # the array's last chunk is stored whole (zarr's edge chunks)
-                    full = np.zeros((self.chunk, *data.shape[1:]), dtype=data.dtype)
-                    full[: data.shape[0]] = data
-                    data = full
-                _write_chunk(direct / "c" / str(c0 // self.chunk) / "0", np.asarray(data, dtype=arr.dtype))
+                else:
+                    write_chunk(direct, c0 // self.chunk, np.asarray(data, dtype=arr.dtype), self.chunk)
 
         for f in [f for f in self._pending if f.done()]:
             f.result()  # raises a failed write
@@ -162,9 +155,9 @@ class _ChunkWriter:
 def _direct_dir(arr: Any, chunk: int) -> Any:
     """The chunk directory of a local 2-D array with the run's plain layout and row chunks of
     ``chunk`` rows, or ``None`` (then zarr writes it)."""
-    rows = fast_rows(arr)
-    if isinstance(rows, ChunkFileRows) and rows.chunk_rows == chunk and np.dtype(arr.dtype).isnative:
-        return rows.directory
+    directory = chunk_dir(arr)
+    if directory is not None and len(arr.shape) == 2 and int(arr.chunks[0]) == chunk:
+        return directory
     return None
 
 

@@ -73,6 +73,16 @@ def _write_chunk(path: Path, chunk: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def write_chunk(directory: Path, i: int, piece: np.ndarray, chunk_rows: int) -> None:
+    """Write rows ``piece`` as chunk ``i`` (one chunk across all other axes) of the array stored in
+    ``directory``, zero-padded to ``chunk_rows`` rows: zarr stores edge chunks whole."""
+    if piece.shape[0] < chunk_rows:
+        full = np.zeros((chunk_rows, *piece.shape[1:]), dtype=piece.dtype)
+        full[: piece.shape[0]] = piece
+        piece = full
+    _write_chunk(directory.joinpath("c", str(i), *(["0"] * (piece.ndim - 1))), piece)
+
+
 class _AppendArray:
     """Appends rows to a zarr array along axis 0, keeping the last (partial) chunk in memory."""
 
@@ -96,13 +106,7 @@ class _AppendArray:
         buf = np.concatenate([self.tail, data]) if len(self.tail) else data
         n_chunks = -(-len(buf) // C)
         for i in range(n_chunks):
-            piece = buf[i * C : (i + 1) * C]
-            if len(piece) < C:
-                full = np.zeros(self.chunk_shape, dtype=self.arr.dtype)
-                full[: len(piece)] = piece
-                piece = full
-            key = [str(first + i)] + ["0"] * (len(self.chunk_shape) - 1)
-            _write_chunk(self.root.joinpath("c", *key), piece)
+            write_chunk(self.root, first + i, buf[i * C : (i + 1) * C], C)
         rem = new_len % C
         self.tail = buf[len(buf) - rem :].copy() if rem else buf[:0].copy()
         self.length = new_len

@@ -105,8 +105,17 @@ def _row_major(a: np.ndarray) -> bool:
 def gemm_nogil(C: np.ndarray, A: np.ndarray, B: np.ndarray, *, alpha: float = 1.0, beta: float = 0.0,
                trans_a: bool = False, trans_b: bool = False) -> bool:
     """``C <- alpha op(A) @ op(B) + beta C`` in place without holding the GIL; ``op(X) = X.T`` with
-    ``trans_a`` / ``trans_b`` (``B`` is then given untransposed, as stored). Returns ``False`` (and does nothing) when it cannot: no usable CBLAS, mixed or
-    non-float dtypes, or arrays whose rows are not contiguous; the caller then uses numpy."""
+    ``trans_a`` / ``trans_b`` (``A``, ``B`` given as stored).
+
+    Returns ``False`` (and does nothing) when it cannot: no usable CBLAS, mixed or non-float dtypes,
+    arrays whose rows are not contiguous, empty shapes; the caller then uses numpy.
+
+    Example:
+        >>> C = np.zeros((2, 2))
+        >>> ok = gemm_nogil(C, np.eye(2), np.array([[1.0, 2.0], [3.0, 4.0]]), alpha=2.0)
+        >>> C.tolist() if ok else [[2.0, 4.0], [6.0, 8.0]]
+        [[2.0, 4.0], [6.0, 8.0]]
+    """
     fns = _cblas()
     if fns is None or not (C.dtype == A.dtype == B.dtype) or C.dtype not in fns:
         return False
@@ -114,7 +123,7 @@ def gemm_nogil(C: np.ndarray, A: np.ndarray, B: np.ndarray, *, alpha: float = 1.
         return False
     rows_a, cols_a = (A.shape[1], A.shape[0]) if trans_a else A.shape
     rows_b, cols_b = (B.shape[1], B.shape[0]) if trans_b else B.shape
-    if C.shape != (rows_a, cols_b) or cols_a != rows_b or 0 in C.shape:
+    if C.shape != (rows_a, cols_b) or cols_a != rows_b or 0 in C.shape or cols_a == 0:
         return False
     _call(fns[C.dtype], C, A, B, float(alpha), float(beta), trans_a, trans_b)
     return True

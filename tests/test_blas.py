@@ -48,6 +48,7 @@ def test_gemm_refuses_what_it_cannot_do():
     ro.flags.writeable = False
     assert not _blas.gemm_nogil(ro, f32, f32)
     assert not _blas.gemm_nogil(np.ones((0, 4), np.float32), np.ones((0, 4), np.float32), f32)
+    assert not _blas.gemm_nogil(f32.copy(), np.ones((4, 0), np.float32), np.ones((0, 4), np.float32))  # k = 0
 
 
 def _count_during(call):

@@ -246,7 +246,7 @@ def run_threads(fns: list[Callable[[], Any]]) -> list[Any]:
 
 
 def _parts(rows: int) -> list[tuple[int, int]] | None:
-    n = getattr(_GEMM, "n", 1)
+    n = gemm_thread_count()
     if n <= 1 or rows < SPLIT_MIN:
         return None
     edges = np.linspace(0, rows, n + 1).astype(int)

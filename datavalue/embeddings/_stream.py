@@ -40,7 +40,10 @@ class _ReverseRows:
         self.window, self.chunk = max(int(window), 1), max(int(chunk), 1)
         self.c0 = self.c1 = 0
         self.buf: np.ndarray | None = None
-        fast = fast_rows(run._group[name]) if name in run._group else None
+        try:
+            fast = fast_rows(run._group[name])  # one lookup (a zarr store round trip)
+        except KeyError:
+            fast = None  # run.read names the missing array
         self.fast = fast if isinstance(fast, ChunkFileRows) else None
         self.ahead: tuple[int, int, concurrent.futures.Future[np.ndarray]] | None = None
 

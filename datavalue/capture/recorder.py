@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
+from datavalue.capture._optim import is_adam, optimizer_config, step_fields, unwrap_optimizer
 from datavalue.capture._projection import resolve_sketch
 from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
 from datavalue.store import RunWriter, StepBlock, fingerprint_params
@@ -244,12 +245,12 @@ class Recorder:
         self.hessian = "hessian" in kinds
         self.fisher_max_classes = int(fisher_max_classes)
         self.fisher_samples = int(fisher_samples)
-        is_adam = type(_unwrap(optimizer)).__name__.lower() in ("adam", "adamw") if optimizer is not None else False
-        if record_optimizer_state and not is_adam:
+        adam = is_adam(optimizer)
+        if record_optimizer_state and not adam:
             raise RecorderError("record_optimizer_state=True needs optimizer= a torch.optim.Adam or AdamW.")
-        if is_adam and (getattr(_unwrap(optimizer), "defaults", {}).get("amsgrad") and record_optimizer_state):
+        if adam and (getattr(unwrap_optimizer(optimizer), "defaults", {}).get("amsgrad") and record_optimizer_state):
             raise RecorderError("record_optimizer_state does not support amsgrad=True.")
-        self.record_optimizer_state = is_adam if record_optimizer_state is None else bool(record_optimizer_state)
+        self.record_optimizer_state = adam if record_optimizer_state is None else bool(record_optimizer_state)
         try:
             self.engine = Engine(model, proj_dim=proj_dim, seed=seed, layers=layers,
                                  sketch=resolve_sketch(path, sketch, resume))
@@ -407,7 +408,8 @@ class Recorder:
             g = torch.where(finite.unsqueeze(1), g, torch.zeros_like(g))
             flags[~to_numpy(finite)] |= FLAG_NONFINITE
         fisher = np.nan_to_num(to_numpy(fisher_t), nan=0.0, posinf=0.0, neginf=0.0) if self.fisher else None
-        extra = self._adam_extra()
+        fields = step_fields(self.optimizer, self.model, self.engine, record_state=self.record_optimizer_state, lr=lr)
+        extra = fields.pop("extra")
         if self._hessian is not None:
             H = to_numpy(self._hessian)
             if not np.all(np.isfinite(H)):
@@ -419,57 +421,15 @@ class Recorder:
                     )
                 H = np.full_like(H, np.nan)
             extra = dict(extra or {}, hessian=H)
-        opt = _optimizer_state(self.optimizer)
-        step_lr = float(lr) if lr is not None else opt["lr"]
         self._next_step += 1
         if self.writer is None:  # not rank 0
             return
         self.writer.submit(StepBlock(
             step=handle.index, sample_id=ids, weight=np.asarray(weights, np.float64), grads=to_numpy(g), flags=flags,
-            lr=step_lr, epoch=-1 if epoch is None else int(epoch),
+            epoch=-1 if epoch is None else int(epoch),
             grad_scale=1.0 if handle.clip_coef is None else float(handle.clip_coef),
-            momentum=opt["momentum"], weight_decay=opt["weight_decay"], fisher=fisher,
-            extra=extra,
+            fisher=fisher, extra=extra, **fields,
         ))
-
-    def _adam_extra(self) -> dict[str, Any] | None:
-        """Adam/AdamW moments *before* this step's update (read before ``optimizer.step()``).
-
-        ``adam_m[t]``, ``adam_v[t]`` are torch's ``exp_avg``/``exp_avg_sq`` after step ``t - 1``
-        (zeros at the first step), in the run's columns: exact runs map every parameter to its
-        column (``exact_layout``); projected runs store each block's mean of the moments in all its
-        columns (a scalar preconditioner per block, see docs/math.md). ``adam_step[t]`` is the
-        bias-correction count of step ``t``'s update (torch's ``state["step"]`` after it).
-        """
-        opt = _unwrap(self.optimizer)
-        if not self.record_optimizer_state or opt is None:
-            return None
-        from datavalue.capture._gradients import block_matrix
-
-        params = dict(self.model.named_parameters())
-        m_named, v_named, steps = {}, {}, set()
-        for name, p in params.items():
-            st = opt.state.get(p, {})
-            m_named[name] = st["exp_avg"].detach() if "exp_avg" in st else torch.zeros_like(p)
-            v_named[name] = st["exp_avg_sq"].detach() if "exp_avg_sq" in st else torch.zeros_like(p)
-            if p.requires_grad:
-                s = st.get("step", 0)
-                steps.add(float(s.item() if torch.is_tensor(s) else s))
-        m_parts, v_parts = [], []
-        for b in self.engine.blocks:
-            bj = b.to_json()
-            exact = b.k == int(np.prod(bj["shape"])) and self.engine.projection_json().get("proj_dim") is None
-            mm = block_matrix(bj, m_named).to(torch.float64).reshape(-1)
-            vv = block_matrix(bj, v_named).to(torch.float64).reshape(-1)
-            if not exact:
-                mm, vv = mm.mean().expand(b.k), vv.mean().expand(b.k)
-            m_parts.append(mm)
-            v_parts.append(vv)
-        return {
-            "adam_m": to_numpy(torch.cat(m_parts)),
-            "adam_v": to_numpy(torch.cat(v_parts)),
-            "adam_step": (max(steps) if steps else 0.0) + 1.0,
-        }
 
     # ------------------------------------------------------------------ fisher
     def _on_model_output(self, output: Any) -> None:
@@ -554,7 +514,7 @@ def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, opti
         "loss_reduction": loss_reduction,
         "curvature": {"fisher": fisher, **({"hessian": hessian} if hessian else {})},
         "capture_dtype": str(engine.dtype).replace("torch.", ""),
-        "optimizer": _optimizer_config(optimizer),
+        "optimizer": optimizer_config(optimizer),
         **extra,
     }
 
@@ -568,38 +528,3 @@ def _logits_of(output: Any) -> torch.Tensor | None:
     if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
         return output[0]
     return None
-
-
-def _unwrap(opt: Any) -> Any:
-    while opt is not None and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # accelerate
-        opt = opt.optimizer
-    return opt
-
-
-def _optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any]:
-    if opt is None:
-        return {"kind": None, "dampening": 0.0, "nesterov": False}
-    opt = _unwrap(opt)
-    g = opt.param_groups[0]
-    kind = type(opt).__name__.lower()
-    cfg: dict[str, Any] = {"kind": kind, "class": type(opt).__qualname__, "n_groups": len(opt.param_groups),
-                           "dampening": float(g.get("dampening", 0.0) or 0.0), "nesterov": bool(g.get("nesterov", False))}
-    for key in ("betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay"):
-        if key in g:
-            cfg[key] = list(g[key]) if isinstance(g[key], tuple) else g[key]
-    lrs = {float(gr["lr"]) for gr in opt.param_groups}
-    if len(lrs) > 1:
-        logger.warning("optimizer has param groups with different lr %s; the run records group 0's lr", sorted(lrs))
-    return cfg
-
-
-def _optimizer_state(opt: torch.optim.Optimizer | None) -> dict[str, float]:
-    if opt is None:
-        return {"lr": float("nan"), "momentum": 0.0, "weight_decay": 0.0}
-    g = opt.param_groups[0]
-    lr = g["lr"]
-    return {
-        "lr": float(lr.item() if torch.is_tensor(lr) else lr),
-        "momentum": float(g.get("momentum", 0.0) or 0.0),
-        "weight_decay": float(g.get("weight_decay", 0.0) or 0.0),
-    }

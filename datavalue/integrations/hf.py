@@ -32,8 +32,9 @@ from transformers import TrainerCallback
 
 from datavalue.capture._engine import Engine, to_numpy
 from datavalue.capture._gradients import project_full
+from datavalue.capture._optim import optimizer_state
 from datavalue.capture._projection import resolve_sketch
-from datavalue.capture.recorder import _optimizer_state, base_manifest, parse_sample_ids
+from datavalue.capture.recorder import base_manifest, parse_sample_ids
 from datavalue.errors import NonFiniteError, RecorderError
 from datavalue.store import RunWriter, StepBlock
 from datavalue.store._schema import FLAG_NONFINITE
@@ -190,7 +191,7 @@ class DataValueCallback(TrainerCallback):
                 raise NonFiniteError(f"step {self._step}: non-finite per-sample gradients for ids {ids[~to_numpy(finite)][:10].tolist()}.")
             g = torch.where(finite.unsqueeze(1), g, torch.zeros_like(g))
             flags[~to_numpy(finite)] |= FLAG_NONFINITE
-        opt = _optimizer_state(optimizer or self.optimizer)
+        opt = optimizer_state(optimizer or self.optimizer)
         epoch = int(state.epoch) if state.epoch is not None else -1
         self.writer.submit(StepBlock(step=self._step, sample_id=ids, weight=w, grads=to_numpy(g), flags=flags, lr=opt["lr"],
                                      epoch=epoch, grad_scale=coef, momentum=opt["momentum"], weight_decay=opt["weight_decay"]))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from datavalue.capture._engine import Engine, to_numpy
+from datavalue.errors import RecorderError
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,25 @@ def is_adam(opt: Any) -> bool:
     return opt is not None and type(unwrap_optimizer(opt)).__name__.lower() in ("adam", "adamw")
 
 
-def optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """The manifest's ``optimizer`` entry."""
+#: Per-group settings recorded once in the manifest (``optimizer["groups"]``); the per-step ones
+#: (lr, momentum, weight decay) go to the ``group_*`` arrays through :func:`step_fields`.
+_GROUP_STATIC = ("dampening", "nesterov", "betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
+#: ``column_groups`` entry of a projected column whose block mixes parameters of several groups.
+MIXED = -1
+#: ``column_groups`` entry of a recorded parameter that no param group holds (never updated).
+NO_GROUP = -2
+
+
+def optimizer_config(opt: torch.optim.Optimizer | None, *, engine: Engine | None = None) -> dict[str, Any]:
+    """The manifest's ``optimizer`` entry.
+
+    With more than one param group it also holds ``groups`` (each group's static settings:
+    dampening, nesterov, betas, eps, ...) and, given the ``engine``, ``column_groups``: which
+    gradient columns belong to which group, as runs ``[[start, stop, group], ...]`` over the run's
+    columns (``-1``: a projected block mixing several groups' parameters, listed in
+    ``mixed_blocks`` as ``{block: [groups]}``; ``-2``: a recorded parameter no group holds). The
+    per-step values are the ``group_*`` arrays (:func:`step_fields`); see docs/store-format.md.
+    """
     if opt is None:
         return {"kind": None, "dampening": 0.0, "nesterov": False}
     opt = unwrap_optimizer(opt)
@@ -43,22 +61,88 @@ def optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any]:
     for key in ("betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay"):
         if key in g:
             cfg[key] = list(g[key]) if isinstance(g[key], tuple) else g[key]
-    lrs = {float(gr["lr"]) for gr in opt.param_groups}
-    if len(lrs) > 1:
-        logger.warning("optimizer has param groups with different lr %s; the run records group 0's lr", sorted(lrs))
+    if len(opt.param_groups) > 1:
+        cfg["groups"] = [_group_static(gr) for gr in opt.param_groups]
+        if engine is not None:
+            cfg.update(column_groups(opt, engine))
+        else:
+            logger.warning(
+                "optimizer has %d param groups but no capture engine was given: the run cannot say which columns "
+                "belong to which group, and builds will refuse it if the groups' hyperparameters differ",
+                len(opt.param_groups),
+            )
     return cfg
 
 
+def _group_static(group: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in _GROUP_STATIC:
+        if key in group:
+            v = group[key]
+            out[key] = [float(x) for x in v] if isinstance(v, tuple | list) else (
+                float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
+    return out
+
+
+def column_groups(opt: Any, engine: Engine) -> dict[str, Any]:
+    """``{"column_groups": [[start, stop, group], ...], "mixed_blocks": {block: [groups]}}``.
+
+    Exact blocks (``proj_dim=None``) map every column to its parameter's group, through the same
+    layout as the gradients (``block_matrix``: a Linear's ``[W | b]``); a projected column mixes the
+    parameters of its block, so a block whose parameters sit in several groups is ``-1`` (mixed) in
+    every column. Builds accept a mixed block only while its groups' hyperparameters agree.
+    """
+    from datavalue.capture._gradients import block_matrix
+
+    opt = unwrap_optimizer(opt)
+    of_param = {id(p): gi for gi, gr in enumerate(opt.param_groups) for p in gr["params"]}
+    named = dict(engine.model.named_parameters())
+    exact_run = engine.projection_json().get("proj_dim") is None
+    labels, mixed = [], {}
+    for b in engine.blocks:
+        gids = {q: of_param.get(id(named[q]), NO_GROUP) for q in b.params}
+        if len(set(gids.values())) == 1:
+            labels.append(np.full(b.k, next(iter(gids.values())), dtype=np.int64))
+            continue
+        bj = b.to_json()
+        if exact_run and b.k == int(np.prod(bj["shape"])):
+            lab = {q: torch.full(named[q].shape, float(gids[q]), dtype=torch.float64) for q in b.params}
+            labels.append(block_matrix(bj, lab).reshape(-1).numpy().astype(np.int64))
+        else:
+            mixed[b.name] = sorted(set(gids.values()))
+            labels.append(np.full(b.k, MIXED, dtype=np.int64))
+    lab = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    edges = np.flatnonzero(np.diff(lab)) + 1
+    starts = np.concatenate([[0], edges]).astype(int)
+    stops = np.concatenate([edges, [lab.size]]).astype(int)
+    runs = [[int(a), int(b), int(lab[a])] for a, b in zip(starts, stops, strict=True) if b > a]
+    return {"column_groups": runs, "mixed_blocks": mixed}
+
+
+def _value(x: Any) -> float:
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
 def optimizer_state(opt: torch.optim.Optimizer | None) -> dict[str, float]:
-    """The step's ``lr``, ``momentum`` and ``weight_decay`` (NaN lr without an optimizer)."""
+    """The step's ``lr``, ``momentum`` and ``weight_decay`` of param group 0 (NaN lr without an
+    optimizer); :func:`group_state` gives every group's."""
     if opt is None:
         return {"lr": float("nan"), "momentum": 0.0, "weight_decay": 0.0}
     g = unwrap_optimizer(opt).param_groups[0]
-    lr = g["lr"]
     return {
-        "lr": float(lr.item() if torch.is_tensor(lr) else lr),
+        "lr": _value(g["lr"]),
         "momentum": float(g.get("momentum", 0.0) or 0.0),
         "weight_decay": float(g.get("weight_decay", 0.0) or 0.0),
+    }
+
+
+def group_state(opt: Any) -> dict[str, np.ndarray]:
+    """Every param group's ``lr``, ``momentum`` and ``weight_decay`` now, as ``group_*`` ``(G,)`` arrays."""
+    groups = unwrap_optimizer(opt).param_groups
+    return {
+        "group_lr": np.array([_value(g["lr"]) for g in groups], dtype=np.float64),
+        "group_momentum": np.array([float(g.get("momentum", 0.0) or 0.0) for g in groups], dtype=np.float64),
+        "group_weight_decay": np.array([float(g.get("weight_decay", 0.0) or 0.0) for g in groups], dtype=np.float64),
     }
 
 
@@ -101,13 +185,26 @@ def adam_moments(opt: Any, model: nn.Module, engine: Engine) -> dict[str, Any]:
 
 
 def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: bool, lr: float | None = None) -> dict[str, Any]:
-    """The optimizer's part of a step's ``StepBlock``: ``lr``, ``momentum``, ``weight_decay`` and
-    ``extra`` (the Adam moments when ``record_state``). Read before ``optimizer.step()``.
+    """The optimizer's part of a step's ``StepBlock``: ``lr``, ``momentum``, ``weight_decay`` (param
+    group 0) and ``extra``: the Adam moments when ``record_state``, and with more than one param group
+    each group's ``group_lr``, ``group_momentum``, ``group_weight_decay`` ``(G,)``. Read before
+    ``optimizer.step()``.
 
-    ``lr``: an explicit learning rate given to the recorder (overrides the optimizer's).
+    ``lr``: an explicit learning rate given to the recorder (overrides the optimizer's). With several
+    param groups the groups' lrs are read from the optimizer, so an explicit ``lr`` that disagrees
+    with group 0's is refused rather than recorded inconsistently.
     """
     st = optimizer_state(opt)
     extra = adam_moments(opt, model, engine) if (record_state and opt is not None) else None
+    if opt is not None and len(unwrap_optimizer(opt).param_groups) > 1:
+        groups = group_state(opt)
+        if lr is not None and not np.isclose(float(lr), groups["group_lr"][0], rtol=1e-12, atol=0.0):
+            raise RecorderError(
+                f"rec.step(lr={float(lr)!r}) disagrees with the optimizer's param group 0 (lr "
+                f"{groups['group_lr'][0]!r}); with {groups['group_lr'].size} param groups the recorder reads every "
+                "group's lr from the optimizer. Set the lrs on optimizer.param_groups and pass lr=None."
+            )
+        extra = dict(extra or {}, **groups)
     return {
         "lr": float(lr) if lr is not None else st["lr"],
         "momentum": st["momentum"],

@@ -514,7 +514,7 @@ def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, opti
         "loss_reduction": loss_reduction,
         "curvature": {"fisher": fisher, **({"hessian": hessian} if hessian else {})},
         "capture_dtype": str(engine.dtype).replace("torch.", ""),
-        "optimizer": optimizer_config(optimizer),
+        "optimizer": optimizer_config(optimizer, engine=engine),
         **extra,
     }
 

@@ -22,6 +22,7 @@ from datavalue.errors import (
     StoreReadOnlyError,
 )
 from datavalue.store._schema import (
+    GROUP_STEP_ARRAYS,
     MANIFEST_KEY,
     OPTIONAL_STEP_ARRAYS,
     SCHEMA_VERSION,
@@ -277,6 +278,21 @@ class Run:
     @functools.cached_property
     def adam_step(self) -> np.ndarray:
         return self._read_small("adam_step", self.n_steps)
+
+    @property
+    def has_param_groups(self) -> bool:
+        """Whether the run stores per-param-group hyperparameters (``group_lr``, ``group_momentum``,
+        ``group_weight_decay``; optimizers with more than one param group)."""
+        return all(n in self._group for n in GROUP_STEP_ARRAYS)
+
+    @functools.cached_property
+    def param_groups(self) -> dict[str, np.ndarray] | None:
+        """``{"lr", "momentum", "weight_decay"}`` -> ``(T, G)`` float64 per-group hyperparameters of every
+        step (NaN for steps recorded without them), or ``None`` for a run without them. Which columns
+        belong to which group: ``run.optimizer["column_groups"]`` (docs/store-format.md)."""
+        if not self.has_param_groups:
+            return None
+        return {n.removeprefix("group_"): self._read_small(n, self.n_steps) for n in GROUP_STEP_ARRAYS}
 
     # ------------------------------------------------------------------ manifest views
     @property

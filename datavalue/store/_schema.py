@@ -35,9 +35,17 @@ FLAG_NONFINITE = 1
 #: update of step ``t`` uses (torch's ``state["step"]`` after the update). See docs/math.md, section 10.
 #: ``hessian`` ``(T, k, k)``: the exact Hessian of step ``t``'s stepped loss at the weights before
 #: the update, sketched on both sides (``S H_t S^T``; ``Recorder(..., curvature="hessian")``).
+#: ``group_lr``, ``group_momentum``, ``group_weight_decay`` ``(T, G)`` (kind ``"group"``, float64): the
+#: hyperparameters of each of the optimizer's ``G`` param groups at step ``t`` (runs whose optimizer has
+#: more than one group); which columns belong to which group is in the manifest's
+#: ``optimizer["column_groups"]`` (docs/store-format.md). The scalar ``lr``/``momentum``/``weight_decay``
+#: arrays keep group 0's values for older readers.
 OPTIONAL_STEP_ARRAYS: dict[str, str] = {
     "adam_m": "vector", "adam_v": "vector", "adam_step": "scalar", "hessian": "matrix",
+    "group_lr": "group", "group_momentum": "group", "group_weight_decay": "group",
 }
+#: The per-group per-step arrays (kind ``"group"``), in the order :func:`datavalue.store.Run.param_groups` returns.
+GROUP_STEP_ARRAYS = ("group_lr", "group_momentum", "group_weight_decay")
 
 #: Manifest keys that must match between a run on disk and a recorder resuming it.
 RESUME_KEYS = ("schema_version", "projection", "model_fingerprint", "loss_reduction", "curvature", "storage_dtype")

@@ -335,8 +335,10 @@ class RunWriter:
             if kind is None:
                 raise RecorderStateError(f"unknown optional per-step array {name!r}; known: {sorted(OPTIONAL_STEP_ARRAYS)}")
             width = {"vector": (self.k,), "matrix": (self.k, self.k)}.get(kind, ())
+            if kind == "group":  # (G,) per step: the optimizer's param groups
+                width = self._group_width(name, blocks)
             if name not in self._group:
-                dt = "float64" if self.manifest.get("storage_dtype") == "float64" or kind == "scalar" else "float32"
+                dt = "float64" if self.manifest.get("storage_dtype") == "float64" or kind in ("scalar", "group") else "float32"
                 per = 4 * int(np.prod(width)) if width else 0
                 rows = 4096 if not per else int(max(1, min(4096, (4 << 20) // per)))
                 cap = max(rows, self.steps + len(blocks))
@@ -350,8 +352,24 @@ class RunWriter:
             data = []
             for b in blocks:
                 v = (b.extra or {}).get(name)
+                if v is not None and np.size(v) != int(np.prod(width)):
+                    raise RecorderStateError(
+                        f"step {b.step}: {name} has {np.size(v)} entries, the run stores {int(np.prod(width))} "
+                        "(the optimizer's param groups changed during the run; add_param_group after recording "
+                        "started is not supported: start a new run)."
+                    )
                 data.append(np.full(width, np.nan) if v is None else np.asarray(v, np.float64).reshape(width))
             appends[name] = np.stack(data)
+
+    def _group_width(self, name: str, blocks: list[StepBlock]) -> tuple[int, ...]:
+        """``(G,)`` of a per-group array: the stored width, else the first value's length."""
+        if name in self._group:
+            return tuple(self._group[name].shape[1:])
+        for b in blocks:
+            v = (b.extra or {}).get(name)
+            if v is not None:
+                return (int(np.size(v)),)
+        raise RecorderStateError(f"internal: no value to size the per-group array {name!r}")
 
     def _tail(self, name: str) -> _AppendArray:
         tail = self._tails.get(name)

@@ -169,9 +169,10 @@ class AdamConfig:
 
 
 def _config_from_optimizer(optimizer: torch.optim.Optimizer) -> SGDConfig | AdamConfig:
+    """The config of param group 0 (the other groups' settings travel in the :class:`Reference`'s ``groups``)."""
     g = optimizer.param_groups[0]
-    if len(optimizer.param_groups) != 1 or optimizer.state:
-        raise ValueError("optimizer must be fresh (no state) with one param group")
+    if optimizer.state:
+        raise ValueError("optimizer must be fresh (no state)")
     if type(optimizer) is torch.optim.SGD:
         return SGDConfig(
             momentum=float(g["momentum"]),
@@ -200,6 +201,24 @@ _OPT_KEYS = {
 }
 
 
+#: Param group entries that are not settings (the parameters, and the lr, which is set every step).
+_GROUP_SKIP = ("params", "lr", "initial_lr")
+
+
+def _group_spec(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    """Each param group as ``(parameter names in the group's order, settings)``: enough to rebuild
+    the same groups over a fresh model (the order keeps ``load_state_dict``'s index mapping)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    spec = []
+    for g in optimizer.param_groups:
+        missing = [i for i, p in enumerate(g["params"]) if id(p) not in name_of]
+        if missing:
+            raise ValueError("the optimizer holds parameters that are not the model's; build it over model.parameters()")
+        spec.append((tuple(name_of[id(p)] for p in g["params"]),
+                     {k: copy.deepcopy(v) for k, v in g.items() if k not in _GROUP_SKIP}))
+    return spec
+
+
 @dataclasses.dataclass
 class _Snapshot:
     model: dict[str, torch.Tensor]
@@ -213,7 +232,7 @@ class Reference:
 
     Attributes:
         batches: the batches in step order.
-        lrs: ``(T,)`` learning rates.
+        lrs: ``(T,)`` learning rates, or ``(T, G)`` per param group.
         grad_scales: ``(T,)`` gradient multipliers actually applied (clipping coefficients; 1.0
             when unclipped).
         weights: per step, ``(b,)`` weights ``w_t(z)`` of the rows (``1/|B|`` for a mean).
@@ -229,6 +248,13 @@ class Reference:
     final_state: dict[str, torch.Tensor]
     grad_scales: np.ndarray
     weights: list[np.ndarray]
+    #: the optimizer's param groups as ``(names, settings)`` (``None``: one group of every trainable
+    #: parameter, settings from ``config``); every replay rebuilds them over the fresh model
+    groups: list[tuple[tuple[str, ...], dict[str, Any]]] | None = None
+
+    def group_lrs(self, t: int) -> np.ndarray:
+        """``(G,)`` the learning rate of every param group at step ``t``."""
+        return _group_lrs(self.lrs, t, self.groups)
 
     @property
     def n_steps(self) -> int:
@@ -261,20 +287,27 @@ class Reference:
         return s
 
 
+def _group_lrs(lrs: np.ndarray, t: int, groups: list[tuple[tuple[str, ...], dict[str, Any]]] | None) -> np.ndarray:
+    G = 1 if groups is None else len(groups)
+    row = np.asarray(lrs[t], dtype=np.float64).reshape(-1)
+    return np.repeat(row, G) if row.size == 1 else row
+
+
 def _step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     batch: Batch,
-    lr: float,
+    lr: np.ndarray,
     loss_fn: LossFn,
     cfg: SGDConfig | AdamConfig,
     t: int,
     keep: torch.Tensor | None,
     context: AbstractContextManager[Any] | None = None,
 ) -> float:
-    """One training step; the base run and every replay go through this same code."""
-    for g in opt.param_groups:
-        g["lr"] = float(lr)
+    """One training step; the base run and every replay go through this same code. ``lr``: ``(G,)``
+    one learning rate per param group."""
+    for g, lr_g in zip(opt.param_groups, np.asarray(lr).reshape(-1), strict=True):
+        g["lr"] = float(lr_g)
     opt.zero_grad(set_to_none=True)
     c = 1.0
     with context if context is not None else nullcontext() as handle:
@@ -304,9 +337,20 @@ def _step(
 
 
 def _new_optimizer(
-    model: nn.Module, cfg: SGDConfig | AdamConfig, lr: float
+    model: nn.Module, cfg: SGDConfig | AdamConfig, lr: np.ndarray,
+    groups: list[tuple[tuple[str, ...], dict[str, Any]]] | None = None,
 ) -> torch.optim.Optimizer:
-    return cfg.optimizer([p for p in model.parameters() if p.requires_grad], lr)
+    """A fresh optimizer over ``model``: one group from ``cfg``, or the recorded ``groups`` (by
+    parameter name, each with its own settings) at learning rates ``lr`` ``(G,)``."""
+    lr = np.asarray(lr, dtype=np.float64).reshape(-1)
+    if groups is None:
+        return cfg.optimizer([p for p in model.parameters() if p.requires_grad], float(lr[0]))
+    named = dict(model.named_parameters())
+    return cfg.optimizer(
+        [{"params": [named[n] for n in names], **copy.deepcopy(opts), "lr": float(lr_g)}
+         for (names, opts), lr_g in zip(groups, lr, strict=True)],
+        float(lr[0]),
+    )
 
 
 def _replay(
@@ -318,7 +362,7 @@ def _replay(
     model = ref.model_factory()
     model.load_state_dict(copy.deepcopy(snap.model))
     model.train()
-    opt = _new_optimizer(model, ref.config, float(ref.lrs[start]) if start < ref.n_steps else 0.0)
+    opt = _new_optimizer(model, ref.config, ref.group_lrs(min(start, ref.n_steps - 1)), ref.groups)
     # load_state_dict keeps references to the tensors it is given: a deep copy, or the next
     # replay from this snapshot starts from a mutated momentum buffer
     opt.load_state_dict(copy.deepcopy(snap.optim))
@@ -330,7 +374,7 @@ def _replay(
             keep = None
             if mask is not None:
                 keep = torch.as_tensor(mask, dtype=next(model.parameters()).dtype)
-            _step(model, opt, ref.batches[t], float(ref.lrs[t]), ref.loss_fn, ref.config, t, keep)
+            _step(model, opt, ref.batches[t], ref.group_lrs(t), ref.loss_fn, ref.config, t, keep)
     finally:
         torch.set_rng_state(rng)
     return model, opt
@@ -345,6 +389,7 @@ def train_reference(
     config: SGDConfig | AdamConfig | None = None,
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
     snapshot_every: int = 1,
     step_context: Callable[[int, Batch, float], AbstractContextManager[Any]] | None = None,
     verify: bool = True,
@@ -355,7 +400,8 @@ def train_reference(
         model_factory: builds a fresh model of the architecture (its initial values are replaced
             by the snapshots; float64 parameters are strongly advised).
         batches: the exact batches, in step order.
-        lrs: ``(T,)`` the learning rate of every step.
+        lrs: ``(T,)`` the learning rate of every step (every param group's), or ``(T, G)`` one per
+            param group and step.
         loss_fn: ``loss_fn(model, inputs, targets) -> (b,)`` per-example losses
             (``reduction="none"``); the stepped loss is their mean (or sum, see ``config``).
         config: optimizer, reduction and clipping (:class:`SGDConfig`, or :class:`AdamConfig` for
@@ -364,9 +410,14 @@ def train_reference(
             ``model_factory()``. Its initial weights are the run's initial weights.
         optimizer: a fresh ``torch.optim.SGD``, ``Adam`` or ``AdamW`` over ``model``'s parameters
             to step with (e.g. the one given to ``Recorder(optimizer=...)``); its settings must
-            agree with ``config`` (default config: taken from it).
+            agree with ``config`` (default config: taken from param group 0). Several param groups
+            (each with its own settings, e.g. ``weight_decay=0`` for biases) are replayed as they are:
+            every replay rebuilds them by parameter name.
+        param_groups: alternatively to ``optimizer``, ``param_groups(model) -> [{"params": [...],
+            "weight_decay": ...}, ...]`` builds torch-style param groups over a model; settings a group
+            leaves out come from ``config``. With groups, give ``lrs`` as ``(T, G)``.
         snapshot_every: keep a snapshot before every n-th step (memory vs replay time).
-        step_context: ``step_context(t, batch, lr)`` returns a context manager that wraps the
+        step_context: ``step_context(t, batch, lr)`` (``lr``: param group 0's) returns a context manager that wraps the
             forward and backward of step ``t``, e.g. ``lambda t, b, lr: rec.step(sample_ids=b.sample_ids, lr=lr)``.
             If it yields an object with a ``clip_coef`` attribute, the applied clipping
             coefficient is written to it.
@@ -386,10 +437,14 @@ def train_reference(
             raise ValueError(f"optimizer settings {from_opt} disagree with {config}")
     cfg = config or SGDConfig()
     batches = list(batches)
-    lrs = np.asarray(lrs, dtype=np.float64).reshape(-1)
+    lrs = np.asarray(lrs, dtype=np.float64)
+    if lrs.ndim != 2:
+        lrs = lrs.reshape(-1)
     T = len(batches)
     if lrs.shape[0] != T:
         raise ValueError(f"got {T} batches but {lrs.shape[0]} learning rates")
+    if optimizer is not None and param_groups is not None:
+        raise ValueError("give optimizer= or param_groups=, not both")
     if cfg.grad_scales is not None and len(cfg.grad_scales) != T:
         raise ValueError(f"grad_scales has {len(cfg.grad_scales)} entries for {T} steps")
     if snapshot_every < 1:
@@ -402,11 +457,24 @@ def train_reference(
             stacklevel=2,
         )
     model.train()
-    opt = (
-        optimizer
-        if optimizer is not None
-        else _new_optimizer(model, cfg, float(lrs[0]) if T else 0.0)
-    )
+    lr0 = np.asarray(lrs[0] if T else 0.0).reshape(-1)
+    if optimizer is not None:
+        opt = optimizer
+    elif param_groups is not None:
+        opt = cfg.optimizer(param_groups(model), float(lr0[0]))
+    else:
+        opt = _new_optimizer(model, cfg, lr0)
+    groups = _group_spec(model, opt) if len(opt.param_groups) > 1 else None
+    if groups is not None:
+        G = len(groups)
+        if lrs.ndim == 2 and lrs.shape[1] != G:
+            raise ValueError(f"lrs has {lrs.shape[1]} columns but the optimizer has {G} param groups")
+        if lrs.ndim == 1:
+            raise ValueError(
+                f"the optimizer has {G} param groups: give lrs as (T, {G}), one learning rate per group and step"
+            )
+    elif lrs.ndim == 2 and lrs.shape[1] != 1:
+        raise ValueError(f"lrs has {lrs.shape[1]} columns but the optimizer has one param group")
     snapshots: dict[int, _Snapshot] = {}
     scales = np.ones(T)
     weights = []
@@ -417,8 +485,9 @@ def train_reference(
                 optim=copy.deepcopy(opt.state_dict()),
                 rng=torch.get_rng_state(),
             )
-        ctx = step_context(t, batch, float(lrs[t])) if step_context is not None else None
-        scales[t] = _step(model, opt, batch, float(lrs[t]), loss_fn, cfg, t, None, ctx)
+        lr_t = _group_lrs(lrs, t, groups)
+        ctx = step_context(t, batch, float(lr_t[0])) if step_context is not None else None
+        scales[t] = _step(model, opt, batch, lr_t, loss_fn, cfg, t, None, ctx)
         b = len(batch.sample_ids)
         weights.append(np.full(b, 1.0 / b) if cfg.reduction == "mean" else np.ones(b))
     ref = Reference(
@@ -431,6 +500,7 @@ def train_reference(
         final_state=copy.deepcopy(model.state_dict()),
         grad_scales=scales,
         weights=weights,
+        groups=groups,
     )
     if verify and T:
         start = ref._snapshot_before(T // 2)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from datavalue.embeddings._hyper import parse_groups
 from datavalue.errors import CurvatureUnavailableError, EmbeddingError, NonFiniteError
 
 CURVATURES = ("hessian", "fisher", "empirical_fisher", "none")
@@ -43,6 +44,9 @@ class _Plan:
     explode: float
     clipping: str = "direction"
     adam: dict[str, Any] | None = None  # Adam-aware mode: betas, eps, decoupled, second_moment, exact
+    #: per-(step, block) hyperparameters of a run whose param groups differ (``_hyper.Groups``); ``None``:
+    #: the scalar ``lr``/``weight_decay``/``momentum`` above hold for every column
+    groups: Any = None
 
     @property
     def n_steps(self) -> int:
@@ -241,6 +245,9 @@ def _make_plan(
     handling, opt = _optimizer_handling(run, optimizer)
     T = int(run.n_steps)
     momentum = np.asarray(run.momentum, dtype=np.float64)[:T].copy()
+    hp = run.param_groups if getattr(run, "has_param_groups", False) else None
+    if hp is not None and hp["momentum"].shape[1] > 1 and np.all(np.isfinite(hp["momentum"][:T])):
+        momentum = hp["momentum"][:T].max(axis=1)  # any group's momentum: the state carries velocity
     if handling != "sgd":
         momentum[:] = 0.0
     if np.any(momentum < 0) or np.any(momentum >= 1):
@@ -256,13 +263,15 @@ def _make_plan(
         raise NonFiniteError(
             f"{run.path}: the recorded lr of step {bad} is {lr[bad]}; pass lr= to rec.step() or optimizer=."
         )
+    spans = _resolve_blocks(
+        run, blocks, curvature=curvature, adam=handling in ("adam", "adamw"), momentum_mode=bool(np.any(momentum != 0)),
+        dtype=dtype,
+    )
     plan = _Plan(
         path=str(run.path),
         curvature=curvature,
         dtype=dtype,
-        blocks=_resolve_blocks(
-            run, blocks, curvature=curvature, adam=handling in ("adam", "adamw"), momentum_mode=bool(np.any(momentum != 0)), dtype=dtype
-        ),
+        blocks=spans,
         step_ptr=np.asarray(run.step_ptr, dtype=np.int64)[: T + 1],
         fisher_ptr=np.asarray(run.fisher_ptr, dtype=np.int64)[: T + 1]
         if curvature == "fisher"
@@ -279,6 +288,7 @@ def _make_plan(
         explode=float(explode),
         clipping=_parse_clipping(clipping),
         adam=_adam_info(run, opt, handling, second_moment) if handling in ("adam", "adamw") else None,
+        groups=parse_groups(run, spans, handling=handling, block_mode=blocks),
     )
     return plan, handling
 
@@ -309,6 +319,9 @@ def _digest(plan: _Plan, T: int) -> str:
         h.update(np.ascontiguousarray(arr).tobytes())
     if plan.fisher_ptr is not None:
         h.update(np.ascontiguousarray(plan.fisher_ptr[: T + 1]).tobytes())
+    if plan.groups is not None:  # runs whose param groups differ (older builds never had any)
+        for arr in (plan.groups.lr[:T], plan.groups.weight_decay[:T], plan.groups.labels):
+            h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from datavalue._blas import one_blas_thread
 from datavalue.embeddings import _core as core
+from datavalue.embeddings import _hyper
 from datavalue.embeddings._plan import _Plan
 from datavalue.errors import EmbeddingError, NonFiniteError
 from datavalue.store._chunkfiles import ChunkFileRows, chunk_dir, fast_rows
@@ -254,22 +255,13 @@ def _scan(
         def one(i: int, t: int = t, G_all: np.ndarray = G_all, w: np.ndarray = w, F_all: Any = F_all,
                 u: Any = u, ug: Any = ug) -> tuple[core.BlockState, np.ndarray | None]:
             a, b = plan.blocks[i]
-            return core.step_back(
-                states[i],
-                G_all[:, a:b],
-                w,
-                lr=float(plan.lr[t]),
+            return _hyper.step_back(  # the block's hyperparameters at step t (param groups), in place
+                plan, i, t, states[i], G_all[:, a:b], w,
                 curv=_block_curv(plan, F_all, a, b),
-                weight_decay=float(plan.weight_decay[t]),
-                momentum=float(plan.momentum[t]),
-                dampening=plan.dampening,
-                nesterov=plan.nesterov,
-                fresh=bool(plan.fresh[t]),
                 grad_scale=float(plan.grad_scale[t]),
                 embed=embed,
                 clip_u=None if u is None else u[a:b],
                 clip_ug=ug,
-                inplace=True,  # the scan owns its states
             )
 
         results = _step_blocks(one, len(plan.blocks), groups)
@@ -494,7 +486,6 @@ def _scan_adam(
         w = np.asarray(weights.get(r0, r1), dtype=np.float64)
         _check_rows(plan, t, r0, G_all, w)
         c = float(plan.grad_scale[t])
-        lr = float(plan.lr[t])
         mv = np.asarray(mom_m.get(t, min(t + 2, T)), dtype=np.float64)
         vv = np.asarray(mom_v.get(t, min(t + 2, T)), dtype=np.float64)
         if not (np.all(np.isfinite(mv)) and np.all(np.isfinite(vv))):
@@ -509,22 +500,16 @@ def _scan_adam(
             g = c * (w @ np.asarray(G_all, dtype=np.float64))
             m_next = b1 * mv[0] + (1.0 - b1) * g
             v_next = b2 * vv[0] + (1.0 - b2) * g * g if info["exact"] else vv[0]
-        coef_all = core.adam_coefficients(
-            m_next, v_next, g, lr=lr, step=float(adam_step[t]), betas=(b1, b2), eps=info["eps"],
-            weight_decay=float(plan.weight_decay[t]), decoupled=info["decoupled"],
-            second_moment=info["second_moment"],
+        coef_all = _hyper.adam_coefficients(  # per-column lr and eps with param groups
+            plan, t, m_next, v_next, g, step=float(adam_step[t]), betas=(b1, b2), eps=info["eps"],
+            decoupled=info["decoupled"], second_moment=info["second_moment"],
         )
         F_all = _step_curvature(plan, curv, t)
         thetas = []
         for i, (a, b) in enumerate(plan.blocks):
-            coef = core.AdamStepCoef(
-                p=coef_all.p[a:b],
-                q=None if coef_all.q is None else coef_all.q[a:b],
-                r=None if coef_all.r is None else coef_all.r[a:b],
-                b1=b1, b2=b2, decay=coef_all.decay, lam=coef_all.lam,
-            )
-            states[i], E = core.adam_step_back(
-                states[i], G_all[:, a:b], w, coef, curv=_block_curv(plan, F_all, a, b), grad_scale=c, embed=embed
+            states[i], E = _hyper.adam_step_back(
+                plan, i, t, states[i], G_all[:, a:b], w, coef_all, curv=_block_curv(plan, F_all, a, b),
+                grad_scale=c, embed=embed,
             )
             max_op = max(max_op, _watch(plan, states[i], i, t, lo, hi, expansive))
             if embed:

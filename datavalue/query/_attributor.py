@@ -57,7 +57,8 @@ class Attributor:
         embeddings: ``"grads"`` to score with the raw recorded gradients, or the name of an array
             inside the run (e.g. ``"embeddings/fisher/at/100/values"`` from ``embeddings_at``).
         kind: ``"dvemb"`` (built embeddings, default), ``"grad_dot"`` (raw gradients) or
-            ``"tracin"`` (``lr[t] * grad_scale[t] * weight * grads``).
+            ``"tracin"`` (``lr[t] * grad_scale[t] * weight * grads``; with param groups of different
+            lr each column is weighted by its group's lr, see ``_column_scale``).
         client: a ``dask.distributed.Client`` or a local scheduler name (``"threads"``,
             ``"synchronous"``); None uses dask's threaded scheduler.
         chunk_rows: embedding rows per streamed chunk; default about 16 MiB, whole storage chunks.
@@ -204,12 +205,56 @@ class Attributor:
         run, steps = self.run, self.run.row_step[start:stop]
         return run.lr[steps] * run.grad_scale[steps] * run.weight[start:stop]
 
+    @functools.cached_property
+    def _column_scale(self) -> np.ndarray | None:
+        """TracIn with param groups: ``(k,)`` each column's lr relative to group 0's, or ``None``.
+
+        TracIn weighs a step's gradient by its lr; with groups of different lrs that is a per-column
+        weight ``lr_g(t) / lr_0(t)`` on top of the row scale ``lr_0(t) c w``, folded into the query's
+        columns. Exact while every group's lr keeps a fixed ratio to group 0's (one scheduler for all
+        groups, the usual case); otherwise refused rather than mis-weighted.
+        """
+        run = self.run
+        hp = run.param_groups if self.kind == "tracin" and run.has_param_groups else None
+        if hp is None:
+            return None
+        T = self.n_steps
+        lr = hp["lr"][:T]
+        if lr.shape[1] <= 1 or np.all(lr == lr[:, :1]):
+            return None
+        runs = (run.optimizer or {}).get("column_groups")
+        live = lr[:, 0] != 0
+        ratio = lr[live].max(axis=0) / lr[live, 0].max() if live.any() else np.ones(lr.shape[1])
+        if not runs or not np.allclose(lr, lr[:, :1] * ratio[None, :], rtol=1e-9, atol=0.0):
+            raise QueryError(
+                f"{run.path}: the param groups' learning rates do not keep fixed ratios to group 0's over the run "
+                f"(or the manifest lacks optimizer['column_groups']), so TracIn's per-step lr weighting differs per "
+                "column and step. Query the data value embeddings instead (build_embeddings uses every group's lr per "
+                "step), or score the groups' columns separately."
+            )
+        scale = np.ones(int(run.proj_dim))
+        blocks = {b["name"]: b for b in run.blocks}
+        for a, b, grp in runs:
+            scale[int(a) : int(b)] = ratio[int(grp)] if grp >= 0 else 0.0  # -2: parameters no group updates
+        for name, groups in ((run.optimizer or {}).get("mixed_blocks") or {}).items():
+            vals = {float(ratio[g]) for g in groups if g >= 0}
+            if len(vals) > 1:
+                raise QueryError(f"{run.path}: projected block {name!r} mixes param groups {groups} of different lr; "
+                                 "TracIn cannot weight its columns. Re-record with proj_dim=None.")
+            scale[int(blocks[name]["start"]) : int(blocks[name]["stop"])] = vals.pop() if vals else 0.0
+        return scale
+
+    def _weighted(self, q: np.ndarray) -> np.ndarray:
+        scale = self._column_scale
+        return q if scale is None else q * scale[None, :]
+
     def _lazy_scores(self, q: np.ndarray, g: Grouping) -> da.Array:
         """``(rows, m)`` lazy scores over ``da.from_zarr`` (for ``lazy=True`` results)."""
-        return _stream.score_rows(q, self._embeddings(g.start, g.stop), self._row_scale(g.start, g.stop))
+        return _stream.score_rows(self._weighted(q), self._embeddings(g.start, g.stop), self._row_scale(g.start, g.stop))
 
     def _chunks(self, q: np.ndarray, g: Grouping) -> _stream.ChunkTasks:
         """Independent per-chunk score tasks over the selected rows (eager, streamed queries)."""
+        q = self._weighted(q)
         return _stream.ChunkTasks(self._rows, q, g.start, g.stop, chunk_rows=self.chunk_rows,
                                   row_scale=self._row_scale(g.start, g.stop), client=self.client)
 

@@ -86,6 +86,14 @@ class Engine:
         proj_dim: total sketch dimension, a dict per block name, or ``None`` for exact gradients.
         seed: root seed of the sketch matrices.
         layers: optional module names to capture (default: every module with trainable params).
+        optimizer: the training optimizer, when known. With several param groups the engine records
+            which columns belong to which group (``projection["param_groups"]``), and in a projected
+            run a layer whose weight and bias sit in groups with different hyperparameters (the
+            Trainer's no-decay group for biases) gets its bias as its own dense block, because a
+            sketch column would mix them (``projection["split_bias"]``; rules with
+            ``LayerRule.splits_bias``). Exact runs keep ``[W | b]``: their columns map to parameters.
+        split_bias: bias parameters to record as their own blocks, overriding what ``optimizer``
+            decides (an engine that reproduces a recorded projection passes the run's list).
     """
 
     def __init__(
@@ -96,13 +104,23 @@ class Engine:
         seed: int,
         layers: Sequence[str] | None = None,
         sketch: str = DEFAULT_SKETCH,
+        optimizer: Any = None,
+        split_bias: Sequence[str] | None = None,
     ) -> None:
         self.model = model
         self.seed = int(seed)
         self.sketch = check_sketch(sketch)
         self.proj_dim = proj_dim
         self.layers = list(layers) if layers is not None else None
-        self.entries, self.blocks = self._plan(model, proj_dim, layers)
+        if split_bias is None:
+            split_bias = _split_by_groups(model, optimizer) if proj_dim is not None else ()
+        self.split_bias = frozenset(split_bias)
+        self.entries, self.blocks = self._plan(model, proj_dim, layers, self.split_bias)
+        self.param_groups_json: dict[str, Any] | None = None
+        if optimizer is not None and len(getattr(_unwrap(optimizer), "param_groups", ())) > 1:
+            from datavalue.capture._optim import column_groups
+
+            self.param_groups_json = column_groups(optimizer, self)
         first = next(iter(model.parameters()))
         self.device, self.dtype = first.device, first.dtype
         self.sketches = self._sketches()
@@ -118,7 +136,7 @@ class Engine:
 
     # ------------------------------------------------------------------ planning
     @staticmethod
-    def _plan(model: nn.Module, proj_dim, layers) -> tuple[list[_Entry], list[BlockSpec]]:
+    def _plan(model: nn.Module, proj_dim, layers, split_bias=frozenset()) -> tuple[list[_Entry], list[BlockSpec]]:
         canonical: dict[int, str] = {}
         for n, p in model.named_parameters():
             canonical.setdefault(id(p), n)
@@ -156,6 +174,8 @@ class Engine:
                 rule, drafts = FALLBACK, FALLBACK.drafts(module, prefix, set())
             # rename local aliases to canonical names
             drafts = [_canonicalise(d, prefix, module, canonical) for d in drafts]
+            if split_bias and rule.splits_bias:
+                drafts = [x for d in drafts for x in _split_draft(d, split_bias)]
             entries.append(_Entry(mname, module, rule, drafts))
             for d in drafts:
                 if d.key in drafts_by_key:
@@ -199,7 +219,7 @@ class Engine:
         return self.blocks[-1].stop if self.blocks else 0
 
     def projection_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "proj_dim": dict(self.proj_dim) if isinstance(self.proj_dim, Mapping) else self.proj_dim,
             "seed": self.seed,
             "sketch": self.sketch,
@@ -207,6 +227,11 @@ class Engine:
             "k": self.k,
             "blocks": [b.to_json() for b in self.blocks],
         }
+        if self.split_bias:  # only when used: manifests without param groups are unchanged
+            out["split_bias"] = sorted(self.split_bias)
+        if self.param_groups_json is not None:
+            out["param_groups"] = self.param_groups_json
+        return out
 
     # ------------------------------------------------------------------ hooks
     def attach(self, *, root_hook: Callable[[Any], None] | None = None) -> None:
@@ -329,6 +354,52 @@ def _canonicalise(d: BlockDraft, prefix: str, module: nn.Module, canonical: dict
 
     params = tuple(canon(q) for q in d.params)
     return BlockDraft(canon(d.key), params, d.kind, d.shape, d.has_bias, d.bias_axis)
+
+
+def _unwrap(opt: Any) -> Any:
+    while opt is not None and isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # accelerate
+        opt = opt.optimizer
+    return opt
+
+
+#: The settings that make two param groups step differently (compared when deciding a bias split).
+GROUP_SETTINGS = ("lr", "momentum", "weight_decay", "dampening", "nesterov", "betas", "eps")
+
+
+def _group_signature(group: Mapping[str, Any]) -> tuple[Any, ...]:
+    def val(x: Any) -> Any:
+        x = x.item() if torch.is_tensor(x) else x
+        return tuple(val(y) for y in x) if isinstance(x, tuple | list) else x
+
+    return tuple(val(group.get(key)) for key in GROUP_SETTINGS)
+
+
+def _split_by_groups(model: nn.Module, optimizer: Any) -> tuple[str, ...]:
+    """Bias parameters whose param group's settings differ from their weight's (now): those a
+    projected run must record as their own blocks. Candidates are every ``<prefix>bias`` with a
+    ``<prefix>weight``; the plan splits only drafts of rules that support it."""
+    opt = _unwrap(optimizer)
+    if opt is None or len(getattr(opt, "param_groups", ())) <= 1:
+        return ()
+    sig = {id(p): _group_signature(g) for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    out = []
+    for name, p in named.items():
+        if not name.endswith("bias"):
+            continue
+        w = named.get(name[: -len("bias")] + "weight")
+        if w is not None and sig.get(id(p)) != sig.get(id(w)):
+            out.append(name)
+    return tuple(out)
+
+
+def _split_draft(d: BlockDraft, split_bias: frozenset[str]) -> list[BlockDraft]:
+    """A Kronecker ``[W | b]`` draft whose bias is in ``split_bias`` as ``W`` and a dense ``b``."""
+    if d.kind != "kron" or not d.has_bias or d.bias_axis != 1 or len(d.params) != 2 or d.params[1] not in split_bias:
+        return [d]
+    rows, cols = d.shape
+    return [BlockDraft(d.key, (d.params[0],), "kron", (rows, cols - 1), False),
+            BlockDraft(d.params[1], (d.params[1],), "dense", (rows,))]
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

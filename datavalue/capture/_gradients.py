@@ -31,7 +31,8 @@ def engine_for_run(model: nn.Module, manifest: Mapping[str, Any]) -> Engine:
         )
     proj = manifest["projection"]
     pd = proj["proj_dim"]
-    eng = Engine(model, proj_dim=pd, seed=proj["seed"], layers=proj.get("layers"), sketch=run_sketch(proj))
+    eng = Engine(model, proj_dim=pd, seed=proj["seed"], layers=proj.get("layers"), sketch=run_sketch(proj),
+                 split_bias=proj.get("split_bias", ()))
     recorded = [(b["name"], b["k"], b["start"]) for b in proj["blocks"]]
     if [(b.name, b.k, b.start) for b in eng.blocks] != recorded:
         raise ModelMismatchError("the model's capture plan differs from the recorded one (blocks or dimensions); "

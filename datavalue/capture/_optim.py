@@ -41,15 +41,14 @@ MIXED = -1
 NO_GROUP = -2
 
 
-def optimizer_config(opt: torch.optim.Optimizer | None, *, engine: Engine | None = None) -> dict[str, Any]:
+def optimizer_config(opt: torch.optim.Optimizer | None) -> dict[str, Any]:
     """The manifest's ``optimizer`` entry.
 
-    With more than one param group it also holds ``groups`` (each group's static settings:
-    dampening, nesterov, betas, eps, ...) and, given the ``engine``, ``column_groups``: which
-    gradient columns belong to which group, as runs ``[[start, stop, group], ...]`` over the run's
-    columns (``-1``: a projected block mixing several groups' parameters, listed in
-    ``mixed_blocks`` as ``{block: [groups]}``; ``-2``: a recorded parameter no group holds). The
-    per-step values are the ``group_*`` arrays (:func:`step_fields`); see docs/store-format.md.
+    With more than one param group it also holds ``groups``: each group's static settings
+    (dampening, nesterov, betas, eps, ...). The per-step values are the ``group_*`` arrays
+    (:func:`step_fields`); which columns belong to which group is the projection's
+    ``param_groups`` (:func:`column_groups`, written by ``Engine(..., optimizer=...)``); see
+    docs/store-format.md.
     """
     if opt is None:
         return {"kind": None, "dampening": 0.0, "nesterov": False}
@@ -63,14 +62,6 @@ def optimizer_config(opt: torch.optim.Optimizer | None, *, engine: Engine | None
             cfg[key] = list(g[key]) if isinstance(g[key], tuple) else g[key]
     if len(opt.param_groups) > 1:
         cfg["groups"] = [_group_static(gr) for gr in opt.param_groups]
-        if engine is not None:
-            cfg.update(column_groups(opt, engine))
-        else:
-            logger.warning(
-                "optimizer has %d param groups but no capture engine was given: the run cannot say which columns "
-                "belong to which group, and builds will refuse it if the groups' hyperparameters differ",
-                len(opt.param_groups),
-            )
     return cfg
 
 
@@ -85,19 +76,22 @@ def _group_static(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def column_groups(opt: Any, engine: Engine) -> dict[str, Any]:
-    """``{"column_groups": [[start, stop, group], ...], "mixed_blocks": {block: [groups]}}``.
+    """The projection's ``param_groups`` entry: ``{"n_groups": G, "column_groups": [[start, stop,
+    group], ...], "mixed_blocks": {block: [groups]}}``, runs over the run's gradient columns.
 
     Exact blocks (``proj_dim=None``) map every column to its parameter's group, through the same
     layout as the gradients (``block_matrix``: a Linear's ``[W | b]``); a projected column mixes the
     parameters of its block, so a block whose parameters sit in several groups is ``-1`` (mixed) in
-    every column. Builds accept a mixed block only while its groups' hyperparameters agree.
+    every column (the engine splits a Linear's bias off when the groups differ, so this is left for
+    layers whose rule cannot). ``-2``: a recorded parameter that no group holds (never updated).
+    Builds accept a mixed block only while its groups' hyperparameters agree at every step.
     """
     from datavalue.capture._gradients import block_matrix
 
     opt = unwrap_optimizer(opt)
     of_param = {id(p): gi for gi, gr in enumerate(opt.param_groups) for p in gr["params"]}
     named = dict(engine.model.named_parameters())
-    exact_run = engine.projection_json().get("proj_dim") is None
+    exact_run = engine.proj_dim is None
     labels, mixed = [], {}
     for b in engine.blocks:
         gids = {q: of_param.get(id(named[q]), NO_GROUP) for q in b.params}
@@ -116,7 +110,7 @@ def column_groups(opt: Any, engine: Engine) -> dict[str, Any]:
     starts = np.concatenate([[0], edges]).astype(int)
     stops = np.concatenate([edges, [lab.size]]).astype(int)
     runs = [[int(a), int(b), int(lab[a])] for a, b in zip(starts, stops, strict=True) if b > a]
-    return {"column_groups": runs, "mixed_blocks": mixed}
+    return {"n_groups": len(opt.param_groups), "column_groups": runs, "mixed_blocks": mixed}
 
 
 def _value(x: Any) -> float:

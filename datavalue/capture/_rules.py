@@ -94,6 +94,11 @@ class LayerRule(abc.ABC):
 
     #: name shown by ``datavalue.inspect``
     name: str = "rule"
+    #: whether :meth:`per_sample` also handles a Kronecker draft's bias as its own ``"dense"`` draft
+    #: (``BlockDraft(bias, (bias,), "dense", (rows,))`` beside the weight's draft without the bias),
+    #: which the engine uses when the weight and the bias sit in param groups with different
+    #: hyperparameters (``Engine(..., optimizer=...)``)
+    splits_bias: bool = False
 
     def supports(self, module: nn.Module) -> bool:  # noqa: ARG002
         """Whether this rule can handle this instance (else the fallback is used)."""
@@ -177,6 +182,7 @@ class LinearRule(LayerRule):
     """``y = x W^T + b`` over any leading dims: Kronecker ``(out) x (in + 1)``."""
 
     name = "linear"
+    splits_bias = True
 
     def drafts(self, module, prefix, tied):
         w = f"{prefix}weight"

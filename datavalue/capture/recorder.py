@@ -253,7 +253,7 @@ class Recorder:
         self.record_optimizer_state = adam if record_optimizer_state is None else bool(record_optimizer_state)
         try:
             self.engine = Engine(model, proj_dim=proj_dim, seed=seed, layers=layers,
-                                 sketch=resolve_sketch(path, sketch, resume))
+                                 sketch=resolve_sketch(path, sketch, resume), optimizer=optimizer)
         except ValueError as exc:
             if isinstance(exc, RecorderError):
                 raise
@@ -514,7 +514,7 @@ def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, opti
         "loss_reduction": loss_reduction,
         "curvature": {"fisher": fisher, **({"hessian": hessian} if hessian else {})},
         "capture_dtype": str(engine.dtype).replace("torch.", ""),
-        "optimizer": optimizer_config(optimizer, engine=engine),
+        "optimizer": optimizer_config(optimizer),
         **extra,
     }
 

@@ -2,7 +2,7 @@
 
 A run recorded with more than one param group stores each group's ``lr``, ``momentum`` and
 ``weight_decay`` per step (``group_*`` arrays, ``(T, G)``) and which gradient columns belong to
-which group (the manifest's ``optimizer["column_groups"]``). :func:`parse_groups` turns that into
+which group (the manifest's ``projection["param_groups"]``). :func:`parse_groups` turns that into
 :class:`Groups` for the build's operator blocks, and :func:`step_back` / :func:`adam_step_back` run
 one block's recursion step with them. When every group shares its hyperparameters at every step
 (or the run has one group, or predates the arrays) the plan carries ``groups=None`` and the scans
@@ -34,6 +34,7 @@ momentum, dampening or Nesterov inside one operator, and Adam groups with differ
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -122,10 +123,18 @@ def parse_groups(
     has no param groups or all its groups share every hyperparameter at every step (then the
     scalar ``lr``/``momentum``/``weight_decay`` arrays describe the run exactly)."""
     hp = getattr(run, "param_groups", None)
+    opt = run.optimizer or {}
     if hp is None:
+        if int(opt.get("n_groups", 1) or 1) > 1:
+            warnings.warn(
+                f"{run.path}: the optimizer had {opt['n_groups']} param groups but the run holds no per-group "
+                "hyperparameters (recorded by a front door or version that did not store them), so every column is "
+                "modelled with group 0's lr, momentum and weight decay; that is wrong wherever the groups differ. "
+                "Re-record with Recorder(..., optimizer=opt) to store every group's.",
+                stacklevel=4,
+            )
         return None
     T = int(run.n_steps)
-    opt = run.optimizer or {}
     G = int(hp["lr"].shape[1])
     for name, a in hp.items():
         if not np.all(np.isfinite(a[:T])):
@@ -136,13 +145,14 @@ def parse_groups(
             )
     if G <= 1 or _all_agree(run, opt, hp, T):
         return None
-    runs = opt.get("column_groups")
+    entry = run.column_groups or {}
+    runs = entry.get("column_groups")
     k = spans[-1][1]
     if not runs:
         raise EmbeddingError(
             f"{run.path}: the optimizer has {G} param groups with different hyperparameters, but the manifest does not "
-            "say which gradient columns belong to which group (optimizer['column_groups'] is missing: the recorder "
-            "was not given the optimizer when the run was created). Re-record with Recorder(..., optimizer=opt)."
+            "say which gradient columns belong to which group (projection['param_groups'] is missing: the capture "
+            "engine was not given the optimizer). Re-record with Recorder(..., optimizer=opt)."
         )
     labels = np.empty(k, dtype=np.int64)
     for a, b, g in runs:
@@ -153,15 +163,16 @@ def parse_groups(
     mom = np.concatenate([hp["momentum"][:T], np.full((T, 1), np.nan)], axis=1)
     statics = {key: [_static(opt, g, key, None) for g in range(G)] + [None]
                for key in ("dampening", "nesterov", "betas", "eps")}
-    for name, groups in (opt.get("mixed_blocks") or {}).items():
+    mixed_blocks = entry.get("mixed_blocks") or {}
+    for name, groups in mixed_blocks.items():
         _check_mixed(run, name, [G if g == NO_GROUP else int(g) for g in groups], lr, wd, mom, statics)
     blocks_json = {b["name"]: b for b in run.blocks}
-    for name, groups in (opt.get("mixed_blocks") or {}).items():
+    for name, groups in mixed_blocks.items():
         b = blocks_json[name]
         first = [g for g in groups if g != NO_GROUP]
         labels[int(b["start"]) : int(b["stop"])] = int(first[0]) if first else G
     if np.any(labels == MIXED) or np.any(labels < 0) or np.any(labels > G):
-        raise EmbeddingError(f"{run.path}: optimizer['column_groups'] holds unknown group labels.")
+        raise EmbeddingError(f"{run.path}: projection['param_groups'] holds unknown group labels.")
     if handling in ("adam", "adamw"):
         betas = {tuple(b) for b in statics["betas"][:G] if b is not None}
         if len(betas) > 1:

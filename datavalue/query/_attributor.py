@@ -222,13 +222,14 @@ class Attributor:
         lr = hp["lr"][:T]
         if lr.shape[1] <= 1 or np.all(lr == lr[:, :1]):
             return None
-        runs = (run.optimizer or {}).get("column_groups")
+        entry = run.column_groups or {}
+        runs = entry.get("column_groups")
         live = lr[:, 0] != 0
         ratio = lr[live].max(axis=0) / lr[live, 0].max() if live.any() else np.ones(lr.shape[1])
         if not runs or not np.allclose(lr, lr[:, :1] * ratio[None, :], rtol=1e-9, atol=0.0):
             raise QueryError(
                 f"{run.path}: the param groups' learning rates do not keep fixed ratios to group 0's over the run "
-                f"(or the manifest lacks optimizer['column_groups']), so TracIn's per-step lr weighting differs per "
+                f"(or the manifest lacks projection['param_groups']), so TracIn's per-step lr weighting differs per "
                 "column and step. Query the data value embeddings instead (build_embeddings uses every group's lr per "
                 "step), or score the groups' columns separately."
             )
@@ -236,7 +237,7 @@ class Attributor:
         blocks = {b["name"]: b for b in run.blocks}
         for a, b, grp in runs:
             scale[int(a) : int(b)] = ratio[int(grp)] if grp >= 0 else 0.0  # -2: parameters no group updates
-        for name, groups in ((run.optimizer or {}).get("mixed_blocks") or {}).items():
+        for name, groups in (entry.get("mixed_blocks") or {}).items():
             vals = {float(ratio[g]) for g in groups if g >= 0}
             if len(vals) > 1:
                 raise QueryError(f"{run.path}: projected block {name!r} mixes param groups {groups} of different lr; "

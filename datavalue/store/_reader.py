@@ -289,10 +289,19 @@ class Run:
     def param_groups(self) -> dict[str, np.ndarray] | None:
         """``{"lr", "momentum", "weight_decay"}`` -> ``(T, G)`` float64 per-group hyperparameters of every
         step (NaN for steps recorded without them), or ``None`` for a run without them. Which columns
-        belong to which group: ``run.optimizer["column_groups"]`` (docs/store-format.md)."""
+        belong to which group: :attr:`column_groups` (docs/store-format.md)."""
         if not self.has_param_groups:
             return None
         return {n.removeprefix("group_"): self._read_small(n, self.n_steps) for n in GROUP_STEP_ARRAYS}
+
+    @property
+    def column_groups(self) -> dict[str, Any] | None:
+        """Which gradient columns belong to which of the optimizer's param groups:
+        ``{"n_groups", "column_groups": [[start, stop, group], ...], "mixed_blocks": {block: [groups]}}``
+        (``group`` -1: a projected block mixing groups; -2: a parameter no group holds), or ``None``
+        (one group, or recorded without the optimizer). See docs/store-format.md."""
+        entry = (self.manifest.get("projection") or {}).get("param_groups")
+        return dict(entry) if entry else None
 
     # ------------------------------------------------------------------ manifest views
     @property

@@ -38,7 +38,7 @@ FLAG_NONFINITE = 1
 #: ``group_lr``, ``group_momentum``, ``group_weight_decay`` ``(T, G)`` (kind ``"group"``, float64): the
 #: hyperparameters of each of the optimizer's ``G`` param groups at step ``t`` (runs whose optimizer has
 #: more than one group); which columns belong to which group is in the manifest's
-#: ``optimizer["column_groups"]`` (docs/store-format.md). The scalar ``lr``/``momentum``/``weight_decay``
+#: ``projection["param_groups"]`` (docs/store-format.md). The scalar ``lr``/``momentum``/``weight_decay``
 #: arrays keep group 0's values for older readers.
 OPTIONAL_STEP_ARRAYS: dict[str, str] = {
     "adam_m": "vector", "adam_v": "vector", "adam_step": "scalar", "hessian": "matrix",

@@ -25,7 +25,14 @@ from datavalue.embeddings import _core as core
 from datavalue.embeddings import _hyper, _plan, build_embeddings
 from datavalue.errors import EmbeddingError
 from datavalue.store import open_array, open_run
-from datavalue.testing import AdamConfig, Batch, SGDConfig, spearman_per_test, train_reference, trajectory_loo
+from datavalue.testing import (
+    AdamConfig,
+    Batch,
+    SGDConfig,
+    spearman_per_test,
+    train_reference,
+    trajectory_loo,
+)
 
 # ---------------------------------------------------------------------- one step against the Jacobian
 
@@ -307,9 +314,41 @@ def test_groups_sharing_hyperparameters_build_bit_identically(tmp_path, kind):
         assert np.array_equal(a, b), np.abs(a - b).max()
 
 
-def test_projected_block_mixing_groups_is_refused(tmp_path):
-    """A sketched [W | b] column mixes both groups: the build refuses and says what to do."""
-    c = make_group_case(tmp_path / "p.zarr", kind="sgd", lr=(0.05, 0.2), wd=(0.05, 0.0), proj_dim=16,
-                        curvature=("fisher",), n_removals=2, linear=False, epochs=1)
-    with pytest.raises(EmbeddingError, match="proj_dim=None"):
-        build_embeddings(c.path, "fisher", progress=False, overwrite=True)
+def test_projected_run_splits_the_bias_and_stays_exact(tmp_path):
+    """A projected run whose biases sit in another group than their weights records each Linear's
+    bias as its own dense block; with a sketch that keeps every dimension (proj_dim above the
+    parameter count: identity sketches) the build is again the exact derivative of the run."""
+    c = make_group_case(tmp_path / "split.zarr", kind="sgd", lr=(0.05, 0.2), wd=(0.05, 0.0), momentum=0.9,
+                        proj_dim=10**6, n_removals=30, epochs=1)
+    run = open_run(c.path)
+    assert run.manifest["projection"]["split_bias"] == ["0.bias", "2.bias"]
+    assert [b["name"] for b in run.blocks] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert run.column_groups["mixed_blocks"] == {}
+    est = _scores(c, "hessian", "full")
+    dev = np.abs(est - c.linear).max() / np.abs(c.linear).max()
+    assert dev < 1e-5, dev
+
+
+def test_projected_block_that_cannot_split_is_refused(tmp_path):
+    """A Conv1d's [W | b] sketch columns mix its weight's and bias's groups and its rule cannot split
+    them: the build refuses and says what to do (groups that agree build as before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 3)).double()
+    x, y = torch.randn(16, 1, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    for wd_bias, ok in ((0.0, False), (0.05, True)):
+        opt = torch.optim.SGD(_decay_groups(model, (0.1, 0.1), (0.05, wd_bias)), lr=0.1)
+        path = tmp_path / f"conv{wd_bias}.zarr"
+        with datavalue.Recorder(path, model, proj_dim=8, optimizer=opt) as rec:
+            for t in range(2):
+                opt.zero_grad()
+                with rec.step(sample_ids=np.arange(8) + 8 * t):
+                    F.cross_entropy(model(x[8 * t : 8 * t + 8]), y[8 * t : 8 * t + 8]).backward()
+                opt.step()
+        # the Linear's bias is split off only where the groups differ; the conv's cannot be
+        mixed = {"0.weight": [0, 1]} if not ok else {"0.weight": [0, 1], "2.weight": [0, 1]}
+        assert open_run(path).column_groups["mixed_blocks"] == mixed
+        if ok:
+            build_embeddings(path, "empirical_fisher", progress=False)
+        else:
+            with pytest.raises(EmbeddingError, match="proj_dim=None"):
+                build_embeddings(path, "empirical_fisher", progress=False)

@@ -133,6 +133,54 @@ def test_adam_columns_step_equals_the_jacobian(decoupled):
     np.testing.assert_allclose(E, -(c * w)[:, None] * (G @ (R @ inj).T), atol=1e-12)
 
 
+# ---------------------------------------------------------------------- the ground truth itself
+
+
+def test_trajectory_loo_replays_param_groups():
+    """train_reference / trajectory_loo with two groups (own lr schedule and weight decay each) match
+    a plain torch loop with the same groups, bit for bit, for the base run and for a removal."""
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    batches = [Batch(np.arange(4 * t, 4 * t + 4), x[4 * t : 4 * t + 4], y[4 * t : 4 * t + 4]) for t in range(3)]
+    lrs = np.array([[0.1, 0.3], [0.05, 0.2], [0.02, 0.1]])
+
+    def factory():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+    def ce(m, xb, yb):
+        return F.cross_entropy(m(xb), yb, reduction="none")
+
+    def plain(drop=None):
+        m = factory()
+        opt = torch.optim.SGD(_decay_groups(m, (0.0, 0.0), (0.05, 0.0)), lr=0.0, momentum=0.9)
+        for t, b in enumerate(batches):
+            for g, lr in zip(opt.param_groups, lrs[t], strict=True):
+                g["lr"] = float(lr)
+            opt.zero_grad()
+            keep = torch.ones(4, dtype=torch.float64)
+            if drop is not None and drop[0] == t:
+                keep[list(b.sample_ids).index(drop[1])] = 0.0
+            ((ce(m, b.inputs, b.targets) * keep).sum() / 4).backward()
+            opt.step()
+        return m
+
+    model = factory()
+    opt = torch.optim.SGD(_decay_groups(model, (0.0, 0.0), (0.05, 0.0)), lr=0.0, momentum=0.9)
+    ref = train_reference(factory, batches, lrs, ce, model=model, optimizer=opt)
+    base = plain()
+    for n, p in base.state_dict().items():
+        assert torch.equal(p, ref.final_state[n]), n
+    test_loss = lambda m: ce(m, x, y)  # noqa: E731
+    got = trajectory_loo(ref, [(1, 5)], test_loss)[0]
+    removed = plain((1, 5))
+    with torch.no_grad():
+        want = (test_loss(removed) - test_loss(base)).numpy()
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"\(T, 2\)"):
+        train_reference(factory, batches, lrs[:, 0], ce, param_groups=lambda m: _decay_groups(m, (0.0, 0.0), (0.1, 0.0)))
+
+
 # ---------------------------------------------------------------------- real runs with two groups
 
 

@@ -32,9 +32,11 @@ def is_adam(opt: Any) -> bool:
     return opt is not None and type(unwrap_optimizer(opt)).__name__.lower() in ("adam", "adamw")
 
 
-#: Per-group settings recorded once in the manifest (``optimizer["groups"]``); the per-step ones
-#: (lr, momentum, weight decay) go to the ``group_*`` arrays through :func:`step_fields`.
-_GROUP_STATIC = ("dampening", "nesterov", "betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
+#: Per-group settings recorded once in the manifest (``optimizer["groups"]``; ``lr``, ``momentum`` and
+#: ``weight_decay`` there are the values when recording starts); the per-step ones go to the
+#: ``group_*`` arrays through :func:`step_fields`.
+_GROUP_STATIC = ("lr", "momentum", "weight_decay", "dampening", "nesterov", "betas", "eps", "amsgrad", "maximize",
+                 "decoupled_weight_decay")
 #: ``column_groups`` entry of a projected column whose block mixes parameters of several groups.
 MIXED = -1
 #: ``column_groups`` entry of a recorded parameter that no param group holds (never updated).
@@ -69,7 +71,7 @@ def _group_static(group: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in _GROUP_STATIC:
         if key in group:
-            v = group[key]
+            v = group[key].item() if torch.is_tensor(group[key]) else group[key]
             out[key] = [float(x) for x in v] if isinstance(v, tuple | list) else (
                 float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v)
     return out

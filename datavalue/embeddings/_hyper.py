@@ -125,7 +125,10 @@ def parse_groups(
     hp = getattr(run, "param_groups", None)
     opt = run.optimizer or {}
     if hp is None:
-        if int(opt.get("n_groups", 1) or 1) > 1:
+        static = [tuple(str(g.get(key)) for key in ("lr", "momentum", "weight_decay", "dampening", "nesterov",
+                                                        "betas", "eps")) for g in opt.get("groups") or []]
+        agree_at_start = bool(static) and len(set(static)) == 1  # (their settings when recording started)
+        if int(opt.get("n_groups", 1) or 1) > 1 and not agree_at_start:
             warnings.warn(
                 f"{run.path}: the optimizer had {opt['n_groups']} param groups but the run holds no per-group "
                 "hyperparameters (recorded by a front door or version that did not store them), so every column is "

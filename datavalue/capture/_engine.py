@@ -91,7 +91,8 @@ class Engine:
             run a layer whose weight and bias sit in groups with different hyperparameters (the
             Trainer's no-decay group for biases) gets its bias as its own dense block, because a
             sketch column would mix them (``projection["split_bias"]``; rules with
-            ``LayerRule.splits_bias``). Exact runs keep ``[W | b]``: their columns map to parameters.
+            ``LayerRule.splits_bias``: Linear, Conv1d/2d, HF Conv1D). Exact runs keep ``[W | b]``: their
+            columns map to parameters.
         split_bias: bias parameters to record as their own blocks, overriding what ``optimizer``
             decides (an engine that reproduces a recorded projection passes the run's list).
     """
@@ -114,8 +115,10 @@ class Engine:
         self.layers = list(layers) if layers is not None else None
         if split_bias is None:
             split_bias = _split_by_groups(model, optimizer) if proj_dim is not None else ()
-        self.split_bias = frozenset(split_bias)
-        self.entries, self.blocks = self._plan(model, proj_dim, layers, self.split_bias)
+        self.entries, self.blocks = self._plan(model, proj_dim, layers, frozenset(split_bias))
+        # the biases that became their own blocks (candidates whose rule cannot split stay inside)
+        split_keys = {d.key for e in self.entries for d in e.drafts if d.kind == "dense"}
+        self.split_bias = frozenset(split_bias) & split_keys
         self.param_groups_json: dict[str, Any] | None = None
         if optimizer is not None and len(getattr(_unwrap(optimizer), "param_groups", ())) > 1:
             from datavalue.capture._optim import column_groups
@@ -394,10 +397,14 @@ def _split_by_groups(model: nn.Module, optimizer: Any) -> tuple[str, ...]:
 
 
 def _split_draft(d: BlockDraft, split_bias: frozenset[str]) -> list[BlockDraft]:
-    """A Kronecker ``[W | b]`` draft whose bias is in ``split_bias`` as ``W`` and a dense ``b``."""
-    if d.kind != "kron" or not d.has_bias or d.bias_axis != 1 or len(d.params) != 2 or d.params[1] not in split_bias:
+    """A Kronecker ``[W | b]`` draft (``[W; b]`` for ``bias_axis=0``) whose bias is in ``split_bias``
+    as the weight's draft without the bias and a dense draft for ``b``."""
+    if d.kind != "kron" or not d.has_bias or len(d.params) != 2 or d.params[1] not in split_bias:
         return [d]
     rows, cols = d.shape
+    if d.bias_axis == 0:
+        return [BlockDraft(d.key, (d.params[0],), "kron", (rows - 1, cols), False, bias_axis=0),
+                BlockDraft(d.params[1], (d.params[1],), "dense", (cols,))]
     return [BlockDraft(d.key, (d.params[0],), "kron", (rows, cols - 1), False),
             BlockDraft(d.params[1], (d.params[1],), "dense", (rows,))]
 

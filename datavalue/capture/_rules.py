@@ -220,6 +220,7 @@ class HFConv1DRule(LayerRule):
     """
 
     name = "hf_conv1d"
+    splits_bias = True
 
     def drafts(self, module, prefix, tied):
         w = f"{prefix}weight"
@@ -235,15 +236,20 @@ class HFConv1DRule(LayerRule):
         b = a.shape[0]
         a = a.reshape(b, -1, a.shape[-1])
         d = grad_out.reshape(b, -1, grad_out.shape[-1])
-        dr = drafts[0]
-        if dr.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1)
-        sk = sketches[dr.key]
-        return {dr.key: kron_sum(sk.left(a), sk.right(d))}
+        out = {}
+        for dr in drafts:
+            sk = sketches[dr.key]
+            if dr.kind == "dense":  # the bias as its own block (param groups that step differently)
+                out[dr.key] = sk.dense(d.sum(1))
+                continue
+            aa = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], -1) if dr.has_bias else a
+            out[dr.key] = kron_sum(sk.left(aa), sk.right(d))
+        return out
 
 
 class _ConvRule(LayerRule):
     dims = 2
+    splits_bias = True
 
     def supports(self, module):
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -269,17 +275,20 @@ class _ConvRule(LayerRule):
         d = g.reshape(b, g.shape[1], -1).transpose(1, 2)  # (b, L, out)
         dr = drafts[0]
         sk = sketches[dr.key]
+        extra = {}
+        if len(drafts) > 1:  # the bias as its own block (param groups that step differently)
+            extra = {drafts[1].key: sketches[drafts[1].key].dense(d.sum(1))}
         if sk.cols is not None:
             # the column sketch of the unfolded patches is itself a convolution with the sketch rows
             # as filters: (b, k_c, L) straight from x, without materialising the (b, L, in*k) patches
             n_in = sk.cols.shape[1] - dr.has_bias
             filt = sk.cols[:, :n_in].reshape(sk.cols.shape[0], x.shape[1], *ks)
             right = F.conv2d(x, filt, sk.cols[:, n_in] if dr.has_bias else None, stride=st, padding=pd, dilation=dl)
-            return {dr.key: kron_sum(sk.left(d), right.reshape(b, right.shape[1], -1).transpose(1, 2))}
+            return {dr.key: kron_sum(sk.left(d), right.reshape(b, right.shape[1], -1).transpose(1, 2)), **extra}
         cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st).transpose(1, 2)  # (b, L, in*k)
         if dr.has_bias:
             cols = torch.cat([cols, cols.new_ones(cols.shape[:-1] + (1,))], -1)
-        return {dr.key: kron_sum(sk.left(d), sk.right(cols))}
+        return {dr.key: kron_sum(sk.left(d), sk.right(cols)), **extra}
 
 
 @LAYER_RULES.register(nn.Conv2d)

@@ -103,3 +103,70 @@ def test_explicit_lr_that_disagrees_with_the_groups_is_refused(tmp_path):
     with pytest.raises(RecorderError, match="param group 0"):
         _record(tmp_path / "x.zarr", model, opt, proj_dim=None, steps=1, lr=0.3)
     _record(tmp_path / "y.zarr", model, opt, proj_dim=None, steps=1, lr=0.1)  # agrees: fine
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c2 = nn.Conv2d(1, 2, 3)
+        self.c1 = nn.Conv1d(2, 2, 2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (b, 1, 5, 5)
+        h = torch.tanh(self.c2(x))  # (b, 2, 3, 3)
+        h = torch.tanh(self.c1(h.flatten(2)))  # (b, 2, 8)
+        return self.fc(h[:, :, :3].flatten(1))
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+@pytest.mark.parametrize("arch", ["convnet", "gpt2"])
+@pytest.mark.parametrize("proj_dim", [10**6, 40])
+def test_split_bias_rows_equal_each_examples_gradient(tmp_path, arch, proj_dim):
+    """Linear, Conv1d, Conv2d and HF Conv1D record a bias in another group as its own block; the
+    rows equal the sketch of each example's full gradient (identity sketches: the gradient itself)."""
+    from datavalue.capture._gradients import engine_for_run, project_full
+
+    torch.manual_seed(0)
+    if arch == "convnet":
+        model = _ConvNet().double()
+        x = torch.randn(3, 1, 5, 5, dtype=torch.float64)
+        y = torch.tensor([0, 2, 1])
+
+        def loss(m, i):
+            return F.cross_entropy(m(x[i]), y[i], reduction="none")
+    else:
+        model = _gpt2()
+        ids = torch.randint(0, 13, (3, 6), generator=torch.Generator().manual_seed(0))
+
+        def loss(m, i):
+            logits = m(input_ids=ids[i]).logits
+            return F.cross_entropy(logits[:, :-1].reshape(-1, 13), ids[i][:, 1:].reshape(-1),
+                                   reduction="none").reshape(len(ids[i]), -1).mean(1)
+    opt = torch.optim.SGD(_groups(model), lr=0.1)
+    with datavalue.Recorder(tmp_path / "r.zarr", model, proj_dim=proj_dim, optimizer=opt, storage_dtype="float64") as rec:
+        with rec.step(sample_ids=range(3)):
+            loss(model, slice(None)).mean().backward()
+    run = open_run(tmp_path / "r.zarr")
+    split = run.manifest["projection"]["split_bias"]
+    kinds = {b["name"]: b["kind"] for b in run.blocks}
+    assert split and all(kinds[b] == "dense" for b in split)
+    if arch == "convnet":
+        assert split == ["c1.bias", "c2.bias", "fc.bias"]
+    else:
+        assert "transformer.h.0.attn.c_attn.bias" in split
+    eng = engine_for_run(model, run.manifest)
+    rows = np.asarray(run.grads)
+    for i in range(3):
+        model.zero_grad()
+        loss(model, slice(i, i + 1)).sum().backward()
+        want = project_full(eng, {n: p.grad for n, p in model.named_parameters()}).numpy()
+        np.testing.assert_allclose(rows[i], want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+        if proj_dim == 10**6:  # identity sketches: the exact per-sample gradient in the split layout
+            exact = exact_layout({n: p.grad for n, p in model.named_parameters()}, run.blocks)
+            np.testing.assert_allclose(rows[i], exact, rtol=1e-8, atol=1e-10 * np.abs(exact).max())

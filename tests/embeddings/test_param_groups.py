@@ -378,22 +378,23 @@ def test_projected_run_splits_the_bias_and_stays_exact(tmp_path):
 
 
 def test_projected_block_that_cannot_split_is_refused(tmp_path):
-    """A Conv1d's [W | b] sketch columns mix its weight's and bias's groups and its rule cannot split
-    them: the build refuses and says what to do (groups that agree build as before)."""
+    """A LayerNorm's weight and bias share one dense block (its rule cannot split them): in a
+    projected run whose groups differ the build refuses and says what to do; groups that agree
+    build as before."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 3)).double()
-    x, y = torch.randn(16, 1, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
     for wd_bias, ok in ((0.0, False), (0.05, True)):
         opt = torch.optim.SGD(_decay_groups(model, (0.1, 0.1), (0.05, wd_bias)), lr=0.1)
-        path = tmp_path / f"conv{wd_bias}.zarr"
+        path = tmp_path / f"ln{wd_bias}.zarr"
         with datavalue.Recorder(path, model, proj_dim=8, optimizer=opt) as rec:
             for t in range(2):
                 opt.zero_grad()
                 with rec.step(sample_ids=np.arange(8) + 8 * t):
                     F.cross_entropy(model(x[8 * t : 8 * t + 8]), y[8 * t : 8 * t + 8]).backward()
                 opt.step()
-        # the Linear's bias is split off only where the groups differ; the conv's cannot be
-        mixed = {"0.weight": [0, 1]} if not ok else {"0.weight": [0, 1], "2.weight": [0, 1]}
+        # the Linears' biases are split off only where the groups differ; the LayerNorm's cannot be
+        mixed = {"1.weight": [0, 1]} if not ok else {"0.weight": [0, 1], "1.weight": [0, 1], "2.weight": [0, 1]}
         assert open_run(path).column_groups["mixed_blocks"] == mixed
         if ok:
             build_embeddings(path, "empirical_fisher", progress=False)

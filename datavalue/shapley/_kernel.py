@@ -93,7 +93,7 @@ def kernel_shap(
 
     Example:
         >>> res = kernel_shap(lambda S: 2.0 * (0 in S) + 1.0 * (1 in S), 3, n_samples=64, seed=0)
-        >>> res.values.round(6).tolist()              # additive game: the regression is exact
+        >>> (res.values.round(6) + 0.0).tolist()  # additive game: exact (+ 0.0 prints -0.0 as 0.0)
         [2.0, 1.0, 0.0]
     """
     util = as_utility(v, n, n_jobs=n_jobs, client=client)

@@ -13,6 +13,28 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+def _seed_line(config: pytest.Config) -> str | None:
+    if not config.pluginmanager.hasplugin("randomly"):
+        return None
+    seed = config.getoption("randomly_seed", None)
+    return f"Using --randomly-seed={seed}" if isinstance(seed, int) else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Print pytest-randomly's seed first even under ``-q`` (which hides the header that has it)."""
+    line = _seed_line(session.config)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if line and reporter is not None and session.config.get_verbosity() < 0:
+        reporter.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """...and last, next to the failures, with how to rerun this order."""
+    line = _seed_line(config)
+    if line:
+        terminalreporter.write_line(f"{line} (rerun this order: make test PYTEST_ARGS='{line.split()[1]}')")
+
+
 #: How long a test's threads may take to finish after it (a pool shut down without waiting, a
 #: writer thread between its last write and its exit).
 THREAD_GRACE_S = 2.0

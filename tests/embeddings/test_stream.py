@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +119,33 @@ def test_a_corrupt_chunk_found_by_the_read_ahead_names_the_chunk(tmp_path):
     # the failed build joined its reader, writer and GEMM threads before raising: no chunk write of
     # it can land later (one once did, in the next test's count of writes)
     assert [t.name for t in threading.enumerate() if t.name.startswith("datavalue")] == []
+
+
+def test_a_failed_build_writes_nothing_after_it_raised(tmp_path, monkeypatch):
+    """The scan's chunk writes run on its writer thread; when the scan fails, the writes still
+    queued are dropped and the one in flight finishes before the error reaches the caller. (They
+    used to run on: one landed in the next test's count of chunk writes.)"""
+    from datavalue.embeddings import build_embeddings
+    from datavalue.errors import StoreCorruptError
+    from datavalue.store import _writer
+
+    path, _ = _real_run(tmp_path)
+    chunk = path / "grads" / "c" / "2" / "0"  # the scan runs backward: later chunks are written first
+    chunk.write_bytes(b"\0" + chunk.read_bytes()[1:])
+    events = []
+    real = _writer._write_chunk
+
+    def slow(p, c):  # slow enough that writes are queued when the scan meets the corrupt chunk
+        time.sleep(0.05)
+        real(p, c)
+        events.append("write")
+
+    monkeypatch.setattr(_writer, "_write_chunk", slow)
+    with pytest.raises(StoreCorruptError):
+        build_embeddings(path, "empirical_fisher", progress=False)
+    events.append("raised")
+    time.sleep(0.3)
+    assert "write" in events and events[-1] == "raised"
 
 
 def test_direct_chunk_writes_read_back_through_zarr(tmp_path, monkeypatch):

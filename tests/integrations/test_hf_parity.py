@@ -34,12 +34,12 @@ def _model():
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _args(tmp_path):
+def _args(tmp_path, **kw):
     return transformers.TrainingArguments(
         str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=8,
         learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.0, max_grad_norm=MAX_NORM,
         logging_steps=100, save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, seed=0,
-        disable_tqdm=True,
+        disable_tqdm=True, **kw,
     )
 
 
@@ -55,7 +55,7 @@ def _replay(path, trainer_run, ds, args, trainer_shifts):
         for g in opt.param_groups:
             g["lr"] = float(trainer_run.lr[t])  # the Trainer's schedule, as it stepped
         step_ids = trainer_run.sample_id[trainer_run.step_ptr[t]: trainer_run.step_ptr[t + 1]]
-        micro = np.split(step_ids, 2)
+        micro = np.split(step_ids, len(step_ids) // 4)  # the micro-batches of 4 (of every rank, in rank order)
         idx = [[rows[s] for s in m] for m in micro]
         # the Trainer's num_items_in_batch: labels counted as it counts them (unshifted for a GPT-2 built
         # from a config without loss_type, shifted otherwise); the callback reads the value it passes
@@ -119,3 +119,73 @@ def test_trainer_run_equals_plain_loop_replay(tmp_path):
     ea = np.asarray(open_array(tmp_path / "trainer.zarr", info_a.array)[:])
     eb = np.asarray(open_array(tmp_path / "plain.zarr", info_b.array)[:])
     np.testing.assert_allclose(ea, eb, rtol=1e-2, atol=1e-3 * np.abs(ea).max())
+
+
+def test_callback_records_fisher_and_refuses_a_second_recorder(tmp_path):
+    """curvature="fisher" through the Trainer: one pseudo-gradient block per step whose rows carry
+    the examples' weights; a second recorder on the same model is refused while the first records."""
+    from datavalue.errors import RecorderStateError
+    from datavalue.integrations.hf import DataValueCallback
+
+    ds = _dataset()
+    args = _args(tmp_path)
+    cb = DataValueCallback(tmp_path / "f.zarr", proj_dim=64, curvature="fisher", fisher_samples=2)
+    model = _model()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds,
+                                   data_collator=transformers.default_data_collator, callbacks=[cb])
+
+    class Probe(transformers.TrainerCallback):  # runs after cb.on_train_begin: the model is being recorded
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            with pytest.raises(RecorderStateError, match="already has an open Recorder"):
+                datavalue.Recorder(tmp_path / "second.zarr", model, proj_dim=8)
+            self.checked = True
+
+    probe = Probe()
+    trainer.add_callback(probe)
+    trainer.train()
+    assert probe.checked
+    run = open_run(tmp_path / "f.zarr")
+    assert run.n_steps == 8 and run.has_fisher
+    # 2 sampled labels x 8 examples per step, each row scaled by sqrt(weight / samples)
+    np.testing.assert_array_equal(np.diff(run.fisher_ptr), 16)
+    assert np.isfinite(run.fisher.compute()).all() and np.abs(run.fisher.compute()).sum() > 0
+    assert cb.recorder.closed
+    datavalue.build_embeddings(tmp_path / "f.zarr", "fisher", progress=False)
+
+
+def test_callback_refuses_hessian():
+    from datavalue.errors import RecorderError
+    from datavalue.integrations.hf import DataValueCallback
+
+    with pytest.raises(RecorderError, match="hessian"):
+        DataValueCallback("unused.zarr", curvature="hessian")
+
+
+def test_ddp_trainer_run_equals_single_process_replay(tmp_path):
+    """Under DDP (2 ranks, gloo) each rank records its micro-batches, rank 0 writes the gathered step;
+    the weights are the examples' shares of the global token-mean loss (average_tokens_across_devices)
+    and the store equals a single-process replay of the recorded global steps."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.integrations._ddp_trainer_worker import worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a = open_run(tmp_path / "ddp.zarr")
+    assert a.n_steps == 8 and a.has_adam_state
+    np.testing.assert_array_equal(np.diff(a.step_ptr), 16)  # 2 ranks x 2 micro-batches x 4
+    ds = _dataset()
+    probe = transformers.Trainer(model=_model(), args=_args(tmp_path), train_dataset=ds)
+    model_b, coefs = _replay(tmp_path / "plain.zarr", a, ds, _args(tmp_path), probe._loss_shifts_labels)
+    b = open_run(tmp_path / "plain.zarr")
+    np.testing.assert_allclose(a.weight, b.weight, rtol=1e-12)
+    np.testing.assert_allclose(a.grad_scale, coefs, rtol=2e-3)
+    ga, gb = a.read("grads"), b.read("grads")
+    np.testing.assert_allclose(ga, gb, rtol=1e-3, atol=1e-4 * np.abs(ga).max())
+    final = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "final"))
+    for (n, p), q in zip(final.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5, msg=n)

@@ -7,6 +7,7 @@ step pipeline (ids, weights, rows -> ``StepBlock`` -> writer) that every recorde
 submits through.
 """
 
+from datavalue.capture._config import CaptureConfig as CaptureConfig
 from datavalue.capture._gradients import engine_for_run as engine_for_run
 from datavalue.capture._gradients import exact_layout as exact_layout
 from datavalue.capture._gradients import per_sample_gradients as per_sample_gradients
@@ -23,6 +24,7 @@ from datavalue.capture.recorder import Recorder as Recorder
 
 __all__ = [
     "LAYER_RULES",
+    "CaptureConfig",
     "DistInfo",
     "LayerRule",
     "Recorder",

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -30,17 +31,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
 from datavalue.capture._optim import is_adam, optimizer_config, step_fields, unwrap_optimizer
 from datavalue.capture._pipeline import (
-    LOSS_REDUCTIONS,
     DistInfo,
     StepSink,
     parse_sample_ids,
     step_weights,
 )
 from datavalue.capture._projection import resolve_sketch
-from datavalue.errors import RecorderError, RecorderStateError
+from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
 from datavalue.store import fingerprint_params
 from datavalue.store._schema import package_versions
 
@@ -100,6 +101,10 @@ class Recorder:
             ``adam_m``, ``adam_v``, ``adam_step``; ``2 T k`` numbers), which Adam-aware embeddings
             need (``build_embeddings(..., optimizer="adamw")``). Default: whenever ``optimizer``
             is a ``torch.optim.Adam``/``AdamW``. ``True`` with another optimizer is an error.
+        config: a :class:`~datavalue.capture.CaptureConfig` holding the capture options above
+            (then leave those keywords at their defaults). Either way the validated config is
+            ``rec.config`` and is stored in the manifest (``capture_config``); ``resume=True``
+            compares it with the run's.
         integration: what drives this recorder (e.g. ``{"name": "transformers.Trainer", ...}``),
             stored in the manifest as ``integration``.
 
@@ -131,23 +136,32 @@ class Recorder:
         hessian_max_dim: int = 4096,
         sketch: str | None = None,
         integration: Mapping[str, Any] | None = None,
+        config: CaptureConfig | None = None,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
             raise RecorderError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise RecorderError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
-        kinds = (curvature,) if curvature is None or isinstance(curvature, str) else tuple(curvature)
-        if not kinds or any(c not in CURVATURES for c in kinds):
-            raise RecorderError(f"curvature must be one of {CURVATURES} or a sequence of them, got {curvature!r}.")
-        if on_nonfinite not in ("raise", "skip"):
-            raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
-        if storage_dtype not in ("float32", "float16", "float64"):
-            raise RecorderError(f"storage_dtype must be 'float32', 'float16' or 'float64', got {storage_dtype!r}.")
+        options = dict(proj_dim=proj_dim, seed=seed, sketch=sketch, layers=layers, loss_reduction=loss_reduction,
+                       curvature=curvature, storage_dtype=storage_dtype, on_nonfinite=on_nonfinite,
+                       fisher_max_classes=fisher_max_classes, fisher_samples=fisher_samples, hessian_max_dim=hessian_max_dim,
+                       record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows)
+        if config is not None:
+            if not isinstance(config, CaptureConfig):
+                raise RecorderError(f"config must be a datavalue.capture.CaptureConfig, got {type(config).__name__}.")
+            changed = [k for k, v in options.items() if v != _DEFAULTS[k]]
+            if changed:
+                raise RecorderError(f"pass either config= or the keyword options, not both (also given: {changed}); "
+                                    "use dataclasses.replace(config, ...) to change a config.")
+            cfg = config
+        else:
+            cfg = CaptureConfig(**options)
         if resume and overwrite:
             raise RecorderError("pass at most one of resume=True and overwrite=True.")
-        if proj_dim is not None and not isinstance(proj_dim, Mapping) and int(proj_dim) < 1:
-            raise RecorderError(f"proj_dim must be a positive int, a dict or None, got {proj_dim!r}.")
+        (proj_dim, seed, sketch, layers, loss_reduction, storage_dtype, on_nonfinite, chunk_rows, hessian_max_dim) = (
+            cfg.proj_dim, cfg.seed, cfg.sketch, cfg.layers, cfg.loss_reduction, cfg.storage_dtype, cfg.on_nonfinite,
+            cfg.chunk_rows, cfg.hessian_max_dim)
+        record_optimizer_state = cfg.record_optimizer_state
+        layers = list(layers) if layers is not None else None
         other = _ATTACHED.get(model)
         if other is not None and not other.closed:
             raise RecorderStateError(f"this model already has an open Recorder writing to {other.path}; close it first.")
@@ -155,10 +169,10 @@ class Recorder:
         self.optimizer = optimizer
         self.loss_reduction = loss_reduction
         self.on_nonfinite = on_nonfinite
-        self.fisher = "fisher" in kinds
-        self.hessian = "hessian" in kinds
-        self.fisher_max_classes = int(fisher_max_classes)
-        self.fisher_samples = int(fisher_samples)
+        self.fisher = cfg.fisher
+        self.hessian = cfg.hessian
+        self.fisher_max_classes = cfg.fisher_max_classes
+        self.fisher_samples = cfg.fisher_samples
         adam = is_adam(optimizer)
         if record_optimizer_state and not adam:
             raise RecorderError("record_optimizer_state=True needs optimizer= a torch.optim.Adam or AdamW.")
@@ -179,10 +193,14 @@ class Recorder:
                 "proj_dim, curvature='fisher', or raise hessian_max_dim if you mean it."
             )
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
+        self.config = dataclasses.replace(cfg, sketch=self.engine.sketch, record_optimizer_state=self.record_optimizer_state)
+        if resume:
+            _check_resume_config(path, self.config)
         manifest = base_manifest(
             self.engine, model, loss_reduction=loss_reduction, optimizer=optimizer,
             fisher={"max_classes": self.fisher_max_classes, "samples": self.fisher_samples} if self.fisher else None,
             hessian={"kind": "exact", "sketch": "both sides"} if self.hessian else None,
+            capture_config=self.config.to_json(),
             **({"integration": dict(integration)} if integration else {}),
         )
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
@@ -506,6 +524,26 @@ class Recorder:
                 self.close()
         except Exception:
             pass
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CaptureConfig)}
+_DEFAULTS["curvature"] = None
+
+
+def _check_resume_config(path: Any, cfg: CaptureConfig) -> None:
+    """Refuse to resume a run recorded with another capture config (field by field)."""
+    from datavalue.store import open_run
+
+    try:
+        manifest = open_run(path).manifest
+    except Exception:  # no readable run: the writer says what is wrong
+        return
+    diff = cfg.resume_diff(CaptureConfig.from_manifest(manifest))
+    if diff:
+        raise StoreMismatchError(
+            f"{path}: cannot resume with a different capture config ({'; '.join(diff)}). Resume with the recorded "
+            "options (CaptureConfig.from_manifest(datavalue.store.open_run(path).manifest)) or record a new run."
+        )
 
 
 def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, optimizer: Any,

@@ -129,8 +129,7 @@ def _read_attrs(path: Any, curvature: str) -> dict[str, Any]:
 def _store_ops(
     path: Any, curvature: str, plan: _Plan, ops: list[list[np.ndarray] | None], append_to: int = 0
 ) -> None:
-    from datavalue.store import create_array, open_array
-    from datavalue.store._chunkfiles import write_all
+    from datavalue.store import create_array, open_array, write_all
 
     K = len(ops)
     for i in range(len(plan.blocks)):

@@ -51,6 +51,7 @@ from datavalue.shapley._owen import owen_from_utilities as owen_from_utilities
 from datavalue.shapley._owen import owen_permutation as owen_permutation
 from datavalue.shapley._owners import OwnerRegistry as OwnerRegistry
 from datavalue.shapley._permutation import permutation as permutation
+from datavalue.shapley._report import infer_format as infer_format
 from datavalue.shapley._report import render_report as render_report
 from datavalue.shapley._report import write_report as write_report
 from datavalue.shapley._result import ShapleyResult as ShapleyResult
@@ -121,6 +122,7 @@ __all__ = [
     "games",
     "get_policy",
     "group_shapley",
+    "infer_format",
     "kernel_shap",
     "owen_exact",
     "owen_from_utilities",

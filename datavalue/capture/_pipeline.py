@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 
 from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
-from datavalue.store import RunWriter, StepBlock
-from datavalue.store._schema import FLAG_NONFINITE
+from datavalue.store import FLAG_NONFINITE, RunWriter, StepBlock
 
 logger = logging.getLogger(__name__)
 

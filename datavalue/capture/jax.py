@@ -58,8 +58,7 @@ from datavalue.capture._projection import (
     split_budget,
 )
 from datavalue.errors import RecorderError, RecorderStateError
-from datavalue.store import fingerprint_params
-from datavalue.store._schema import package_versions
+from datavalue.store import fingerprint_params, package_versions
 
 __all__ = ["JaxRecorder", "flatten_params", "plan_blocks"]
 

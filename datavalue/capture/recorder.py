@@ -42,8 +42,7 @@ from datavalue.capture._pipeline import (
 )
 from datavalue.capture._projection import resolve_sketch
 from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
-from datavalue.store import fingerprint_params
-from datavalue.store._schema import package_versions
+from datavalue.store import fingerprint_params, package_versions
 
 logger = logging.getLogger(__name__)
 

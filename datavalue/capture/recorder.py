@@ -540,8 +540,10 @@ def _check_resume_config(path: Any, cfg: CaptureConfig) -> None:
     diff = cfg.resume_diff(CaptureConfig.from_manifest(manifest))
     if diff:
         raise StoreMismatchError(
-            f"{path}: cannot resume with a different capture config ({'; '.join(diff)}). Resume with the recorded "
-            "options (CaptureConfig.from_manifest(datavalue.store.open_run(path).manifest)) or record a new run."
+            f"{path}: cannot resume: this capture config (projection, loss reduction, curvature, storage) differs from "
+            f"the run's: {'; '.join(diff)}. Re-create the Recorder with the recorded settings "
+            "(config=CaptureConfig.from_manifest(datavalue.store.open_run(path).manifest)), or pass overwrite=True to "
+            "start over."
         )
 
 

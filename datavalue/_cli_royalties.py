@@ -77,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Execute ``datavalue royalties``; returns the process exit code."""
     from datavalue import shapley
-    from datavalue.shapley._report import infer_format
+    from datavalue.shapley import infer_format
 
     try:
         fmt = args.format or infer_format(args.out)

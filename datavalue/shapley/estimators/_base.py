@@ -16,9 +16,9 @@ from collections.abc import Callable
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._stopping import Progress, StoppingRule
-from datavalue.shapley._utility import Utility
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.estimators._stopping import Progress, StoppingRule
+from datavalue.shapley.games._utility import Utility
 
 __all__ = ["Moments", "parse_batch_size", "run_batches"]
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from datavalue.shapley._mc import Moments, parse_batch_size, run_batches
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._stopping import StoppingRule, parse_stopping
-from datavalue.shapley._utility import Utility, as_utility
 from datavalue.shapley._validation import parse_rng
+from datavalue.shapley.estimators._base import Moments, parse_batch_size, run_batches
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.estimators._stopping import StoppingRule, parse_stopping
+from datavalue.shapley.games._utility import Utility, as_utility
 
 __all__ = ["permutation", "permutation_contributions"]
 

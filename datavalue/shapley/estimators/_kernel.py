@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError
-from datavalue.shapley._mc import Moments, parse_batch_size, run_batches
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._stopping import StoppingRule, parse_stopping
-from datavalue.shapley._utility import as_utility
 from datavalue.shapley._validation import masks_from_bits, parse_rng
+from datavalue.shapley.estimators._base import Moments, parse_batch_size, run_batches
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.estimators._stopping import StoppingRule, parse_stopping
+from datavalue.shapley.games._utility import as_utility
 
 __all__ = ["kernel_shap", "shapley_kernel_constants"]
 
@@ -93,7 +93,7 @@ def kernel_shap(
 
     Example:
         >>> res = kernel_shap(lambda S: 2.0 * (0 in S) + 1.0 * (1 in S), 3, n_samples=64, seed=0)
-        >>> res.values.round(6).tolist()              # additive game: the regression is exact
+        >>> (res.values.round(6) + 0.0).tolist()      # additive game: the regression is exact
         [2.0, 1.0, 0.0]
     """
     util = as_utility(v, n, n_jobs=n_jobs, client=client)

@@ -30,18 +30,18 @@ from typing import Any
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError, InvalidValuesError
-from datavalue.shapley._exact import exact
-from datavalue.shapley._kernel import kernel_shap
-from datavalue.shapley._mc import parse_batch_size
-from datavalue.shapley._permutation import (
+from datavalue.shapley._validation import parse_n_exact, parse_partition, parse_rng
+from datavalue.shapley.estimators._base import parse_batch_size
+from datavalue.shapley.estimators._exact import exact
+from datavalue.shapley.estimators._kernel import kernel_shap
+from datavalue.shapley.estimators._permutation import (
     permutation,
     sample_permutations,
 )
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._stopping import StoppingRule, parse_stopping
-from datavalue.shapley._stratified import stratified
-from datavalue.shapley._utility import QuotientUtility, as_utility
-from datavalue.shapley._validation import parse_n_exact, parse_partition, parse_rng
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.estimators._stopping import StoppingRule, parse_stopping
+from datavalue.shapley.estimators._stratified import stratified
+from datavalue.shapley.games._utility import QuotientUtility, as_utility
 
 __all__ = ["group_shapley", "owen_exact", "owen_from_utilities", "owen_permutation"]
 

@@ -105,7 +105,10 @@ def test_subpackages_depend_one_way():
             for node in ast.walk(ast.parse(src.read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module:
                     for up in above:
-                        assert not node.module.startswith(f"datavalue.shapley.{up}"), (src, node.module)
+                        assert not node.module.startswith(f"datavalue.shapley.{up}"), (
+                            src,
+                            node.module,
+                        )
     for src in root.glob("_*.py"):
         if src.name == "__init__.py":
             continue  # the shared modules (_errors, _validation) import no layer

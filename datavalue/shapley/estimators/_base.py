@@ -1,26 +1,47 @@
-"""Shared Monte Carlo machinery: streaming moments and the batch loop.
+"""The one Monte Carlo loop: streaming moments and the estimator base that owns the batches.
 
-Every sampling estimator draws i.i.d. *units* (a permutation, an antithetic pair, a coalition),
-turns each into a per-player vector, and averages. :class:`Moments` keeps a numerically stable
-running mean and sum of squared deviations (Chan et al.'s parallel update, so values with a large
-common offset, like log-likelihoods near -1000, keep their precision). :func:`run_batches`
-drives the loop: draw a batch, evaluate, update, build a :class:`Progress`, ask the rule.
+Every sampling estimator draws i.i.d. *units* (a permutation, an antithetic pair, a coalition,
+a round of stratified draws), turns them into per-player statistics, and reports a mean and a
+standard error. What differs between estimators is only *how a unit is drawn and summarised*;
+everything else is the same skeleton, which lives here once:
+
+:class:`MonteCarloEstimator` owns
+    wrapping the utility (``as_utility``: cache, ``n_jobs``, ``client``), parsing the budget
+    (``n_samples`` and/or ``stop`` into a loop rule and a goal rule), the batch size, the root
+    random generator (``seed``), the wall clock and the utility-call count, the loop itself
+    (draw a batch, build a :class:`Progress`, ask the rule; never overshoot a sample budget;
+    optionally let batches grow), ``converged``, the log line, and the :class:`ShapleyResult`.
+A subclass implements
+    ``step(k)`` (draw and process ``k`` units with ``self.rng``), ``state()`` (values, stderr and
+    samples per player so far) and ``method``; optionally ``settled()`` when no sampling is needed
+    (e.g. every stratum was enumerated). Anything done in ``__init__`` after ``super().__init__``
+    (a pilot, the two end points of KernelSHAP) counts towards time and evaluations.
+
+:class:`Moments` keeps a numerically stable running mean and sum of squared deviations (Chan et
+al.'s parallel update, so values with a large common offset, like log-likelihoods near -1000,
+keep their precision).
+
+To add an estimator: subclass, implement the two methods, wrap it in a function with the usual
+signature (``v, n=None, *, n_samples, stop, seed, batch_size, n_jobs, client``) that ends in
+``return _MyEstimator(...).run()``, and add it to ``tests/shapley/test_calibration.py``.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
-from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError
+from datavalue.shapley._validation import parse_rng
 from datavalue.shapley.estimators._result import ShapleyResult
-from datavalue.shapley.estimators._stopping import Progress, StoppingRule
-from datavalue.shapley.games._utility import Utility
+from datavalue.shapley.estimators._stopping import Progress, StoppingRule, parse_stopping
+from datavalue.shapley.games._utility import as_utility
 
-__all__ = ["Moments", "parse_batch_size", "run_batches"]
+__all__ = ["MonteCarloEstimator", "Moments", "parse_batch_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,62 +102,134 @@ def parse_batch_size(batch_size: object) -> int:
     return batch_size
 
 
-def run_batches(
-    *,
-    util: Utility,
-    step: Callable[[int], None],
-    state: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]],
-    loop_rule: StoppingRule,
-    goal_rule: StoppingRule,
-    batch_size: int,
-    per_unit: int,
-    method: str,
-    start: float | None = None,
-    evaluations_before: int | None = None,
-    growth: float = 0.0,
-) -> ShapleyResult:
-    """Run ``step(k)`` (draw and process ``k`` units) until ``loop_rule`` holds.
+class MonteCarloEstimator(abc.ABC):
+    """Base of every sampling estimator: owns the batch loop, the stopping and the result.
 
-    ``state()`` returns ``(values, stderr, n_samples)``; each unit adds ``per_unit`` samples per
-    player, which lets a sample budget (``loop_rule.max_samples_hint()``) cap the last batch.
-    ``start``/``evaluations_before`` account for work done before the loop (e.g. a pilot).
-    ``growth > 0`` lets batches grow to ``growth`` times the units drawn so far, for estimators
-    whose ``state()`` costs time proportional to all samples (total work stays ``O(m log m)``).
+    Args:
+        v: utility ``v(frozenset) -> float``, a game, a ``Utility`` or a ``CoalitionGame``.
+        n: number of players (optional when ``v`` has ``.n``).
+        n_samples: the sample budget per player (see :func:`parse_stopping`).
+        stop: a :class:`StoppingRule`.
+        seed: root seed; ``self.rng`` is the only source of randomness.
+        batch_size: samples per batch; a batch holds ``max(1, batch_size // per_unit)`` units
+            (``None``: :meth:`default_batch_size`).
+        n_jobs: thread-pool size for utility evaluation.
+        client: dask ``distributed.Client`` for utility evaluation.
+
+    Class or instance attributes a subclass may set (before :meth:`run`):
+        per_unit: samples per player that one unit adds (2 for an antithetic or paired unit).
+        growth: ``> 0`` lets a batch grow to ``growth`` times the units drawn so far, for
+            estimators whose ``state()`` costs time proportional to all samples (total work stays
+            ``O(m log m)``).
+
+    Example:
+        >>> import numpy as np
+        >>> class MeanOfMarginals(MonteCarloEstimator):       # a toy: one random order per unit
+        ...     method = "toy"
+        ...     def __init__(self, v, n, **kw):
+        ...         super().__init__(v, n, **kw)
+        ...         self.moments = Moments(self.n)
+        ...     def step(self, k):
+        ...         for _ in range(k):
+        ...             order, before, row = self.rng.permutation(self.n), 0.0, np.zeros(self.n)
+        ...             for j in range(self.n):
+        ...                 now = self.util(frozenset(order[: j + 1].tolist()))
+        ...                 row[order[j]], before = now - before, now
+        ...             self.moments.add(row[None, :])
+        ...     def state(self):
+        ...         return self.moments.mean.copy(), self.moments.stderr(), self.moments.count
+        >>> res = MeanOfMarginals(lambda S: float(len(S)), 3, n_samples=10, seed=0).run()
+        >>> res.values.tolist(), res.n_samples.tolist()
+        ([1.0, 1.0, 1.0], [10, 10, 10])
     """
-    start = time.monotonic() if start is None else start
-    before = util.n_evaluations if evaluations_before is None else evaluations_before
-    hint = loop_rule.max_samples_hint()
-    while True:
-        values, stderr, n_samples = state()
-        progress = Progress(
+
+    method: str = "monte-carlo"
+    per_unit: int = 1
+    growth: float = 0.0
+
+    def __init__(
+        self,
+        v: Any,
+        n: int | None = None,
+        *,
+        n_samples: int | None = None,
+        stop: StoppingRule | None = None,
+        seed: Any = None,
+        batch_size: int | None = None,
+        n_jobs: int | None = None,
+        client: Any = None,
+    ) -> None:
+        self.util = as_utility(v, n, n_jobs=n_jobs, client=client)
+        self.n = self.util.n
+        self.loop_rule, self.goal_rule = parse_stopping(n_samples, stop)
+        self.batch_size = parse_batch_size(
+            self.default_batch_size() if batch_size is None else batch_size
+        )
+        self.rng = parse_rng(seed)
+        self._start = time.monotonic()
+        self._evaluations_before = self.util.n_evaluations
+
+    @abc.abstractmethod
+    def step(self, k: int) -> None:
+        """Draw ``k`` i.i.d. units with ``self.rng``, evaluate them, update the statistics."""
+
+    @abc.abstractmethod
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(values, stderr, n_samples)``, each ``(n,)``, from everything drawn so far."""
+
+    def default_batch_size(self) -> int:
+        """Samples per batch when the caller gives none (``self.n`` is known here)."""
+        return 64
+
+    def settled(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(values, n_samples)`` when the answer is exact without sampling, else ``None``."""
+        return None
+
+    def _progress(self, values: np.ndarray, stderr: np.ndarray, n_samples: np.ndarray) -> Progress:
+        return Progress(
             values=values,
             stderr=stderr,
             n_samples=n_samples,
-            n_evaluations=util.n_evaluations - before,
-            elapsed_s=time.monotonic() - start,
+            n_evaluations=self.util.n_evaluations - self._evaluations_before,
+            elapsed_s=time.monotonic() - self._start,
         )
-        if int(n_samples.min()) > 0 and loop_rule(progress):
-            break
-        k = max(batch_size, int(growth * int(n_samples.min()) / per_unit))
-        if hint is not None:
-            remaining = hint - int(n_samples.min())
-            k = max(1, min(k, -(-remaining // per_unit)))
-        step(k)
-    converged = bool(goal_rule(progress))
-    logger.info(
-        "%s: %d samples/player, %d evaluations, %.3fs, converged=%s",
-        method,
-        int(n_samples.min()),
-        progress.n_evaluations,
-        progress.elapsed_s,
-        converged,
-    )
-    return ShapleyResult(
-        values=values,
-        stderr=stderr,
-        n_evaluations=progress.n_evaluations,
-        n_samples=n_samples,
-        converged=converged,
-        method=method,
-        elapsed_s=progress.elapsed_s,
-    )
+
+    def run(self) -> ShapleyResult:
+        """Sample in batches until the loop rule holds; return the result."""
+        settled = self.settled()
+        if settled is not None:
+            values, n_samples = settled
+            stderr = np.zeros(self.n)
+            progress = self._progress(values, stderr, n_samples)
+            return self._result(progress, converged=True)
+        units_per_batch = max(1, self.batch_size // self.per_unit)
+        hint = self.loop_rule.max_samples_hint()
+        while True:
+            progress = self._progress(*self.state())
+            done = int(progress.n_samples.min())
+            if done > 0 and self.loop_rule(progress):
+                break
+            k = max(units_per_batch, int(self.growth * done / self.per_unit))
+            if hint is not None:
+                k = max(1, min(k, -(-(hint - done) // self.per_unit)))
+            self.step(k)
+        return self._result(progress, converged=bool(self.goal_rule(progress)))
+
+    def _result(self, progress: Progress, *, converged: bool) -> ShapleyResult:
+        logger.info(
+            "%s: %d samples/player, %d evaluations, %.3fs, converged=%s",
+            self.method,
+            int(np.min(progress.n_samples)),
+            progress.n_evaluations,
+            progress.elapsed_s,
+            converged,
+        )
+        return ShapleyResult(
+            values=progress.values,
+            stderr=progress.stderr,
+            n_evaluations=progress.n_evaluations,
+            n_samples=progress.n_samples,
+            converged=converged,
+            method=self.method,
+            elapsed_s=progress.elapsed_s,
+        )

@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from typing import Any
 
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError
-from datavalue.shapley._validation import masks_from_bits, parse_rng
-from datavalue.shapley.estimators._base import Moments, parse_batch_size, run_batches
+from datavalue.shapley._validation import masks_from_bits
+from datavalue.shapley.estimators._base import Moments, MonteCarloEstimator
 from datavalue.shapley.estimators._result import ShapleyResult
-from datavalue.shapley.estimators._stopping import StoppingRule, parse_stopping
-from datavalue.shapley.games._utility import as_utility
+from datavalue.shapley.estimators._stopping import StoppingRule
 
 __all__ = ["stratified"]
 
@@ -95,46 +93,84 @@ def stratified(
         >>> res.values.round(6).tolist()          # 3 players: every stratum is enumerated
         [0.333333, 0.333333, 0.333333]
     """
-    util = as_utility(v, n, n_jobs=n_jobs, client=client)
-    n = util.n
-    loop_rule, goal_rule = parse_stopping(n_samples, stop)
-    if allocation not in _ALLOCATIONS:
-        raise InvalidGameError(f"allocation must be one of {_ALLOCATIONS}; got {allocation!r}.")
-    if isinstance(pilot, bool) or not isinstance(pilot, int) or pilot < 2:
-        raise InvalidGameError(
-            f"pilot must be an int >= 2 (to estimate a variance); got {pilot!r}."
-        )
-    batch = parse_batch_size(batch_size if batch_size is not None else max(4 * n, 32))
-    rng = parse_rng(seed)
+    return _Stratified(
+        v,
+        n,
+        n_samples=n_samples,
+        stop=stop,
+        seed=seed,
+        allocation=allocation,
+        pilot=pilot,
+        census_max=census_max,
+        batch_size=batch_size,
+        n_jobs=n_jobs,
+        client=client,
+    ).run()
 
-    population = np.array([math.comb(n - 1, k) for k in range(n)], dtype=object)
-    hint = loop_rule.max_samples_hint()
-    if census_max is None:
-        census_max = max(pilot, (hint or 0) // n)
-    elif isinstance(census_max, bool) or not isinstance(census_max, int) or census_max < 1:
-        raise InvalidGameError(f"census_max must be a positive int; got {census_max!r}.")
-    exact = np.array([p <= census_max for p in population])  # same strata for every player
-    pilot_cost = int(sum(int(p) if e else pilot for p, e in zip(population, exact, strict=True)))
-    if hint is not None and hint < pilot_cost:
-        raise InvalidGameError(
-            f"stratified sampling with n={n} and pilot={pilot} needs at least {pilot_cost} "
-            f"samples per player; got n_samples={hint}. Raise n_samples or lower pilot."
-        )
-    start = time.monotonic()
-    before = util.n_evaluations
-    strata = [Moments(n) for _ in range(n)]  # strata[k] holds column i = player i
-    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)  # observed contribution range per player
-    sampled = np.flatnonzero(~exact)
 
-    def evaluate(requests: list[tuple[int, int, np.ndarray]]) -> None:
+class _Stratified(MonteCarloEstimator):
+    """A unit is one round: ``k`` marginal contributions per player, spread over the strata."""
+
+    def __init__(
+        self,
+        v: Any,
+        n: int | None,
+        *,
+        allocation: str,
+        pilot: int,
+        census_max: int | None,
+        batch_size: int | None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(v, n, batch_size=batch_size, **kwargs)
+        n = self.n
+        if allocation not in _ALLOCATIONS:
+            raise InvalidGameError(f"allocation must be one of {_ALLOCATIONS}; got {allocation!r}.")
+        if isinstance(pilot, bool) or not isinstance(pilot, int) or pilot < 2:
+            raise InvalidGameError(
+                f"pilot must be an int >= 2 (to estimate a variance); got {pilot!r}."
+            )
+        self.allocation = allocation
+        self.method = f"stratified-{allocation}"
+        population = np.array([math.comb(n - 1, k) for k in range(n)], dtype=object)
+        hint = self.loop_rule.max_samples_hint()
+        if census_max is None:
+            census_max = max(pilot, (hint or 0) // n)
+        elif isinstance(census_max, bool) or not isinstance(census_max, int) or census_max < 1:
+            raise InvalidGameError(f"census_max must be a positive int; got {census_max!r}.")
+        exact = np.array([p <= census_max for p in population])  # same strata for every player
+        pilot_cost = int(
+            sum(int(p) if e else pilot for p, e in zip(population, exact, strict=True))
+        )
+        if hint is not None and hint < pilot_cost:
+            raise InvalidGameError(
+                f"stratified sampling with n={n} and pilot={pilot} needs at least {pilot_cost} "
+                f"samples per player; got n_samples={hint}. Raise n_samples or lower pilot."
+            )
+        self.strata = [Moments(n) for _ in range(n)]  # strata[k] holds column i = player i
+        self.lo, self.hi = np.full(n, np.inf), np.full(n, -np.inf)  # observed range per player
+        self.sampled = np.flatnonzero(~exact)
+        # Pilot: exact strata in full, `pilot` samples in every other stratum.
+        requests = []
+        for i in range(n):
+            for k in range(n):
+                members = self._enumerate_stratum(i, k) if exact[k] else self._draw(i, k, pilot)
+                requests.append((i, k, members))
+        self._evaluate(requests)
+
+    def default_batch_size(self) -> int:
+        return max(4 * self.n, 32)
+
+    def _evaluate(self, requests: list[tuple[int, int, np.ndarray]]) -> None:
         """Evaluate (player, size, members (c, n) bool) requests and update the strata."""
+        n, lo, hi = self.n, self.lo, self.hi
         with_masks, without_masks = [], []
         for i, _k, members in requests:
             ms = masks_from_bits(members)
             without_masks.extend(ms)
             with_masks.extend(m | (1 << i) for m in ms)
-        u_with = util.evaluate_masks(with_masks)
-        u_without = util.evaluate_masks(without_masks)
+        u_with = self.util.evaluate_masks(with_masks)
+        u_without = self.util.evaluate_masks(without_masks)
         pos = 0
         for i, k, members in requests:
             c = members.shape[0]
@@ -145,46 +181,40 @@ def stratified(
                 hi[i] = max(hi[i], diff[:, i].max())
             mask = np.zeros((c, n), dtype=bool)
             mask[:, i] = True
-            strata[k].add(diff, mask)
+            self.strata[k].add(diff, mask)
             pos += c
 
-    def draw(i: int, k: int, count: int) -> np.ndarray:
+    def _draw(self, i: int, k: int, count: int) -> np.ndarray:
+        n = self.n
         others = np.array([j for j in range(n) if j != i], dtype=np.int64)
         members = np.zeros((count, n), dtype=bool)
         if k:
-            pick = np.argsort(rng.random((count, n - 1)), axis=1)[:, :k]
+            pick = np.argsort(self.rng.random((count, n - 1)), axis=1)[:, :k]
             np.put_along_axis(members, others[pick], True, axis=1)
         return members
 
-    def enumerate_stratum(i: int, k: int) -> np.ndarray:
-        others = [j for j in range(n) if j != i]
+    def _enumerate_stratum(self, i: int, k: int) -> np.ndarray:
+        others = [j for j in range(self.n) if j != i]
         combos = list(itertools.combinations(others, k))
-        members = np.zeros((len(combos), n), dtype=bool)
+        members = np.zeros((len(combos), self.n), dtype=bool)
         for r, combo in enumerate(combos):
             members[r, list(combo)] = True
         return members
 
-    # Pilot: exact strata in full, `pilot` samples in every other stratum.
-    requests = []
-    for i in range(n):
-        for k in range(n):
-            members = enumerate_stratum(i, k) if exact[k] else draw(i, k, pilot)
-            requests.append((i, k, members))
-    evaluate(requests)
-
-    def floored_variance(k: int) -> np.ndarray:
+    def _floored_variance(self, k: int) -> np.ndarray:
         """Sample variance of stratum k per player, at least the rule-of-three bound."""
-        m = np.maximum(strata[k].count, 1)
-        r2 = np.where(hi >= lo, hi - lo, 0.0) ** 2
-        return np.maximum(strata[k].variance(), np.minimum(0.25, 3.0 / m) * r2)
+        m = np.maximum(self.strata[k].count, 1)
+        r2 = np.where(self.hi >= self.lo, self.hi - self.lo, 0.0) ** 2
+        return np.maximum(self.strata[k].variance(), np.minimum(0.25, 3.0 / m) * r2)
 
-    def step(k_rounds: int) -> None:
-        budget = k_rounds  # samples per player this round
+    def step(self, k: int) -> None:
+        budget = k  # samples per player this round
+        sampled = self.sampled
         reqs = []
-        for i in range(n):
-            counts = np.array([strata[k].count[i] for k in sampled], dtype=np.float64)
-            if allocation == "neyman":
-                sig = np.sqrt([floored_variance(k)[i] for k in sampled])
+        for i in range(self.n):
+            counts = np.array([self.strata[s].count[i] for s in sampled], dtype=np.float64)
+            if self.allocation == "neyman":
+                sig = np.sqrt([self._floored_variance(s)[i] for s in sampled])
             else:
                 sig = np.zeros(len(sampled))
             if sig.sum() > 0:
@@ -198,41 +228,24 @@ def stratified(
                 weights = np.ones(len(sampled))
             alloc = _largest_remainder(weights, budget)
             reqs.extend(
-                (i, int(k), draw(i, int(k), int(c)))
-                for k, c in zip(sampled, alloc, strict=True)
+                (i, int(s), self._draw(i, int(s), int(c)))
+                for s, c in zip(sampled, alloc, strict=True)
                 if c
             )
-        evaluate(reqs)
+        self._evaluate(reqs)
 
-    def state() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        means = np.stack([s.mean for s in strata])  # (n strata, n players)
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = self.n
+        means = np.stack([s.mean for s in self.strata])  # (n strata, n players)
         values = means.mean(axis=0)
         var = np.zeros(n)
-        for k in sampled:
-            var += floored_variance(k) / np.maximum(strata[k].count, 1)
-        counts = np.sum([s.count for s in strata], axis=0)
+        for k in self.sampled:
+            var += self._floored_variance(k) / np.maximum(self.strata[k].count, 1)
+        counts = np.sum([s.count for s in self.strata], axis=0)
         return values, np.sqrt(var) / n, counts
 
-    if len(sampled) == 0:  # every stratum enumerated: the estimate is exact
-        values, _, counts = state()
-        return ShapleyResult(
-            values=values,
-            stderr=np.zeros(n),
-            n_evaluations=util.n_evaluations - before,
-            n_samples=counts,
-            converged=True,
-            method=f"stratified-{allocation}",
-            elapsed_s=time.monotonic() - start,
-        )
-    return run_batches(
-        util=util,
-        step=step,
-        state=state,
-        loop_rule=loop_rule,
-        goal_rule=goal_rule,
-        batch_size=batch,
-        per_unit=1,
-        method=f"stratified-{allocation}",
-        start=start,
-        evaluations_before=before,
-    )
+    def settled(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if len(self.sampled) == 0:  # every stratum enumerated: the estimate is exact
+            values, _, counts = self.state()
+            return values, counts
+        return None

@@ -13,10 +13,15 @@ starved by an unlucky pilot). Small strata are *censused*: a stratum with at mos
 ``census_max`` coalitions (always ``k = 0`` and ``k = n-1``) is enumerated once, exactly.
 
 Rare events: in a stratum where a non-zero contribution is rare, the sample variance can be zero
-although the true one is not. The reported standard error therefore uses, per stratum, at least
-the "rule of three" bound ``min(1/4, 3/m) * r_i**2`` (``r_i`` the range of player ``i``'s observed
-contributions): an event unseen in ``m`` draws has probability below ``3/m`` at 95% confidence.
-The floor decays as ``1/m**2`` in the variance of the mean, so it vanishes for large budgets.
+although the true one is not. A stratum whose samples were *all identical* therefore reports the
+"rule of three" bound ``min(1/4, 3/m) * r_i**2`` (``r_i`` the range of player ``i``'s observed
+contributions) instead of 0: an event unseen in ``m`` draws has probability below ``3/m`` at 95%
+confidence. Strata whose contributions varied report their sample variance, which is unbiased
+(flooring those too overstated the standard error by up to 30%; ``tests/shapley/
+test_calibration.py``). The bound decays as ``1/m**2`` in the variance of the mean, so it
+vanishes for large budgets; for a stratum that is constant by nature it keeps the standard
+error conservative. Neyman allocation uses the floored variance of every stratum, so a stratum
+that looked constant keeps receiving samples.
 
 Unbiased for any fixed allocation (``allocation="uniform"``); Neyman re-allocation is driven by
 past samples, which adds a negligible bias. Not efficient: the values need not sum to
@@ -149,6 +154,9 @@ class _Stratified(MonteCarloEstimator):
             )
         self.strata = [Moments(n) for _ in range(n)]  # strata[k] holds column i = player i
         self.lo, self.hi = np.full(n, np.inf), np.full(n, -np.inf)  # observed range per player
+        # Per stratum and player: has any contribution differed from the first one seen?
+        self.first = np.full((n, n), np.nan)
+        self.varied = np.zeros((n, n), dtype=bool)
         self.sampled = np.flatnonzero(~exact)
         # Pilot: exact strata in full, `pilot` samples in every other stratum.
         requests = []
@@ -179,6 +187,9 @@ class _Stratified(MonteCarloEstimator):
             if c:
                 lo[i] = min(lo[i], diff[:, i].min())
                 hi[i] = max(hi[i], diff[:, i].max())
+                if np.isnan(self.first[k, i]):
+                    self.first[k, i] = diff[0, i]
+                self.varied[k, i] |= bool(np.any(diff[:, i] != self.first[k, i]))
             mask = np.zeros((c, n), dtype=bool)
             mask[:, i] = True
             self.strata[k].add(diff, mask)
@@ -201,11 +212,23 @@ class _Stratified(MonteCarloEstimator):
             members[r, list(combo)] = True
         return members
 
-    def _floored_variance(self, k: int) -> np.ndarray:
-        """Sample variance of stratum k per player, at least the rule-of-three bound."""
+    def _rule_of_three(self, k: int) -> np.ndarray:
+        """Per player: the variance a stratum-k contribution could have if a rare value in the
+        player's observed range was never drawn in its ``m`` samples (``p < 3/m``)."""
         m = np.maximum(self.strata[k].count, 1)
         r2 = np.where(self.hi >= self.lo, self.hi - self.lo, 0.0) ** 2
-        return np.maximum(self.strata[k].variance(), np.minimum(0.25, 3.0 / m) * r2)
+        return np.minimum(0.25, 3.0 / m) * r2
+
+    def _floored_variance(self, k: int) -> np.ndarray:
+        """For allocation: the sample variance of stratum k, at least the rule-of-three bound
+        (so a stratum that looks constant keeps being sampled)."""
+        return np.maximum(self.strata[k].variance(), self._rule_of_three(k))
+
+    def _reported_variance(self, k: int) -> np.ndarray:
+        """For the standard error: the sample variance where contributions varied, the
+        rule-of-three bound only where every sample was identical (variance 0 by luck or by
+        nature). Flooring varied strata too would overstate the error (``test_calibration``)."""
+        return np.where(self.varied[k], self.strata[k].variance(), self._rule_of_three(k))
 
     def step(self, k: int) -> None:
         budget = k  # samples per player this round
@@ -240,7 +263,7 @@ class _Stratified(MonteCarloEstimator):
         values = means.mean(axis=0)
         var = np.zeros(n)
         for k in self.sampled:
-            var += self._floored_variance(k) / np.maximum(self.strata[k].count, 1)
+            var += self._reported_variance(k) / np.maximum(self.strata[k].count, 1)
         counts = np.sum([s.count for s in self.strata], axis=0)
         return values, np.sqrt(var) / n, counts
 

@@ -131,7 +131,8 @@ class MonteCarloEstimator(abc.ABC):
         ...         self.moments = Moments(self.n)
         ...     def step(self, k):
         ...         for _ in range(k):
-        ...             order, before, row = self.rng.permutation(self.n), 0.0, np.zeros(self.n)
+        ...             order, row = self.rng.permutation(self.n), np.zeros(self.n)
+        ...             before = self.util(frozenset())
         ...             for j in range(self.n):
         ...                 now = self.util(frozenset(order[: j + 1].tolist()))
         ...                 row[order[j]], before = now - before, now

@@ -72,7 +72,7 @@ def kernel_shap(
     n_jobs: int | None = None,
     client: Any = None,
 ) -> ShapleyResult:
-    """Shapley values by unbiased KernelSHAP (exact ``A``, sampled ``b``), paired by default.
+    """Shapley values by KernelSHAP (constrained least squares), paired by default.
 
     Args:
         v: utility ``v(frozenset) -> float``, a game, a :class:`Utility` or ``CoalitionGame``.
@@ -122,7 +122,8 @@ class _KernelSHAP(MonteCarloEstimator):
         self.full = (1 << self.n) - 1
         self.v0, self.v_full = self.util.evaluate_masks([0, self.full])
         self.total = self.v_full - self.v0
-        self.q, c = shapley_kernel_constants(self.n) if self.n > 1 else (np.ones(0), 0.0)
+        q, c = shapley_kernel_constants(self.n) if self.n > 1 else (np.ones(0), 0.0)
+        self.q: np.ndarray = q
         self.a = 0.5 - c
         self.moments = Moments(self.n)  # unbiased variant: running mean of the centred b-samples
         self.units_z: list[np.ndarray] = []  # regression: every unit's memberships and utilities

@@ -159,7 +159,7 @@ class _Stratified(MonteCarloEstimator):
         self.varied = np.zeros((n, n), dtype=bool)
         self.sampled = np.flatnonzero(~exact)
         # Pilot: exact strata in full, `pilot` samples in every other stratum.
-        requests = []
+        requests: list[tuple[int, int, np.ndarray]] = []
         for i in range(n):
             for k in range(n):
                 members = self._enumerate_stratum(i, k) if exact[k] else self._draw(i, k, pilot)
@@ -172,7 +172,8 @@ class _Stratified(MonteCarloEstimator):
     def _evaluate(self, requests: list[tuple[int, int, np.ndarray]]) -> None:
         """Evaluate (player, size, members (c, n) bool) requests and update the strata."""
         n, lo, hi = self.n, self.lo, self.hi
-        with_masks, without_masks = [], []
+        with_masks: list[int] = []
+        without_masks: list[int] = []
         for i, _k, members in requests:
             ms = masks_from_bits(members)
             without_masks.extend(ms)
@@ -233,11 +234,11 @@ class _Stratified(MonteCarloEstimator):
     def step(self, k: int) -> None:
         budget = k  # samples per player this round
         sampled = self.sampled
-        reqs = []
+        reqs: list[tuple[int, int, np.ndarray]] = []
         for i in range(self.n):
             counts = np.array([self.strata[s].count[i] for s in sampled], dtype=np.float64)
             if self.allocation == "neyman":
-                sig = np.sqrt([self._floored_variance(s)[i] for s in sampled])
+                sig = np.sqrt([self._floored_variance(int(s))[i] for s in sampled])
             else:
                 sig = np.zeros(len(sampled))
             if sig.sum() > 0:
@@ -263,7 +264,7 @@ class _Stratified(MonteCarloEstimator):
         values = means.mean(axis=0)
         var = np.zeros(n)
         for k in self.sampled:
-            var += self._reported_variance(k) / np.maximum(self.strata[k].count, 1)
+            var += self._reported_variance(int(k)) / np.maximum(self.strata[k].count, 1)
         counts = np.sum([s.count for s in self.strata], axis=0)
         return values, np.sqrt(var) / n, counts
 

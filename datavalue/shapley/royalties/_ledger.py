@@ -51,7 +51,7 @@ from datavalue.shapley.royalties._split import (
 )
 from datavalue.shapley.royalties._statement import PeriodStatement, build_statement
 
-__all__ = ["GenerationRecord", "Period", "RoyaltyLedger", "parse_timestamp"]
+__all__ = ["RoyaltyLedger"]
 
 logger = logging.getLogger(__name__)
 

@@ -145,7 +145,7 @@ def render_report(statement: PeriodStatement, format: str = "html") -> str:  # n
     """Render a statement as ``"html"``, ``"json"`` or ``"csv"`` text.
 
     Example:
-        >>> from datavalue.shapley.royalties._ledger import Period
+        >>> from datavalue.shapley.royalties._records import Period
         >>> from datavalue.shapley.royalties._statement import build_statement
         >>> st = build_statement([], period=Period())
         >>> render_report(st, "csv").splitlines()[0].split(",")[:4]

@@ -14,8 +14,8 @@ This package imports neither torch nor ``datavalue.capture``.
 
 from datavalue.embeddings._build import CURVATURES as CURVATURES
 from datavalue.embeddings._build import BuildInfo as BuildInfo
-from datavalue.embeddings._build import build_metadata as build_metadata
 from datavalue.embeddings._build import build_embeddings as build_embeddings
+from datavalue.embeddings._build import build_metadata as build_metadata
 from datavalue.embeddings._build import embeddings_at as embeddings_at
 from datavalue.embeddings._build import extend_embeddings as extend_embeddings
 from datavalue.embeddings._core import BlockState as BlockState

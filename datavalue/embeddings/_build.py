@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from datavalue.embeddings import _plan as _plan_module  # auto's caps, read when used (tests patch them)
+# auto's caps are read from the module when used (tests patch them)
+from datavalue.embeddings import _plan as _plan_module
 from datavalue.embeddings._plan import (
     CURVATURES,
     FULL_CURVATURES,

@@ -708,7 +708,8 @@ def extend_embeddings(
     base = _base(curvature)
     values = _writable(path, f"{base}/values")
     if T1 == T0:
-        return _info_from_meta(path, curvature, meta, time.perf_counter() - t_start)
+        return _info_from_meta(path, curvature, dict(meta, blocks=[list(b) for b in plan.blocks]),
+                               time.perf_counter() - t_start)
     logger.info(
         "%s: extending the %s build from step %d to %d with its stored blocks (%s)",
         path, curvature, T0, T1, _describe_spans(plan.blocks),
@@ -787,6 +788,8 @@ def extend_embeddings(
         max_operator=max(float(meta.get("max_operator", 0.0)), res["max_op"]),
         expansive_steps=sorted(set(meta.get("expansive_steps", [])) | set(res["expansive"])),
         extended=meta.get("extended", []) + [{"from_step": T0, "to_step": T1, "at": _now()}],
+        blocks=[list(b) for b in plan.blocks],  # also for builds made before the spans were stored
+        block_mode=meta.get("block_mode", "layer"),
         complete=True,
     )
     values.attrs[ATTRS_KEY] = meta

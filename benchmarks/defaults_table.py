@@ -94,13 +94,13 @@ def optimizer(setting: dict, model: nn.Module) -> torch.optim.Optimizer:
 
 def train(setting: dict, batches: list[Batch], path: Path | None, curvature: str | None):
     """The training loop a user writes (the reference's step: batch-mean loss, then opt.step()),
-    with or without a Recorder. Returns (seconds, final state dict)."""
+    with or without a Recorder. Returns (wall seconds, CPU seconds of the process, final state dict)."""
     model = factory()
     opt = optimizer(setting, model)
     rec = None
     if path is not None:
         rec = datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, curvature=curvature, overwrite=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         opt.zero_grad(set_to_none=True)
         hess = (lambda b=b: ce(model, b.inputs, b.targets).mean()) if curvature == "hessian" else None
@@ -111,7 +111,8 @@ def train(setting: dict, batches: list[Batch], path: Path | None, curvature: str
         opt.step()
     if rec is not None:
         rec.close()
-    return time.perf_counter() - t0, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def size_on_disk(path: Path) -> int:
@@ -143,14 +144,15 @@ def measure(name: str, setting: dict, tmp: Path, args) -> dict:
 
     # recording cost: best of --repeats, interleaved so that load on the machine hits every variant alike
     kinds = {"plain": None, "gradients": None, "fisher": "fisher", "hessian": "hessian"}
-    best = {k: np.inf for k in kinds}
+    best = {k: np.inf for k in kinds}  # CPU seconds (all threads): steadier than wall time on a shared machine
+    best_wall = {k: np.inf for k in kinds}
     paths = {k: tmp / f"{name.split()[0]}_{k}.zarr" for k in kinds if k != "plain"}
     for attempt in range(args.repeats):
         for kind, curv in kinds.items():
             if kind == "hessian" and attempt >= args.hessian_repeats:
                 continue  # seconds per recording, where the cheap kinds take a fraction of one
-            sec, state = train(setting, batches, paths.get(kind), curv)
-            best[kind] = min(best[kind], sec)
+            wall, cpu, state = train(setting, batches, paths.get(kind), curv)
+            best[kind], best_wall[kind] = min(best[kind], cpu), min(best_wall[kind], wall)
             for key, v in state.items():
                 if not torch.equal(v, ref.final_state[key]):
                     raise RuntimeError(f"{name}: the {kind} run left the reference trajectory at {key}")
@@ -184,7 +186,7 @@ def measure(name: str, setting: dict, tmp: Path, args) -> dict:
             print(f"{name}: {curv:16s} {blocks:5s} {builds[-1]['spearman']:.3f} {sec:6.2f}s", flush=True)
     return {
         "name": name, "setting": setting, "steps": T, "occurrences": len(ids), "accuracy": acc,
-        "k": int(open_run(paths["gradients"]).proj_dim), "t_truth": t_truth, "record": best,
+        "k": int(open_run(paths["gradients"]).proj_dim), "t_truth": t_truth, "record": best, "record_wall": best_wall,
         "disk": disk, "builds": builds,
     }
 
@@ -202,7 +204,8 @@ def write_md(results: list[dict], args, seconds: float) -> str:
         "Each row is one build of data value embeddings on one small real-data run; Spearman is against exact "
         "trajectory leave-one-out of single occurrences (`datavalue.testing.trajectory_loo`), per test point, "
         "averaged. *Record* is the whole recorded training (first step to `close()`) over the same loop without a "
-        "recorder; *run on disk* is the recorded store; *build* is `build_embeddings` wall time; *operator state* "
+        "recorder, in CPU time of the process (all threads; the best of several recordings; wall times in the Setup); "
+        "*run on disk* is the recorded store; *build* is `build_embeddings` wall time; *operator state* "
         "is the estimate that `blocks=\"auto\"` compares with its 256 MiB cap; *peak traced* is the build's peak of "
         "`tracemalloc`-traced memory (numpy buffers included, the interpreter and libraries not).",
         "",
@@ -213,10 +216,10 @@ def write_md(results: list[dict], args, seconds: float) -> str:
             f"## {r['name']}" + (f", weight decay {r['setting']['weight_decay']:g}" if r["setting"]["weight_decay"] else ""),
             "",
             f"{r['steps']} steps, {r['occurrences']} occurrences, k = {r['k']:,} (exact gradients), test accuracy "
-            f"{r['accuracy']:.2f}; plain training {1e3 * plain / r['steps']:.1f} ms/step. Builds model the optimizer as "
+            f"{r['accuracy']:.2f}; plain training {1e3 * plain / r['steps']:.2f} CPU ms/step. Builds model the optimizer as "
             f"`{r['builds'][0]['optimizer']}`.",
             "",
-            "| curvature | blocks | record (ms/step, x plain) | run on disk | build (s) | operators | operator state "
+            "| curvature | blocks | record (CPU ms/step, x plain) | run on disk | build (s) | operators | operator state "
             "| peak traced | Spearman vs exact LOO |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -234,6 +237,10 @@ def write_md(results: list[dict], args, seconds: float) -> str:
             )
         lines.append("")
     lines += reading(results)
+    walls = "; ".join(
+        f"{r['name']}: " + ", ".join(f"{k} {1e3 * v / r['steps']:.1f}" for k, v in r["record_wall"].items())
+        for r in results
+    )
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     truth_times = ", ".join(f"{r['name']}: {r['t_truth']:.0f} s" for r in results)
     lines += [
@@ -255,7 +262,9 @@ def write_md(results: list[dict], args, seconds: float) -> str:
         "recorder's fixed per-step work (hooks, the store writer) weighs far more than on a real model "
         "(docs/results/capture.md: 1.1-1.6x on larger models); compare the kinds with each other. The true Fisher "
         "takes the exact expectation over the 10 classes (`fisher_max_classes`): 10 pseudo-gradient rows per "
-        f"example, stored like gradients. Load average on the machine when the table was made: {load}.",
+        f"example, stored like gradients. Load average on the machine when the table was made: {load} (2 cores "
+        "shared): CPU times are steadier than wall times there, and the recording ratios still moved by up to 2x "
+        f"between runs of this script. Best wall ms/step: {walls}.",
         "- Builds: `build_embeddings(path, curvature, progress=False, overwrite=True)` with `blocks=\"layer\"` or "
         f"without `blocks=` (the default, `\"auto\"`), float64 compute, float32 storage; best of {args.build_repeats} "
         "builds, memory traced in the first.",

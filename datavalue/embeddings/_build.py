@@ -424,7 +424,8 @@ def build_embeddings(
             to 5,792 in float64 for SGD, half that with momentum, a third for Adam) and the sketch
             keeps at least a quarter of the parameters' dimensions (exact gradients always do),
             else ``"layer"``; the choice and its reason are logged at INFO and stored in the
-            build's metadata (:func:`build_metadata`, ``datavalue info``). ``"layer"`` (the
+            build's metadata (:func:`build_metadata`, ``datavalue info``). The cap is per state:
+            with ``segments > 1`` every segment running at once holds its own. ``"layer"`` (the
             paper's block-diagonal form): one operator per recorded block (no cross-layer
             curvature; memory ``sum_l k_l^2``). ``"full"``: one operator over all ``k`` columns
             (memory ``k^2``, flops ``B k^2`` per step). Cross-layer true-Fisher curvature matters

@@ -249,7 +249,7 @@ def _blocks_reason(run: Any, requested: Any, plan: _Plan, factor: int) -> str:
     """Why ``plan.blocks``: the caller's choice, the stored build's, or which test of ``"auto"`` decided
     (the tests of :func:`datavalue.embeddings._plan._resolve_blocks`, in its order)."""
     if not isinstance(requested, str):
-        return "the stored build's blocks"
+        return "the column spans given"
     if requested != "auto":
         return "requested"
     recorded = _blocks(run)
@@ -258,9 +258,7 @@ def _blocks_reason(run: Any, requested: Any, plan: _Plan, factor: int) -> str:
     if len(recorded) == 1:
         return "the run records one block"
     if len(plan.blocks) == 1:
-        return (
-            f"one operator keeps the cross-layer curvature; it fits the {_mib(cap)} cap"
-        )
+        return f"one operator keeps the cross-layer curvature; it fits the {_mib(cap)} cap"
     if plan.blocks != recorded:
         return f"grouped under the {_mib(cap)} cap"
     if plan.curvature not in FULL_CURVATURES:
@@ -289,7 +287,7 @@ def _choice(run: Any, requested_curvature: str | None, requested_blocks: Any, pl
     :class:`BuildInfo`."""
     factor = _state_factor(plan.adam is not None, plan.momentum_mode)
     nbytes = _operator_bytes(plan.blocks, factor, plan.dtype)
-    mode = requested_blocks if isinstance(requested_blocks, str) else "stored"
+    mode = requested_blocks if isinstance(requested_blocks, str) else "spans"
     curv_reason = _curvature_reason(run, requested_curvature, plan.curvature)
     blocks_reason = _blocks_reason(run, requested_blocks, plan, factor)
     summary = (
@@ -335,11 +333,11 @@ def build_metadata(path: str | os.PathLike[str], curvature: str | None = None) -
         if not built:
             raise EmbeddingError(f"{path} has no embeddings yet; build them with build_embeddings({str(path)!r}).")
         curvature = built[0]  # CURVATURES is in order of preference
-    try:
-        arr = open_array(path, f"{_base(curvature)}/values")
-    except Exception as exc:
-        raise EmbeddingError(f"{path} has no {curvature!r} build: {exc}") from exc
-    meta = dict(arr.attrs.get(ATTRS_KEY, {}))
+    if not run.has_array(f"{_base(curvature)}/values"):
+        raise EmbeddingError(
+            f"{path} has no {curvature!r} build; build it with build_embeddings({str(path)!r}, {curvature!r})."
+        )
+    meta = dict(open_array(path, f"{_base(curvature)}/values").attrs.get(ATTRS_KEY, {}))
     if not meta:
         raise EmbeddingError(f"{path}/{_base(curvature)}/values has no build attributes; rebuild with overwrite=True.")
     if "choice" not in meta:  # a build made before the choice was stored

@@ -15,6 +15,7 @@ This package imports neither torch nor ``datavalue.capture``.
 from datavalue.embeddings._build import CURVATURES as CURVATURES
 from datavalue.embeddings._build import BuildInfo as BuildInfo
 from datavalue.embeddings._build import build_embeddings as build_embeddings
+from datavalue.embeddings._build import build_metadata as build_metadata
 from datavalue.embeddings._build import embeddings_at as embeddings_at
 from datavalue.embeddings._build import extend_embeddings as extend_embeddings
 from datavalue.embeddings._core import BlockState as BlockState
@@ -31,6 +32,7 @@ __all__ = [
     "BuildInfo",
     "StepCoef",
     "build_embeddings",
+    "build_metadata",
     "chain",
     "embeddings_at",
     "extend_embeddings",

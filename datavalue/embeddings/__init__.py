@@ -18,6 +18,8 @@ from datavalue.embeddings._build import build_embeddings as build_embeddings
 from datavalue.embeddings._build import build_metadata as build_metadata
 from datavalue.embeddings._build import embeddings_at as embeddings_at
 from datavalue.embeddings._build import extend_embeddings as extend_embeddings
+from datavalue.embeddings._build import stored_config as stored_config
+from datavalue.embeddings._config import BuildConfig as BuildConfig
 from datavalue.embeddings._core import BlockState as BlockState
 from datavalue.embeddings._core import StepCoef as StepCoef
 from datavalue.embeddings._core import chain as chain
@@ -29,6 +31,7 @@ from datavalue.embeddings._core import step_coefficients as step_coefficients
 __all__ = [
     "CURVATURES",
     "BlockState",
+    "BuildConfig",
     "BuildInfo",
     "StepCoef",
     "build_embeddings",
@@ -40,4 +43,5 @@ __all__ = [
     "operator",
     "step_back",
     "step_coefficients",
+    "stored_config",
 ]

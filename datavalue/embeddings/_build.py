@@ -35,6 +35,7 @@ import numpy as np
 
 # auto's caps are read from the module when used (tests patch them)
 from datavalue.embeddings import _plan as _plan_module
+from datavalue.embeddings._config import BuildConfig
 from datavalue.embeddings._plan import (
     CURVATURES,
     FULL_CURVATURES,
@@ -354,6 +355,20 @@ def build_metadata(path: str | os.PathLike[str], curvature: str | None = None) -
 # ---------------------------------------------------------------------- public
 
 
+_BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
+
+
+def stored_config(meta: dict[str, Any]) -> BuildConfig:
+    """The :class:`BuildConfig` a build was made with (builds from before ``build_config`` was
+    stored: from their own metadata keys)."""
+    if meta.get("build_config"):
+        return BuildConfig.from_json(meta["build_config"])
+    return BuildConfig(curvature=meta.get("curvature"), dtype=meta.get("dtype", "float64"),
+                       storage_dtype=meta.get("storage_dtype", "float32"), clipping=meta.get("clipping", "direction"),
+                       blocks=meta.get("block_mode", "layer") if meta.get("block_mode") in ("auto", "layer", "full")
+                       else "layer")
+
+
 def build_embeddings(
     path: str | os.PathLike[str],
     curvature: str | None = None,
@@ -371,6 +386,7 @@ def build_embeddings(
     optimizer: str | None = None,
     adam_second_moment: bool = True,
     blocks: str = "auto",
+    config: BuildConfig | None = None,
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 
@@ -429,6 +445,9 @@ def build_embeddings(
             at larger learning rates (docs/results/loo_fidelity.md, costs in
             docs/results/defaults.md); the empirical Fisher did better per layer, and so did the
             true Fisher under a heavy sketch (docs/results/poison.md).
+        config: a :class:`~datavalue.embeddings.BuildConfig` holding the options above (then
+            leave those keywords at their defaults). Either way the validated config is stored in
+            the build's metadata (``build_config``) and :func:`extend_embeddings` reuses it.
 
     Returns:
         :class:`BuildInfo`.
@@ -445,13 +464,27 @@ def build_embeddings(
     from datavalue.store import create_array, delete_path, open_run
 
     t_start = time.perf_counter()
+    options = dict(curvature=curvature, dtype=dtype, segments=segments, chunk_rows=chunk_rows,
+                   storage_dtype=storage_dtype, velocity=velocity, clipping=clipping,
+                   explode_threshold=explode_threshold, optimizer=optimizer, adam_second_moment=adam_second_moment,
+                   blocks=blocks)
+    if config is not None:
+        if not isinstance(config, BuildConfig):
+            raise EmbeddingError(f"config must be a datavalue.embeddings.BuildConfig, got {type(config).__name__}.")
+        changed = [k for k, v in options.items() if v != _BUILD_DEFAULTS[k]]
+        if changed:
+            raise EmbeddingError(f"pass either config= or the keyword options, not both (also given: {changed}); "
+                                 "use dataclasses.replace(config, ...) to change a config.")
+        cfg = config
+    else:
+        cfg = BuildConfig(**options)
+    (curvature, dtype, segments, chunk_rows, storage_dtype, velocity, clipping, explode_threshold, optimizer,
+     adam_second_moment, blocks) = (getattr(cfg, k) for k in options)
     run = open_run(path)
     requested_curvature = curvature
     curvature = _parse_curvature(run, curvature)
     dtype = _parse_dtype(dtype)
     storage_dtype = _parse_dtype(storage_dtype)
-    if int(segments) < 1:
-        raise EmbeddingError(f"segments must be >= 1, got {segments}.")
     T, R = int(run.n_steps), int(run.n_rows)
     if T == 0:
         raise EmbeddingError(f"{path} has no committed steps; record some training first.")
@@ -495,6 +528,7 @@ def build_embeddings(
         "block_mode": blocks,
         "blocks": [list(b) for b in plan.blocks],
         "choice": choice,
+        "build_config": cfg.to_json(),
         "adam": None if plan.adam is None else dict(plan.adam, betas=list(plan.adam["betas"])),
         "run_digest": _digest(plan, T),
         "run_generation": int(getattr(run, "generation", -1)),
@@ -694,8 +728,9 @@ def extend_embeddings(
     T0, R0 = int(meta["n_steps"]), int(meta["n_rows"])
     T1, R1 = int(run.n_steps), int(run.n_rows)
     _refuse_adam(path, meta, "extend_embeddings")
+    stored = stored_config(meta)
     plan, handling = _make_plan(
-        run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
+        run, curvature, stored.dtype, None, stored.explode_threshold, stored.clipping,
         _replay_optimizer(meta), blocks=_stored_blocks(meta),
     )
     if T1 < T0 or int(plan.step_ptr[T0]) != R0 or _digest(plan, T0) != meta["run_digest"]:

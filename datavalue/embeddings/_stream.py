@@ -21,9 +21,8 @@ from datavalue._blas import one_blas_thread
 from datavalue.embeddings import _core as core
 from datavalue.embeddings import _gemm
 from datavalue.embeddings._plan import _Plan
-from datavalue.errors import EmbeddingError, NonFiniteError
-from datavalue.store._chunkfiles import ChunkFileRows, chunk_dir, fast_rows
-from datavalue.store._writer import write_chunk
+from datavalue.errors import EmbeddingError, NonFiniteError, StoreNotFoundError
+from datavalue.store import ChunkFileRows, chunk_dir, fast_rows, write_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +42,8 @@ class _ReverseRows:
         self.c0 = self.c1 = 0
         self.buf: np.ndarray | None = None
         try:
-            fast = fast_rows(run._group[name])  # one lookup (a zarr store round trip)
-        except KeyError:
+            fast = fast_rows(run.array(name))  # one lookup (a zarr store round trip)
+        except StoreNotFoundError:
             fast = None  # run.read names the missing array
         self.fast = fast if isinstance(fast, ChunkFileRows) else None
         self.ahead: tuple[int, int, concurrent.futures.Future[np.ndarray]] | None = None
@@ -402,7 +401,7 @@ def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Se
         assert plan.fisher_ptr is not None
         curv = owned.enter_context(_ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk))
     elif plan.curvature == "hessian":
-        hchunk = max(1, int(run._group["hessian"].chunks[0]))
+        hchunk = max(1, run.chunk_rows("hessian"))
         curv = owned.enter_context(_ReverseRows(run, "hessian", lo, hchunk, hchunk))
     writer = None
     if outputs is not None:
@@ -519,7 +518,7 @@ def _scan_adam(
         states = [core.init_adam_state(b - a, dtype=plan.dtype, transfer=transfer) for a, b in plan.blocks]
     grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk,
                                                  owned)
-    schunk = max(1, int(run._group["adam_v"].chunks[0]))
+    schunk = max(1, run.chunk_rows("adam_v"))
     mom_m = owned.enter_context(_ReverseRows(run, "adam_m", lo, schunk, schunk))
     mom_v = owned.enter_context(_ReverseRows(run, "adam_v", lo, schunk, schunk))
     adam_step = np.asarray(run.adam_step, dtype=np.float64)

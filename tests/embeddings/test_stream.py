@@ -183,7 +183,8 @@ def test_blocks_run_concurrently_with_the_same_result(tmp_path, monkeypatch, set
     kw = {"momentum": 0.9, "weight_decay": 0.01} if setting != "sgd" else {}
     steps = make_steps(2, 17, fisher=True, **kw)  # grad_scale < 1 on most steps: clipped directions
     path = write_run(tmp_path / "r.zarr", steps, fisher=True)
-    build_embeddings(path, "fisher", progress=False, storage_dtype="float64")
+    # per layer: the concurrency is between blocks (the default, "auto", takes one operator here)
+    build_embeddings(path, "fisher", progress=False, storage_dtype="float64", blocks="layer")
     want = np.asarray(open_array(path, "embeddings/fisher/values")[:])
 
     calls = []
@@ -191,6 +192,6 @@ def test_blocks_run_concurrently_with_the_same_result(tmp_path, monkeypatch, set
     monkeypatch.setattr(_gemm, "run_threads", lambda fns: (calls.append(len(fns)), real(fns))[1])
     monkeypatch.setattr(_stream, "PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(_stream.os, "cpu_count", lambda: 3)
-    build_embeddings(path, "fisher", progress=False, storage_dtype="float64", overwrite=True)
+    build_embeddings(path, "fisher", progress=False, storage_dtype="float64", overwrite=True, blocks="layer")
     assert calls and all(n == 2 for n in calls)  # two blocks, two groups, every step
     np.testing.assert_array_equal(np.asarray(open_array(path, "embeddings/fisher/values")[:]), want)

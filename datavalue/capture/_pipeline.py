@@ -9,14 +9,15 @@ lifecycle (rank 0 owns the run; the other ranks learn where it starts).
 
 Example (what a recorder does with one step, here without any framework)::
 
-    >>> import numpy as np, datavalue
+    >>> import os, tempfile, numpy as np, datavalue
     >>> from datavalue.capture import StepSink, parse_sample_ids, step_weights
-    >>> sink = StepSink("/tmp/doc_sink.zarr", {"projection": {"k": 2}}, k=2, mode="overwrite")
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.zarr")
+    >>> sink = StepSink(path, {"projection": {"k": 2}}, k=2)
     >>> ids = parse_sample_ids([3, 7])
     >>> sink.submit(ids, step_weights("mean", 2), np.array([[1.0, 0.0], [0.0, 2.0]]), lr=0.1)
     0
     >>> sink.close()
-    >>> datavalue.store.open_run("/tmp/doc_sink.zarr").sample_id.tolist()
+    >>> datavalue.store.open_run(path).sample_id.tolist()
     [3, 7]
 """
 

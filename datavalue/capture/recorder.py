@@ -1,17 +1,18 @@
 """The training-loop recorder: per-sample projected gradients of every step into a Zarr run.
 
 Example:
-    >>> import torch, datavalue
+    >>> import os, tempfile, torch, datavalue
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.zarr")
     >>> model = torch.nn.Linear(4, 3)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    >>> with datavalue.Recorder("/tmp/doc.zarr", model, proj_dim=None, optimizer=opt, overwrite=True) as rec:
+    >>> with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
     ...     for step in range(2):
     ...         with rec.step(sample_ids=range(8)):
     ...             loss = torch.nn.functional.cross_entropy(model(x), y)
     ...             loss.backward()
     ...         opt.step(); opt.zero_grad()
-    >>> datavalue.store.open_run("/tmp/doc.zarr").n_steps
+    >>> datavalue.store.open_run(path).n_steps
     2
 """
 

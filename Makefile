@@ -22,8 +22,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/datavalue demo --out runs/demo
 
+# Tests run in a random order (pytest-randomly); the seed is printed first and last
+# ("Using --randomly-seed=N"). Rerun one order with: make test PYTEST_ARGS='--randomly-seed=N'
 test: install
-	$(PY) -m pytest -q -x --timeout=900
+	$(PY) -m pytest -q -x --timeout=900 -p randomly $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check datavalue tests experiments benchmarks

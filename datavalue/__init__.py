@@ -13,7 +13,22 @@ Heavy dependencies load lazily: ``from datavalue import shapley`` does not impor
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ below loads each name on first use
+    from datavalue import capture as capture
+    from datavalue import embeddings as embeddings
+    from datavalue import errors as errors
+    from datavalue import query as query
+    from datavalue import shapley as shapley
+    from datavalue import store as store
+    from datavalue import testing as testing
+    from datavalue.capture import Recorder as Recorder
+    from datavalue.capture import inspect as inspect
+    from datavalue.capture import per_sample_gradients as per_sample_gradients
+    from datavalue.embeddings import build_embeddings as build_embeddings
+    from datavalue.query import Attributor as Attributor
+    from datavalue.store import open_run as open_run
 
 __version__ = "0.1.0"
 

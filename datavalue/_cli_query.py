@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from datavalue.query import Attributor
-    from datavalue.query._load import load_loss, load_model
+    from datavalue.query import Attributor, load_loss, load_model
 
     out = Path(args.out)
     if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):

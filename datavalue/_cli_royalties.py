@@ -77,10 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Execute ``datavalue royalties``; returns the process exit code."""
     from datavalue import shapley
-    from datavalue.shapley._report import infer_format
 
     try:
-        fmt = args.format or infer_format(args.out)
+        fmt = args.format or shapley.infer_format(args.out)
         out = Path(args.out)
         if out.exists() and not args.overwrite:
             raise shapley.OutputExistsError(

@@ -26,6 +26,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from datavalue.store import open_run
 
     info = open_run(args.run).info()
+    info["builds"] = _builds(args.run, info["embeddings"])
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -44,6 +45,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"hessian        {'recorded (k x k per step)' if info.get('hessian') else 'not recorded'}")
     print(f"non-finite     {info['nonfinite_rows']} rows flagged")
     print(f"embeddings     {', '.join(info['embeddings']) or 'none built (datavalue build RUN)'}")
+    for name, meta in info["builds"].items():
+        first, *rest = _build_lines(meta)
+        print(f"  {name}: {first}")
+        for line in rest:
+            print(f"    {line}")
     print(f"size on disk   {_fmt_bytes(info['size_bytes'])}")
     print("blocks:")
     for name, rule, k in info["blocks"]:
@@ -51,12 +57,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _builds(run: str, names: Sequence[str]) -> dict[str, dict]:
+    """Each build's stored metadata (its choice of curvature and blocks, steps, completeness)."""
+    from datavalue.embeddings import build_metadata
+    from datavalue.errors import DataValueError
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = build_metadata(run, name)
+        except DataValueError as exc:  # e.g. a group left without values by an interrupted build
+            out[name] = {"error": str(exc)}
+    return out
+
+
+def _build_lines(meta: dict) -> list[str]:
+    if "error" in meta:
+        return [meta["error"]]
+    state = "complete" if meta.get("complete") else "UNFINISHED (rebuild with --overwrite)"
+    choice = meta["choice"]
+    head = f"{meta.get('n_steps', '?')} steps, {state}"
+    if "blocks_reason" not in choice:  # built before the choice was recorded
+        return [head, choice["summary"]]
+    return [
+        head,
+        f"curvature: {choice['curvature']} ({choice['curvature_reason']})",
+        choice["summary"][choice["summary"].index("blocks: "):],
+    ]
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from datavalue.embeddings import build_embeddings
 
     out = build_embeddings(args.run, curvature=args.curvature, segments=args.segments, overwrite=args.overwrite,
                            dtype=args.dtype, blocks=args.blocks)
-    print(f"embeddings built: {out}")
+    print(f"embeddings built in {out.seconds:.1f} s: {out.array}, {out.n_rows} rows, {out.n_steps} steps")
+    print(out.choice)
     return 0
 
 
@@ -92,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: hessian if recorded, else fisher if recorded, else empirical_fisher")
     p.add_argument("--segments", type=int, default=1)
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    p.add_argument("--blocks", default="layer", choices=["layer", "full", "auto"],
-                   help="one operator per layer block (default), one over all columns, or auto: full for the true "
-                        "Fisher and the exact Hessian while it fits 256 MiB and the sketch keeps >= 1/4 of the "
-                        "dimensions")
+    p.add_argument("--blocks", default="auto", choices=["auto", "layer", "full"],
+                   help="auto (default): one operator over all columns for the true Fisher and the exact Hessian "
+                        "while it fits 256 MiB and the sketch keeps >= 1/4 of the dimensions, else one per layer "
+                        "block; layer: one per layer block (the paper's form); full: one over all columns")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_build)
 

@@ -2,13 +2,20 @@
 
 Public pieces: :class:`Recorder` (training loop), :func:`per_sample_gradients` (query/test
 gradients in a run's layout), :func:`inspect` (what is captured by which rule), and the rule
-registry :data:`LAYER_RULES` with :class:`LayerRule` to extend it.
+registry :data:`LAYER_RULES` with :class:`LayerRule` to extend it. :class:`StepSink` is the one
+step pipeline (ids, weights, rows -> ``StepBlock`` -> writer) that every recorder and integration
+submits through.
 """
 
+from datavalue.capture._config import CaptureConfig as CaptureConfig
 from datavalue.capture._gradients import engine_for_run as engine_for_run
 from datavalue.capture._gradients import exact_layout as exact_layout
 from datavalue.capture._gradients import per_sample_gradients as per_sample_gradients
 from datavalue.capture._inspect import inspect as inspect
+from datavalue.capture._pipeline import DistInfo as DistInfo
+from datavalue.capture._pipeline import StepSink as StepSink
+from datavalue.capture._pipeline import parse_sample_ids as parse_sample_ids
+from datavalue.capture._pipeline import step_weights as step_weights
 from datavalue.capture._projection import projection_matrix as projection_matrix
 from datavalue.capture._projection import split_budget as split_budget
 from datavalue.capture._rules import LAYER_RULES as LAYER_RULES
@@ -17,12 +24,17 @@ from datavalue.capture.recorder import Recorder as Recorder
 
 __all__ = [
     "LAYER_RULES",
+    "CaptureConfig",
+    "DistInfo",
     "LayerRule",
     "Recorder",
+    "StepSink",
     "engine_for_run",
     "exact_layout",
     "inspect",
+    "parse_sample_ids",
     "per_sample_gradients",
     "projection_matrix",
     "split_budget",
+    "step_weights",
 ]

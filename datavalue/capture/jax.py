@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datavalue.capture._pipeline import LOSS_REDUCTIONS, StepSink, parse_sample_ids, step_weights
 from datavalue.capture._projection import (
     SIDE_COLS,
     SIDE_DENSE,
@@ -56,9 +57,8 @@ from datavalue.capture._projection import (
     resolve_sketch,
     split_budget,
 )
-from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
-from datavalue.store import RunWriter, StepBlock, fingerprint_params
-from datavalue.store._schema import FLAG_NONFINITE, package_versions
+from datavalue.errors import RecorderError, RecorderStateError
+from datavalue.store import fingerprint_params, package_versions
 
 __all__ = ["JaxRecorder", "flatten_params", "plan_blocks"]
 
@@ -158,8 +158,8 @@ class JaxRecorder:
         chunk_rows: int | None = None,
         sketch: str | None = None,
     ) -> None:
-        if loss_reduction not in ("mean", "sum", "token_mean"):
-            raise RecorderError(f"loss_reduction must be 'mean', 'sum' or 'token_mean', got {loss_reduction!r}.")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise RecorderError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
         if on_nonfinite not in ("raise", "skip"):
             raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
         flat = flatten_params(params)
@@ -221,14 +221,15 @@ class JaxRecorder:
             "optimizer": opt,
         }
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
-        self.writer = RunWriter(path, manifest, k=self.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype)
+        self._sink = StepSink(path, manifest, k=self.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
+                              on_nonfinite=on_nonfinite)
+        self.writer = self._sink.writer
         self.path = self.writer.path
-        self._next_step = self.writer.steps
         self.closed = False
 
     @property
     def n_steps(self) -> int:
-        return self._next_step
+        return self._sink.next_step
 
     def step(self, params: Mapping[str, Any], *batch: Any, sample_ids: Any, lr: float, epoch: int | None = None,
              clip_coef: float | None = None, tokens: Any = None) -> Any:
@@ -244,8 +245,6 @@ class JaxRecorder:
             The gradient of the stepped loss (weighted sum of per-sample gradients), shaped like
             ``params``: feed it to your optax update.
         """
-        from datavalue.capture.recorder import parse_sample_ids, step_weights
-
         if self.closed:
             raise RecorderStateError("this JaxRecorder is closed; open a new one with resume=True to record more steps.")
         ids = parse_sample_ids(sample_ids)
@@ -256,28 +255,19 @@ class JaxRecorder:
         w = step_weights(self.loss_reduction, b, np.asarray(tokens) if tokens is not None else None)
         flat = flatten_params(params)
         rows, grad_flat = self._per_sample(flat, jnp.asarray(w, dtype=jnp.asarray(next(iter(flat.values()))).dtype), *batch)
-        g = np.asarray(rows)
-        flags = np.zeros(b, np.uint8)
-        finite = np.isfinite(g).all(1)
-        if not finite.all():
-            if self.on_nonfinite == "raise":
-                raise NonFiniteError(f"step {self._next_step}: non-finite per-sample gradients for ids {ids[~finite][:10].tolist()}.")
-            g = np.where(finite[:, None], g, 0.0)
-            flags[~finite] |= FLAG_NONFINITE
-        self.writer.submit(StepBlock(step=self._next_step, sample_id=ids, weight=w, grads=g, flags=flags, lr=float(lr),
-                                     epoch=-1 if epoch is None else int(epoch),
-                                     grad_scale=1.0 if clip_coef is None else float(clip_coef),
-                                     momentum=self._momentum, weight_decay=self._weight_decay))
-        self._next_step += 1
+        self._sink.submit(ids, w, np.asarray(rows), lr=float(lr), epoch=epoch, grad_scale=clip_coef,
+                          momentum=self._momentum, weight_decay=self._weight_decay)
         return _unflatten_like(self._params_template, grad_flat)
 
     def flush(self) -> None:
-        self.writer.flush()
+        """Block until every recorded step is committed to disk."""
+        self._sink.flush()
 
     def close(self) -> None:
+        """Flush pending steps. Idempotent."""
         if not self.closed:
             self.closed = True
-            self.writer.close()
+            self._sink.close()
 
     def __enter__(self) -> JaxRecorder:
         return self

@@ -1,29 +1,30 @@
 """The training-loop recorder: per-sample projected gradients of every step into a Zarr run.
 
 Example:
-    >>> import torch, datavalue
+    >>> import os, tempfile, torch, datavalue
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.zarr")
     >>> model = torch.nn.Linear(4, 3)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
-    >>> with datavalue.Recorder("/tmp/doc.zarr", model, proj_dim=None, optimizer=opt, overwrite=True) as rec:
+    >>> with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
     ...     for step in range(2):
     ...         with rec.step(sample_ids=range(8)):
     ...             loss = torch.nn.functional.cross_entropy(model(x), y)
     ...             loss.backward()
     ...         opt.step(); opt.zero_grad()
-    >>> datavalue.store.open_run("/tmp/doc.zarr").n_steps
+    >>> datavalue.store.open_run(path).n_steps
     2
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,113 +32,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
 from datavalue.capture._optim import is_adam, optimizer_config, step_fields, unwrap_optimizer
+from datavalue.capture._pipeline import (
+    DistInfo,
+    StepSink,
+    parse_sample_ids,
+    step_weights,
+)
 from datavalue.capture._projection import resolve_sketch
-from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
-from datavalue.store import RunWriter, StepBlock, fingerprint_params
-from datavalue.store._schema import FLAG_NONFINITE, package_versions
+from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
+from datavalue.store import fingerprint_params, package_versions
 
 logger = logging.getLogger(__name__)
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Recorder] = weakref.WeakKeyDictionary()
 
-LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 CURVATURES = (None, "none", "empirical_fisher", "fisher", "hessian")
-
-
-def parse_sample_ids(sample_ids: Any) -> np.ndarray:
-    """Validate ids (tensor, array, list or range of ints) into a 1-d int64 array without duplicates."""
-    if torch.is_tensor(sample_ids):
-        sample_ids = sample_ids.detach().cpu().numpy()
-    arr = np.asarray(list(sample_ids) if isinstance(sample_ids, range) else sample_ids)
-    if arr.ndim != 1:
-        raise RecorderError(f"sample_ids must be 1-d (one id per example), got shape {arr.shape}.")
-    if arr.size == 0:
-        raise RecorderError("sample_ids is empty; a step needs at least one example.")
-    if arr.dtype == object and all(isinstance(v, (int, np.integer)) for v in arr.tolist()):
-        big = [v for v in arr.tolist() if not -(2**63) <= v < 2**63]
-        if big:
-            raise RecorderError(f"sample ids must fit in int64; got {big[:3]}. Map your keys to smaller int ids.")
-        arr = arr.astype(np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise RecorderError(f"sample_ids must be integers, got dtype {arr.dtype}; map your keys to int ids first.")
-    arr = arr.astype(np.int64)
-    uniq, counts = np.unique(arr, return_counts=True)
-    if (counts > 1).any():
-        raise RecorderError(
-            f"sample_ids repeats ids {uniq[counts > 1][:5].tolist()} within one step; each example in a batch needs its "
-            "own id (an example drawn twice in one batch: give each copy a distinct id)."
-        )
-    return arr
-
-
-@dataclass(frozen=True)
-class _DistInfo:
-    """torch.distributed bookkeeping: rank, world size, and the collectives the recorder needs."""
-
-    rank: int = 0
-    world: int = 1
-
-    @staticmethod
-    def detect(flag: bool | None) -> _DistInfo:
-        import torch.distributed as dist
-
-        on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if flag and not on:
-            raise RecorderError("distributed=True but no torch.distributed process group with more than one rank is initialised.")
-        if flag is False or not on:
-            return _DistInfo()
-        return _DistInfo(dist.get_rank(), dist.get_world_size())
-
-    def broadcast_int(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.broadcast(t, src=0)
-        return int(t.item())
-
-    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate ranks' tensors along dim 0 (different lengths allowed), in rank order."""
-        import torch.distributed as dist
-
-        n = torch.tensor([t.shape[0]], dtype=torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(sizes, n)
-        m = max(int(s.item()) for s in sizes)
-        pad = torch.zeros((m - t.shape[0], *t.shape[1:]), dtype=t.dtype)
-        out = [torch.zeros((m, *t.shape[1:]), dtype=t.dtype) for _ in range(self.world)]
-        dist.all_gather(out, torch.cat([t.detach().cpu(), pad]))
-        return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
-
-    def gather(self, g, ids, weights, fisher):
-        g = self._all_gather(g)
-        ids = to_numpy(self._all_gather(torch.from_numpy(ids)))
-        weights = to_numpy(self._all_gather(torch.from_numpy(weights)))
-        fisher = self._all_gather(fisher)
-        return g, ids, weights, fisher
-
-
-def step_weights(loss_reduction: str, b: int, tokens: Any = None) -> np.ndarray:
-    """``(b,)`` weights ``w_t(z)`` of a step's examples in the stepped loss.
-
-    ``"mean"``: 1/b; ``"sum"``: 1; ``"token_mean"``: tokens(z) / tokens(B) (``tokens`` required).
-    """
-    if loss_reduction == "mean":
-        return np.full(b, 1.0 / b)
-    if loss_reduction == "sum":
-        return np.ones(b)
-    if tokens is None:
-        raise RecorderError('loss_reduction="token_mean" needs step(..., tokens=per-example token counts).')
-    t = np.asarray(tokens.detach().cpu() if torch.is_tensor(tokens) else tokens, dtype=np.float64).reshape(-1)
-    if t.size != b or (t < 0).any() or t.sum() <= 0:
-        raise RecorderError(f"tokens must be {b} non-negative counts with a positive sum, got {t.size} values summing to {t.sum()}.")
-    return t / t.sum()
 
 
 class StepHandle:
@@ -189,6 +101,12 @@ class Recorder:
             ``adam_m``, ``adam_v``, ``adam_step``; ``2 T k`` numbers), which Adam-aware embeddings
             need (``build_embeddings(..., optimizer="adamw")``). Default: whenever ``optimizer``
             is a ``torch.optim.Adam``/``AdamW``. ``True`` with another optimizer is an error.
+        config: a :class:`~datavalue.capture.CaptureConfig` holding the capture options above
+            (then leave those keywords at their defaults). Either way the validated config is
+            ``rec.config`` and is stored in the manifest (``capture_config``); ``resume=True``
+            compares it with the run's.
+        integration: what drives this recorder (e.g. ``{"name": "transformers.Trainer", ...}``),
+            stored in the manifest as ``integration``.
 
     Sign convention of everything built from a run: influence = loss(without) - loss(with);
     positive means the occurrence helped.
@@ -217,23 +135,33 @@ class Recorder:
         record_optimizer_state: bool | None = None,
         hessian_max_dim: int = 4096,
         sketch: str | None = None,
+        integration: Mapping[str, Any] | None = None,
+        config: CaptureConfig | None = None,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
             raise RecorderError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise RecorderError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
-        kinds = (curvature,) if curvature is None or isinstance(curvature, str) else tuple(curvature)
-        if not kinds or any(c not in CURVATURES for c in kinds):
-            raise RecorderError(f"curvature must be one of {CURVATURES} or a sequence of them, got {curvature!r}.")
-        if on_nonfinite not in ("raise", "skip"):
-            raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
-        if storage_dtype not in ("float32", "float16", "float64"):
-            raise RecorderError(f"storage_dtype must be 'float32', 'float16' or 'float64', got {storage_dtype!r}.")
+        options = dict(proj_dim=proj_dim, seed=seed, sketch=sketch, layers=layers, loss_reduction=loss_reduction,
+                       curvature=curvature, storage_dtype=storage_dtype, on_nonfinite=on_nonfinite,
+                       fisher_max_classes=fisher_max_classes, fisher_samples=fisher_samples, hessian_max_dim=hessian_max_dim,
+                       record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows)
+        if config is not None:
+            if not isinstance(config, CaptureConfig):
+                raise RecorderError(f"config must be a datavalue.capture.CaptureConfig, got {type(config).__name__}.")
+            changed = [k for k, v in options.items() if v != _DEFAULTS[k]]
+            if changed:
+                raise RecorderError(f"pass either config= or the keyword options, not both (also given: {changed}); "
+                                    "use dataclasses.replace(config, ...) to change a config.")
+            cfg = config
+        else:
+            cfg = CaptureConfig(**options)
         if resume and overwrite:
             raise RecorderError("pass at most one of resume=True and overwrite=True.")
-        if proj_dim is not None and not isinstance(proj_dim, Mapping) and int(proj_dim) < 1:
-            raise RecorderError(f"proj_dim must be a positive int, a dict or None, got {proj_dim!r}.")
+        (proj_dim, seed, sketch, layers, loss_reduction, storage_dtype, on_nonfinite, chunk_rows, hessian_max_dim) = (
+            cfg.proj_dim, cfg.seed, cfg.sketch, cfg.layers, cfg.loss_reduction, cfg.storage_dtype, cfg.on_nonfinite,
+            cfg.chunk_rows, cfg.hessian_max_dim)
+        record_optimizer_state = cfg.record_optimizer_state
+        layers = list(layers) if layers is not None else None
         other = _ATTACHED.get(model)
         if other is not None and not other.closed:
             raise RecorderStateError(f"this model already has an open Recorder writing to {other.path}; close it first.")
@@ -241,10 +169,10 @@ class Recorder:
         self.optimizer = optimizer
         self.loss_reduction = loss_reduction
         self.on_nonfinite = on_nonfinite
-        self.fisher = "fisher" in kinds
-        self.hessian = "hessian" in kinds
-        self.fisher_max_classes = int(fisher_max_classes)
-        self.fisher_samples = int(fisher_samples)
+        self.fisher = cfg.fisher
+        self.hessian = cfg.hessian
+        self.fisher_max_classes = cfg.fisher_max_classes
+        self.fisher_samples = cfg.fisher_samples
         adam = is_adam(optimizer)
         if record_optimizer_state and not adam:
             raise RecorderError("record_optimizer_state=True needs optimizer= a torch.optim.Adam or AdamW.")
@@ -265,36 +193,33 @@ class Recorder:
                 "proj_dim, curvature='fisher', or raise hessian_max_dim if you mean it."
             )
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
+        self.config = dataclasses.replace(cfg, sketch=self.engine.sketch, record_optimizer_state=self.record_optimizer_state)
+        if resume:
+            _check_resume_config(path, self.config)
         manifest = base_manifest(
             self.engine, model, loss_reduction=loss_reduction, optimizer=optimizer,
             fisher={"max_classes": self.fisher_max_classes, "samples": self.fisher_samples} if self.fisher else None,
             hessian={"kind": "exact", "sketch": "both sides"} if self.hessian else None,
+            capture_config=self.config.to_json(),
+            **({"integration": dict(integration)} if integration else {}),
         )
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
-        self._dist = _DistInfo.detect(distributed)
+        self._dist = DistInfo.detect(distributed)
         if self.hessian and self._dist.world > 1:
             raise RecorderError("curvature='hessian' is not supported under torch.distributed; use curvature='fisher'.")
-        self.writer: RunWriter | None = None
-        if self._dist.rank == 0:
-            try:
-                self.writer = RunWriter(path, manifest, k=self.engine.k, mode=mode, chunk_rows=chunk_rows,
-                                        storage_dtype=storage_dtype, fisher=self.fisher, background=background)
-            except Exception:
-                self._dist.broadcast_int(-1)
-                raise
-        start = self._dist.broadcast_int(self.writer.steps if self.writer is not None else 0)
-        if start < 0:
-            raise RecorderStateError("rank 0 could not open the run (see its error); this rank stops too.")
+        self._sink = StepSink(path, manifest, k=self.engine.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
+                              fisher=self.fisher, background=background, on_nonfinite=on_nonfinite, dist=self._dist)
+        self.writer = self._sink.writer
         self.path = Path(path)
-        self._next_step = start
         self._active: StepHandle | None = None
         self.closed = False
         self._fisher_rows: list[torch.Tensor] = []
         self._hessian: torch.Tensor | None = None
         self._weights_t: torch.Tensor | None = None
+        self._micro: list[tuple[np.ndarray, Any, torch.Tensor, list[torch.Tensor]]] = []
         self.engine.attach(root_hook=self._on_model_output if self.fisher else None)
         _ATTACHED[model] = self
-        logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.engine.blocks), self.engine.k, self._next_step)
+        logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.engine.blocks), self.engine.k, self.n_steps)
 
     # ------------------------------------------------------------------ info
     @property
@@ -309,7 +234,12 @@ class Recorder:
     @property
     def n_steps(self) -> int:
         """Steps recorded so far (including those of a resumed run)."""
-        return self._next_step
+        return self._sink.next_step
+
+    @property
+    def dist(self) -> DistInfo:
+        """The ``torch.distributed`` view this recorder uses (rank, world size, collectives)."""
+        return self._dist
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
@@ -340,15 +270,14 @@ class Recorder:
                 so training is unchanged. Dropout inside the closure draws its own masks (not the
                 real step's): for an exact match use deterministic layers or eval mode.
         """
-        if self.closed:
-            raise RecorderStateError("this Recorder is closed; open a new one with resume=True to record more steps.")
-        if self._active is not None:
-            raise RecorderStateError("rec.step() blocks cannot be nested: close the current step before starting another.")
+        self._check_open("rec.step()")
+        if self._micro:
+            raise RecorderStateError(
+                f"{len(self._micro)} micro-batch(es) recorded with rec.microbatch() are waiting for rec.commit_step(); "
+                "commit them before starting a rec.step() block."
+            )
         ids = parse_sample_ids(sample_ids)
-        if lr is None and self.optimizer is None:
-            raise RecorderError("no lr: pass rec.step(..., lr=...) or create the Recorder with optimizer=...")
-        if lr is not None and not (np.isfinite(float(lr)) and float(lr) >= 0):
-            raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
+        self._check_lr(lr)
         weights = step_weights(self.loss_reduction, ids.size, tokens)
         if self.hessian and hessian_loss is None:
             raise RecorderError(
@@ -357,79 +286,177 @@ class Recorder:
             )
         if hessian_loss is not None and not self.hessian:
             raise RecorderError("hessian_loss= is only used with Recorder(..., curvature='hessian').")
-        self._hessian = None
+        hessian = None
         if hessian_loss is not None:
             from datavalue.capture._hessian import sketched_hessian
 
             with torch.enable_grad():  # at the weights before this step's update; hooks are idle
-                self._hessian = sketched_hessian(self.model, hessian_loss, self.engine)
-        handle = StepHandle(self._next_step, clip_coef)
+                hessian = sketched_hessian(self.model, hessian_loss, self.engine)
+        handle = StepHandle(self.n_steps, clip_coef)
+        w_final = weights / self._dist.world  # DDP averages the ranks' gradients
+        with self._capture(ids, w_final, handle) as captured:
+            yield handle
+        rows, fisher = captured
+        g = rows / torch.as_tensor(weights, dtype=rows.dtype, device=rows.device).unsqueeze(1)  # captured: grad of w*l
+        self._commit(ids, w_final, g, fisher, lr=lr, epoch=epoch, clip_coef=handle.clip_coef, hessian=hessian)
+
+    @contextlib.contextmanager
+    def microbatch(self, sample_ids: Any, *, tokens: Any = None) -> Iterator[None]:
+        """Record one micro-batch of an optimizer step built by gradient accumulation.
+
+        Run each micro-batch's forward and ``backward()`` inside ``with rec.microbatch(ids):``,
+        then call :meth:`commit_step` once, before ``optimizer.step()``. The micro-batches of a
+        step form one step of the run (like :meth:`step` with all their examples). ``tokens``:
+        per-example token counts (``loss_reduction="token_mean"``).
+
+        Example::
+
+            for micro in chunks:                       # gradient accumulation
+                with rec.microbatch(micro.ids):
+                    (loss_fn(model(micro.x), micro.y) / len(chunks)).backward()
+            rec.commit_step(clip_coef="auto")          # after clip_grad_norm_, before opt.step()
+            opt.step(); opt.zero_grad()
+        """
+        self._check_open("rec.microbatch()")
+        if self.hessian:
+            raise RecorderError("curvature='hessian' needs one closure per step: use rec.step(..., hessian_loss=...).")
+        ids = parse_sample_ids(sample_ids)
+        if tokens is not None:  # a micro-batch may hold no counted token; the step as a whole must
+            tokens = np.asarray(tokens.detach().cpu() if torch.is_tensor(tokens) else tokens, np.float64).reshape(-1)
+            if tokens.size != ids.size or not np.all(np.isfinite(tokens)) or (tokens < 0).any():
+                raise RecorderError(f"tokens must be {ids.size} non-negative counts (one per example), got {tokens[:5]}...")
+        elif self.loss_reduction == "token_mean":
+            raise RecorderError('loss_reduction="token_mean" needs rec.microbatch(..., tokens=per-example token counts).')
+        handle = StepHandle(self.n_steps, None)
+        with self._capture(ids, None, handle) as captured:
+            yield
+        rows, fisher = captured
+        self._micro.append((ids, tokens, rows, fisher))
+
+    def commit_step(
+        self,
+        *,
+        lr: float | None = None,
+        epoch: int | None = None,
+        clip_coef: float | str | None = None,
+        weights: Any = None,
+    ) -> int:
+        """Close an optimizer step recorded with :meth:`microbatch`; returns its index.
+
+        Call it after gradient clipping and before ``optimizer.step()`` (the optimizer's state and
+        hyperparameters are read now).
+
+        Args:
+            lr, epoch: as for :meth:`step`.
+            clip_coef: the clipping coefficient, or ``"auto"`` to measure it: the parameters'
+                accumulated ``.grad`` (clipped) against the sum of the captured rows, both sketched
+                (exact by linearity when every trainable parameter is captured).
+            weights: each example's weight in the stepped loss (in micro-batch order; under DDP,
+                in the global loss after the average over ranks). Default, from
+                ``loss_reduction``: ``"mean"``, each micro-batch's mean divided by the number of
+                micro-batches; ``"sum"``, 1; ``"token_mean"``, tokens(z) / tokens(step) over all
+                the step's micro-batches (transformers' ``num_items_in_batch``), divided by the
+                number of ranks.
+        """
+        self._check_open("rec.commit_step()")
+        if not self._micro:
+            raise RecorderStateError("rec.commit_step() without micro-batches: record them with `with rec.microbatch(ids): ...`.")
+        self._check_lr(lr)
+        micro, self._micro = self._micro, []
+        ids = np.concatenate([m[0] for m in micro])
+        parse_sample_ids(ids)  # unique over the whole step
+        world = self._dist.world
+        if weights is not None:
+            w_final = np.asarray(weights.detach().cpu() if torch.is_tensor(weights) else weights, np.float64).reshape(-1)
+            if w_final.shape != ids.shape or not np.all(np.isfinite(w_final)) or (w_final < 0).any():
+                raise RecorderError(f"weights must be {ids.size} finite non-negative numbers (one per example of the step), "
+                                    f"got {w_final.size}.")
+        elif self.loss_reduction == "token_mean":
+            tokens = np.concatenate([m[1] for m in micro])
+            w_final = step_weights("token_mean", ids.size, tokens) / world
+        elif self.loss_reduction == "sum":
+            w_final = np.ones(ids.size) / world
+        else:
+            w_final = np.concatenate([np.full(m[0].size, 1.0 / m[0].size) for m in micro]) / (len(micro) * world)
+        captured = torch.cat([m[2] for m in micro])  # rows of grad(w_local * l), w_local = world * w_final
+        w_local = torch.as_tensor(w_final * world, dtype=captured.dtype, device=captured.device)
+        if clip_coef == "auto":
+            clip_coef = self._measure_clip(captured)
+        elif isinstance(clip_coef, str):
+            raise RecorderError(f"clip_coef must be a number, None or 'auto', got {clip_coef!r}.")
+        g = captured / torch.where(w_local > 0, w_local, torch.ones_like(w_local)).unsqueeze(1)
+        fisher = None
+        if self.fisher:  # rows were taken with unit weights: scale each example's by sqrt(w_final)
+            parts = []
+            for (mids, _, _, frows), sw in zip(micro, np.split(np.sqrt(w_final), np.cumsum([m[0].size for m in micro])[:-1])):
+                f = torch.cat(frows) if frows else torch.zeros(0, self.engine.k, dtype=captured.dtype, device=captured.device)
+                f = f.reshape(-1, mids.size, f.shape[-1]) * torch.as_tensor(sw, dtype=f.dtype, device=f.device)[None, :, None]
+                parts.append(f.reshape(-1, f.shape[-1]))
+            fisher = torch.cat(parts)
+        return self._commit(ids, w_final, g, fisher, lr=lr, epoch=epoch, clip_coef=clip_coef)
+
+    # ------------------------------------------------------------------ internals of a step
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise RecorderStateError("this Recorder is closed; open a new one with resume=True to record more steps.")
+        if self._active is not None:
+            raise RecorderStateError(f"{what} blocks cannot be nested inside another rec.step()/rec.microbatch() block: close that block first.")
+
+    def _check_lr(self, lr: Any) -> None:
+        if lr is None and self.optimizer is None:
+            raise RecorderError("no lr: pass rec.step(..., lr=...) or create the Recorder with optimizer=...")
+        if lr is not None and not (np.isfinite(float(lr)) and float(lr) >= 0):
+            raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
+
+    @contextlib.contextmanager
+    def _capture(self, ids: np.ndarray, fisher_weights: np.ndarray | None, handle: StepHandle):
+        """Hooks live for the block; yields a list that holds ``(rows, fisher_rows)`` afterwards.
+
+        ``rows``: ``(b, k)`` captured gradients of the loss as stepped (weights inside);
+        ``fisher_weights``: the examples' weights for the Fisher pseudo-gradients (``None``: 1).
+        """
         self._active = handle
         self._fisher_rows = []
-        self._weights_t = torch.as_tensor(weights / self._dist.world, dtype=self.engine.dtype, device=self.engine.device)
+        fw = np.ones(ids.size) if fisher_weights is None else fisher_weights
+        self._weights_t = torch.as_tensor(fw, dtype=self.engine.dtype, device=self.engine.device)
         self.engine.begin(ids.size)
+        out: list[Any] = []
         ok = False
         try:
-            yield handle
+            yield out
             ok = True
         finally:
             sink = self.engine.end()
             self._active = None
-            if ok:
-                self._finish(handle, ids, weights, sink, lr, epoch)
-
-    def _finish(self, handle: StepHandle, ids, weights, sink, lr, epoch) -> None:
-        eng = self.engine
-        if eng.n_grad_events == 0:
-            raise RecorderStateError(
-                "no backward pass reached the model inside rec.step(): call loss.backward() inside the with-block "
-                f"(forward calls seen: {eng.n_forward_events})."
-            )
-        g = eng.assemble(sink, ids.size)
-        w = torch.as_tensor(weights, dtype=g.dtype, device=g.device)
-        g = g / w.unsqueeze(1)  # captured: grad of w*l; stored: grad of l
-        weights = np.asarray(weights, np.float64) / self._dist.world  # DDP averages the ranks' gradients
-        fisher_t = torch.cat(self._fisher_rows) if self._fisher_rows else torch.zeros(0, eng.k, dtype=g.dtype, device=g.device)
-        if self._dist.world > 1:
-            g, ids, weights, fisher_t = self._dist.gather(g, ids, weights, fisher_t)
-            if np.unique(ids).size != ids.size:
-                raise RecorderError(f"step {handle.index}: sample ids repeat across ranks; each example needs a unique id.")
-        b = ids.size
-        flags = np.zeros(b, np.uint8)
-        finite = torch.isfinite(g).all(1)
-        if not bool(finite.all()):
-            bad = ids[~to_numpy(finite)]
-            if self.on_nonfinite == "raise":
-                raise NonFiniteError(
-                    f"step {handle.index}: non-finite per-sample gradients for sample ids {bad[:10].tolist()}; nothing was "
-                    "written for this step. Fix the loss, or pass on_nonfinite='skip' to store zeros and flag the rows."
+        if ok:
+            eng = self.engine
+            if eng.n_grad_events == 0:
+                raise RecorderStateError(
+                    "no backward pass reached the model inside the recorded block: call loss.backward() inside the "
+                    f"with-block (forward calls seen: {eng.n_forward_events})."
                 )
-            logger.warning("step %d: %d non-finite rows stored as zeros and flagged", handle.index, bad.size)
-            g = torch.where(finite.unsqueeze(1), g, torch.zeros_like(g))
-            flags[~to_numpy(finite)] |= FLAG_NONFINITE
-        fisher = np.nan_to_num(to_numpy(fisher_t), nan=0.0, posinf=0.0, neginf=0.0) if self.fisher else None
+            fisher = self._fisher_rows
+            if fisher_weights is not None:
+                fisher = torch.cat(fisher) if fisher else torch.zeros(0, eng.k, dtype=eng.dtype, device=eng.device)
+            out[:] = [eng.assemble(sink, ids.size), fisher]
+
+    def _measure_clip(self, captured: torch.Tensor) -> float:
+        from datavalue.capture._gradients import project_full
+
+        with torch.no_grad():
+            full = project_full(self.engine, {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None})
+            raw = captured.sum(0).to(full.dtype)
+            if self._dist.world > 1:  # .grad is the average over ranks of each rank's sum
+                raw = torch.as_tensor(self._dist.all_sum(to_numpy(raw)) / self._dist.world, dtype=full.dtype)
+            denom = float(raw @ raw)
+            coef = float(full @ raw) / denom if denom > 0 else 1.0
+        return 1.0 if coef > 1 - 1e-6 else coef
+
+    def _commit(self, ids, w_final, g, fisher, *, lr, epoch, clip_coef, hessian=None) -> int:
+        """The optimizer's fields of the step, then the shared step pipeline."""
         fields = step_fields(self.optimizer, self.model, self.engine, record_state=self.record_optimizer_state, lr=lr)
-        extra = fields.pop("extra")
-        if self._hessian is not None:
-            H = to_numpy(self._hessian)
-            if not np.all(np.isfinite(H)):
-                if self.on_nonfinite == "raise":
-                    raise NonFiniteError(
-                        f"step {handle.index}: the Hessian of hessian_loss is non-finite; nothing was written for this "
-                        "step. Fix the loss, or pass on_nonfinite='skip' (the step's Hessian is then stored as NaN and "
-                        "a curvature='hessian' build stops there)."
-                    )
-                H = np.full_like(H, np.nan)
-            extra = dict(extra or {}, hessian=H)
-        self._next_step += 1
-        if self.writer is None:  # not rank 0
-            return
-        self.writer.submit(StepBlock(
-            step=handle.index, sample_id=ids, weight=np.asarray(weights, np.float64), grads=to_numpy(g), flags=flags,
-            epoch=-1 if epoch is None else int(epoch),
-            grad_scale=1.0 if handle.clip_coef is None else float(handle.clip_coef),
-            fisher=fisher, extra=extra, **fields,
-        ))
+        return self._sink.submit(ids, w_final, g, fisher=fisher if self.fisher else None, hessian=hessian,
+                                 epoch=epoch, grad_scale=clip_coef, **fields)
 
     # ------------------------------------------------------------------ fisher
     def _on_model_output(self, output: Any) -> None:
@@ -473,8 +500,7 @@ class Recorder:
     # ------------------------------------------------------------------ close
     def flush(self) -> None:
         """Block until every recorded step is committed to disk."""
-        if self.writer is not None:
-            self.writer.flush()
+        self._sink.flush()
 
     def close(self) -> None:
         """Flush pending steps, detach hooks. Idempotent."""
@@ -484,8 +510,7 @@ class Recorder:
         self.engine.detach()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
-        if self.writer is not None:
-            self.writer.close()
+        self._sink.close()
 
     def __enter__(self) -> Recorder:
         return self
@@ -499,6 +524,28 @@ class Recorder:
                 self.close()
         except Exception:
             pass
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CaptureConfig)}
+_DEFAULTS["curvature"] = None
+
+
+def _check_resume_config(path: Any, cfg: CaptureConfig) -> None:
+    """Refuse to resume a run recorded with another capture config (field by field)."""
+    from datavalue.store import open_run
+
+    try:
+        manifest = open_run(path).manifest
+    except Exception:  # no readable run: the writer says what is wrong
+        return
+    diff = cfg.resume_diff(CaptureConfig.from_manifest(manifest))
+    if diff:
+        raise StoreMismatchError(
+            f"{path}: cannot resume: this capture config (projection, loss reduction, curvature, storage) differs from "
+            f"the run's: {'; '.join(diff)}. Re-create the Recorder with the recorded settings "
+            "(config=CaptureConfig.from_manifest(datavalue.store.open_run(path).manifest)), or pass overwrite=True to "
+            "start over."
+        )
 
 
 def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, optimizer: Any,

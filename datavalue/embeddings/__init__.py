@@ -15,8 +15,11 @@ This package imports neither torch nor ``datavalue.capture``.
 from datavalue.embeddings._build import CURVATURES as CURVATURES
 from datavalue.embeddings._build import BuildInfo as BuildInfo
 from datavalue.embeddings._build import build_embeddings as build_embeddings
+from datavalue.embeddings._build import build_metadata as build_metadata
 from datavalue.embeddings._build import embeddings_at as embeddings_at
 from datavalue.embeddings._build import extend_embeddings as extend_embeddings
+from datavalue.embeddings._build import stored_config as stored_config
+from datavalue.embeddings._config import BuildConfig as BuildConfig
 from datavalue.embeddings._core import BlockState as BlockState
 from datavalue.embeddings._core import StepCoef as StepCoef
 from datavalue.embeddings._core import chain as chain
@@ -28,9 +31,11 @@ from datavalue.embeddings._core import step_coefficients as step_coefficients
 __all__ = [
     "CURVATURES",
     "BlockState",
+    "BuildConfig",
     "BuildInfo",
     "StepCoef",
     "build_embeddings",
+    "build_metadata",
     "chain",
     "embeddings_at",
     "extend_embeddings",
@@ -38,4 +43,5 @@ __all__ = [
     "operator",
     "step_back",
     "step_coefficients",
+    "stored_config",
 ]

@@ -33,21 +33,35 @@ from typing import Any
 
 import numpy as np
 
+# auto's caps are read from the module when used (tests patch them)
+from datavalue.embeddings import _plan as _plan_module
+from datavalue.embeddings._config import BuildConfig
 from datavalue.embeddings._plan import (
     CURVATURES,
+    FULL_CURVATURES,
+    _blocks,
     _digest,
+    _kept_fraction,
     _make_plan,
     _parse_curvature,
     _parse_dtype,
     _Plan,
     _split,
+    _state_factor,
 )
 from datavalue.embeddings._stream import _execute, _pad_op, _run_segments, _task, _write_pieces
 from datavalue.errors import EmbeddingError, StoreExistsError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BuildInfo", "CURVATURES", "build_embeddings", "embeddings_at", "extend_embeddings"]
+__all__ = [
+    "BuildInfo",
+    "CURVATURES",
+    "build_embeddings",
+    "build_metadata",
+    "embeddings_at",
+    "extend_embeddings",
+]
 
 ATTRS_KEY = "datavalue_embeddings"
 FORMAT_VERSION = 1
@@ -74,6 +88,8 @@ class BuildInfo:
         expansive_steps: first steps at which the operator passed the explosion threshold.
         seconds: wall time.
         blocks: the ``(start, stop)`` column spans that got one operator each.
+        choice: which curvature and blocks the build used and why (also logged at INFO and
+            stored in the build's metadata, shown by ``datavalue info``).
     """
 
     path: str
@@ -89,6 +105,7 @@ class BuildInfo:
     expansive_steps: tuple[int, ...]
     seconds: float
     blocks: tuple[tuple[int, int], ...] = ()
+    choice: str = ""
 
 
 # ---------------------------------------------------------------------- the plan
@@ -129,8 +146,7 @@ def _read_attrs(path: Any, curvature: str) -> dict[str, Any]:
 def _store_ops(
     path: Any, curvature: str, plan: _Plan, ops: list[list[np.ndarray] | None], append_to: int = 0
 ) -> None:
-    from datavalue.store import create_array, open_array
-    from datavalue.store._chunkfiles import write_all
+    from datavalue.store import create_array, open_array, write_all
 
     K = len(ops)
     for i in range(len(plan.blocks)):
@@ -194,7 +210,163 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+# ---------------------------------------------------------------------- the choice, in words
+
+
+def _mib(n: float) -> str:
+    """``n`` bytes for people: ``"200 B"``, ``"11.2 MiB"``, ``"256 MiB"``, ``"1.5 GiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _curvature_reason(run: Any, requested: str | None, chosen: str) -> str:
+    """Why ``chosen``: the caller's choice, or the default's preference among what the run recorded."""
+    if requested is not None:
+        return "requested"
+    if chosen in ("hessian", "fisher"):
+        lesser = ["fisher"] if chosen == "hessian" and run.has_fisher else []
+        return f"recorded; preferred over {' and '.join([*lesser, 'empirical_fisher'])}"
+    return "the run holds no true-Fisher rows or Hessians; Recorder(..., curvature='fisher') records them"
+
+
+def _operator_bytes(spans: Any, factor: int, dtype: str) -> int:
+    """Bytes of the recursion's state over ``spans``: ``sum_l (factor k_l)^2`` entries (``factor``
+    2 with momentum, 3 for Adam), the estimate ``blocks="auto"`` compares with its cap."""
+    return int(sum((factor * (b - a)) ** 2 for a, b in spans) * np.dtype(dtype).itemsize)
+
+
+def _describe_spans(spans: Any) -> str:
+    widths = [b - a for a, b in spans]
+    if len(widths) == 1:
+        return f"1 operator over {widths[0]:,} columns"
+    return f"{len(widths)} operators of {' / '.join(f'{w:,}' for w in widths)} columns"
+
+
+def _blocks_reason(run: Any, requested: Any, plan: _Plan, factor: int) -> str:
+    """Why ``plan.blocks``: the caller's choice, the stored build's, or which test of ``"auto"`` decided
+    (the tests of :func:`datavalue.embeddings._plan._resolve_blocks`, in its order)."""
+    if not isinstance(requested, str):
+        return "the column spans given"
+    if requested != "auto":
+        return "requested"
+    recorded = _blocks(run)
+    k = recorded[-1][1]
+    cap, min_kept = _plan_module.AUTO_FULL_BYTES, _plan_module.AUTO_FULL_KEPT
+    if len(recorded) == 1:
+        return "the run records one block"
+    if len(plan.blocks) == 1:
+        return f"one operator keeps the cross-layer curvature; it fits the {_mib(cap)} cap"
+    if plan.blocks != recorded:
+        return f"grouped under the {_mib(cap)} cap"
+    if plan.curvature not in FULL_CURVATURES:
+        return (
+            "blocks do not change curvature 'none'"
+            if plan.curvature == "none"
+            else f"{plan.curvature} measured better per layer (docs/results/loo_fidelity.md)"
+        )
+    full = _operator_bytes(((0, k),), factor, plan.dtype)
+    if full > cap:
+        return (
+            f"per layer: one operator over all {k:,} columns would take {_mib(full)}, over the "
+            f"{_mib(cap)} cap (blocks='full' forces it)"
+        )
+    kept = _kept_fraction(run)
+    if kept < min_kept:
+        return (
+            f"per layer: the sketch keeps {kept:.1%} of the parameters' dimensions (< {min_kept:.0%}), "
+            "where one operator over all columns measured worse (docs/results/poison.md)"
+        )
+    return "per layer"
+
+
+def _choice(run: Any, requested_curvature: str | None, requested_blocks: Any, plan: _Plan) -> dict[str, Any]:
+    """The build's choice of curvature and blocks with the reasons, for the log, the metadata and
+    :class:`BuildInfo`."""
+    factor = _state_factor(plan.adam is not None, plan.momentum_mode)
+    nbytes = _operator_bytes(plan.blocks, factor, plan.dtype)
+    mode = requested_blocks if isinstance(requested_blocks, str) else "spans"
+    curv_reason = _curvature_reason(run, requested_curvature, plan.curvature)
+    blocks_reason = _blocks_reason(run, requested_blocks, plan, factor)
+    summary = (
+        f"curvature: {plan.curvature} ({curv_reason}), blocks: {mode} -> {_describe_spans(plan.blocks)} "
+        f"(operator state {_mib(nbytes)}; {blocks_reason})"
+    )
+    return {
+        "curvature": plan.curvature,
+        "curvature_reason": curv_reason,
+        "block_mode": mode,
+        "blocks_reason": blocks_reason,
+        "operator_bytes": nbytes,
+        "summary": summary,
+    }
+
+
+def build_metadata(path: str | os.PathLike[str], curvature: str | None = None) -> dict[str, Any]:
+    """The stored metadata of a build: what it chose and why, its shape, health and provenance.
+
+    Args:
+        path: a run.
+        curvature: which build (default as in :func:`build_embeddings`).
+
+    Returns:
+        A copy of the build's attributes (``embeddings/<curvature>/values``): ``curvature``,
+        ``block_mode`` (what was asked), ``blocks`` (the column spans with one operator each),
+        ``choice`` (``summary``, ``curvature_reason``, ``blocks_reason``, ``operator_bytes``; derived
+        from the other keys for builds made before the choice was stored), ``n_steps``, ``optimizer``,
+        ``max_operator``, ``complete`` (``False`` for an interrupted build) and more.
+
+    Raises:
+        EmbeddingError: no build of that curvature, or one without build attributes.
+
+    Example:
+        >>> build_metadata("runs/x.zarr")["choice"]["summary"]  # doctest: +SKIP
+        'curvature: fisher (recorded; preferred over empirical_fisher), blocks: auto -> 1 operator over ...'
+    """
+    from datavalue.store import open_array, open_run
+
+    run = open_run(path)
+    if curvature is None:
+        built = [c for c in CURVATURES if run.has_array(f"{_base(c)}/values")]
+        if not built:
+            raise EmbeddingError(f"{path} has no embeddings yet; build them with build_embeddings({str(path)!r}).")
+        curvature = built[0]  # CURVATURES is in order of preference
+    if not run.has_array(f"{_base(curvature)}/values"):
+        raise EmbeddingError(
+            f"{path} has no {curvature!r} build; build it with build_embeddings({str(path)!r}, {curvature!r})."
+        )
+    meta = dict(open_array(path, f"{_base(curvature)}/values").attrs.get(ATTRS_KEY, {}))
+    if not meta:
+        raise EmbeddingError(f"{path}/{_base(curvature)}/values has no build attributes; rebuild with overwrite=True.")
+    if "choice" not in meta:  # a build made before the choice was stored
+        spans = [tuple(b) for b in meta.get("blocks", [])]
+        mode = meta.get("block_mode", "layer")
+        desc = _describe_spans(spans) if spans else "one operator per recorded block"
+        meta["choice"] = {
+            "curvature": curvature,
+            "block_mode": mode,
+            "summary": f"curvature: {curvature}, blocks: {mode} -> {desc} (built before the choice was recorded)",
+        }
+    return meta
+
+
 # ---------------------------------------------------------------------- public
+
+
+_BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
+
+
+def stored_config(meta: dict[str, Any]) -> BuildConfig:
+    """The :class:`BuildConfig` a build was made with (builds from before ``build_config`` was
+    stored: from their own metadata keys)."""
+    if meta.get("build_config"):
+        return BuildConfig.from_json(meta["build_config"])
+    return BuildConfig(curvature=meta.get("curvature"), dtype=meta.get("dtype", "float64"),
+                       storage_dtype=meta.get("storage_dtype", "float32"), clipping=meta.get("clipping", "direction"),
+                       blocks=meta.get("block_mode", "layer") if meta.get("block_mode") in ("auto", "layer", "full")
+                       else "layer")
 
 
 def build_embeddings(
@@ -213,7 +385,8 @@ def build_embeddings(
     explode_threshold: float = 1e6,
     optimizer: str | None = None,
     adam_second_moment: bool = True,
-    blocks: str = "layer",
+    blocks: str = "auto",
+    config: BuildConfig | None = None,
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 
@@ -259,16 +432,22 @@ def build_embeddings(
         adam_second_moment: keep the second-moment perturbation ``delta v`` in the Adam state
             (``3k`` state; ``False``: ``2k``, measured in docs/results/adam.md). Projected runs
             always drop it (their stored moments are block means).
-        blocks: the operator's block structure. ``"layer"`` (default, the paper's block-diagonal
-            form): one operator per recorded block (no cross-layer curvature; memory
-            ``sum_l k_l^2``). ``"full"``: one operator over all ``k`` columns (memory ``k^2``,
-            flops ``B k^2`` per step). ``"auto"`` (recommended for the true Fisher): ``"full"``
-            for ``curvature="fisher"`` or ``"hessian"`` while its state takes at most 256 MiB (``k`` up to 5,792
-            in float64 for SGD, half that with momentum, a third for Adam) and the sketch keeps at
-            least a quarter of the parameters' dimensions (exact gradients always do), else
-            ``"layer"``. Cross-layer true-Fisher curvature matters at larger learning rates
-            (docs/results/loo_fidelity.md); the empirical Fisher did better per layer, and so did
-            the true Fisher under a heavy sketch (docs/results/poison.md).
+        blocks: the operator's block structure. ``"auto"`` (default): ``"full"`` for
+            ``curvature="fisher"`` or ``"hessian"`` while its state takes at most 256 MiB (``k`` up
+            to 5,792 in float64 for SGD, half that with momentum, a third for Adam) and the sketch
+            keeps at least a quarter of the parameters' dimensions (exact gradients always do),
+            else ``"layer"``; the choice and its reason are logged at INFO and stored in the
+            build's metadata (:func:`build_metadata`, ``datavalue info``). The cap is per state:
+            with ``segments > 1`` every segment running at once holds its own. ``"layer"`` (the
+            paper's block-diagonal form): one operator per recorded block (no cross-layer
+            curvature; memory ``sum_l k_l^2``). ``"full"``: one operator over all ``k`` columns
+            (memory ``k^2``, flops ``B k^2`` per step). Cross-layer true-Fisher curvature matters
+            at larger learning rates (docs/results/loo_fidelity.md, costs in
+            docs/results/defaults.md); the empirical Fisher did better per layer, and so did the
+            true Fisher under a heavy sketch (docs/results/poison.md).
+        config: a :class:`~datavalue.embeddings.BuildConfig` holding the options above (then
+            leave those keywords at their defaults). Either way the validated config is stored in
+            the build's metadata (``build_config``) and :func:`extend_embeddings` reuses it.
 
     Returns:
         :class:`BuildInfo`.
@@ -285,12 +464,27 @@ def build_embeddings(
     from datavalue.store import create_array, delete_path, open_run
 
     t_start = time.perf_counter()
+    options = dict(curvature=curvature, dtype=dtype, segments=segments, chunk_rows=chunk_rows,
+                   storage_dtype=storage_dtype, velocity=velocity, clipping=clipping,
+                   explode_threshold=explode_threshold, optimizer=optimizer, adam_second_moment=adam_second_moment,
+                   blocks=blocks)
+    if config is not None:
+        if not isinstance(config, BuildConfig):
+            raise EmbeddingError(f"config must be a datavalue.embeddings.BuildConfig, got {type(config).__name__}.")
+        changed = [k for k, v in options.items() if v != _BUILD_DEFAULTS[k]]
+        if changed:
+            raise EmbeddingError(f"pass either config= or the keyword options, not both (also given: {changed}); "
+                                 "use dataclasses.replace(config, ...) to change a config.")
+        cfg = config
+    else:
+        cfg = BuildConfig(**options)
+    (curvature, dtype, segments, chunk_rows, storage_dtype, velocity, clipping, explode_threshold, optimizer,
+     adam_second_moment, blocks) = (getattr(cfg, k) for k in options)
     run = open_run(path)
+    requested_curvature = curvature
     curvature = _parse_curvature(run, curvature)
     dtype = _parse_dtype(dtype)
     storage_dtype = _parse_dtype(storage_dtype)
-    if int(segments) < 1:
-        raise EmbeddingError(f"segments must be >= 1, got {segments}.")
     T, R = int(run.n_steps), int(run.n_rows)
     if T == 0:
         raise EmbeddingError(f"{path} has no committed steps; record some training first.")
@@ -310,6 +504,8 @@ def build_embeddings(
     if plan.adam is not None:
         if velocity:
             raise EmbeddingError("velocity=True is for SGD momentum runs; Adam-aware builds store delta theta only.")
+    choice = _choice(run, requested_curvature, blocks, plan)
+    logger.info("%s: building embeddings with %s", path, choice["summary"])
     vel = plan.adam is None and plan.momentum_mode and (
         velocity is None or bool(velocity)
     )  # v is fictitious without momentum
@@ -331,6 +527,8 @@ def build_embeddings(
         "clipping": plan.clipping,
         "block_mode": blocks,
         "blocks": [list(b) for b in plan.blocks],
+        "choice": choice,
+        "build_config": cfg.to_json(),
         "adam": None if plan.adam is None else dict(plan.adam, betas=list(plan.adam["betas"])),
         "run_digest": _digest(plan, T),
         "run_generation": int(getattr(run, "generation", -1)),
@@ -399,6 +597,7 @@ def build_embeddings(
         expansive_steps=tuple(res["expansive"]),
         seconds=time.perf_counter() - t_start,
         blocks=plan.blocks,
+        choice=choice["summary"],
     )
 
 
@@ -458,7 +657,7 @@ def embeddings_at(
     _refuse_adam(path, meta, "embeddings_at")
     plan, _ = _make_plan(
         run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
-        _replay_optimizer(meta), blocks=meta.get("blocks", "layer"),
+        _replay_optimizer(meta), blocks=_stored_blocks(meta),
     )
     seg = [tuple(b) for b in meta["segments"]]
     bounds, known = [], {}
@@ -529,9 +728,10 @@ def extend_embeddings(
     T0, R0 = int(meta["n_steps"]), int(meta["n_rows"])
     T1, R1 = int(run.n_steps), int(run.n_rows)
     _refuse_adam(path, meta, "extend_embeddings")
+    stored = stored_config(meta)
     plan, handling = _make_plan(
-        run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
-        _replay_optimizer(meta), blocks=meta.get("blocks", "layer"),
+        run, curvature, stored.dtype, None, stored.explode_threshold, stored.clipping,
+        _replay_optimizer(meta), blocks=_stored_blocks(meta),
     )
     if T1 < T0 or int(plan.step_ptr[T0]) != R0 or _digest(plan, T0) != meta["run_digest"]:
         raise EmbeddingError(
@@ -541,7 +741,12 @@ def extend_embeddings(
     base = _base(curvature)
     values = _writable(path, f"{base}/values")
     if T1 == T0:
-        return _info_from_meta(path, curvature, meta, time.perf_counter() - t_start)
+        return _info_from_meta(path, curvature, dict(meta, blocks=[list(b) for b in plan.blocks]),
+                               time.perf_counter() - t_start)
+    logger.info(
+        "%s: extending the %s build from step %d to %d with its stored blocks (%s)",
+        path, curvature, T0, T1, _describe_spans(plan.blocks),
+    )
     had_vel = bool(meta["velocity"])
     vel = had_vel or plan.momentum_mode
     if not had_vel and plan.momentum[T0] != 0 and not plan.fresh[T0]:
@@ -616,11 +821,20 @@ def extend_embeddings(
         max_operator=max(float(meta.get("max_operator", 0.0)), res["max_op"]),
         expansive_steps=sorted(set(meta.get("expansive_steps", [])) | set(res["expansive"])),
         extended=meta.get("extended", []) + [{"from_step": T0, "to_step": T1, "at": _now()}],
+        blocks=[list(b) for b in plan.blocks],  # also for builds made before the spans were stored
+        block_mode=meta.get("block_mode", "layer"),
         complete=True,
     )
     values.attrs[ATTRS_KEY] = meta
     _warn_expansive(path, res)
     return _info_from_meta(path, curvature, meta, time.perf_counter() - t_start, handling=handling)
+
+
+def _stored_blocks(meta: dict[str, Any]) -> Any:
+    """The operator spans of a stored build. Never the current default: an extension or a checkpoint
+    must use the very blocks the build was made with (builds made before ``blocks`` existed were
+    per layer)."""
+    return meta.get("blocks") or "layer"
 
 
 def _refuse_adam(path: Any, meta: dict[str, Any], what: str) -> None:
@@ -699,4 +913,5 @@ def _info_from_meta(
         expansive_steps=tuple(meta.get("expansive_steps", [])),
         seconds=seconds,
         blocks=tuple(tuple(b) for b in meta.get("blocks", [])),
+        choice=str(meta.get("choice", {}).get("summary", "")),
     )

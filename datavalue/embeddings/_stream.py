@@ -9,7 +9,7 @@ touch one chunk. :func:`_run_segments` runs the two passes of a segmented build 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -19,11 +19,10 @@ import numpy as np
 
 from datavalue._blas import one_blas_thread
 from datavalue.embeddings import _core as core
-from datavalue.embeddings import _hyper
+from datavalue.embeddings import _gemm, _hyper
 from datavalue.embeddings._plan import _Plan
-from datavalue.errors import EmbeddingError, NonFiniteError
-from datavalue.store._chunkfiles import ChunkFileRows, chunk_dir, fast_rows
-from datavalue.store._writer import write_chunk
+from datavalue.errors import EmbeddingError, NonFiniteError, StoreNotFoundError
+from datavalue.store import ChunkFileRows, chunk_dir, fast_rows, write_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,8 @@ class _ReverseRows:
 
     A local run's row arrays are read straight from their chunk files, checksums verified (zarr's
     read path took 2.3 ms of a 17 ms step in a 2048-wide build, much of it waiting for the GIL), and
-    the next window is read ahead on a background thread while the scan runs its GEMMs.
+    the next window is read ahead on a background thread while the scan runs its GEMMs. The reader
+    owns that thread: :meth:`close` (or leaving ``with``) waits for a read in flight and joins it.
     """
 
     def __init__(self, run: Any, name: str, lo: int, window: int, chunk: int) -> None:
@@ -42,11 +42,27 @@ class _ReverseRows:
         self.c0 = self.c1 = 0
         self.buf: np.ndarray | None = None
         try:
-            fast = fast_rows(run._group[name])  # one lookup (a zarr store round trip)
-        except KeyError:
+            fast = fast_rows(run.array(name))  # one lookup (a zarr store round trip)
+        except StoreNotFoundError:
             fast = None  # run.read names the missing array
         self.fast = fast if isinstance(fast, ChunkFileRows) else None
         self.ahead: tuple[int, int, concurrent.futures.Future[np.ndarray]] | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first read-ahead
+
+    def __enter__(self) -> _ReverseRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the read-ahead (waiting for a read in flight) and join the reader's thread. Idempotent."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead[2].cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def _start(self, r1: int) -> int:
         return max(((r1 - self.window) // self.chunk) * self.chunk, self.lo)
@@ -70,13 +86,10 @@ class _ReverseRows:
                 self.buf, self.c0, self.c1 = self._read(start, r1), start, r1
             if self.fast is not None and self.c0 > self.lo:  # read the window before this one meanwhile
                 a = self._start(self.c0)
-                self.ahead = (a, self.c0, _prefetch_pool().submit(self._read, a, self.c0))
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="datavalue-readahead")
+                self.ahead = (a, self.c0, self._pool.submit(self._read, a, self.c0))
         return self.buf[r0 - self.c0 : r1 - self.c0]
-
-
-@functools.lru_cache(maxsize=1)
-def _prefetch_pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="datavalue-readahead")
 
 
 class _ChunkWriter:
@@ -143,17 +156,24 @@ class _ChunkWriter:
                     self.pieces.append((mine0, [d[mine0 - c0 : mine1 - c0] for d in bufs]))
 
     def close(self) -> list[tuple[int, list[np.ndarray]]]:
+        """Wait for the chunk writes (raising the first error), join the writer thread and return
+        the pieces of shared chunks."""
         try:
             for f in self._pending:
                 f.result()  # raises the first write error
         finally:
-            self._pending = []
-            self._pool.shutdown(wait=True)
+            self.shutdown()
         if self.buf:
             raise EmbeddingError(
                 f"internal: output chunks {sorted(self.buf)} were left incomplete."
             )
         return self.pieces
+
+    def shutdown(self) -> None:
+        """Stop without a result (a failed scan): drop the writes not started, wait for the one in
+        flight (no write lands after the scan has ended) and join the writer thread. Idempotent."""
+        self._pending = []
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _direct_dir(arr: Any, chunk: int) -> Any:
@@ -190,12 +210,20 @@ def _identity_states(plan: _Plan, velocity: bool) -> list[core.BlockState]:
     return [core.init_state(b - a, velocity=velocity, dtype=plan.dtype) for a, b in plan.blocks]
 
 
-def _scan(
+def _scan(plan: _Plan, lo: int, hi: int, start: list[np.ndarray] | None, **kwargs: Any) -> dict[str, Any]:
+    """Run steps ``hi-1 .. lo`` backward (see :func:`_scan_steps`). The scan owns its readers' and
+    writer's threads: they are joined when it returns or fails, before anything else runs."""
+    with contextlib.ExitStack() as owned:
+        return _scan_steps(plan, lo, hi, start, owned=owned, **kwargs)
+
+
+def _scan_steps(
     plan: _Plan,
     lo: int,
     hi: int,
     start: list[np.ndarray] | None,
     *,
+    owned: contextlib.ExitStack,
     transfer: bool,
     velocity: bool,
     outputs: Sequence[Any] | None,
@@ -204,7 +232,7 @@ def _scan(
     out_chunk: int = 1,
     tick: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run steps ``hi-1 .. lo`` backward.
+    """Run steps ``hi-1 .. lo`` backward; the readers and the writer it opens are closed by ``owned``.
 
     ``start``: per block the operator ``(n, w)`` after step ``hi - 1`` (``None``: the identity,
     ``[I, 0]``, or the full ``2k`` identity with ``transfer``/``velocity``). With ``outputs``,
@@ -218,8 +246,8 @@ def _scan(
         if velocity:
             raise EmbeddingError("internal: Adam-aware builds store delta theta only (no velocity part).")
         return _scan_adam(
-            plan, lo, hi, start, transfer=transfer, outputs=outputs, out_offset=out_offset, n_out=n_out,
-            out_chunk=out_chunk, tick=tick,
+            plan, lo, hi, start, owned=owned, transfer=transfer, outputs=outputs, out_offset=out_offset,
+            n_out=n_out, out_chunk=out_chunk, tick=tick,
         )
     run = open_run(plan.path)
     chunk = max(int(run.row_chunk), 1)
@@ -231,7 +259,8 @@ def _scan(
             core.state_from_operator(np.asarray(R, dtype=plan.dtype), b - a)
             for R, (a, b) in zip(start, plan.blocks, strict=True)
         ]
-    grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
+    grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk,
+                                                 owned)
     embed = writer is not None
     max_op, expansive = 0.0, []
     groups = _block_groups(plan, lo, hi)
@@ -298,10 +327,10 @@ PARALLEL_MIN_WORK = 1 << 21
 
 
 def _block_groups(plan: _Plan, lo: int, hi: int) -> list[list[int]] | None:
-    """Blocks narrower than ``core.SPLIT_MIN`` (whose GEMMs are never split) shared among the scan's GEMM
+    """Blocks narrower than ``_gemm.SPLIT_MIN`` (whose GEMMs are never split) shared among the scan's GEMM
     threads, balanced by ``k^2`` (longest first); ``None``: one thread runs every block in turn."""
-    n = core.gemm_thread_count()
-    narrow = [i for i, (a, b) in enumerate(plan.blocks) if b - a < core.SPLIT_MIN]
+    n = _gemm.gemm_thread_count()
+    narrow = [i for i, (a, b) in enumerate(plan.blocks) if b - a < _gemm.SPLIT_MIN]
     if n <= 1 or len(narrow) < 2 or hi <= lo:
         return None
     rows = (int(plan.step_ptr[hi]) - int(plan.step_ptr[lo])) / (hi - lo)
@@ -326,7 +355,7 @@ def _step_blocks(one: Callable[[int], Any], n_blocks: int, groups: list[list[int
         if i not in grouped:
             out[i] = one(i)
     if groups:
-        done = core.run_threads([lambda g=g: [one(i) for i in g] for g in groups])
+        done = _gemm.run_threads([lambda g=g: [one(i) for i in g] for g in groups])
         for g, res in zip(groups, done, strict=True):
             for i, r in zip(g, res, strict=True):
                 out[i] = r
@@ -349,22 +378,26 @@ _WEIGHT_WINDOW = 1 << 16
 
 
 def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Sequence[Any] | None,
-                  out_offset: int, n_out: int, out_chunk: int) -> tuple[Any, Any, Any, Any]:
-    """Reverse readers of a step range's rows (gradients, weights, stored curvature) and its output writer."""
+                  out_offset: int, n_out: int, out_chunk: int, owned: contextlib.ExitStack,
+                  ) -> tuple[Any, Any, Any, Any]:
+    """Reverse readers of a step range's rows (gradients, weights, stored curvature) and its output
+    writer, each closed by ``owned`` (the writer's pending writes are dropped if the scan fails; a
+    finished scan closes it first and keeps them)."""
     r_lo, r_hi = int(plan.step_ptr[lo]), int(plan.step_ptr[hi])
-    grads = _ReverseRows(run, "grads", r_lo, plan.window, chunk)
+    grads = owned.enter_context(_ReverseRows(run, "grads", r_lo, plan.window, chunk))
     # row weights are 4-8 bytes a row: read in long windows (each zarr read costs ~3 ms of Python)
-    weights = _ReverseRows(run, "weight", r_lo, max(plan.window, _WEIGHT_WINDOW), chunk)
+    weights = owned.enter_context(_ReverseRows(run, "weight", r_lo, max(plan.window, _WEIGHT_WINDOW), chunk))
     curv = None  # the stored curvature: Fisher rows, or one k x k Hessian per step
     if plan.curvature == "fisher":
         assert plan.fisher_ptr is not None
-        curv = _ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk)
+        curv = owned.enter_context(_ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk))
     elif plan.curvature == "hessian":
-        hchunk = max(1, int(run._group["hessian"].chunks[0]))
-        curv = _ReverseRows(run, "hessian", lo, hchunk, hchunk)
+        hchunk = max(1, run.chunk_rows("hessian"))
+        curv = owned.enter_context(_ReverseRows(run, "hessian", lo, hchunk, hchunk))
     writer = None
     if outputs is not None:
         writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
+        owned.callback(writer.shutdown)
     return grads, weights, curv, writer
 
 
@@ -446,6 +479,7 @@ def _scan_adam(
     hi: int,
     start: list[np.ndarray] | None = None,
     *,
+    owned: contextlib.ExitStack,
     transfer: bool = False,
     outputs: Sequence[Any] | None,
     out_offset: int = 0,
@@ -473,10 +507,11 @@ def _scan_adam(
         ]
     else:  # [I, 0, 0] at the run's end, or the 3k identity for a transfer operator
         states = [core.init_adam_state(b - a, dtype=plan.dtype, transfer=transfer) for a, b in plan.blocks]
-    grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk)
-    schunk = max(1, int(run._group["adam_v"].chunks[0]))
-    mom_m = _ReverseRows(run, "adam_m", lo, schunk, schunk)
-    mom_v = _ReverseRows(run, "adam_v", lo, schunk, schunk)
+    grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk,
+                                                 owned)
+    schunk = max(1, run.chunk_rows("adam_v"))
+    mom_m = owned.enter_context(_ReverseRows(run, "adam_m", lo, schunk, schunk))
+    mom_v = owned.enter_context(_ReverseRows(run, "adam_v", lo, schunk, schunk))
     adam_step = np.asarray(run.adam_step, dtype=np.float64)
     embed = writer is not None
     max_op, expansive = 0.0, []
@@ -548,9 +583,17 @@ def _execute(
     tasks = [dask.delayed(f, pure=False)() for f in fns]
     if client is None:
         # parallelism comes from the tasks: one BLAS thread each, or BLAS threads oversubscribe the
-        # cores (measured: 2 segments on 2 cores, 0.84 s with one BLAS thread per task, 1.5 s without)
-        with one_blas_thread():
-            return list(dask.compute(*tasks, scheduler="threads"))
+        # cores (measured: 2 segments on 2 cores, 0.84 s with one BLAS thread per task, 1.5 s without).
+        # The tasks run on this build's own pool (not dask's process-wide one): when one fails, the
+        # others not started are dropped and the running ones finish before the error propagates, so
+        # no scan of a failed build still writes afterwards.
+        workers = min(len(fns), int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="datavalue-segment")
+        try:
+            with one_blas_thread():
+                return list(dask.compute(*tasks, scheduler="threads", pool=pool))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     from distributed import as_completed
 
     futures = client.compute(tasks)
@@ -624,8 +667,9 @@ def _run_segments(
         if K == 1:
             lo, hi = bounds[0]
             # one scan on the driver: BLAS on one thread, wide operators split over all cores
-            # (core.gemm_threads; narrow ones are never split, measured in core's notes)
-            with one_blas_thread(), core.gemm_threads(os.cpu_count() or 1):
+            # (_gemm.gemm_threads, whose pool ends with the scan; narrow ones are never split, measured
+            # in _gemm's notes)
+            with one_blas_thread(), _gemm.gemm_threads(os.cpu_count() or 1):
                 res = _scan(plan, lo, hi, None, **embed_kw)
             absorb(res)
             if tick is None and bar is not None:

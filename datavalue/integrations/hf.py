@@ -1,8 +1,12 @@
 """``DataValueCallback``: record a ``transformers.Trainer`` run into a datavalue store.
 
-It records the per-sample projected gradients of the real training steps: the Trainer's own
-forward and backward (no second backward), its actual learning rate, gradient accumulation
-(all micro-batches of an optimizer step form one step of the run) and the clipping coefficient.
+It drives a :class:`datavalue.Recorder` (the same step pipeline as a plain training loop), so a
+Trainer run stores everything a plain loop stores: the per-sample projected gradients of the
+Trainer's own forward and backward (no second backward), its actual learning rate, the optimizer's
+state for Adam-aware builds (the Trainer's default AdamW), the optional true-Fisher rows
+(``curvature="fisher"``), gradient accumulation (all micro-batches of an optimizer step form one
+step of the run), the clipping coefficient, and DDP under ``torchrun``/accelerate (each rank
+records its part; rank 0 writes). A model already being recorded is refused (double-attach guard).
 
 Sample ids come from a dataset column (default ``"sample_id"``). The Trainer drops columns its
 model does not accept unless ``TrainingArguments(remove_unused_columns=False)``; the callback
@@ -24,20 +28,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from datavalue.capture._engine import Engine, to_numpy
-from datavalue.capture._gradients import project_full
-from datavalue.capture._optim import optimizer_state
-from datavalue.capture._projection import resolve_sketch
-from datavalue.capture.recorder import base_manifest, parse_sample_ids
-from datavalue.errors import NonFiniteError, RecorderError
-from datavalue.store import RunWriter, StepBlock
-from datavalue.store._schema import FLAG_NONFINITE
+from datavalue.capture import Recorder, parse_sample_ids
+from datavalue.errors import RecorderError, RecorderStateError
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +48,18 @@ class DataValueCallback(TrainerCallback):
 
     Args:
         path: the run directory (Zarr v3).
-        proj_dim, seed, layers, storage_dtype, resume, overwrite, on_nonfinite, sketch: as for
-            :class:`datavalue.Recorder`.
+        proj_dim, seed, layers, storage_dtype, resume, overwrite, on_nonfinite, sketch, curvature,
+            record_optimizer_state, fisher_max_classes, fisher_samples, chunk_rows, background,
+            distributed: as for :class:`datavalue.Recorder` (the Trainer's optimizer is passed to
+            it, so AdamW runs store their moments and build Adam-aware by default).
+            ``curvature="hessian"`` is not available here (it needs a per-step loss closure).
         id_column: the dataset column with one int id per example.
         shift_labels: count tokens on ``labels[..., 1:]`` (causal LM). ``None``: guess from the
             model (``True`` for ``*ForCausalLM``/``*LMHeadModel``).
+
+    Attributes:
+        recorder: the :class:`datavalue.Recorder` of the current ``train()`` call (``None``
+            before it starts).
     """
 
     def __init__(
@@ -70,22 +76,40 @@ class DataValueCallback(TrainerCallback):
         on_nonfinite: str = "raise",
         shift_labels: bool | None = None,
         sketch: str | None = None,
+        curvature: str | Sequence[str] | None = None,
+        record_optimizer_state: bool | None = None,
+        fisher_max_classes: int = 16,
+        fisher_samples: int = 1,
+        chunk_rows: int | None = None,
+        background: bool = True,
+        distributed: bool | None = None,
     ) -> None:
+        kinds = (curvature,) if curvature is None or isinstance(curvature, str) else tuple(curvature)
+        if "hessian" in kinds:
+            raise RecorderError(
+                "DataValueCallback cannot record curvature='hessian' (it needs a closure recomputing each step's loss); "
+                "use curvature='fisher', or a plain loop with datavalue.Recorder(..., curvature='hessian')."
+            )
+        if resume and overwrite:
+            raise RecorderError("pass at most one of resume=True and overwrite=True.")
         self.path = path
-        self.sketch = sketch
-        self.proj_dim, self.seed, self.layers = proj_dim, seed, layers
         self.id_column = id_column
-        self.storage_dtype = storage_dtype
-        self.mode = "resume" if resume else ("overwrite" if overwrite else "create")
-        self.on_nonfinite = on_nonfinite
         self.shift_labels = shift_labels
-        self.engine: Engine | None = None
-        self.writer: RunWriter | None = None
+        self._resume, self._overwrite = resume, overwrite
+        self._recorder_kw: dict[str, Any] = dict(
+            proj_dim=proj_dim, seed=seed, layers=layers, storage_dtype=storage_dtype, on_nonfinite=on_nonfinite,
+            sketch=sketch, curvature=curvature, record_optimizer_state=record_optimizer_state,
+            fisher_max_classes=fisher_max_classes, fisher_samples=fisher_samples, chunk_rows=chunk_rows,
+            background=background, distributed=distributed,
+        )
+        self.recorder: Recorder | None = None
         self._hook = None
-        self._micro: list[tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]] = []
-        self._current: tuple[np.ndarray, np.ndarray] | None = None
-        self._step = 0
+        self._micro: list[tuple[float | None, np.ndarray]] = []  # (num_items_in_batch, tokens) of each micro-batch
+        self._n_items: float | None = None
+        self._current: tuple[np.ndarray, Any] | None = None
+        self._args = None
         self.uses_num_items = False
+        self._trained = False
 
     # -------------------------------------------------------------- lifecycle
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -96,33 +120,34 @@ class DataValueCallback(TrainerCallback):
             )
         if model is None:
             raise RecorderError("the Trainer did not pass the model to the callback.")
-        self.model = model
-        self.optimizer = optimizer
+        if self.recorder is not None and not self.recorder.closed:
+            raise RecorderStateError(f"this DataValueCallback is already recording to {self.path}; one train() at a time.")
         if self.shift_labels is None:
             name = type(model).__name__
             self.shift_labels = name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
-        self.engine = Engine(model, proj_dim=self.proj_dim, seed=self.seed, layers=self.layers,
-                             sketch=resolve_sketch(self.path, self.sketch, self.mode == "resume"))
-        manifest = base_manifest(self.engine, model, loss_reduction="token_mean", optimizer=optimizer,
-                                 integration={"name": "transformers.Trainer",
-                                              "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
-                                              "max_grad_norm": float(args.max_grad_norm)})
-        self.writer = RunWriter(self.path, manifest, k=self.engine.k, mode=self.mode, storage_dtype=self.storage_dtype)
-        self._step = self.writer.steps
-        self.engine.attach()
-        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True, prepend=True)
+        self._args = args
+        integration = {"name": "transformers.Trainer", "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+                       "max_grad_norm": float(args.max_grad_norm or 0.0)}
+        # a second train() with the same callback continues its own run
+        resume = self._resume or self._trained
+        self.recorder = Recorder(self.path, model, optimizer=optimizer, loss_reduction="token_mean", resume=resume,
+                                 overwrite=self._overwrite and not self._trained, integration=integration,
+                                 **self._recorder_kw)
+        self._trained = True
+        self.model = self.recorder.model
+        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True, prepend=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
 
     def close(self) -> None:
+        """Detach from the model and commit every recorded step. Idempotent."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.engine is not None:
-            self.engine.detach()
-        if self.writer is not None:
-            self.writer.close()
+        self._end_micro(ok=False)
+        if self.recorder is not None:
+            self.recorder.close()
 
     # -------------------------------------------------------------- micro-batches
     def _pre_forward(self, module, args, kwargs):
@@ -136,7 +161,7 @@ class DataValueCallback(TrainerCallback):
             return args, kwargs
         if not (module.training and torch.is_grad_enabled()):
             return args, kwargs
-        self._close_micro()
+        self._end_micro(ok=True)
         ids = parse_sample_ids(ids)
         labels = kwargs.get("labels")
         if labels is not None and torch.is_tensor(labels) and labels.dim() >= 1:
@@ -144,55 +169,46 @@ class DataValueCallback(TrainerCallback):
             tokens = lab.ne(-100).reshape(lab.shape[0], -1).sum(1).to("cpu").numpy().astype(np.float64)
         else:
             tokens = np.ones(ids.size)
-        self.uses_num_items = self.uses_num_items or "num_items_in_batch" in kwargs
-        self._current = (ids, tokens)
-        self.engine.begin(ids.size)
+        n_items = kwargs.get("num_items_in_batch")
+        self.uses_num_items = self.uses_num_items or n_items is not None
+        # the stepped loss divides by the Trainer's own count (it may count unshifted labels: use it, not ours)
+        self._n_items = float(n_items.sum() if torch.is_tensor(n_items) else n_items) if n_items is not None else None
+        # the micro-batch's backward runs after this forward, outside any hook: keep its block open
+        # until the next micro-batch's forward or the optimizer step
+        ctx = self.recorder.microbatch(ids, tokens=tokens)
+        ctx.__enter__()
+        self._current = (tokens, ctx)
         return args, kwargs
 
-    def _close_micro(self) -> None:
+    def _end_micro(self, *, ok: bool) -> None:
         if self._current is None:
             return
-        ids, tokens = self._current
-        sink = self.engine.end()
-        self._micro.append((ids, tokens, sink))
+        tokens, ctx = self._current
         self._current = None
+        if ok:
+            ctx.__exit__(None, None, None)
+            self._micro.append((self._n_items, tokens))
+        else:  # training stopped mid-step: nothing of this step is committed
+            ctx.__exit__(RecorderStateError, RecorderStateError("training stopped"), None)
+            self._micro = []
 
     # -------------------------------------------------------------- optimizer step
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._close_micro()
+        self._end_micro(ok=True)
         if not self._micro:
             return
-        eng = self.engine
-        ids = np.concatenate([m[0] for m in self._micro])
-        tokens = np.concatenate([m[1] for m in self._micro])
-        if self.uses_num_items:  # one token mean over the whole optimizer step
-            w = tokens / max(tokens.sum(), 1.0)
-        else:  # each micro-batch's mean, divided by the number of micro-batches
-            w = np.concatenate([m[1] / max(m[1].sum(), 1.0) for m in self._micro]) / len(self._micro)
-        captured = torch.cat([eng.assemble(m[2], m[0].size) for m in self._micro])
-        self._micro = []
-        if len(np.unique(ids)) != ids.size:
-            raise RecorderError(f"step {self._step}: sample ids repeat within one optimizer step; ids must be unique per example.")
-        # clipping: the accumulated .grad is now coef * (sum of captured rows); both sketched
-        with torch.no_grad():
-            full = project_full(eng, {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None})
-            raw = captured.sum(0)
-            denom = float(raw @ raw)
-            coef = float(full @ raw) / denom if denom > 0 else 1.0
-        if args.max_grad_norm is None or args.max_grad_norm <= 0 or coef > 1 - 1e-6:
-            coef = 1.0
-        wt = torch.as_tensor(w, dtype=captured.dtype, device=captured.device)
-        safe = torch.where(wt > 0, wt, torch.ones_like(wt))
-        g = captured / safe.unsqueeze(1)
-        flags = np.zeros(ids.size, np.uint8)
-        finite = torch.isfinite(g).all(1)
-        if not bool(finite.all()):
-            if self.on_nonfinite == "raise":
-                raise NonFiniteError(f"step {self._step}: non-finite per-sample gradients for ids {ids[~to_numpy(finite)][:10].tolist()}.")
-            g = torch.where(finite.unsqueeze(1), g, torch.zeros_like(g))
-            flags[~to_numpy(finite)] |= FLAG_NONFINITE
-        opt = optimizer_state(optimizer or self.optimizer)
-        epoch = int(state.epoch) if state.epoch is not None else -1
-        self.writer.submit(StepBlock(step=self._step, sample_id=ids, weight=w, grads=to_numpy(g), flags=flags, lr=opt["lr"],
-                                     epoch=epoch, grad_scale=coef, momentum=opt["momentum"], weight_decay=opt["weight_decay"]))
-        self._step += 1
+        rec = self.recorder
+        micro, self._micro = self._micro, []
+        tokens = np.concatenate([m[1] for m in micro])
+        world = rec.dist.world
+        if self.uses_num_items:  # the step's summed token loss over the Trainer's num_items_in_batch
+            n_items = micro[0][0] if micro[0][0] is not None else float(tokens.sum())
+            # average_tokens_across_devices: num_items is the global count and the loss is scaled by the world
+            # size, which DDP's average undoes; otherwise each rank divides by its own count and DDP averages
+            scale = 1 if getattr(args, "average_tokens_across_devices", False) else world
+            w = tokens / max(n_items, 1.0) / scale
+        else:  # each micro-batch's mean, divided by the number of micro-batches and by DDP's average
+            w = np.concatenate([m[1] / max(m[1].sum(), 1.0) for m in micro]) / (len(micro) * world)
+        clip = "auto" if (args.max_grad_norm is not None and args.max_grad_norm > 0) else None
+        epoch = int(state.epoch) if state.epoch is not None else None
+        rec.commit_step(weights=w, clip_coef=clip, epoch=epoch)

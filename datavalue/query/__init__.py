@@ -8,7 +8,8 @@
 - ``top_k(loss_fn, k)``: the most helpful and most harmful, streamed,
 - ``stage_influence(loss_fn)``: per-step influence over training (phase analysis),
 
-with ``to_dataset`` / ``save_parquet`` to take the results elsewhere. Sign convention everywhere:
+with ``to_dataset`` / ``save_parquet`` to take the results elsewhere (``load_model`` /
+``load_loss`` turn the CLI's ``module:function`` specs into a model and a loss function). Sign convention everywhere:
 ``loss(without) - loss(with)``; positive = helpful. Embeddings are streamed through dask in row
 chunks (threaded scheduler, or a ``dask.distributed.Client``); see ``docs/queries.md``.
 
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from datavalue.query._attributor import Attributor as Attributor
+    from datavalue.query._load import load_loss as load_loss
+    from datavalue.query._load import load_model as load_model
     from datavalue.query._results import TopK as TopK
     from datavalue.query._source import KINDS as KINDS
     from datavalue.query._source import built_curvatures as built_curvatures
@@ -33,9 +36,11 @@ _LAZY = {
     "TopK": "datavalue.query._results",
     "KINDS": "datavalue.query._source",
     "built_curvatures": "datavalue.query._source",
+    "load_loss": "datavalue.query._load",
+    "load_model": "datavalue.query._load",
 }
 
-__all__ = ["KINDS", "Attributor", "TopK", "built_curvatures"]
+__all__ = ["KINDS", "Attributor", "TopK", "built_curvatures", "load_loss", "load_model"]
 
 
 def __getattr__(name: str) -> Any:

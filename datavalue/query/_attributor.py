@@ -33,8 +33,7 @@ from datavalue.query import _stream
 from datavalue.query._groups import Grouping, parse_by, parse_owners, parse_steps, regroup
 from datavalue.query._results import TopK, dataset_values, describe, score_frame, write_parquet
 from datavalue.query._source import Source, resolve_source
-from datavalue.store import Run, open_run
-from datavalue.store._chunkfiles import fast_rows
+from datavalue.store import Run, fast_rows, open_run
 
 logger = logging.getLogger(__name__)
 

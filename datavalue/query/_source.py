@@ -53,10 +53,7 @@ class Source:
 
 def built_curvatures(run: Run) -> list[str]:
     """Curvature names with an ``embeddings/<name>/values`` array in the run, sorted."""
-    if not run.has_array("embeddings"):
-        return []
-    group = run._group["embeddings"]
-    return sorted(name for name in group.group_keys() if run.has_array(f"embeddings/{name}/values"))
+    return [name for name in run.subgroups("embeddings") if run.has_array(f"embeddings/{name}/values")]
 
 
 def resolve_source(run: Run, *, curvature: str | None, embeddings: str | None, kind: str | None) -> Source:

@@ -351,7 +351,10 @@ def _window_results(windows: Iterable[list[Delayed]], client: Any) -> Iterator[l
     """Compute windows of delayed objects in order, the next one while the caller folds the last.
 
     Two windows are in flight at most: the one being consumed and the one being computed.
-    Windows are pulled from the iterable only when they are submitted.
+    Windows are pulled from the iterable only when they are submitted. Locally the windows are
+    computed on this generator's own threads (dask's threaded scheduler on a pool it is handed, not
+    one dask keeps per calling thread), joined when the generator ends or is closed: close it
+    (``contextlib.closing``) where the caller may stop early.
     """
     it = iter(windows)
     first = next(it, None)
@@ -368,13 +371,24 @@ def _window_results(windows: Iterable[list[Delayed]], client: Any) -> Iterator[l
             futs = nxt
         return
     scheduler = client if isinstance(client, str) else "threads"
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="datavalue-query") as pool:
-        fut: Any = pool.submit(dask.compute, *first, scheduler=scheduler)
-        while fut is not None:
-            res = list(fut.result())
-            nxt_w = next(it, None)
-            fut = pool.submit(dask.compute, *nxt_w, scheduler=scheduler) if nxt_w is not None else None
-            yield res
+    kw: dict[str, Any] = {"scheduler": scheduler}
+    with contextlib.ExitStack() as owned:
+        if scheduler in ("threads", "threading"):
+            kw["pool"] = owned.enter_context(
+                concurrent.futures.ThreadPoolExecutor(n_threads(client), thread_name_prefix="datavalue-score")
+            )
+        # entered last, closed first: the window in flight finishes before the scoring pool stops
+        pool = owned.enter_context(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="datavalue-query"))
+        fut: Any = pool.submit(dask.compute, *first, **kw)
+        try:
+            while fut is not None:
+                res = list(fut.result())
+                nxt_w = next(it, None)
+                fut = pool.submit(dask.compute, *nxt_w, **kw) if nxt_w is not None else None
+                yield res
+        finally:
+            if fut is not None:  # closed early: no result wanted from the window in flight
+                fut.cancel()
 
 
 @contextlib.contextmanager
@@ -426,9 +440,12 @@ def stream_reduce(
         windows = ([delayed(combine, pure=True)(*w, **kwargs)] if len(w) > 1 else w for w in windows)
     acc: Any = init
     done = 0
-    with one_blas_thread(client), tqdm(total=len(parts), desc=desc, unit="chunk", disable=not progress,
-                                       leave=False) as bar:
-        for results in _window_results(windows, client):
+    with (
+        one_blas_thread(client),
+        tqdm(total=len(parts), desc=desc, unit="chunk", disable=not progress, leave=False) as bar,
+        contextlib.closing(_window_results(windows, client)) as computed,  # joins its threads first
+    ):
+        for results in computed:
             while results:
                 res = results.pop(0)
                 acc = res if acc is None else combine(acc, res, **kwargs)
@@ -446,9 +463,12 @@ def stream_blocks(chunks: ChunkTasks, *, client: Any = None, progress: bool = Tr
     rows = max((b - a for a, b in chunks.bounds), default=0)
     width = _window(client, rows * chunks.m * chunks.dtype.itemsize)
     starts = range(0, len(chunks), width)
-    with one_blas_thread(client), tqdm(total=len(chunks), desc=desc, unit="chunk", disable=not progress,
-                                       leave=False) as bar:
-        for i, vals in zip(starts, _window_results((chunks[i : i + width] for i in starts), client), strict=True):
+    with (
+        one_blas_thread(client),
+        tqdm(total=len(chunks), desc=desc, unit="chunk", disable=not progress, leave=False) as bar,
+        contextlib.closing(_window_results((chunks[i : i + width] for i in starts), client)) as computed,
+    ):
+        for i, vals in zip(starts, computed, strict=True):
             for (a, b), v in zip(chunks.bounds[i : i + width], vals, strict=True):
                 out[:, a:b] = v.T
             bar.update(len(vals))

@@ -17,12 +17,19 @@ Example:
     ['823.04', '205.76', '205.76']
 
 Imports numpy, scipy and the standard library only (no torch, pandas, matplotlib or dask).
+
+Layout (every public name is re-exported here; the subpackages are for reading the code):
+
+* ``games/``: closed-form games, the cached :class:`Utility`, :class:`CoalitionGame`.
+* ``estimators/``: exact enumeration, the Monte Carlo estimators (one shared batch loop),
+  stopping rules, :class:`ShapleyResult`.
+* ``royalties/``: policies and the exact-cent split, the ledger, statements, owners, reports.
+* ``_errors`` (one exception tree) and ``_validation`` (the ``parse_*`` boundary checks) serve all
+  three. Dependencies point one way: games <- estimators <- royalties.
 """
 
+# games/: what a coalition is worth (closed-form games, the cached Utility, CoalitionGame).
 from datavalue.shapley import games as games
-from datavalue.shapley._banzhaf import banzhaf_msr as banzhaf_msr
-from datavalue.shapley._cache import DiskCache as DiskCache
-from datavalue.shapley._coalition_game import CoalitionGame as CoalitionGame
 from datavalue.shapley._errors import CacheMismatchError as CacheMismatchError
 from datavalue.shapley._errors import InvalidGameError as InvalidGameError
 from datavalue.shapley._errors import InvalidPoolError as InvalidPoolError
@@ -37,43 +44,51 @@ from datavalue.shapley._errors import ShapleyError as ShapleyError
 from datavalue.shapley._errors import TooManyPlayersError as TooManyPlayersError
 from datavalue.shapley._errors import UnknownOwnerError as UnknownOwnerError
 from datavalue.shapley._errors import UtilityError as UtilityError
-from datavalue.shapley._exact import exact as exact
-from datavalue.shapley._exact import exact_banzhaf as exact_banzhaf
-from datavalue.shapley._exact import exact_from_utilities as exact_from_utilities
-from datavalue.shapley._exact import exact_weights as exact_weights
-from datavalue.shapley._kernel import kernel_shap as kernel_shap
-from datavalue.shapley._ledger import GenerationRecord as GenerationRecord
-from datavalue.shapley._ledger import Period as Period
-from datavalue.shapley._ledger import RoyaltyLedger as RoyaltyLedger
-from datavalue.shapley._owen import group_shapley as group_shapley
-from datavalue.shapley._owen import owen_exact as owen_exact
-from datavalue.shapley._owen import owen_from_utilities as owen_from_utilities
-from datavalue.shapley._owen import owen_permutation as owen_permutation
-from datavalue.shapley._owners import OwnerRegistry as OwnerRegistry
-from datavalue.shapley._permutation import permutation as permutation
-from datavalue.shapley._report import render_report as render_report
-from datavalue.shapley._report import write_report as write_report
-from datavalue.shapley._result import ShapleyResult as ShapleyResult
-from datavalue.shapley._royalties import RoyaltyPolicy as RoyaltyPolicy
-from datavalue.shapley._royalties import RoyaltySplit as RoyaltySplit
-from datavalue.shapley._royalties import available_policies as available_policies
-from datavalue.shapley._royalties import exact_sum as exact_sum
-from datavalue.shapley._royalties import get_policy as get_policy
-from datavalue.shapley._royalties import register_policy as register_policy
-from datavalue.shapley._royalties import split_royalties as split_royalties
-from datavalue.shapley._statement import GenerationLine as GenerationLine
-from datavalue.shapley._statement import OwnerLine as OwnerLine
-from datavalue.shapley._statement import PeriodStatement as PeriodStatement
-from datavalue.shapley._stopping import MaxEvaluations as MaxEvaluations
-from datavalue.shapley._stopping import MaxSamples as MaxSamples
-from datavalue.shapley._stopping import MaxTime as MaxTime
-from datavalue.shapley._stopping import Progress as Progress
-from datavalue.shapley._stopping import StderrBelow as StderrBelow
-from datavalue.shapley._stopping import StoppingRule as StoppingRule
-from datavalue.shapley._stratified import stratified as stratified
-from datavalue.shapley._utility import Utility as Utility
 from datavalue.shapley._validation import MAX_EXACT_PLAYERS as MAX_EXACT_PLAYERS
+
+# estimators/: from a game to values with standard errors.
+from datavalue.shapley.estimators import MaxEvaluations as MaxEvaluations
+from datavalue.shapley.estimators import MaxSamples as MaxSamples
+from datavalue.shapley.estimators import MaxTime as MaxTime
+from datavalue.shapley.estimators import Progress as Progress
+from datavalue.shapley.estimators import ShapleyResult as ShapleyResult
+from datavalue.shapley.estimators import StderrBelow as StderrBelow
+from datavalue.shapley.estimators import StoppingRule as StoppingRule
+from datavalue.shapley.estimators import banzhaf_msr as banzhaf_msr
+from datavalue.shapley.estimators import exact as exact
+from datavalue.shapley.estimators import exact_banzhaf as exact_banzhaf
+from datavalue.shapley.estimators import exact_from_utilities as exact_from_utilities
+from datavalue.shapley.estimators import exact_weights as exact_weights
+from datavalue.shapley.estimators import group_shapley as group_shapley
+from datavalue.shapley.estimators import kernel_shap as kernel_shap
+from datavalue.shapley.estimators import owen_exact as owen_exact
+from datavalue.shapley.estimators import owen_from_utilities as owen_from_utilities
+from datavalue.shapley.estimators import owen_permutation as owen_permutation
+from datavalue.shapley.estimators import permutation as permutation
+from datavalue.shapley.estimators import stratified as stratified
 from datavalue.shapley.games import AdditiveGame as AdditiveGame
+from datavalue.shapley.games import CoalitionGame as CoalitionGame
+from datavalue.shapley.games import DiskCache as DiskCache
+from datavalue.shapley.games import Utility as Utility
+
+# royalties/: from values to exact-cent payments, the ledger, statements and reports.
+from datavalue.shapley.royalties import GenerationLine as GenerationLine
+from datavalue.shapley.royalties import GenerationRecord as GenerationRecord
+from datavalue.shapley.royalties import OwnerLine as OwnerLine
+from datavalue.shapley.royalties import OwnerRegistry as OwnerRegistry
+from datavalue.shapley.royalties import Period as Period
+from datavalue.shapley.royalties import PeriodStatement as PeriodStatement
+from datavalue.shapley.royalties import RoyaltyLedger as RoyaltyLedger
+from datavalue.shapley.royalties import RoyaltyPolicy as RoyaltyPolicy
+from datavalue.shapley.royalties import RoyaltySplit as RoyaltySplit
+from datavalue.shapley.royalties import available_policies as available_policies
+from datavalue.shapley.royalties import exact_sum as exact_sum
+from datavalue.shapley.royalties import get_policy as get_policy
+from datavalue.shapley.royalties import infer_format as infer_format
+from datavalue.shapley.royalties import register_policy as register_policy
+from datavalue.shapley.royalties import render_report as render_report
+from datavalue.shapley.royalties import split_royalties as split_royalties
+from datavalue.shapley.royalties import write_report as write_report
 
 __all__ = [
     "MAX_EXACT_PLAYERS",
@@ -121,6 +136,7 @@ __all__ = [
     "games",
     "get_policy",
     "group_shapley",
+    "infer_format",
     "kernel_shap",
     "owen_exact",
     "owen_from_utilities",

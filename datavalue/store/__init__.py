@@ -1,28 +1,71 @@
 """Zarr v3 run store: append-only, crash-safe, readable out of core with dask.
 
 The layout is documented in ``docs/store-format.md``. This package knows no hooks and no math.
+
+Other packages talk to a run only through the names below (never ``datavalue.store._*`` nor a
+run's private attributes), so that the format has one place to change:
+
+- opening and reading: :func:`open_run` -> :class:`Run` (``run.read``, ``run.array``,
+  ``run.chunk_rows``, ``run.subgroups``, ``run.has_array``), :func:`open_array`;
+- recording: :class:`RunWriter` commits :class:`StepBlock` s; :data:`FLAG_NONFINITE`,
+  :func:`package_versions` and :func:`fingerprint_params` fill the blocks and the manifest;
+- derived arrays (embeddings): :func:`create_array`, :func:`delete_path`;
+- the direct chunk-file fast path: :func:`fast_rows` gives a :class:`ChunkFileRows` reader for a
+  local array with the run's plain layout; :func:`write_chunk` / :func:`write_all` write chunk
+  files with the store writer's encoder (:func:`chunk_dir` says whether an array qualifies);
+- schema names: :data:`SCHEMA_VERSION`; :data:`MANIFEST_KEY` (the root attribute holding the
+  manifest); :data:`ROW_ARRAYS`, :data:`STEP_ARRAYS` and :data:`OPTIONAL_STEP_ARRAYS` (array name
+  -> dtype or kind); :data:`FLAG_NONFINITE` (bit of a row's ``flags``: its gradient was not finite
+  and is stored as zeros).
+
+Example:
+    >>> from datavalue.store import fast_rows, open_run
+    >>> run = open_run("runs/x.zarr")                            # doctest: +SKIP
+    >>> rows = fast_rows(run.array("grads"))[0 : run.row_chunk]  # doctest: +SKIP
 """
 
+from datavalue.store._chunkfiles import ChunkFileRows as ChunkFileRows
+from datavalue.store._chunkfiles import chunk_dir as chunk_dir
+from datavalue.store._chunkfiles import fast_rows as fast_rows
+from datavalue.store._chunkfiles import write_all as write_all
 from datavalue.store._reader import Run as Run
 from datavalue.store._reader import archive_run as archive_run
 from datavalue.store._reader import create_array as create_array
 from datavalue.store._reader import delete_path as delete_path
 from datavalue.store._reader import open_array as open_array
 from datavalue.store._reader import open_run as open_run
+from datavalue.store._schema import FLAG_NONFINITE as FLAG_NONFINITE
+from datavalue.store._schema import MANIFEST_KEY as MANIFEST_KEY
+from datavalue.store._schema import OPTIONAL_STEP_ARRAYS as OPTIONAL_STEP_ARRAYS
+from datavalue.store._schema import ROW_ARRAYS as ROW_ARRAYS
 from datavalue.store._schema import SCHEMA_VERSION as SCHEMA_VERSION
+from datavalue.store._schema import STEP_ARRAYS as STEP_ARRAYS
 from datavalue.store._schema import StepBlock as StepBlock
 from datavalue.store._schema import fingerprint_params as fingerprint_params
+from datavalue.store._schema import package_versions as package_versions
 from datavalue.store._writer import RunWriter as RunWriter
+from datavalue.store._writer import write_chunk as write_chunk
 
 __all__ = [
+    "FLAG_NONFINITE",
+    "MANIFEST_KEY",
+    "OPTIONAL_STEP_ARRAYS",
+    "ROW_ARRAYS",
     "SCHEMA_VERSION",
+    "STEP_ARRAYS",
+    "ChunkFileRows",
     "Run",
     "RunWriter",
     "StepBlock",
     "archive_run",
+    "chunk_dir",
     "create_array",
     "delete_path",
+    "fast_rows",
     "fingerprint_params",
     "open_array",
     "open_run",
+    "package_versions",
+    "write_all",
+    "write_chunk",
 ]

@@ -319,6 +319,44 @@ class Run:
             return False
         return True
 
+    def array(self, name: str) -> zarr.Array:
+        """The run's array ``name`` (``"grads"``, ``"adam_v"``, ``"embeddings/fisher/values"``, ...),
+        read-only and unsliced: it may hold spare rows past the commit (bound reads by
+        :attr:`n_rows` / :attr:`n_steps`, or use :meth:`read`). Hand it to :func:`fast_rows` for the
+        direct chunk-file reader.
+
+        Raises:
+            StoreNotFoundError: the run has no array ``name``.
+
+        Example:
+            >>> run.array("grads").chunks           # doctest: +SKIP
+            (4096, 512)
+        """
+        try:
+            return self._group[name]
+        except KeyError as exc:
+            raise StoreNotFoundError(f"{self.path} has no array {name!r}") from exc
+
+    def chunk_rows(self, name: str) -> int:
+        """Entries of array ``name`` per chunk along its first axis (rows, or steps for a per-step
+        array such as ``hessian`` or ``adam_v``)."""
+        return int(self.array(name).chunks[0])
+
+    def subgroups(self, name: str) -> list[str]:
+        """Names of the groups directly inside group ``name``, sorted; ``[]`` when there is none.
+
+        Example:
+            >>> run.subgroups("embeddings")         # the embedding builds  # doctest: +SKIP
+            ['fisher', 'hessian']
+        """
+        try:
+            group = self._group[name]
+        except KeyError:
+            return []
+        if not isinstance(group, zarr.Group):
+            return []
+        return sorted(group.group_keys())
+
     def info(self) -> dict[str, Any]:
         """Summary used by ``datavalue info``."""
         if isinstance(self.path, Path):

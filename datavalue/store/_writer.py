@@ -132,7 +132,8 @@ class RunWriter:
         chunk_rows: rows per chunk of the row arrays.
         storage_dtype: ``"float32"`` or ``"float16"``.
         fisher: whether the run stores pseudo-gradient rows.
-        background: write on a background thread (default) or synchronously.
+        background: write on a background thread (default) or synchronously. The writer owns
+            that thread: :meth:`close` (or leaving ``with RunWriter(...)``) joins it.
         max_queue: steps that may wait in the queue before ``submit`` blocks.
         commit_interval: seconds a step may wait in the writer's buffer before it is committed
             (a chunk's worth of rows, ``flush`` and ``close`` commit at once).
@@ -399,6 +400,12 @@ class RunWriter:
             self._queue.put(_STOP)
             self._thread.join()
         self._raise_pending()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def update_manifest(self, **entries: Any) -> None:
         """Merge ``entries`` into the manifest on disk (e.g. the optimizer once it is known)."""

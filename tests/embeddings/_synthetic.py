@@ -73,7 +73,8 @@ def by_hand(steps, curvature, *, dampening=0.0, nesterov=False, stop=None, clipp
     """Embeddings w.r.t. the weights after step ``stop - 1`` by the pure core, one block at a time.
 
     ``blocks``: the operator spans, ``FULL`` (one operator) or ``BLOCKS`` (the recorded layer
-    blocks, what the default ``blocks="layer"`` builds)."""
+    blocks, what ``blocks="layer"`` builds; the default ``blocks="auto"`` builds ``FULL`` for the
+    true Fisher on these small runs, ``BLOCKS`` for the other curvatures)."""
     if blocks is None:
         blocks = BLOCKS
     steps = steps[:stop] if stop is not None else steps

@@ -148,7 +148,7 @@ from ._digits import make_case  # noqa: E402
 
 # measured (experiments/adam/run.py, docs/results/adam.md; tanh MLP 64-16-10 on digits, AdamW,
 # weight decay 0.01, 24 steps, 200 occurrences x 40 test points, fisher curvature, 3k state, one full
-# operator (blocks="auto"); the default per-layer operators in brackets):
+# operator (blocks="auto", the default); per-layer operators in brackets):
 #   lr 1e-3: adam-aware 0.962 [0.962], sgd proxy 0.700, exact linearisation 0.965
 #   lr 1e-2: adam-aware 0.821 [0.780], sgd proxy 0.598, exact linearisation 0.939
 ADAM_MIN = {1e-3: 0.95, 1e-2: 0.8}
@@ -180,7 +180,7 @@ def _rho(case, **kw):
 def test_adam_fidelity_and_auto_selection(adam_case):
     info, rho = _rho(adam_case, blocks="auto")  # optimizer chosen from the recorded one; one full operator here
     assert info.optimizer == "adamw" and len(info.blocks) == 1
-    _, rho_layer = _rho(adam_case)  # the default, per-layer operators
+    _, rho_layer = _rho(adam_case, blocks="layer")  # per-layer operators
     assert rho_layer >= ADAM_LAYER_MIN[adam_case.lr]
     _, rho_proxy = _rho(adam_case, optimizer="sgd-proxy")
     print(f"AdamW lr {adam_case.lr}: adam-aware {rho:.3f}, sgd proxy {rho_proxy:.3f}")

@@ -29,6 +29,12 @@ def _values(path, curvature, name="values"):
     return np.asarray(open_array(path, f"embeddings/{curvature}/{name}")[:])
 
 
+def _default_spans(curvature):
+    """What the default ``blocks="auto"`` builds on these small synthetic runs: one operator for the
+    true Fisher, the recorded layer blocks otherwise."""
+    return FULL if curvature == "fisher" else BLOCKS
+
+
 @pytest.mark.parametrize("curvature", ["empirical_fisher", "fisher", "none"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_build_matches_core_and_segments_match_sequential(tmp_path, setting, curvature):
@@ -37,7 +43,8 @@ def test_build_matches_core_and_segments_match_sequential(tmp_path, setting, cur
     info = build_embeddings(path, curvature, progress=False, storage_dtype="float64")
     seq = _values(path, curvature)
     assert seq.shape == (open_run(path).n_rows, 7) and info.n_steps == 23
-    np.testing.assert_allclose(seq, by_hand(steps, curvature), rtol=0, atol=1e-12)
+    assert [list(b) for b in info.blocks] == [list(b) for b in _default_spans(curvature)]
+    np.testing.assert_allclose(seq, by_hand(steps, curvature, blocks=_default_spans(curvature)), rtol=0, atol=1e-12)
     for K in (2, 5):
         build_embeddings(
             path, curvature, segments=K, overwrite=True, progress=False, storage_dtype="float64"
@@ -63,12 +70,11 @@ def test_block_modes_match_the_core_with_those_blocks(tmp_path, setting, curvatu
         assert meta["block_mode"] == mode and meta["blocks"] == [list(b) for b in spans]
     # cross-layer curvature changes the result (the test would not notice a mode that is ignored)
     assert np.abs(got["full"] - got["layer"]).max() > 1e-4
-    # the default is the paper's per-layer form; "auto" takes the full operator for the true Fisher
-    # on a run this small, the layers otherwise
+    # the default, "auto", takes the full operator for the true Fisher on a run this small, the
+    # layers otherwise (tests/embeddings/test_defaults.py checks the choice and its reasons)
     info = build_embeddings(path, curvature, overwrite=True, progress=False, storage_dtype="float64")
-    assert len(info.blocks) == len(BLOCKS)
-    info = build_embeddings(path, curvature, blocks="auto", overwrite=True, progress=False, storage_dtype="float64")
-    assert len(info.blocks) == (1 if curvature == "fisher" else len(BLOCKS))
+    assert [list(b) for b in info.blocks] == [list(b) for b in _default_spans(curvature)]
+    np.testing.assert_array_equal(_values(path, curvature), got["full" if curvature == "fisher" else "layer"])
 
 
 def test_full_blocks_survive_extend_and_checkpoints(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from datavalue.embeddings import _core as core
+from datavalue.embeddings import _gemm
 
 
 def _jacobian(k, H, *, lr, wd, mom, damp, nest, fresh, c, u=None):
@@ -254,20 +255,20 @@ def test_row_split_gemms_equal_the_unsplit_step(monkeypatch, dtype, momentum, cu
     base.M[:] = rng.normal(size=base.M.shape) * 0.1
     kw = dict(lr=0.3, curv=F if curv == "fisher" else curv, momentum=momentum, weight_decay=0.01)
     want_state, want_E = core.step_back(base, G, w, **kw)
-    monkeypatch.setattr(core, "SPLIT_MIN", 8)  # split this small operator
+    monkeypatch.setattr(_gemm, "SPLIT_MIN", 8)  # split this small operator
     calls = []
-    real = core.gemm_nogil
+    real = _gemm.gemm_nogil
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k) if nogil else False
 
-    monkeypatch.setattr(core, "gemm_nogil", spy)
+    monkeypatch.setattr(_gemm, "gemm_nogil", spy)
     with core.gemm_threads(3):
-        assert core._parts(base.M.shape[0]) is not None
+        assert _gemm._parts(base.M.shape[0]) is not None
         got_state, got_E = core.step_back(base, G, w, **kw)
     assert calls  # the split path ran
     tol = 1e-12 if dtype == "float64" else 1e-5
     np.testing.assert_allclose(got_E, want_E, atol=tol)
     np.testing.assert_allclose(got_state.M, want_state.M, atol=tol)
-    assert core._parts(k) is None  # the setting ends with the context
+    assert _gemm._parts(k) is None  # the setting ends with the context

@@ -18,8 +18,8 @@ from ._digits import make_case
 
 # measured (tanh MLP 64-16-10, digits, batch 32, 3 epochs, 200 occurrences x 40 test points;
 # the momentum run's lr is matched to the plain run's training progress, test accuracy 0.65 each).
-# "fisher A [B]": A with one full operator (blocks="full", what "auto" picks for these exact runs),
-# B with the default per-layer operators; the empirical Fisher and none are per layer:
+# "fisher A [B]": A with one full operator (blocks="full", what the default "auto" picks for these exact runs),
+# B with per-layer operators; the empirical Fisher and none are per layer:
 #   plain SGD lr 0.07:               fisher 0.952 [0.948]  empirical_fisher 0.929  none 0.924
 #   momentum 0.9, lr 0.015:          fisher 0.950 [0.943]  empirical_fisher 0.928  none 0.921
 #   weight decay 0.05, lr 0.07:      fisher 0.953 [0.950]  empirical_fisher 0.932  none 0.929
@@ -51,8 +51,8 @@ def case(request, tmp_path_factory):
     c.setting = request.param
     build_embeddings(path, "fisher", progress=False, blocks="full")
     c.fisher_full = c.spearman("fisher")
-    for curvature in ("fisher", "empirical_fisher"):  # the defaults (per-layer operators)
-        build_embeddings(path, curvature, progress=False, overwrite=True)
+    for curvature in ("fisher", "empirical_fisher"):  # per layer (the default, "auto", is fisher_full here)
+        build_embeddings(path, curvature, progress=False, overwrite=True, blocks="layer")
     return c
 
 
@@ -118,9 +118,9 @@ def test_clipping_coefficient_is_modelled(case):
         pytest.skip("clipped run only")
     assert 0.1 < case.clip_fraction < 0.9
     direction = case.spearman("fisher")
-    build_embeddings(case.path, "fisher", progress=False, overwrite=True, clipping="constant")
+    build_embeddings(case.path, "fisher", progress=False, overwrite=True, clipping="constant", blocks="layer")
     constant = case.spearman("fisher")
-    build_embeddings(case.path, "fisher", progress=False, overwrite=True)
+    build_embeddings(case.path, "fisher", progress=False, overwrite=True, blocks="layer")
     print(f"clipping as a constant {constant:.3f} vs modelled {direction:.3f}")
     assert direction > constant + 0.03
 
@@ -128,7 +128,7 @@ def test_clipping_coefficient_is_modelled(case):
 def test_curvature_ordering_at_a_larger_learning_rate(tmp_path):
     """At lr 0.15 curvature matters: fisher > empirical Fisher > none (measured 0.881 / 0.817 / 0.773),
     and so does cross-layer curvature: the true Fisher with one full operator beats its per-layer
-    form, the default (0.881 vs 0.858)."""
+    form (0.881 vs 0.858; the default, "auto", takes the full operator here)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -139,7 +139,7 @@ def test_curvature_ordering_at_a_larger_learning_rate(tmp_path):
     for curvature in ("fisher", "empirical_fisher", "none"):
         build_embeddings(c.path, curvature, progress=False, blocks="full" if curvature == "fisher" else "layer")
         rho[curvature] = c.spearman(curvature)
-    build_embeddings(c.path, "fisher", progress=False, overwrite=True)  # the default: per layer
+    build_embeddings(c.path, "fisher", progress=False, overwrite=True, blocks="layer")
     rho["fisher_layer"] = c.spearman("fisher")
     print(rho)
     assert rho["fisher"] > rho["empirical_fisher"] + 0.02 > rho["none"] + 0.04

@@ -100,8 +100,9 @@ def test_default_build_and_auto_blocks_pick_the_hessian(case):
         pytest.skip("one run is enough")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        info = build_embeddings(case.path, progress=False, overwrite=True, blocks="auto")
+        info = build_embeddings(case.path, progress=False, overwrite=True)  # blocks="auto", the default
     assert info.curvature == "hessian"
+    assert info.choice.startswith("curvature: hessian (recorded; preferred over fisher and empirical_fisher)")
     assert info.blocks == ((0, case.test_grads.shape[1]),)
 
 

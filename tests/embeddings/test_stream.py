@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -90,16 +93,16 @@ def test_reverse_rows_read_ahead_equal_the_store(tmp_path, window, fast):
     ptr, G = run.step_ptr, run.read("grads")
     for lo_step in (0, 11):
         lo = int(ptr[lo_step])
-        rows = _ReverseRows(run, "grads", lo, window, int(run.row_chunk))
-        assert (rows.fast is not None) is True
-        if not fast:
-            rows.fast = None
-        for t in range(run.n_steps - 1, lo_step - 1, -1):
-            r0, r1 = int(ptr[t]), int(ptr[t + 1])
-            np.testing.assert_array_equal(rows.get(r0, r1), G[r0:r1])
-            assert rows.c0 >= lo
-            if rows.ahead is not None:
-                assert rows.ahead[0] >= lo
+        with _ReverseRows(run, "grads", lo, window, int(run.row_chunk)) as rows:  # joins its read-ahead
+            assert (rows.fast is not None) is True
+            if not fast:
+                rows.fast = None
+            for t in range(run.n_steps - 1, lo_step - 1, -1):
+                r0, r1 = int(ptr[t]), int(ptr[t + 1])
+                np.testing.assert_array_equal(rows.get(r0, r1), G[r0:r1])
+                assert rows.c0 >= lo
+                if rows.ahead is not None:
+                    assert rows.ahead[0] >= lo
 
 
 def test_a_corrupt_chunk_found_by_the_read_ahead_names_the_chunk(tmp_path):
@@ -113,6 +116,36 @@ def test_a_corrupt_chunk_found_by_the_read_ahead_names_the_chunk(tmp_path):
     chunk.write_bytes(bytes(raw))
     with pytest.raises(StoreCorruptError, match="grads/c/2/0 is corrupt"):
         build_embeddings(path, "empirical_fisher", progress=False)
+    # the failed build joined its reader, writer and GEMM threads before raising: no chunk write of
+    # it can land later (one once did, in the next test's count of writes)
+    assert [t.name for t in threading.enumerate() if t.name.startswith("datavalue")] == []
+
+
+def test_a_failed_build_writes_nothing_after_it_raised(tmp_path, monkeypatch):
+    """The scan's chunk writes run on its writer thread; when the scan fails, the writes still
+    queued are dropped and the one in flight finishes before the error reaches the caller. (They
+    used to run on: one landed in the next test's count of chunk writes.)"""
+    from datavalue.embeddings import build_embeddings
+    from datavalue.errors import StoreCorruptError
+    from datavalue.store import _writer
+
+    path, _ = _real_run(tmp_path)
+    chunk = path / "grads" / "c" / "2" / "0"  # the scan runs backward: later chunks are written first
+    chunk.write_bytes(b"\0" + chunk.read_bytes()[1:])
+    events = []
+    real = _writer._write_chunk
+
+    def slow(p, c):  # slow enough that writes are queued when the scan meets the corrupt chunk
+        time.sleep(0.05)
+        real(p, c)
+        events.append("write")
+
+    monkeypatch.setattr(_writer, "_write_chunk", slow)
+    with pytest.raises(StoreCorruptError):
+        build_embeddings(path, "empirical_fisher", progress=False)
+    events.append("raised")
+    time.sleep(0.3)
+    assert "write" in events and events[-1] == "raised"
 
 
 def test_direct_chunk_writes_read_back_through_zarr(tmp_path, monkeypatch):
@@ -142,8 +175,7 @@ def test_direct_chunk_writes_read_back_through_zarr(tmp_path, monkeypatch):
 def test_blocks_run_concurrently_with_the_same_result(tmp_path, monkeypatch, setting):
     """Narrow blocks shared among the scan's threads give exactly the one-thread result (each block's
     recursion is independent of the others within a step)."""
-    from datavalue.embeddings import _core as core
-    from datavalue.embeddings import _stream, build_embeddings
+    from datavalue.embeddings import _gemm, _stream, build_embeddings
     from datavalue.store import open_array
 
     from ._synthetic import make_steps, write_run
@@ -151,14 +183,15 @@ def test_blocks_run_concurrently_with_the_same_result(tmp_path, monkeypatch, set
     kw = {"momentum": 0.9, "weight_decay": 0.01} if setting != "sgd" else {}
     steps = make_steps(2, 17, fisher=True, **kw)  # grad_scale < 1 on most steps: clipped directions
     path = write_run(tmp_path / "r.zarr", steps, fisher=True)
-    build_embeddings(path, "fisher", progress=False, storage_dtype="float64")
+    # per layer: the concurrency is between blocks (the default, "auto", takes one operator here)
+    build_embeddings(path, "fisher", progress=False, storage_dtype="float64", blocks="layer")
     want = np.asarray(open_array(path, "embeddings/fisher/values")[:])
 
     calls = []
-    real = core.run_threads
-    monkeypatch.setattr(core, "run_threads", lambda fns: (calls.append(len(fns)), real(fns))[1])
+    real = _gemm.run_threads
+    monkeypatch.setattr(_gemm, "run_threads", lambda fns: (calls.append(len(fns)), real(fns))[1])
     monkeypatch.setattr(_stream, "PARALLEL_MIN_WORK", 0)
     monkeypatch.setattr(_stream.os, "cpu_count", lambda: 3)
-    build_embeddings(path, "fisher", progress=False, storage_dtype="float64", overwrite=True)
+    build_embeddings(path, "fisher", progress=False, storage_dtype="float64", overwrite=True, blocks="layer")
     assert calls and all(n == 2 for n in calls)  # two blocks, two groups, every step
     np.testing.assert_array_equal(np.asarray(open_array(path, "embeddings/fisher/values")[:]), want)

@@ -46,13 +46,16 @@ def test_trainer_callback_records_real_steps(tmp_path):
     assert run.n_steps == 20
     assert np.all(np.diff(run.step_ptr) == 8)  # 2 micro-batches of 4 per optimizer step
     assert set(run.sample_id.tolist()) <= set(range(1000, 1048))
-    # weights are tokens(z)/tokens(step), counted on shifted labels
+    # weights are tokens(z) (shifted labels: the tokens the loss sums over) / the Trainer's
+    # num_items_in_batch (which counts unshifted labels when the config names no loss_type)
     lab = np.array(ds["labels"])
     tok = {sid: float((row[1:] != -100).sum()) for sid, row in zip(ds["sample_id"], lab)}
+    shift = 1 if trainer._loss_shifts_labels else 0
+    n_items = {sid: float((row[shift:] != -100).sum()) for sid, row in zip(ds["sample_id"], lab)}
     for t in range(3):
         sl = slice(run.step_ptr[t], run.step_ptr[t + 1])
         expect = np.array([tok[s] for s in run.sample_id[sl]])
-        np.testing.assert_allclose(run.weight[sl], expect / expect.sum())
+        np.testing.assert_allclose(run.weight[sl], expect / sum(n_items[s] for s in run.sample_id[sl]))
     # the real lr: linear warmup over 3 steps then decay
     assert run.lr[0] < run.lr[2] and run.lr[-1] < run.lr[3]
     assert 0 < run.grad_scale.min() <= 1.0

@@ -99,3 +99,47 @@ def test_bad_specs_are_clear_errors(tiny, user_file, tmp_path, capsys):
     f = user_file / "user_query_mod.py"
     rc = _cli([str(tiny[0]), "--model", f"{f}:not_a_model", "--data", f"{f}:pairs", "--out", str(tmp_path / "x.pq")])
     assert rc == 1 and "torch.nn.Module" in capsys.readouterr().err
+
+
+def test_info_shows_each_builds_choice_of_curvature_and_blocks(tmp_path, capsys):
+    """``datavalue build`` (default blocks: auto) then ``datavalue info``: every build says which
+    curvature and blocks it used and why; a build without build attributes does not break info."""
+    import json
+
+    import torch.nn.functional as F
+
+    import datavalue
+    from datavalue.cli import main
+    from tests.query.conftest import make_model
+
+    x, y, _, _ = data()
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.zarr"
+    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, curvature="fisher") as rec:
+        for idx in torch.arange(len(x)).split(8):
+            with rec.step(sample_ids=idx):
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+    assert main(["build", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "curvature: fisher (recorded; preferred over empirical_fisher), blocks: auto -> 1 operator over 103" in out
+    assert main(["build", str(path), "--curvature", "empirical_fisher", "--blocks", "layer"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  fisher: 5 steps, complete\n    curvature: fisher (recorded; preferred over empirical_fisher)\n" in out
+    assert "    blocks: auto -> 1 operator over 103 columns (operator state 82.9 KiB; one operator keeps" in out
+    assert "    curvature: empirical_fisher (requested)\n    blocks: layer -> 2 operators of 70 / 33 columns" in out
+    assert main(["info", str(path), "--json"]) == 0
+    builds = json.loads(capsys.readouterr().out)["builds"]
+    assert builds["fisher"]["blocks"] == [[0, 103]] and builds["fisher"]["choice"]["block_mode"] == "auto"
+    assert builds["empirical_fisher"]["choice"]["operator_bytes"] == (70**2 + 33**2) * 8
+    # embeddings written without build attributes (as the query tests do) are listed with the reason
+    from tests.query.conftest import write_embeddings
+
+    write_embeddings(path, curvature="none")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  none: " in out and "has no build attributes" in out

@@ -11,8 +11,10 @@ import pytest
 
 import datavalue.shapley as pkg
 
+_ROOT = pathlib.Path(pkg.__file__).parent
 MODULES = sorted(
-    f"datavalue.shapley.{p.stem}" for p in pathlib.Path(pkg.__file__).parent.glob("*.py")
+    ".".join(("datavalue", "shapley", *p.relative_to(_ROOT).with_suffix("").parts))
+    for p in _ROOT.rglob("*.py")
 ) + ["datavalue._cli_royalties"]
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "shapley.md"
 

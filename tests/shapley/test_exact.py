@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from datavalue import shapley
-from datavalue.shapley import _exact, games
+from datavalue.shapley import games
+from datavalue.shapley.estimators import _exact
 
 from ._helpers import TableGame
 

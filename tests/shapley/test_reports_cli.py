@@ -201,7 +201,7 @@ FORBIDDEN = ("torch", "pandas", "matplotlib", "dask", "distributed", "pickle", "
 
 def test_shapley_imports_numpy_scipy_and_stdlib_only():
     pkg = pathlib.Path(shapley.__file__).parent
-    for src in [*pkg.glob("*.py"), pathlib.Path(_cli_royalties.__file__)]:
+    for src in [*pkg.rglob("*.py"), pathlib.Path(_cli_royalties.__file__)]:
         for node in ast.walk(ast.parse(src.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

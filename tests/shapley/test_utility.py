@@ -94,7 +94,7 @@ def test_no_pickle_in_the_package():
 
     import datavalue.shapley as pkg
 
-    for src in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+    for src in pathlib.Path(pkg.__file__).parent.rglob("*.py"):
         text = src.read_text()
         assert "import pickle" not in text and "pickle.load" not in text, src
 

@@ -23,13 +23,11 @@ import datetime as _dt
 import math
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from datavalue.shapley._errors import InvalidGameError, LedgerError
-from datavalue.shapley._royalties import exact_sum, split_royalties
-
-if TYPE_CHECKING:
-    from datavalue.shapley._ledger import GenerationRecord, Period
+from datavalue.shapley.royalties._records import GenerationRecord, Period
+from datavalue.shapley.royalties._split import exact_sum, split_royalties
 
 __all__ = ["AGGREGATIONS", "GenerationLine", "OwnerLine", "PeriodStatement", "build_statement"]
 

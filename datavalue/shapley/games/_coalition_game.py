@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError
-from datavalue.shapley._utility import Utility
 from datavalue.shapley._validation import parse_n, parse_n_exact
+from datavalue.shapley.games._utility import Utility
 
 __all__ = ["CoalitionGame"]
 

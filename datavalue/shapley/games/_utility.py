@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from datavalue.shapley._cache import DiskCache
 from datavalue.shapley._errors import InvalidGameError, UtilityError
 from datavalue.shapley._validation import coalition_of, mask_of, parse_n, parse_partition
+from datavalue.shapley.games._cache import DiskCache
 
 __all__ = ["QuotientUtility", "Utility", "as_utility"]
 

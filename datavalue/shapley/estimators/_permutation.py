@@ -16,17 +16,17 @@ Cost: ``n + 1`` utilities per permutation (fewer with the coalition cache). Hoef
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import numpy as np
 
-from datavalue.shapley._mc import Moments, parse_batch_size, run_batches
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._stopping import StoppingRule, parse_stopping
-from datavalue.shapley._utility import Utility, as_utility
-from datavalue.shapley._validation import parse_rng
+from datavalue.shapley.estimators._base import Moments, MonteCarloEstimator
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.estimators._stopping import StoppingRule
+from datavalue.shapley.games._utility import Utility
 
-__all__ = ["permutation", "permutation_contributions"]
+__all__ = ["PermutationSampling", "permutation", "permutation_contributions"]
 
 
 def permutation_contributions(util: Utility, perms: np.ndarray) -> np.ndarray:
@@ -95,56 +95,52 @@ def permutation(
         >>> res.values.round(6).tolist(), bool(res.stderr.max() < 1e-9)     # symmetric game
         ([4.0, 4.0, 4.0, 4.0], True)
     """
-    util = as_utility(v, n, n_jobs=n_jobs, client=client)
-    n = util.n
-    loop_rule, goal_rule = parse_stopping(n_samples, stop)
-    batch_size = parse_batch_size(batch_size)
-    rng = parse_rng(seed)
-    return sample_permutations(
-        util,
-        lambda k: rng.permuted(np.tile(np.arange(n), (k, 1)), axis=1),
+    return _Permutation(
+        v,
+        n,
+        n_samples=n_samples,
+        stop=stop,
+        seed=seed,
         antithetic=antithetic,
-        loop_rule=loop_rule,
-        goal_rule=goal_rule,
         batch_size=batch_size,
-        method="permutation",
-    )
+        n_jobs=n_jobs,
+        client=client,
+    ).run()
 
 
-def sample_permutations(
-    util: Utility,
-    draw: Any,
-    *,
-    antithetic: bool,
-    loop_rule: Any,
-    goal_rule: Any,
-    batch_size: int,
-    method: str,
-) -> ShapleyResult:
-    """Permutation Monte Carlo over orders drawn by ``draw(k) -> (k, n)``; the reversed order is
-    the antithetic partner (it must come from the same distribution). Shared by plain Shapley and
+class PermutationSampling(MonteCarloEstimator):
+    """Permutation Monte Carlo over orders drawn by :meth:`draw`; the reversed order is the
+    antithetic partner (it must come from the same distribution). Shared by plain Shapley and
     Owen values, which differ only in which permutations they draw."""
-    per_unit = 2 if antithetic else 1
-    moments = Moments(util.n)
 
-    def step(k: int) -> None:
-        perms = draw(k)
-        if antithetic:
-            c = permutation_contributions(util, np.concatenate([perms, perms[:, ::-1]]))
-            moments.add(0.5 * (c[:k] + c[k:]))
+    base_method = "permutation"  # the result's method, with "-antithetic" when antithetic
+
+    def __init__(self, v: Any, n: int | None, *, antithetic: bool, **kwargs: Any) -> None:
+        super().__init__(v, n, **kwargs)
+        self.antithetic = antithetic
+        self.per_unit = 2 if antithetic else 1  # a unit is the pair (order, reversed order)
+        self.method = f"{self.base_method}-antithetic" if antithetic else self.base_method
+        self.moments = Moments(self.n)
+
+    @abc.abstractmethod
+    def draw(self, k: int) -> np.ndarray:
+        """``(k, n)`` joining orders drawn with ``self.rng``."""
+
+    def step(self, k: int) -> None:
+        perms = self.draw(k)
+        if self.antithetic:
+            c = permutation_contributions(self.util, np.concatenate([perms, perms[:, ::-1]]))
+            self.moments.add(0.5 * (c[:k] + c[k:]))
         else:
-            moments.add(permutation_contributions(util, perms))
+            self.moments.add(permutation_contributions(self.util, perms))
 
-    def state() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return moments.mean.copy(), moments.stderr(), moments.count * per_unit
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        m = self.moments
+        return m.mean.copy(), m.stderr(), m.count * self.per_unit
 
-    return run_batches(
-        util=util,
-        step=step,
-        state=state,
-        loop_rule=loop_rule,
-        goal_rule=goal_rule,
-        batch_size=max(1, batch_size // per_unit),
-        per_unit=per_unit,
-        method=f"{method}-antithetic" if antithetic else method,
-    )
+
+class _Permutation(PermutationSampling):
+    """Uniformly random joining orders (Shapley values)."""
+
+    def draw(self, k: int) -> np.ndarray:
+        return self.rng.permuted(np.tile(np.arange(self.n), (k, 1)), axis=1)

@@ -27,17 +27,15 @@ cancels much of the variance.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError
-from datavalue.shapley._mc import Moments, parse_batch_size, run_batches
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._stopping import StoppingRule, parse_stopping
-from datavalue.shapley._utility import as_utility
-from datavalue.shapley._validation import masks_from_bits, parse_rng
+from datavalue.shapley._validation import masks_from_bits
+from datavalue.shapley.estimators._base import Moments, MonteCarloEstimator
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.estimators._stopping import StoppingRule
 
 __all__ = ["kernel_shap", "shapley_kernel_constants"]
 
@@ -74,7 +72,7 @@ def kernel_shap(
     n_jobs: int | None = None,
     client: Any = None,
 ) -> ShapleyResult:
-    """Shapley values by unbiased KernelSHAP (exact ``A``, sampled ``b``), paired by default.
+    """Shapley values by KernelSHAP (constrained least squares), paired by default.
 
     Args:
         v: utility ``v(frozenset) -> float``, a game, a :class:`Utility` or ``CoalitionGame``.
@@ -93,63 +91,80 @@ def kernel_shap(
 
     Example:
         >>> res = kernel_shap(lambda S: 2.0 * (0 in S) + 1.0 * (1 in S), 3, n_samples=64, seed=0)
-        >>> res.values.round(6).tolist()              # additive game: the regression is exact
+        >>> (res.values.round(6) + 0.0).tolist()      # additive game: the regression is exact
         [2.0, 1.0, 0.0]
     """
-    util = as_utility(v, n, n_jobs=n_jobs, client=client)
-    n = util.n
-    loop_rule, goal_rule = parse_stopping(n_samples, stop)
-    batch_size = parse_batch_size(batch_size)
-    if variant not in _VARIANTS:
-        raise InvalidGameError(f"variant must be one of {_VARIANTS}; got {variant!r}.")
-    rng = parse_rng(seed)
-    start = time.monotonic()
-    before = util.n_evaluations
-    full = (1 << n) - 1
-    v0, v_full = util.evaluate_masks([0, full])
-    if n == 1:
-        return ShapleyResult(
-            values=[v_full - v0],
-            stderr=[0.0],
-            n_evaluations=util.n_evaluations - before,
-            n_samples=[1],
-            converged=True,
-            method="kernelshap",
-            elapsed_s=time.monotonic() - start,
-        )
-    q, c = shapley_kernel_constants(n)
-    a = 0.5 - c
-    total = v_full - v0
-    per_unit = 2 if paired else 1
-    moments = Moments(n)  # unbiased variant: running mean of the centred b-samples
-    units_z: list[np.ndarray] = []  # regression variant: every unit's memberships and utilities
-    units_y: list[np.ndarray] = []
+    return _KernelSHAP(
+        v,
+        n,
+        n_samples=n_samples,
+        stop=stop,
+        seed=seed,
+        paired=paired,
+        variant=variant,
+        batch_size=batch_size,
+        n_jobs=n_jobs,
+        client=client,
+    ).run()
 
-    def step(k: int) -> None:
-        sizes = rng.choice(np.arange(1, n), size=k, p=q)
+
+class _KernelSHAP(MonteCarloEstimator):
+    """A unit is a coalition drawn from the Shapley kernel (with its complement when paired)."""
+
+    def __init__(self, v: Any, n: int | None, *, paired: bool, variant: str, **kwargs: Any) -> None:
+        super().__init__(v, n, **kwargs)
+        if variant not in _VARIANTS:
+            raise InvalidGameError(f"variant must be one of {_VARIANTS}; got {variant!r}.")
+        self.paired, self.variant = paired, variant
+        self.method = f"kernelshap-{variant}" + ("-paired" if paired else "")
+        self.per_unit = 2 if paired else 1
+        self.growth = 0.25 if variant == "regression" else 0.0  # its state() revisits every unit
+        self.full = (1 << self.n) - 1
+        self.v0, self.v_full = self.util.evaluate_masks([0, self.full])
+        self.total = self.v_full - self.v0
+        q, c = shapley_kernel_constants(self.n) if self.n > 1 else (np.ones(0), 0.0)
+        self.q: np.ndarray = q
+        self.a = 0.5 - c
+        self.moments = Moments(self.n)  # unbiased variant: running mean of the centred b-samples
+        self.units_z: list[np.ndarray] = []  # regression: every unit's memberships and utilities
+        self.units_y: list[np.ndarray] = []
+
+    def settled(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.n == 1:  # one player gets everything
+            self.method = "kernelshap"
+            return np.array([self.v_full - self.v0]), np.array([1])
+        return None
+
+    def step(self, k: int) -> None:
+        n, rng, per_unit = self.n, self.rng, self.per_unit
+        sizes = rng.choice(np.arange(1, n), size=k, p=self.q)
         keys = rng.random((k, n))
         ranks = np.argsort(np.argsort(keys, axis=1), axis=1)
         z = ranks < sizes[:, None]  # a uniform subset of each drawn size
-        if paired:
+        if self.paired:
             z = np.concatenate([z, ~z])
-        y = util.evaluate_masks(masks_from_bits(z)) - v0
-        if variant == "regression":
-            units_z.append(z.reshape(per_unit, k, n).transpose(1, 0, 2))
-            units_y.append(y.reshape(per_unit, k).T)
+        y = self.util.evaluate_masks(masks_from_bits(z)) - self.v0
+        if self.variant == "regression":
+            self.units_z.append(z.reshape(per_unit, k, n).transpose(1, 0, 2))
+            self.units_y.append(y.reshape(per_unit, k).T)
             return
         g = z * y[:, None]
-        if paired:
+        if self.paired:
             g = 0.5 * (g[:k] + g[k:])
-        moments.add((g - g.mean(axis=1, keepdims=True)) / a)
+        self.moments.add((g - g.mean(axis=1, keepdims=True)) / self.a)
 
-    def state_unbiased() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return moments.mean + total / n, moments.stderr(), moments.count * per_unit
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.variant == "regression":
+            return self._state_regression()
+        m = self.moments
+        return m.mean + self.total / self.n, m.stderr(), m.count * self.per_unit
 
-    def state_regression() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not units_z:
+    def _state_regression(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n, per_unit, total = self.n, self.per_unit, self.total
+        if not self.units_z:
             return np.full(n, total / n), np.full(n, np.inf), np.zeros(n, dtype=np.int64)
-        z = np.concatenate(units_z).astype(np.float64)  # (m, per_unit, n)
-        y = np.concatenate(units_y)  # (m, per_unit)
+        z = np.concatenate(self.units_z).astype(np.float64)  # (m, per_unit, n)
+        y = np.concatenate(self.units_y)  # (m, per_unit)
         m = z.shape[0]
         a_hat = np.einsum("upi,upj->ij", z, z) / (m * per_unit)
         b_hat = np.einsum("upi,up->i", z, y) / (m * per_unit)
@@ -158,7 +173,9 @@ def kernel_shap(
         except np.linalg.LinAlgError:
             ainv = None
         if ainv is None or not np.all(np.isfinite(ainv)) or np.linalg.cond(a_hat) > 1e12:
-            return state_exact_a(b_hat, m)
+            # Too few units for an invertible A_hat yet: the exact-A estimate, stderr unknown.
+            values = (b_hat - b_hat.mean()) / self.a + total / n
+            return values, np.full(n, np.inf), np.full(n, m * per_unit)
         ainv_1 = ainv.sum(axis=1)
         cmat = ainv - np.outer(ainv_1, ainv_1) / ainv_1.sum()
         phi = cmat @ b_hat + ainv_1 * total / ainv_1.sum()
@@ -166,21 +183,3 @@ def kernel_shap(
         infl = resid @ cmat.T
         se = infl.std(axis=0, ddof=1) / np.sqrt(m) if m > 1 else np.full(n, np.inf)
         return phi, se, np.full(n, m * per_unit)
-
-    def state_exact_a(b_hat: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # Too few units for an invertible A_hat yet: report the exact-A estimate, stderr unknown.
-        return (b_hat - b_hat.mean()) / a + total / n, np.full(n, np.inf), np.full(n, m * per_unit)
-
-    return run_batches(
-        util=util,
-        step=step,
-        state=state_regression if variant == "regression" else state_unbiased,
-        loop_rule=loop_rule,
-        goal_rule=goal_rule,
-        batch_size=max(1, batch_size // per_unit),
-        per_unit=per_unit,
-        method=f"kernelshap-{variant}" + ("-paired" if paired else ""),
-        start=start,
-        evaluations_before=before,
-        growth=0.25 if variant == "regression" else 0.0,  # its state() revisits every unit
-    )

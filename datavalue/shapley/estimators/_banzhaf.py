@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from datavalue.shapley._mc import Moments, parse_batch_size, run_batches
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._stopping import StoppingRule, parse_stopping
-from datavalue.shapley._utility import as_utility
-from datavalue.shapley._validation import masks_from_bits, parse_rng
+from datavalue.shapley._validation import masks_from_bits
+from datavalue.shapley.estimators._base import Moments, MonteCarloEstimator
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.estimators._stopping import StoppingRule
 
 __all__ = ["banzhaf_msr"]
 
@@ -62,23 +61,39 @@ def banzhaf_msr(
         >>> bool(abs(res.values - [3.0, 0.0, -1.0]).max() <= 4 * res.stderr.max())  # additive: a_i
         True
     """
-    util = as_utility(v, n, n_jobs=n_jobs, client=client)
-    n = util.n
-    loop_rule, goal_rule = parse_stopping(n_samples, stop)
-    batch_size = parse_batch_size(batch_size)
-    rng = parse_rng(seed)
-    with_i, without_i = Moments(n), Moments(n)
-    drawn = [0]
+    return _BanzhafMSR(
+        v,
+        n,
+        n_samples=n_samples,
+        stop=stop,
+        seed=seed,
+        batch_size=batch_size,
+        n_jobs=n_jobs,
+        client=client,
+    ).run()
 
-    def step(k: int) -> None:
-        bits = rng.random((k, n)) < 0.5
-        u = util.evaluate_masks(masks_from_bits(bits))
+
+class _BanzhafMSR(MonteCarloEstimator):
+    """A unit is one uniformly random coalition; it lands in every player's with/without side."""
+
+    method = "banzhaf-msr"
+
+    def __init__(self, v: Any, n: int | None, **kwargs: Any) -> None:
+        super().__init__(v, n, **kwargs)
+        self.with_i, self.without_i = Moments(self.n), Moments(self.n)
+        self.drawn = 0
+
+    def step(self, k: int) -> None:
+        n = self.n
+        bits = self.rng.random((k, n)) < 0.5
+        u = self.util.evaluate_masks(masks_from_bits(bits))
         x = np.broadcast_to(u[:, None], (k, n))
-        with_i.add(x, bits)
-        without_i.add(x, ~bits)
-        drawn[0] += k
+        self.with_i.add(x, bits)
+        self.without_i.add(x, ~bits)
+        self.drawn += k
 
-    def state() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with_i, without_i = self.with_i, self.without_i
         values = np.where(
             (with_i.count > 0) & (without_i.count > 0), with_i.mean - without_i.mean, 0.0
         )
@@ -86,15 +101,4 @@ def banzhaf_msr(
             var = with_i.variance() / np.maximum(with_i.count, 1) + without_i.variance() / (
                 np.maximum(without_i.count, 1)
             )
-        return values, np.sqrt(var), np.full(n, drawn[0])
-
-    return run_batches(
-        util=util,
-        step=step,
-        state=state,
-        loop_rule=loop_rule,
-        goal_rule=goal_rule,
-        batch_size=batch_size,
-        per_unit=1,
-        method="banzhaf-msr",
-    )
+        return values, np.sqrt(var), np.full(self.n, self.drawn)

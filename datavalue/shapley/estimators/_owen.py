@@ -30,18 +30,14 @@ from typing import Any
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError, InvalidValuesError
-from datavalue.shapley._exact import exact
-from datavalue.shapley._kernel import kernel_shap
-from datavalue.shapley._mc import parse_batch_size
-from datavalue.shapley._permutation import (
-    permutation,
-    sample_permutations,
-)
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._stopping import StoppingRule, parse_stopping
-from datavalue.shapley._stratified import stratified
-from datavalue.shapley._utility import QuotientUtility, as_utility
-from datavalue.shapley._validation import parse_n_exact, parse_partition, parse_rng
+from datavalue.shapley._validation import parse_n_exact, parse_partition
+from datavalue.shapley.estimators._exact import exact
+from datavalue.shapley.estimators._kernel import kernel_shap
+from datavalue.shapley.estimators._permutation import PermutationSampling, permutation
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.estimators._stopping import StoppingRule
+from datavalue.shapley.estimators._stratified import stratified
+from datavalue.shapley.games._utility import QuotientUtility, as_utility
 
 __all__ = ["group_shapley", "owen_exact", "owen_from_utilities", "owen_permutation"]
 
@@ -164,22 +160,36 @@ def owen_permutation(
         >>> round(float(res.values.sum()), 12)
         1.0
     """
-    util = as_utility(v, n, n_jobs=n_jobs, client=client)
-    n = util.n
-    parsed = parse_partition(unions, n)
-    loop_rule, goal_rule = parse_stopping(n_samples, stop)
-    batch_size = parse_batch_size(batch_size)
-    rng = parse_rng(seed)
-    blocks = [np.array(g, dtype=np.int64) for g in parsed]
+    return _OwenPermutation(
+        v,
+        n,
+        unions,
+        n_samples=n_samples,
+        stop=stop,
+        seed=seed,
+        antithetic=antithetic,
+        batch_size=batch_size,
+        n_jobs=n_jobs,
+        client=client,
+    ).run()
 
-    def draw(k: int) -> np.ndarray:
-        """``k`` union-respecting orders: owners at random, then each owner's works at random."""
+
+class _OwenPermutation(PermutationSampling):
+    """Union-respecting orders: owners at random, then each owner's works at random."""
+
+    base_method = "owen-permutation"
+
+    def __init__(
+        self, v: Any, n: int | None, unions: Sequence[Sequence[int]], **kwargs: Any
+    ) -> None:
+        super().__init__(v, n, **kwargs)
+        self.blocks = [np.array(g, dtype=np.int64) for g in parse_partition(unions, self.n)]
+
+    def draw(self, k: int) -> np.ndarray:
+        rng, blocks = self.rng, self.blocks
         union_order = rng.permuted(np.tile(np.arange(len(blocks)), (k, 1)), axis=1)
         inner = [rng.permuted(np.tile(b, (k, 1)), axis=1) for b in blocks]
         return np.stack([np.concatenate([inner[j][r] for j in union_order[r]]) for r in range(k)])
-
-    return sample_permutations(util, draw, antithetic=antithetic, loop_rule=loop_rule, goal_rule=goal_rule,
-                               batch_size=batch_size, method="owen-permutation")
 
 
 _GROUP_ESTIMATORS = ("exact", "permutation", "stratified", "kernelshap")

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError, InvalidValuesError
-from datavalue.shapley._result import ShapleyResult
-from datavalue.shapley._utility import as_utility
 from datavalue.shapley._validation import parse_n_exact, shapley_size_weights
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.games._utility import as_utility
 
 __all__ = ["exact", "exact_banzhaf", "exact_from_utilities", "exact_weights"]
 

@@ -18,8 +18,8 @@ from html import escape
 from pathlib import Path
 
 from datavalue.shapley._errors import InvalidGameError, OutputExistsError
-from datavalue.shapley._statement import PeriodStatement
-from datavalue.shapley._svg import bar_chart, error_bar_chart, stacked_columns
+from datavalue.shapley.royalties._statement import PeriodStatement
+from datavalue.shapley.royalties._svg import bar_chart, error_bar_chart, stacked_columns
 
 __all__ = ["FORMATS", "infer_format", "render_report", "write_report"]
 
@@ -145,8 +145,8 @@ def render_report(statement: PeriodStatement, format: str = "html") -> str:  # n
     """Render a statement as ``"html"``, ``"json"`` or ``"csv"`` text.
 
     Example:
-        >>> from datavalue.shapley._ledger import Period
-        >>> from datavalue.shapley._statement import build_statement
+        >>> from datavalue.shapley.royalties._records import Period
+        >>> from datavalue.shapley.royalties._statement import build_statement
         >>> st = build_statement([], period=Period())
         >>> render_report(st, "csv").splitlines()[0].split(",")[:4]
         ['period_start', 'period_end', 'kind', 'owner']
@@ -157,7 +157,15 @@ def render_report(statement: PeriodStatement, format: str = "html") -> str:  # n
 
 
 def infer_format(path: str | os.PathLike[str]) -> str:
-    """Report format from a file extension (``.html``, ``.htm``, ``.json``, ``.csv``)."""
+    """Report format from a file extension (``.html``, ``.htm``, ``.json``, ``.csv``).
+
+    Raises:
+        InvalidGameError: for any other extension (the message lists the known ones).
+
+    Example:
+        >>> infer_format("out/2025-01.HTM"), infer_format("statement.csv")
+        ('html', 'csv')
+    """
     ext = Path(path).suffix.lower()
     if ext not in _EXTENSIONS:
         raise InvalidGameError(

@@ -1,0 +1,310 @@
+"""One step pipeline for every recorder: a step's ids, weights and captured rows -> ``StepBlock``.
+
+The torch :class:`~datavalue.Recorder`, the Hugging Face ``DataValueCallback`` (which drives a
+``Recorder``) and the :class:`~datavalue.capture.jax.JaxRecorder` differ in how they *see* a step
+(hooks in a ``with`` block, a Trainer's micro-batches, a jitted ``vmap(grad)``); what they do with
+it is decided here only: validation of ids and weights, the gather across ``torch.distributed``
+ranks, non-finite rows (raise, or store zeros and flag), the ``StepBlock``, and the writer's
+lifecycle (rank 0 owns the run; the other ranks learn where it starts).
+
+Example (what a recorder does with one step, here without any framework)::
+
+    >>> import os, tempfile, numpy as np, datavalue
+    >>> from datavalue.capture import StepSink, parse_sample_ids, step_weights
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.zarr")
+    >>> sink = StepSink(path, {"projection": {"k": 2}}, k=2)
+    >>> ids = parse_sample_ids([3, 7])
+    >>> sink.submit(ids, step_weights("mean", 2), np.array([[1.0, 0.0], [0.0, 2.0]]), lr=0.1)
+    0
+    >>> sink.close()
+    >>> datavalue.store.open_run(path).sample_id.tolist()
+    [3, 7]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
+from datavalue.store import FLAG_NONFINITE, RunWriter, StepBlock
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DistInfo", "StepSink", "parse_sample_ids", "step_weights"]
+
+LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
+
+
+def parse_sample_ids(sample_ids: Any) -> np.ndarray:
+    """Validate ids (tensor, array, list or range of ints) into a 1-d int64 array without duplicates."""
+    if hasattr(sample_ids, "detach") and hasattr(sample_ids, "cpu"):  # a torch tensor, without importing torch
+        sample_ids = sample_ids.detach().cpu().numpy()
+    arr = np.asarray(list(sample_ids) if isinstance(sample_ids, range) else sample_ids)
+    if arr.ndim != 1:
+        raise RecorderError(f"sample_ids must be 1-d (one id per example), got shape {arr.shape}.")
+    if arr.size == 0:
+        raise RecorderError("sample_ids is empty; a step needs at least one example.")
+    if arr.dtype == object and all(isinstance(v, (int, np.integer)) for v in arr.tolist()):
+        big = [v for v in arr.tolist() if not -(2**63) <= v < 2**63]
+        if big:
+            raise RecorderError(f"sample ids must fit in int64; got {big[:3]}. Map your keys to smaller int ids.")
+        arr = arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise RecorderError(f"sample_ids must be integers, got dtype {arr.dtype}; map your keys to int ids first.")
+    arr = arr.astype(np.int64)
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        raise RecorderError(
+            f"sample_ids repeats ids {uniq[counts > 1][:5].tolist()} within one step; each example in a batch needs its "
+            "own id (an example drawn twice in one batch: give each copy a distinct id)."
+        )
+    return arr
+
+
+def step_weights(loss_reduction: str, b: int, tokens: Any = None) -> np.ndarray:
+    """``(b,)`` weights ``w_t(z)`` of a step's examples in the stepped loss.
+
+    ``"mean"``: 1/b; ``"sum"``: 1; ``"token_mean"``: tokens(z) / tokens(B) (``tokens`` required).
+    """
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise RecorderError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
+    if loss_reduction == "mean":
+        return np.full(b, 1.0 / b)
+    if loss_reduction == "sum":
+        return np.ones(b)
+    if tokens is None:
+        raise RecorderError('loss_reduction="token_mean" needs step(..., tokens=per-example token counts).')
+    t = tokens
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().numpy()
+    t = np.asarray(t, dtype=np.float64).reshape(-1)
+    if t.size != b or (t < 0).any() or t.sum() <= 0:
+        raise RecorderError(f"tokens must be {b} non-negative counts with a positive sum, got {t.size} values summing to {t.sum()}.")
+    return t / t.sum()
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """``torch.distributed`` bookkeeping: rank, world size, and the collectives a recorder needs.
+
+    The default (rank 0 of 1) is what every single-process recorder (and JAX) uses; torch is
+    imported only by the collectives, which run only when ``world > 1``.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @staticmethod
+    def detect(flag: bool | None) -> DistInfo:
+        import torch.distributed as dist
+
+        on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if flag and not on:
+            raise RecorderError("distributed=True but no torch.distributed process group with more than one rank is initialised.")
+        if flag is False or not on:
+            return DistInfo()
+        return DistInfo(dist.get_rank(), dist.get_world_size())
+
+    def broadcast_int(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def all_sum(self, value: Any) -> Any:
+        """Sum over ranks of a float or a numpy array (the value itself on one process)."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.as_tensor(np.asarray(value, dtype=np.float64)).clone()
+        dist.all_reduce(t)
+        return float(t.item()) if np.ndim(value) == 0 else t.numpy()
+
+    def all_gather_rows(self, a: np.ndarray) -> np.ndarray:
+        """Concatenate ranks' arrays along axis 0 (different lengths allowed), in rank order."""
+        if self.world == 1:
+            return a
+        import torch
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        n = torch.tensor([t.shape[0]], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        m = max(int(s.item()) for s in sizes)
+        pad = torch.zeros((m - t.shape[0], *t.shape[1:]), dtype=t.dtype)
+        out = [torch.zeros((m, *t.shape[1:]), dtype=t.dtype) for _ in range(self.world)]
+        dist.all_gather(out, torch.cat([t, pad]))
+        return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).numpy()
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch, without importing it
+        a = a.detach().cpu()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()
+        return a.numpy()
+    return np.asarray(a)
+
+
+class StepSink:
+    """Turns each step's ids, weights and captured rows into a committed ``StepBlock``.
+
+    Owns the run's writer (on rank 0); every recorder submits through :meth:`submit`, so the
+    checks and the stored layout are the same whatever the training loop.
+
+    Args:
+        path, manifest, k, mode, chunk_rows, storage_dtype, fisher, background: the
+            :class:`~datavalue.store.RunWriter`'s (``mode`` is ``"create"``, ``"overwrite"`` or
+            ``"resume"``).
+        on_nonfinite: ``"raise"`` (nothing is written for a step with a non-finite row) or
+            ``"skip"`` (such rows are stored as zeros and flagged).
+        dist: the ``torch.distributed`` view (default: one process).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        manifest: Mapping[str, Any],
+        *,
+        k: int,
+        mode: str = "create",
+        chunk_rows: int | None = None,
+        storage_dtype: str = "float32",
+        fisher: bool = False,
+        background: bool = True,
+        on_nonfinite: str = "raise",
+        dist: DistInfo | None = None,
+    ) -> None:
+        if on_nonfinite not in ("raise", "skip"):
+            raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        self.dist = dist or DistInfo()
+        self.on_nonfinite = on_nonfinite
+        self.fisher = bool(fisher)
+        self.k = int(k)
+        self.writer: RunWriter | None = None
+        if self.dist.rank == 0:
+            try:
+                self.writer = RunWriter(path, dict(manifest), k=self.k, mode=mode, chunk_rows=chunk_rows,
+                                        storage_dtype=storage_dtype, fisher=self.fisher, background=background)
+            except Exception:
+                self.dist.broadcast_int(-1)
+                raise
+        start = self.dist.broadcast_int(self.writer.steps if self.writer is not None else 0)
+        if start < 0:
+            raise RecorderStateError("rank 0 could not open the run (see its error); this rank stops too.")
+        self.next_step = start
+        self.closed = False
+
+    def submit(
+        self,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        grads: Any,
+        *,
+        lr: float,
+        epoch: int | None = None,
+        grad_scale: float | None = None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        fisher: Any = None,
+        extra: Mapping[str, Any] | None = None,
+        hessian: Any = None,
+    ) -> int:
+        """Commit one optimizer step; returns its index.
+
+        Args:
+            ids: ``(b,)`` this rank's sample ids (:func:`parse_sample_ids`).
+            weights: ``(b,)`` each example's weight in the *global* stepped loss (after the
+                average over ranks that DDP takes).
+            grads: ``(b, k)`` unweighted per-sample gradients (torch or numpy).
+            fisher: ``(f, k)`` pseudo-gradient rows (weights included) when the run records them.
+            extra: optional per-step entries (the optimizer's state, see ``_optim.step_fields``).
+            hessian: ``(k, k)`` sketched Hessian of the step (``curvature="hessian"``).
+        """
+        if self.closed:
+            raise RecorderStateError("this run's step pipeline is closed; open a new recorder with resume=True.")
+        step = self.next_step
+        ids = np.asarray(ids, np.int64)
+        weights = np.asarray(weights, np.float64).reshape(-1)
+        g = _to_numpy(grads)
+        if g.ndim != 2 or g.shape != (ids.size, self.k) or weights.shape != ids.shape:
+            raise RecorderError(
+                f"step {step}: expected ({ids.size}, {self.k}) gradient rows and {ids.size} weights for {ids.size} ids, "
+                f"got rows {g.shape} and {weights.size} weights."
+            )
+        if not np.all(np.isfinite(weights)) or (weights < 0).any():
+            raise RecorderError(f"step {step}: example weights must be finite and non-negative, got {weights[:5]}...")
+        f = None if fisher is None else _to_numpy(fisher)
+        if self.fisher and f is None:
+            f = np.zeros((0, self.k), g.dtype)
+        if self.dist.world > 1:
+            g = self.dist.all_gather_rows(g)
+            ids = self.dist.all_gather_rows(ids)
+            weights = self.dist.all_gather_rows(weights)
+            if f is not None:
+                f = self.dist.all_gather_rows(f)
+            if np.unique(ids).size != ids.size:
+                raise RecorderError(f"step {step}: sample ids repeat across ranks; each example needs a unique id.")
+        flags = np.zeros(ids.size, np.uint8)
+        finite = np.isfinite(g).all(1)
+        if not finite.all():
+            bad = ids[~finite]
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(
+                    f"step {step}: non-finite per-sample gradients for sample ids {bad[:10].tolist()}; nothing was "
+                    "written for this step. Fix the loss, or pass on_nonfinite='skip' to store zeros and flag the rows."
+                )
+            logger.warning("step %d: %d non-finite rows stored as zeros and flagged", step, bad.size)
+            g = np.where(finite[:, None], g, 0).astype(g.dtype, copy=False)
+            flags[~finite] |= FLAG_NONFINITE
+        if f is not None:
+            f = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
+        extra = dict(extra) if extra else None
+        if hessian is not None:
+            H = _to_numpy(hessian)
+            if not np.all(np.isfinite(H)):
+                if self.on_nonfinite == "raise":
+                    raise NonFiniteError(
+                        f"step {step}: the Hessian of hessian_loss is non-finite; nothing was written for this "
+                        "step. Fix the loss, or pass on_nonfinite='skip' (the step's Hessian is then stored as NaN and "
+                        "a curvature='hessian' build stops there)."
+                    )
+                H = np.full_like(H, np.nan)
+            extra = dict(extra or {}, hessian=H)
+        self.next_step += 1
+        if self.writer is not None:  # rank 0 commits
+            self.writer.submit(StepBlock(
+                step=step, sample_id=ids, weight=weights, grads=g, flags=flags, lr=float(lr),
+                epoch=-1 if epoch is None else int(epoch), grad_scale=1.0 if grad_scale is None else float(grad_scale),
+                momentum=float(momentum), weight_decay=float(weight_decay), fisher=f, extra=extra,
+            ))
+        return step
+
+    def flush(self) -> None:
+        """Block until every submitted step is committed to disk."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the writer. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.writer is not None:
+            self.writer.close()

@@ -96,4 +96,7 @@ def test_gemm_releases_the_gil():
     during_held, seconds_held = _count_during(lambda: _blas._call(held, C2, A, B, 1.0, 0.0, False))
     np.testing.assert_allclose(C2, C, rtol=1e-12)
     assert seconds_held > 0.01
-    assert during_held < during / 10, (during_held, during)
+    # per second of GEMM: the GIL-free call lets the thread count 10-40x faster on a quiet machine; two
+    # test suites running beside it brought that to 9x on a fresh clone, so the bar is 4x (a call that
+    # holds the GIL, the control itself, scores about 1x)
+    assert during_held / seconds_held < during / seconds / 4, (during_held, seconds_held, during, seconds)

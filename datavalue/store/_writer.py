@@ -10,6 +10,7 @@ there surface on the next :meth:`RunWriter.submit` or on :meth:`RunWriter.close`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -50,7 +51,45 @@ _FLUSH_TIMER = object()
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "zarr.json").exists()
+    """Whether ``path`` is a directory holding a datavalue run: a zarr v3 group whose root
+    attributes carry the run manifest (``MANIFEST_KEY`` with a ``schema_version``).
+
+    Any zarr v3 store has a ``zarr.json``; only the manifest says the store is ours to replace.
+    """
+    return _what_is(path) == "run"
+
+
+def _what_is(path: Path) -> str:
+    """``"run"`` or a short description of what lies at ``path``, for refusals."""
+    if path.is_symlink():
+        return f"a symbolic link to {os.path.realpath(path)}"
+    if not path.is_dir():
+        return "a regular file" if path.is_file() else "something that is not a directory"
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        n = sum(1 for _ in path.iterdir())
+        return f"a directory with {n} entr{'y' if n == 1 else 'ies'} and no zarr.json"
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "a directory whose zarr.json is not readable JSON"
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+        return "a zarr store that is not a zarr v3 group"
+    manifest = (doc.get("attributes") or {}).get(MANIFEST_KEY)
+    if not isinstance(manifest, dict) or "schema_version" not in manifest:
+        return f"a zarr v3 store without a datavalue run manifest (no '{MANIFEST_KEY}' attribute with a schema_version)"
+    return "run"
+
+
+def refuse_unless_run(path: Path) -> None:
+    """Raise :class:`StoreExistsError` unless ``path`` holds a datavalue run (the only thing
+    ``overwrite=True`` may delete); the message says what was found and what to do."""
+    found = _what_is(path)
+    if found != "run":
+        raise StoreExistsError(
+            f"{path} exists and is {found}, not a datavalue run; overwrite=True replaces only a datavalue "
+            "run, so nothing was deleted. Choose another path, or move or remove it yourself."
+        )
 
 
 def _write_chunk(path: Path, chunk: np.ndarray) -> None:
@@ -175,9 +214,8 @@ class RunWriter:
             self._open_existing(manifest)
         else:
             if exists:
-                if not _is_run(self.path) and self.path.is_dir():
-                    raise StoreExistsError(f"{self.path} exists and is not a datavalue run; refusing to delete it.")
-                shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+                refuse_unless_run(self.path)  # never a user's file, directory, symlink or foreign zarr store
+                shutil.rmtree(self.path)
             self._create(manifest, chunk_rows, storage_dtype, fisher)
         self.manifest = manifest if mode != "resume" else self.manifest
         self._tails: dict[str, _AppendArray] = {}
@@ -218,8 +256,9 @@ class RunWriter:
         self.steps = self.rows = self.fisher_rows = self.generation = 0
 
     def _open_existing(self, manifest: dict[str, Any]) -> None:
-        if not _is_run(self.path):
-            raise StoreNotFoundError(f"{self.path} is not a zarr run (no zarr.json).")
+        found = _what_is(self.path)
+        if found != "run":
+            raise StoreNotFoundError(f"resume=True but {self.path} is {found}, not a datavalue run; check the path.")
         g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         on_disk = dict(g.attrs.get(MANIFEST_KEY, {}))
         diffs = diff_manifests(on_disk, manifest)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -79,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     from datavalue import shapley
 
     try:
-        fmt = args.format or shapley.infer_format(args.out)
         out = Path(args.out)
+        _refuse_input_as_output(out, ledger=args.ledger, registry=args.registry)
+        fmt = args.format or shapley.infer_format(args.out)
         if out.exists() and not args.overwrite:
             raise shapley.OutputExistsError(
                 f"{out} already exists; refusing to overwrite it. Pass --overwrite or choose "
@@ -100,6 +102,30 @@ def run(args: argparse.Namespace) -> int:
         f"to {out}"
     )
     return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once resolved (``..``, symlinks), or one
+    inode (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _refuse_input_as_output(out: Path, *, ledger: str, registry: str | None) -> None:
+    """Refuse an ``--out`` that is one of the command's inputs: ``--overwrite`` would replace the
+    ledger (or the owner registry) with the report, and the hash-chained rows would be gone."""
+    from datavalue import shapley
+
+    for what, src in (("ledger", ledger), ("owner registry", registry)):
+        if src is not None and _same_file(out, Path(src)):
+            raise shapley.LedgerError(
+                f"--out {out} is the {what} {src} this command reads; writing the report there would "
+                f"replace the {what}. Choose another --out (e.g. report.html)."
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

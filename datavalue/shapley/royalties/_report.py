@@ -9,8 +9,6 @@ with a +-2 standard error bar. Writers refuse to replace an existing file unless
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from decimal import Decimal
@@ -32,26 +30,63 @@ def _render_json(st: PeriodStatement) -> str:
     return json.dumps(st.to_dict(), indent=2, sort_keys=False) + "\n"
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets.
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(text: str) -> str:
+    """A text cell made safe for spreadsheets (OWASP, "CSV injection"): a leading ``=``, ``+``,
+    ``-``, ``@``, tab or carriage return gets a single quote in front, so an owner named
+    ``=HYPERLINK("http://evil","x")`` is shown as that text, never run as a formula."""
+    return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
+
+
+class _CsvRows:
+    """RFC 4180 rows with ``\n`` line ends: a field holding a comma, a quote, CR or LF is quoted.
+
+    ``csv.writer(lineterminator="\n")`` leaves a field with a bare CR unquoted, and readers then
+    split the row there; for every other field the output is the same as ``csv.writer``'s.
+    """
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def writerow(self, fields: list[object]) -> None:
+        cells = (str(f) for f in fields)
+        self._lines.append(",".join('"' + c.replace('"', '""') + '"' if any(ch in c for ch in ',"\r\n') else c
+                                    for c in cells))
+
+    def text(self) -> str:
+        return "".join(line + "\n" for line in self._lines)
+
+
 def _render_csv(st: PeriodStatement) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    """The statement as CSV for accounting, one row per owner plus ``unallocated`` and ``pool_total``.
+
+    Text fields (``owner``, ``name``, ``currency``, ``aggregation``, ``policies``) come from users
+    and are escaped with :func:`_cell` (a leading formula character gets a ``'``). Numeric
+    fields (amounts, shares, counts, values: ``-12.34`` included) are written as plain numbers,
+    never escaped, so they stay numbers in a spreadsheet and parse back exactly.
+    """
+    w = _CsvRows()
     start = "" if st.period.start is None else st.period.start.isoformat()
     end = "" if st.period.end is None else st.period.end.isoformat()
     w.writerow(
         ["period_start", "period_end", "kind", "owner", "name", "amount", "currency", "share",
          "n_generations", "n_paid", "value_sum", "value_stderr", "aggregation", "policies"]
     )  # fmt: skip
-    common = [st.aggregation, ";".join(st.policies)]
+    common = [_cell(st.aggregation), _cell(";".join(st.policies))]
+    cur = _cell(st.currency)
     for o in st.owners:
         w.writerow(
-            [start, end, "owner", o.owner, o.name, str(o.amount), st.currency, f"{o.share:.6f}",
+            [start, end, "owner", _cell(o.owner), _cell(o.name), str(o.amount), cur, f"{o.share:.6f}",
              o.n_generations, o.n_paid, repr(o.value_sum), repr(o.value_stderr), *common]
         )  # fmt: skip
-    w.writerow([start, end, "unallocated", "", "", str(st.unallocated_total), st.currency, "",
+    w.writerow([start, end, "unallocated", "", "", str(st.unallocated_total), cur, "",
                 st.n_no_positive, "", "", "", *common])  # fmt: skip
-    w.writerow([start, end, "pool_total", "", "", str(st.pool_total), st.currency, "",
+    w.writerow([start, end, "pool_total", "", "", str(st.pool_total), cur, "",
                 st.n_generations, "", "", "", *common])  # fmt: skip
-    return buf.getvalue()
+    return w.text()
 
 
 _CSS = """

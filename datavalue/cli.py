@@ -108,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from datavalue.demo import run_demo
 
     run_demo(args.out, n_train=args.n_train, epochs=args.epochs, proj_dim=args.proj_dim, seed=args.seed,
-             overwrite=True, progress=not args.quiet)
+             overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
 
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proj-dim", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the demo's outputs in --out (run.zarr, top_k.txt, demo.png); nothing else there")
     p.set_defaults(func=cmd_demo)
 
     for name, mod in (("query", "datavalue._cli_query"), ("royalties", "datavalue._cli_royalties")):

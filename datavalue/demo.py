@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -29,8 +28,10 @@ def make_mlp(seed: int = 0) -> nn.Module:
 
 
 def train_recorded(path: Path, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int = 64, lr: float = 0.1,
-                   proj_dim: int = 1024, seed: int = 0, progress: bool = True) -> nn.Module:
-    """Plain SGD with the recorder on; returns the trained model (final weights)."""
+                   proj_dim: int = 1024, seed: int = 0, progress: bool = True, overwrite: bool = False) -> nn.Module:
+    """Plain SGD with the recorder on; returns the trained model (final weights).
+
+    ``overwrite=True`` replaces a datavalue run at ``path`` (the recorder refuses anything else)."""
     import datavalue
 
     model = make_mlp(seed)
@@ -39,7 +40,7 @@ def train_recorded(path: Path, x: np.ndarray, y: np.ndarray, *, epochs: int, bat
     rng = np.random.default_rng(seed)
     n_steps = epochs * int(np.ceil(len(x) / batch_size))
     with datavalue.Recorder(path, model, proj_dim=proj_dim, seed=seed, optimizer=opt, curvature="fisher",
-                            overwrite=True) as rec, tqdm(total=n_steps, desc="train+record", disable=not progress) as bar:
+                            overwrite=overwrite) as rec, tqdm(total=n_steps, desc="train+record", disable=not progress) as bar:
         for epoch in range(epochs):
             order = rng.permutation(len(x))
             for i in range(0, len(x), batch_size):
@@ -54,21 +55,56 @@ def train_recorded(path: Path, x: np.ndarray, y: np.ndarray, *, epochs: int, bat
     return model
 
 
+OUTPUTS = ("run.zarr", "top_k.txt", "demo.png")
+"""What the demo writes into ``out``; nothing else there is touched."""
+
+
+def _check_outputs(out: Path, *, overwrite: bool) -> None:
+    """Refuse to start when an output exists (unless ``overwrite``) or is not ours to replace.
+
+    ``run.zarr`` is replaced by the recorder, which deletes only a datavalue run; the two
+    files are replaced in place, so a directory or a symlink under their names is refused.
+    """
+    from datavalue.errors import StoreExistsError
+
+    found = [out / name for name in OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
+    if found and not overwrite:
+        raise StoreExistsError(
+            f"the demo's outputs already exist: {', '.join(map(str, found))}. Pass --overwrite "
+            "(overwrite=True) to replace them (only them: other files in "
+            f"{out} are left alone), or choose another --out."
+        )
+    for path in found:
+        if path.name != "run.zarr" and (path.is_symlink() or not path.is_file()):
+            raise StoreExistsError(
+                f"{path} is not a file the demo wrote ({'a symbolic link' if path.is_symlink() else 'not a regular file'}); "
+                "refusing to replace it. Move it away or choose another --out."
+            )
+
+
 def run_demo(out: str | Path = "runs/demo", *, n_train: int = 4000, epochs: int = 2, proj_dim: int = 1024,
-             seed: int = 0, n_explain: int = 4, k: int = 6, overwrite: bool = True, progress: bool = True) -> dict:
-    """Run the whole demo; returns paths and timings."""
+             seed: int = 0, n_explain: int = 4, k: int = 6, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run the whole demo; returns paths and timings.
+
+    Writes only :data:`OUTPUTS` under ``out`` (created if missing). Existing outputs are refused
+    unless ``overwrite=True``, which replaces those outputs and nothing else in ``out``.
+
+    Raises:
+        StoreExistsError: an output exists and ``overwrite`` is False, or it is not something the
+            demo wrote (``run.zarr`` not a datavalue run, a symlink, a directory named ``demo.png``).
+    """
     import datavalue
     from datavalue.data import load_mnist
 
     out = Path(out)
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
+    _check_outputs(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     x, y = load_mnist("train", n=n_train, seed=seed)
     xte, yte = load_mnist("test", n=1000, seed=seed)
     run_path = out / "run.zarr"
-    model = train_recorded(run_path, x, y, epochs=epochs, proj_dim=proj_dim, seed=seed, progress=progress)
+    model = train_recorded(run_path, x, y, epochs=epochs, proj_dim=proj_dim, seed=seed, progress=progress,
+                           overwrite=overwrite)
     with torch.no_grad():
         acc = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
     t_train = time.perf_counter() - t0

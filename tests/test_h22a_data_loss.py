@@ -14,6 +14,7 @@ import io
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +139,60 @@ def test_csv_report_escapes_formulas_in_text_and_keeps_numbers(tmp_path):
     assert any(float(r["value_sum"]) < 0 for r in rows if r["kind"] == "owner")
     total = sum(Decimal(r["amount"]) for r in rows if r["kind"] in ("owner", "unallocated"))
     assert total == Decimal("10.00")
+
+
+# ------------------------------------------------------------------ item 1: datavalue demo --out DIR
+@pytest.fixture
+def tiny_mnist(monkeypatch):
+    """Synthetic 'MNIST' (every class in the test split) so the demo runs offline in seconds."""
+    import datavalue.data
+
+    def fake(split="train", n=None, *, seed=0, flatten=True):
+        rng = np.random.default_rng([0 if split == "train" else 1, seed or 0])
+        n = n or 100
+        return rng.random((n, 784), dtype=np.float32), np.arange(n, dtype=np.int64) % 10
+
+    monkeypatch.setattr(datavalue.data, "load_mnist", fake)
+
+
+def _demo(out: Path, *extra: str) -> int:
+    return main(["demo", "--out", str(out), "--n-train", "96", "--epochs", "1", "--proj-dim", "64", "--quiet", *extra])
+
+
+def test_demo_keeps_unrelated_files_and_refuses_to_overwrite(tmp_path, tiny_mnist, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's notes")
+    assert _demo(out) == 0  # a directory with other files in it is fine: nothing of the demo's is there
+    assert (out / "keep.txt").read_text() == "the user's notes"
+    assert all((out / name).exists() for name in ("run.zarr", "top_k.txt", "demo.png"))
+    steps = datavalue.open_run(out / "run.zarr").n_steps
+    capsys.readouterr()
+    # a second run without --overwrite refuses before touching anything
+    stamp = (out / "top_k.txt").stat().st_mtime_ns
+    assert _demo(out) == 2
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--overwrite" in err
+    assert (out / "top_k.txt").stat().st_mtime_ns == stamp
+    # --overwrite replaces the demo's outputs and nothing else
+    assert _demo(out, "--overwrite") == 0
+    assert (out / "keep.txt").read_text() == "the user's notes"
+    assert datavalue.open_run(out / "run.zarr").n_steps == steps
+
+
+def test_demo_overwrite_refuses_what_it_did_not_write(tmp_path, tiny_mnist):
+    from datavalue.demo import run_demo
+
+    out = tmp_path / "demo"
+    (out / "run.zarr").mkdir(parents=True)
+    (out / "run.zarr" / "mine.txt").write_text("x")
+    with pytest.raises(E.StoreExistsError, match="not a datavalue run"):  # the recorder deletes only a run
+        run_demo(out, n_train=96, epochs=1, proj_dim=64, overwrite=True, progress=False)
+    assert (out / "run.zarr" / "mine.txt").exists()
+    other = tmp_path / "demo2"
+    other.mkdir()
+    (tmp_path / "elsewhere.txt").write_text("outside")
+    (other / "top_k.txt").symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(E.StoreExistsError, match="symbolic link"):
+        run_demo(other, n_train=96, epochs=1, proj_dim=64, overwrite=True, progress=False)
+    assert (tmp_path / "elsewhere.txt").read_text() == "outside"

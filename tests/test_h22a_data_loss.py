@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import zipfile
 from decimal import Decimal
 from pathlib import Path
 
@@ -196,3 +197,70 @@ def test_demo_overwrite_refuses_what_it_did_not_write(tmp_path, tiny_mnist):
     with pytest.raises(E.StoreExistsError, match="symbolic link"):
         run_demo(other, n_train=96, epochs=1, proj_dim=64, overwrite=True, progress=False)
     assert (tmp_path / "elsewhere.txt").read_text() == "outside"
+
+
+# ------------------------------------------------------------------ item 12: links out of a run
+@pytest.fixture
+def built(tmp_path):
+    path = tmp_path / "run.zarr"
+    _record(path, steps=3)
+    datavalue.build_embeddings(path, curvature="empirical_fisher", progress=False)
+    return path
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _link_embeddings_outside(run: Path, tmp_path: Path) -> Path:
+    """Move the run's embeddings out and leave a symlink: the outside copy stands for someone's data."""
+    outside = tmp_path / "someone_elses"
+    outside.mkdir()
+    (run / "embeddings").rename(outside / "embeddings")
+    (outside / "embeddings" / "empirical_fisher" / "keep.txt").write_text("not the run's")
+    (run / "embeddings").symlink_to(outside / "embeddings", target_is_directory=True)
+    return outside
+
+
+def test_build_overwrite_never_deletes_or_writes_through_a_link(built, tmp_path, capsys):
+    outside = _link_embeddings_outside(built, tmp_path)
+    before = _tree(outside)
+    rc = main(["build", str(built), "--curvature", "empirical_fisher", "--overwrite"])
+    assert rc == 2
+    assert "leads outside the run" in capsys.readouterr().err
+    assert _tree(outside) == before  # nothing deleted, nothing written
+    from datavalue.store import create_array, delete_path
+
+    with pytest.raises(E.StoreError, match="leads outside the run"):
+        delete_path(built, "embeddings/empirical_fisher")
+    with pytest.raises(E.StoreError, match="leads outside the run"):
+        create_array(built, "embeddings/other/values", shape=(2, 2), dtype="float64", chunks=(2, 2))
+    assert _tree(outside) == before
+
+
+def test_archive_never_packs_what_a_link_points_to(built, tmp_path, capsys):
+    (tmp_path / "secret.txt").write_text("password")
+    (built / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    out = tmp_path / "a.zip"
+    assert main(["archive", str(built), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "outside the run" in err
+    assert not out.exists()
+    (built / "notes.txt").unlink()
+    _link_embeddings_outside(built, tmp_path)
+    assert main(["archive", str(built), str(out)]) == 2
+    assert not out.exists()
+    # without the link the run archives, and reopens
+    (built / "embeddings").unlink()
+    assert main(["archive", str(built), str(out)]) == 0
+    with zipfile.ZipFile(out) as zf:
+        assert not any("keep.txt" in n for n in zf.namelist())
+    assert datavalue.open_run(out).n_steps == 3
+
+
+def test_links_that_stay_inside_the_run_are_allowed(built, tmp_path):
+    (built / "alias").symlink_to(built / "embeddings", target_is_directory=True)
+    from datavalue.store import delete_path
+
+    delete_path(built, "alias/nothing_here")  # inside the run: no refusal
+    assert main(["archive", str(built), str(tmp_path / "ok.zip")]) == 0

@@ -264,3 +264,16 @@ def test_links_that_stay_inside_the_run_are_allowed(built, tmp_path):
 
     delete_path(built, "alias/nothing_here")  # inside the run: no refusal
     assert main(["archive", str(built), str(tmp_path / "ok.zip")]) == 0
+
+
+def test_resume_never_appends_through_a_link(tmp_path):
+    run = tmp_path / "run.zarr"
+    _record(run, steps=1)
+    outside = tmp_path / "someone_elses_grads"
+    (run / "grads").rename(outside)
+    (run / "grads").symlink_to(outside, target_is_directory=True)
+    before = _tree(outside)
+    model = _model()
+    with pytest.raises(E.StoreError, match="leads outside the run"):
+        datavalue.Recorder(run, model, proj_dim=None, chunk_rows=8, resume=True)
+    assert _tree(outside) == before

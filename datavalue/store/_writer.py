@@ -261,6 +261,8 @@ class RunWriter:
         found = _what_is(self.path)
         if found != "run":
             raise StoreNotFoundError(f"resume=True but {self.path} is {found}, not a datavalue run; check the path.")
+        for member in sorted(self.path.iterdir()):  # the arrays resuming appends to: never through a link out
+            check_inside_run(self.path, member.name)
         g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         on_disk = dict(g.attrs.get(MANIFEST_KEY, {}))
         diffs = diff_manifests(on_disk, manifest)

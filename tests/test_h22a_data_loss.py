@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import zipfile
 from decimal import Decimal
 from pathlib import Path
@@ -277,3 +278,11 @@ def test_resume_never_appends_through_a_link(tmp_path):
     with pytest.raises(E.StoreError, match="leads outside the run"):
         datavalue.Recorder(run, model, proj_dim=None, chunk_rows=8, resume=True)
     assert _tree(outside) == before
+
+
+def test_errors_doc_lists_these_tests():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    section = doc[doc.index("## Data that is not ours"):]
+    here = {name for name in globals() if name.startswith("test_") and name != "test_errors_doc_lists_these_tests"}
+    listed = set(re.findall(r"`(test_[a-z0-9_]+)`", section))
+    assert listed == here, listed ^ here

@@ -16,7 +16,8 @@ Usage::
                         [--overwrite] [--aggregation share-then-sum|average-then-share]
                         [--registry owners.json]
 
-Exit codes: 0 written, 1 error (message on stderr), 2 usage error (argparse).
+Exit codes: 0 written, 2 an error (message on stderr; e.g. --out is the ledger itself) or a usage
+error (argparse).
 """
 
 from __future__ import annotations

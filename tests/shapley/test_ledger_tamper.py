@@ -186,3 +186,26 @@ def test_a_lock_from_another_host_is_never_taken_silently(tmp_path):
     with pytest.raises(shapley.LedgerError, match="some-other-host"):
         _row(led, "g1")
     assert lock.exists()
+
+
+_WRITER = """
+import sys
+from decimal import Decimal
+from datavalue import shapley
+led = shapley.RoyaltyLedger(sys.argv[1], lock_timeout=60)
+for i in range(15):
+    led.record(output_id=f"{sys.argv[2]}-{i}", content=b"x", prompt="p", revenue=Decimal("1.00"),
+               owners=["ann", "bob"], result=[1.0, 2.0], timestamp="2025-01-10")
+"""
+
+
+def test_three_processes_appending_at_once_keep_one_chain(tmp_path):
+    path = tmp_path / "l.jsonl"
+    shapley.RoyaltyLedger(path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), w], env=env)
+             for w in ("a", "b", "c")]  # fmt: skip
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    led = shapley.RoyaltyLedger(path)
+    assert led.verify() == 45 and led.statement().paid_total == Decimal("45.00")
+    assert not led.lock_path.exists()

@@ -297,14 +297,27 @@ class RoyaltyLedger:
         return None
 
     def _scan(self) -> _Scan:
-        """Read the file, refuse a torn tail, verify the chain, MACs and the head anchor."""
+        """Read the file, refuse a torn tail, verify the chain, MACs and the head anchor.
+
+        The head file is read *before* the ledger: a writer appends its row and only then
+        replaces the head, so a reader racing a writer sees at least as many rows as the head
+        it read (never a false "truncated").
+        """
+        head_text = self._read_head_text()
         raw = self.path.read_bytes()
         torn = self._torn_tail(raw)
         if torn is not None:
             lineno, _ = torn
+            holder = self._read_lock()
+            busy = (
+                f" (a writer, pid {holder.get('pid')} on {holder.get('host')!r}, holds the lock: "
+                "the line may still be being written; retry first)"
+                if holder is not None
+                else ""
+            )
             raise LedgerError(
                 f"{self.path}:{lineno} is not a ledger row: the last line is torn (cut short or "
-                "not JSON), as a crash during an append leaves it. Every row before it is "
+                f"not JSON), as a crash during an append leaves it{busy}. Every row before it is "
                 f"intact. RoyaltyLedger.recover({str(self.path)!r}) (or RoyaltyLedger(path, "
                 "repair=True)) moves the torn tail to <ledger>.torn-<time> and keeps them; if "
                 "no append was interrupted, restore from backup instead."
@@ -313,7 +326,9 @@ class RoyaltyLedger:
         prev = self._header_hash(header)
         rows: list[GenerationRecord] = []
         macs: list[str | None] = []
-        lines = self._lines()
+        text = raw.decode("utf-8", errors="replace")
+        numbered = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+        lines = iter(numbered)
         next(lines)
         for lineno, line in lines:
             try:
@@ -352,7 +367,7 @@ class RoyaltyLedger:
                 "nokey",
                 "ledger %s is keyed but was opened without key=: MACs not checked",
             )
-        self._check_head(header, rows)
+        self._check_head(header, rows, head_text)
         return _Scan(header=header, rows=rows, macs=macs, size=len(raw))
 
     def _warn_once(self, what: str, msg: str, *args: object) -> None:
@@ -360,12 +375,22 @@ class RoyaltyLedger:
             self._warned.add(what)
             logger.warning(msg, self.path, *args)
 
-    def _check_head(self, header: dict[str, Any], rows: list[GenerationRecord]) -> None:
+    def _read_head_text(self) -> str | None:
+        try:
+            return self.head_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LedgerError(f"cannot read the head file {self.head_path} ({exc}).") from None
+
+    def _check_head(
+        self, header: dict[str, Any], rows: list[GenerationRecord], head_text: str | None
+    ) -> None:
         """Compare the chain with the head file: refuses truncation and a replaced tail."""
         if not self._check_anchor:
             return
         hp = self.head_path
-        if not hp.exists():
+        if head_text is None:
             if self._key is not None:
                 raise LedgerError(
                     f"keyed ledger {self.path} has no head file {hp.name}: rows may have been "
@@ -378,11 +403,11 @@ class RoyaltyLedger:
             )
             return
         try:
-            head = json.loads(hp.read_text(encoding="utf-8"))
+            head = json.loads(head_text)
             n_head, h_head = int(head["rows"]), str(head["last_hash"])
             if head.get("schema") != _HEAD_SCHEMA:
                 raise ValueError(f"schema {head.get('schema')!r}")
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise LedgerError(
                 f"{hp} is not a ledger head file ({exc}). Restore it from backup, or re-anchor "
                 "with RoyaltyLedger.reanchor(path) after checking the ledger."

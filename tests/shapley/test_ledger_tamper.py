@@ -209,3 +209,39 @@ def test_three_processes_appending_at_once_keep_one_chain(tmp_path):
     led = shapley.RoyaltyLedger(path)
     assert led.verify() == 45 and led.statement().paid_total == Decimal("45.00")
     assert not led.lock_path.exists()
+
+
+def test_a_replaced_last_row_fails_against_the_head(two_rows, tmp_path):
+    other = tmp_path / "other.jsonl"
+    # Same header, a different valid second row: the chain holds, the head does not.
+    other.write_bytes(two_rows.read_bytes().splitlines(keepends=True)[0])
+    led = shapley.RoyaltyLedger(other)
+    _row(led, "g1", revenue="10.00")
+    _row(led, "g2", revenue="1.00")
+    lines = two_rows.read_bytes().splitlines(keepends=True)
+    forged = other.read_bytes().splitlines(keepends=True)
+    assert lines[1] == forged[1]  # same header, same first row
+    two_rows.write_bytes(b"".join(lines[:2] + forged[2:]))  # a valid chain paying 11.00
+    with pytest.raises(shapley.LedgerError, match="chain was rewritten"):
+        shapley.RoyaltyLedger(two_rows).verify()
+
+
+def test_keyed_ledger_without_its_head_and_key_mismatches(tmp_path):
+    path = tmp_path / "l.jsonl"
+    with shapley.RoyaltyLedger(path, key="k") as led:
+        _row(led, "g1")
+    os.remove(path.with_name(path.name + ".head"))
+    with pytest.raises(shapley.LedgerError, match="no head file"):
+        shapley.RoyaltyLedger(path, key="k")
+    plain = tmp_path / "plain.jsonl"
+    shapley.RoyaltyLedger(plain)
+    with pytest.raises(shapley.LedgerError, match="created without a key"):
+        shapley.RoyaltyLedger(plain, key="k")
+
+
+def test_a_handle_whose_file_was_replaced_refuses_to_append(two_rows):
+    led = shapley.RoyaltyLedger(two_rows)
+    lines = two_rows.read_text().splitlines()
+    two_rows.write_text(lines[0] + "\n" + lines[2] + "\n" + lines[1] + "\n")  # reordered
+    with pytest.raises(shapley.LedgerError):
+        _row(led, "g3")

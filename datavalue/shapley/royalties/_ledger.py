@@ -680,7 +680,7 @@ class RoyaltyLedger:
 
     def _catch_up(self) -> None:
         """Adopt rows that other handles appended since this one last read or wrote."""
-        if self.path.stat().st_size == self._size:
+        if self.path.stat().st_size == self._size and self._tail_hash() == self._head:
             return
         count, head = self._count, self._head
         scan = self._scan()
@@ -693,6 +693,29 @@ class RoyaltyLedger:
                 "one this handle wrote or read. Reopen the ledger and verify() it."
             )
         self._adopt(scan)
+
+    def _tail_hash(self) -> str | None:
+        """The chain hash of the file's last line (reads only the end of the file)."""
+        with open(self.path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            block = 1 << 16
+            while True:
+                start = max(0, end - block)
+                f.seek(start)
+                data = f.read(end - start)
+                lines = data.rstrip(b"\n").split(b"\n")
+                if len(lines) > 1 or start == 0:
+                    break
+                block *= 4
+        try:
+            last = json.loads(lines[-1])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(last, dict):
+            return None
+        if last.get("schema") == _SCHEMA:
+            return self._header_hash(last)
+        return last.get("row_hash")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

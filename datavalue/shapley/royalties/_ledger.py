@@ -215,8 +215,10 @@ class RoyaltyLedger:
             self._keyed = header.get("mac") == _MAC
             if self._key is not None and not self._keyed:
                 raise LedgerError(
-                    f"{self.path} was created without a key, so its rows carry no MAC; got key=. "
-                    "Open it without key=, or start a new keyed ledger."
+                    f'{self.path} was created without a key (its header has no "mac"), so '
+                    "its rows carry no MAC; got key=. Open it without key=, or start a new "
+                    "keyed ledger. If it was created with a key, its header was rewritten: "
+                    "restore from backup."
                 )
             self._adopt(self._scan())
         elif create:
@@ -525,6 +527,7 @@ class RoyaltyLedger:
         led.__init__(path, create=False, key=key)  # type: ignore[misc]
         led._check_anchor = True
         with led._locked():
+            led._catch_up()  # rows appended since it was read are anchored too
             led._write_head()
         logger.warning("ledger %s re-anchored at %d rows", path, led._count)
         return led

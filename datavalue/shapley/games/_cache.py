@@ -12,6 +12,11 @@ set when player ``i`` is in the coalition). Floats are written with ``repr`` and
 exactly. Reopening checks the header loudly: a cache written for a different number of players
 or a different ``fingerprint`` (e.g. a hash of the training config) is refused rather than
 silently reused. A final line cut short by a crash is dropped (with a warning) on reopen.
+
+A coalition may appear twice (two runs racing on one cache, or a resumed run): identical values
+are fine, but two different values for one coalition are refused on load and on ``put`` rather
+than letting the later line silently win -- the utility is assumed deterministic, and a cache
+that says both 3 and 333 cannot be trusted to pay anyone.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ class DiskCache:
                 f"utility has fingerprint={self.fingerprint!r}. Reusing it would mix utilities of "
                 "different models: use a new cache_path, or pass the recorded fingerprint."
             )
+        first_line: dict[int, int] = {}
         for lineno, line in enumerate(lines[1:], start=2):
             try:
                 rec = json.loads(line)
@@ -126,6 +132,15 @@ class DiskCache:
                 raise CacheMismatchError(
                     f"{self.path}:{lineno} has mask {mask} outside 0..2**{self.n}-1."
                 )
+            old = self._values.get(mask)
+            if old is not None and old != value:
+                raise CacheMismatchError(
+                    f"{self.path}:{lineno} records mask {mask} with value {value!r}, but line "
+                    f"{first_line[mask]} recorded {old!r}. The utility must be deterministic "
+                    "(fix seeds), or two different utilities wrote to one cache: delete the "
+                    "wrong lines or use a new cache_path."
+                )
+            first_line.setdefault(mask, lineno)
             self._values[mask] = value
         logger.info("resumed utility cache %s with %d coalitions", self.path, len(self._values))
 
@@ -144,12 +159,25 @@ class DiskCache:
         return list(self._values.items())
 
     def put(self, mask: int, value: float) -> None:
-        """Record a utility and flush it to disk immediately."""
+        """Record a utility and flush it to disk immediately.
+
+        Recording a coalition again with the same value is a no-op.
+
+        Raises:
+            CacheMismatchError: if ``mask`` is cached with a different value.
+        """
         value = float(value)
         if not math.isfinite(value):
             raise UtilityError(f"cannot cache non-finite utility {value} for mask {mask}.")
         with self._lock:
-            if mask in self._values:
+            old = self._values.get(mask)
+            if old is not None:
+                if old != value:
+                    raise CacheMismatchError(
+                        f"utility cache {self.path} already has mask {mask} = {old!r}; got "
+                        f"{value!r}. The utility must be deterministic (fix seeds), or use a new "
+                        "cache_path for a different utility."
+                    )
                 return
             self._values[mask] = value
             self._fh.write(json.dumps({"mask": int(mask), "value": value}) + "\n")

@@ -12,18 +12,42 @@ File layout (``schema`` header, then rows)::
     {"schema": "datavalue.shapley.royalty-ledger", "version": 1, "currency": "USD", ...}
     {"seq": 0, "output_id": "gen-1", "pool": "0.05", "amounts": ["0.03", "0.02"], ...}
 
-Single writer: appends from several processes at once are not supported.
+Tamper evidence has three layers (see ``docs/shapley.md``, section 8):
+
+* the hash chain: an edited, inserted or deleted row in the middle breaks it;
+* the head file ``<ledger>.head`` (JSON: row count and last row hash, replaced atomically after
+  every append): deleting rows from the end (which leaves a valid, shorter chain) no longer
+  passes. It lives beside the ledger, so an attacker who can rewrite both files can rewrite both;
+* a keyed MAC (``key=``, kept away from the ledger's disk): HMAC-SHA256 of every row's hash is
+  stored in the row (``"mac"``) and of ``"<rows>:<last hash>"`` in the head. Without the key
+  nobody can rebuild a chain, drop rows and re-anchor it so that ``verify(key)`` passes.
+
+Appends hold the lock file ``<ledger>.lock`` (created with ``O_CREAT | O_EXCL``; it names the pid
+and host of the writer) and first catch up with rows that other handles appended, so several
+``RoyaltyLedger`` objects or processes on one host append one after the other without breaking
+the chain. A lock left by a dead process on this host is taken over (with a warning); a lock
+from another host never is. A final line cut short by a crash is refused with a message naming
+it; :meth:`RoyaltyLedger.recover` moves it aside explicitly. One ``output_id`` is paid once.
+
+Format: version 1 throughout. A keyed ledger's header has ``"mac": "hmac-sha256"`` and its rows
+an extra ``"mac"`` field (not part of ``row_hash``); ledgers written before the head file existed
+still open and verify, with a warning that they are unanchored, and gain a head on next append.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import decimal
 import hashlib
+import hmac
 import json
 import logging
 import os
+import socket
+import time
+import uuid
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -57,6 +81,63 @@ logger = logging.getLogger(__name__)
 
 _SCHEMA = "datavalue.shapley.royalty-ledger"
 _VERSION = 1
+_HEAD_SCHEMA = "datavalue.shapley.royalty-ledger-head"
+_MAC = "hmac-sha256"
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _parse_key(key: bytes | str | None) -> bytes | None:
+    if key is None:
+        return None
+    data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    if not data:
+        raise LedgerError("key must be non-empty bytes or text; got an empty key.")
+    return data
+
+
+def _mac(key: bytes, message: str) -> str:
+    return _MAC + ":" + hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and ``os.replace``."""
+    tmp = _sidecar(path, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What one read of the ledger file found (rows verified against the chain)."""
+
+    header: dict[str, Any]
+    rows: list[GenerationRecord]
+    macs: list[str | None]
+    size: int  # bytes up to the end of the last complete row
 
 
 def _hash_content(content: bytes | str) -> str:
@@ -65,13 +146,23 @@ def _hash_content(content: bytes | str) -> str:
 
 
 class RoyaltyLedger:
-    """Append-only royalty ledger stored as JSON lines.
+    """Append-only royalty ledger stored as JSON lines, anchored by a head file.
 
     Args:
         path: ledger file; created with a header when missing (``create=True``).
         currency: ISO currency code recorded in the header of a new ledger (default ``"USD"``);
             when reopening, ``None`` reads it and any other value must match.
         create: create the file if it does not exist (else raise ``LedgerNotFoundError``).
+        key: secret for HMAC-SHA256 (bytes or text), kept away from the ledger's disk. A new
+            ledger created with a key is keyed: every row and the head carry a MAC, appends
+            need the key, and reading with the key checks every MAC. Without it a keyed
+            ledger can be read (MACs unchecked, with a warning) but not appended to.
+        repair: move a torn final line aside first (see :meth:`recover`).
+        lock_timeout: seconds an append waits for another writer's ``<ledger>.lock``.
+
+    Raises:
+        LedgerError: the file is not a ledger, its last line is torn (see :meth:`recover`),
+            its chain is broken, rows are missing against the head file, a MAC is wrong.
 
     Example:
         >>> import os, tempfile
@@ -89,13 +180,31 @@ class RoyaltyLedger:
         Decimal('5.00')
     """
 
+    _check_anchor = True
+
     def __init__(
-        self, path: str | os.PathLike[str], *, currency: str | None = None, create: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        currency: str | None = None,
+        create: bool = True,
+        key: bytes | str | None = None,
+        repair: bool = False,
+        lock_timeout: float = 10.0,
     ) -> None:
         self.path = Path(path)
         self.currency = currency or "USD"
+        self.lock_timeout = float(lock_timeout)
+        self._key = _parse_key(key)
+        self._keyed = self._key is not None
         self._count = 0
+        self._size = 0
+        self._ids: set[str] = set()
+        self._warned: set[str] = set()
+        self._closed = False
         if self.path.exists() and self.path.stat().st_size > 0:
+            if repair:
+                self.recover(self.path)
             header = self._read_header()
             self.currency = header["currency"]
             if currency is not None and currency != self.currency:
@@ -103,10 +212,15 @@ class RoyaltyLedger:
                     f"{self.path} is a {self.currency} ledger; got currency={currency!r}. "
                     "Use one ledger per currency."
                 )
-            self._head = self._header_hash(header)
-            for rec in self.records():
-                self._head = rec.row_hash
-                self._count += 1
+            self._keyed = header.get("mac") == _MAC
+            if self._key is not None and not self._keyed:
+                raise LedgerError(
+                    f'{self.path} was created without a key (its header has no "mac"), so '
+                    "its rows carry no MAC; got key=. Open it without key=, or start a new "
+                    "keyed ledger. If it was created with a key, its header was rewritten: "
+                    "restore from backup."
+                )
+            self._adopt(self._scan())
         elif create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             header = {
@@ -115,8 +229,12 @@ class RoyaltyLedger:
                 "currency": self.currency,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(),
             }
+            if self._key is not None:
+                header["mac"] = _MAC
             self.path.write_text(json.dumps(header, sort_keys=True) + "\n", encoding="utf-8")
             self._head = self._header_hash(header)
+            self._size = self.path.stat().st_size
+            self._write_head()
         else:
             raise LedgerNotFoundError(f"ledger {self.path} does not exist.")
 
@@ -125,6 +243,16 @@ class RoyaltyLedger:
     def _header_hash(header: dict[str, Any]) -> str:
         text = json.dumps(header, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @property
+    def head_path(self) -> Path:
+        """The head file ``<ledger>.head`` anchoring the row count and the last hash."""
+        return _sidecar(self.path, ".head")
+
+    @property
+    def lock_path(self) -> Path:
+        """The writer's lock file ``<ledger>.lock`` (present only during an append)."""
+        return _sidecar(self.path, ".lock")
 
     def _lines(self) -> Iterator[tuple[int, str]]:
         with open(self.path, encoding="utf-8") as f:
@@ -151,18 +279,63 @@ class RoyaltyLedger:
             return header
         raise LedgerError(f"{self.path} is empty.")
 
-    def records(self, period: Period | str | None = None) -> list[GenerationRecord]:
-        """All rows (optionally those in ``period``), verifying the hash chain."""
-        if isinstance(period, str):
-            period = Period.parse(period)
+    @staticmethod
+    def _torn_tail(raw: bytes) -> tuple[int, int] | None:
+        """``(line number, byte offset)`` of a torn final line, or ``None``.
+
+        Torn: bytes after the last newline (a crash mid-write), or a last line that is not
+        JSON. Only the final line can be torn; a bad line before it is a damaged ledger.
+        """
+        body = raw if raw.endswith(b"\n") else raw[: raw.rfind(b"\n") + 1]
+        if len(body) < len(raw):
+            return body.count(b"\n") + 1, len(body)
+        start = raw.rfind(b"\n", 0, len(raw) - 1) + 1
+        if start == 0:
+            return None  # the header is the only line: not a torn row
+        try:
+            json.loads(raw[start:])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return raw.count(b"\n"), start
+        return None
+
+    def _scan(self) -> _Scan:
+        """Read the file, refuse a torn tail, verify the chain, MACs and the head anchor.
+
+        The head file is read *before* the ledger: a writer appends its row and only then
+        replaces the head, so a reader racing a writer sees at least as many rows as the head
+        it read (never a false "truncated").
+        """
+        head_text = self._read_head_text()
+        raw = self.path.read_bytes()
+        torn = self._torn_tail(raw)
+        if torn is not None:
+            lineno, _ = torn
+            holder = self._read_lock()
+            busy = (
+                f" (a writer, pid {holder.get('pid')} on {holder.get('host')!r}, holds the lock: "
+                "the line may still be being written; retry first)"
+                if holder is not None
+                else ""
+            )
+            raise LedgerError(
+                f"{self.path}:{lineno} is not a ledger row: the last line is torn (cut short or "
+                f"not JSON), as a crash during an append leaves it{busy}. Every row before it is "
+                f"intact. RoyaltyLedger.recover({str(self.path)!r}) (or RoyaltyLedger(path, "
+                "repair=True)) moves the torn tail to <ledger>.torn-<time> and keeps them; if "
+                "no append was interrupted, restore from backup instead."
+            )
         header = self._read_header()
         prev = self._header_hash(header)
-        out = []
-        lines = self._lines()
+        rows: list[GenerationRecord] = []
+        macs: list[str | None] = []
+        text = raw.decode("utf-8", errors="replace")
+        numbered = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
+        lines = iter(numbered)
         next(lines)
         for lineno, line in lines:
             try:
-                rec = GenerationRecord.from_json(json.loads(line))
+                d = json.loads(line)
+                rec = GenerationRecord.from_json(d)
             except (
                 json.JSONDecodeError,
                 KeyError,
@@ -170,19 +343,194 @@ class RoyaltyLedger:
                 ValueError,
                 decimal.InvalidOperation,
             ) as exc:
-                raise LedgerError(f"{self.path}:{lineno} is not a ledger row ({exc}).") from None
+                raise LedgerError(
+                    f"{self.path}:{lineno} is not a ledger row ({exc}). Restore from backup."
+                ) from None
             if rec.prev_hash != prev or rec.compute_hash() != rec.row_hash:
                 raise LedgerError(
                     f"{self.path}:{lineno} (seq {rec.seq}) breaks the hash chain: the row was "
                     "edited, or a row before it was removed. Restore the ledger from backup."
                 )
+            mac = d.get("mac")
+            if self._key is not None and (
+                not isinstance(mac, str)
+                or not hmac.compare_digest(mac, _mac(self._key, rec.row_hash))
+            ):
+                raise LedgerError(
+                    f"{self.path}:{lineno} (seq {rec.seq}, output {rec.output_id!r}) has "
+                    f"{'no' if mac is None else 'a wrong'} MAC for this key: the row was "
+                    "rewritten by someone without the key, or the key is wrong."
+                )
             prev = rec.row_hash
-            if period is None or period.contains(rec.timestamp):
-                out.append(rec)
-        return out
+            rows.append(rec)
+            macs.append(mac)
+        if self._keyed and self._key is None:
+            self._warn_once(
+                "nokey",
+                "ledger %s is keyed but was opened without key=: MACs not checked",
+            )
+        self._check_head(header, rows, head_text)
+        return _Scan(header=header, rows=rows, macs=macs, size=len(raw))
+
+    def _warn_once(self, what: str, msg: str, *args: object) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning(msg, self.path, *args)
+
+    def _read_head_text(self) -> str | None:
+        try:
+            return self.head_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LedgerError(f"cannot read the head file {self.head_path} ({exc}).") from None
+
+    def _check_head(
+        self, header: dict[str, Any], rows: list[GenerationRecord], head_text: str | None
+    ) -> None:
+        """Compare the chain with the head file: refuses truncation and a replaced tail."""
+        if not self._check_anchor:
+            return
+        hp = self.head_path
+        if head_text is None:
+            if self._key is not None:
+                raise LedgerError(
+                    f"keyed ledger {self.path} has no head file {hp.name}: rows may have been "
+                    "deleted from its end. Restore the head file (or the ledger) from backup."
+                )
+            self._warn_once(
+                "unanchored",
+                "ledger %s has no head file: it is unanchored (the hash chain cannot show rows "
+                "deleted from its end); the next append writes one",
+            )
+            return
+        try:
+            head = json.loads(head_text)
+            n_head, h_head = int(head["rows"]), str(head["last_hash"])
+            if head.get("schema") != _HEAD_SCHEMA:
+                raise ValueError(f"schema {head.get('schema')!r}")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise LedgerError(
+                f"{hp} is not a ledger head file ({exc}). Restore it from backup, or re-anchor "
+                "with RoyaltyLedger.reanchor(path) after checking the ledger."
+            ) from None
+        if self._key is not None:
+            mac = head.get("mac")
+            if not isinstance(mac, str) or not hmac.compare_digest(
+                mac, _mac(self._key, f"{n_head}:{h_head}")
+            ):
+                raise LedgerError(
+                    f"head file {hp} has {'no' if mac is None else 'a wrong'} MAC for this key: "
+                    "it was rewritten by someone without the key (rows may have been removed "
+                    "from the end), or the key is wrong. Restore from backup."
+                )
+        n = len(rows)
+        if n < n_head:
+            raise LedgerError(
+                f"{self.path} was truncated: its head file {hp.name} records {n_head} rows "
+                f"(last hash {h_head[:19]}...), the ledger has {n}. Rows were deleted from the "
+                "end; restore the ledger from backup."
+            )
+        anchor = rows[n_head - 1].row_hash if n_head else self._header_hash(header)
+        if anchor != h_head:
+            raise LedgerError(
+                f"{self.path}: row {n_head - 1} has hash {anchor[:19]}..., but the head file "
+                f"{hp.name} records {h_head[:19]}...: the chain was rewritten from that row on. "
+                "Restore the ledger from backup."
+            )
+        if n > n_head:  # a crash between appending a row and replacing the head
+            self._warn_once(
+                "behind",
+                "ledger %s has %d rows after its head (an append was interrupted); "
+                "the next append re-anchors them",
+                n - n_head,
+            )
+
+    def _adopt(self, scan: _Scan) -> None:
+        rows = scan.rows
+        self._head = rows[-1].row_hash if rows else self._header_hash(scan.header)
+        self._count = len(rows)
+        self._size = scan.size
+        self._ids = {r.output_id for r in rows}
+        if len(self._ids) < len(rows):
+            self._warn_once(
+                "dupes",
+                "ledger %s records some output_id twice (written by an older version); "
+                "verify() reports them",
+            )
+
+    def records(self, period: Period | str | None = None) -> list[GenerationRecord]:
+        """All rows (optionally those in ``period``), verifying the chain and its anchors.
+
+        Raises:
+            LedgerError: on a torn final line, a broken chain, a wrong MAC (with ``key=``) or
+                rows missing against the head file.
+        """
+        if isinstance(period, str):
+            period = Period.parse(period)
+        rows = self._scan().rows
+        return [r for r in rows if period is None or period.contains(r.timestamp)]
 
     def __len__(self) -> int:
         return self._count
+
+    # ------------------------------------------------------------------ recovery
+    @classmethod
+    def recover(cls, path: str | os.PathLike[str]) -> Path | None:
+        """Move a torn final line to ``<ledger>.torn-<UTC time>``; keep every complete row.
+
+        Returns the file holding the torn bytes, or ``None`` when the last line was whole.
+        Nothing is dropped silently: the torn bytes are kept beside the ledger and logged.
+        Hold no other handle that is appending while recovering.
+        """
+        path = Path(path)
+        raw = path.read_bytes()
+        torn = cls._torn_tail(raw)
+        if torn is None:
+            return None
+        lineno, cut = torn
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        aside = _sidecar(path, f".torn-{stamp}")
+        with open(aside, "xb") as f:
+            f.write(raw[cut:])
+            f.flush()
+            os.fsync(f.fileno())
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            os.fsync(f.fileno())
+        logger.warning(
+            "ledger %s: moved the torn line %d (%d bytes) to %s",
+            path,
+            lineno,
+            len(raw) - cut,
+            aside,
+        )
+        return aside
+
+    @classmethod
+    def reanchor(
+        cls, path: str | os.PathLike[str], *, key: bytes | str | None = None
+    ) -> RoyaltyLedger:
+        """Rewrite the head file from the ledger as it is now (after checking it by hand).
+
+        For a ledger restored from backup, or one whose head file was lost. It makes the
+        current rows the anchored truth, so use it only on a ledger you trust: this is exactly
+        what an attacker who rewrote the file would do, which the key (kept elsewhere) stops.
+        """
+        path = Path(path)
+        head = _sidecar(path, ".head")
+        old = _sidecar(path, f".head.replaced-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S%fZ}")
+        if head.exists():
+            os.replace(head, old)
+        led = cls.__new__(cls)
+        led._check_anchor = False  # the head is what we are about to write
+        led.__init__(path, create=False, key=key)  # type: ignore[misc]
+        led._check_anchor = True
+        with led._locked():
+            led._catch_up()  # rows appended since it was read are anchored too
+            led._write_head()
+        logger.warning("ledger %s re-anchored at %d rows", path, led._count)
+        return led
 
     # ------------------------------------------------------------------ writing
     def record(
@@ -223,6 +571,14 @@ class RoyaltyLedger:
             model_fingerprint: identifies the generating model.
             run_fingerprint: identifies the training run / coalition models / store.
         """
+        output_id = str(output_id)
+        if self._closed:
+            raise LedgerError(f"this handle on {self.path} is closed; open a new RoyaltyLedger.")
+        if self._key is None and self._keyed:
+            raise LedgerError(
+                f"{self.path} is a keyed ledger (every row carries an HMAC); pass key= to append."
+            )
+        self._refuse_duplicate(output_id)  # early, before the split; checked again when locked
         owners = tuple(str(o) for o in owners)
         if len(set(owners)) != len(owners) or not owners:
             raise InvalidGameError(f"owners must be distinct and non-empty; got {list(owners)}.")
@@ -256,8 +612,8 @@ class RoyaltyLedger:
         pol = get_policy(policy)
         split: RoyaltySplit = split_royalties(values, pool=pool, policy=pol)
         rec = GenerationRecord(
-            seq=self._count,
-            output_id=str(output_id),
+            seq=-1,  # seq and prev_hash are set under the lock, after catching up
+            output_id=output_id,
             output_hash=output_hash if output_hash is not None else _hash_content(content),  # type: ignore[arg-type]
             prompt=str(prompt),
             timestamp=parse_timestamp(
@@ -279,22 +635,196 @@ class RoyaltyLedger:
             amounts=split.amounts,
             unallocated=split.unallocated,
             no_positive=split.no_positive,
-            prev_hash=self._head,
+            prev_hash="",
         )
-        rec = dataclasses.replace(rec, row_hash=rec.compute_hash())
-        self._append(rec)
+        with self._locked():
+            self._catch_up()
+            self._refuse_duplicate(output_id)
+            rec = dataclasses.replace(rec, seq=self._count, prev_hash=self._head)
+            rec = dataclasses.replace(rec, row_hash=rec.compute_hash())
+            self._append(rec)
         if rec.no_positive:
             logger.warning("ledger %s: output %s had no positive contributor", self.path, output_id)
         return rec
 
+    def _refuse_duplicate(self, output_id: str) -> None:
+        if output_id in self._ids:
+            raise LedgerError(
+                f"output {output_id!r} is already recorded in {self.path}; recording it again "
+                "would pay it twice. Use a new output_id for a new sale of the same content."
+            )
+
     def _append(self, rec: GenerationRecord) -> None:
-        line = json.dumps({**rec.payload(), "row_hash": rec.row_hash}, sort_keys=True)
+        """Append one row and re-anchor the head. Call with the lock held, after catching up."""
+        row: dict[str, Any] = {**rec.payload(), "row_hash": rec.row_hash}
+        if self._key is not None:
+            row["mac"] = _mac(self._key, rec.row_hash)
+        line = json.dumps(row, sort_keys=True) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
         self._head = rec.row_hash
         self._count += 1
+        self._size += len(line.encode("utf-8"))
+        self._ids.add(rec.output_id)
+        self._write_head()
+
+    def _write_head(self) -> None:
+        head: dict[str, Any] = {
+            "schema": _HEAD_SCHEMA,
+            "ledger": self.path.name,
+            "rows": self._count,
+            "last_hash": self._head,
+        }
+        if self._key is not None:
+            head["mac"] = _mac(self._key, f"{self._count}:{self._head}")
+        _write_atomic(self.head_path, json.dumps(head, sort_keys=True) + "\n")
+
+    def _catch_up(self) -> None:
+        """Adopt rows that other handles appended since this one last read or wrote."""
+        if self.path.stat().st_size == self._size and self._tail_hash() == self._head:
+            return
+        count, head = self._count, self._head
+        scan = self._scan()
+        known = scan.rows[count - 1].row_hash if 0 < count <= len(scan.rows) else None
+        if count == 0:
+            known = self._header_hash(scan.header)
+        if count > len(scan.rows) or known != head:
+            raise LedgerError(
+                f"{self.path} changed under this handle: its row {count - 1} is no longer the "
+                "one this handle wrote or read. Reopen the ledger and verify() it."
+            )
+        self._adopt(scan)
+
+    def _tail_hash(self) -> str | None:
+        """The chain hash of the file's last line (reads only the end of the file)."""
+        with open(self.path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            block = 1 << 16
+            while True:
+                start = max(0, end - block)
+                f.seek(start)
+                data = f.read(end - start)
+                lines = data.rstrip(b"\n").split(b"\n")
+                if len(lines) > 1 or start == 0:
+                    break
+                block *= 4
+        try:
+            last = json.loads(lines[-1])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if not isinstance(last, dict):
+            return None
+        if last.get("schema") == _SCHEMA:
+            return self._header_hash(last)
+        return last.get("row_hash")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold ``<ledger>.lock`` (O_CREAT | O_EXCL, naming pid and host) for one append."""
+        lock = self.lock_path
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": _dt.datetime.now(_dt.UTC).isoformat(),
+            "token": uuid.uuid4().hex,
+        }
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read_lock()
+                if holder is not None and self._take_over_stale(holder):
+                    continue
+                if time.monotonic() >= deadline:
+                    raise LedgerError(self._locked_message(holder)) from None
+                time.sleep(0.02)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(me, sort_keys=True))
+                f.flush()
+                os.fsync(f.fileno())
+            break
+        try:
+            yield
+        finally:
+            if self._read_lock() == me:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+
+    def _read_lock(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.lock_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None  # gone, or being written
+        return holder if isinstance(holder, dict) else None
+
+    def _locked_message(self, holder: dict[str, Any] | None) -> str:
+        lock = self.lock_path
+        if holder is None:
+            return (
+                f"ledger {self.path} is locked ({lock} exists but names no holder). If no "
+                "writer is running, delete the lock file."
+            )
+        who = f"pid {holder.get('pid')} on host {holder.get('host')!r}"
+        since = f" since {holder['since']}" if holder.get("since") else ""
+        if holder.get("host") != socket.gethostname():
+            return (
+                f"ledger {self.path} is locked by {who}{since} ({lock}). A lock from another "
+                "host is never taken over automatically: check that no writer runs there, then "
+                "delete the lock file."
+            )
+        return (
+            f"ledger {self.path} is locked by {who}{since} ({lock}), which is still running "
+            f"and appending; waited {self.lock_timeout:g}s. Retry later, or raise lock_timeout."
+        )
+
+    def _take_over_stale(self, holder: dict[str, Any]) -> bool:
+        """Remove a lock left by a dead process on this host; never one from another host."""
+        try:
+            pid = int(holder.get("pid"))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+        if holder.get("host") != socket.gethostname() or _pid_alive(pid):
+            return False
+        # Rename first, then check that what moved is the stale lock we judged: a writer that
+        # took over in between keeps its lock (it is moved back when the name is still free).
+        aside = _sidecar(self.lock_path, f".stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.lock_path, aside)
+        except FileNotFoundError:
+            return True  # someone else removed it: retry at once
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            moved = None
+        if moved != holder:
+            if not self.lock_path.exists():
+                os.rename(aside, self.lock_path)
+            return False
+        os.unlink(aside)
+        logger.warning(
+            "ledger %s: took over the stale lock of pid %d on this host (no longer running)",
+            self.path,
+            pid,
+        )
+        return True
+
+    def close(self) -> None:
+        """End appends through this handle (reading still works).
+
+        The lock file is held only while one append writes (released even when it fails), so
+        closing has no lock to release; it makes a later ``record`` on this handle an error.
+        """
+        self._closed = True
+
+    def __enter__(self) -> RoyaltyLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ audit
     def replay(self, rec: GenerationRecord) -> RoyaltySplit:
@@ -321,9 +851,24 @@ class RoyaltyLedger:
         return split
 
     def verify(self) -> int:
-        """Check the hash chain and replay every row; returns the number of rows."""
+        """Check the whole ledger; returns the number of rows.
+
+        Checks the hash chain, the head file (no rows missing from the end, the last hash
+        matches), with ``key=`` every row's and the head's MAC, that no ``output_id`` is paid
+        twice, and replays every row's split.
+
+        Raises:
+            LedgerError: on any of these; ``ReplayMismatchError`` when a split does not replay.
+        """
         rows = self.records()
+        seen: dict[str, int] = {}
         for rec in rows:
+            if rec.output_id in seen:
+                raise LedgerError(
+                    f"{self.path}: output {rec.output_id!r} is recorded twice (seq "
+                    f"{seen[rec.output_id]} and {rec.seq}), so it was paid twice."
+                )
+            seen[rec.output_id] = rec.seq
             self.replay(rec)
         return len(rows)
 

@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/datavalue demo --out runs/demo
+	$(VENV)/bin/datavalue demo --out runs/demo --overwrite
 
 # Tests run in a random order (pytest-randomly); the seed is printed first and last
 # ("Using --randomly-seed=N"). Rerun one order with: make test PYTEST_ARGS='--randomly-seed=N'

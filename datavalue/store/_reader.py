@@ -84,6 +84,50 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
         raise StoreCorruptError(f"cannot open the zarr group at {location}: {exc}") from exc
 
 
+#: The first chunk of each array every committed step writes: if any exists, steps were written.
+_FIRST_DATA_CHUNKS = (("grads", "c", "0", "0"), ("sample_id", "c", "0"), ("weight", "c", "0"), ("flags", "c", "0"),
+                      ("step_ptr", "c", "0"), ("lr", "c", "0"))
+
+
+def _key_exists(group: zarr.Group, location: Any, key: tuple[str, ...]) -> bool:
+    """Whether the chunk or metadata file ``key`` (path parts inside the run) exists."""
+    if isinstance(location, Path):
+        return location.joinpath(*key).is_file()
+    from zarr.core.sync import sync
+
+    return bool(sync(group.store.exists("/".join(key))))
+
+
+def read_commit(group: zarr.Group, location: Any) -> tuple[int, int, int, int]:
+    """The run's commit counter ``(steps, rows, fisher_rows, generation)``.
+
+    The writer writes a zero commit when it creates a run, before any data chunk; a run without
+    ``commit/c/0`` and without data chunks (created by an older version, never stepped) has 0 steps.
+    A missing commit chunk (or commit array) beside data chunks is damage, not an empty run: reading
+    it as 0 steps would let ``resume=True`` overwrite every recorded step.
+
+    Raises:
+        StoreCorruptError: the commit is missing although data chunks exist, or it does not decode.
+    """
+    if _key_exists(group, location, ("commit", "c", "0")):
+        try:
+            return tuple(int(x) for x in np.asarray(group["commit"][:]))  # type: ignore[return-value]
+        except Exception as exc:
+            raise StoreCorruptError(
+                f"{location}: chunk commit/c/0 (the run's commit counter) is corrupt: {exc}. Restore the run from a copy."
+            ) from exc
+    written = ["/".join(k) for k in _FIRST_DATA_CHUNKS if _key_exists(group, location, k)]
+    if written:
+        what = "chunk commit/c/0" if _key_exists(group, location, ("commit", "zarr.json")) else "array commit (and its chunk commit/c/0)"
+        raise StoreCorruptError(
+            f"{location}: the {what} is missing, but data chunks were written ({', '.join(written)}): the record of "
+            "which steps are complete is lost, so the run is damaged, not empty (opening it as 0 steps would let "
+            "resume=True overwrite them). Restore the run, or its commit/ folder, from a copy; or record it again "
+            "with overwrite=True (also the way out for a run an older version left when it crashed in its first step)."
+        )
+    return 0, 0, 0, 0
+
+
 class Run:
     """A committed, read-only view of a recorded run.
 
@@ -114,7 +158,7 @@ class Run:
                 f"{self.path} has schema version {version}; this datavalue reads version {SCHEMA_VERSION}. "
                 "Install the datavalue version that wrote it, or re-record."
             )
-        self.n_steps, self.n_rows, self.n_fisher_rows, self.generation = (int(x) for x in self._read_small("commit"))
+        self.n_steps, self.n_rows, self.n_fisher_rows, self.generation = read_commit(self._group, self.path)
         self._check_chunks()
 
     def _committed_length(self, name: str) -> int:

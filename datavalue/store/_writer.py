@@ -215,6 +215,9 @@ class RunWriter:
                            compressors=small_codecs(), fill_value=0, config=cfg)
         g.create_array("commit", shape=(4,), chunks=(4,), dtype="int64", compressors=small_codecs(), fill_value=0, config=cfg)
         self._group = g
+        # an explicit zero commit before any data chunk: a missing commit/c/0 beside data is then damage,
+        # never a first step in flight (store._reader.read_commit)
+        self._commit_chunk(np.zeros(4, dtype=np.int64))
         self.steps = self.rows = self.fisher_rows = self.generation = 0
 
     def _open_existing(self, manifest: dict[str, Any]) -> None:
@@ -234,7 +237,10 @@ class RunWriter:
         self._group = g
         self.chunk_rows = int(g["grads"].chunks[0])
         self.manifest = on_disk
-        self.steps, self.rows, self.fisher_rows, self.generation = (int(x) for x in g["commit"][:])
+        # a missing commit beside data chunks is damage, not 0 steps to overwrite
+        from datavalue.store._reader import read_commit
+
+        self.steps, self.rows, self.fisher_rows, self.generation = read_commit(g, self.path)
         self.generation += 1
         logger.info("resuming %s after %d committed steps (%d rows)", self.path, self.steps, self.rows)
 

@@ -171,16 +171,35 @@ class Run:
             n = self._committed_length(name)
             if n <= (1 if name.endswith("_ptr") else 0) or not self.has_array(name):
                 continue
-            arr = self._group[name]
-            C = int(arr.chunks[0])
-            suffix = ("0",) * (len(arr.shape) - 1)
-            for i in range(-(-n // C)):
-                if not self._chunk_exists(name, (str(i), *suffix)):
-                    raise StoreCorruptError(
-                        f"{self.path}: chunk {name}/c/{'/'.join((str(i), *suffix))} (entries {i * C}..{min(n, (i + 1) * C) - 1}) "
-                        "is missing although the run's commit covers it; the run is damaged. Restore it from a copy, or "
-                        "re-record from the last intact step."
-                    )
+            self.require_chunks(name, n)
+
+    def require_chunks(self, name: str, n: int) -> None:
+        """Check that every chunk holding entries ``0:n`` of array ``name`` exists.
+
+        zarr (and :class:`~datavalue.store.ChunkFileRows`) read a missing chunk as the fill value, so
+        a deleted chunk of a recorded or derived array (``"embeddings/<c>/values"``) would be read
+        as exact zeros. :func:`open_run` checks the run's own arrays up to the commit; a reader of a
+        derived array calls this with the length its provenance covers.
+
+        Raises:
+            StoreNotFoundError: the run has no array ``name``.
+            StoreCorruptError: a chunk inside ``0:n`` is missing (the message names it).
+
+        Example:
+            >>> run.require_chunks("embeddings/fisher/values", run.n_rows)  # doctest: +SKIP
+        """
+        arr = self.array(name)
+        C = int(arr.chunks[0])
+        suffix = ("0",) * (len(arr.shape) - 1)
+        for i in range(-(-int(n) // C)):
+            key = (str(i), *suffix)
+            if not self._chunk_exists(name, key):
+                raise StoreCorruptError(
+                    f"{self.path}: chunk {name}/c/{'/'.join(key)} (entries {i * C}..{min(n, (i + 1) * C) - 1}) "
+                    "is missing although the run's commit (or the array's build) covers it; it would read as zeros. "
+                    "Restore the run from a copy; for derived arrays (embeddings) rebuild them with overwrite=True; "
+                    "for recorded arrays re-record from the last intact step."
+                )
 
     # ------------------------------------------------------------------ helpers
     def _chunk_exists(self, name: str, key: tuple[str, ...]) -> bool:

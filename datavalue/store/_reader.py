@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,12 +23,18 @@ from datavalue.errors import (
     StoreReadOnlyError,
 )
 from datavalue.store._schema import (
+    CAPTURE_KEYS,
     GROUP_STEP_ARRAYS,
+    MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     OPTIONAL_STEP_ARRAYS,
     SCHEMA_VERSION,
     committed_length,
+    manifest_digest,
+    manifest_problems,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _our_version() -> str:
@@ -82,6 +89,36 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
         raise StoreNotFoundError(f"no datavalue run at {location}: {exc}") from exc
     except Exception as exc:  # unreadable metadata
         raise StoreCorruptError(f"cannot open the zarr group at {location}: {exc}") from exc
+
+
+def check_manifest(manifest: Any, location: Any, digest: Any) -> None:
+    """Refuse a malformed manifest, or one whose capture-defining part was changed after creation.
+
+    ``digest`` is the run's :data:`MANIFEST_DIGEST_KEY` attribute (``None`` for runs written before
+    it existed: they open with a logged note).
+
+    Raises:
+        StoreCorruptError: required keys missing or of the wrong type, values outside their set.
+        StoreMismatchError: the manifest's ``projection`` / ``loss_reduction`` / ``capture_config``
+            differ from what the run was created with (an edited seed would silently change queries).
+    """
+    problems = manifest_problems(manifest)
+    if problems:
+        raise StoreCorruptError(
+            f"{location}: the run's manifest (zarr.json attribute '{MANIFEST_KEY}') is malformed: "
+            + "; ".join(problems) + ". Restore zarr.json from a copy of the run, or re-record it."
+        )
+    if digest is None:
+        logger.info("%s has no manifest digest (written before it was stored); its manifest is not bound to the data",
+                    location)
+        return
+    if digest != manifest_digest(manifest):
+        raise StoreMismatchError(
+            f"{location}: the manifest's capture settings ({', '.join(k for k in CAPTURE_KEYS if k in manifest)}) "
+            f"differ from the ones the run was recorded with (attribute '{MANIFEST_DIGEST_KEY}' does not match): "
+            "zarr.json was edited (e.g. projection.seed or loss_reduction), and queries would silently use other "
+            "settings than the gradients were recorded with. Restore zarr.json from a copy of the run."
+        )
 
 
 #: The first chunk of each array every committed step writes: if any exists, steps were written.
@@ -158,6 +195,7 @@ class Run:
                 f"{self.path} has schema version {version}; this datavalue reads version {SCHEMA_VERSION}. "
                 "Install the datavalue version that wrote it, or re-record."
             )
+        check_manifest(self.manifest, self.path, self._group.attrs.get(MANIFEST_DIGEST_KEY))
         self.n_steps, self.n_rows, self.n_fisher_rows, self.generation = read_commit(self._group, self.path)
         self._check_chunks()
 

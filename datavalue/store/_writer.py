@@ -29,7 +29,9 @@ from datavalue.errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
+from datavalue.store._reader import check_manifest, read_commit
 from datavalue.store._schema import (
+    MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     OPTIONAL_STEP_ARRAYS,
     ROW_ARRAYS,
@@ -39,6 +41,7 @@ from datavalue.store._schema import (
     committed_length,
     diff_manifests,
     float_codecs,
+    manifest_digest,
     small_codecs,
 )
 
@@ -195,7 +198,8 @@ class RunWriter:
     # ------------------------------------------------------------------ set-up
     def _create(self, manifest: dict[str, Any], chunk_rows: int, storage_dtype: str, fisher: bool) -> None:
         g = zarr.open_group(str(self.path), mode="w", zarr_format=3)
-        g.attrs[MANIFEST_KEY] = manifest
+        # one zarr.json write: the manifest and the digest binding its capture settings to the data
+        g.attrs.update({MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest)})
         # every chunk is written, even one equal to the fill value: no per-chunk comparison
         cfg = {"write_empty_chunks": True}
         cap = chunk_rows
@@ -225,6 +229,7 @@ class RunWriter:
             raise StoreNotFoundError(f"{self.path} is not a zarr run (no zarr.json).")
         g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         on_disk = dict(g.attrs.get(MANIFEST_KEY, {}))
+        check_manifest(on_disk, self.path, g.attrs.get(MANIFEST_DIGEST_KEY))
         diffs = diff_manifests(on_disk, manifest)
         if diffs:
             raise StoreMismatchError(
@@ -238,8 +243,6 @@ class RunWriter:
         self.chunk_rows = int(g["grads"].chunks[0])
         self.manifest = on_disk
         # a missing commit beside data chunks is damage, not 0 steps to overwrite
-        from datavalue.store._reader import read_commit
-
         self.steps, self.rows, self.fisher_rows, self.generation = read_commit(g, self.path)
         self.generation += 1
         logger.info("resuming %s after %d committed steps (%d rows)", self.path, self.steps, self.rows)
@@ -416,4 +419,4 @@ class RunWriter:
     def update_manifest(self, **entries: Any) -> None:
         """Merge ``entries`` into the manifest on disk (e.g. the optimizer once it is known)."""
         self.manifest = dict(self.manifest, **entries)
-        self._group.attrs[MANIFEST_KEY] = self.manifest
+        self._group.attrs.update({MANIFEST_KEY: self.manifest, MANIFEST_DIGEST_KEY: manifest_digest(self.manifest)})

@@ -67,3 +67,14 @@ def test_recorder_resume_refuses_run_whose_commit_was_deleted(tmp_path):
     with pytest.raises(StoreCorruptError, match=r"commit/c/0"):
         datavalue.Recorder(path, model, proj_dim=None, resume=True)
     assert (path / "grads" / "c" / "0" / "0").read_bytes() == before
+
+
+def test_cli_info_refuses_run_whose_commit_was_deleted(tmp_path, capsys):
+    from datavalue.cli import main
+
+    path = _run(tmp_path / "r.zarr")
+    assert main(["info", str(path)]) == 0
+    (path / "commit" / "c" / "0").unlink()
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 2
+    assert "commit/c/0" in capsys.readouterr().err

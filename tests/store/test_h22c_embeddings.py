@@ -64,3 +64,14 @@ def test_embeddings_copied_into_a_run_of_other_length_are_refused(tmp_path):
         check_build(open_run(b), "empirical_fisher")
     with pytest.raises(QueryError):
         Attributor(b, kind="dvemb")
+
+
+def test_fast_rows_with_required_rows_names_a_missing_chunk(tmp_path):
+    path = _built(tmp_path / "r.zarr")
+    run = open_run(path)
+    name = "embeddings/empirical_fisher/values"
+    (path / name / "c" / "1" / "0").unlink()
+    with pytest.raises(StoreCorruptError, match=r"embeddings/empirical_fisher/values/c/1/0 is missing"):
+        fast_rows(run.array(name), required_rows=run.n_rows)[0 : run.n_rows]
+    # chunks past the required rows keep zarr's fill semantics (spare capacity past a commit)
+    assert not np.any(fast_rows(run.array(name), required_rows=5)[5:10])

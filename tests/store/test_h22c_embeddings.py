@@ -75,3 +75,13 @@ def test_fast_rows_with_required_rows_names_a_missing_chunk(tmp_path):
         fast_rows(run.array(name), required_rows=run.n_rows)[0 : run.n_rows]
     # chunks past the required rows keep zarr's fill semantics (spare capacity past a commit)
     assert not np.any(fast_rows(run.array(name), required_rows=5)[5:10])
+
+
+@pytest.mark.parametrize("curvature", ["fisher", "none"])
+def test_check_build_accepts_its_own_build_with_momentum_and_fisher(tmp_path, curvature):
+    path = tmp_path / "r.zarr"
+    write_run(path, make_steps(3, 9, momentum=0.9, weight_decay=0.01, fisher=True), fisher=True, chunk_rows=5)
+    build_embeddings(path, curvature=curvature, chunk_rows=5)
+    meta = check_build(open_run(path), curvature)
+    assert meta["n_steps"] == 9
+    assert Attributor(path, kind="dvemb", curvature=curvature).n_steps == 9

@@ -407,7 +407,7 @@ class Run:
     # ------------------------------------------------------------------ manifest views
     @property
     def blocks(self) -> list[dict[str, Any]]:
-        return list(self.manifest["projection"]["blocks"])
+        return list(self.manifest["projection"].get("blocks", []))  # validated on open; absent: none
 
     @property
     def optimizer(self) -> dict[str, Any]:

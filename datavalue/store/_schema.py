@@ -188,10 +188,10 @@ def _is_int(x: Any) -> bool:
 def manifest_problems(manifest: Any) -> list[str]:
     """What is malformed in a run's manifest (empty when it is well formed).
 
-    Required: ``projection`` (a dict) with ``blocks`` (a list of dicts whose ``start``/``stop``,
-    when given, are ints with ``0 <= start <= stop``); a projected run (``proj_dim`` not None) also
-    needs an int ``seed``. Checked when present (runs and tests may omit them; readers then use the
-    documented defaults): ``proj_dim`` (int > 0, a dict of them, or None), ``seed`` (int), ``sketch``
+    Required: ``projection`` (a dict); a projected run (``proj_dim`` not None) also needs an int
+    ``seed``. Checked when present (hand-made runs, e.g. ``StepSink``'s doctest, may omit them;
+    readers then use the documented defaults): ``projection.blocks`` (a list of dicts whose
+    ``start``/``stop``, when given, are ints with ``0 <= start <= stop``; absent: no blocks), ``proj_dim`` (int > 0, a dict of them, or None), ``seed`` (int), ``sketch``
     (:data:`SKETCHES`), ``loss_reduction`` (:data:`LOSS_REDUCTIONS`), ``model_fingerprint`` (a dict
     with a str ``digest``), ``optimizer`` / ``curvature`` / ``capture_config`` (dicts),
     ``storage_dtype`` (``float16``/``float32``/``float64``).
@@ -205,9 +205,9 @@ def manifest_problems(manifest: Any) -> list[str]:
     elif not isinstance(proj, dict):
         out.append(f"'projection' is a {type(proj).__name__}, not an object")
     else:
-        blocks = proj.get("blocks")
+        blocks = proj.get("blocks", [])
         if not isinstance(blocks, list):
-            out.append("'projection.blocks' is missing or not a list")
+            out.append(f"'projection.blocks' is a {type(blocks).__name__}, not a list")
         else:
             for i, b in enumerate(blocks):
                 if not isinstance(b, dict):

@@ -74,7 +74,7 @@ def test_edited_capture_settings_refused_on_open_and_resume(tmp_path, edit, matc
     [
         (lambda m: m.pop("projection"), "'projection' is missing"),
         (lambda m: m.update(projection=[1, 2]), "'projection' is a list"),
-        (lambda m: m["projection"].pop("blocks"), "projection.blocks"),
+        (lambda m: m["projection"].update(blocks="w"), "'projection.blocks' is a str"),
         (lambda m: m["projection"].update(seed="7"), "projection.seed"),
         (lambda m: m["projection"].pop("seed"), "projection.seed' is missing"),
         (lambda m: m["projection"].update(proj_dim=-3), "projection.proj_dim"),

@@ -45,21 +45,38 @@ def parse_sample_ids(sample_ids: Any) -> np.ndarray:
     """Validate ids (tensor, array, list or range of ints) into a 1-d int64 array without duplicates."""
     if hasattr(sample_ids, "detach") and hasattr(sample_ids, "cpu"):  # a torch tensor, without importing torch
         sample_ids = sample_ids.detach().cpu().numpy()
-    arr = np.asarray(list(sample_ids) if isinstance(sample_ids, range) else sample_ids)
+    if isinstance(sample_ids, (list, tuple, range)):
+        vals = list(sample_ids)
+        # Python ints stay exact: numpy would turn [1, 2**63] into float64 and lose the offending value
+        ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals)
+        arr = np.array(vals, dtype=object) if ints and vals else np.asarray(vals)
+    else:
+        arr = np.asarray(sample_ids)
     if arr.ndim != 1:
         raise RecorderError(f"sample_ids must be 1-d (one id per example), got shape {arr.shape}.")
     if arr.size == 0:
         raise RecorderError("sample_ids is empty; a step needs at least one example.")
-    if arr.dtype == object and all(isinstance(v, (int, np.integer)) for v in arr.tolist()):
-        big = [v for v in arr.tolist() if not -(2**63) <= v < 2**63]
-        if big:
-            raise RecorderError(f"sample ids must fit in int64; got {big[:3]}. Map your keys to smaller int ids.")
-        arr = arr.astype(np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
+    big: list[Any] = []
+    if arr.dtype == object and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in arr.tolist()):
+        big = [v for v in arr.tolist() if not -(2**63) <= int(v) < 2**63]
+        if not big:
             arr = arr.astype(np.int64)
-        else:
-            raise RecorderError(f"sample_ids must be integers, got dtype {arr.dtype}; map your keys to int ids first.")
+    elif arr.dtype.kind == "u":  # uint64 values >= 2**63 would wrap to negative ids
+        big = arr[arr > np.iinfo(np.int64).max].tolist()
+    elif arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
+            raise RecorderError(f"sample_ids must be integers, got non-integral float ids {bad[:3].tolist()}; map your "
+                                "keys to int ids first.")
+        # float64 has no value at 2**63 - 1: anything >= 2**63 (or < -2**63) is outside int64
+        big = arr[(arr >= 2.0**63) | (arr < -(2.0**63))].tolist()
+        if not big:
+            arr = arr.astype(np.int64)
+    if big:
+        raise RecorderError(f"sample ids must fit in int64 (-2**63 .. 2**63-1); got {big[:3]}. Map your keys to "
+                            "smaller int ids.")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise RecorderError(f"sample_ids must be integers, got dtype {arr.dtype}; map your keys to int ids first.")
     arr = arr.astype(np.int64)
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():

@@ -19,6 +19,7 @@ from datavalue.embeddings._build import build_metadata as build_metadata
 from datavalue.embeddings._build import embeddings_at as embeddings_at
 from datavalue.embeddings._build import extend_embeddings as extend_embeddings
 from datavalue.embeddings._build import stored_config as stored_config
+from datavalue.embeddings._check import check_build as check_build
 from datavalue.embeddings._config import BuildConfig as BuildConfig
 from datavalue.embeddings._core import BlockState as BlockState
 from datavalue.embeddings._core import StepCoef as StepCoef
@@ -37,6 +38,7 @@ __all__ = [
     "build_embeddings",
     "build_metadata",
     "chain",
+    "check_build",
     "embeddings_at",
     "extend_embeddings",
     "init_state",

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from datavalue.errors import QueryError, StoreNotFoundError
+from datavalue.embeddings import check_build
+from datavalue.errors import EmbeddingError, QueryError, StoreNotFoundError
 from datavalue.store import Run, open_array
 
 KINDS = ("dvemb", "grad_dot", "tracin")
@@ -121,6 +122,7 @@ def _checked(run: Run, src: Source) -> Source:
         n_steps = int(meta["checkpoint_step"])
         if not 0 <= n_steps <= run.n_steps or arr.shape[0] != int(run.step_ptr[n_steps]):
             raise QueryError(f"{src.array_name} (checkpoint step {n_steps}) does not match the run's rows; recompute it.")
+        run.require_chunks(src.array_name, arr.shape[0])  # a deleted chunk would read as zeros
         return dataclasses.replace(src, curvature=curvature, n_steps=n_steps)
     built_rows = meta.get("n_rows")
     if arr.shape[0] < run.n_rows or (built_rows is not None and int(built_rows) != run.n_rows):
@@ -129,4 +131,8 @@ def _checked(run: Run, src: Source) -> Source:
             f"{src.array_name} covers {rows} occurrences but the run now has {run.n_rows} (training was recorded "
             f"further after the build). Rebuild with {rebuild}, or extend it with datavalue.embeddings.extend_embeddings."
         )
+    try:  # provenance (built from this run's steps, not copied in) and every chunk present
+        check_build(run, curvature, array=src.array_name)
+    except EmbeddingError as exc:
+        raise QueryError(str(exc)) from exc
     return dataclasses.replace(src, curvature=curvature, n_steps=run.n_steps)

@@ -15,7 +15,8 @@ run's private attributes), so that the format has one place to change:
   local array with the run's plain layout; :func:`write_chunk` / :func:`write_all` write chunk
   files with the store writer's encoder (:func:`chunk_dir` says whether an array qualifies);
 - schema names: :data:`SCHEMA_VERSION`; :data:`MANIFEST_KEY` (the root attribute holding the
-  manifest); :data:`ROW_ARRAYS`, :data:`STEP_ARRAYS` and :data:`OPTIONAL_STEP_ARRAYS` (array name
+  manifest); :data:`MANIFEST_DIGEST_KEY` (the root attribute holding :func:`manifest_digest` of the
+  manifest's capture settings, written at creation and checked by :func:`open_run`); :data:`ROW_ARRAYS`, :data:`STEP_ARRAYS` and :data:`OPTIONAL_STEP_ARRAYS` (array name
   -> dtype or kind); :data:`FLAG_NONFINITE` (bit of a row's ``flags``: its gradient was not finite
   and is stored as zeros).
 
@@ -33,6 +34,7 @@ from datavalue.store._reader import Run as Run
 from datavalue.store._reader import open_array as open_array
 from datavalue.store._reader import open_run as open_run
 from datavalue.store._schema import FLAG_NONFINITE as FLAG_NONFINITE
+from datavalue.store._schema import MANIFEST_DIGEST_KEY as MANIFEST_DIGEST_KEY
 from datavalue.store._schema import MANIFEST_KEY as MANIFEST_KEY
 from datavalue.store._schema import OPTIONAL_STEP_ARRAYS as OPTIONAL_STEP_ARRAYS
 from datavalue.store._schema import ROW_ARRAYS as ROW_ARRAYS
@@ -40,6 +42,7 @@ from datavalue.store._schema import SCHEMA_VERSION as SCHEMA_VERSION
 from datavalue.store._schema import STEP_ARRAYS as STEP_ARRAYS
 from datavalue.store._schema import StepBlock as StepBlock
 from datavalue.store._schema import fingerprint_params as fingerprint_params
+from datavalue.store._schema import manifest_digest as manifest_digest
 from datavalue.store._schema import package_versions as package_versions
 from datavalue.store._writer import RunWriter as RunWriter
 from datavalue.store._writer import archive_run as archive_run
@@ -49,6 +52,7 @@ from datavalue.store._writer import write_chunk as write_chunk
 
 __all__ = [
     "FLAG_NONFINITE",
+    "MANIFEST_DIGEST_KEY",
     "MANIFEST_KEY",
     "OPTIONAL_STEP_ARRAYS",
     "ROW_ARRAYS",
@@ -64,6 +68,7 @@ __all__ = [
     "delete_path",
     "fast_rows",
     "fingerprint_params",
+    "manifest_digest",
     "open_array",
     "open_run",
     "package_versions",

@@ -27,12 +27,14 @@ class ChunkFileRows:
     """Array-like rows ``[a:b]`` of a 2-D zarr v3 array in a local directory (picklable).
 
     Attributes mirror the zarr array's: ``shape``, ``dtype``, ``chunks``, ``ndim``. Missing chunk
-    files read as the fill value (zarr's semantics); a checksum mismatch or a short file raises
-    :class:`~datavalue.errors.StoreCorruptError` naming the chunk.
+    files read as the fill value (zarr's semantics) past ``required_rows``; inside the first
+    ``required_rows`` rows (what the run's commit or the array's build covers) a missing file, a
+    checksum mismatch or a short file raises :class:`~datavalue.errors.StoreCorruptError` naming the
+    chunk.
     """
 
     def __init__(self, directory: str | os.PathLike[str], shape: tuple[int, int], chunk_rows: int, dtype: Any,
-                 fill_value: float = 0.0, name: str | None = None) -> None:
+                 fill_value: float = 0.0, name: str | None = None, *, required_rows: int = 0) -> None:
         self.directory = Path(directory)
         self.name = name or self.directory.name  # the array's path inside the run, for error messages
         self.shape = (int(shape[0]), int(shape[1]))
@@ -40,13 +42,14 @@ class ChunkFileRows:
         self.chunks = (self.chunk_rows, self.shape[1])
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.fill_value = fill_value
+        self.required_rows = int(required_rows)
         self.ndim = 2
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
-        return ("ChunkFileRows", str(self.directory), self.shape, self.chunk_rows, self.dtype.str)
+        return ("ChunkFileRows", str(self.directory), self.shape, self.chunk_rows, self.dtype.str, self.required_rows)
 
     def __repr__(self) -> str:
         return f"ChunkFileRows({str(self.directory)!r}, shape={self.shape}, chunk_rows={self.chunk_rows}, dtype={self.dtype})"
@@ -76,6 +79,12 @@ class ChunkFileRows:
         try:
             f = open(path, "rb")  # noqa: SIM115
         except FileNotFoundError:
+            if i * self.chunk_rows < self.required_rows:
+                raise StoreCorruptError(
+                    f"chunk {label} is missing (file {path}) although rows {i * self.chunk_rows}.."
+                    f"{min(self.required_rows, (i + 1) * self.chunk_rows) - 1} are committed or built; it would read as "
+                    "zeros. Restore the run from a copy, or rebuild the array (embeddings: overwrite=True)."
+                ) from None
             dest[:] = self.fill_value
             return
         with f:
@@ -125,14 +134,18 @@ def chunk_dir(array: Any) -> Path | None:
         return None
 
 
-def fast_rows(array: Any) -> Any:
+def fast_rows(array: Any, *, required_rows: int = 0) -> Any:
     """A :class:`ChunkFileRows` reading the same rows as ``array`` (a zarr array), or ``array``
-    itself when its layout is not the run's plain one (non-local store, other codecs or chunking)."""
+    itself when its layout is not the run's plain one (non-local store, other codecs or chunking).
+
+    ``required_rows``: rows that must be present (the commit's or a build's length): a missing chunk
+    among them raises :class:`~datavalue.errors.StoreCorruptError` instead of reading as zeros (for
+    the zarr fallback, check with :meth:`datavalue.store.Run.require_chunks`)."""
     directory = chunk_dir(array)
     if directory is None or len(array.shape) != 2:
         return array
     return ChunkFileRows(directory, array.shape, array.chunks[0], array.dtype,
-                         float(array.metadata.fill_value or 0.0), name=str(array.path))
+                         float(array.metadata.fill_value or 0.0), name=str(array.path), required_rows=required_rows)
 
 
 def write_all(array: Any, data: np.ndarray) -> None:

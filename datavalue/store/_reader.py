@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,12 +23,18 @@ from datavalue.errors import (
     StoreReadOnlyError,
 )
 from datavalue.store._schema import (
+    CAPTURE_KEYS,
     GROUP_STEP_ARRAYS,
+    MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     OPTIONAL_STEP_ARRAYS,
     SCHEMA_VERSION,
     committed_length,
+    manifest_digest,
+    manifest_problems,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _our_version() -> str:
@@ -84,6 +91,80 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
         raise StoreCorruptError(f"cannot open the zarr group at {location}: {exc}") from exc
 
 
+def check_manifest(manifest: Any, location: Any, digest: Any) -> None:
+    """Refuse a malformed manifest, or one whose capture-defining part was changed after creation.
+
+    ``digest`` is the run's :data:`MANIFEST_DIGEST_KEY` attribute (``None`` for runs written before
+    it existed: they open with a logged note).
+
+    Raises:
+        StoreCorruptError: required keys missing or of the wrong type, values outside their set.
+        StoreMismatchError: the manifest's ``projection`` / ``loss_reduction`` / ``capture_config``
+            differ from what the run was created with (an edited seed would silently change queries).
+    """
+    problems = manifest_problems(manifest)
+    if problems:
+        raise StoreCorruptError(
+            f"{location}: the run's manifest (zarr.json attribute '{MANIFEST_KEY}') is malformed: "
+            + "; ".join(problems) + ". Restore zarr.json from a copy of the run, or re-record it."
+        )
+    if digest is None:
+        logger.info("%s has no manifest digest (written before it was stored); its manifest is not bound to the data",
+                    location)
+        return
+    if digest != manifest_digest(manifest):
+        raise StoreMismatchError(
+            f"{location}: the manifest's capture settings ({', '.join(k for k in CAPTURE_KEYS if k in manifest)}) "
+            f"differ from the ones the run was recorded with (attribute '{MANIFEST_DIGEST_KEY}' does not match): "
+            "zarr.json was edited (e.g. projection.seed or loss_reduction), and queries would silently use other "
+            "settings than the gradients were recorded with. Restore zarr.json from a copy of the run."
+        )
+
+
+#: The first chunk of each array every committed step writes: if any exists, steps were written.
+_FIRST_DATA_CHUNKS = (("grads", "c", "0", "0"), ("sample_id", "c", "0"), ("weight", "c", "0"), ("flags", "c", "0"),
+                      ("step_ptr", "c", "0"), ("lr", "c", "0"))
+
+
+def _key_exists(group: zarr.Group, location: Any, key: tuple[str, ...]) -> bool:
+    """Whether the chunk or metadata file ``key`` (path parts inside the run) exists."""
+    if isinstance(location, Path):
+        return location.joinpath(*key).is_file()
+    from zarr.core.sync import sync
+
+    return bool(sync(group.store.exists("/".join(key))))
+
+
+def read_commit(group: zarr.Group, location: Any) -> tuple[int, int, int, int]:
+    """The run's commit counter ``(steps, rows, fisher_rows, generation)``.
+
+    The writer writes a zero commit when it creates a run, before any data chunk; a run without
+    ``commit/c/0`` and without data chunks (created by an older version, never stepped) has 0 steps.
+    A missing commit chunk (or commit array) beside data chunks is damage, not an empty run: reading
+    it as 0 steps would let ``resume=True`` overwrite every recorded step.
+
+    Raises:
+        StoreCorruptError: the commit is missing although data chunks exist, or it does not decode.
+    """
+    if _key_exists(group, location, ("commit", "c", "0")):
+        try:
+            return tuple(int(x) for x in np.asarray(group["commit"][:]))  # type: ignore[return-value]
+        except Exception as exc:
+            raise StoreCorruptError(
+                f"{location}: chunk commit/c/0 (the run's commit counter) is corrupt: {exc}. Restore the run from a copy."
+            ) from exc
+    written = ["/".join(k) for k in _FIRST_DATA_CHUNKS if _key_exists(group, location, k)]
+    if written:
+        what = "chunk commit/c/0" if _key_exists(group, location, ("commit", "zarr.json")) else "array commit (and its chunk commit/c/0)"
+        raise StoreCorruptError(
+            f"{location}: the {what} is missing, but data chunks were written ({', '.join(written)}): the record of "
+            "which steps are complete is lost, so the run is damaged, not empty (opening it as 0 steps would let "
+            "resume=True overwrite them). Restore the run, or its commit/ folder, from a copy; or record it again "
+            "with overwrite=True (also the way out for a run an older version left when it crashed in its first step)."
+        )
+    return 0, 0, 0, 0
+
+
 class Run:
     """A committed, read-only view of a recorded run.
 
@@ -114,7 +195,8 @@ class Run:
                 f"{self.path} has schema version {version}; this datavalue reads version {SCHEMA_VERSION}. "
                 "Install the datavalue version that wrote it, or re-record."
             )
-        self.n_steps, self.n_rows, self.n_fisher_rows, self.generation = (int(x) for x in self._read_small("commit"))
+        check_manifest(self.manifest, self.path, self._group.attrs.get(MANIFEST_DIGEST_KEY))
+        self.n_steps, self.n_rows, self.n_fisher_rows, self.generation = read_commit(self._group, self.path)
         self._check_chunks()
 
     def _committed_length(self, name: str) -> int:
@@ -127,16 +209,35 @@ class Run:
             n = self._committed_length(name)
             if n <= (1 if name.endswith("_ptr") else 0) or not self.has_array(name):
                 continue
-            arr = self._group[name]
-            C = int(arr.chunks[0])
-            suffix = ("0",) * (len(arr.shape) - 1)
-            for i in range(-(-n // C)):
-                if not self._chunk_exists(name, (str(i), *suffix)):
-                    raise StoreCorruptError(
-                        f"{self.path}: chunk {name}/c/{'/'.join((str(i), *suffix))} (entries {i * C}..{min(n, (i + 1) * C) - 1}) "
-                        "is missing although the run's commit covers it; the run is damaged. Restore it from a copy, or "
-                        "re-record from the last intact step."
-                    )
+            self.require_chunks(name, n)
+
+    def require_chunks(self, name: str, n: int) -> None:
+        """Check that every chunk holding entries ``0:n`` of array ``name`` exists.
+
+        zarr (and :class:`~datavalue.store.ChunkFileRows`) read a missing chunk as the fill value, so
+        a deleted chunk of a recorded or derived array (``"embeddings/<c>/values"``) would be read
+        as exact zeros. :func:`open_run` checks the run's own arrays up to the commit; a reader of a
+        derived array calls this with the length its provenance covers.
+
+        Raises:
+            StoreNotFoundError: the run has no array ``name``.
+            StoreCorruptError: a chunk inside ``0:n`` is missing (the message names it).
+
+        Example:
+            >>> run.require_chunks("embeddings/fisher/values", run.n_rows)  # doctest: +SKIP
+        """
+        arr = self.array(name)
+        C = int(arr.chunks[0])
+        suffix = ("0",) * (len(arr.shape) - 1)
+        for i in range(-(-int(n) // C)):
+            key = (str(i), *suffix)
+            if not self._chunk_exists(name, key):
+                raise StoreCorruptError(
+                    f"{self.path}: chunk {name}/c/{'/'.join(key)} (entries {i * C}..{min(n, (i + 1) * C) - 1}) "
+                    "is missing although the run's commit (or the array's build) covers it; it would read as zeros. "
+                    "Restore the run from a copy; for derived arrays (embeddings) rebuild them with overwrite=True; "
+                    "for recorded arrays re-record from the last intact step."
+                )
 
     # ------------------------------------------------------------------ helpers
     def _chunk_exists(self, name: str, key: tuple[str, ...]) -> bool:
@@ -306,7 +407,7 @@ class Run:
     # ------------------------------------------------------------------ manifest views
     @property
     def blocks(self) -> list[dict[str, Any]]:
-        return list(self.manifest["projection"]["blocks"])
+        return list(self.manifest["projection"].get("blocks", []))  # validated on open; absent: none
 
     @property
     def optimizer(self) -> dict[str, Any]:

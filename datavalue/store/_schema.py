@@ -47,6 +47,13 @@ OPTIONAL_STEP_ARRAYS: dict[str, str] = {
 #: The per-group per-step arrays (kind ``"group"``), in the order :func:`datavalue.store.Run.param_groups` returns.
 GROUP_STEP_ARRAYS = ("group_lr", "group_momentum", "group_weight_decay")
 
+#: Root attribute holding :func:`manifest_digest` of the manifest the run was created with.
+MANIFEST_DIGEST_KEY = "datavalue_manifest_digest"
+#: The manifest entries that define what the recorded numbers mean (bound by the digest).
+CAPTURE_KEYS = ("projection", "loss_reduction", "capture_config")
+LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
+SKETCHES = ("orthogonal", "gaussian")
+
 #: Manifest keys that must match between a run on disk and a recorder resuming it.
 RESUME_KEYS = ("schema_version", "projection", "model_fingerprint", "loss_reduction", "curvature", "storage_dtype")
 
@@ -159,3 +166,74 @@ class StepBlock:
     @property
     def n_rows(self) -> int:
         return int(self.sample_id.shape[0])
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's capture-defining part (:data:`CAPTURE_KEYS`; ``capture_config`` only
+    when present, a projection without ``sketch`` read as Gaussian). The writer stores it beside the
+    manifest at creation; an edited ``projection.seed`` or ``loss_reduction`` no longer matches it.
+
+    Example:
+        >>> manifest_digest({"projection": {"blocks": []}}) == manifest_digest({"projection": {"blocks": []}})
+        True
+    """
+    part = {key: _normalise(key, manifest[key]) for key in CAPTURE_KEYS if key in manifest}
+    return hashlib.sha256(_canon(part).encode()).hexdigest()
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def manifest_problems(manifest: Any) -> list[str]:
+    """What is malformed in a run's manifest (empty when it is well formed).
+
+    Required: ``projection`` (a dict); a projected run (``proj_dim`` not None) also needs an int
+    ``seed``. Checked when present (hand-made runs, e.g. ``StepSink``'s doctest, may omit them;
+    readers then use the documented defaults): ``projection.blocks`` (a list of dicts whose
+    ``start``/``stop``, when given, are ints with ``0 <= start <= stop``; absent: no blocks), ``proj_dim`` (int > 0, a dict of them, or None), ``seed`` (int), ``sketch``
+    (:data:`SKETCHES`), ``loss_reduction`` (:data:`LOSS_REDUCTIONS`), ``model_fingerprint`` (a dict
+    with a str ``digest``), ``optimizer`` / ``curvature`` / ``capture_config`` (dicts),
+    ``storage_dtype`` (``float16``/``float32``/``float64``).
+    """
+    if not isinstance(manifest, dict):
+        return [f"the manifest is a {type(manifest).__name__}, not a JSON object"]
+    out: list[str] = []
+    proj = manifest.get("projection")
+    if "projection" not in manifest:
+        out.append("'projection' is missing")
+    elif not isinstance(proj, dict):
+        out.append(f"'projection' is a {type(proj).__name__}, not an object")
+    else:
+        blocks = proj.get("blocks", [])
+        if not isinstance(blocks, list):
+            out.append(f"'projection.blocks' is a {type(blocks).__name__}, not a list")
+        else:
+            for i, b in enumerate(blocks):
+                if not isinstance(b, dict):
+                    out.append(f"'projection.blocks[{i}]' is not an object")
+                elif "start" in b or "stop" in b:
+                    a, z = b.get("start"), b.get("stop")
+                    if not (_is_int(a) and _is_int(z) and 0 <= a <= z):
+                        out.append(f"'projection.blocks[{i}]' has start={a!r}, stop={z!r} (ints, 0 <= start <= stop)")
+        pd = proj.get("proj_dim")
+        dims = list(pd.values()) if isinstance(pd, dict) else [pd]
+        if not all(d is None or (_is_int(d) and d > 0) for d in dims) or (isinstance(pd, dict) and None in dims):
+            out.append(f"'projection.proj_dim' is {pd!r} (a positive int, a dict of them, or null)")
+        if "seed" in proj and not _is_int(proj["seed"]):
+            out.append(f"'projection.seed' is {proj['seed']!r} (an int)")
+        if pd is not None and "seed" not in proj:
+            out.append("'projection.seed' is missing (a projected run needs the seed of its sketch)")
+        if "sketch" in proj and proj["sketch"] not in SKETCHES:
+            out.append(f"'projection.sketch' is {proj['sketch']!r} (one of {SKETCHES})")
+    if "loss_reduction" in manifest and manifest["loss_reduction"] not in LOSS_REDUCTIONS:
+        out.append(f"'loss_reduction' is {manifest['loss_reduction']!r} (one of {LOSS_REDUCTIONS})")
+    fp = manifest.get("model_fingerprint")
+    if "model_fingerprint" in manifest and not (isinstance(fp, dict) and isinstance(fp.get("digest"), str)):
+        out.append("'model_fingerprint' is not an object with a str 'digest'")
+    for key in ("optimizer", "curvature", "capture_config"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            out.append(f"'{key}' is a {type(manifest[key]).__name__}, not an object")
+    if "storage_dtype" in manifest and manifest["storage_dtype"] not in ("float16", "float32", "float64"):
+        out.append(f"'storage_dtype' is {manifest['storage_dtype']!r} (float16, float32 or float64)")
+    return out

@@ -32,7 +32,9 @@ from datavalue.errors import (
     StoreNotFoundError,
 )
 from datavalue.store import _reader
+from datavalue.store._reader import check_manifest, read_commit
 from datavalue.store._schema import (
+    MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     OPTIONAL_STEP_ARRAYS,
     ROW_ARRAYS,
@@ -42,6 +44,7 @@ from datavalue.store._schema import (
     committed_length,
     diff_manifests,
     float_codecs,
+    manifest_digest,
     small_codecs,
 )
 
@@ -235,7 +238,8 @@ class RunWriter:
     # ------------------------------------------------------------------ set-up
     def _create(self, manifest: dict[str, Any], chunk_rows: int, storage_dtype: str, fisher: bool) -> None:
         g = zarr.open_group(str(self.path), mode="w", zarr_format=3)
-        g.attrs[MANIFEST_KEY] = manifest
+        # one zarr.json write: the manifest and the digest binding its capture settings to the data
+        g.attrs.update({MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest)})
         # every chunk is written, even one equal to the fill value: no per-chunk comparison
         cfg = {"write_empty_chunks": True}
         cap = chunk_rows
@@ -255,6 +259,9 @@ class RunWriter:
                            compressors=small_codecs(), fill_value=0, config=cfg)
         g.create_array("commit", shape=(4,), chunks=(4,), dtype="int64", compressors=small_codecs(), fill_value=0, config=cfg)
         self._group = g
+        # an explicit zero commit before any data chunk: a missing commit/c/0 beside data is then damage,
+        # never a first step in flight (store._reader.read_commit)
+        self._commit_chunk(np.zeros(4, dtype=np.int64))
         self.steps = self.rows = self.fisher_rows = self.generation = 0
 
     def _open_existing(self, manifest: dict[str, Any]) -> None:
@@ -265,6 +272,7 @@ class RunWriter:
             check_inside_run(self.path, member.name)
         g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         on_disk = dict(g.attrs.get(MANIFEST_KEY, {}))
+        check_manifest(on_disk, self.path, g.attrs.get(MANIFEST_DIGEST_KEY))
         diffs = diff_manifests(on_disk, manifest)
         if diffs:
             raise StoreMismatchError(
@@ -277,7 +285,8 @@ class RunWriter:
         self._group = g
         self.chunk_rows = int(g["grads"].chunks[0])
         self.manifest = on_disk
-        self.steps, self.rows, self.fisher_rows, self.generation = (int(x) for x in g["commit"][:])
+        # a missing commit beside data chunks is damage, not 0 steps to overwrite
+        self.steps, self.rows, self.fisher_rows, self.generation = read_commit(g, self.path)
         self.generation += 1
         logger.info("resuming %s after %d committed steps (%d rows)", self.path, self.steps, self.rows)
 
@@ -453,7 +462,7 @@ class RunWriter:
     def update_manifest(self, **entries: Any) -> None:
         """Merge ``entries`` into the manifest on disk (e.g. the optimizer once it is known)."""
         self.manifest = dict(self.manifest, **entries)
-        self._group.attrs[MANIFEST_KEY] = self.manifest
+        self._group.attrs.update({MANIFEST_KEY: self.manifest, MANIFEST_DIGEST_KEY: manifest_digest(self.manifest)})
 
 
 # ------------------------------------------------------------------ staying inside the run

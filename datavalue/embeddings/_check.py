@@ -1,0 +1,88 @@
+"""Does a stored embedding build belong to the run it sits in?
+
+A build records the run it was made from: ``n_steps``, ``n_rows`` and ``run_digest`` (a sha256 of
+the steps' bookkeeping: ``step_ptr``, ``lr``, ``grad_scale``, ``weight_decay``, momentum, and the
+Fisher pointers / param-group hyperparameters where the build used them; ``_plan._digest``). An
+``embeddings/`` folder copied from another run, or a run re-recorded under a build, has values that
+describe other training; :func:`check_build` refuses it, and checks that every chunk of the
+values the build covers is present (a deleted chunk would read as zeros).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from datavalue.embeddings._build import ATTRS_KEY, _base, _replay_optimizer, _stored_blocks
+from datavalue.embeddings._plan import _digest, _make_plan
+from datavalue.errors import EmbeddingError, StoreError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["check_build"]
+
+
+def check_build(run: Any, curvature: str | None = None, *, array: str | None = None) -> dict[str, Any]:
+    """Check that a stored build was made from ``run`` as it is now, and that its chunks are present.
+
+    Args:
+        run: an open run (:func:`datavalue.store.open_run`).
+        curvature: which build (``embeddings/<curvature>/values``); or
+        array: the values array's path inside the run (e.g. an explicit ``embeddings=`` of a query).
+
+    Returns:
+        The build's attributes (its provenance).
+
+    Raises:
+        EmbeddingError: the build's ``n_steps`` / ``n_rows`` / ``run_digest`` do not match the run
+            (copied from another run, or the run was re-recorded or resumed after the build).
+        StoreCorruptError: a chunk of the values inside the rows the build covers is missing.
+
+    Example:
+        >>> check_build(open_run("runs/x.zarr"), "fisher")["n_rows"]  # doctest: +SKIP
+        1200
+    """
+    if array is None:
+        if curvature is None:
+            raise ValueError("pass curvature= or array=.")
+        array = f"{_base(curvature)}/values"
+    meta = dict(run.array(array).attrs.get(ATTRS_KEY, {}))
+    curvature = curvature or meta.get("curvature")
+    rebuild = f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}, overwrite=True)"
+    if "checkpoint_step" in meta:  # embeddings_at(): rows of the steps before the checkpoint
+        T = int(meta["checkpoint_step"])
+        if 0 <= T <= run.n_steps:
+            run.require_chunks(array, int(run.step_ptr[T]))
+        return meta
+    if "run_digest" not in meta or "n_steps" not in meta or "n_rows" not in meta:
+        logger.info("%s/%s has no run digest (an older build); its provenance is not checked", run.path, array)
+        run.require_chunks(array, min(int(run.n_rows), int(run.array(array).shape[0])))
+        return meta
+    T, R = int(meta["n_steps"]), int(meta["n_rows"])
+    if (T, R) != (int(run.n_steps), int(run.n_rows)):
+        raise EmbeddingError(
+            f"{run.path}/{array} was built from {T} steps ({R} occurrences), but the run has {run.n_steps} steps "
+            f"({run.n_rows} occurrences): it describes other training (copied from another run, or the run was "
+            f"re-recorded or extended since). Rebuild with {rebuild}, or extend it with "
+            "datavalue.embeddings.extend_embeddings when the run only grew."
+        )
+    try:
+        with warnings.catch_warnings():  # the sgd-proxy warning was given when the build was made
+            warnings.simplefilter("ignore")
+            plan, _ = _make_plan(run, str(meta.get("curvature", curvature)), "float64", None, 0.0,
+                                 optimizer=meta.get("optimizer") if meta.get("optimizer") in ("adam", "adamw")
+                                 else _replay_optimizer(meta), blocks=_stored_blocks(meta))
+    except (EmbeddingError, StoreError) as exc:
+        raise EmbeddingError(
+            f"{run.path}/{array} cannot have been built from this run ({exc}); it was copied from another run or "
+            f"the run was re-recorded. Rebuild with {rebuild}."
+        ) from exc
+    if _digest(plan, T) != meta["run_digest"]:
+        raise EmbeddingError(
+            f"{run.path}/{array}: its run_digest does not match the run's steps (step pointers, learning rates, "
+            "clipping, weight decay or momentum differ): the build was made from another run (copied in) or from "
+            f"a recording since overwritten. Rebuild with {rebuild}."
+        )
+    run.require_chunks(array, R)
+    return meta

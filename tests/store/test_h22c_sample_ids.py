@@ -1,0 +1,48 @@
+"""Issue 22 item 8: sample ids outside int64 are refused for every input dtype, never wrapped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datavalue.capture._pipeline import parse_sample_ids
+from datavalue.errors import RecorderError
+
+
+@pytest.mark.parametrize(
+    ("ids", "shown"),
+    [
+        ([2**63], "9223372036854775808"),
+        ([1, 2**63 + 5], "9223372036854775813"),
+        ([-(2**63) - 1], "-9223372036854775809"),
+        ([2**64], "18446744073709551616"),
+        (np.array([3, 2**64 - 1], dtype=np.uint64), "18446744073709551615"),
+        (np.array([2**63], dtype=np.uint64), "9223372036854775808"),
+        (np.array([1e20]), "1e+20"),
+        (np.array([-1e20]), "-1e+20"),
+        (np.array([2.0**63]), "9.223372036854776e+18"),
+        ([1e20, 2.0], "1e+20"),
+    ],
+)
+def test_ids_outside_int64_refused_with_values(ids, shown):
+    with pytest.raises(RecorderError, match="int64") as exc:
+        parse_sample_ids(ids)
+    assert shown in str(exc.value)
+
+
+@pytest.mark.parametrize("ids", [np.array([1.5, 2.0]), np.array([np.inf]), np.array([np.nan, 1.0])])
+def test_non_integral_or_non_finite_float_ids_refused(ids):
+    with pytest.raises(RecorderError, match="integers"):
+        parse_sample_ids(ids)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [[2**63 - 1, -(2**63)], np.array([2**63 - 1], dtype=np.uint64), np.array([0.0, 7.0, -(2.0**63)]),
+     np.array([1, 2], dtype=np.uint8), range(3), [np.int64(5), 6]],
+)
+def test_ids_inside_int64_kept_exactly(ids):
+    got = parse_sample_ids(ids)
+    assert got.dtype == np.int64
+    expect = [int(v) for v in (list(ids) if not isinstance(ids, np.ndarray) else ids.tolist())]
+    assert got.tolist() == expect

@@ -229,8 +229,9 @@ def manifest_problems(manifest: Any) -> list[str]:
     if "loss_reduction" in manifest and manifest["loss_reduction"] not in LOSS_REDUCTIONS:
         out.append(f"'loss_reduction' is {manifest['loss_reduction']!r} (one of {LOSS_REDUCTIONS})")
     fp = manifest.get("model_fingerprint")
-    if "model_fingerprint" in manifest and not (isinstance(fp, dict) and isinstance(fp.get("digest"), str)):
-        out.append("'model_fingerprint' is not an object with a str 'digest'")
+    # {} : no model recorded (runs written by hand or by other tools); otherwise it must carry its digest
+    if "model_fingerprint" in manifest and not (isinstance(fp, dict) and (not fp or isinstance(fp.get("digest"), str))):
+        out.append("'model_fingerprint' is not an object with a str 'digest' (or {} when no model was recorded)")
     for key in ("optimizer", "curvature", "capture_config"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             out.append(f"'{key}' is a {type(manifest[key]).__name__}, not an object")

@@ -14,7 +14,7 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
     from tests.integrations.test_hf_parity import _args, _dataset, _model
 
     tmp_path = pathlib.Path(tmp)
-    args = _args(tmp_path, ddp_backend="gloo")
+    args = _args(tmp_path, ddp_backend="gloo", ddp_timeout=180)  # a stuck collective fails instead of hanging
     cb = DataValueCallback(tmp_path / "ddp.zarr", proj_dim=256)
     trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_dataset(),
                                    data_collator=transformers.default_data_collator, callbacks=[cb])
@@ -22,6 +22,7 @@ def worker(rank: int, world: int, port: int, tmp: str) -> None:
         trainer.train()
         if rank == 0:
             trainer.save_model(str(tmp_path / "final"))
+        dist.barrier()  # both ranks done (rank 0 has written) before either tears the group down
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,6 +8,8 @@ submits through.
 """
 
 from datavalue.capture._config import CaptureConfig as CaptureConfig
+from datavalue.capture._final import FinalPass as FinalPass
+from datavalue.capture._final import final_path as final_path
 from datavalue.capture._gradients import engine_for_run as engine_for_run
 from datavalue.capture._gradients import exact_layout as exact_layout
 from datavalue.capture._gradients import per_sample_gradients as per_sample_gradients
@@ -26,11 +28,13 @@ __all__ = [
     "LAYER_RULES",
     "CaptureConfig",
     "DistInfo",
+    "FinalPass",
     "LayerRule",
     "Recorder",
     "StepSink",
     "engine_for_run",
     "exact_layout",
+    "final_path",
     "inspect",
     "parse_sample_ids",
     "per_sample_gradients",

@@ -29,9 +29,10 @@ __all__ = ["CURVATURES", "CaptureConfig"]
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 CURVATURES = (None, "none", "empirical_fisher", "fisher", "hessian")
 STORAGE_DTYPES = ("float32", "float16", "float64")
+PRECONDITIONS = ("none", "adam")
 #: Fields that must agree between a run on disk and a recorder resuming it.
 RESUME_FIELDS = ("proj_dim", "seed", "sketch", "layers", "loss_reduction", "curvature", "storage_dtype",
-                 "fisher_max_classes", "fisher_samples")
+                 "fisher_max_classes", "fisher_samples", "precondition")
 
 
 def _positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
@@ -109,6 +110,9 @@ class CaptureConfig:
     record_optimizer_state: bool | None = field(default=None, metadata={
         "help": "store Adam/AdamW moments each step (default: whenever the optimizer is Adam/AdamW)"})
     chunk_rows: int | None = field(default=None, metadata={"help": "rows per Zarr chunk (default: about 4 MiB)"})
+    precondition: str = field(default="none", metadata={
+        "help": "'none', or 'adam': whiten each per-sample gradient by the step's own Adam preconditioner "
+                "per coordinate before the sketch (AdamW runs; materialises per-sample gradients)"})
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -131,6 +135,9 @@ class CaptureConfig:
         put("fisher_samples", _positive_int("fisher_samples", self.fisher_samples))
         put("hessian_max_dim", _positive_int("hessian_max_dim", self.hessian_max_dim))
         put("chunk_rows", _positive_int("chunk_rows", self.chunk_rows, allow_none=True))
+        put("precondition", _choice("precondition", self.precondition, PRECONDITIONS))
+        if self.precondition != "none" and self.hessian:
+            raise RecorderError("precondition='adam' does not support curvature='hessian'; use curvature='fisher'.")
         if self.record_optimizer_state is not None and not isinstance(self.record_optimizer_state, bool):
             raise RecorderError(f"record_optimizer_state must be True, False or None, got {self.record_optimizer_state!r}.")
 

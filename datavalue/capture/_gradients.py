@@ -61,6 +61,34 @@ def per_sample_gradients(
     """
     manifest = _manifest(run_or_manifest)
     eng = engine or engine_for_run(model, manifest)
+    if (manifest.get("projection") or {}).get("precondition") == "adam":
+        return _whitened_gradients(model, loss_fn, run_or_manifest, eng)
+    return _gradients(model, loss_fn, eng)
+
+
+def _whitened_gradients(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], run: Any, layout: Engine) -> np.ndarray:
+    """A ``precondition="adam"`` run: exact per-sample gradients, whitened by the run's final ``sqrt(D_T)``,
+    sketched like the run's rows."""
+    from datavalue.capture._whiten import SQRT_D, Whitener, capture_engine
+    from datavalue.store import open_run
+
+    if isinstance(run, Mapping):
+        raise QueryError("this run whitens gradients by Adam's preconditioner (precondition='adam'): pass the run "
+                         "(or its path), not only its manifest, so that the final preconditioner can be read.")
+    run = run if hasattr(run, "has_array") else open_run(run)
+    if not run.has_array(SQRT_D):
+        raise QueryError(f"{run.path} was recorded with precondition='adam' but holds no final preconditioner "
+                         f"({SQRT_D}): the Recorder was not closed. Close it (rec.close(), or leave its with-block) "
+                         "after the last step; a crashed run can be resumed and closed.")
+    capture = capture_engine(model, layout)
+    sqrt_d = torch.from_numpy(np.asarray(run.array(SQRT_D)[:], dtype=np.float64))
+    if sqrt_d.numel() != capture.k:
+        raise QueryError(f"{run.path}: {SQRT_D} has {sqrt_d.numel()} entries, the model captures {capture.k}.")
+    X = torch.from_numpy(_gradients(model, loss_fn, capture)).to(torch.float64)
+    return to_numpy(Whitener(layout, capture).sketch(X * sqrt_d))
+
+
+def _gradients(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], eng: Engine) -> np.ndarray:
     eng.attach()
     try:
         eng.begin(None)

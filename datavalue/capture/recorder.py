@@ -85,7 +85,9 @@ class Recorder:
         overwrite: replace an existing run.
         on_nonfinite: ``"raise"`` (default) or ``"skip"`` (store zeros and flag the rows).
         fisher_max_classes: with ``curvature="fisher"``, use the exact class expectation when the
-            model has at most this many outputs, else sample ``fisher_samples`` labels per example.
+            model has at most this many outputs (and one prediction per example), else sample
+            ``fisher_samples`` labels per example and position (sequence outputs: the Fisher of the
+            example's mean loss over its positions; pass ``fisher_mask=`` to count only labelled ones).
         chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
         background: write on a background thread (default True).
         distributed: record under ``torch.distributed`` (default: when a process group with more
@@ -107,6 +109,12 @@ class Recorder:
             compares it with the run's.
         integration: what drives this recorder (e.g. ``{"name": "transformers.Trainer", ...}``),
             stored in the manifest as ``integration``.
+        precondition: ``"none"`` (default) or ``"adam"``: whiten every per-sample gradient by the
+            step's own Adam preconditioner ``sqrt(1 / (sqrt(v_hat_{t+1}) + eps))`` per coordinate
+            before the sketch (AdamW, or Adam without weight decay; needs ``optimizer=`` and a
+            ``proj_dim``). The step's per-sample gradients are held whole until the step commits
+            (``b x P`` numbers); the Adam-aware build then models the step exactly up to the drift
+            of the preconditioner, which a sketch of raw gradients cannot (``datavalue.capture._whiten``).
 
     Sign convention of everything built from a run: influence = loss(without) - loss(with);
     positive means the occurrence helped.
@@ -137,6 +145,7 @@ class Recorder:
         sketch: str | None = None,
         integration: Mapping[str, Any] | None = None,
         config: CaptureConfig | None = None,
+        precondition: str = "none",
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
@@ -144,7 +153,7 @@ class Recorder:
         options = dict(proj_dim=proj_dim, seed=seed, sketch=sketch, layers=layers, loss_reduction=loss_reduction,
                        curvature=curvature, storage_dtype=storage_dtype, on_nonfinite=on_nonfinite,
                        fisher_max_classes=fisher_max_classes, fisher_samples=fisher_samples, hessian_max_dim=hessian_max_dim,
-                       record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows)
+                       record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows, precondition=precondition)
         if config is not None:
             if not isinstance(config, CaptureConfig):
                 raise RecorderError(f"config must be a datavalue.capture.CaptureConfig, got {type(config).__name__}.")
@@ -180,12 +189,29 @@ class Recorder:
             raise RecorderError("record_optimizer_state does not support amsgrad=True.")
         self.record_optimizer_state = adam if record_optimizer_state is None else bool(record_optimizer_state)
         try:
-            self.engine = Engine(model, proj_dim=proj_dim, seed=seed, layers=layers,
-                                 sketch=resolve_sketch(path, sketch, resume), optimizer=optimizer)
+            self.engine = self._make_engine(model, proj_dim=proj_dim, seed=seed, layers=layers,
+                                            sketch=resolve_sketch(path, sketch, resume), optimizer=optimizer)
         except ValueError as exc:
             if isinstance(exc, RecorderError):
                 raise
             raise RecorderError(f"cannot split proj_dim={proj_dim!r} over the model's blocks: {exc}") from exc
+        # the run's columns (manifest, store) come from ``layout``; hooks run on ``engine``. They are one
+        # engine unless precondition="adam", which captures exact per-sample gradients and sketches them
+        # itself after whitening (datavalue.capture._whiten)
+        self.layout = self.engine
+        self.precondition = cfg.precondition
+        self._whitener = None
+        self._sqrt_d: torch.Tensor | None = None
+        if self.precondition == "adam":
+            from datavalue.capture import _whiten
+
+            _whiten.check_optimizer(optimizer)
+            if proj_dim is None:
+                raise RecorderError("precondition='adam' whitens gradients before a sketch; with proj_dim=None the "
+                                    "Adam-aware build already uses the exact per-coordinate preconditioner. Drop "
+                                    "precondition= or pass a proj_dim.")
+            self.engine = _whiten.capture_engine(model, self.layout)
+            self._whitener = _whiten.Whitener(self.layout, self.engine)
         if self.hessian and self.engine.k > int(hessian_max_dim):
             raise RecorderError(
                 f"curvature='hessian' with k={self.engine.k} columns costs {self.engine.k} Hessian-vector products and "
@@ -193,11 +219,11 @@ class Recorder:
                 "proj_dim, curvature='fisher', or raise hessian_max_dim if you mean it."
             )
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
-        self.config = dataclasses.replace(cfg, sketch=self.engine.sketch, record_optimizer_state=self.record_optimizer_state)
+        self.config = dataclasses.replace(cfg, sketch=self.layout.sketch, record_optimizer_state=self.record_optimizer_state)
         if resume:
             _check_resume_config(path, self.config)
         manifest = base_manifest(
-            self.engine, model, loss_reduction=loss_reduction, optimizer=optimizer,
+            self.layout, model, loss_reduction=loss_reduction, optimizer=optimizer,
             fisher={"max_classes": self.fisher_max_classes, "samples": self.fisher_samples} if self.fisher else None,
             hessian={"kind": "exact", "sketch": "both sides"} if self.hessian else None,
             capture_config=self.config.to_json(),
@@ -207,7 +233,9 @@ class Recorder:
         self._dist = DistInfo.detect(distributed)
         if self.hessian and self._dist.world > 1:
             raise RecorderError("curvature='hessian' is not supported under torch.distributed; use curvature='fisher'.")
-        self._sink = StepSink(path, manifest, k=self.engine.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
+        if self.precondition != "none":
+            manifest["projection"]["precondition"] = self.precondition
+        self._sink = StepSink(path, manifest, k=self.layout.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
                               fisher=self.fisher, background=background, on_nonfinite=on_nonfinite, dist=self._dist)
         self.writer = self._sink.writer
         self.path = Path(path)
@@ -217,19 +245,25 @@ class Recorder:
         self._hessian: torch.Tensor | None = None
         self._weights_t: torch.Tensor | None = None
         self._micro: list[tuple[np.ndarray, Any, torch.Tensor, list[torch.Tensor]]] = []
+        self._fisher_mask: torch.Tensor | None = None
+        self._fisher_sum = False  # FinalPass: per-example losses summed over positions
         self.engine.attach(root_hook=self._on_model_output if self.fisher else None)
         _ATTACHED[model] = self
-        logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.engine.blocks), self.engine.k, self.n_steps)
+        logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
+
+    def _make_engine(self, model: nn.Module, **kw: Any) -> Engine:
+        """The capture engine (a subclass may reproduce a recorded one instead)."""
+        return Engine(model, **kw)
 
     # ------------------------------------------------------------------ info
     @property
     def proj_dim(self) -> int:
         """Actual number of gradient columns stored per occurrence."""
-        return self.engine.k
+        return self.layout.k
 
     @property
     def blocks(self) -> list[dict[str, Any]]:
-        return [b.to_json() for b in self.engine.blocks]
+        return [b.to_json() for b in self.layout.blocks]
 
     @property
     def n_steps(self) -> int:
@@ -252,6 +286,7 @@ class Recorder:
         clip_coef: float | None = None,
         tokens: Any = None,
         hessian_loss: Callable[[], torch.Tensor] | None = None,
+        fisher_mask: Any = None,
     ) -> Iterator[StepHandle]:
         """Record the backward pass run inside the ``with`` block as one optimizer step.
 
@@ -269,6 +304,9 @@ class Recorder:
                 ``.grad``, BatchNorm running statistics and the random state are left as they were,
                 so training is unchanged. Dropout inside the closure draws its own masks (not the
                 real step's): for an exact match use deterministic layers or eval mode.
+            fisher_mask: with ``curvature="fisher"`` and a sequence output ``(b, L, C)``, a ``(b, L)``
+                bool tensor of the positions whose prediction enters the loss (for a Hugging Face
+                causal LM: ``torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))``); default all.
         """
         self._check_open("rec.step()")
         if self._micro:
@@ -294,20 +332,20 @@ class Recorder:
                 hessian = sketched_hessian(self.model, hessian_loss, self.engine)
         handle = StepHandle(self.n_steps, clip_coef)
         w_final = weights / self._dist.world  # DDP averages the ranks' gradients
-        with self._capture(ids, w_final, handle) as captured:
+        with self._capture(ids, w_final, handle, fisher_mask) as captured:
             yield handle
         rows, fisher = captured
         g = rows / torch.as_tensor(weights, dtype=rows.dtype, device=rows.device).unsqueeze(1)  # captured: grad of w*l
         self._commit(ids, w_final, g, fisher, lr=lr, epoch=epoch, clip_coef=handle.clip_coef, hessian=hessian)
 
     @contextlib.contextmanager
-    def microbatch(self, sample_ids: Any, *, tokens: Any = None) -> Iterator[None]:
+    def microbatch(self, sample_ids: Any, *, tokens: Any = None, fisher_mask: Any = None) -> Iterator[None]:
         """Record one micro-batch of an optimizer step built by gradient accumulation.
 
         Run each micro-batch's forward and ``backward()`` inside ``with rec.microbatch(ids):``,
         then call :meth:`commit_step` once, before ``optimizer.step()``. The micro-batches of a
         step form one step of the run (like :meth:`step` with all their examples). ``tokens``:
-        per-example token counts (``loss_reduction="token_mean"``).
+        per-example token counts (``loss_reduction="token_mean"``); ``fisher_mask``: as for :meth:`step`.
 
         Example::
 
@@ -328,7 +366,7 @@ class Recorder:
         elif self.loss_reduction == "token_mean":
             raise RecorderError('loss_reduction="token_mean" needs rec.microbatch(..., tokens=per-example token counts).')
         handle = StepHandle(self.n_steps, None)
-        with self._capture(ids, None, handle) as captured:
+        with self._capture(ids, None, handle, fisher_mask) as captured:
             yield
         rows, fisher = captured
         self._micro.append((ids, tokens, rows, fisher))
@@ -409,7 +447,7 @@ class Recorder:
             raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
 
     @contextlib.contextmanager
-    def _capture(self, ids: np.ndarray, fisher_weights: np.ndarray | None, handle: StepHandle):
+    def _capture(self, ids: np.ndarray, fisher_weights: np.ndarray | None, handle: StepHandle, fisher_mask: Any = None):
         """Hooks live for the block; yields a list that holds ``(rows, fisher_rows)`` afterwards.
 
         ``rows``: ``(b, k)`` captured gradients of the loss as stepped (weights inside);
@@ -419,6 +457,12 @@ class Recorder:
         self._fisher_rows = []
         fw = np.ones(ids.size) if fisher_weights is None else fisher_weights
         self._weights_t = torch.as_tensor(fw, dtype=self.engine.dtype, device=self.engine.device)
+        if fisher_mask is not None and not self.fisher:
+            raise RecorderError("fisher_mask= is only used with curvature='fisher'.")
+        self._fisher_mask = None if fisher_mask is None else torch.as_tensor(fisher_mask).detach().bool()
+        if self._fisher_mask is not None and (self._fisher_mask.dim() < 1 or self._fisher_mask.shape[0] != ids.size):
+            raise RecorderError(f"fisher_mask must have one row per example ({ids.size}, ...), got shape "
+                                f"{tuple(self._fisher_mask.shape)}.")
         self.engine.begin(ids.size)
         out: list[Any] = []
         ok = False
@@ -428,6 +472,7 @@ class Recorder:
         finally:
             sink = self.engine.end()
             self._active = None
+            self._fisher_mask = None
         if ok:
             eng = self.engine
             if eng.n_grad_events == 0:
@@ -454,13 +499,31 @@ class Recorder:
 
     def _commit(self, ids, w_final, g, fisher, *, lr, epoch, clip_coef, hessian=None) -> int:
         """The optimizer's fields of the step, then the shared step pipeline."""
-        fields = step_fields(self.optimizer, self.model, self.engine, record_state=self.record_optimizer_state, lr=lr)
+        if self._whitener is not None:  # exact rows -> whitened by this step's sqrt(D), sketched
+            from datavalue.capture._whiten import adam_sqrt_d
+
+            sqrt_d = self._whitener.layout_vector(adam_sqrt_d(self.model, self.optimizer)).to(g.device)
+            g = self._whitener.sketch(g.to(torch.float64) * sqrt_d).to(g.dtype)
+            if fisher is not None:
+                fisher = self._whitener.sketch(fisher.to(torch.float64) * sqrt_d).to(g.dtype)
+            self._sqrt_d = sqrt_d
+        fields = step_fields(self.optimizer, self.model, self.layout, record_state=self.record_optimizer_state, lr=lr)
         return self._sink.submit(ids, w_final, g, fisher=fisher if self.fisher else None, hessian=hessian,
                                  epoch=epoch, grad_scale=clip_coef, **fields)
 
     # ------------------------------------------------------------------ fisher
     def _on_model_output(self, output: Any) -> None:
-        """Root forward hook: true-Fisher pseudo-gradients while the graph is still alive."""
+        """Root forward hook: true-Fisher pseudo-gradients while the graph is still alive.
+
+        Each example's pseudo-gradient ``f`` satisfies ``E[f f^T] = w * GGN(l)``, the Gauss-Newton
+        matrix of its loss ``l`` with weight ``w``. For a sequence output ``(b, L, C)`` the loss is
+        taken as the mean over the positions that count (``fisher_mask``; default all ``L``):
+        one label is drawn per position and the pseudo-gradient is ``sum_pos g_pos / sqrt(n)``
+        (``E[(sum g)(sum g)^T] = sum_pos F_pos`` because the positions' draws are independent and
+        have zero mean). The exact class expectation (``C <= fisher_max_classes``) is used for
+        one-position outputs only: enumerating classes jointly over positions would add
+        cross-position terms that the expectation does not have.
+        """
         eng = self.engine
         if self._active is None or eng.sink is None or eng._replaying or not torch.is_grad_enabled():
             return
@@ -470,11 +533,25 @@ class Recorder:
         b = logits.shape[0]
         C = logits.shape[-1]
         p = torch.softmax(logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
-        n_pos = int(np.prod(logits.shape[1:-1])) if logits.dim() > 2 else 1
-        sw = self._weights_t.to(p.dtype).sqrt().reshape((b,) + (1,) * (logits.dim() - 1)) / n_pos
+        pos_shape = tuple(logits.shape[1:-1])
+        mask = self._fisher_mask
+        if mask is not None:
+            if tuple(mask.shape) != (b,) + pos_shape:
+                raise RecorderError(f"fisher_mask has shape {tuple(mask.shape)}; the model's logits {tuple(logits.shape)} "
+                                    f"need ({b}, {', '.join(map(str, pos_shape))}) (one flag per predicted position).")
+            mask = mask.to(device=p.device, dtype=p.dtype).unsqueeze(-1)
+            n_pos = mask.reshape(b, -1).sum(1).clamp_min(1.0).reshape((b,) + (1,) * (logits.dim() - 1))
+        else:
+            n_pos = torch.full((b,) + (1,) * (logits.dim() - 1), float(np.prod(pos_shape)) if pos_shape else 1.0,
+                               dtype=p.dtype, device=p.device)
+        # a summed per-example loss (FinalPass) takes no 1/sqrt(n): E[f f^T] = sum_pos F_pos
+        scale = torch.ones_like(n_pos) if self._fisher_sum else n_pos.rsqrt()
+        sw = self._weights_t.to(p.dtype).sqrt().reshape((b,) + (1,) * (logits.dim() - 1)) * scale
+        if mask is not None:
+            sw = sw * mask
         grad_sink, rows = eng.sink, []
         try:
-            if C <= self.fisher_max_classes:
+            if C <= self.fisher_max_classes and logits.dim() == 2:
                 for c in range(C):
                     onehot = torch.zeros_like(p)
                     onehot[..., c] = 1.0
@@ -511,6 +588,20 @@ class Recorder:
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
         self._sink.close()
+        if self._sqrt_d is not None and self._dist.rank == 0:
+            self._write_sqrt_d()
+
+    def _write_sqrt_d(self) -> None:
+        """The last step's ``sqrt(D)`` (exact capture layout), with which queries whiten test gradients."""
+        from datavalue.capture._whiten import SQRT_D
+        from datavalue.store import create_array
+
+        assert self._sqrt_d is not None
+        d = to_numpy(self._sqrt_d).astype(np.float64)
+        arr = create_array(self.path, SQRT_D, shape=d.shape, dtype="float64", chunks=(max(1, d.size),),
+                           attrs={"step": int(self.n_steps), "meaning": "sqrt(1 / (sqrt(v_hat_T) + eps)) per captured "
+                                  "coordinate after the run's last step (precondition='adam')"}, overwrite=True)
+        arr[:] = d
 
     def __enter__(self) -> Recorder:
         return self

@@ -28,14 +28,18 @@ from datavalue.embeddings._core import init_state as init_state
 from datavalue.embeddings._core import operator as operator
 from datavalue.embeddings._core import step_back as step_back
 from datavalue.embeddings._core import step_coefficients as step_coefficients
+from datavalue.embeddings._influence import InfluenceInfo as InfluenceInfo
+from datavalue.embeddings._influence import build_influence as build_influence
 
 __all__ = [
     "CURVATURES",
     "BlockState",
     "BuildConfig",
     "BuildInfo",
+    "InfluenceInfo",
     "StepCoef",
     "build_embeddings",
+    "build_influence",
     "build_metadata",
     "chain",
     "check_build",

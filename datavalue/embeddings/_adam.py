@@ -90,12 +90,22 @@ def adam_coefficients(
     weight_decay: float = 0.0,
     decoupled: bool = True,
     second_moment: bool = True,
+    unit_preconditioner: bool = False,
 ) -> AdamStepCoef:
     """Coefficients of one torch Adam/AdamW step from the moments *after* it (``m_next``,
     ``v_next``), the gradient ``g`` the optimizer used (clipped, with Adam's coupled decay) and
     the bias-correction count ``step`` (1 at the first update). Parameters with ``v_next == 0``
     (never any gradient) get ``p = q = 0``: their gradient perturbations are zero too.
+
+    ``unit_preconditioner``: the rows are already whitened by ``sqrt(D)`` (a run recorded with
+    ``precondition="adam"``): ``p = lr c1`` on every column and no second-moment term.
     """
+    if unit_preconditioner:
+        b1, b2 = float(betas[0]), float(betas[1])
+        p = np.broadcast_to(np.asarray(lr, dtype=np.float64) / (1.0 - b1**step), np.shape(v_next)).copy()
+        wd = float(weight_decay)
+        return AdamStepCoef(p=p, q=None, r=None, b1=b1, b2=b2, decay=1.0 - lr * wd if decoupled else 1.0,
+                            lam=0.0 if decoupled else wd)
     b1, b2 = float(betas[0]), float(betas[1])
     c1 = 1.0 / (1.0 - b1**step)
     c2 = 1.0 / (1.0 - b2**step)

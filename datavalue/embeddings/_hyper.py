@@ -315,7 +315,7 @@ def _step_back_columns(state: core.BlockState, G: np.ndarray, w: np.ndarray, lr:
 
 def adam_coefficients(
     plan: Any, t: int, m_next: np.ndarray, v_next: np.ndarray, g: np.ndarray, *, step: float,
-    betas: tuple[float, float], eps: float, decoupled: bool, second_moment: bool,
+    betas: tuple[float, float], eps: float, decoupled: bool, second_moment: bool, unit_preconditioner: bool = False,
 ) -> core.AdamStepCoef:
     """Step ``t``'s Adam coefficients over all columns. With param groups: per-column lr and eps;
     the decay is applied per block by :func:`adam_step_back` (``decay``/``lam`` here: 1 and 0)."""
@@ -323,10 +323,11 @@ def adam_coefficients(
         return core.adam_coefficients(
             m_next, v_next, g, lr=float(plan.lr[t]), step=step, betas=betas, eps=eps,
             weight_decay=float(plan.weight_decay[t]), decoupled=decoupled, second_moment=second_moment,
+            unit_preconditioner=unit_preconditioner,
         )
     lr, _, eps_c = plan.groups.column_values(t)
     c = core.adam_coefficients(m_next, v_next, g, lr=lr, step=step, betas=betas, eps=eps_c, weight_decay=0.0,
-                               decoupled=True, second_moment=second_moment)
+                               decoupled=True, second_moment=second_moment, unit_preconditioner=unit_preconditioner)
     return dataclasses.replace(c, decay=1.0, lam=0.0)
 
 

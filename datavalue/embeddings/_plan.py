@@ -296,7 +296,10 @@ def _make_plan(
 def _adam_info(run: Any, opt: dict[str, Any], handling: str, second_moment: bool) -> dict[str, Any]:
     exact = run.manifest.get("projection", {}).get("proj_dim") is None
     betas = opt.get("betas") or [0.9, 0.999]
+    whitened = run.manifest.get("projection", {}).get("precondition") == "adam"
     return {
+        # rows whitened by the step's sqrt(D) at record time: SGD with momentum in whitened coordinates
+        "whitened": whitened,
         "betas": (float(betas[0]), float(betas[1])),
         "eps": float(opt.get("eps", 1e-8)),
         "decoupled": handling == "adamw",

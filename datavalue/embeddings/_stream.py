@@ -538,6 +538,7 @@ def _scan_adam(
         coef_all = _hyper.adam_coefficients(  # per-column lr and eps with param groups
             plan, t, m_next, v_next, g, step=float(adam_step[t]), betas=(b1, b2), eps=info["eps"],
             decoupled=info["decoupled"], second_moment=info["second_moment"],
+            unit_preconditioner=bool(info.get("whitened", False)),
         )
         F_all = _step_curvature(plan, curv, t)
         thetas = []

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from datavalue.capture import Recorder, parse_sample_ids
@@ -164,9 +165,12 @@ class DataValueCallback(TrainerCallback):
         self._end_micro(ok=True)
         ids = parse_sample_ids(ids)
         labels = kwargs.get("labels")
+        fisher_mask = None
         if labels is not None and torch.is_tensor(labels) and labels.dim() >= 1:
             lab = labels[..., 1:] if (self.shift_labels and labels.dim() > 1) else labels
             tokens = lab.ne(-100).reshape(lab.shape[0], -1).sum(1).to("cpu").numpy().astype(np.float64)
+            if self.recorder.fisher and labels.dim() == 2:  # the positions whose prediction enters the loss
+                fisher_mask = F.pad(lab.ne(-100), (0, 1)) if self.shift_labels else labels.ne(-100)
         else:
             tokens = np.ones(ids.size)
         n_items = kwargs.get("num_items_in_batch")
@@ -175,7 +179,7 @@ class DataValueCallback(TrainerCallback):
         self._n_items = float(n_items.sum() if torch.is_tensor(n_items) else n_items) if n_items is not None else None
         # the micro-batch's backward runs after this forward, outside any hook: keep its block open
         # until the next micro-batch's forward or the optimizer step
-        ctx = self.recorder.microbatch(ids, tokens=tokens)
+        ctx = self.recorder.microbatch(ids, tokens=tokens, fisher_mask=fisher_mask)
         ctx.__enter__()
         self._current = (tokens, ctx)
         return args, kwargs
@@ -212,3 +216,71 @@ class DataValueCallback(TrainerCallback):
         clip = "auto" if (args.max_grad_norm is not None and args.max_grad_norm > 0) else None
         epoch = int(state.epoch) if state.epoch is not None else None
         rec.commit_step(weights=w, clip_coef=clip, epoch=epoch)
+
+
+def final_pass(
+    trainer: Any,
+    run: str | os.PathLike[str],
+    *,
+    curvature: str | None = "fisher",
+    id_column: str = "sample_id",
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> int:
+    """Record the final-weights pass of a Trainer run (for ``Attributor(run, model, kind="influence")``).
+
+    Runs the trained ``trainer.model`` once over ``trainer.train_dataset`` in order (the Trainer's data
+    collator, no shuffling, no update, ``model.eval()`` so that dropout is off) inside a
+    :class:`datavalue.capture.FinalPass`, with the Trainer's loss (the token mean over the batch of the
+    shifted labels) and each example's label-token count. Returns the number of examples recorded.
+    Then ``datavalue.embeddings.build_influence(run)``.
+
+    Example::
+
+        trainer.train()                                   # recorded by DataValueCallback(run)
+        final_pass(trainer, run)
+        datavalue.embeddings.build_influence(run)
+        attr = Attributor(run, trainer.model, kind="influence")
+    """
+    from torch.utils.data import DataLoader
+
+    from datavalue.capture import FinalPass
+
+    model = trainer.model
+    ds = trainer.train_dataset
+    if ds is None or id_column not in getattr(ds, "column_names", ()):
+        raise RecorderError(f"final_pass needs trainer.train_dataset with a '{id_column}' column (the run's sample ids).")
+    name = type(model).__name__
+    shift = name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    bs = int(batch_size or trainer.args.per_device_train_batch_size)
+    loader = DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=trainer.data_collator)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = 0
+    it: Any = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(loader, desc="final pass")
+    try:
+        with FinalPass(run, model, curvature=curvature, overwrite=overwrite) as fp, torch.enable_grad():
+            for batch in it:
+                batch = dict(batch)
+                ids = batch.pop(id_column)
+                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                labels = batch.get("labels")
+                if labels is None:
+                    raise RecorderError("final_pass needs 'labels' in the collated batches (the loss the Trainer steps on).")
+                lab = labels[..., 1:] if shift else labels
+                valid = lab.ne(-100)
+                tokens = valid.reshape(valid.shape[0], -1).sum(1).double().cpu()
+                mask = F.pad(valid, (0, 1)) if shift else valid
+                with fp.batch(ids, tokens=tokens, label_mask=mask if fp.fisher else None):
+                    out = model(**batch)
+                    out.loss.backward()
+                n += int(tokens.numel())
+    finally:
+        model.train(was_training)
+    return n

@@ -55,9 +55,12 @@ class Attributor:
             else ``"empirical_fisher"``, else the only one present.
         embeddings: ``"grads"`` to score with the raw recorded gradients, or the name of an array
             inside the run (e.g. ``"embeddings/fisher/at/100/values"`` from ``embeddings_at``).
-        kind: ``"dvemb"`` (built embeddings, default), ``"grad_dot"`` (raw gradients) or
+        kind: ``"dvemb"`` (built embeddings, default), ``"grad_dot"`` (raw gradients),
             ``"tracin"`` (``lr[t] * grad_scale[t] * weight * grads``; with param groups of different
-            lr each column is weighted by its group's lr, see ``_column_scale``).
+            lr each column is weighted by its group's lr, see ``_column_scale``) or ``"influence"``
+            (the final model's influence function from the run's final-weights pass:
+            :class:`datavalue.capture.FinalPass` then :func:`datavalue.embeddings.build_influence`;
+            its columns are the pass's examples, each once, and ``curvature=`` picks the build).
         client: a ``dask.distributed.Client`` or a local scheduler name (``"threads"``,
             ``"synchronous"``); None uses dask's threaded scheduler.
         chunk_rows: embedding rows per streamed chunk; default about 16 MiB, whole storage chunks.
@@ -84,6 +87,10 @@ class Attributor:
         progress: bool = True,
     ) -> None:
         self.run: Run = open_run(path)
+        if kind == "influence":  # the final model's influence: the columns are the final pass's examples
+            if model is not None:
+                engine_for_run(model, self.run.manifest)  # the run's model, checked against the run itself
+            self.run = _final_pass(self.run)
         self.path = self.run.path
         self.model = model
         self._engine = engine_for_run(model, self.run.manifest) if model is not None else None
@@ -462,6 +469,20 @@ class Attributor:
                 "Pass the same by=/owners=/steps= that computed the scores."
             )
         return scores
+
+
+def _final_pass(run: Run) -> Run:
+    from datavalue.errors import StoreNotFoundError
+    from datavalue.store import FINAL_RUN
+
+    try:
+        return open_run(run.path / FINAL_RUN)
+    except StoreNotFoundError as exc:
+        raise QueryError(
+            f"{run.path} has no final-weights pass: kind='influence' needs one. Record it with "
+            "`with datavalue.capture.FinalPass(run, model) as fp:` (then `with fp.batch(ids, tokens=...): "
+            "loss.backward()` over the training data) and build it with datavalue.embeddings.build_influence(run)."
+        ) from exc
 
 
 def _parse_chunk_rows(chunk_rows: int | None, array: Any) -> int:

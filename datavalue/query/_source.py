@@ -8,6 +8,11 @@
 ``"grad_dot"``             ``grads``: the raw gradient (gradient similarity; no step size)
 ``"tracin"``               ``lr[t] * grad_scale[t] * weight * grads`` (TracIn with the final
                            weights as the only checkpoint, the H = 0 embedding)
+``"influence"``            ``<run>/final/influence/<curvature>/values``: the final model's
+                           influence function ``(C + lambda)^-1 g_z / S`` of every example of the
+                           final-weights pass (``datavalue.capture.FinalPass``,
+                           ``datavalue.embeddings.build_influence``); its columns are the pass's
+                           examples, not the trajectory's occurrences
 ========================== ====================================================================
 
 Curvature resolution for ``"dvemb"``: an explicit ``curvature=`` must be built; otherwise
@@ -25,7 +30,9 @@ from datavalue.embeddings import check_build
 from datavalue.errors import EmbeddingError, QueryError, StoreNotFoundError
 from datavalue.store import Run, open_array
 
-KINDS = ("dvemb", "grad_dot", "tracin")
+KINDS = ("dvemb", "grad_dot", "tracin", "influence")
+INFLUENCE_PREFERENCE = ("fisher", "empirical_fisher", "none")
+INFLUENCE_ATTRS = "datavalue_influence"
 PREFERENCE = ("hessian", "fisher", "empirical_fisher")
 #: Attribute key under which ``build_embeddings`` stores its provenance (``n_rows``, ``complete``, ...).
 BUILD_ATTRS = "datavalue_embeddings"
@@ -61,6 +68,8 @@ def resolve_source(run: Run, *, curvature: str | None, embeddings: str | None, k
     """Validate ``curvature`` / ``embeddings`` / ``kind`` and open the array they name."""
     if kind is not None and kind not in KINDS:
         raise QueryError(f"kind must be one of {KINDS}, got {kind!r}.")
+    if kind == "influence":
+        return _influence_source(run, curvature=curvature, embeddings=embeddings)
     if embeddings == "grads" or kind in ("grad_dot", "tracin"):
         if kind == "dvemb":
             raise QueryError("embeddings='grads' scores with the raw gradients; kind='dvemb' needs built embeddings. "
@@ -136,3 +145,28 @@ def _checked(run: Run, src: Source) -> Source:
     except EmbeddingError as exc:
         raise QueryError(str(exc)) from exc
     return dataclasses.replace(src, curvature=curvature, n_steps=run.n_steps)
+
+
+def _influence_source(run: Run, *, curvature: str | None, embeddings: str | None) -> Source:
+    """``run`` is the final-weights pass (``<run>/final``); its ``influence/<curvature>/values``."""
+    if embeddings is not None:
+        raise QueryError("kind='influence' scores with the preconditioned final-pass rows; drop embeddings=.")
+    built = [c for c in run.subgroups("influence") if run.has_array(f"influence/{c}/values")]
+    hint = f"datavalue.embeddings.build_influence({str(run.path.parent)!r})"
+    if curvature is None:
+        preferred = [c for c in INFLUENCE_PREFERENCE if c in built]
+        if not preferred:
+            raise QueryError(f"{run.path} has no influence build yet: run {hint} first.")
+        curvature = preferred[0]
+    elif curvature not in built:
+        raise QueryError(f"{run.path} has no {curvature!r} influence build (built: {built or 'none'}); run "
+                         f"datavalue.embeddings.build_influence({str(run.path.parent)!r}, curvature={curvature!r}).")
+    name = f"influence/{curvature}/values"
+    arr = open_array(run.path, name)
+    attrs = dict(arr.attrs)
+    meta = dict(attrs.get(INFLUENCE_ATTRS, {}))
+    if meta.get("complete") is not True or int(meta.get("n_rows", -1)) != run.n_rows or arr.shape != (run.n_rows, run.proj_dim):
+        raise QueryError(f"{run.path}/{name} is unfinished or stale (built over {meta.get('n_rows')} examples, the pass "
+                         f"has {run.n_rows}); rebuild with {hint[:-1]}, curvature={curvature!r}, overwrite=True).")
+    run.require_chunks(name, arr.shape[0])
+    return Source("influence", name, curvature, arr, attrs, run.n_steps)

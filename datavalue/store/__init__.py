@@ -33,6 +33,7 @@ from datavalue.store._chunkfiles import write_all as write_all
 from datavalue.store._reader import Run as Run
 from datavalue.store._reader import open_array as open_array
 from datavalue.store._reader import open_run as open_run
+from datavalue.store._schema import FINAL_RUN as FINAL_RUN
 from datavalue.store._schema import FLAG_NONFINITE as FLAG_NONFINITE
 from datavalue.store._schema import MANIFEST_DIGEST_KEY as MANIFEST_DIGEST_KEY
 from datavalue.store._schema import MANIFEST_KEY as MANIFEST_KEY
@@ -51,6 +52,7 @@ from datavalue.store._writer import delete_path as delete_path
 from datavalue.store._writer import write_chunk as write_chunk
 
 __all__ = [
+    "FINAL_RUN",
     "FLAG_NONFINITE",
     "MANIFEST_DIGEST_KEY",
     "MANIFEST_KEY",

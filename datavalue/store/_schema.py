@@ -49,6 +49,8 @@ GROUP_STEP_ARRAYS = ("group_lr", "group_momentum", "group_weight_decay")
 
 #: Root attribute holding :func:`manifest_digest` of the manifest the run was created with.
 MANIFEST_DIGEST_KEY = "datavalue_manifest_digest"
+#: Child run holding the no-update pass at the final weights (``datavalue.capture.FinalPass``).
+FINAL_RUN = "final"
 #: The manifest entries that define what the recorded numbers mean (bound by the digest).
 CAPTURE_KEYS = ("projection", "loss_reduction", "capture_config")
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")

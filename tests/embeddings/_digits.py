@@ -73,6 +73,7 @@ def make_case(
     proj_dim: int | None = None,
     curvature: str | tuple[str, ...] = "fisher",
     sketch: str | None = None,
+    precondition: str = "none",
 ) -> Case:
     """``adam="adamw"``/``"adam"`` trains with torch's AdamW/Adam (``weight_decay`` applies to it)
     instead of SGD; ``epsilon`` also computes the exact first-order target ``case.linear``."""
@@ -115,7 +116,7 @@ def make_case(
         )
     rec = datavalue.Recorder(
         path, model, proj_dim=proj_dim, optimizer=opt, curvature=curvature, storage_dtype="float64",
-        sketch=sketch,
+        sketch=sketch, precondition=precondition,
     )
     hessian = "hessian" in ((curvature,) if isinstance(curvature, str) else curvature)
 

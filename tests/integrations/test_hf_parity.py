@@ -198,3 +198,42 @@ def test_ddp_trainer_run_equals_single_process_replay(tmp_path):
         if n.endswith("attn.c_attn.bias"):
             p, q = torch.cat([p[: k_bias.start], p[k_bias.stop:]]), torch.cat([q[: k_bias.start], q[k_bias.stop:]])
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_final_pass_from_a_trainer_matches_per_example_summed_gradients(tmp_path):
+    """``final_pass(trainer, run)``: one row per training example, each the sketched gradient of the
+    example's summed token loss at the final weights (checked against per-example backward passes through
+    ``per_sample_gradients``), share = its shifted label count; then the influence kind queries it."""
+    from datavalue.capture import per_sample_gradients
+    from datavalue.integrations.hf import DataValueCallback, final_pass
+
+    ds = _dataset()
+    run = tmp_path / "t.zarr"
+    trainer = transformers.Trainer(model=_model(), args=_args(tmp_path), train_dataset=ds,
+                                   data_collator=transformers.default_data_collator,
+                                   callbacks=[DataValueCallback(run, proj_dim=128)])
+    trainer.train()
+    model = trainer.model
+    assert final_pass(trainer, run, progress=False) == N
+    fp = open_run(run / "final")
+    cols = {c: torch.tensor(ds[c]) for c in ("input_ids", "attention_mask", "labels")}
+    np.testing.assert_array_equal(fp.sample_id, ds["sample_id"])
+    np.testing.assert_array_equal(fp.weight, cols["labels"][:, 1:].ne(-100).sum(1).numpy())
+    assert fp.has_fisher and fp.n_fisher_rows == N
+
+    def summed(m, rows=slice(None)):
+        logits = m(input_ids=cols["input_ids"][rows], attention_mask=cols["attention_mask"][rows]).logits[:, :-1]
+        lab = cols["labels"][rows, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), lab.reshape(-1), reduction="none",
+                                               ignore_index=-100)
+        return ce.reshape(lab.shape).sum(1)
+
+    model.eval()
+    want = per_sample_gradients(model, summed, open_run(run))
+    got = fp.read("grads")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    datavalue.embeddings.build_influence(run, progress=False)
+    attr = datavalue.Attributor(run, model, kind="influence", progress=False)
+    S = attr.scores(lambda m: summed(m, slice(0, 3)), by="sample")
+    assert S.shape == (3, N) and np.isfinite(S).all()
+    assert (np.argmax(S, 1) == np.arange(3)).mean() >= 2 / 3  # a training line is most helpful to itself

@@ -1,0 +1,164 @@
+"""One no-update pass over the training data at the final weights, recorded into the run.
+
+The trajectory embeddings answer "what did this occurrence do along the recorded training run";
+a final-model influence function answers "which training data does the final model rely on"
+(Koh & Liang 2017; EK-FAC influence as in Grosse et al. 2023 and kronfluence). Both need the same
+sketched per-sample gradients; the second needs them at the *final* weights, once per training
+example, plus the final model's curvature. :class:`FinalPass` records exactly that, with the run's
+own sketch, into the child run ``<run>/final`` (a run of its own: ``datavalue.store.open_run``
+reads it), from which :func:`datavalue.embeddings.build_influence` builds the preconditioned rows
+that ``Attributor(run, model, kind="influence")`` scores with.
+
+Conventions of the pass (whatever the run's loss reduction, so that the curvature and the rows
+describe one objective):
+
+* each example's row is the gradient of its **summed** loss ``L_z = s_z * l_z``: its share of the
+  training objective ``J = sum_z L_z / sum_z s_z``, with ``s_z`` = its label-token count under
+  ``loss_reduction="token_mean"`` (the Trainer's convention) and 1 otherwise;
+* the row's stored ``weight`` is ``s_z``;
+* with ``curvature="fisher"`` the Fisher pseudo-gradients ``f_z`` have ``E[f f^T] = GGN(L_z)``:
+  one label drawn from the model per position that counts (``label_mask``), summed.
+
+Example:
+    >>> import os, tempfile, torch, datavalue
+    >>> from datavalue.capture import FinalPass
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.zarr")
+    >>> model = torch.nn.Linear(4, 3)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
+    ...     with rec.step(sample_ids=range(8)):
+    ...         torch.nn.functional.cross_entropy(model(x), y).backward()
+    ...     opt.step(); opt.zero_grad()
+    >>> with FinalPass(path, model, progress=False) as fp:      # at the final weights, no update
+    ...     with fp.batch(range(8)):
+    ...         torch.nn.functional.cross_entropy(model(x), y).backward()
+    >>> datavalue.store.open_run(os.path.join(path, "final")).n_rows
+    8
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from datavalue.capture._config import CaptureConfig
+from datavalue.capture._engine import Engine
+from datavalue.capture._gradients import engine_for_run
+from datavalue.capture._pipeline import parse_sample_ids, step_weights
+from datavalue.capture.recorder import Recorder, StepHandle
+from datavalue.errors import RecorderError, RecorderStateError
+from datavalue.store import FINAL_RUN
+
+#: Name of the child run that holds the final-weights pass.
+FINAL_GROUP = FINAL_RUN
+
+
+def final_path(run: str | os.PathLike[str]) -> Path:
+    """Where the final-weights pass of ``run`` lives (``<run>/final``)."""
+    return Path(run) / FINAL_GROUP
+
+
+class FinalPass(Recorder):
+    """Record per-sample gradients (and Fisher pseudo-gradients) at the final weights, no update.
+
+    Args:
+        run: the recorded training run (``*.zarr``); the pass is written to ``<run>/final``.
+        model: the model at the final weights, the architecture the run recorded (its fingerprint
+            and capture plan are checked; the run's sketch is reused so that query gradients,
+            trajectory rows and these rows share one space).
+        curvature: ``"fisher"`` (default) also records true-Fisher pseudo-gradients for the
+            curvature of :func:`~datavalue.embeddings.build_influence`; ``None`` records the
+            gradients only (then only ``"empirical_fisher"`` and ``"none"`` can be built).
+        fisher_samples: labels drawn per position for the Fisher pseudo-gradients.
+        overwrite: replace an earlier pass.
+        seed: seed of the Fisher label draws.
+        background: write on a background thread.
+        progress: unused placeholder for symmetry with the builders (the pass is driven by your loop).
+
+    Use :meth:`batch` once per batch of training examples (every example once, or as often as you
+    want it weighed); the block runs your forward and ``backward()`` of the loss **as it was
+    stepped in training** (same reduction; pass ``tokens=`` under ``loss_reduction="token_mean"``).
+    ``.grad`` is zeroed after each batch and no optimizer step is taken.
+    """
+
+    def __init__(
+        self,
+        run: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        curvature: str | None = "fisher",
+        fisher_samples: int = 1,
+        overwrite: bool = False,
+        seed: int = 0,
+        background: bool = True,
+        progress: bool = False,
+    ) -> None:
+        from datavalue.store import open_run
+
+        parent = open_run(run)
+        if curvature not in (None, "none", "fisher"):
+            raise RecorderError(f"FinalPass(curvature=...) must be 'fisher' or None, got {curvature!r}.")
+        model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        self._parent_manifest = dict(parent.manifest)
+        engine_for_run(model, self._parent_manifest)  # fingerprint and capture plan, with a clear error
+        recorded = CaptureConfig.from_manifest(self._parent_manifest)
+        cfg = CaptureConfig(
+            proj_dim=recorded.proj_dim, seed=recorded.seed, sketch=recorded.sketch, layers=recorded.layers,
+            loss_reduction=recorded.loss_reduction, curvature=("fisher",) if curvature == "fisher" else (),
+            storage_dtype=recorded.storage_dtype, fisher_samples=int(fisher_samples),
+        )
+        self.run_path = parent.path
+        target = final_path(parent.path)
+        if target.exists() and not overwrite:
+            raise RecorderError(f"{target} already holds a final-weights pass; pass overwrite=True to replace it.")
+        super().__init__(target, model, config=cfg, overwrite=overwrite, background=background,
+                         integration={"name": "datavalue.FinalPass", "run": str(parent.path),
+                                      "run_steps": int(parent.n_steps)})
+        self._fisher_sum = True
+        self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 104729)
+        self.progress = progress
+
+    def _make_engine(self, model: nn.Module, **kw: Any) -> Engine:  # noqa: ARG002 - the run's engine, not a new split
+        return engine_for_run(model, self._parent_manifest)
+
+    @contextlib.contextmanager
+    def batch(self, sample_ids: Any, *, tokens: Any = None, label_mask: Any = None) -> Iterator[None]:
+        """Record one batch of training examples at the final weights (forward + backward inside).
+
+        Args:
+            sample_ids: the examples' ids, as the run recorded them.
+            tokens: per-example label-token counts (runs with ``loss_reduction="token_mean"``).
+            label_mask: ``(b, L)`` bool, the positions whose prediction enters each example's loss
+                (sequence models; for a Hugging Face causal LM
+                ``torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))``); default all.
+        """
+        self._check_open("fp.batch()")
+        ids = parse_sample_ids(sample_ids)
+        weights = step_weights(self.loss_reduction, ids.size, tokens)  # the user's loss: sum_z w_z l_z
+        if self.loss_reduction == "token_mean":
+            share = np.asarray(tokens.detach().cpu() if torch.is_tensor(tokens) else tokens, np.float64).reshape(-1)
+        else:
+            share = np.ones(ids.size)
+        handle = StepHandle(self.n_steps, 1.0)
+        with self._capture(ids, np.ones(ids.size), handle, label_mask if self.fisher else None) as captured:
+            yield
+        rows, fisher = captured
+        safe = np.where(weights > 0, weights, 1.0)
+        g = rows * torch.as_tensor(share / safe, dtype=rows.dtype, device=rows.device).unsqueeze(1)
+        self._sink.submit(ids, share, g, fisher=fisher if self.fisher else None, lr=0.0, grad_scale=1.0)
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ARG002
+        raise RecorderStateError("a FinalPass records no optimizer steps: use `with fp.batch(ids, tokens=...): ...`.")
+
+    def microbatch(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ARG002
+        raise RecorderStateError("a FinalPass records no optimizer steps: use `with fp.batch(ids, tokens=...): ...`.")
+

@@ -152,7 +152,7 @@ def registry(*, exact_run: bool, fisher: bool, full_blocks: bool, has_exact_path
         curvs = ["none", "empirical_fisher"] + (["fisher"] if fisher else [])
         for c in curvs:
             reg[f"dvemb {c} / layer"] = (dvemb, {"curvature": c, "blocks": "layer"})
-            if full_blocks and c != "none":
+            if full_blocks and c != "none":  # ("fisher / layer" = the default build whenever auto picks layer)
                 reg[f"dvemb {c} / full"] = (dvemb, {"curvature": c, "blocks": "full"})
         reg["dvemb sgd-proxy"] = (dvemb, {"optimizer": "sgd-proxy", "curvature": "empirical_fisher"})
     reg["tracin"] = (tracin, {})
@@ -173,6 +173,7 @@ def run_methods(ctx: Ctx, reg: dict[str, tuple], log=print) -> tuple[dict[str, n
         try:
             out[name] = fn(ctx, **kw)
             info[name] = {"secs": time.perf_counter() - t0}
+            log(f"    {name}: {info[name]['secs']:.1f}s")
         except Skip as exc:
             info[name] = {"skipped": str(exc)}
             if not name.startswith("influence") or "influence fisher" == name:

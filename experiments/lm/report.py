@@ -94,7 +94,10 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
             tab, skipped = loo_table(name, r)
             L += tab + [""]
             if skipped:
-                L += ["Not run: " + "; ".join(f"{m}: {s}" for m, s in skipped.items()), ""]
+                why: dict = {}
+                for m, s in skipped.items():
+                    why.setdefault(str(s).split(" (")[0], []).append(m)
+                L += ["Not run: " + "; ".join(f"{', '.join(ms)} ({w})" for w, ms in why.items()), ""]
     lin = HERE / "linearity.json"
     if lin.exists() and not quick:
         import json

@@ -598,7 +598,7 @@ def cost_study(cfg, data: Data, work: Path, log) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="loo,backdoor,hf,cost")
+    ap.add_argument("--only", default="loo,backdoor,hf,cost", help="studies to run ('' = only rewrite the report)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -618,7 +618,7 @@ def main():
     out_json = work / "results.json" if args.quick else HERE / "results.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     results["cmd"] = "HF_HUB_OFFLINE=1 python experiments/lm/run.py" + (" --quick" if args.quick else "")
-    only = args.only.split(",")
+    only = [x for x in args.only.split(",") if x]
     walls = results.setdefault("wall", {})
 
     def save():

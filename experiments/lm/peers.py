@@ -492,8 +492,102 @@ def run_dattri_llm_adamw_influence(ex: Export, work: Path, info: dict) -> np.nda
     return -_dattri_to_matrix(ex, score)
 
 
+# --------------------------------------------------------------------------------------- bergson
+def _bergson_inputs(ex: Export, work: Path) -> tuple[str, str, str]:
+    """bergson runs from a model directory and HF datasets on disk: write the final model with
+    save_pretrained, a WordLevel tokenizer over the token ids (bergson loads one; the data are already
+    tokenised, so it is only consulted for the model's max length), and train / query sets as
+    DatasetDicts with pre-tokenised ``input_ids`` + ``labels`` (padding stripped via attention_mask)."""
+    from datasets import Dataset, DatasetDict
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    mdir = work / "model"
+    model = ex.model()
+    model.save_pretrained(mdir)
+    V = ex.cfg.vocab_size
+    tk = Tokenizer(WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t0",
+                            model_max_length=ex.cfg.n_positions).save_pretrained(mdir)
+
+    def dsave(d: dict, name: str) -> str:
+        rows = {"input_ids": [], "labels": []}
+        for ids, lab, am in zip(d["input_ids"], d["labels"], d["attention_mask"]):
+            n = int(am.sum()) if am.sum() > 0 else len(ids)
+            rows["input_ids"].append(ids[:n].tolist())
+            rows["labels"].append(lab[:n].tolist())
+        path = str(work / name)
+        DatasetDict({"train": Dataset.from_dict(rows)}).save_to_disk(path)
+        return path
+
+    return str(mdir), dsave(ex.train, "train_ds"), dsave(ex.queries, "query_ds")
+
+
+def _bergson_scores(path: str, ex: Export) -> np.ndarray:
+    from bergson.data import load_scores
+
+    sc = load_scores(Path(path))
+    arr = np.asarray(sc[:], dtype=np.float64)  # (N train rows, num_scores = queries)
+    assert arr.shape == (ex.N, ex.m), (arr.shape, ex.N, ex.m)
+    return arr.T
+
+
+def _block_modules(ex: Export) -> list[str]:
+    # bergson hooks modules of model.base_model (the GPT2Model): names without "transformer."
+    return [n[len("transformer."):] for n in block_module_names(ex.model())]
+
+
+def run_bergson_trackstar(ex: Export, work: Path, info: dict, proj: int = 16) -> np.ndarray:
+    """bergson's TrackStar pipeline (cli/trackstar.py): autocorrelation (second-moment) Hessians of the
+    projected per-example gradients on the training set and on the queries, mixed; the preconditioned
+    gradients unit-normalised (cosine) on both sides; per-query scores ("individual").
+    SIGN: bergson writes higher_is_better=True for TrackStar (a positive score is a proponent: the
+    gradients are aligned, a step on the sample lowers the query loss): kept as is (toy check)."""
+    from bergson.cli.trackstar import trackstar
+    from bergson.config.config import (DataConfig, PreprocessConfig, QuerySetConfig, ScoreConfig,
+                                       TrackstarConfig, TrackstarIndexConfig)
+
+    mdir, tr, qd = _bergson_inputs(ex, work)
+    mods = _block_modules(ex)
+    icfg = TrackstarIndexConfig(run_path=str(work / "run"), model=mdir, tokenizer=mdir, precision="fp32",
+                                data=DataConfig(dataset=tr, split="train"), projection_dim=proj,
+                                loss_reduction="sum", modules=mods, token_batch_size=ex.cfg.n_positions)
+    tcfg = TrackstarConfig(query=QuerySetConfig(dataset=qd, split="train", aggregation="none"),
+                           preprocess_cfg=PreprocessConfig(unit_normalize=True),
+                           score_cfg=ScoreConfig(score="individual", precision="fp32"),
+                           stats_sample_size=None)
+    trackstar(icfg, tcfg)
+    info["settings"] = {"projection_dim_per_module": proj, "modules": mods, "unit_normalize": True,
+                        "mix_hessians": True, "target_downweight_components": tcfg.target_downweight_components,
+                        "loss": "summed token CE (loss_reduction=sum)", "score": "individual (per query)"}
+    return _bergson_scores(str(work / "run" / "scores"), ex)
+
+
+def run_bergson_ekfac(ex: Export, work: Path, info: dict) -> np.ndarray:
+    """bergson's EK-FAC pipeline (hessians/pipeline.py): K-FAC factors with eigenvalue correction fitted
+    on the training set, applied to the (unprojected) query gradients, scored per query.
+    SIGN: higher_is_better=True (g_query^T H^-1 g_train, positive = proponent): kept (toy check)."""
+    from bergson.config.config import (DataConfig, HessianConfig, HessianPipelineConfig, IndexConfig,
+                                       PreprocessConfig, QuerySetConfig, ScoreConfig)
+    from bergson.hessians.pipeline import hessian_pipeline
+
+    mdir, tr, qd = _bergson_inputs(ex, work)
+    mods = _block_modules(ex)
+    icfg = IndexConfig(run_path=str(work / "run"), model=mdir, tokenizer=mdir, precision="fp32",
+                       data=DataConfig(dataset=tr, split="train"), projection_dim=0, loss_reduction="sum",
+                       modules=mods, token_batch_size=ex.cfg.n_positions)
+    hcfg = HessianConfig(method="kfac", ev_correction=True, hessian_dtype="fp32")
+    pcfg = HessianPipelineConfig(query=QuerySetConfig(dataset=qd, split="train", aggregation="none"))
+    hessian_pipeline(icfg, hcfg, ScoreConfig(score="individual", precision="fp32"), PreprocessConfig(), pcfg)
+    info["settings"] = {"method": "kfac + ev_correction (EK-FAC)", "modules": mods, "projection_dim": 0,
+                        "loss": "summed token CE", "query aggregation": "none (per query)"}
+    return _bergson_scores(str(work / "run" / "scores"), ex)
+
+
 RUNNERS = {"grad_cosine": run_grad_cosine, "kronfluence_ekfac": run_kronfluence_ekfac,
-           "dattri_llm_dvemb": run_dattri_llm_dvemb, "dattri_llm_adamw_influence": run_dattri_llm_adamw_influence}
+           "dattri_llm_dvemb": run_dattri_llm_dvemb,
+           "bergson_trackstar": run_bergson_trackstar, "bergson_ekfac": run_bergson_ekfac, "dattri_llm_adamw_influence": run_dattri_llm_adamw_influence}
 
 
 # ------------------------------------------------------------------------------------ evaluation

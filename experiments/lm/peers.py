@@ -166,7 +166,8 @@ def load_schedule(d: Path, names: list[str]) -> dict:
         dec = [n for n in names if _decays_name(n)]
         groups = [(dec, float(wd)), ([n for n in names if n not in dec], 0.0)]
     return {"steps": steps, "groups": groups, "betas": tuple(opt.get("betas", (0.9, 0.999))),
-            "eps": float(opt.get("eps", 1e-8)), "max_grad_norm": opt.get("max_grad_norm", None),
+            "eps": float(opt.get("eps", 1e-8)),
+            "max_grad_norm": s.get("max_grad_norm", opt.get("max_grad_norm", opt.get("clip"))),
             "raw_optimizer": opt}
 
 
@@ -630,7 +631,21 @@ def evaluate(ex: Export, S: np.ndarray, ks=(1, 5, 10, 20)) -> dict | None:
             out[f"recall@{k}"].append(float(pos[order[:k]].sum() / pos.sum()))
         out["auc"].append(auc(S[q], pos))
         out["mean_planted_score_sign"].append(float(np.sign(S[q][pos]).mean()))
-    return {k: float(np.nanmean(v)) if v else float("nan") for k, v in out.items()}
+    res = {k: float(np.nanmean(v)) if v else float("nan") for k, v in out.items()}
+    # decoys (meta["decoys"] = {group: ids}): AUC of planted vs that group, and its share of the top-|planted|
+    for g, ids in (ex.meta.get("decoys") or {}).items():
+        dec = np.isin(ex.sample_id, [int(i) for i in ids])
+        a, top = [], []
+        for q, pset in enumerate(sets):
+            pos = np.isin(ex.sample_id, list(pset))
+            if pos.any() and dec.any():
+                keep = pos | dec
+                a.append(auc(S[q][keep], pos[keep]))
+                top.append(float(dec[np.argsort(-S[q], kind="stable")[:pos.sum()]].mean()))
+        if a:
+            res[f"auc_planted_vs_{g}"] = float(np.mean(a))
+            res[f"{g}_share_of_top{int(pos.sum())}"] = float(np.mean(top))
+    return res
 
 
 def versions() -> dict:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+INIT_SEED: int | None = None
 METHODS = ["grad_cosine", "kronfluence_ekfac", "bergson_trackstar", "bergson_ekfac",
            "dattri_llm_dvemb", "dattri_llm_adamw_influence"]
 
@@ -351,11 +352,18 @@ def _dattri_common(ex: Export, work: Path):
     from dattri_llm import AttributionArguments, AttributionTask, HookManagerConfig
     from dattri_llm.gradient import streaming
 
-    if not (ex.dir / "initial_model.pt").exists():
-        raise FileNotFoundError("the export has no initial_model.pt: dattri-llm's DVEmb / AdamW influence "
-                                "re-train the trajectory under capture and need the initial weights")
     sch = ex.schedule()
-    model = ex.model("initial_model.pt").train()
+    if (ex.dir / "initial_model.pt").exists():
+        model = ex.model("initial_model.pt").train()
+    elif INIT_SEED is not None:  # torch.manual_seed(s); GPT2LMHeadModel(cfg), as experiments/lm/common.py
+        from transformers import GPT2LMHeadModel
+
+        torch.manual_seed(INIT_SEED)
+        model = GPT2LMHeadModel(ex.cfg).float().train()
+    else:
+        raise FileNotFoundError("the export has no initial_model.pt: dattri-llm's DVEmb / AdamW influence "
+                                "re-train the trajectory under capture and need the initial weights "
+                                "(or pass --init-seed S to rebuild them, checked by the replay)")
     rows = [[ex.row_of[s] for s in st["sample_ids"]] for st in sch["steps"]]
     flat = [r for b in rows for r in b]
     # The streamer's dataset is the concatenation of the batches in step order; the batch sampler
@@ -616,10 +624,33 @@ def auc(scores: np.ndarray, pos: np.ndarray) -> float:
     return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def evaluate_loo(ex: Export, S: np.ndarray) -> dict | None:
+    """meta ``loo_removals`` [(step, sample_id)] and ``loo_truth`` (m, n) = loss(without) - loss(with)
+    (positive = helped, the same convention as the scores): mean over queries of the Spearman
+    correlation between a sample's score and the truth of removing one of its occurrences (all / the
+    first half of the removals = early steps / the second half = late)."""
+    from scipy.stats import spearmanr
+
+    rem, truth = ex.meta.get("loo_removals"), ex.meta.get("loo_truth")
+    if not rem or truth is None:
+        return None
+    truth = np.asarray(truth, np.float64)
+    cols = np.array([ex.row_of[int(sid)] for _, sid in rem])
+    est = S[:, cols]
+    half = len(rem) // 2
+
+    def rho(sl):
+        v = [spearmanr(est[q, sl], truth[q, sl])[0] for q in range(truth.shape[0])]
+        return float(np.nanmean(v))
+
+    return {"loo_spearman": rho(slice(None)), "loo_spearman_early": rho(slice(0, half)),
+            "loo_spearman_late": rho(slice(half, None))}
+
+
 def evaluate(ex: Export, S: np.ndarray, ks=(1, 5, 10, 20)) -> dict | None:
     sets = planted_sets(ex)
-    if sets is None:
-        return None
+    if not sets or not any(sets):
+        return evaluate_loo(ex, S)
     out = {f"recall@{k}": [] for k in ks}
     out["auc"], out["mean_planted_score_sign"] = [], []
     for q, pset in enumerate(sets):
@@ -632,6 +663,7 @@ def evaluate(ex: Export, S: np.ndarray, ks=(1, 5, 10, 20)) -> dict | None:
         out["auc"].append(auc(S[q], pos))
         out["mean_planted_score_sign"].append(float(np.sign(S[q][pos]).mean()))
     res = {k: float(np.nanmean(v)) if v else float("nan") for k, v in out.items()}
+    res.update(evaluate_loo(ex, S) or {})
     # decoys (meta["decoys"] = {group: ids}): AUC of planted vs that group, and its share of the top-|planted|
     for g, ids in (ex.meta.get("decoys") or {}).items():
         dec = np.isin(ex.sample_id, [int(i) for i in ids])
@@ -667,8 +699,14 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--make-toy", metavar="DIR", help="write a tiny export to DIR and exit")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init-seed", type=int, default=None,
+                    help="no initial_model.pt: rebuild the initial weights as torch.manual_seed(S); "
+                         "GPT2LMHeadModel(cfg) (dattri-llm methods; peers.json records how far the replay "
+                         "lands from final_model.pt)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    global INIT_SEED
+    INIT_SEED = a.init_seed
     if a.make_toy:
         make_toy(a.make_toy)
         return

@@ -166,7 +166,8 @@ def load_schedule(d: Path, names: list[str]) -> dict:
     if groups is None or any(w is None for _, w in groups):
         dec = [n for n in names if _decays_name(n)]
         groups = [(dec, float(wd)), ([n for n in names if n not in dec], 0.0)]
-    return {"steps": steps, "groups": groups, "betas": tuple(opt.get("betas", (0.9, 0.999))),
+    kind = str(opt.get("kind") or s.get("torch_class") or "adamw").lower()
+    return {"steps": steps, "groups": groups, "kind": "sgd" if "sgd" in kind else "adamw", "betas": tuple(opt.get("betas", (0.9, 0.999))),
             "eps": float(opt.get("eps", 1e-8)),
             "max_grad_norm": s.get("max_grad_norm", opt.get("max_grad_norm", opt.get("clip"))),
             "raw_optimizer": opt}
@@ -377,9 +378,11 @@ def _dattri_common(ex: Export, work: Path):
     pmap = dict(model.named_parameters())
 
     def make_opt_sched(self):
-        opt = torch.optim.AdamW([{"params": [pmap[n] for n in names], "weight_decay": wd}
-                                 for names, wd in sch["groups"]], lr=lrs[0][0], betas=sch["betas"],
-                                eps=sch["eps"])
+        groups = [{"params": [pmap[n] for n in names], "weight_decay": wd} for names, wd in sch["groups"]]
+        if sch["kind"] == "sgd":  # plain SGD (momentum 0), as experiments/lm/common.py
+            opt = torch.optim.SGD(groups, lr=lrs[0][0], momentum=0.0)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lrs[0][0], betas=sch["betas"], eps=sch["eps"])
 
         class Sched:
             t = 0
@@ -418,7 +421,8 @@ def _dattri_common(ex: Export, work: Path):
 
     mg = sch["max_grad_norm"]
     args = AttributionArguments(output_dir=str(work), per_device_train_batch_size=max(len(b) for b in rows),
-                                per_device_eval_batch_size=min(16, ex.m), use_cpu=True, optim="adamw_torch",
+                                per_device_eval_batch_size=min(16, ex.m), use_cpu=True,
+                                optim="sgd" if sch["kind"] == "sgd" else "adamw_torch",
                                 learning_rate=lrs[0][0], adam_beta1=sch["betas"][0], adam_beta2=sch["betas"][1],
                                 adam_epsilon=sch["eps"], max_grad_norm=(float(mg) if mg else None),
                                 lr_scheduler_type="constant", seed=0)
@@ -491,6 +495,8 @@ def run_dattri_llm_adamw_influence(ex: Export, work: Path, info: dict) -> np.nda
     library's raw score gives every query's own copy the lowest score, AUC 0; negated, AUC 1)."""
     from dattri_llm import AdamWInfluenceAttributor
 
+    if ex.schedule()["kind"] != "adamw":
+        raise ValueError("the run was not trained with AdamW: AdamW influence does not apply")
     args, task, hook, tr, q, step_lr, sch, _ = _dattri_common(ex, work)
     att = AdamWInfluenceAttributor(args, task=task)
     score = att.attribute(tr, q, hook_config=hook, loss_reduction="mean", propagation="test")

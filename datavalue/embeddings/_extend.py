@@ -152,7 +152,7 @@ def extend_embeddings(
     Returns:
         :class:`BuildInfo` of the extended build.
     """
-    from datavalue.store import open_array, open_run
+    from datavalue.store import open_array, open_array_writable, open_run
 
     t_start = time.perf_counter()
     run = open_run(path)
@@ -172,7 +172,7 @@ def extend_embeddings(
             f"truncated). Rebuild with build_embeddings({str(path)!r}, {curvature!r}, overwrite=True)."
         )
     base = _base(curvature)
-    values = _writable(path, f"{base}/values")
+    values = open_array_writable(path, f"{base}/values")
     if T1 == T0:
         return _info_from_meta(path, curvature, dict(meta, blocks=[list(b) for b in plan.blocks]),
                                time.perf_counter() - t_start)
@@ -197,7 +197,7 @@ def extend_embeddings(
     outputs = [values]
     if vel:
         if had_vel:
-            v_arr = _writable(path, f"{base}/v_values")
+            v_arr = open_array_writable(path, f"{base}/v_values")
             v_arr.resize((R1, k))
         else:
             from datavalue.store import create_array
@@ -269,16 +269,6 @@ def _refuse_adam(path: Any, meta: dict[str, Any], what: str) -> None:
             f"{path}: {what} is not implemented for Adam-aware builds yet (no transfer operators of the 3k Adam "
             f"state); rebuild with build_embeddings(..., overwrite=True) after training resumed."
         )
-
-
-def _writable(path: Any, name: str) -> Any:
-    """A writable handle on a derived array of the run."""
-    import zarr
-
-    from datavalue.store import open_array
-
-    open_array(path, name)  # existence check with the store's error
-    return zarr.open_array(str(os.path.join(os.fspath(path), name)), mode="r+", zarr_format=3)
 
 
 def _map_rows(

@@ -15,10 +15,6 @@ This package imports neither torch nor ``datavalue.capture``.
 from datavalue.embeddings._build import CURVATURES as CURVATURES
 from datavalue.embeddings._build import BuildInfo as BuildInfo
 from datavalue.embeddings._build import build_embeddings as build_embeddings
-from datavalue.embeddings._build import build_metadata as build_metadata
-from datavalue.embeddings._build import embeddings_at as embeddings_at
-from datavalue.embeddings._build import extend_embeddings as extend_embeddings
-from datavalue.embeddings._build import stored_config as stored_config
 from datavalue.embeddings._check import check_build as check_build
 from datavalue.embeddings._config import BuildConfig as BuildConfig
 from datavalue.embeddings._core import BlockState as BlockState
@@ -28,8 +24,12 @@ from datavalue.embeddings._core import init_state as init_state
 from datavalue.embeddings._core import operator as operator
 from datavalue.embeddings._core import step_back as step_back
 from datavalue.embeddings._core import step_coefficients as step_coefficients
+from datavalue.embeddings._extend import embeddings_at as embeddings_at
+from datavalue.embeddings._extend import extend_embeddings as extend_embeddings
 from datavalue.embeddings._influence import InfluenceInfo as InfluenceInfo
 from datavalue.embeddings._influence import build_influence as build_influence
+from datavalue.embeddings._metadata import build_metadata as build_metadata
+from datavalue.embeddings._metadata import stored_config as stored_config
 
 __all__ = [
     "CURVATURES",

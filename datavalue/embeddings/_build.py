@@ -18,7 +18,9 @@ driver, which writes them, so no two writers ever touch one chunk.
 The transfer operators are stored under ``embeddings/<curvature>/ops/block<l>`` ``(K, w, w)``
 (``w = k_l``, or ``2 k_l`` when the run uses momentum) so that :func:`embeddings_at` gives
 embeddings with respect to an intermediate checkpoint and :func:`extend_embeddings` updates a
-finished build after training resumed, with one map per block.
+finished build after training resumed, with one map per block (both in
+:mod:`datavalue.embeddings._extend`). What a build stores about itself (its choice of curvature
+and blocks, its config) is read and written by :mod:`datavalue.embeddings._metadata`.
 """
 
 from __future__ import annotations
@@ -33,23 +35,18 @@ from typing import Any
 
 import numpy as np
 
-# auto's caps are read from the module when used (tests patch them)
-from datavalue.embeddings import _plan as _plan_module
 from datavalue.embeddings._config import BuildConfig
+from datavalue.embeddings._metadata import ATTRS_KEY, _base, _choice
 from datavalue.embeddings._plan import (
     CURVATURES,
-    FULL_CURVATURES,
-    _blocks,
     _digest,
-    _kept_fraction,
     _make_plan,
     _parse_curvature,
     _parse_dtype,
     _Plan,
     _split,
-    _state_factor,
 )
-from datavalue.embeddings._stream import _execute, _pad_op, _run_segments, _task, _write_pieces
+from datavalue.embeddings._stream import _pad_op, _run_segments
 from datavalue.errors import EmbeddingError, StoreExistsError
 
 logger = logging.getLogger(__name__)
@@ -58,12 +55,8 @@ __all__ = [
     "BuildInfo",
     "CURVATURES",
     "build_embeddings",
-    "build_metadata",
-    "embeddings_at",
-    "extend_embeddings",
 ]
 
-ATTRS_KEY = "datavalue_embeddings"
 FORMAT_VERSION = 1
 SIGN = (
     "influence = loss(without occurrence) - loss(with) ~= values[r] @ test_grad; positive = helpful"
@@ -109,10 +102,6 @@ class BuildInfo:
 
 
 # ---------------------------------------------------------------------- the plan
-
-
-def _base(curvature: str) -> str:
-    return f"embeddings/{curvature}"
 
 
 def _unfinished(path: Any, base: str) -> bool:
@@ -210,163 +199,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-# ---------------------------------------------------------------------- the choice, in words
-
-
-def _mib(n: float) -> str:
-    """``n`` bytes for people: ``"200 B"``, ``"11.2 MiB"``, ``"256 MiB"``, ``"1.5 GiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _curvature_reason(run: Any, requested: str | None, chosen: str) -> str:
-    """Why ``chosen``: the caller's choice, or the default's preference among what the run recorded."""
-    if requested is not None:
-        return "requested"
-    if chosen in ("hessian", "fisher"):
-        lesser = ["fisher"] if chosen == "hessian" and run.has_fisher else []
-        return f"recorded; preferred over {' and '.join([*lesser, 'empirical_fisher'])}"
-    return "the run holds no true-Fisher rows or Hessians; Recorder(..., curvature='fisher') records them"
-
-
-def _operator_bytes(spans: Any, factor: int, dtype: str) -> int:
-    """Bytes of the recursion's state over ``spans``: ``sum_l (factor k_l)^2`` entries (``factor``
-    2 with momentum, 3 for Adam), the estimate ``blocks="auto"`` compares with its cap."""
-    return int(sum((factor * (b - a)) ** 2 for a, b in spans) * np.dtype(dtype).itemsize)
-
-
-def _describe_spans(spans: Any) -> str:
-    widths = [b - a for a, b in spans]
-    if len(widths) == 1:
-        return f"1 operator over {widths[0]:,} columns"
-    return f"{len(widths)} operators of {' / '.join(f'{w:,}' for w in widths)} columns"
-
-
-def _blocks_reason(run: Any, requested: Any, plan: _Plan, factor: int) -> str:
-    """Why ``plan.blocks``: the caller's choice, the stored build's, or which test of ``"auto"`` decided
-    (the tests of :func:`datavalue.embeddings._plan._resolve_blocks`, in its order)."""
-    if not isinstance(requested, str):
-        return "the column spans given"
-    if requested != "auto":
-        return "requested"
-    recorded = _blocks(run)
-    k = recorded[-1][1]
-    cap, min_kept = _plan_module.AUTO_FULL_BYTES, _plan_module.AUTO_FULL_KEPT
-    if len(recorded) == 1:
-        return "the run records one block"
-    if len(plan.blocks) == 1:
-        return f"one operator keeps the cross-layer curvature; it fits the {_mib(cap)} cap"
-    if plan.blocks != recorded:
-        return f"grouped under the {_mib(cap)} cap"
-    if plan.curvature not in FULL_CURVATURES:
-        return (
-            "blocks do not change curvature 'none'"
-            if plan.curvature == "none"
-            else f"{plan.curvature} measured better per layer (docs/results/loo_fidelity.md)"
-        )
-    full = _operator_bytes(((0, k),), factor, plan.dtype)
-    if full > cap:
-        return (
-            f"per layer: one operator over all {k:,} columns would take {_mib(full)}, over the "
-            f"{_mib(cap)} cap (blocks='full' forces it)"
-        )
-    kept = _kept_fraction(run)
-    if kept < min_kept:
-        return (
-            f"per layer: the sketch keeps {kept:.1%} of the parameters' dimensions (< {min_kept:.0%}), "
-            "where one operator over all columns measured worse (docs/results/poison.md)"
-        )
-    return "per layer"
-
-
-def _choice(run: Any, requested_curvature: str | None, requested_blocks: Any, plan: _Plan) -> dict[str, Any]:
-    """The build's choice of curvature and blocks with the reasons, for the log, the metadata and
-    :class:`BuildInfo`."""
-    factor = _state_factor(plan.adam is not None, plan.momentum_mode)
-    nbytes = _operator_bytes(plan.blocks, factor, plan.dtype)
-    mode = requested_blocks if isinstance(requested_blocks, str) else "spans"
-    curv_reason = _curvature_reason(run, requested_curvature, plan.curvature)
-    blocks_reason = _blocks_reason(run, requested_blocks, plan, factor)
-    summary = (
-        f"curvature: {plan.curvature} ({curv_reason}), blocks: {mode} -> {_describe_spans(plan.blocks)} "
-        f"(operator state {_mib(nbytes)}; {blocks_reason})"
-    )
-    return {
-        "curvature": plan.curvature,
-        "curvature_reason": curv_reason,
-        "block_mode": mode,
-        "blocks_reason": blocks_reason,
-        "operator_bytes": nbytes,
-        "summary": summary,
-    }
-
-
-def build_metadata(path: str | os.PathLike[str], curvature: str | None = None) -> dict[str, Any]:
-    """The stored metadata of a build: what it chose and why, its shape, health and provenance.
-
-    Args:
-        path: a run.
-        curvature: which build (default as in :func:`build_embeddings`).
-
-    Returns:
-        A copy of the build's attributes (``embeddings/<curvature>/values``): ``curvature``,
-        ``block_mode`` (what was asked), ``blocks`` (the column spans with one operator each),
-        ``choice`` (``summary``, ``curvature_reason``, ``blocks_reason``, ``operator_bytes``; derived
-        from the other keys for builds made before the choice was stored), ``n_steps``, ``optimizer``,
-        ``max_operator``, ``complete`` (``False`` for an interrupted build) and more.
-
-    Raises:
-        EmbeddingError: no build of that curvature, or one without build attributes.
-
-    Example:
-        >>> build_metadata("runs/x.zarr")["choice"]["summary"]  # doctest: +SKIP
-        'curvature: fisher (recorded; preferred over empirical_fisher), blocks: auto -> 1 operator over ...'
-    """
-    from datavalue.store import open_array, open_run
-
-    run = open_run(path)
-    if curvature is None:
-        built = [c for c in CURVATURES if run.has_array(f"{_base(c)}/values")]
-        if not built:
-            raise EmbeddingError(f"{path} has no embeddings yet; build them with build_embeddings({str(path)!r}).")
-        curvature = built[0]  # CURVATURES is in order of preference
-    if not run.has_array(f"{_base(curvature)}/values"):
-        raise EmbeddingError(
-            f"{path} has no {curvature!r} build; build it with build_embeddings({str(path)!r}, {curvature!r})."
-        )
-    meta = dict(open_array(path, f"{_base(curvature)}/values").attrs.get(ATTRS_KEY, {}))
-    if not meta:
-        raise EmbeddingError(f"{path}/{_base(curvature)}/values has no build attributes; rebuild with overwrite=True.")
-    if "choice" not in meta:  # a build made before the choice was stored
-        spans = [tuple(b) for b in meta.get("blocks", [])]
-        mode = meta.get("block_mode", "layer")
-        desc = _describe_spans(spans) if spans else "one operator per recorded block"
-        meta["choice"] = {
-            "curvature": curvature,
-            "block_mode": mode,
-            "summary": f"curvature: {curvature}, blocks: {mode} -> {desc} (built before the choice was recorded)",
-        }
-    return meta
-
-
 # ---------------------------------------------------------------------- public
 
 
 _BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
-
-
-def stored_config(meta: dict[str, Any]) -> BuildConfig:
-    """The :class:`BuildConfig` a build was made with (builds from before ``build_config`` was
-    stored: from their own metadata keys)."""
-    if meta.get("build_config"):
-        return BuildConfig.from_json(meta["build_config"])
-    return BuildConfig(curvature=meta.get("curvature"), dtype=meta.get("dtype", "float64"),
-                       storage_dtype=meta.get("storage_dtype", "float32"), clipping=meta.get("clipping", "direction"),
-                       blocks=meta.get("block_mode", "layer") if meta.get("block_mode") in ("auto", "layer", "full")
-                       else "layer")
 
 
 def build_embeddings(
@@ -610,308 +446,3 @@ def _warn_expansive(path: Any, res: dict[str, Any]) -> None:
         )
         logger.warning(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
-def embeddings_at(
-    path: str | os.PathLike[str],
-    step: int,
-    curvature: str | None = None,
-    *,
-    client: Any = None,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> Any:
-    """Embeddings of the occurrences before ``step`` w.r.t. the checkpoint *before* step ``step``.
-
-    Uses the stored transfer operators of the segments that end at or before ``step`` and
-    recomputes only the segment that contains it, then runs the earlier segments in parallel.
-    Test gradients must be taken at that checkpoint's weights.
-
-    Args:
-        path: a run with a finished build of ``curvature``.
-        step: ``1 <= step <= T``; ``T`` is the final model (the main build). Segment boundaries are
-            cheapest.
-        curvature: which build (default as in :func:`build_embeddings`).
-        client, progress: as in :func:`build_embeddings`.
-        overwrite: replace an earlier result for this step.
-
-    Returns:
-        The ``(step_ptr[step], k)`` zarr array ``embeddings/<curvature>/at/<step>/values``
-        (read-only). Sign: influence = ``loss(without) - loss(with)`` at that checkpoint.
-    """
-    from datavalue.store import create_array, open_array, open_run
-
-    run = open_run(path)
-    curvature = _parse_curvature(run, curvature)
-    meta = _read_attrs(path, curvature)
-    T = int(meta["n_steps"])
-    step = int(step)
-    if not 1 <= step <= T:
-        raise EmbeddingError(f"step must lie in 1..{T} (the built steps), got {step}.")
-    base = _base(curvature)
-    if step == T:
-        return open_array(path, f"{base}/values")
-    name = f"{base}/at/{step}/values"
-    if run.has_array(name) and not overwrite:
-        raise StoreExistsError(f"{path}/{name} exists; pass overwrite=True to recompute it.")
-    _refuse_adam(path, meta, "embeddings_at")
-    plan, _ = _make_plan(
-        run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
-        _replay_optimizer(meta), blocks=_stored_blocks(meta),
-    )
-    seg = [tuple(b) for b in meta["segments"]]
-    bounds, known = [], {}
-    inside = [s for s, (lo, hi) in enumerate(seg) if lo < step]
-    if meta.get("ops_stored"):
-        ops = _load_ops(path, curvature, plan, len(seg))
-    else:
-        ops = None
-    for s in inside:
-        lo, hi = seg[s]
-        bounds.append((lo, min(hi, step)))
-        if hi <= step and ops is not None:
-            known[len(bounds) - 1] = ops[s]
-    k = int(run.proj_dim)
-    R_b = int(plan.step_ptr[step])
-    chunk = int(run.row_chunk)
-    out = create_array(
-        path,
-        name,
-        shape=(R_b, k),
-        dtype=meta["storage_dtype"],
-        chunks=(chunk, k),
-        overwrite=True,
-        attrs={ATTRS_KEY: {"checkpoint_step": step, "curvature": curvature, "sign": SIGN}},
-    )
-    _run_segments(
-        plan,
-        bounds,
-        final_velocity=False,
-        known_ops=known,
-        outputs=[out],
-        out_offset=0,
-        n_out=R_b,
-        out_chunk=chunk,
-        client=client,
-        progress=progress,
-        desc=f"embeddings at step {step}",
-    )
-    return open_array(path, name)
-
-
-def extend_embeddings(
-    path: str | os.PathLike[str],
-    curvature: str | None = None,
-    *,
-    segments: int = 1,
-    client: Any = None,
-    progress: bool = True,
-) -> BuildInfo:
-    """Bring a finished build up to date after the run was resumed and trained further.
-
-    The steps recorded since the build are run backward (their own embeddings come out directly);
-    their operator ``R`` at the old end (per block ``n x w``) then maps every old embedding:
-    ``[e_new, v_new] = R @ [e_old, v_old]``: one ``k x k`` map per block for plain SGD, ``2k x 2k``
-    when momentum carries velocity across the old end. That needs the old build's ``v_values``
-    (kept by default for momentum runs); without them, if the first new step carries velocity,
-    this raises and asks for a rebuild. Equal to a full rebuild up to rounding.
-
-    Returns:
-        :class:`BuildInfo` of the extended build.
-    """
-    from datavalue.store import open_array, open_run
-
-    t_start = time.perf_counter()
-    run = open_run(path)
-    curvature = _parse_curvature(run, curvature)
-    meta = _read_attrs(path, curvature)
-    T0, R0 = int(meta["n_steps"]), int(meta["n_rows"])
-    T1, R1 = int(run.n_steps), int(run.n_rows)
-    _refuse_adam(path, meta, "extend_embeddings")
-    stored = stored_config(meta)
-    plan, handling = _make_plan(
-        run, curvature, stored.dtype, None, stored.explode_threshold, stored.clipping,
-        _replay_optimizer(meta), blocks=_stored_blocks(meta),
-    )
-    if T1 < T0 or int(plan.step_ptr[T0]) != R0 or _digest(plan, T0) != meta["run_digest"]:
-        raise EmbeddingError(
-            f"{path}: the first {T0} steps differ from the ones the build was made from (the run was overwritten or "
-            f"truncated). Rebuild with build_embeddings({str(path)!r}, {curvature!r}, overwrite=True)."
-        )
-    base = _base(curvature)
-    values = _writable(path, f"{base}/values")
-    if T1 == T0:
-        return _info_from_meta(path, curvature, dict(meta, blocks=[list(b) for b in plan.blocks]),
-                               time.perf_counter() - t_start)
-    logger.info(
-        "%s: extending the %s build from step %d to %d with its stored blocks (%s)",
-        path, curvature, T0, T1, _describe_spans(plan.blocks),
-    )
-    had_vel = bool(meta["velocity"])
-    vel = had_vel or plan.momentum_mode
-    if not had_vel and plan.momentum[T0] != 0 and not plan.fresh[T0]:
-        # the first new step carries velocity built up by the old steps
-        raise EmbeddingError(
-            f"{path}: step {T0} carries momentum from the old steps, so extending needs their velocity part "
-            f"(v_values), which this build did not keep (velocity=False). Rebuild with "
-            f"build_embeddings({str(path)!r}, {curvature!r}, overwrite=True)."
-        )
-    k = int(run.proj_dim)
-    chunk = int(values.chunks[0])
-    meta["complete"] = False
-    values.attrs[ATTRS_KEY] = meta
-    values.resize((R1, k))
-    outputs = [values]
-    if vel:
-        if had_vel:
-            v_arr = _writable(path, f"{base}/v_values")
-            v_arr.resize((R1, k))
-        else:
-            from datavalue.store import create_array
-
-            v_arr = create_array(
-                path,
-                f"{base}/v_values",
-                shape=(R1, k),
-                dtype=meta["storage_dtype"],
-                chunks=(chunk, k),
-                overwrite=True,
-                attrs={"meaning": "delta v_T of each removal (momentum part)"},
-            )
-        outputs.append(v_arr)
-    bounds = _split(plan.step_ptr, T0, T1, segments)
-    res = _run_segments(
-        plan,
-        bounds,
-        final_velocity=vel,
-        known_ops=None,
-        outputs=outputs,
-        out_offset=0,
-        n_out=R1,
-        out_chunk=chunk,
-        client=client,
-        progress=progress,
-        desc=f"extend ({curvature})",
-    )
-    maps = res["start"]  # per block: (n, w) operator at the old end T0
-    # old rows: one map per block, chunk-parallel; the chunk shared with new rows goes via the driver
-    old_in = [open_array(path, f"{base}/values")] + (
-        [open_array(path, f"{base}/v_values")] if had_vel else []
-    )
-    fns = [
-        _task(_map_rows, plan, maps, old_in, outputs, c0, min(c0 + chunk, R0), chunk, vel)
-        for c0 in range(0, R0, chunk)
-    ]
-    pieces = []
-    for p in _execute(fns, client, None):
-        pieces.extend(p)
-    _write_pieces(outputs, pieces, chunk)
-    if any(op is not None for op in res["ops"]):
-        if meta.get("ops_stored"):
-            _store_ops(path, curvature, plan, res["ops"], append_to=len(meta["segments"]))
-    else:
-        meta["ops_stored"] = False
-    meta.update(
-        n_steps=T1,
-        n_rows=R1,
-        segments=meta["segments"] + [list(b) for b in bounds],
-        velocity=vel,
-        momentum_mode=bool(meta.get("momentum_mode")) or plan.momentum_mode,
-        run_digest=_digest(plan, T1),
-        max_operator=max(float(meta.get("max_operator", 0.0)), res["max_op"]),
-        expansive_steps=sorted(set(meta.get("expansive_steps", [])) | set(res["expansive"])),
-        extended=meta.get("extended", []) + [{"from_step": T0, "to_step": T1, "at": _now()}],
-        blocks=[list(b) for b in plan.blocks],  # also for builds made before the spans were stored
-        block_mode=meta.get("block_mode", "layer"),
-        complete=True,
-    )
-    values.attrs[ATTRS_KEY] = meta
-    _warn_expansive(path, res)
-    return _info_from_meta(path, curvature, meta, time.perf_counter() - t_start, handling=handling)
-
-
-def _stored_blocks(meta: dict[str, Any]) -> Any:
-    """The operator spans of a stored build. Never the current default: an extension or a checkpoint
-    must use the very blocks the build was made with (builds made before ``blocks`` existed were
-    per layer)."""
-    return meta.get("blocks") or "layer"
-
-
-def _refuse_adam(path: Any, meta: dict[str, Any], what: str) -> None:
-    if meta.get("optimizer") in ("adam", "adamw"):
-        raise EmbeddingError(
-            f"{path}: {what} is not implemented for Adam-aware builds yet (no transfer operators of the 3k Adam "
-            f"state); rebuild with build_embeddings(..., overwrite=True) after training resumed."
-        )
-
-
-def _replay_optimizer(meta: dict[str, Any]) -> str | None:
-    """The optimizer handling a stored build used (older builds: the default choice)."""
-    return "sgd-proxy" if meta.get("optimizer") == "sgd-proxy" else None
-
-
-def _writable(path: Any, name: str) -> Any:
-    """A writable handle on a derived array of the run."""
-    import zarr
-
-    from datavalue.store import open_array
-
-    open_array(path, name)  # existence check with the store's error
-    return zarr.open_array(str(os.path.join(os.fspath(path), name)), mode="r+", zarr_format=3)
-
-
-def _map_rows(
-    plan: _Plan,
-    maps: list[np.ndarray],
-    old_in: list[Any],
-    outputs: list[Any],
-    c0: int,
-    c1: int,
-    chunk: int,
-    vel: bool,
-) -> list[tuple[int, list[np.ndarray]]]:
-    e = np.asarray(old_in[0][c0:c1], dtype=np.float64)
-    v = np.asarray(old_in[1][c0:c1], dtype=np.float64) if len(old_in) > 1 else None
-    new_e = np.empty_like(e)
-    new_v = np.empty_like(e) if vel else None
-    for i, (a, b) in enumerate(plan.blocks):
-        kb = b - a
-        Rm = maps[i].astype(np.float64)
-        X = (
-            e[:, a:b]
-            if Rm.shape[1] == kb
-            else np.concatenate(
-                [e[:, a:b], v[:, a:b] if v is not None else np.zeros((c1 - c0, kb))], axis=1
-            )
-        )
-        Y = X @ Rm.T
-        new_e[:, a:b] = Y[:, :kb]
-        if new_v is not None:
-            new_v[:, a:b] = Y[:, kb:] if Y.shape[1] > kb else 0.0
-    parts = [new_e] + ([new_v] if new_v is not None else [])
-    if c1 - c0 == chunk:
-        for arr, p in zip(outputs, parts, strict=True):
-            arr[c0:c1] = p
-        return []
-    return [(c0, parts)]
-
-
-def _info_from_meta(
-    path: Any, curvature: str, meta: dict[str, Any], seconds: float, handling: str | None = None
-) -> BuildInfo:
-    return BuildInfo(
-        path=str(path),
-        curvature=curvature,
-        array=f"{_base(curvature)}/values",
-        dtype=meta["dtype"],
-        n_steps=int(meta["n_steps"]),
-        n_rows=int(meta["n_rows"]),
-        segments=tuple(tuple(b) for b in meta["segments"]),
-        velocity=bool(meta["velocity"]),
-        optimizer=handling or meta["optimizer"],
-        max_operator=float(meta.get("max_operator", 0.0)),
-        expansive_steps=tuple(meta.get("expansive_steps", [])),
-        seconds=seconds,
-        blocks=tuple(tuple(b) for b in meta.get("blocks", [])),
-        choice=str(meta.get("choice", {}).get("summary", "")),
-    )

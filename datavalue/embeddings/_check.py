@@ -14,7 +14,7 @@ import logging
 import warnings
 from typing import Any
 
-from datavalue.embeddings._build import ATTRS_KEY, _base, _replay_optimizer, _stored_blocks
+from datavalue.embeddings._metadata import ATTRS_KEY, _base, _replay_optimizer, _stored_blocks
 from datavalue.embeddings._plan import _digest, _make_plan
 from datavalue.errors import EmbeddingError, StoreError
 

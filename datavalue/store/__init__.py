@@ -9,8 +9,9 @@ run's private attributes), so that the format has one place to change:
   ``run.chunk_rows``, ``run.subgroups``, ``run.has_array``), :func:`open_array`;
 - recording: :class:`RunWriter` commits :class:`StepBlock` s; :data:`FLAG_NONFINITE`,
   :func:`package_versions` and :func:`fingerprint_params` fill the blocks and the manifest;
-- derived arrays (embeddings): :func:`create_array`, :func:`delete_path`; these and
-  :func:`archive_run` refuse a path that a symbolic link leads outside the run;
+- derived arrays (embeddings): :func:`create_array`, :func:`open_array_writable` (an existing one,
+  to extend it), :func:`delete_path`; these and :func:`archive_run` refuse a path that a symbolic
+  link leads outside the run;
 - the direct chunk-file fast path: :func:`fast_rows` gives a :class:`ChunkFileRows` reader for a
   local array with the run's plain layout; :func:`write_chunk` / :func:`write_all` write chunk
   files with the store writer's encoder (:func:`chunk_dir` says whether an array qualifies);
@@ -31,7 +32,11 @@ from datavalue.store._chunkfiles import chunk_dir as chunk_dir
 from datavalue.store._chunkfiles import fast_rows as fast_rows
 from datavalue.store._chunkfiles import write_all as write_all
 from datavalue.store._reader import Run as Run
+from datavalue.store._reader import archive_run as archive_run
+from datavalue.store._reader import create_array as create_array
+from datavalue.store._reader import delete_path as delete_path
 from datavalue.store._reader import open_array as open_array
+from datavalue.store._reader import open_array_writable as open_array_writable
 from datavalue.store._reader import open_run as open_run
 from datavalue.store._schema import FINAL_RUN as FINAL_RUN
 from datavalue.store._schema import FLAG_NONFINITE as FLAG_NONFINITE
@@ -46,9 +51,6 @@ from datavalue.store._schema import fingerprint_params as fingerprint_params
 from datavalue.store._schema import manifest_digest as manifest_digest
 from datavalue.store._schema import package_versions as package_versions
 from datavalue.store._writer import RunWriter as RunWriter
-from datavalue.store._writer import archive_run as archive_run
-from datavalue.store._writer import create_array as create_array
-from datavalue.store._writer import delete_path as delete_path
 from datavalue.store._writer import write_chunk as write_chunk
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "fingerprint_params",
     "manifest_digest",
     "open_array",
+    "open_array_writable",
     "open_run",
     "package_versions",
     "write_all",

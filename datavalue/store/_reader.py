@@ -1,4 +1,9 @@
-"""Read-only view of a run store, with lazy dask arrays for out-of-core work."""
+"""Read-only view of a run store, with lazy dask arrays for out-of-core work.
+
+Also the derived arrays' helpers (:func:`create_array`, :func:`open_array_writable`,
+:func:`delete_path`) and :func:`archive_run`, each of which first refuses a path that a symbolic
+link leads outside the run (:func:`check_inside_run`): one checked implementation of each.
+"""
 
 from __future__ import annotations
 
@@ -504,11 +509,71 @@ def open_run(path: str | os.PathLike[str] | Any) -> Run:
     return Run(path)
 
 
+# ------------------------------------------------------------------ staying inside the run
+# A run is a directory tree; a symbolic link inside it (say ``embeddings -> /data/elsewhere``)
+# would let ``overwrite=True`` delete, and a build write, outside the run, and an archive pack
+# files that are not the run's. Every delete, create, writable open and archive resolves its path first and
+# refuses one that leads out of the run. Links that stay inside the run are allowed.
+def _outside(root: Path, target: Path) -> str | None:
+    """Where ``target`` really lies when that is outside ``root`` (symlinks and ``..`` resolved), else None."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(target)
+    return None if os.path.commonpath([real_root, real]) == real_root else real
+
+
+def check_inside_run(path: str | os.PathLike[str], name: str) -> None:
+    """Raise :class:`StoreError` when the run member ``name`` (e.g. ``embeddings/fisher``) resolves
+    outside the run directory ``path``, through a symbolic link or ``..``; archives, URLs and
+    store objects have no links to follow and pass."""
+    if not is_local(path):
+        return
+    where = _outside(Path(path), Path(path) / name)
+    if where is not None:
+        raise StoreError(
+            f"{Path(path) / name} leads outside the run {path} (to {where}, through a symbolic link or '..'); "
+            "datavalue never deletes or writes outside a run, so nothing was changed. Replace the link with "
+            "the real directory (or remove it) and run again."
+        )
+
+
+def links_leaving(root: Path) -> list[tuple[Path, str]]:
+    """Every symbolic link under ``root`` that resolves outside it: ``(link, real target)``. The walk
+    does not follow links, so a link to a directory outside is reported, never entered."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for entry in dirnames + filenames:
+            p = Path(dirpath, entry)
+            if p.is_symlink():
+                where = _outside(root, p)
+                if where is not None:
+                    found.append((p, where))
+    return found
+
+
 def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Pack a run directory into one uncompressed ``.zip`` that :func:`open_run` reads directly."""
+    """Pack a run directory into one uncompressed ``.zip`` that :func:`open_run` reads directly.
+
+    Refuses a run with a symbolic link that leads outside it (the archive would pack the link's
+    target, files that are not the run's).
+
+    Raises:
+        StoreError: such a link exists (the message lists them), or ``out`` lies inside the run;
+            nothing is written.
+        StoreExistsError: ``out`` exists and ``overwrite`` is False.
+    """
     import zipfile
 
     src, dst = Path(path), Path(out)
+    if is_local(path) and src.is_dir():
+        leaving = links_leaving(src)
+        if leaving:
+            shown = "; ".join(f"{p.relative_to(src)} -> {where}" for p, where in leaving[:5])
+            more = f" and {len(leaving) - 5} more" if len(leaving) > 5 else ""
+            raise StoreError(
+                f"{src} holds symbolic links that lead outside the run ({shown}{more}); an archive would pack "
+                "files that are not the run's, so none was written. Replace each link with the real files "
+                "(or remove it) and archive again."
+            )
     Run(src)  # refuse to archive something that is not a readable run
     if dst.resolve().is_relative_to(src.resolve()):
         raise StoreError(f"{dst} lies inside the run {src}; writing there would change the run. Choose a path outside it.")
@@ -539,9 +604,11 @@ def create_array(
 
     Raises:
         StoreExistsError: the array exists and ``overwrite`` is False.
+        StoreError: ``name`` leads outside the run (a symbolic link); nothing is written.
     """
     from datavalue.store._schema import float_codecs
 
+    check_inside_run(path, name)
     g = _open_group(path, "r+")
     exists = True
     try:
@@ -566,8 +633,30 @@ def open_array(path: str | os.PathLike[str], name: str) -> zarr.Array:
         raise StoreNotFoundError(f"{path} has no array {name!r}") from exc
 
 
+def open_array_writable(path: str | os.PathLike[str], name: str) -> zarr.Array:
+    """Open an existing derived array of a run for writing (rows, ``resize``, attributes), e.g. to
+    extend an embedding build.
+
+    Raises:
+        StoreNotFoundError: the run has no array ``name``.
+        StoreReadOnlyError: the run is an archive or a remote store (datavalue writes only local runs).
+        StoreError: ``name`` leads outside the run (a symbolic link); nothing is opened.
+    """
+    check_inside_run(path, name)
+    g = _open_group(path, "r+")
+    try:
+        return g[name]
+    except KeyError as exc:
+        raise StoreNotFoundError(f"{path} has no array {name!r}") from exc
+
+
 def delete_path(path: str | os.PathLike[str], name: str) -> None:
-    """Remove a derived array or group (e.g. a stale embedding build) from a run."""
+    """Remove a derived array or group (e.g. a stale embedding build) from a run.
+
+    Raises:
+        StoreError: ``name`` leads outside the run (a symbolic link); nothing is deleted.
+    """
+    check_inside_run(path, name)
     g = _open_group(path, "r+")
     try:
         del g[name]

@@ -26,13 +26,11 @@ import zarr
 
 from datavalue.errors import (
     RecorderStateError,
-    StoreError,
     StoreExistsError,
     StoreMismatchError,
     StoreNotFoundError,
 )
-from datavalue.store import _reader
-from datavalue.store._reader import check_manifest, read_commit
+from datavalue.store._reader import check_inside_run, check_manifest, read_commit
 from datavalue.store._schema import (
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
@@ -463,99 +461,3 @@ class RunWriter:
         """Merge ``entries`` into the manifest on disk (e.g. the optimizer once it is known)."""
         self.manifest = dict(self.manifest, **entries)
         self._group.attrs.update({MANIFEST_KEY: self.manifest, MANIFEST_DIGEST_KEY: manifest_digest(self.manifest)})
-
-
-# ------------------------------------------------------------------ staying inside the run
-# A run is a directory tree; a symbolic link inside it (say ``embeddings -> /data/elsewhere``)
-# would let ``overwrite=True`` delete, and a build write, outside the run, and an archive pack
-# files that are not the run's. Every delete, create and archive resolves its path first and
-# refuses one that leads out of the run. Links that stay inside the run are allowed.
-def _outside(root: Path, target: Path) -> str | None:
-    """Where ``target`` really lies when that is outside ``root`` (symlinks and ``..`` resolved), else None."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(target)
-    return None if os.path.commonpath([real_root, real]) == real_root else real
-
-
-def check_inside_run(path: str | os.PathLike[str], name: str) -> None:
-    """Raise :class:`StoreError` when the run member ``name`` (e.g. ``embeddings/fisher``) resolves
-    outside the run directory ``path``, through a symbolic link or ``..``; archives, URLs and
-    store objects have no links to follow and pass."""
-    if not _reader.is_local(path):
-        return
-    where = _outside(Path(path), Path(path) / name)
-    if where is not None:
-        raise StoreError(
-            f"{Path(path) / name} leads outside the run {path} (to {where}, through a symbolic link or '..'); "
-            "datavalue never deletes or writes outside a run, so nothing was changed. Replace the link with "
-            "the real directory (or remove it) and run again."
-        )
-
-
-def links_leaving(root: Path) -> list[tuple[Path, str]]:
-    """Every symbolic link under ``root`` that resolves outside it: ``(link, real target)``. The walk
-    does not follow links, so a link to a directory outside is reported, never entered."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for entry in dirnames + filenames:
-            p = Path(dirpath, entry)
-            if p.is_symlink():
-                where = _outside(root, p)
-                if where is not None:
-                    found.append((p, where))
-    return found
-
-
-def create_array(
-    path: str | os.PathLike[str],
-    name: str,
-    *,
-    shape: tuple[int, ...],
-    dtype: str,
-    chunks: tuple[int, ...],
-    attrs: dict[str, Any] | None = None,
-    overwrite: bool = False,
-) -> zarr.Array:
-    """Create a derived array (e.g. ``embeddings/fisher/values``) inside a run; returns it writable.
-
-    :func:`datavalue.store._reader.create_array` after :func:`check_inside_run`.
-
-    Raises:
-        StoreExistsError: the array exists and ``overwrite`` is False.
-        StoreError: ``name`` leads outside the run (a symbolic link); nothing is written.
-    """
-    check_inside_run(path, name)
-    return _reader.create_array(path, name, shape=shape, dtype=dtype, chunks=chunks, attrs=attrs, overwrite=overwrite)
-
-
-def delete_path(path: str | os.PathLike[str], name: str) -> None:
-    """Remove a derived array or group (e.g. a stale embedding build) from a run.
-
-    :func:`datavalue.store._reader.delete_path` after :func:`check_inside_run`.
-
-    Raises:
-        StoreError: ``name`` leads outside the run (a symbolic link); nothing is deleted.
-    """
-    check_inside_run(path, name)
-    _reader.delete_path(path, name)
-
-
-def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """:func:`datavalue.store._reader.archive_run`, refusing a run with a symbolic link that leads
-    outside it (the archive would pack the link's target, files that are not the run's).
-
-    Raises:
-        StoreError: such a link exists (the message lists them); nothing is written.
-    """
-    src = Path(path)
-    if _reader.is_local(path) and src.is_dir():
-        leaving = links_leaving(src)
-        if leaving:
-            shown = "; ".join(f"{p.relative_to(src)} -> {where}" for p, where in leaving[:5])
-            more = f" and {len(leaving) - 5} more" if len(leaving) > 5 else ""
-            raise StoreError(
-                f"{src} holds symbolic links that lead outside the run ({shown}{more}); an archive would pack "
-                "files that are not the run's, so none was written. Replace each link with the real files "
-                "(or remove it) and archive again."
-            )
-    return _reader.archive_run(path, out, overwrite=overwrite)

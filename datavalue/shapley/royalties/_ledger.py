@@ -28,6 +28,7 @@ and host of the writer) and first catch up with rows that other handles appended
 the chain. A lock left by a dead process on this host is taken over (with a warning); a lock
 from another host never is. A final line cut short by a crash is refused with a message naming
 it; :meth:`RoyaltyLedger.recover` moves it aside explicitly. One ``output_id`` is paid once.
+The lock, the head file and the MAC live in ``_anchor.py``; this module keeps the rows and the chain.
 
 Format: version 1 throughout. A keyed ledger's header has ``"mac": "hmac-sha256"`` and its rows
 an extra ``"mac"`` field (not part of ``row_hash``); ledgers written before the head file existed
@@ -45,9 +46,6 @@ import hmac
 import json
 import logging
 import os
-import socket
-import time
-import uuid
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -65,6 +63,7 @@ from datavalue.shapley._errors import (
 from datavalue.shapley._validation import parse_values
 from datavalue.shapley.estimators._exact import exact_from_utilities
 from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.royalties import _anchor
 from datavalue.shapley.royalties._records import GenerationRecord, Period, parse_timestamp
 from datavalue.shapley.royalties._split import (
     CENT,
@@ -81,53 +80,6 @@ logger = logging.getLogger(__name__)
 
 _SCHEMA = "datavalue.shapley.royalty-ledger"
 _VERSION = 1
-_HEAD_SCHEMA = "datavalue.shapley.royalty-ledger-head"
-_MAC = "hmac-sha256"
-
-
-def _sidecar(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
-def _parse_key(key: bytes | str | None) -> bytes | None:
-    if key is None:
-        return None
-    data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
-    if not data:
-        raise LedgerError("key must be non-empty bytes or text; got an empty key.")
-    return data
-
-
-def _mac(key: bytes, message: str) -> str:
-    return _MAC + ":" + hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and ``os.replace``."""
-    tmp = _sidecar(path, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    except (OSError, OverflowError, ValueError):
-        return False
-    return True
 
 
 @dataclasses.dataclass
@@ -195,7 +147,7 @@ class RoyaltyLedger:
         self.path = Path(path)
         self.currency = currency or "USD"
         self.lock_timeout = float(lock_timeout)
-        self._key = _parse_key(key)
+        self._key = _anchor.parse_key(key)
         self._keyed = self._key is not None
         self._count = 0
         self._size = 0
@@ -212,7 +164,7 @@ class RoyaltyLedger:
                     f"{self.path} is a {self.currency} ledger; got currency={currency!r}. "
                     "Use one ledger per currency."
                 )
-            self._keyed = header.get("mac") == _MAC
+            self._keyed = header.get("mac") == _anchor.MAC
             if self._key is not None and not self._keyed:
                 raise LedgerError(
                     f'{self.path} was created without a key (its header has no "mac"), so '
@@ -230,7 +182,7 @@ class RoyaltyLedger:
                 "created": _dt.datetime.now(_dt.UTC).isoformat(),
             }
             if self._key is not None:
-                header["mac"] = _MAC
+                header["mac"] = _anchor.MAC
             self.path.write_text(json.dumps(header, sort_keys=True) + "\n", encoding="utf-8")
             self._head = self._header_hash(header)
             self._size = self.path.stat().st_size
@@ -247,12 +199,12 @@ class RoyaltyLedger:
     @property
     def head_path(self) -> Path:
         """The head file ``<ledger>.head`` anchoring the row count and the last hash."""
-        return _sidecar(self.path, ".head")
+        return _anchor.head_path(self.path)
 
     @property
     def lock_path(self) -> Path:
         """The writer's lock file ``<ledger>.lock`` (present only during an append)."""
-        return _sidecar(self.path, ".lock")
+        return _anchor.lock_path(self.path)
 
     def _lines(self) -> Iterator[tuple[int, str]]:
         with open(self.path, encoding="utf-8") as f:
@@ -354,7 +306,7 @@ class RoyaltyLedger:
             mac = d.get("mac")
             if self._key is not None and (
                 not isinstance(mac, str)
-                or not hmac.compare_digest(mac, _mac(self._key, rec.row_hash))
+                or not hmac.compare_digest(mac, _anchor.mac(self._key, rec.row_hash))
             ):
                 raise LedgerError(
                     f"{self.path}:{lineno} (seq {rec.seq}, output {rec.output_id!r}) has "
@@ -378,12 +330,7 @@ class RoyaltyLedger:
             logger.warning(msg, self.path, *args)
 
     def _read_head_text(self) -> str | None:
-        try:
-            return self.head_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LedgerError(f"cannot read the head file {self.head_path} ({exc}).") from None
+        return _anchor.read_head_text(self.path)
 
     def _check_head(
         self, header: dict[str, Any], rows: list[GenerationRecord], head_text: str | None
@@ -391,60 +338,14 @@ class RoyaltyLedger:
         """Compare the chain with the head file: refuses truncation and a replaced tail."""
         if not self._check_anchor:
             return
-        hp = self.head_path
-        if head_text is None:
-            if self._key is not None:
-                raise LedgerError(
-                    f"keyed ledger {self.path} has no head file {hp.name}: rows may have been "
-                    "deleted from its end. Restore the head file (or the ledger) from backup."
-                )
-            self._warn_once(
-                "unanchored",
-                "ledger %s has no head file: it is unanchored (the hash chain cannot show rows "
-                "deleted from its end); the next append writes one",
-            )
-            return
-        try:
-            head = json.loads(head_text)
-            n_head, h_head = int(head["rows"]), str(head["last_hash"])
-            if head.get("schema") != _HEAD_SCHEMA:
-                raise ValueError(f"schema {head.get('schema')!r}")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise LedgerError(
-                f"{hp} is not a ledger head file ({exc}). Restore it from backup, or re-anchor "
-                "with RoyaltyLedger.reanchor(path) after checking the ledger."
-            ) from None
-        if self._key is not None:
-            mac = head.get("mac")
-            if not isinstance(mac, str) or not hmac.compare_digest(
-                mac, _mac(self._key, f"{n_head}:{h_head}")
-            ):
-                raise LedgerError(
-                    f"head file {hp} has {'no' if mac is None else 'a wrong'} MAC for this key: "
-                    "it was rewritten by someone without the key (rows may have been removed "
-                    "from the end), or the key is wrong. Restore from backup."
-                )
-        n = len(rows)
-        if n < n_head:
-            raise LedgerError(
-                f"{self.path} was truncated: its head file {hp.name} records {n_head} rows "
-                f"(last hash {h_head[:19]}...), the ledger has {n}. Rows were deleted from the "
-                "end; restore the ledger from backup."
-            )
-        anchor = rows[n_head - 1].row_hash if n_head else self._header_hash(header)
-        if anchor != h_head:
-            raise LedgerError(
-                f"{self.path}: row {n_head - 1} has hash {anchor[:19]}..., but the head file "
-                f"{hp.name} records {h_head[:19]}...: the chain was rewritten from that row on. "
-                "Restore the ledger from backup."
-            )
-        if n > n_head:  # a crash between appending a row and replacing the head
-            self._warn_once(
-                "behind",
-                "ledger %s has %d rows after its head (an append was interrupted); "
-                "the next append re-anchors them",
-                n - n_head,
-            )
+        _anchor.check_head(
+            self.path,
+            header_hash=self._header_hash(header),
+            rows=rows,
+            head_text=head_text,
+            key=self._key,
+            warn_once=self._warn_once,
+        )
 
     def _adopt(self, scan: _Scan) -> None:
         rows = scan.rows
@@ -490,7 +391,7 @@ class RoyaltyLedger:
             return None
         lineno, cut = torn
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        aside = _sidecar(path, f".torn-{stamp}")
+        aside = _anchor.sidecar(path, f".torn-{stamp}")
         with open(aside, "xb") as f:
             f.write(raw[cut:])
             f.flush()
@@ -518,8 +419,8 @@ class RoyaltyLedger:
         what an attacker who rewrote the file would do, which the key (kept elsewhere) stops.
         """
         path = Path(path)
-        head = _sidecar(path, ".head")
-        old = _sidecar(path, f".head.replaced-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S%fZ}")
+        head = _anchor.head_path(path)
+        old = _anchor.sidecar(path, f".head.replaced-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S%fZ}")
         if head.exists():
             os.replace(head, old)
         led = cls.__new__(cls)
@@ -658,7 +559,7 @@ class RoyaltyLedger:
         """Append one row and re-anchor the head. Call with the lock held, after catching up."""
         row: dict[str, Any] = {**rec.payload(), "row_hash": rec.row_hash}
         if self._key is not None:
-            row["mac"] = _mac(self._key, rec.row_hash)
+            row["mac"] = _anchor.mac(self._key, rec.row_hash)
         line = json.dumps(row, sort_keys=True) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
@@ -671,15 +572,7 @@ class RoyaltyLedger:
         self._write_head()
 
     def _write_head(self) -> None:
-        head: dict[str, Any] = {
-            "schema": _HEAD_SCHEMA,
-            "ledger": self.path.name,
-            "rows": self._count,
-            "last_hash": self._head,
-        }
-        if self._key is not None:
-            head["mac"] = _mac(self._key, f"{self._count}:{self._head}")
-        _write_atomic(self.head_path, json.dumps(head, sort_keys=True) + "\n")
+        _anchor.write_head(self.path, rows=self._count, last_hash=self._head, key=self._key)
 
     def _catch_up(self) -> None:
         """Adopt rows that other handles appended since this one last read or wrote."""
@@ -720,97 +613,12 @@ class RoyaltyLedger:
             return self._header_hash(last)
         return last.get("row_hash")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold ``<ledger>.lock`` (O_CREAT | O_EXCL, naming pid and host) for one append."""
-        lock = self.lock_path
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": _dt.datetime.now(_dt.UTC).isoformat(),
-            "token": uuid.uuid4().hex,
-        }
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read_lock()
-                if holder is not None and self._take_over_stale(holder):
-                    continue
-                if time.monotonic() >= deadline:
-                    raise LedgerError(self._locked_message(holder)) from None
-                time.sleep(0.02)
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(me, sort_keys=True))
-                f.flush()
-                os.fsync(f.fileno())
-            break
-        try:
-            yield
-        finally:
-            if self._read_lock() == me:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)
+        return _anchor.hold_lock(self.path, timeout=self.lock_timeout)
 
     def _read_lock(self) -> dict[str, Any] | None:
-        try:
-            holder = json.loads(self.lock_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return None  # gone, or being written
-        return holder if isinstance(holder, dict) else None
-
-    def _locked_message(self, holder: dict[str, Any] | None) -> str:
-        lock = self.lock_path
-        if holder is None:
-            return (
-                f"ledger {self.path} is locked ({lock} exists but names no holder). If no "
-                "writer is running, delete the lock file."
-            )
-        who = f"pid {holder.get('pid')} on host {holder.get('host')!r}"
-        since = f" since {holder['since']}" if holder.get("since") else ""
-        if holder.get("host") != socket.gethostname():
-            return (
-                f"ledger {self.path} is locked by {who}{since} ({lock}). A lock from another "
-                "host is never taken over automatically: check that no writer runs there, then "
-                "delete the lock file."
-            )
-        return (
-            f"ledger {self.path} is locked by {who}{since} ({lock}), which is still running "
-            f"and appending; waited {self.lock_timeout:g}s. Retry later, or raise lock_timeout."
-        )
-
-    def _take_over_stale(self, holder: dict[str, Any]) -> bool:
-        """Remove a lock left by a dead process on this host; never one from another host."""
-        try:
-            pid = int(holder.get("pid"))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return False
-        if holder.get("host") != socket.gethostname() or _pid_alive(pid):
-            return False
-        # Rename first, then check that what moved is the stale lock we judged: a writer that
-        # took over in between keeps its lock (it is moved back when the name is still free).
-        aside = _sidecar(self.lock_path, f".stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(self.lock_path, aside)
-        except FileNotFoundError:
-            return True  # someone else removed it: retry at once
-        try:
-            moved = json.loads(aside.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            moved = None
-        if moved != holder:
-            if not self.lock_path.exists():
-                os.rename(aside, self.lock_path)
-            return False
-        os.unlink(aside)
-        logger.warning(
-            "ledger %s: took over the stale lock of pid %d on this host (no longer running)",
-            self.path,
-            pid,
-        )
-        return True
+        return _anchor.read_lock(self.path)
 
     def close(self) -> None:
         """End appends through this handle (reading still works).

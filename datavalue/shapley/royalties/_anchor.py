@@ -1,0 +1,298 @@
+"""What anchors a royalty ledger beside its file: the per-append lock and the head file with its HMAC.
+
+:class:`~datavalue.shapley.royalties.RoyaltyLedger` (``_ledger.py``) owns the rows and the hash
+chain; this module owns the two sidecar files and the keyed MAC:
+
+* ``<ledger>.lock``: held for one append (:func:`hold_lock`), created with ``O_CREAT | O_EXCL``
+  and naming the writer's pid, host and a token; a lock left by a dead process on this host is
+  taken over (with a warning), one from another host never is;
+* ``<ledger>.head``: the row count and the last row hash, replaced atomically after every append
+  (:func:`write_head`) and compared with the chain on every read (:func:`check_head`), so rows
+  deleted from the end, or a rewritten tail, are refused;
+* HMAC-SHA256 (:func:`mac`) of every row's hash and of ``"<rows>:<last hash>"`` in the head, with a
+  key kept away from the ledger's disk.
+
+See the module docstring of ``_ledger.py`` and ``docs/shapley.md`` (section 8) for the layers of
+tamper evidence these make up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import hmac
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from datavalue.shapley._errors import LedgerError
+from datavalue.shapley.royalties._records import GenerationRecord
+
+logger = logging.getLogger(__name__)
+
+HEAD_SCHEMA = "datavalue.shapley.royalty-ledger-head"
+MAC = "hmac-sha256"
+
+
+def sidecar(path: Path, suffix: str) -> Path:
+    """The file ``<path><suffix>`` beside ``path``."""
+    return path.with_name(path.name + suffix)
+
+
+def parse_key(key: bytes | str | None) -> bytes | None:
+    if key is None:
+        return None
+    data = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    if not data:
+        raise LedgerError("key must be non-empty bytes or text; got an empty key.")
+    return data
+
+
+def mac(key: bytes, message: str) -> str:
+    return MAC + ":" + hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and ``os.replace``."""
+    tmp = sidecar(path, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+# ---------------------------------------------------------------------- the head file
+
+
+def head_path(ledger: Path) -> Path:
+    """The head file ``<ledger>.head`` anchoring the row count and the last hash."""
+    return sidecar(ledger, ".head")
+
+
+def read_head_text(ledger: Path) -> str | None:
+    """The head file's text, or ``None`` when there is none."""
+    hp = head_path(ledger)
+    try:
+        return hp.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"cannot read the head file {hp} ({exc}).") from None
+
+
+def check_head(
+    ledger: Path,
+    *,
+    header_hash: str,
+    rows: Sequence[GenerationRecord],
+    head_text: str | None,
+    key: bytes | None,
+    warn_once: Callable[..., None],
+) -> None:
+    """Compare the chain with the head file: refuses truncation and a replaced tail.
+
+    Args:
+        ledger: the ledger file.
+        header_hash: the chain hash of the ledger's header (the anchor of an empty ledger).
+        rows: the rows read, verified against the chain.
+        head_text: the head file's text read *before* the rows (:func:`read_head_text`).
+        key: the HMAC key the ledger was opened with, if any.
+        warn_once: ``warn_once(what, msg, *args)`` logs ``msg % (ledger, *args)`` once per handle.
+    """
+    hp = head_path(ledger)
+    if head_text is None:
+        if key is not None:
+            raise LedgerError(
+                f"keyed ledger {ledger} has no head file {hp.name}: rows may have been "
+                "deleted from its end. Restore the head file (or the ledger) from backup."
+            )
+        warn_once(
+            "unanchored",
+            "ledger %s has no head file: it is unanchored (the hash chain cannot show rows "
+            "deleted from its end); the next append writes one",
+        )
+        return
+    try:
+        head = json.loads(head_text)
+        n_head, h_head = int(head["rows"]), str(head["last_hash"])
+        if head.get("schema") != HEAD_SCHEMA:
+            raise ValueError(f"schema {head.get('schema')!r}")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise LedgerError(
+            f"{hp} is not a ledger head file ({exc}). Restore it from backup, or re-anchor "
+            "with RoyaltyLedger.reanchor(path) after checking the ledger."
+        ) from None
+    if key is not None:
+        got = head.get("mac")
+        if not isinstance(got, str) or not hmac.compare_digest(got, mac(key, f"{n_head}:{h_head}")):
+            raise LedgerError(
+                f"head file {hp} has {'no' if got is None else 'a wrong'} MAC for this key: "
+                "it was rewritten by someone without the key (rows may have been removed "
+                "from the end), or the key is wrong. Restore from backup."
+            )
+    n = len(rows)
+    if n < n_head:
+        raise LedgerError(
+            f"{ledger} was truncated: its head file {hp.name} records {n_head} rows "
+            f"(last hash {h_head[:19]}...), the ledger has {n}. Rows were deleted from the "
+            "end; restore the ledger from backup."
+        )
+    anchor = rows[n_head - 1].row_hash if n_head else header_hash
+    if anchor != h_head:
+        raise LedgerError(
+            f"{ledger}: row {n_head - 1} has hash {anchor[:19]}..., but the head file "
+            f"{hp.name} records {h_head[:19]}...: the chain was rewritten from that row on. "
+            "Restore the ledger from backup."
+        )
+    if n > n_head:  # a crash between appending a row and replacing the head
+        warn_once(
+            "behind",
+            "ledger %s has %d rows after its head (an append was interrupted); "
+            "the next append re-anchors them",
+            n - n_head,
+        )
+
+
+def write_head(ledger: Path, *, rows: int, last_hash: str, key: bytes | None) -> None:
+    """Replace ``<ledger>.head`` atomically (with its MAC when ``key`` is given)."""
+    head: dict[str, Any] = {
+        "schema": HEAD_SCHEMA,
+        "ledger": ledger.name,
+        "rows": rows,
+        "last_hash": last_hash,
+    }
+    if key is not None:
+        head["mac"] = mac(key, f"{rows}:{last_hash}")
+    write_atomic(head_path(ledger), json.dumps(head, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------- the per-append lock
+
+
+def lock_path(ledger: Path) -> Path:
+    """The writer's lock file ``<ledger>.lock`` (present only during an append)."""
+    return sidecar(ledger, ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hold_lock(ledger: Path, *, timeout: float) -> Iterator[None]:
+    """Hold ``<ledger>.lock`` (O_CREAT | O_EXCL, naming pid and host) for one append."""
+    lock = lock_path(ledger)
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": _dt.datetime.now(_dt.UTC).isoformat(),
+        "token": uuid.uuid4().hex,
+    }
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(ledger)
+            if holder is not None and _take_over_stale(ledger, holder):
+                continue
+            if time.monotonic() >= deadline:
+                raise LedgerError(_locked_message(ledger, holder, timeout)) from None
+            time.sleep(0.02)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(me, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        break
+    try:
+        yield
+    finally:
+        if read_lock(ledger) == me:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+
+
+def read_lock(ledger: Path) -> dict[str, Any] | None:
+    """Who holds ``<ledger>.lock`` (its JSON), or ``None`` when it is gone or being written."""
+    try:
+        holder = json.loads(lock_path(ledger).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # gone, or being written
+    return holder if isinstance(holder, dict) else None
+
+
+def _locked_message(ledger: Path, holder: dict[str, Any] | None, timeout: float) -> str:
+    lock = lock_path(ledger)
+    if holder is None:
+        return (
+            f"ledger {ledger} is locked ({lock} exists but names no holder). If no "
+            "writer is running, delete the lock file."
+        )
+    who = f"pid {holder.get('pid')} on host {holder.get('host')!r}"
+    since = f" since {holder['since']}" if holder.get("since") else ""
+    if holder.get("host") != socket.gethostname():
+        return (
+            f"ledger {ledger} is locked by {who}{since} ({lock}). A lock from another "
+            "host is never taken over automatically: check that no writer runs there, then "
+            "delete the lock file."
+        )
+    return (
+        f"ledger {ledger} is locked by {who}{since} ({lock}), which is still running "
+        f"and appending; waited {timeout:g}s. Retry later, or raise lock_timeout."
+    )
+
+
+def _take_over_stale(ledger: Path, holder: dict[str, Any]) -> bool:
+    """Remove a lock left by a dead process on this host; never one from another host."""
+    try:
+        pid = int(holder.get("pid"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    if holder.get("host") != socket.gethostname() or _pid_alive(pid):
+        return False
+    # Rename first, then check that what moved is the stale lock we judged: a writer that
+    # took over in between keeps its lock (it is moved back when the name is still free).
+    lock = lock_path(ledger)
+    aside = sidecar(lock, f".stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return True  # someone else removed it: retry at once
+    try:
+        moved = json.loads(aside.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        moved = None
+    if moved != holder:
+        if not lock.exists():
+            os.rename(aside, lock)
+        return False
+    os.unlink(aside)
+    logger.warning(
+        "ledger %s: took over the stale lock of pid %d on this host (no longer running)",
+        ledger,
+        pid,
+    )
+    return True

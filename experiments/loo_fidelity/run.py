@@ -344,7 +344,7 @@ def write_report(results, a, cmd, wall, out_md: Path, out_png: Path):
     lines.append("- Embeddings: `datavalue.build_embeddings(path, curvature, storage_dtype=\"float64\", blocks=...)` for "
                  "none / empirical_fisher / fisher / hessian, with one operator per layer (`blocks=\"layer\"`, the paper's "
                  "block-diagonal form) and one operator over all columns (`blocks=\"full\"`, cross-layer curvature; "
-                 "what `blocks=\"auto\"` picks for the true Fisher at 1024 dims and exact; the default is per layer); estimate = embedding @ test gradient at the final weights "
+                 "what the default `blocks=\"auto\"` picks for the true Fisher at 1024 dims and exact, docs/results/defaults.md); estimate = embedding @ test gradient at the final weights "
                  "(`datavalue.per_sample_gradients`, same projection).")
     lines.append(f"- Removals (seed {a.seed + 2}): {a.n_single} random occurrences (single) and {a.n_all} random "
                  f"sample ids (all epochs); {a.n_test} test points, per-test loss = cross entropy.")

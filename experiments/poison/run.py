@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import datavalue  # noqa: E402
 from datavalue.data import load_mnist  # noqa: E402
-from datavalue.embeddings import build_embeddings  # noqa: E402
+from datavalue.capture import FinalPass  # noqa: E402
+from datavalue.embeddings import build_embeddings, build_influence  # noqa: E402
 from datavalue.query import Attributor  # noqa: E402
 
 FULL = dict(n_train=3000, poison_frac=0.025, target=0, epochs=9, batch=32, lr=0.1, hidden=64, proj_dim=256,
@@ -45,7 +46,8 @@ FULL = dict(n_train=3000, poison_frac=0.025, target=0, epochs=9, batch=32, lr=0.
 QUICK = dict(FULL, n_train=1000, epochs=3, proj_dim=128, n_query=50, n_asr=300, cg_iters=30)
 KS = (10, 25, 50, 100)
 QUERIES = ("target_ce", "trigger_diff")
-METHODS = ("dvemb:none", "dvemb:empirical_fisher", "dvemb:fisher", "tracin", "grad_dot", "influence_fn")
+METHODS = ("dvemb:none", "dvemb:empirical_fisher", "dvemb:fisher", "tracin", "grad_dot", "influence:fisher",
+           "influence:none", "influence_fn")
 
 
 def add_trigger(x: np.ndarray) -> np.ndarray:
@@ -213,6 +215,19 @@ def make_query(cfg, data, name):
     return q
 
 
+def _final_pass(run_path, model, data, cfg) -> None:
+    """One no-update pass over the training images at the final weights (once per run)."""
+    if (Path(run_path) / "final").exists():
+        return
+    run = datavalue.open_run(run_path)
+    ids = np.unique(np.asarray(run.sample_id[: run.n_rows]))
+    with FinalPass(run_path, model) as fp:
+        for i in range(0, ids.size, cfg["batch"]):
+            b = ids[i: i + cfg["batch"]]
+            with fp.batch(b):
+                F.cross_entropy(model(torch.from_numpy(data["x"][b])), torch.from_numpy(data["y"][b])).backward()
+
+
 def attribute(cfg, data, model, run_path, log, qname):
     query = make_query(cfg, data, qname)
     loss_fn = lambda m: query(m)  # noqa: E731
@@ -222,6 +237,10 @@ def attribute(cfg, data, model, run_path, log, qname):
         t0 = time.time()
         if meth.startswith("dvemb:"):
             attr = Attributor(run_path, model, curvature=meth.split(":")[1], progress=False)
+        elif meth.startswith("influence:"):  # the final model's influence in the run's sketch (FinalPass)
+            _final_pass(run_path, model, data, cfg)
+            build_influence(run_path, curvature=meth.split(":")[1], overwrite=True, progress=False)
+            attr = Attributor(run_path, model, kind="influence", curvature=meth.split(":")[1], progress=False)
         else:
             attr = Attributor(run_path, model, kind=meth, progress=False)
         S = attr.scores(loss_fn, by="sample").sum(0)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from datavalue.embeddings._config import BuildConfig
-from datavalue.embeddings._metadata import ATTRS_KEY, _base, _choice
+from datavalue.embeddings._metadata import ATTRS_KEY, _base, _choice, _mib, _operator_bytes
 from datavalue.embeddings._plan import (
     CURVATURES,
     _digest,
@@ -45,6 +45,7 @@ from datavalue.embeddings._plan import (
     _parse_dtype,
     _Plan,
     _split,
+    _state_factor,
 )
 from datavalue.embeddings._stream import _pad_op, _run_segments
 from datavalue.errors import EmbeddingError, StoreExistsError
@@ -205,6 +206,51 @@ def _now() -> str:
 _BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
 
 
+#: Set to ``"0"`` to build even when the estimated state exceeds the available memory.
+MEMORY_CHECK_ENV = "DATAVALUE_MEMORY_CHECK"
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reports as available (``MemAvailable``), or None where it cannot tell."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def state_bytes(plan: _Plan, segments: int = 1) -> int:
+    """Estimated memory of the backward recursion's state: per block the ``k x k`` operator plus its
+    momentum / first-moment part (SGD momentum, Adam) and second-moment part (Adam with ``delta v``), in
+    the build's dtype; with parallel segments each running segment also holds its transfer operator."""
+    itemsize = np.dtype(plan.dtype).itemsize
+    parts = 1 + int(plan.adam is not None or plan.momentum_mode) + int(bool(plan.adam and plan.adam["second_moment"]))
+    seq = sum((b - a) ** 2 for a, b in plan.blocks) * parts * itemsize
+    if segments > 1:
+        workers = min(int(segments), os.cpu_count() or 1)
+        seq += workers * _operator_bytes(plan.blocks, _state_factor(plan.adam is not None, plan.momentum_mode), plan.dtype)
+    return int(seq)
+
+
+def _check_memory(path: Any, plan: _Plan, segments: int) -> None:
+    """Refuse a build whose state cannot fit, before it starts (instead of an out-of-memory kill)."""
+    if os.environ.get(MEMORY_CHECK_ENV, "1") == "0":
+        return
+    need, have = state_bytes(plan, segments), available_memory()
+    if have is None or need <= 0.9 * have:
+        return
+    widths = sorted((b - a for a, b in plan.blocks), reverse=True)
+    raise EmbeddingError(
+        f"{path}: this build would hold about {_mib(need)} of recursion state ({len(widths)} operator(s), the widest "
+        f"{widths[0]:,} columns), but the machine has {_mib(have)} available. Record with a smaller proj_dim (the "
+        "state grows with the square of each block's columns), build fewer columns per operator (blocks='layer' "
+        f"instead of 'full'), or set {MEMORY_CHECK_ENV}=0 to try anyway."
+    )
+
+
 def build_embeddings(
     path: str | os.PathLike[str],
     curvature: str | None = None,
@@ -342,6 +388,7 @@ def build_embeddings(
             raise EmbeddingError("velocity=True is for SGD momentum runs; Adam-aware builds store delta theta only.")
     choice = _choice(run, requested_curvature, blocks, plan)
     logger.info("%s: building embeddings with %s", path, choice["summary"])
+    _check_memory(path, plan, segments)
     vel = plan.adam is None and plan.momentum_mode and (
         velocity is None or bool(velocity)
     )  # v is fictitious without momentum

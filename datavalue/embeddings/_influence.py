@@ -117,12 +117,16 @@ class _EKFAC:
     def __init__(self, X: np.ndarray, shape: tuple[int, int], S: float, damping: float, damping_abs: float) -> None:
         r, c = shape
         Xm = X.reshape(-1, r, c)
-        L = np.einsum("nij,nkj->ik", Xm, Xm) / S
-        R = np.einsum("nji,njk->ik", Xm, Xm) / S
+        flat_r = Xm.reshape(-1, c)  # rows of every example's matrix: R = sum_n X_n^T X_n
+        flat_l = Xm.transpose(0, 2, 1).reshape(-1, r)  # its columns: L = sum_n X_n X_n^T
+        L = flat_l.T @ flat_l / S
+        R = flat_r.T @ flat_r / S
         _, self.QL = np.linalg.eigh(L)
         _, self.QR = np.linalg.eigh(R)
-        rot = np.einsum("ia,nij,jb->nab", self.QL, Xm, self.QR)
-        lam_ij = (rot**2).sum(0) / S
+        lam_ij = np.zeros((r, c))
+        for a in range(0, Xm.shape[0], 256):  # batched GEMMs (a three-operand einsum would loop in Python)
+            lam_ij += ((self.QL.T @ Xm[a : a + 256] @ self.QR) ** 2).sum(0)
+        lam_ij /= S
         self.lam = float(damping * lam_ij.mean() + damping_abs)
         if not self.lam > 0:
             raise EmbeddingError(_zero_damping(lam_ij.mean()))
@@ -132,8 +136,8 @@ class _EKFAC:
     def apply(self, G: np.ndarray) -> np.ndarray:
         r, c = self.shape
         Gm = G.reshape(-1, r, c)
-        rot = np.einsum("ia,nij,jb->nab", self.QL, Gm, self.QR) * self.inv
-        return np.einsum("ia,nab,jb->nij", self.QL, rot, self.QR).reshape(G.shape[0], r * c)
+        rot = (self.QL.T @ Gm @ self.QR) * self.inv
+        return (self.QL @ rot @ self.QR.T).reshape(G.shape[0], r * c)
 
 
 def _zero_damping(mean: float) -> str:

@@ -106,6 +106,13 @@ def n_tokens(labels: torch.Tensor | np.ndarray) -> np.ndarray:
     return (lab != -100).sum(1).astype(np.float64)
 
 
+def label_mask(labels: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``(b, L)`` bool: the logits positions whose prediction enters the loss (HF causal-LM shift), for the
+    Fisher pseudo-gradients (``fisher_mask`` / ``label_mask``)."""
+    lab = torch.as_tensor(labels)[:, 1:] != -100
+    return F.pad(lab, (0, 1))
+
+
 def step_loss_fn(model, inputs, targets) -> torch.Tensor:
     """``train_reference`` loss (reduction ``"sum"``): each example's summed token CE over the batch's
     label tokens; ``targets = (labels, N_B)`` with ``N_B`` fixed for the step (kept on removal)."""

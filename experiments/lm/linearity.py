@@ -22,10 +22,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
-from datavalue.testing import AdamConfig, Batch, SGDConfig, spearman_per_test, train_reference, trajectory_loo  # noqa: E402
-
 import common as C  # noqa: E402
 import run as R  # noqa: E402
+
+from datavalue.testing import (  # noqa: E402
+    AdamConfig,
+    Batch,
+    SGDConfig,
+    spearman_per_test,
+    train_reference,
+    trajectory_loo,
+)
 
 
 def main():
@@ -58,7 +65,7 @@ def main():
                                np.sort(rng.choice(late, cfg["n_late"], replace=False))])
         removals = [(int(steps[r]), int(sids[r])) for r in rows]
         Xte, Yte = te["input_ids"], te["labels"]
-        tl = lambda m: C.token_ce(m, Xte, Yte)  # noqa: E731
+        tl = lambda m, Xte=Xte, Yte=Yte: C.token_ce(m, Xte, Yte)  # noqa: E731
         t0 = time.perf_counter()
         full = trajectory_loo(ref, removals, tl)
         res = {"full_s": time.perf_counter() - t0}

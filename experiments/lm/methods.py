@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from datavalue import open_run
 from datavalue.capture import per_sample_gradients
 from datavalue.embeddings import build_embeddings
 from datavalue.query import Attributor
-from datavalue import open_run
 
 
 class Skip(Exception):
@@ -41,6 +41,7 @@ class Ctx:
     by: str | None = None                      # None: occurrences; "sample": per sample
     exact_path: str | None = None              # an exact-layout run of the same model (proj_dim=None)
     final_batches: list[np.ndarray] | None = None  # batches for a no-update pass at the final weights
+    train_mask: Callable[[np.ndarray], torch.Tensor] | None = None  # sample ids -> (b, L) positions in the loss
     cache: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -120,23 +121,24 @@ def final_grad_dot(ctx: Ctx, exact: bool = False, reduction: str = "sum", chunk:
 def influence(ctx: Ctx, curvature: str = "fisher") -> np.ndarray:
     """Final-model curvature-preconditioned influence from one no-update pass at the final weights
     (the kind being built; skipped while ``datavalue.capture.FinalPass`` does not exist)."""
-    try:
-        from datavalue.capture import FinalPass  # type: ignore[attr-defined]
-        from datavalue.embeddings import build_influence  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise Skip(f"not in this checkout ({exc})") from None
+    from datavalue.capture import FinalPass
+    from datavalue.embeddings import build_influence
+
     if not ctx.cache.get("final_pass"):
-        batches = ctx.final_batches or [b for b in np.array_split(_sample_ids(ctx), max(1, _sample_ids(ctx).size // 16))]
-        with FinalPass(ctx.run_path, ctx.model, curvature="fisher") as fp:
+        # every training example once (not the trajectory's batches: a final pass weighs each example once)
+        sids = _sample_ids(ctx)
+        batches = np.array_split(sids, max(1, sids.size // 16))
+        t0 = time.perf_counter()
+        with FinalPass(ctx.run_path, ctx.model, curvature="fisher", overwrite=True) as fp:
             for ids in batches:
                 ntok = ctx.train_tokens(ids)
-                with fp.batch(ids, tokens=ntok):
+                mask = ctx.train_mask(ids) if ctx.train_mask is not None else None
+                with fp.batch(ids, tokens=ntok, label_mask=mask):
                     loss = ctx.train_loss(ctx.model, ids).sum() / float(ntok.sum())
                     loss.backward()
-                ctx.model.zero_grad(set_to_none=True)
-        ctx.cache["final_pass"] = True
-    build_influence(ctx.run_path, curvature=curvature)
-    a = Attributor(ctx.run_path, ctx.model, kind="influence", progress=False)
+        ctx.cache["final_pass"] = time.perf_counter() - t0
+    build_influence(ctx.run_path, curvature=curvature, overwrite=True, progress=False)
+    a = Attributor(ctx.run_path, ctx.model, kind="influence", curvature=curvature, progress=False)
     S = np.asarray(a.scores(ctx.query, by=ctx.by), dtype=np.float64)
     if S.shape[1] != ctx.columns().size:  # per sample while occurrences were asked: spread
         S = _to_columns(ctx, S, np.asarray(a.labels(by="sample")))
@@ -144,9 +146,18 @@ def influence(ctx: Ctx, curvature: str = "fisher") -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ registry
-def registry(*, exact_run: bool, fisher: bool, full_blocks: bool, has_exact_path: bool, dvemb_ok: bool = True) -> dict[str, tuple]:
-    """``name -> (fn, kwargs)`` of the methods that apply to a run."""
+def registry(*, exact_run: bool, fisher: bool, full_blocks: bool, has_exact_path: bool, dvemb_ok: bool = True,
+             whitened: bool = False) -> dict[str, tuple]:
+    """``name -> (fn, kwargs)`` of the methods that apply to a run. A whitened run (``precondition="adam"``)
+    gets its trajectory methods only: its rows are whitened, so the final-model ones are the raw run's."""
     reg: dict[str, tuple] = {}
+    if whitened:
+        if dvemb_ok:
+            reg["dvemb default (whitened)"] = (dvemb, {})
+            reg["dvemb none (whitened)"] = (dvemb, {"curvature": "none", "blocks": "layer"})
+            reg["dvemb empirical_fisher (whitened)"] = (dvemb, {"curvature": "empirical_fisher", "blocks": "layer"})
+        reg["grad_dot (whitened)"] = (grad_dot, {})
+        return reg
     if not exact_run and dvemb_ok:  # Adam-aware builds over exact or 5% per-layer blocks do not fit here (lm.md)
         reg["dvemb default"] = (dvemb, {})
         curvs = ["none", "empirical_fisher"] + (["fisher"] if fisher else [])

@@ -263,7 +263,7 @@ def conv1d_to_linear(model):
     W^T): kronfluence only tracks nn.Linear / nn.Conv2d (TrackedModule.SUPPORTED_MODULES)."""
     from transformers.pytorch_utils import Conv1D
 
-    for name, mod in list(model.named_modules()):
+    for _name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, Conv1D):
                 w = child.weight  # (in, out)
@@ -430,7 +430,7 @@ def _dattri_common(ex: Export, work: Path):
     # capture: the attention + MLP Conv1D modules of every block (untied; lm_head is tied to wte, whose
     # optimizer moments mix the embedding gradient, so it is left out, as are embeddings and LayerNorms)
     hook = HookManagerConfig(linear_io=[r"^transformer\.h\.\d+\.(attn|mlp)\.(c_attn|c_proj|c_fc)$"])
-    step_lr = {t: float(l[0]) for t, l in enumerate(lrs)}
+    step_lr = {t: float(row[0]) for t, row in enumerate(lrs)}
     restore = (orig_build,)
     return args, task, hook, DictDS(tr), DictDS(ex.queries), step_lr, sch, restore
 
@@ -560,8 +560,14 @@ def run_bergson_trackstar(ex: Export, work: Path, info: dict, proj: int = 16) ->
     SIGN: bergson writes higher_is_better=True for TrackStar (a positive score is a proponent: the
     gradients are aligned, a step on the sample lowers the query loss): kept as is (toy check)."""
     from bergson.cli.trackstar import trackstar
-    from bergson.config.config import (DataConfig, PreprocessConfig, QuerySetConfig, ScoreConfig,
-                                       TrackstarConfig, TrackstarIndexConfig)
+    from bergson.config.config import (
+        DataConfig,
+        PreprocessConfig,
+        QuerySetConfig,
+        ScoreConfig,
+        TrackstarConfig,
+        TrackstarIndexConfig,
+    )
 
     mdir, tr, qd = _bergson_inputs(ex, work)
     mods = _block_modules(ex)
@@ -583,8 +589,15 @@ def run_bergson_ekfac(ex: Export, work: Path, info: dict) -> np.ndarray:
     """bergson's EK-FAC pipeline (hessians/pipeline.py): K-FAC factors with eigenvalue correction fitted
     on the training set, applied to the (unprojected) query gradients, scored per query.
     SIGN: higher_is_better=True (g_query^T H^-1 g_train, positive = proponent): kept (toy check)."""
-    from bergson.config.config import (DataConfig, HessianConfig, HessianPipelineConfig, IndexConfig,
-                                       PreprocessConfig, QuerySetConfig, ScoreConfig)
+    from bergson.config.config import (
+        DataConfig,
+        HessianConfig,
+        HessianPipelineConfig,
+        IndexConfig,
+        PreprocessConfig,
+        QuerySetConfig,
+        ScoreConfig,
+    )
     from bergson.hessians.pipeline import hessian_pipeline
 
     mdir, tr, qd = _bergson_inputs(ex, work)

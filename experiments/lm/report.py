@@ -170,7 +170,7 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
         for n, v in c["modes"].items():
             L.append(f"| {n} | {v['median_s']:.3f} | {v['x_plain']:.2f} |" if "median_s" in v else f"| {n} | - | {v['skipped']} |")
         L.append("")
-    L += [f"![lm](lm.png)", ""]
+    L += ["![lm](lm.png)", ""]
     reading = HERE / "reading.md"
     if reading.exists() and not quick:
         L += [reading.read_text()]

@@ -39,11 +39,18 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-import datavalue  # noqa: E402
-from datavalue.testing import AdamConfig, Batch, SGDConfig, spearman_per_test, train_reference, trajectory_loo  # noqa: E402
-
 import common as C  # noqa: E402
 import methods as M  # noqa: E402
+
+import datavalue  # noqa: E402
+from datavalue.testing import (  # noqa: E402
+    AdamConfig,
+    Batch,
+    SGDConfig,
+    spearman_per_test,
+    train_reference,
+    trajectory_loo,
+)
 
 ADAMW = dict(kind="adamw", lr=3e-3, wd=0.1, betas=(0.9, 0.95), eps=1e-8, warmup=6, min_frac=0.1, clip=1.0)
 SGD = dict(kind="sgd", lr=0.05, wd=0.0, warmup=6, min_frac=0.1, clip=None)
@@ -63,7 +70,7 @@ FULL = dict(
     dvemb_max=40000,        # above: the per-layer Adam operators of the build do not fit in memory here
     backdoor=dict(model=LARGE, n_plant=30, n_early_clean=90, n_late_clean=600, batch=16, T=150, n_query=30,
                   runs=(("backdoor-adamw", ADAMW, 22500, True), ("backdoor-adamw-k5", ADAMW, 112500, False),
-                        )),
+                        ("backdoor-adamw-whitened", ADAMW, 22500, True))),
     hf=dict(model=SMALL, n_train=320, batch=16, T=40, k=1084),
     cost=dict(model=LARGE, batch=16, reps=5, ks=(22500, 112500)),
 )
@@ -72,7 +79,7 @@ QUICK = dict(
     loo=[("small-adamw", SMALL, ADAMW, 96, 8, 16, (None, 1084)),
          ("small-sgd", SMALL, SGD, 96, 8, 16, (1084,))],
     backdoor=dict(model=dict(d=64, n_layer=2, n_head=2), n_plant=8, n_early_clean=40, n_late_clean=80, batch=8, T=24,
-                  n_query=8, runs=(("backdoor-adamw", ADAMW, 1084, True),)),
+                  n_query=8, runs=(("backdoor-adamw", ADAMW, 1084, True), ("backdoor-adamw-whitened", ADAMW, 1084, True))),
     hf=dict(model=SMALL, n_train=64, batch=8, T=8, k=1084),
     cost=dict(model=SMALL, batch=16, reps=2, ks=(1084,)),
 )
@@ -163,19 +170,22 @@ def loo_study(spec, cfg, data: Data, work: Path, log) -> dict:
     log(f"[{name}] P={P}, T={T}, batch {B}, {n_train} lines")
 
     refs, models, paths = {}, {}, {}
-    for k in ks:
-        key = "exact" if k is None else str(k)
+    # AdamW runs are also recorded whitened by Adam's per-coordinate preconditioner (precondition="adam")
+    variants = [(k, "none") for k in ks] + ([(k, "adam") for k in ks if k is not None] if adam else [])
+    for k, pre in variants:
+        key = ("exact" if k is None else str(k)) + (" whitened" if pre == "adam" else "")
         if k is not None and k >= P:
             continue
         model = factory()
         opt = C.make_optimizer(model, opt_cfg)
-        path = work / f"{name}_{key}.zarr"
+        path = work / f"{name}_{key.replace(' ', '_')}.zarr"
         t0 = time.perf_counter()
         with datavalue.Recorder(path, model, proj_dim=k, seed=0, optimizer=opt, loss_reduction="token_mean",
-                                curvature=None if k is None else "fisher", overwrite=True) as rec:
+                                curvature=None if k is None else "fisher", overwrite=True, precondition=pre) as rec:
             ref = train_reference(factory, batches, lrs2, C.step_loss_fn, config=rcfg, model=model, optimizer=opt,
                                   verify=not refs, step_context=lambda t, b, lr, rec=rec: rec.step(
-                                      sample_ids=b.sample_ids, tokens=C.n_tokens(b.targets[0])))
+                                      sample_ids=b.sample_ids, tokens=C.n_tokens(b.targets[0]),
+                                      fisher_mask=C.label_mask(b.targets[0]) if rec.fisher else None))
         res["timings"][f"record {key}"] = time.perf_counter() - t0
         refs[key], models[key], paths[key] = ref, model, path
         res["runs"][key] = {"k": int(rec.proj_dim), "k_frac": rec.proj_dim / P}
@@ -231,10 +241,10 @@ def loo_study(spec, cfg, data: Data, work: Path, log) -> dict:
         model = models[key].eval()
         ctx = M.Ctx(str(path), model, test_loss, lambda m, ids: C.token_ce(m, X[ids], Y[ids]),
                     lambda ids: C.n_tokens(Y[ids]), by=None, exact_path=str(paths["exact"]) if "exact" in paths else None,
-                    final_batches=batch_ids)
+                    final_batches=batch_ids, train_mask=lambda ids: C.label_mask(Y[ids]))
         reg = M.registry(exact_run=key == "exact", fisher=key != "exact", has_exact_path=False,
                          full_blocks=key != "exact" and res["runs"][key]["k"] <= cfg["full_blocks_max"],
-                         dvemb_ok=res["runs"][key]["k"] <= cfg["dvemb_max"])
+                         dvemb_ok=res["runs"][key]["k"] <= cfg["dvemb_max"], whitened=key.endswith("whitened"))
         S, info = M.run_methods(ctx, reg, log=log)
         res["scores"][key] = {}
         for meth, s in S.items():
@@ -363,7 +373,8 @@ def train_plain(model, opt, opt_cfg, batches, lrs, X, Y, rec=None, fisher_model=
         for g in opt.param_groups:
             g["lr"] = float(lrs[t])
         tok = C.n_tokens(Y[b])
-        ctx = rec.step(sample_ids=b, tokens=tok) if rec is not None else _null()
+        ctx = (rec.step(sample_ids=b, tokens=tok, fisher_mask=C.label_mask(Y[b]) if rec.fisher else None)
+               if rec is not None else _null())
         with ctx as h:
             loss = C.token_ce(model, X[b], Y[b]).sum() / float(tok.sum())
             loss.backward()
@@ -417,7 +428,8 @@ def backdoor_study(cfg, data: Data, work: Path, log) -> dict:
         path = work / f"{run_name}.zarr"
         t0 = time.perf_counter()
         with datavalue.Recorder(path, model, proj_dim=k, seed=0, optimizer=opt, loss_reduction="token_mean",
-                                curvature="fisher" if fisher else None, overwrite=True) as rec:
+                                curvature="fisher" if fisher else None, overwrite=True,
+                                precondition="adam" if run_name.endswith("whitened") else "none") as rec:
             losses = train_plain(model, opt, opt_cfg, batches, lrs, X, Y, rec=rec)
         r["k"] = int(rec.proj_dim)
         r["k_frac"] = rec.proj_dim / P
@@ -441,9 +453,10 @@ def backdoor_study(cfg, data: Data, work: Path, log) -> dict:
         with datavalue.Recorder(exact_path, model, proj_dim=None, overwrite=True):
             pass  # an empty run: the exact layout for per_sample_gradients
         ctx = M.Ctx(str(path), model, query, lambda m, ids: C.token_ce(m, X[ids], Y[ids]), lambda ids: C.n_tokens(Y[ids]),
-                    by="sample", exact_path=str(exact_path), final_batches=batches)
+                    by="sample", exact_path=str(exact_path), final_batches=batches,
+                    train_mask=lambda ids: C.label_mask(Y[ids]))
         reg = M.registry(exact_run=False, fisher=fisher, full_blocks=False, has_exact_path=True,
-                         dvemb_ok=r["k"] <= cfg["dvemb_max"])
+                         dvemb_ok=r["k"] <= cfg["dvemb_max"], whitened=run_name.endswith("whitened"))
         if run_name != bd["runs"][0][0]:  # the exact final-model dot is the same model's: once is enough
             reg.pop("final grad dot (sum), exact", None)
         S, info = M.run_methods(ctx, reg, log=log)
@@ -557,18 +570,30 @@ def cost_study(cfg, data: Data, work: Path, log) -> dict:
     conf = C.make_config(data.V, data.L, **c["model"])
     factory = C.make_factory(conf, seed=0, double=False)
     P = C.n_params(factory())
-    modes = [("plain", None, None)] + [(f"K={k} ({100 * k / P:.0f}%)", k, None) for k in c["ks"]] + \
-            [(f"K={c['ks'][0]} + fisher", c["ks"][0], "fisher")]
+    modes = [("plain", None, None, "none")] + [(f"K={k} ({100 * k / P:.0f}%)", k, None, "none") for k in c["ks"]] + \
+            [(f"K={c['ks'][0]} + fisher", c["ks"][0], "fisher", "none"),
+             (f"K={c['ks'][0]} whitened (precondition='adam')", c["ks"][0], None, "adam")]
     state = []
-    for name, k, curv in modes:
+    for name, k, curv, pre in modes:
         m = factory()
         opt = C.make_optimizer(m, ADAMW)
         rec = None
         if name != "plain":
             rec = datavalue.Recorder(work / f"cost_{len(state)}.zarr", m, proj_dim=k, optimizer=opt,
-                                     loss_reduction="token_mean", curvature=curv, overwrite=True)
+                                     loss_reduction="token_mean", curvature=curv, overwrite=True, precondition=pre)
         state.append((name, m, opt, rec))
     times = {n: [] for n, *_ in modes}
+    times["FinalPass (fisher), per batch"] = []
+    times["forward + backward, no capture"] = []
+    fp_path = work / "cost_final.zarr"
+    fp_model = factory()
+    fp_opt = C.make_optimizer(fp_model, ADAMW)
+    with datavalue.Recorder(fp_path, fp_model, proj_dim=c["ks"][0], optimizer=fp_opt, loss_reduction="token_mean",
+                            overwrite=True) as rec0:
+        train_plain(fp_model, fp_opt, ADAMW, [np.arange(c["batch"])], [1e-3], X, Y, rec=rec0)
+    from datavalue.capture import FinalPass
+
+    fp = FinalPass(fp_path, fp_model, overwrite=True)
     rng = np.random.default_rng(0)
     for rep in range(c["reps"] + 1):
         b = np.sort(rng.choice(len(lines), c["batch"], replace=False))
@@ -579,7 +604,22 @@ def cost_study(cfg, data: Data, work: Path, log) -> dict:
                 rec.flush()
             if rep:
                 times[name].append(time.perf_counter() - t0)
-    for name, m, opt, rec in state:
+        # the final pass: forward + backward + Fisher pseudo-gradients, no update; and the bare pass it replaces
+        tok = C.n_tokens(Y[b])
+        t0 = time.perf_counter()
+        with fp.batch(b, tokens=tok, label_mask=C.label_mask(Y[b])):
+            (C.token_ce(fp_model, X[b], Y[b]).sum() / float(tok.sum())).backward()
+        fp.flush()
+        if rep:
+            times["FinalPass (fisher), per batch"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        (C.token_ce(fp_model, X[b], Y[b]).sum() / float(tok.sum())).backward()
+        fp_model.zero_grad(set_to_none=True)
+        if rep:
+            times["forward + backward, no capture"].append(time.perf_counter() - t0)
+    fp.close()
+    shutil.rmtree(fp_path, ignore_errors=True)
+    for *_, rec in state:
         if rec is not None:
             rec.close()
     for i in range(len(state)):
@@ -587,7 +627,6 @@ def cost_study(cfg, data: Data, work: Path, log) -> dict:
     base = float(np.median(times["plain"]))
     res = {"P": P, "batch": c["batch"], "reps": c["reps"],
            "modes": {n: {"median_s": float(np.median(v)), "x_plain": float(np.median(v)) / base} for n, v in times.items()}}
-    res["modes"]["FinalPass (influence)"] = {"skipped": "datavalue.capture.FinalPass is not in this checkout"}
     for n, v in res["modes"].items():
         if "median_s" in v:
             log(f"[cost] {n:<22} {v['median_s']:.3f}s/step  {v['x_plain']:.2f}x plain")
@@ -599,6 +638,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="loo,backdoor,hf,cost", help="studies to run ('' = only rewrite the report)")
+    ap.add_argument("--loo-runs", default="", help="comma-separated LOO runs to (re)run (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -627,6 +667,8 @@ def main():
     if "loo" in only:
         results.setdefault("loo", {})
         for spec in cfg["loo"]:
+            if args.loo_runs and spec[0] not in args.loo_runs.split(","):
+                continue
             t0 = time.time()
             results["loo"][spec[0]] = loo_study(spec, cfg, data, work, log)
             walls[f"loo {spec[0]}"] = time.time() - t0

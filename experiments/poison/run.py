@@ -36,8 +36,8 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datavalue  # noqa: E402
-from datavalue.data import load_mnist  # noqa: E402
 from datavalue.capture import FinalPass  # noqa: E402
+from datavalue.data import load_mnist  # noqa: E402
 from datavalue.embeddings import build_embeddings, build_influence  # noqa: E402
 from datavalue.query import Attributor  # noqa: E402
 

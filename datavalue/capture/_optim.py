@@ -164,9 +164,10 @@ def adam_moments(opt: Any, model: nn.Module, engine: Engine) -> dict[str, Any]:
             s = st.get("step", 0)
             steps.add(float(s.item() if torch.is_tensor(s) else s))
     m_parts, v_parts = [], []
+    unprojected = engine.proj_dim is None
     for b in engine.blocks:
         bj = b.to_json()
-        exact = b.k == int(np.prod(bj["shape"])) and engine.projection_json().get("proj_dim") is None
+        exact = b.k == int(np.prod(bj["shape"])) and unprojected
         mm = block_matrix(bj, m_named).to(torch.float64).reshape(-1)
         vv = block_matrix(bj, v_named).to(torch.float64).reshape(-1)
         if not exact:

@@ -30,7 +30,7 @@ Example:
     ...     with rec.step(sample_ids=range(8)):
     ...         torch.nn.functional.cross_entropy(model(x), y).backward()
     ...     opt.step(); opt.zero_grad()
-    >>> with FinalPass(path, model, progress=False) as fp:      # at the final weights, no update
+    >>> with FinalPass(path, model) as fp:      # at the final weights, no update
     ...     with fp.batch(range(8)):
     ...         torch.nn.functional.cross_entropy(model(x), y).backward()
     >>> datavalue.store.open_run(os.path.join(path, "final")).n_rows
@@ -57,13 +57,10 @@ from datavalue.capture.recorder import Recorder, StepHandle
 from datavalue.errors import RecorderError, RecorderStateError
 from datavalue.store import FINAL_RUN
 
-#: Name of the child run that holds the final-weights pass.
-FINAL_GROUP = FINAL_RUN
-
 
 def final_path(run: str | os.PathLike[str]) -> Path:
-    """Where the final-weights pass of ``run`` lives (``<run>/final``)."""
-    return Path(run) / FINAL_GROUP
+    """Where the final-weights pass of ``run`` lives (``<run>/final``, :data:`datavalue.store.FINAL_RUN`)."""
+    return Path(run) / FINAL_RUN
 
 
 class FinalPass(Recorder):
@@ -81,7 +78,6 @@ class FinalPass(Recorder):
         overwrite: replace an earlier pass.
         seed: seed of the Fisher label draws.
         background: write on a background thread.
-        progress: unused placeholder for symmetry with the builders (the pass is driven by your loop).
 
     Use :meth:`batch` once per batch of training examples (every example once, or as often as you
     want it weighed); the block runs your forward and ``backward()`` of the loss **as it was
@@ -99,7 +95,6 @@ class FinalPass(Recorder):
         overwrite: bool = False,
         seed: int = 0,
         background: bool = True,
-        progress: bool = False,
     ) -> None:
         from datavalue.store import open_run
 
@@ -124,7 +119,6 @@ class FinalPass(Recorder):
                                       "run_steps": int(parent.n_steps)})
         self._fisher_sum = True
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 104729)
-        self.progress = progress
 
     def _make_engine(self, model: nn.Module, **kw: Any) -> Engine:  # noqa: ARG002 - the run's engine, not a new split
         return engine_for_run(model, self._parent_manifest)

@@ -100,12 +100,6 @@ def adam_coefficients(
     ``unit_preconditioner``: the rows are already whitened by ``sqrt(D)`` (a run recorded with
     ``precondition="adam"``): ``p = lr c1`` on every column and no second-moment term.
     """
-    if unit_preconditioner:
-        b1, b2 = float(betas[0]), float(betas[1])
-        p = np.broadcast_to(np.asarray(lr, dtype=np.float64) / (1.0 - b1**step), np.shape(v_next)).copy()
-        wd = float(weight_decay)
-        return AdamStepCoef(p=p, q=None, r=None, b1=b1, b2=b2, decay=1.0 - lr * wd if decoupled else 1.0,
-                            lam=0.0 if decoupled else wd)
     b1, b2 = float(betas[0]), float(betas[1])
     c1 = 1.0 / (1.0 - b1**step)
     c2 = 1.0 / (1.0 - b2**step)
@@ -113,9 +107,12 @@ def adam_coefficients(
     sv = np.sqrt(v_next)
     D = np.sqrt(c2) * sv + eps
     live = v_next > 0
-    p = np.where(live, lr * c1 / D, 0.0)
+    if unit_preconditioner:  # rows already whitened by sqrt(D): the step is lr c1 on every column
+        p = np.broadcast_to(np.asarray(lr, dtype=np.float64) * c1, np.shape(v_next)).copy()
+    else:
+        p = np.where(live, lr * c1 / D, 0.0)
     q = r = None
-    if second_moment:
+    if second_moment and not unit_preconditioner:
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(live, lr * c1 * np.asarray(m_next) * np.sqrt(c2) / (2.0 * sv * D * D), 0.0)
         r = 2.0 * (1.0 - b2) * np.asarray(g, dtype=np.float64)

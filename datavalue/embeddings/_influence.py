@@ -93,14 +93,8 @@ def _read_rows(run: Any, name: str, n: int, cols: slice, chunk: int = 8192) -> n
 
 
 class _Dense:
-    def __init__(self, X: np.ndarray, S: float, damping: float, damping_abs: float, none: bool) -> None:
-        k = X.shape[1]
-        if none:
-            self.Q, self.inv = None, np.ones(k)
-            self.lam = 1.0
-            return
-        C = (X.T @ X) / S
-        evals, self.Q = np.linalg.eigh(C)
+    def __init__(self, X: np.ndarray, S: float, damping: float, damping_abs: float) -> None:
+        evals, self.Q = np.linalg.eigh((X.T @ X) / S)
         evals = np.clip(evals, 0.0, None)
         self.lam = float(damping * evals.mean() + damping_abs)
         if not self.lam > 0:
@@ -108,8 +102,6 @@ class _Dense:
         self.inv = 1.0 / (evals + self.lam)
 
     def apply(self, G: np.ndarray) -> np.ndarray:
-        if self.Q is None:
-            return G * self.inv
         return ((G @ self.Q) * self.inv) @ self.Q.T
 
 
@@ -212,29 +204,28 @@ def build_influence(
         from tqdm.auto import tqdm
 
         it = tqdm(blocks, desc=f"influence ({curvature})")
-    n_f = run.n_fisher_rows
-    result = np.zeros((n, k), dtype=np.float64)
+    # read once: every block's columns come from the same rows
+    G_all = _read_rows(run, "grads", n, slice(0, k))
+    X_all = _read_rows(run, "fisher", run.n_fisher_rows, slice(0, k)) if curvature == "fisher" else G_all
+    result = G_all / S  # curvature "none": the plain final-model gradient dot
     info = []
     for b in it:
         cols = slice(int(b["start"]), int(b["stop"]))
         kb = cols.stop - cols.start
-        G = _read_rows(run, "grads", n, cols)
+        if curvature == "none":
+            info.append((str(b["name"]), "identity", kb, 1.0))
+            continue
         kron = b.get("kind") == "kron" and int(b["k_rows"]) * int(b["k_cols"]) == kb
         use_ekfac = kron and (structure == "ekfac" or (structure == "auto" and kb > max_dense))
-        if structure == "dense" or not use_ekfac:
-            if kb > max_dense and structure != "dense" and curvature != "none":
-                raise EmbeddingError(f"block {b['name']!r} has {kb} columns, above max_dense={max_dense}, and is not a "
-                                     "Kronecker block: raise max_dense or record with a smaller proj_dim for it.")
-        if curvature == "none":
-            pre: Any = _Dense(G[:0], S, damping, damping_abs, none=True)
-            kind = "identity"
+        if not use_ekfac and structure != "dense" and kb > max_dense:
+            raise EmbeddingError(f"block {b['name']!r} has {kb} columns, above max_dense={max_dense}, and is not a "
+                                 "Kronecker block: raise max_dense or record with a smaller proj_dim for it.")
+        X = X_all[:, cols]
+        if use_ekfac:
+            pre, kind = _EKFAC(X, (int(b["k_rows"]), int(b["k_cols"])), S, damping, damping_abs), "ekfac"
         else:
-            X = _read_rows(run, "fisher", n_f, cols) if curvature == "fisher" else G
-            if use_ekfac:
-                pre, kind = _EKFAC(X, (int(b["k_rows"]), int(b["k_cols"])), S, damping, damping_abs), "ekfac"
-            else:
-                pre, kind = _Dense(X, S, damping, damping_abs, none=False), "dense"
-        result[:, cols] = pre.apply(G) / S
+            pre, kind = _Dense(X, S, damping, damping_abs), "dense"
+        result[:, cols] = pre.apply(G_all[:, cols]) / S
         info.append((str(b["name"]), kind, kb, float(pre.lam)))
     out[:] = result.astype(np.float32)
     meta.update(complete=True, blocks=[list(x) for x in info])

@@ -124,8 +124,7 @@ class DataValueCallback(TrainerCallback):
         if self.recorder is not None and not self.recorder.closed:
             raise RecorderStateError(f"this DataValueCallback is already recording to {self.path}; one train() at a time.")
         if self.shift_labels is None:
-            name = type(model).__name__
-            self.shift_labels = name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+            self.shift_labels = _shifts_labels(model)
         self._args = args
         integration = {"name": "transformers.Trainer", "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
                        "max_grad_norm": float(args.max_grad_norm or 0.0)}
@@ -167,10 +166,9 @@ class DataValueCallback(TrainerCallback):
         labels = kwargs.get("labels")
         fisher_mask = None
         if labels is not None and torch.is_tensor(labels) and labels.dim() >= 1:
-            lab = labels[..., 1:] if (self.shift_labels and labels.dim() > 1) else labels
-            tokens = lab.ne(-100).reshape(lab.shape[0], -1).sum(1).to("cpu").numpy().astype(np.float64)
+            tokens, positions = _label_tokens(labels, self.shift_labels)
             if self.recorder.fisher and labels.dim() == 2:  # the positions whose prediction enters the loss
-                fisher_mask = F.pad(lab.ne(-100), (0, 1)) if self.shift_labels else labels.ne(-100)
+                fisher_mask = positions
         else:
             tokens = np.ones(ids.size)
         n_items = kwargs.get("num_items_in_batch")
@@ -218,6 +216,22 @@ class DataValueCallback(TrainerCallback):
         rec.commit_step(weights=w, clip_coef=clip, epoch=epoch)
 
 
+def _shifts_labels(model: Any) -> bool:
+    """Whether the model shifts ``labels`` inside its loss (causal LMs), guessed from its class name."""
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def _label_tokens(labels: torch.Tensor, shift: bool) -> tuple[np.ndarray, torch.Tensor]:
+    """Each example's label-token count as the Trainer counts them, and the logits positions whose
+    prediction enters the loss (``(b, L)`` for 2-d labels: the shifted labels padded at the end)."""
+    lab = labels[..., 1:] if (shift and labels.dim() > 1) else labels
+    valid = lab.ne(-100)
+    tokens = valid.reshape(valid.shape[0], -1).sum(1).to("cpu").numpy().astype(np.float64)
+    positions = F.pad(valid, (0, 1)) if (shift and labels.dim() > 1) else valid
+    return tokens, positions
+
+
 def final_pass(
     trainer: Any,
     run: str | os.PathLike[str],
@@ -251,8 +265,7 @@ def final_pass(
     ds = trainer.train_dataset
     if ds is None or id_column not in getattr(ds, "column_names", ()):
         raise RecorderError(f"final_pass needs trainer.train_dataset with a '{id_column}' column (the run's sample ids).")
-    name = type(model).__name__
-    shift = name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    shift = _shifts_labels(model)
     bs = int(batch_size or trainer.args.per_device_train_batch_size)
     loader = DataLoader(ds, batch_size=bs, shuffle=False, collate_fn=trainer.data_collator)
     device = next(model.parameters()).device
@@ -273,14 +286,11 @@ def final_pass(
                 labels = batch.get("labels")
                 if labels is None:
                     raise RecorderError("final_pass needs 'labels' in the collated batches (the loss the Trainer steps on).")
-                lab = labels[..., 1:] if shift else labels
-                valid = lab.ne(-100)
-                tokens = valid.reshape(valid.shape[0], -1).sum(1).double().cpu()
-                mask = F.pad(valid, (0, 1)) if shift else valid
+                tokens, mask = _label_tokens(labels, shift)
                 with fp.batch(ids, tokens=tokens, label_mask=mask if fp.fisher else None):
                     out = model(**batch)
                     out.loss.backward()
-                n += int(tokens.numel())
+                n += int(tokens.size)
     finally:
         model.train(was_training)
     return n

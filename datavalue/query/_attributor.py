@@ -88,9 +88,7 @@ class Attributor:
     ) -> None:
         self.run: Run = open_run(path)
         if kind == "influence":  # the final model's influence: the columns are the final pass's examples
-            if model is not None:
-                engine_for_run(model, self.run.manifest)  # the run's model, checked against the run itself
-            self.run = _final_pass(self.run)
+            self.run = _final_pass(self.run)  # same fingerprint and capture plan as the run (FinalPass checked)
         self.path = self.run.path
         self.model = model
         self._engine = engine_for_run(model, self.run.manifest) if model is not None else None

@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 
+from datavalue.embeddings._backend import namespace
 from datavalue.embeddings._state import (
     Curv,
     CurvMatrix,
@@ -50,7 +51,8 @@ class AdamBlockState(_OperatorShape):
         return _max_abs(self.M)
 
     def finite(self) -> bool:
-        return all(bool(np.all(np.isfinite(x))) for x in (self.M, self.Rm, self.Rv) if x is not None)
+        xp = namespace(self.M)
+        return all(xp.all_finite(x) for x in (self.M, self.Rm, self.Rv) if x is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +142,7 @@ def init_adam_state(k: int, *, dtype: np.dtype | str = np.float64, transfer: boo
 def adam_operator(state: AdamBlockState) -> np.ndarray:
     """The row operator ``[Theta0 - M, R_m, R_v]`` as an ``(n, 3k)`` matrix (zeros for a ``None`` part)."""
     n, k = state.n, state.k
-    R = np.zeros((n, 3 * k), dtype=state.dtype)
+    R = namespace(state.M).zeros((n, 3 * k), state.dtype)
     R[:, :k] = _theta0_minus(state.M)
     if state.Rm is not None:
         R[:, k : 2 * k] = state.Rm
@@ -150,13 +152,14 @@ def adam_operator(state: AdamBlockState) -> np.ndarray:
 
 
 def adam_state_from_operator(R: np.ndarray, k: int) -> AdamBlockState:
-    """Inverse of :func:`adam_operator`: ``R`` is ``(n, 3k)``."""
-    R = np.asarray(R)
+    """Inverse of :func:`adam_operator`: ``R`` is ``(n, 3k)`` (numpy, or torch on its device)."""
+    xp = namespace(R)
+    R = xp.asarray(R)
     if R.shape[1] != 3 * k:
         raise ValueError(f"an Adam operator has 3k={3 * k} columns, got {R.shape[1]}")
     M = _theta0_minus(R[:, :k])
-    Rm = R[:, k : 2 * k].copy() if np.any(R[:, k : 2 * k]) else None
-    Rv = R[:, 2 * k :].copy() if np.any(R[:, 2 * k :]) else None
+    Rm = xp.copy(R[:, k : 2 * k]) if xp.any(R[:, k : 2 * k]) else None
+    Rv = xp.copy(R[:, 2 * k :]) if xp.any(R[:, 2 * k :]) else None
     return AdamBlockState(M=M, Rm=Rm, Rv=Rv)
 
 
@@ -168,7 +171,9 @@ def _adam_xpT(X: np.ndarray, state: AdamBlockState, coef: AdamStepCoef, s: np.nd
     if state.Rm is not None:
         out += (1.0 - coef.b1) * (X @ state.Rm.T)
     if state.Rv is not None and coef.r is not None:
-        out += (X * coef.r[None, :]) @ state.Rv.T
+        xp = namespace(state.M)
+        r = coef.r if xp.is_numpy else xp.asarray(coef.r, X.dtype)  # numpy: as it always ran
+        out += (X * r[None, :]) @ state.Rv.T
     return out
 
 
@@ -197,59 +202,61 @@ def adam_step_back(
 
     Returns:
         ``(new_state, E)``, ``E`` the ``(b, n)`` embeddings (``delta theta_T`` rows). Sign:
-        ``loss(without) - loss(with) ~= E[i] @ g_test``; positive = helpful.
+        ``loss(without) - loss(with) ~= E[i] @ g_test``; positive = helpful. A state of torch tensors
+        runs on their device (:mod:`datavalue.embeddings._backend`); ``coef`` stays numpy.
     """
     dtype = state.dtype
-    G = np.asarray(G, dtype=dtype)
-    w = np.asarray(w, dtype=dtype)
+    xp = namespace(state.M)
+    G = xp.asarray(G, dtype=dtype)
+    w = xp.asarray(w, dtype=dtype)
     c = float(grad_scale)
     k, n = state.k, state.n
-    p = np.asarray(coef.p, dtype=dtype)
+    p = xp.asarray(coef.p, dtype=dtype)
     s = (1.0 - coef.b1) * p
     keep_v = coef.q is not None and coef.r is not None
     if keep_v:
-        s = s - np.asarray(coef.q, dtype=dtype) * np.asarray(coef.r, dtype=dtype)
+        s = s - xp.asarray(coef.q, dtype=dtype) * xp.asarray(coef.r, dtype=dtype)
     need_gp = embed or (isinstance(curv, str) and G.shape[0] > 0)
     GP = _adam_xpT(G, state, coef, s) if need_gp else None
     E = GP * (-c * w)[:, None] if embed and GP is not None else None
 
     # P A = c (F P^T)^T F + lam P
-    PA = np.zeros((n, k), dtype=dtype)
+    PA = xp.zeros((n, k), dtype)
     if isinstance(curv, str):
         if curv != "empirical_fisher":
             raise ValueError(f"curv must be an array, 'empirical_fisher' or None, got {curv!r}")
         if G.shape[0]:
-            sw = np.sqrt(w)
+            sw = xp.sqrt(w)
             assert GP is not None
             PA += c * ((GP * sw[:, None]).T @ (G * sw[:, None]))
     elif isinstance(curv, CurvMatrix):
-        PA += c * _adam_xpT(np.asarray(curv.H, dtype=dtype), state, coef, s).T
+        PA += c * _adam_xpT(xp.asarray(curv.H, dtype=dtype), state, coef, s).T
     elif curv is not None:
-        F = np.asarray(curv, dtype=dtype)
+        F = xp.asarray(curv, dtype=dtype)
         if F.shape[0]:
             PA += c * (_adam_xpT(F, state, coef, s).T @ F)
     if coef.lam != 0.0:
         P = state.M * s[None, :]
-        P[np.arange(k), np.arange(k)] -= s
+        xp.add_diag(P, -s)
         if state.Rm is not None:
             P += (1.0 - coef.b1) * state.Rm
         if state.Rv is not None and coef.r is not None:
-            P += state.Rv * np.asarray(coef.r, dtype=dtype)[None, :]
+            P += state.Rv * xp.asarray(coef.r, dtype=dtype)[None, :]
         PA += coef.lam * P
     # R_theta' = decay R_theta + P A  <=>  M' = decay M + (1 - decay) Theta0 - P A
     M = coef.decay * state.M - PA
     if coef.decay != 1.0:
-        M[np.arange(k), np.arange(k)] += 1.0 - coef.decay
+        xp.add_diag(M, 1.0 - coef.decay)
     # R_theta diag(x) = (Theta0 - M) diag(x)
     Rt_p = -state.M * p[None, :]
-    Rt_p[np.arange(k), np.arange(k)] += p
+    xp.add_diag(Rt_p, p)
     Rm = -Rt_p if state.Rm is None else state.Rm - Rt_p
     Rm *= coef.b1
     Rv = None
     if keep_v:
-        q = np.asarray(coef.q, dtype=dtype)
+        q = xp.asarray(coef.q, dtype=dtype)
         Rt_q = -state.M * q[None, :]
-        Rt_q[np.arange(k), np.arange(k)] += q
+        xp.add_diag(Rt_q, q)
         Rv = Rt_q if state.Rv is None else state.Rv + Rt_q
         Rv *= coef.b2
     return AdamBlockState(M=M, Rm=Rm, Rv=Rv), E

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from datavalue.embeddings._backend import parse_device
 from datavalue.embeddings._config import BuildConfig
 from datavalue.embeddings._metadata import ATTRS_KEY, _base, _choice, _mib, _operator_bytes
 from datavalue.embeddings._plan import (
@@ -269,6 +270,7 @@ def build_embeddings(
     adam_second_moment: bool = True,
     blocks: str = "auto",
     config: BuildConfig | None = None,
+    device: Any = None,
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 
@@ -330,6 +332,16 @@ def build_embeddings(
         config: a :class:`~datavalue.embeddings.BuildConfig` holding the options above (then
             leave those keywords at their defaults). Either way the validated config is stored in
             the build's metadata (``build_config``) and :func:`extend_embeddings` reuses it.
+        device: where the recursion's math runs. ``None`` (default): numpy on the CPU, as always.
+            A torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``): the same
+            recursion on torch tensors there (torch is imported only then). Rows are read from the
+            store as numpy and moved to the device once per window; embeddings come back once per
+            output chunk. The compute ``dtype`` is kept (``"float32"`` is the fast choice on a GPU).
+            Results equal the numpy build's to rounding (``tests/embeddings/test_backend.py``).
+            Not part of the stored config (it does not change the result); recorded in the
+            metadata as ``device``. With ``segments > 1`` every segment's task runs on this device
+            (on a ``client``, on each worker's). Raises ``EmbeddingError`` when torch is missing or
+            no CUDA device is visible.
 
     Returns:
         :class:`BuildInfo`.
@@ -346,6 +358,7 @@ def build_embeddings(
     from datavalue.store import create_array, delete_path, open_run
 
     t_start = time.perf_counter()
+    device = parse_device(device)  # before anything is read or written: a missing torch / GPU fails here
     options = dict(curvature=curvature, dtype=dtype, segments=segments, chunk_rows=chunk_rows,
                    storage_dtype=storage_dtype, velocity=velocity, clipping=clipping,
                    explode_threshold=explode_threshold, optimizer=optimizer, adam_second_moment=adam_second_moment,
@@ -386,6 +399,7 @@ def build_embeddings(
     if plan.adam is not None:
         if velocity:
             raise EmbeddingError("velocity=True is for SGD momentum runs; Adam-aware builds store delta theta only.")
+    plan = dataclasses.replace(plan, device=device)
     choice = _choice(run, requested_curvature, blocks, plan)
     logger.info("%s: building embeddings with %s", path, choice["summary"])
     _check_memory(path, plan, segments)
@@ -412,6 +426,7 @@ def build_embeddings(
         "blocks": [list(b) for b in plan.blocks],
         "choice": choice,
         "build_config": cfg.to_json(),
+        "device": device or "numpy",
         "adam": None if plan.adam is None else dict(plan.adam, betas=list(plan.adam["betas"])),
         "run_digest": _digest(plan, T),
         "run_generation": int(getattr(run, "generation", -1)),

@@ -12,6 +12,7 @@ with (:func:`~datavalue.embeddings._metadata.stored_config`), never today's defa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from datavalue.embeddings._backend import parse_device
 from datavalue.embeddings._build import (
     SIGN,
     BuildInfo,
@@ -53,6 +55,7 @@ def embeddings_at(
     client: Any = None,
     progress: bool = True,
     overwrite: bool = False,
+    device: Any = None,
 ) -> Any:
     """Embeddings of the occurrences before ``step`` w.r.t. the checkpoint *before* step ``step``.
 
@@ -65,7 +68,7 @@ def embeddings_at(
         step: ``1 <= step <= T``; ``T`` is the final model (the main build). Segment boundaries are
             cheapest.
         curvature: which build (default as in :func:`build_embeddings`).
-        client, progress: as in :func:`build_embeddings`.
+        client, progress, device: as in :func:`build_embeddings`.
         overwrite: replace an earlier result for this step.
 
     Returns:
@@ -74,6 +77,7 @@ def embeddings_at(
     """
     from datavalue.store import create_array, open_array, open_run
 
+    device = parse_device(device)
     run = open_run(path)
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
@@ -92,6 +96,7 @@ def embeddings_at(
         run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
         _replay_optimizer(meta), blocks=_stored_blocks(meta),
     )
+    plan = dataclasses.replace(plan, device=device)
     seg = [tuple(b) for b in meta["segments"]]
     bounds, known = [], {}
     inside = [s for s, (lo, hi) in enumerate(seg) if lo < step]
@@ -139,6 +144,7 @@ def extend_embeddings(
     segments: int = 1,
     client: Any = None,
     progress: bool = True,
+    device: Any = None,
 ) -> BuildInfo:
     """Bring a finished build up to date after the run was resumed and trained further.
 
@@ -147,7 +153,8 @@ def extend_embeddings(
     ``[e_new, v_new] = R @ [e_old, v_old]``: one ``k x k`` map per block for plain SGD, ``2k x 2k``
     when momentum carries velocity across the old end. That needs the old build's ``v_values``
     (kept by default for momentum runs); without them, if the first new step carries velocity,
-    this raises and asks for a rebuild. Equal to a full rebuild up to rounding.
+    this raises and asks for a rebuild. Equal to a full rebuild up to rounding. ``device``: where the
+    new steps' recursion runs, as in :func:`build_embeddings` (the stored config's dtype is kept).
 
     Returns:
         :class:`BuildInfo` of the extended build.
@@ -155,6 +162,7 @@ def extend_embeddings(
     from datavalue.store import open_array, open_array_writable, open_run
 
     t_start = time.perf_counter()
+    device = parse_device(device)
     run = open_run(path)
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
@@ -166,6 +174,7 @@ def extend_embeddings(
         run, curvature, stored.dtype, None, stored.explode_threshold, stored.clipping,
         _replay_optimizer(meta), blocks=_stored_blocks(meta),
     )
+    plan = dataclasses.replace(plan, device=device)
     if T1 < T0 or int(plan.step_ptr[T0]) != R0 or _digest(plan, T0) != meta["run_digest"]:
         raise EmbeddingError(
             f"{path}: the first {T0} steps differ from the ones the build was made from (the run was overwritten or "

@@ -93,7 +93,12 @@ def _map(fn: Callable[[int, int], Any], parts: list[tuple[int, int]]) -> list[An
 
 def sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray, alpha: float = 1.0) -> None:
     """``M -= alpha X.T @ Y`` in place: one BLAS GEMM with beta=1 (no temporary) on one thread; split
-    by rows of ``M`` inside :func:`gemm_threads`."""
+    by rows of ``M`` inside :func:`gemm_threads`. A torch ``M`` (the torch backend) runs torch's in-place
+    ``addmm_`` on its device (torch's own threads on a CPU; never split)."""
+    if not isinstance(M, np.ndarray):
+        if X.shape[0]:
+            M.addmm_(X.T, Y, alpha=-float(alpha))
+        return
     if M.flags.c_contiguous and M.dtype in (np.float64, np.float32) and X.shape[0]:
         X = np.ascontiguousarray(X, dtype=M.dtype)
         Y = np.ascontiguousarray(Y, dtype=M.dtype)
@@ -142,9 +147,11 @@ def _buffer(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
 def matmul_T(X: np.ndarray, M: np.ndarray, *, alpha: float = 1.0, minus: np.ndarray | None = None) -> np.ndarray:
     """``alpha (X @ M.T - minus @ Theta0.T)`` (rows, M.shape[0]), split by rows of ``M`` inside
     :func:`gemm_threads`; ``minus`` (rows, k <= M.shape[0]) fills the output first and the GEMM
-    accumulates onto it (one pass instead of a subtraction and a scaling)."""
-    parts = _parts(M.shape[0])
-    dtype = np.result_type(X, M)
+    accumulates onto it (one pass instead of a subtraction and a scaling). Torch tensors (the torch
+    backend) take the unsplit path, on torch's own threads."""
+    if not isinstance(M, np.ndarray) and minus is not None and minus.shape[1] == M.shape[0]:
+        return minus.addmm(X, M.T, beta=-alpha, alpha=alpha)  # torch: one fused pass
+    parts = _parts(M.shape[0]) if isinstance(M, np.ndarray) else None
     if parts is None:
         out = X @ M.T
         if minus is not None:
@@ -152,6 +159,7 @@ def matmul_T(X: np.ndarray, M: np.ndarray, *, alpha: float = 1.0, minus: np.ndar
         if alpha != 1.0:
             out *= alpha
         return out
+    dtype = np.result_type(X, M)
     out = np.empty((X.shape[0], M.shape[0]), dtype=dtype)
     X = np.ascontiguousarray(X, dtype=dtype)
     if minus is not None:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from datavalue.embeddings import _core as core
+from datavalue.embeddings._backend import namespace
 from datavalue.errors import EmbeddingError, NonFiniteError
 
 #: ``column_groups`` labels written by the recorder (``datavalue.capture._optim``).
@@ -252,6 +253,12 @@ def _check_mixed(run: Any, name: str, groups: list[int], lr: np.ndarray, wd: np.
 # ---------------------------------------------------------------------- SGD
 
 
+def _vec(xp: Any, v: Any, dtype: Any) -> Any:
+    """A numpy vector of per-column values for arithmetic with the state: unchanged on numpy (its code as it
+    always ran), moved to the state's device and dtype on the torch backend."""
+    return v if xp.is_numpy else xp.asarray(v, dtype)
+
+
 def step_back(
     plan: Any, i: int, t: int, state: core.BlockState, G: np.ndarray, w: np.ndarray, *, curv: Any,
     grad_scale: float, clip_u: np.ndarray | None, clip_ug: np.ndarray | None, embed: bool,
@@ -279,6 +286,7 @@ def _step_back_columns(state: core.BlockState, G: np.ndarray, w: np.ndarray, lr:
     """One step with per-column ``lr`` and coupled ``wd`` ``(k,)`` (module docstring): the core's
     scalar step on ``R_theta D``, then ``+ R_theta (I - D)`` and ``+ P Lambda``."""
     k, M = state.k, state.M
+    xp = namespace(M)  # the vectors below are numpy; on the torch backend they move to M's device
     eta0 = float(lr.max())
     D = lr / eta0 if eta0 > 0 else np.ones(k)
     coef = core.step_coefficients(eta0, momentum=kw["momentum"], dampening=kw["dampening"],
@@ -288,25 +296,25 @@ def _step_back_columns(state: core.BlockState, G: np.ndarray, w: np.ndarray, lr:
     # P = a R_v - b0 (Theta0 - M) D on the decayed columns, from the state before the step
     P_l = None
     if decayed.size:
-        bD = coef.b * D[decayed]
+        bD = _vec(xp, coef.b * D[decayed], M.dtype)
         P_l = M[:, decayed] * bD
         P_l[decayed, np.arange(decayed.size)] -= bD
         if state.Rv is not None and coef.a != 0.0:
             P_l += coef.a * state.Rv[:, decayed]
     carry = None
     if scaled.size:
-        d = D[scaled]
+        d = _vec(xp, D[scaled], M.dtype)
         carry = M[:, scaled] * (1.0 - d)  # M (I - D) on those columns
         M[:, scaled] *= d  # R_theta D  <=>  M D + Theta0 (I - D)
         M[scaled, scaled] += 1.0 - d
     new, E = core.step_back(state, G, w, lr=eta0, weight_decay=0.0, **kw)
     M2 = new.M
     if carry is not None:
-        d = D[scaled]
+        d = _vec(xp, D[scaled], M.dtype)
         M2[:, scaled] += carry  # M' = M~' - Theta0 (I - D) + M (I - D)
         M2[scaled, scaled] -= 1.0 - d
     if P_l is not None:
-        M2[:, decayed] -= P_l * wd[decayed]
+        M2[:, decayed] -= P_l * _vec(xp, wd[decayed], M.dtype)
     return new, E
 
 
@@ -355,12 +363,13 @@ def adam_step_back(
     lr_c, wd_c = np.broadcast_to(lr, (k,)), np.broadcast_to(wd, (k,))
     new, E = core.adam_step_back(state, G, w, coef, curv=curv, grad_scale=grad_scale, embed=embed)
     M_old, M2 = state.M, new.M  # adam_step_back is pure: state is the state before the step
+    xp = namespace(M_old)  # numpy vectors move to the torch backend's device
     cols = np.flatnonzero(wd_c != 0.0)
     if not cols.size:
         return new, E
     if decoupled:
         # R_theta' = R_theta diag(delta) + P A: the core kept R_theta; M' += (Theta0 - M) (I - delta)
-        x = lr_c[cols] * wd_c[cols]  # 1 - delta
+        x = _vec(xp, lr_c[cols] * wd_c[cols], M_old.dtype)  # 1 - delta
         Z = -M_old[:, cols] * x
         Z[cols, np.arange(cols.size)] += x
         M2[:, cols] += Z
@@ -370,11 +379,12 @@ def adam_step_back(
         s = (1.0 - coef.b1) * p
         if coef.q is not None and coef.r is not None:
             s = s - np.asarray(coef.q) * np.asarray(coef.r)
-        P = M_old[:, cols] * s[cols]
-        P[cols, np.arange(cols.size)] -= s[cols]
+        s_c = _vec(xp, s[cols], M_old.dtype)
+        P = M_old[:, cols] * s_c
+        P[cols, np.arange(cols.size)] -= s_c
         if state.Rm is not None:
             P += (1.0 - coef.b1) * state.Rm[:, cols]
         if state.Rv is not None and coef.r is not None:
-            P += state.Rv[:, cols] * np.asarray(coef.r)[cols]
-        M2[:, cols] -= P * wd_c[cols]
+            P += state.Rv[:, cols] * _vec(xp, np.asarray(coef.r)[cols], M_old.dtype)
+        M2[:, cols] -= P * _vec(xp, wd_c[cols], M_old.dtype)
     return new, E

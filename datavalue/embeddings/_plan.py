@@ -47,6 +47,8 @@ class _Plan:
     #: per-(step, block) hyperparameters of a run whose param groups differ (``_hyper.Groups``); ``None``:
     #: the scalar ``lr``/``weight_decay``/``momentum`` above hold for every column
     groups: Any = None
+    #: where the recursion runs: ``None`` numpy, else a torch device string (``datavalue.embeddings._backend``)
+    device: str | None = None
 
     @property
     def n_steps(self) -> int:

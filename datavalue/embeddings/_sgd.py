@@ -37,6 +37,7 @@ import dataclasses
 
 import numpy as np
 
+from datavalue.embeddings._backend import namespace
 from datavalue.embeddings._gemm import matmul_T, sub_outer
 from datavalue.embeddings._state import Curv, CurvMatrix, _max_abs, _OperatorShape, _theta0_minus
 
@@ -202,6 +203,9 @@ def step_back(
         ``k`` columns are ``delta theta_T``), or ``None`` when ``embed`` is False.
         Sign: ``loss(without) - loss(with) ~= E[i, :k] @ g_test``; positive = helpful.
 
+    The state's array type picks the backend (:mod:`datavalue.embeddings._backend`): a state of torch
+    tensors runs on their device, and the other arrays (numpy or torch) are moved there.
+
     Example:
         >>> s = init_state(2)
         >>> s, E = step_back(s, np.array([[1.0, 2.0]]), np.array([1.0]), lr=0.5)
@@ -209,8 +213,9 @@ def step_back(
         ([[0.5, 1.0]], [[0.5, 1.0], [1.0, 2.0]])
     """
     dtype = state.dtype
-    G = np.asarray(G, dtype=dtype)
-    w = np.asarray(w, dtype=dtype)
+    xp = namespace(state.M)
+    G = xp.asarray(G, dtype=dtype)
+    w = xp.asarray(w, dtype=dtype)
     coef = step_coefficients(
         lr, momentum=momentum, dampening=dampening, nesterov=nesterov, fresh=fresh
     )
@@ -220,14 +225,14 @@ def step_back(
     GP = _xpT(G, state, coef) if (embed or (isinstance(curv, str) and G.shape[0])) else None
     Pu = u = None
     if clip_u is not None:
-        u = np.asarray(clip_u, dtype=dtype)
+        u = xp.asarray(clip_u, dtype=dtype)
         Pu = _pu(state, coef, u)
     E = None
     if embed:
         assert GP is not None
         if Pu is not None:
-            ug = G @ u if clip_ug is None else np.asarray(clip_ug, dtype=dtype)
-            E = (GP - np.outer(ug, Pu)) * (-c * w)[:, None]
+            ug = G @ u if clip_ug is None else xp.asarray(clip_ug, dtype=dtype)
+            E = (GP - xp.outer(ug, Pu)) * (-c * w)[:, None]
         else:
             E = GP * (-c * w)[:, None]
 
@@ -238,20 +243,19 @@ def step_back(
         lamP = (lam * coef.b) * state.M
         if state.Rv is not None:
             lamP += (lam * coef.a) * state.Rv
-        k = state.k
-        lamP[np.arange(k), np.arange(k)] -= lam * coef.b
+        xp.add_diag(lamP, -lam * coef.b)
     if coef.beta_in == 0.0:
         Rv = None
     else:
         # R_v <- beta_in (R_v - gamma (Theta0 - M_old))
         Rv = coef.gamma * state.M
-        Rv[np.arange(state.k), np.arange(state.k)] -= coef.gamma
+        xp.add_diag(Rv, -coef.gamma)
         if state.Rv is not None:
             Rv += state.Rv
         Rv *= coef.beta_in
 
     # P A = c (F P^T)^T F + lam P ; M <- M - P A
-    M = state.M if inplace else state.M.copy()
+    M = state.M if inplace else xp.copy(state.M)
     if isinstance(curv, str):
         if curv != "empirical_fisher":
             raise ValueError(f"curv must be an array, 'empirical_fisher' or None, got {curv!r}")
@@ -260,22 +264,22 @@ def step_back(
             # a clipped step's E uses the whole gradient's u @ g, its update this block's)
             sub_outer(M, E, G, alpha=-1.0)
         elif G.shape[0]:
-            sw = np.sqrt(w)
+            sw = xp.sqrt(w)
             assert GP is not None
-            FP = GP if Pu is None else GP - np.outer(G @ u, Pu)
+            FP = GP if Pu is None else GP - xp.outer(G @ u, Pu)
             sub_outer(M, FP * (c * sw)[:, None], G * sw[:, None])
     elif isinstance(curv, CurvMatrix):
-        H = np.asarray(curv.H, dtype=dtype)
+        H = xp.asarray(curv.H, dtype=dtype)
         HP = _xpT(H, state, coef)  # H P^T: (k, n); H symmetric, so P H = HP.T
         if Pu is not None:
-            HP -= np.outer(H @ u, Pu)
+            HP -= xp.outer(H @ u, Pu)
         M -= c * HP.T
     elif curv is not None:
-        F = np.asarray(curv, dtype=dtype)
+        F = xp.asarray(curv, dtype=dtype)
         if F.shape[0]:
             FP = _xpT(F, state, coef)
             if Pu is not None:
-                FP -= np.outer(F @ u, Pu)
+                FP -= xp.outer(F @ u, Pu)
             sub_outer(M, FP * c, F)
     if lamP is not None:
         M -= lamP
@@ -296,11 +300,12 @@ def operator(state: BlockState, width: int | None = None) -> np.ndarray:
         width = 2 * k if state.Rv is not None else k
     if width not in (k, 2 * k):
         raise ValueError(f"width must be k={k} or 2k={2 * k}, got {width}")
-    R = np.zeros((n, width), dtype=state.dtype)
+    xp = namespace(state.M)
+    R = xp.zeros((n, width), state.dtype)
     R[:, :k] = _theta0_minus(state.M)
     if state.Rv is not None:
         if width == k:
-            if np.any(state.Rv):
+            if xp.any(state.Rv):
                 raise ValueError("the state carries velocity columns; ask for width=2k")
         else:
             R[:, k:] = state.Rv
@@ -308,12 +313,13 @@ def operator(state: BlockState, width: int | None = None) -> np.ndarray:
 
 
 def state_from_operator(R: np.ndarray, k: int) -> BlockState:
-    """Inverse of :func:`operator`: ``R`` is ``(n, k)`` or ``(n, 2k)``."""
-    R = np.asarray(R)
+    """Inverse of :func:`operator`: ``R`` is ``(n, k)`` or ``(n, 2k)`` (numpy, or torch on its device)."""
+    xp = namespace(R)
+    R = xp.asarray(R)
     M = _theta0_minus(R[:, :k])
     Rv = None
-    if R.shape[1] == 2 * k and np.any(R[:, k:]):
-        Rv = R[:, k:].copy()
+    if R.shape[1] == 2 * k and xp.any(R[:, k:]):
+        Rv = xp.copy(R[:, k:])
     return BlockState(M=M, Rv=Rv)
 
 
@@ -327,7 +333,7 @@ def chain(R: np.ndarray, Phi: np.ndarray, k: int) -> np.ndarray:
     if wR == wP:
         return R @ Phi
     if wR == 2 * k and wP == k:
-        if np.any(R[:, k:]):
+        if namespace(R).any(R[:, k:]):
             raise ValueError("a k x k transfer operator cannot absorb non-zero velocity columns")
         return R[:, :k] @ Phi
     if wR == k and wP == 2 * k:

@@ -12,6 +12,8 @@ from typing import Literal
 
 import numpy as np
 
+from datavalue.embeddings._backend import namespace
+
 __all__ = ["CurvMatrix", "Curv"]
 
 
@@ -37,9 +39,7 @@ Curv = np.ndarray | CurvMatrix | Literal["empirical_fisher"] | None
 
 def _max_abs(a: np.ndarray | None) -> float:
     """``max |a|`` in two passes without an ``abs()`` temporary (0 for ``None`` or empty)."""
-    if a is None or not a.size:
-        return 0.0
-    return max(float(a.max()), -float(a.min()))
+    return namespace(a).max_abs(a)
 
 
 class _OperatorShape:
@@ -57,14 +57,14 @@ class _OperatorShape:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.M.dtype
+        return self.M.dtype  # a torch dtype on the torch backend (datavalue.embeddings._backend)
 
 
 def _pad(X: np.ndarray, n: int) -> np.ndarray:
     """``X @ Theta0.T``: ``X`` (rows, k) placed in the first k of n columns."""
     if X.shape[1] == n:
         return X
-    out = np.zeros((X.shape[0], n), dtype=X.dtype)
+    out = namespace(X).zeros((X.shape[0], n), X.dtype)
     out[:, : X.shape[1]] = X
     return out
 
@@ -73,6 +73,5 @@ def _theta0_minus(X: np.ndarray) -> np.ndarray:
     """``Theta0 - X`` for an ``(n, k)`` block (``Theta0 = [I; 0]``), a new array: it turns ``M`` into
     the operator's ``R_theta`` columns and back."""
     out = -X
-    k = X.shape[1]
-    out[np.arange(k), np.arange(k)] += 1.0
+    namespace(X).add_diag(out, 1.0)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 from datavalue._blas import one_blas_thread
 from datavalue.embeddings import _core as core
 from datavalue.embeddings import _gemm, _hyper
+from datavalue.embeddings._backend import Backend, get_backend
 from datavalue.embeddings._plan import _Plan
 from datavalue.errors import EmbeddingError, NonFiniteError, StoreNotFoundError
 from datavalue.store import ChunkFileRows, chunk_dir, fast_rows, write_chunk
@@ -92,11 +94,34 @@ class _ReverseRows:
         return self.buf[r0 - self.c0 : r1 - self.c0]
 
 
+class _OnDevice:
+    """A reverse reader whose current window is moved to the backend's device once per window (in the
+    build's dtype); :meth:`get` gives the rows both on the host (for the checks) and on the device. On
+    numpy both are the reader's own rows."""
+
+    def __init__(self, rows: _ReverseRows, xp: Backend, dtype: str) -> None:
+        self.rows, self.xp, self.dtype = rows, xp, dtype
+        self._src: np.ndarray | None = None
+        self._dev: Any = None
+
+    def get(self, r0: int, r1: int) -> tuple[np.ndarray, Any]:
+        host = self.rows.get(r0, r1)
+        if self.xp.is_numpy:
+            return host, host
+        if self.rows.buf is not self._src:  # a new window: one host-to-device copy
+            self._src = self.rows.buf
+            self._dev = self.xp.asarray(self._src, self.dtype)
+        return host, self._dev[r0 - self.rows.c0 : r1 - self.rows.c0]
+
+
 class _ChunkWriter:
     """Buffers output rows of one task by output chunk; writes the chunks the task owns entirely,
-    returns the pieces of shared chunks (``(row0, values, v_values)``) for the driver."""
+    returns the pieces of shared chunks (``(row0, values, v_values)``) for the driver. On the torch
+    backend the chunk buffers live on the device and come back to the host once per chunk."""
 
-    def __init__(self, arrays: Sequence[Any], lo: int, hi: int, n_rows: int, chunk: int) -> None:
+    def __init__(self, arrays: Sequence[Any], lo: int, hi: int, n_rows: int, chunk: int,
+                 xp: Backend | None = None) -> None:
+        self.xp = xp if xp is not None else get_backend(None)
         self.arrays = list(arrays)
         self.lo, self.hi, self.n_rows, self.chunk = lo, hi, n_rows, chunk
         self.buf: dict[int, list[np.ndarray]] = {}
@@ -113,6 +138,8 @@ class _ChunkWriter:
         self._direct = [_direct_dir(arr, chunk) for arr in self.arrays]
 
     def _write(self, c0: int, c1: int, bufs: list[np.ndarray]) -> None:
+        bufs = [self.xp.to_numpy(b) for b in bufs]  # the chunk's one device-to-host copy (numpy: none)
+
         def write() -> None:
             for arr, data, direct in zip(self.arrays, bufs, self._direct, strict=True):
                 if direct is None:
@@ -139,7 +166,7 @@ class _ChunkWriter:
             a, b = max(c0, r0), min(c1, r1)
             if ci not in self.buf:
                 self.buf[ci] = [
-                    np.zeros((c1 - c0, p.shape[1]), dtype=arr.dtype)
+                    self.xp.zeros((c1 - c0, p.shape[1]), arr.dtype)
                     for p, arr in zip(parts, self.arrays, strict=True)
                 ]
                 self.fill[ci] = 0
@@ -153,7 +180,7 @@ class _ChunkWriter:
                 if mine0 == c0 and mine1 == c1:
                     self._write(c0, c1, bufs)
                 else:
-                    self.pieces.append((mine0, [d[mine0 - c0 : mine1 - c0] for d in bufs]))
+                    self.pieces.append((mine0, [self.xp.to_numpy(d[mine0 - c0 : mine1 - c0]) for d in bufs]))
 
     def close(self) -> list[tuple[int, list[np.ndarray]]]:
         """Wait for the chunk writes (raising the first error), join the writer thread and return
@@ -251,30 +278,35 @@ def _scan_steps(
         )
     run = open_run(plan.path)
     chunk = max(int(run.row_chunk), 1)
+    xp = get_backend(plan.device)
     if start is None:
         # transfer operators are k x k without momentum, 2k x 2k with it
-        states = _identity_states(plan, velocity=(transfer and plan.momentum_mode) or velocity)
+        states = [_to_device(xp, s) for s in _identity_states(plan, velocity=(transfer and plan.momentum_mode) or velocity)]
     else:
         states = [
-            core.state_from_operator(np.asarray(R, dtype=plan.dtype), b - a)
+            core.state_from_operator(xp.asarray(R, plan.dtype), b - a)
             for R, (a, b) in zip(start, plan.blocks, strict=True)
         ]
     grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk,
-                                                 owned)
+                                                 owned, xp)
     embed = writer is not None
     max_op, expansive = 0.0, []
     groups = _block_groups(plan, lo, hi)
     for t in range(hi - 1, lo - 1, -1):
         r0, r1 = int(plan.step_ptr[t]), int(plan.step_ptr[t + 1])
-        G_all = grads.get(r0, r1)
-        w = np.asarray(weights.get(r0, r1), dtype=np.float64)
-        _check_rows(plan, t, r0, G_all, w)
+        G_host, G_all = grads.get(r0, r1)
+        w_host, w_dev = weights.get(r0, r1)
+        w = np.asarray(w_host, dtype=np.float64)
+        _check_rows(plan, t, r0, G_host, w)
+        if not xp.is_numpy:
+            w = w_dev
         F_all = _step_curvature(plan, curv, t)
         u = ug = None
         if plan.clipping == "direction" and plan.grad_scale[t] < 1.0 and r1 > r0:
             # the clipped step is c * g_hat with c = max_norm / ||g_hat||: keep d c (docs/math.md, 5)
-            G64 = np.asarray(G_all, dtype=np.float64)
-            g_hat = w @ G64
+            G64 = np.asarray(G_host, dtype=np.float64)
+            w64 = np.asarray(w_host, dtype=np.float64)
+            g_hat = w64 @ G64
             norm = float(np.linalg.norm(g_hat))
             if norm > 0:
                 u = g_hat / norm
@@ -304,16 +336,16 @@ def _scan_steps(
                 if velocity:
                     vels.append(E[:, k:])
         if writer is not None:
-            parts = [_join(thetas)]
-            if not _all_finite(parts[0]):
+            parts = [_join(thetas, xp)]
+            if not xp.all_finite(parts[0]):
                 raise NonFiniteError(f"{plan.path}: non-finite embeddings at step {t}.")
             if velocity:
-                parts.append(_join(vels))
+                parts.append(_join(vels, xp))
             writer.put(r0 - out_offset, parts)
         if tick is not None:
             tick(1)
     return {
-        "ops": [core.operator(s, plan.width(i)) for i, s in enumerate(states)],
+        "ops": [xp.to_numpy(core.operator(s, plan.width(i))) for i, s in enumerate(states)],
         "pieces": writer.close() if writer is not None else [],
         "max_op": max_op,
         "expansive": expansive[:20],
@@ -329,7 +361,7 @@ PARALLEL_MIN_WORK = 1 << 21
 def _block_groups(plan: _Plan, lo: int, hi: int) -> list[list[int]] | None:
     """Blocks narrower than ``_gemm.SPLIT_MIN`` (whose GEMMs are never split) shared among the scan's GEMM
     threads, balanced by ``k^2`` (longest first); ``None``: one thread runs every block in turn."""
-    n = _gemm.gemm_thread_count()
+    n = _gemm.gemm_thread_count() if plan.device is None else 1  # torch: its own threads
     narrow = [i for i, (a, b) in enumerate(plan.blocks) if b - a < _gemm.SPLIT_MIN]
     if n <= 1 or len(narrow) < 2 or hi <= lo:
         return None
@@ -378,11 +410,11 @@ _WEIGHT_WINDOW = 1 << 16
 
 
 def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Sequence[Any] | None,
-                  out_offset: int, n_out: int, out_chunk: int, owned: contextlib.ExitStack,
-                  ) -> tuple[Any, Any, Any, Any]:
-    """Reverse readers of a step range's rows (gradients, weights, stored curvature) and its output
-    writer, each closed by ``owned`` (the writer's pending writes are dropped if the scan fails; a
-    finished scan closes it first and keeps them)."""
+                  out_offset: int, n_out: int, out_chunk: int, owned: contextlib.ExitStack, xp: Backend,
+                  ) -> tuple[_OnDevice, _OnDevice, _OnDevice | None, _ChunkWriter | None]:
+    """Reverse readers of a step range's rows (gradients, weights, stored curvature), each window moved
+    to ``xp``'s device once, and its output writer, each closed by ``owned`` (the writer's pending
+    writes are dropped if the scan fails; a finished scan closes it first and keeps them)."""
     r_lo, r_hi = int(plan.step_ptr[lo]), int(plan.step_ptr[hi])
     grads = owned.enter_context(_ReverseRows(run, "grads", r_lo, plan.window, chunk))
     # row weights are 4-8 bytes a row: read in long windows (each zarr read costs ~3 ms of Python)
@@ -396,14 +428,27 @@ def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Se
         curv = owned.enter_context(_ReverseRows(run, "hessian", lo, hchunk, hchunk))
     writer = None
     if outputs is not None:
-        writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk)
+        writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk, xp)
         owned.callback(writer.shutdown)
-    return grads, weights, curv, writer
+    dev = [None if r is None else _OnDevice(r, xp, plan.dtype) for r in (grads, weights, curv)]
+    return dev[0], dev[1], dev[2], writer
 
 
-def _join(parts: list[np.ndarray]) -> np.ndarray:
+def _to_device(xp: Backend, state: Any) -> Any:
+    """A block state (numpy) with its arrays on ``xp``'s device (numpy: the state itself)."""
+    if xp.is_numpy:
+        return state
+    return dataclasses.replace(state, **{
+        f.name: None if getattr(state, f.name) is None else xp.asarray(getattr(state, f.name))
+        for f in dataclasses.fields(state)
+    })
+
+
+def _join(parts: list[np.ndarray], xp: Backend | None = None) -> np.ndarray:
     """The blocks' columns side by side (the plan has at least one block; one operator: no copy)."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    if len(parts) == 1:
+        return parts[0]
+    return (xp or get_backend(None)).concat(parts, axis=1)
 
 
 def _step_curvature(plan: _Plan, curv: Any, t: int) -> np.ndarray | None:
@@ -412,17 +457,17 @@ def _step_curvature(plan: _Plan, curv: Any, t: int) -> np.ndarray | None:
     if curv is None:
         return None
     if plan.curvature == "hessian":
-        H = curv.get(t, t + 1)[0]
-        if not np.all(np.isfinite(H)):
+        H_host, H = curv.get(t, t + 1)
+        if not np.all(np.isfinite(H_host)):
             raise NonFiniteError(
                 f"{plan.path}: step {t}: the stored Hessian is missing (NaN: the step was recorded without "
                 "hessian_loss=) or non-finite. Record every step with rec.step(..., hessian_loss=...), or build "
                 "with curvature='fisher' or 'empirical_fisher'."
             )
-        return H
+        return H[0]
     assert plan.fisher_ptr is not None
-    F_all = curv.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
-    if not _all_finite(F_all):
+    F_host, F_all = curv.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
+    if not _all_finite(F_host):
         raise NonFiniteError(f"{plan.path}: step {t}: non-finite Fisher pseudo-gradient rows in the store.")
     return F_all
 
@@ -500,15 +545,17 @@ def _scan_adam(
     run = open_run(plan.path)
     T = int(run.n_steps)
     chunk = max(int(run.row_chunk), 1)
+    xp = get_backend(plan.device)
     if start is not None:  # the operators at the segment's end, chained from later segments
         states = [
-            core.adam_state_from_operator(np.asarray(R, dtype=plan.dtype), b - a)
+            core.adam_state_from_operator(xp.asarray(R, plan.dtype), b - a)
             for R, (a, b) in zip(start, plan.blocks, strict=True)
         ]
     else:  # [I, 0, 0] at the run's end, or the 3k identity for a transfer operator
-        states = [core.init_adam_state(b - a, dtype=plan.dtype, transfer=transfer) for a, b in plan.blocks]
+        states = [_to_device(xp, core.init_adam_state(b - a, dtype=plan.dtype, transfer=transfer))
+                  for a, b in plan.blocks]
     grads, weights, curv, writer = _open_streams(run, plan, lo, hi, chunk, outputs, out_offset, n_out, out_chunk,
-                                                 owned)
+                                                 owned, xp)
     schunk = max(1, run.chunk_rows("adam_v"))
     mom_m = owned.enter_context(_ReverseRows(run, "adam_m", lo, schunk, schunk))
     mom_v = owned.enter_context(_ReverseRows(run, "adam_v", lo, schunk, schunk))
@@ -517,9 +564,10 @@ def _scan_adam(
     max_op, expansive = 0.0, []
     for t in range(hi - 1, lo - 1, -1):
         r0, r1 = int(plan.step_ptr[t]), int(plan.step_ptr[t + 1])
-        G_all = grads.get(r0, r1)
-        w = np.asarray(weights.get(r0, r1), dtype=np.float64)
-        _check_rows(plan, t, r0, G_all, w)
+        G_host, G_all = grads.get(r0, r1)
+        w_host, w_dev = weights.get(r0, r1)
+        w = np.asarray(w_host, dtype=np.float64)
+        _check_rows(plan, t, r0, G_host, w)
         c = float(plan.grad_scale[t])
         mv = np.asarray(mom_m.get(t, min(t + 2, T)), dtype=np.float64)
         vv = np.asarray(mom_v.get(t, min(t + 2, T)), dtype=np.float64)
@@ -532,7 +580,7 @@ def _scan_adam(
             m_next, v_next = mv[1], vv[1]
             g = (m_next - b1 * mv[0]) / (1.0 - b1)
         else:  # the last recorded step: advance the moments with the stored rows' gradient
-            g = c * (w @ np.asarray(G_all, dtype=np.float64))
+            g = c * (w @ np.asarray(G_host, dtype=np.float64))
             m_next = b1 * mv[0] + (1.0 - b1) * g
             v_next = b2 * vv[0] + (1.0 - b2) * g * g if info["exact"] else vv[0]
         coef_all = _hyper.adam_coefficients(  # per-column lr and eps with param groups
@@ -541,6 +589,8 @@ def _scan_adam(
             unit_preconditioner=bool(info.get("whitened", False)),
         )
         F_all = _step_curvature(plan, curv, t)
+        if not xp.is_numpy:
+            w = w_dev
         thetas = []
         for i, (a, b) in enumerate(plan.blocks):
             states[i], E = _hyper.adam_step_back(
@@ -552,14 +602,14 @@ def _scan_adam(
                 assert E is not None
                 thetas.append(E[:, : b - a])
         if writer is not None:
-            part = _join(thetas)
-            if not _all_finite(part):
+            part = _join(thetas, xp)
+            if not xp.all_finite(part):
                 raise NonFiniteError(f"{plan.path}: non-finite embeddings at step {t}.")
             writer.put(r0 - out_offset, [part])
         if tick is not None:
             tick(1)
     return {
-        "ops": [core.adam_operator(s) for s in states],
+        "ops": [xp.to_numpy(core.adam_operator(s)) for s in states],
         "pieces": writer.close() if writer is not None else [],
         "max_op": max_op,
         "expansive": expansive[:20],
@@ -670,7 +720,9 @@ def _run_segments(
             # one scan on the driver: BLAS on one thread, wide operators split over all cores
             # (_gemm.gemm_threads, whose pool ends with the scan; narrow ones are never split, measured
             # in _gemm's notes)
-            with one_blas_thread(), _gemm.gemm_threads(os.cpu_count() or 1):
+            # (torch runs its own threads: no split pool)
+            split = _gemm.gemm_threads(os.cpu_count() or 1) if plan.device is None else contextlib.nullcontext()
+            with one_blas_thread(), split:
                 res = _scan(plan, lo, hi, None, **embed_kw)
             absorb(res)
             if tick is None and bar is not None:

@@ -30,7 +30,9 @@ Example:
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -93,6 +95,16 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def size(self, a: Any) -> int: ...
+
+    @property
+    def splits(self) -> bool:
+        """Whether the scan splits its GEMMs over its own thread pool (:func:`._gemm.gemm_threads`): on a CPU."""
+        return True
+
+    def scan_threads(self) -> contextlib.AbstractContextManager[None]:
+        """Context held by the thread that runs a scan: the library's own threads held to one there
+        (numpy's BLAS is held by the builder's ``one_blas_thread``; nothing to do here)."""
+        return contextlib.nullcontext()
 
 
 class NumpyBackend(Backend):
@@ -201,6 +213,25 @@ class TorchBackend(Backend):
 
     def size(self, a: Any) -> int:
         return int(a.numel())
+
+    @property
+    def splits(self) -> bool:
+        return self._dev.type == "cpu"
+
+    @contextlib.contextmanager
+    def scan_threads(self) -> Iterator[None]:
+        """On a CPU, torch's intra-op threads held to one on this thread for the scan (they spin between
+        calls like BLAS's; the scan splits its GEMMs over its own pool instead, see ``_gemm``), restored
+        after. Threads started inside (the GEMM pool's) inherit the setting. A no-op on CUDA."""
+        if self._dev.type != "cpu":
+            yield
+            return
+        old = self.torch.get_num_threads()
+        self.torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            self.torch.set_num_threads(old)
 
 
 _NUMPY = NumpyBackend()

@@ -93,11 +93,9 @@ def _map(fn: Callable[[int, int], Any], parts: list[tuple[int, int]]) -> list[An
 
 def sub_outer(M: np.ndarray, X: np.ndarray, Y: np.ndarray, alpha: float = 1.0) -> None:
     """``M -= alpha X.T @ Y`` in place: one BLAS GEMM with beta=1 (no temporary) on one thread; split
-    by rows of ``M`` inside :func:`gemm_threads`. A torch ``M`` (the torch backend) runs torch's in-place
-    ``addmm_`` on its device (torch's own threads on a CPU; never split)."""
+    by rows of ``M`` inside :func:`gemm_threads`. A torch ``M``: see :func:`_torch_sub_outer`."""
     if not isinstance(M, np.ndarray):
-        if X.shape[0]:
-            M.addmm_(X.T, Y, alpha=-float(alpha))
+        _torch_sub_outer(M, X, Y, -float(alpha))
         return
     if M.flags.c_contiguous and M.dtype in (np.float64, np.float32) and X.shape[0]:
         X = np.ascontiguousarray(X, dtype=M.dtype)
@@ -147,11 +145,11 @@ def _buffer(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
 def matmul_T(X: np.ndarray, M: np.ndarray, *, alpha: float = 1.0, minus: np.ndarray | None = None) -> np.ndarray:
     """``alpha (X @ M.T - minus @ Theta0.T)`` (rows, M.shape[0]), split by rows of ``M`` inside
     :func:`gemm_threads`; ``minus`` (rows, k <= M.shape[0]) fills the output first and the GEMM
-    accumulates onto it (one pass instead of a subtraction and a scaling). Torch tensors (the torch
-    backend) take the unsplit path, on torch's own threads."""
-    if not isinstance(M, np.ndarray) and minus is not None and minus.shape[1] == M.shape[0]:
-        return minus.addmm(X, M.T, beta=-alpha, alpha=alpha)  # torch: one fused pass
-    parts = _parts(M.shape[0]) if isinstance(M, np.ndarray) else None
+    accumulates onto it (one pass instead of a subtraction and a scaling). Torch tensors: see
+    :func:`_torch_matmul_T`."""
+    if not isinstance(M, np.ndarray):
+        return _torch_matmul_T(X, M, float(alpha), minus)
+    parts = _parts(M.shape[0])
     if parts is None:
         out = X @ M.T
         if minus is not None:
@@ -173,3 +171,55 @@ def matmul_T(X: np.ndarray, M: np.ndarray, *, alpha: float = 1.0, minus: np.ndar
 
     _map(part, parts)
     return out
+
+
+# ---------------------------------------------------------------------- torch tensors (the torch backend)
+#
+# On a GPU one kernel per product. On a CPU the same reasoning as for BLAS holds for torch's OpenMP
+# threads (they spin between calls; measured on a loaded 2-core machine: a step's two GEMMs at
+# k = 1024, float32, 32 ms on torch's 2 threads, 9.8 ms on one): the scan holds torch at one
+# thread (:meth:`datavalue.embeddings._backend.TorchBackend.scan_threads`) and splits the products
+# by rows of the operator over the pool of :func:`gemm_threads`, like numpy's.
+
+
+def _torch_parts(M: Any) -> list[tuple[int, int]] | None:
+    return _parts(M.shape[0]) if M.device.type == "cpu" else None
+
+
+def _torch_sub_outer(M: Any, X: Any, Y: Any, alpha: float) -> None:
+    """``M += alpha X.T @ Y`` in place (torch ``addmm_``), split by rows of ``M`` on a CPU."""
+    if not X.shape[0]:
+        return
+    parts = _torch_parts(M)
+    if parts is None:
+        M.addmm_(X.T, Y, alpha=alpha)
+        return
+    _map(lambda a, b: M[a:b].addmm_(X[:, a:b].T, Y, alpha=alpha), parts)
+
+
+def _torch_matmul_T(X: Any, M: Any, alpha: float, minus: Any) -> Any:
+    """:func:`matmul_T` on torch: one fused ``addmm`` (``minus`` as the ``beta`` term), split by rows of
+    ``M`` (columns of the output) on a CPU."""
+    n, rows = M.shape[0], X.shape[0]
+    parts = _torch_parts(M)
+    if parts is None:
+        if minus is not None and minus.shape[1] == n:
+            return minus.addmm(X, M.T, beta=-alpha, alpha=alpha)
+        out = X @ M.T
+        if minus is not None:
+            out[:, : minus.shape[1]] -= minus
+        if alpha != 1.0:
+            out *= alpha
+        return out
+    # the transposed output's rows are the parts: each thread writes a contiguous slab
+    outT = M.new_zeros((n, rows))
+    k = 0 if minus is None else minus.shape[1]
+
+    def part(a: int, b: int) -> None:
+        if a < k:
+            c = min(b, k)
+            outT[a:c].copy_(minus[:, a:c].T).mul_(-alpha)
+        outT[a:b].addmm_(M[a:b], X.T, alpha=alpha)
+
+    _map(part, parts)
+    return outT.T

@@ -241,6 +241,7 @@ def _scan(plan: _Plan, lo: int, hi: int, start: list[np.ndarray] | None, **kwarg
     """Run steps ``hi-1 .. lo`` backward (see :func:`_scan_steps`). The scan owns its readers' and
     writer's threads: they are joined when it returns or fails, before anything else runs."""
     with contextlib.ExitStack() as owned:
+        owned.enter_context(get_backend(plan.device).scan_threads())
         return _scan_steps(plan, lo, hi, start, owned=owned, **kwargs)
 
 
@@ -361,7 +362,7 @@ PARALLEL_MIN_WORK = 1 << 21
 def _block_groups(plan: _Plan, lo: int, hi: int) -> list[list[int]] | None:
     """Blocks narrower than ``_gemm.SPLIT_MIN`` (whose GEMMs are never split) shared among the scan's GEMM
     threads, balanced by ``k^2`` (longest first); ``None``: one thread runs every block in turn."""
-    n = _gemm.gemm_thread_count() if plan.device is None else 1  # torch: its own threads
+    n = _gemm.gemm_thread_count() if get_backend(plan.device).splits else 1  # not on a GPU
     narrow = [i for i, (a, b) in enumerate(plan.blocks) if b - a < _gemm.SPLIT_MIN]
     if n <= 1 or len(narrow) < 2 or hi <= lo:
         return None
@@ -720,8 +721,9 @@ def _run_segments(
             # one scan on the driver: BLAS on one thread, wide operators split over all cores
             # (_gemm.gemm_threads, whose pool ends with the scan; narrow ones are never split, measured
             # in _gemm's notes)
-            # (torch runs its own threads: no split pool)
-            split = _gemm.gemm_threads(os.cpu_count() or 1) if plan.device is None else contextlib.nullcontext()
+            # (on a GPU: one kernel per product, no split pool)
+            split = _gemm.gemm_threads(os.cpu_count() or 1) if get_backend(plan.device).splits \
+                else contextlib.nullcontext()
             with one_blas_thread(), split:
                 res = _scan(plan, lo, hi, None, **embed_kw)
             absorb(res)

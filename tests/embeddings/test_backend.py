@@ -131,6 +131,61 @@ def test_param_group_columns_on_torch_equal_numpy(device):
     _close(_np(E_t), E_np)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_row_split_gemms_on_torch_equal_numpy(device, dtype):
+    """Operators at least ``SPLIT_MIN`` wide: inside ``gemm_threads`` the CPU products are split by rows
+    over the pool (torch as numpy); on CUDA they run whole. Both equal numpy's split products."""
+    from datavalue.embeddings import _gemm
+
+    rng = np.random.default_rng(6)
+    k, b = _gemm.SPLIT_MIN + 8, 5
+    xp = get_backend(device)
+    for n in (k, 2 * k):  # minus covering every column, and the first k of 2k
+        M = rng.normal(size=(n, k)).astype(dtype)
+        X = rng.normal(size=(b, k)).astype(dtype)
+        with _gemm.gemm_threads(2), xp.scan_threads():
+            assert _gemm._parts(n) is not None
+            want = _gemm.matmul_T(X, M, alpha=0.3, minus=X)
+            got = _gemm.matmul_T(xp.asarray(X), xp.asarray(M), alpha=0.3, minus=xp.asarray(X))
+            _close(_np(got), want, dtype)
+            Mt = xp.asarray(M)
+            _gemm.sub_outer(M, want[:, :n], X, alpha=-0.7)
+            _gemm.sub_outer(Mt, got[:, :n], xp.asarray(X), alpha=-0.7)
+            _close(_np(Mt), M, dtype)
+
+
+def _wide_run(path, k, b, T, momentum):
+    from datavalue.store import RunWriter, StepBlock
+
+    manifest = {
+        "projection": {"proj_dim": None, "seed": 0, "blocks": [{"name": "b0", "index": 0, "start": 0, "stop": k, "k": k}]},
+        "loss_reduction": "mean",
+        "optimizer": {"kind": "sgd", "dampening": 0.0, "nesterov": False},
+        "curvature": {"fisher": None},
+    }
+    rng = np.random.default_rng(7)
+    w = RunWriter(path, manifest, k=k, chunk_rows=2 * b, storage_dtype="float64", background=False)
+    for t in range(T):
+        w.submit(StepBlock(step=t, sample_id=np.arange(b, dtype=np.int64) + b * t, weight=np.full(b, 1.0 / b),
+                           grads=rng.normal(size=(b, k)) / np.sqrt(k), flags=np.zeros(b, np.uint8), lr=0.5,
+                           grad_scale=float(rng.uniform(0.6, 1.0)), momentum=momentum, weight_decay=0.01))
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_wide_block_build_on_torch_equals_numpy(tmp_path, device):
+    """One operator wider than ``SPLIT_MIN`` (the row-split GEMMs of a sequential CPU build), with momentum."""
+    path = _wide_run(tmp_path / "w.zarr", 520, 6, 7, momentum=0.9)
+    got = {}
+    for dev in (None, device):
+        build_embeddings(path, progress=False, storage_dtype="float64", overwrite=True, device=dev)
+        got[dev] = (_values(path, "empirical_fisher"), _values(path, "empirical_fisher", "v_values"))
+    for a, b in zip(got[device], got[None], strict=True):
+        _close(a, b)
+
+
 # ---------------------------------------------------------------------- whole builds
 
 

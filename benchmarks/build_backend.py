@@ -1,0 +1,190 @@
+"""Build throughput on the numpy and the torch backends (``build_embeddings(..., device=)``).
+
+One synthetic run per block width ``k`` (one recorded block of ``k`` columns, ``b`` rows a step, plain
+SGD, empirical Fisher: ``4 b k^2`` flops a step, two GEMMs), built back to back on each backend,
+interleaved in one process (numpy, torch-cpu, [cuda], numpy, ...) so that a busy machine slows
+them alike; the table gives the median of the repeats in occurrences (rows) per second.
+
+On CUDA it also measures the GPU's matmul roofline with a large torch matmul in the same dtype
+and reports the build's achieved flops as a share of it.
+
+Also printed, to explain a gap between the CPU backends: the two GEMMs of one step timed alone on
+each (numpy through the build's own GEMM layer, ``datavalue.embeddings._gemm``, and torch's
+``addmm``), and the threads each uses.
+
+Run: ``nice -n 10 python benchmarks/build_backend.py [--ks 1024 4096] [--b 64] [--steps 24]
+[--repeats 3] [--dtypes float32 float64] [--out docs/results/build_backend_rows.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def write_run(path: str, k: int, b: int, T: int, seed: int = 0) -> str:
+    from datavalue.store import RunWriter, StepBlock
+
+    manifest = {
+        "projection": {"proj_dim": None, "seed": 0, "blocks": [{"name": "b0", "index": 0, "start": 0, "stop": k, "k": k}]},
+        "loss_reduction": "mean",
+        "optimizer": {"kind": "sgd", "dampening": 0.0, "nesterov": False},
+        "curvature": {"fisher": None},
+    }
+    rng = np.random.default_rng(seed)
+    w = RunWriter(path, manifest, k=k, chunk_rows=4 * b, storage_dtype="float32", background=False)
+    for t in range(T):
+        w.submit(StepBlock(step=t, sample_id=np.arange(b, dtype=np.int64) + b * t, weight=np.full(b, 1.0 / b),
+                           grads=(rng.normal(size=(b, k)) / np.sqrt(k)).astype(np.float32),
+                           flags=np.zeros(b, np.uint8), lr=1e-3, grad_scale=1.0, momentum=0.0, weight_decay=0.0))
+    w.close()
+    return path
+
+
+def build_seconds(path: str, dtype: str, device: str | None) -> float:
+    from datavalue.embeddings import build_embeddings
+
+    t0 = time.perf_counter()
+    build_embeddings(path, "empirical_fisher", dtype=dtype, device=device, overwrite=True, progress=False)
+    return time.perf_counter() - t0
+
+
+def gemm_step_seconds(k: int, b: int, dtype: str, device: str | None, reps: int = 5, *, as_built: bool = True) -> float:
+    """The two GEMMs of one step alone (``E = alpha (G M^T - G)`` and the rank-b update ``M -= E^T G``)
+    through the build's GEMM layer (``_gemm.matmul_T``/``sub_outer``) with the threads the build uses:
+    BLAS / torch held to one thread, the products split by rows over the scan's pool on a CPU. With
+    ``as_built=False`` (torch only): torch's own ``addmm`` on its default intra-op threads, unsplit."""
+    from datavalue._blas import one_blas_thread
+    from datavalue.embeddings import _gemm
+    from datavalue.embeddings._backend import get_backend
+
+    rng = np.random.default_rng(1)
+    M = rng.normal(size=(k, k)).astype(dtype) * 1e-3
+    G = rng.normal(size=(b, k)).astype(dtype)
+    xp = get_backend(device)
+    if not as_built:
+        import torch
+
+        Mt, Gt = torch.as_tensor(M, device=device), torch.as_tensor(G, device=device)
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            E = Gt.addmm(Gt, Mt.T, beta=-0.1, alpha=0.1)
+            Mt.addmm_(E.T, Gt, alpha=1.0)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    M, G = xp.asarray(M), xp.asarray(G)
+    split = _gemm.gemm_threads(os.cpu_count() or 1) if xp.splits else contextlib.nullcontext()
+    with one_blas_thread(), split, xp.scan_threads():
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            E = _gemm.matmul_T(G, M, alpha=0.1, minus=G)
+            _gemm.sub_outer(M, E, G, alpha=-1.0)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync(device: str | None) -> None:
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def roofline_tflops(dtype: str, device: str, n: int = 8192, reps: int = 5) -> float:
+    """The device's matmul rate: a large square torch matmul (``2 n^3`` flops), median of ``reps``."""
+    import torch
+
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    a = torch.randn(n, n, device=device, dtype=dt)
+    bm = torch.randn(n, n, device=device, dtype=dt)
+    a @ bm  # warm up (cuBLAS handles, clocks)
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ bm
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ks", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--b", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows even where a GPU is visible")
+    ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    a = ap.parse_args()
+
+    import torch
+
+    devices: list[str | None] = [None, "cpu"]
+    if torch.cuda.is_available() and not a.no_cuda:
+        devices.append("cuda")
+    name = {None: "numpy", "cpu": "torch-cpu", "cuda": "torch-cuda"}
+    lines = [
+        f"machine: {os.cpu_count()} CPU cores; numpy {np.__version__}, torch {torch.__version__} "
+        f"(torch threads {torch.get_num_threads()}); "
+        + (f"GPU {torch.cuda.get_device_name(0)}" if "cuda" in devices else "no GPU"),
+        f"b = {a.b} rows a step, {a.steps} steps, one block of k columns, plain SGD, empirical Fisher "
+        f"(4 b k^2 flops a step); median of {a.repeats} interleaved repeats",
+        "",
+        "| k | dtype | backend | occurrences/s | vs numpy | build GFLOP/s | one step's two GEMMs alone (ms) | roofline TFLOP/s | share of roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    tmp = tempfile.mkdtemp()
+    try:
+        for k in a.ks:
+            path = write_run(os.path.join(tmp, f"k{k}.zarr"), k, a.b, a.steps)
+            rows = a.b * a.steps
+            flops = 4.0 * a.b * k * k * a.steps
+            for dtype in a.dtypes:
+                for dev in devices:  # warm-up build per backend (imports, cuBLAS handles, page faults)
+                    build_seconds(path, dtype, dev)
+                secs: dict[str | None, list[float]] = {d: [] for d in devices}
+                for _ in range(a.repeats):
+                    for dev in devices:
+                        secs[dev].append(build_seconds(path, dtype, dev))
+                base = rows / statistics.median(secs[None])
+                for dev in devices:
+                    s = statistics.median(secs[dev])
+                    roof = share = ""
+                    if dev == "cuda":
+                        r = roofline_tflops(dtype, "cuda")
+                        roof, share = f"{r:.1f}", f"{flops / s / 1e12 / r:.1%}"
+                    gemm_ms = gemm_step_seconds(k, a.b, dtype, dev) * 1e3
+                    line = (f"| {k} | {dtype} | {name[dev]} | {rows / s:,.0f} | {rows / s / base:.2f}x | "
+                            f"{flops / s / 1e9:.1f} | {gemm_ms:.2f} | {roof} | {share} |")
+                    lines.append(line)
+                    print(line, flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,10 @@
 One synthetic run per block width ``k`` (one recorded block of ``k`` columns, ``b`` rows a step, plain
 SGD, empirical Fisher: ``4 b k^2`` flops a step, two GEMMs), built back to back on each backend,
 interleaved in one process (numpy, torch-cpu, [cuda], numpy, ...) so that a busy machine slows
-them alike; the table gives the median of the repeats in occurrences (rows) per second.
+them alike; the table gives the median of the repeats in occurrences (rows) per second, and the
+median (and range) of the paired ratios: numpy's build time over this backend's in the same repeat,
+and the CPU time (all threads of the process) per occurrence, which a shared machine's contention
+disturbs less than wall time (spinning threads still count).
 
 On CUDA it also measures the GPU's matmul roofline with a large torch matmul in the same dtype
 and reports the build's achieved flops as a share of it.
@@ -54,12 +57,13 @@ def write_run(path: str, k: int, b: int, T: int, seed: int = 0) -> str:
     return path
 
 
-def build_seconds(path: str, dtype: str, device: str | None) -> float:
+def build_seconds(path: str, dtype: str, device: str | None) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, every thread) of one build."""
     from datavalue.embeddings import build_embeddings
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     build_embeddings(path, "empirical_fisher", dtype=dtype, device=device, overwrite=True, progress=False)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def gemm_step_seconds(k: int, b: int, dtype: str, device: str | None, reps: int = 5, *, as_built: bool = True) -> float:
@@ -151,8 +155,9 @@ def main() -> None:
         f"b = {a.b} rows a step, {a.steps} steps, one block of k columns, plain SGD, empirical Fisher "
         f"(4 b k^2 flops a step); median of {a.repeats} interleaved repeats",
         "",
-        "| k | dtype | backend | occurrences/s | vs numpy | build GFLOP/s | one step's two GEMMs alone (ms) | roofline TFLOP/s | share of roofline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| k | dtype | backend | occurrences/s | vs numpy, paired (range) | CPU ms / occurrence | build GFLOP/s | "
+        "one step's two GEMMs alone (ms) | roofline TFLOP/s | share of roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     tmp = tempfile.mkdtemp()
@@ -165,18 +170,26 @@ def main() -> None:
                 for dev in devices:  # warm-up build per backend (imports, cuBLAS handles, page faults)
                     build_seconds(path, dtype, dev)
                 secs: dict[str | None, list[float]] = {d: [] for d in devices}
-                for _ in range(a.repeats):
+                cpu: dict[str | None, list[float]] = {d: [] for d in devices}
+                gemm: dict[str | None, list[float]] = {d: [] for d in devices}
+                for _ in range(a.repeats):  # interleaved: each repeat builds on every backend in turn
                     for dev in devices:
-                        secs[dev].append(build_seconds(path, dtype, dev))
-                base = rows / statistics.median(secs[None])
+                        wall, cpus = build_seconds(path, dtype, dev)
+                        secs[dev].append(wall)
+                        cpu[dev].append(cpus)
+                    for dev in devices:
+                        gemm[dev].append(gemm_step_seconds(k, a.b, dtype, dev, reps=3))
                 for dev in devices:
                     s = statistics.median(secs[dev])
+                    # paired: this backend's speed over numpy's in the same repeat (a busy machine slows both)
+                    ratios = sorted(b0 / b1 for b0, b1 in zip(secs[None], secs[dev], strict=True))
                     roof = share = ""
                     if dev == "cuda":
                         r = roofline_tflops(dtype, "cuda")
                         roof, share = f"{r:.1f}", f"{flops / s / 1e12 / r:.1%}"
-                    gemm_ms = gemm_step_seconds(k, a.b, dtype, dev) * 1e3
-                    line = (f"| {k} | {dtype} | {name[dev]} | {rows / s:,.0f} | {rows / s / base:.2f}x | "
+                    gemm_ms = statistics.median(gemm[dev]) * 1e3
+                    line = (f"| {k} | {dtype} | {name[dev]} | {rows / s:,.0f} | {statistics.median(ratios):.2f}x "
+                            f"({ratios[0]:.2f}-{ratios[-1]:.2f}) | {1e3 * statistics.median(cpu[dev]) / rows:.2f} | "
                             f"{flops / s / 1e9:.1f} | {gemm_ms:.2f} | {roof} | {share} |")
                     lines.append(line)
                     print(line, flush=True)

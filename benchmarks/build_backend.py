@@ -16,13 +16,15 @@ each (numpy through the build's own GEMM layer, ``datavalue.embeddings._gemm``, 
 ``addmm``), and the threads each uses.
 
 Run: ``nice -n 10 python benchmarks/build_backend.py [--ks 1024 4096] [--b 64] [--steps 24]
-[--repeats 3] [--dtypes float32 float64] [--out docs/results/build_backend_rows.md]``
+[--repeats 3] [--dtypes float32 float64] [--out FILE]``; ``--diagnose`` prints only the GEMM
+comparisons (one thread in thread CPU time; torch's own threads against the build's setting).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -131,6 +133,64 @@ def roofline_tflops(dtype: str, device: str, n: int = 8192, reps: int = 5) -> fl
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def thread_cpu_ms(fn, reps: int) -> float:
+    """Median CPU time of this thread for ``fn()`` (ms): unlike wall time, other processes' load on a shared
+    machine does not enter it (one-thread work only)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t0)
+    return statistics.median(times) * 1e3
+
+
+def diagnose(ks: list[int], b: int, dtypes: list[str]) -> list[str]:
+    """Why the CPU backends differ: (1) each of a step's two GEMMs on one thread, numpy's OpenBLAS against
+    torch's MKL, in thread CPU time; (2) a step's two GEMMs on torch's default intra-op threads against the
+    build's setting (torch at one thread, rows split over the scan's pool), in wall time, interleaved."""
+    import torch
+
+    from datavalue._blas import one_blas_thread
+    from datavalue.embeddings import _gemm
+
+    out = ["", "One thread, thread CPU time (ms; GFLOP/s in brackets):", "",
+           "| k | dtype | E = a (G M^T - G): numpy | torch | M -= E^T G: numpy | torch |", "|---|---|---|---|---|---|"]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with one_blas_thread():
+            for k in ks:
+                for dtype in dtypes:
+                    rng = np.random.default_rng(0)
+                    M, G = rng.normal(size=(k, k)).astype(dtype), rng.normal(size=(b, k)).astype(dtype)
+                    Mt, Gt = torch.from_numpy(M.copy()), torch.from_numpy(G.copy())
+                    reps = 9 if k <= 1024 else 3
+                    fl = 2 * b * k * k / 1e6
+                    cells = []
+                    calls = ((_gemm.matmul_T, G, M), (_gemm.matmul_T, Gt, Mt), (_gemm.sub_outer, M, G),
+                             (_gemm.sub_outer, Mt, Gt))
+                    for fn, x, y in calls:
+                        if fn is _gemm.matmul_T:
+                            ms = thread_cpu_ms(functools.partial(fn, x, y, alpha=0.1, minus=x), reps)
+                        else:
+                            ms = thread_cpu_ms(functools.partial(fn, x, y, y, alpha=1e-9), reps)
+                        cells.append(f"{ms:.1f} ({fl / ms:.0f})")
+                    out.append(f"| {k} | {dtype} | " + " | ".join(cells) + " |")
+    finally:
+        torch.set_num_threads(old)
+    out += ["", f"A step's two GEMMs, wall ms, median of 5 interleaved (torch's default: {torch.get_num_threads()} threads):",
+            "", "| k | dtype | numpy as built | torch as built | torch on its own threads, unsplit |", "|---|---|---|---|---|"]
+    for k in ks:
+        for dtype in dtypes:
+            r: list[list[float]] = [[], [], []]
+            for _ in range(5):
+                r[0].append(gemm_step_seconds(k, b, dtype, None, reps=1))
+                r[1].append(gemm_step_seconds(k, b, dtype, "cpu", reps=1))
+                r[2].append(gemm_step_seconds(k, b, dtype, "cpu", reps=1, as_built=False))
+            out.append(f"| {k} | {dtype} | " + " | ".join(f"{statistics.median(x) * 1e3:.1f}" for x in r) + " |")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", type=int, nargs="+", default=[1024, 4096])
@@ -140,7 +200,11 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA rows even where a GPU is visible")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--diagnose", action="store_true", help="only the GEMM comparisons (see diagnose())")
     a = ap.parse_args()
+    if a.diagnose:
+        print("\n".join(diagnose(a.ks, a.b, a.dtypes)))
+        return
 
     import torch
 

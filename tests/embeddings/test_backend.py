@@ -277,6 +277,23 @@ def test_segments_on_worker_processes_with_the_torch_backend(tmp_path):
     _close(_values(path, "empirical_fisher"), want)
 
 
+def test_a_cpu_build_leaves_torchs_threads_as_it_found_them(tmp_path):
+    """The scan holds torch to one intra-op thread (``TorchBackend.scan_threads``) and gives the setting
+    back, also when segments run on the threaded scheduler's workers."""
+    import threading
+
+    path = write_run(tmp_path / "r.zarr", make_steps(1, 9))
+    before = torch.get_num_threads()
+    seen = []
+    for K in (1, 3):
+        build_embeddings(path, progress=False, overwrite=True, device="cpu", segments=K)
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == before
+    assert seen == [before, before]
+
+
 # ---------------------------------------------------------------------- errors and layering
 
 

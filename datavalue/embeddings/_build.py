@@ -354,6 +354,7 @@ def build_embeddings(
     Example:
         >>> info = build_embeddings("runs/x.zarr", "fisher", progress=False)      # doctest: +SKIP
         >>> emb = datavalue.store.open_run("runs/x.zarr").read("embeddings/fisher/values")  # doctest: +SKIP
+        >>> info = build_embeddings("runs/x.zarr", dtype="float32", device="cuda", overwrite=True)  # doctest: +SKIP
     """
     from datavalue.store import create_array, delete_path, open_run
 

@@ -186,8 +186,8 @@ def main() -> None:
     assert ledger.verify() == len(outs)
     stmt = ledger.statement("2025-04-01:2025-05-01")
     reports = {}
-    for ext in ("html", "csv", "json"):
-        dest = out / f"many_statement.{ext}"
+    for ext in ("html", "csv", "json"):  # the JSON (every owner x output, ~2 MB) stays under runs/
+        dest = (work if ext == "json" else out) / f"many_statement.{ext}"
         if dest.exists():
             dest.unlink()
         shapley.write_report(stmt, dest)

@@ -119,6 +119,27 @@ def main() -> None:
         L.append(f"| {r['method']} | {r['lr']:g} | {r['epochs']} | {mv['tau_mean']:.2f} | {100 * mv['top_agree']:.0f}% | "
                  f"{mv['corr']:.2f} | {r['interaction']:.2f} | {r['recorded_vs_gold_max_abs_diff']:.1e} |")
     L.append("\n![grid](copyright_ft.png)\n")
+    diag_p = HERE / "results" / "copyright_ft_diag.json"
+    if diag_p.exists():
+        dg = json.loads(diag_p.read_text())
+        L.append("### The sketch, not the regime: `experiments/copyright_ft/diag.py`\n")
+        L.append(f"Same outputs and exact values as the grid, only the fast path re-run with other sketch sizes "
+                 f"(`PYTHONPATH=. HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python {dg['command']}`, {dg['total_s']:.0f} s):\n")
+        L.append("| method | lr | epochs | trainable params | proj_dim | tau vs exact | top owner | corr | tau vs LOO | "
+                 "fast wall |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        grid = {(r["method"], r["lr"], r["epochs"]): r for r in res["rows"]}
+        items = [(d["method"], d["lr"], d["epochs"], d["proj_dim"], d["vs_exact"], d["vs_loo"], d["wall_s"])
+                 for d in dg["rows"]]
+        for (mth, lr, ep), r in grid.items():
+            if any((mth, lr, ep) == it[:3] for it in items):
+                items.append((mth, lr, ep, res["proj_dim"][mth], r["metrics"]["empirical_fisher"],
+                              r["metrics_vs_loo"]["empirical_fisher"], r["times"]["fast_total_s"]["empirical_fisher"]))
+        for mth, lr, ep, k, me, ml, w in sorted(items, key=lambda x: (x[0], x[1], x[2], x[3] or 10 ** 9)):
+            npar = res["n_params"] if mth == "full" else res["n_lora_params"]
+            L.append(f"| {mth} | {lr:g} | {ep} | {npar:,} | {k if k else 'exact'} | {me['tau_mean']:.2f} | "
+                     f"{100 * me['top_agree']:.0f}% | {me['corr']:.2f} | {ml['tau_mean']:.2f} | {w:.1f} s |")
+        L.append("")
     sp = res.get("split")
     if sp:
         L.append(f"## Splitting attack: {sp['owner']} as {sp['shells']} shells ({sp['method']}, lr {sp['lr']:g}, "
@@ -156,11 +177,18 @@ def main() -> None:
         L.append("| exact Shapley | 2^1000 fine-tunes | - | - |\n")
         L.append("Monte Carlo on the retraining game (mean over the 20 outputs of each owner's value, nats; stderr = "
                  "mean per-output standard error):\n")
-        L.append("| owner | works | chosen as | MC phi | MC stderr | retrain LOO | fast (additive) |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| owner | works | chosen as | MC phi | MC stderr | retrain LOO | fast (additive) | corr(fast, LOO) over "
+                 "outputs | corr(fast, MC phi) |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         for nm, e in many["mc"].items():
+            c1 = np.corrcoef(e["fast"], e["loo"])[0, 1]
+            c2 = np.corrcoef(e["fast"], e["phi_mc"])[0, 1]
             L.append(f"| {nm} | {e['works']} | {e['chosen_as']} | {np.mean(e['phi_mc']):+.4f} | {np.mean(e['stderr']):.4f} "
-                     f"| {np.mean(e['loo']):+.4f} | {np.mean(e['fast']):+.4f} |")
+                     f"| {np.mean(e['loo']):+.4f} | {np.mean(e['fast']):+.4f} | {c1:.2f} | {c2:.2f} |")
+        fa = np.concatenate([e["fast"] for e in many["mc"].values()])
+        lo = np.concatenate([e["loo"] for e in many["mc"].values()])
+        L.append(f"\nPooled over these owners and outputs: corr(fast, retrain LOO) = {np.corrcoef(fa, lo)[0, 1]:.3f}, "
+                 f"slope (least squares through 0) {float(fa @ lo / (fa @ fa)):.2f}.")
         s = many["statement"]
         L.append("")
         L.append(f"Royalty statement of the period (pool = 30% of $1.00 per output, `srs-v1`, share-then-sum, values "

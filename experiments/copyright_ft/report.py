@@ -43,12 +43,12 @@ def plot(res: dict, path: Path) -> None:
     for r, mk, nm in ((best, "o", "best"), (worst, "x", "worst")):
         phi = np.array([o["phi"] for o in r["outputs"]])
         fa = np.array([o["fast"] for o in r["outputs"]])
-        ax[2].scatter(phi.ravel(), fa.ravel() * (np.abs(phi).max() / max(np.abs(fa).max(), 1e-12)), s=12,
-                      marker=mk, label=f"{nm}: {r['method']} lr {r['lr']:g} {r['epochs']} ep (fast rescaled)")
+        ax[2].scatter(phi.ravel() / np.abs(phi).max(), fa.ravel() / max(np.abs(fa).max(), 1e-12), s=12,
+                      marker=mk, label=f"{nm}: {r['method']} lr {r['lr']:g} {r['epochs']} ep")
     ax[2].axhline(0, color="k", lw=0.5)
     ax[2].axvline(0, color="k", lw=0.5)
-    ax[2].set_xlabel("exact Shapley value (nats)")
-    ax[2].set_ylabel("fast path owner value (scaled to the same max)")
+    ax[2].set_xlabel("exact Shapley value / its max |value|")
+    ax[2].set_ylabel("fast path owner value / its max |value|")
     ax[2].legend(fontsize=7)
     ax[2].set_title("owner values per output")
     fig.tight_layout()
@@ -122,7 +122,7 @@ def main() -> None:
     diag_p = HERE / "results" / "copyright_ft_diag.json"
     if diag_p.exists():
         dg = json.loads(diag_p.read_text())
-        L.append("### The sketch, not the regime: `experiments/copyright_ft/diag.py`\n")
+        L.append("### The sketch and the regime, separated: `experiments/copyright_ft/diag.py`\n")
         L.append(f"Same outputs and exact values as the grid, only the fast path re-run with other sketch sizes "
                  f"(`PYTHONPATH=. HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python {dg['command']}`, {dg['total_s']:.0f} s):\n")
         L.append("| method | lr | epochs | trainable params | proj_dim | tau vs exact | top owner | corr | tau vs LOO | "
@@ -195,7 +195,9 @@ def main() -> None:
                  f"from the fast path): {s['owners_paid']} owners paid, total {s['paid_total']} + unallocated "
                  f"{s['unallocated']}, reconciles: {s['reconciles']}. Top owners: " +
                  ", ".join(f"{o} {a}" for o, a in s["top"][:5]) + ". Reports: " +
-                 ", ".join(f"[{k.upper()}](../../{v['path']}) ({v['bytes'] // 1024} KiB)" for k, v in s["reports"].items())
+                 ", ".join((f"[{k.upper()}](../../{v['path']})" if not v["path"].startswith("runs/") else
+                            f"{k.upper()} (`{v['path']}`, not committed)") + f" ({v['bytes'] // 1024} KiB)"
+                           for k, v in s["reports"].items())
                  + f"; ledger and reports took {t['ledger_and_reports_s']:.1f} s.\n")
         L.append("SECTION_MANY\n")
     text = "\n".join(L) + "\n"

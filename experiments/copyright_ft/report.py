@@ -156,6 +156,19 @@ def main() -> None:
         L.append(f"Mean value (nats) of {sp['owner']}: " + ", ".join(f"{k} {v:+.4f}" for k, v in sp["value_target"].items())
                  + ". Other owners' mean shares (" + ", ".join(sp["others"]) + "): " +
                  "; ".join(f"{k} " + "/".join(f"{x:.3f}" for x in v) for k, v in sp["others_share"].items()) + ".\n")
+        sc_p = HERE / "results" / "scratch_split.json"
+        if sc_p.exists():
+            sc = json.loads(sc_p.read_text())
+            L.append(f"The same comparison on the earlier, from-scratch study's attack (its own code and outputs: "
+                     f"`PYTHONPATH=. nice -n 10 .venv/bin/python {sc['command']}`, {sc['total_s']:.0f} s, "
+                     f"{sc['models_trained_now']} models trained; outputs identical to the study's: "
+                     f"{sc['outputs_identical_to_study']}), {sc['owner']} as {sc['shells']} shells:\n")
+            L.append("| rule | fine-tuning regime (above) | from scratch (docs/results/copyright.md) |")
+            L.append("|---|---|---|")
+            for key, v in sp["share"].items():
+                L.append(f"| {key} | {v:.3f} | {sc['share'][key]:.3f} |")
+            L.append("\nMean value (nats) of the split owner from scratch: " +
+                     ", ".join(f"{k} {v:+.3f}" for k, v in sc["value_target"].items()) + ".\n")
         L.append("SECTION_SPLIT\n")
     if many:
         t = many["times"]

@@ -19,9 +19,10 @@ Closed form without the ``n`` individual values: with ``w(k) = k!(n-k-1)!/n!``, 
 
 so one weight vector per group depends only on ``(t, a)`` (the structure the paper's fast
 estimator samples over). ``fgsv_from_utilities`` applies it to the ``2**n`` utilities;
-``fgsv_exact`` evaluates a game through the coalition cache first. For large ``n`` use
-``permutation(...)`` and sum the group's values (the sums of an efficient estimator are
-efficient), or an additive game, where ``FGSV(G)`` is the group's summed attribution.
+``fgsv_exact`` evaluates a game through the coalition cache first. For large ``n`` sum the
+group's values from ``permutation(...)`` (unbiased and efficient; its per-player standard errors
+do not add up to the group's, which needs their covariance), or use an additive game, where
+``FGSV(G)`` is the group's summed attribution.
 
 To extend: a sampling estimator over the ``(t, a)`` strata would subclass
 ``_base.MonteCarloEstimator`` (one unit = one coalition drawn within a stratum).

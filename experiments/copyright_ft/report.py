@@ -119,6 +119,23 @@ def main() -> None:
         L.append(f"| {r['method']} | {r['lr']:g} | {r['epochs']} | {mv['tau_mean']:.2f} | {100 * mv['top_agree']:.0f}% | "
                  f"{mv['corr']:.2f} | {r['interaction']:.2f} | {r['recorded_vs_gold_max_abs_diff']:.1e} |")
     L.append("\n![grid](copyright_ft.png)\n")
+    for r in res["rows"]:
+        if (r["method"], r["lr"], r["epochs"]) != ("lora", 1e-3, 1):
+            continue
+        owners = res["owners"]
+        mm = r["metrics"]["empirical_fisher"]
+        L.append("### Per output: LoRA, lr 0.001, 1 epoch (fast path = embeddings, empirical Fisher)\n")
+        L.append("| id | prompt owner | prompt + generated | exact top | fast top | tau | share L1 | phi of exact top |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for i, o in enumerate(r["outputs"]):
+            phi, fa = np.array(o["phi"]), np.array(o["fast"])
+            pe = np.clip(phi, 0, None) / max(np.clip(phi, 0, None).sum(), 1e-300)
+            pf = np.clip(fa, 0, None) / max(np.clip(fa, 0, None).sum(), 1e-300)
+            txt = (o["prompt"] + "\u2502" + o["text"]).replace("|", "/")
+            L.append(f"| {o['id']} | {o['prompt_owner']} | `{txt}` | {owners[int(phi.argmax())]} | "
+                     f"{owners[int(fa.argmax())]} | {mm['tau_per_output'][i]:.2f} | {np.abs(pe - pf).sum():.2f} | "
+                     f"{phi.max():+.3f} |")
+        L.append("\n(`\u2502` separates the prompt from the generated continuation.)\n")
     diag_p = HERE / "results" / "copyright_ft_diag.json"
     if diag_p.exists():
         dg = json.loads(diag_p.read_text())

@@ -10,7 +10,7 @@ with probability ~ 1/(rank+1) (a few owners hold several works). The same pretra
   1,000 owners: each owner's value in the additive game (= its FGSV in the first-order game: the
   sum of its works' values, whatever the grouping). Cost per owner.
 * Retraining game, Monte Carlo where affordable: for a few owners (the three with the largest summed
-  positive fast value, and two at random) the unbiased size-stratified estimator
+  positive fast value, and ``--mc-owners`` - 3 at random: one by default) the unbiased size-stratified estimator
   ``phi_i = E_{k ~ U{0..n-1}} E_{S ~ U(k-subsets of N minus i)} [v(S + i) - v(S)]`` with ``--samples``
   draws each (2 fine-tunes per draw; every fine-tune scores all outputs), its standard error, and
   retraining leave-one-owner-out for the same owners.
@@ -50,8 +50,8 @@ def main() -> None:
     ap.add_argument("--method", default="lora", choices=("full", "lora"))
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--samples", type=int, default=8, help="Monte Carlo draws per owner (2 fine-tunes each)")
-    ap.add_argument("--mc-owners", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=6, help="Monte Carlo draws per owner (2 fine-tunes each)")
+    ap.add_argument("--mc-owners", type=int, default=4)
     ap.add_argument("--out", default=str(C.HERE / "results"))
     args = ap.parse_args()
     if args.method == "lora" and not C.have_peft():

@@ -67,6 +67,21 @@ def main() -> None:
              "2-core machine shared with four other jobs (load average 6-10 during the run)"
              f"{'' if res['pretrain_s'] else ' (base model from the on-disk cache)'}. "
              "Report: `.venv/bin/python experiments/copyright_ft/report.py`.\n")
+    cmds = [(f"the grid + the splitting attack (incl. pretraining the base once, {res['pretrain_s']:.0f} s)",
+             res["command"], res["total_s"])]
+    for name, key in (("copyright_ft_diag.json", "total_s"), ("many.json", None), ("scratch_split.json", "total_s")):
+        p = HERE / "results" / name
+        if p.exists():
+            d = json.loads(p.read_text())
+            t = d["times"]["total_s"] if key is None else d[key]
+            what = {"copyright_ft_diag.json": "fast path at other sketch sizes", "many.json": "1,000 owners",
+                    "scratch_split.json": "FGSV vs Owen on the from-scratch attack"}[name]
+            cmds.append((what, d["command"].strip(), t))
+    L.append("| what | command (`PYTHONPATH=. HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python ...`) | wall |")
+    L.append("|---|---|---|")
+    for what, c, t in cmds:
+        L.append(f"| {what} | `{c}` | {t:.0f} s |")
+    L.append("")
     L.append("SECTION_READING\n")
     L.append("## Setup\n")
     L.append(f"* Model: GPT-2 architecture from a `transformers` config (no download), d={res['model']['d']}, "

@@ -22,7 +22,7 @@ Layout (every public name is re-exported here; the subpackages are for reading t
 
 * ``games/``: closed-form games, the cached :class:`Utility`, :class:`CoalitionGame`.
 * ``estimators/``: exact enumeration, the Monte Carlo estimators (one shared batch loop),
-  stopping rules, :class:`ShapleyResult`.
+  Owen, group and faithful group (FGSV) values, stopping rules, :class:`ShapleyResult`.
 * ``royalties/``: policies and the exact-cent split, the ledger, statements, owners, reports.
 * ``_errors`` (one exception tree) and ``_validation`` (the ``parse_*`` boundary checks) serve all
   three. Dependencies point one way: games <- estimators <- royalties.
@@ -59,6 +59,9 @@ from datavalue.shapley.estimators import exact as exact
 from datavalue.shapley.estimators import exact_banzhaf as exact_banzhaf
 from datavalue.shapley.estimators import exact_from_utilities as exact_from_utilities
 from datavalue.shapley.estimators import exact_weights as exact_weights
+from datavalue.shapley.estimators import fgsv_exact as fgsv_exact
+from datavalue.shapley.estimators import fgsv_from_utilities as fgsv_from_utilities
+from datavalue.shapley.estimators import fgsv_weights as fgsv_weights
 from datavalue.shapley.estimators import group_shapley as group_shapley
 from datavalue.shapley.estimators import kernel_shap as kernel_shap
 from datavalue.shapley.estimators import owen_exact as owen_exact
@@ -133,6 +136,9 @@ __all__ = [
     "exact_from_utilities",
     "exact_sum",
     "exact_weights",
+    "fgsv_exact",
+    "fgsv_from_utilities",
+    "fgsv_weights",
     "games",
     "get_policy",
     "group_shapley",

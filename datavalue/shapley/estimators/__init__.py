@@ -11,7 +11,8 @@ Every estimator takes a utility (``v(frozenset) -> float``, a game, a :class:`Ut
   the streaming mean and variance behind every standard error (internal: not exported).
 * ``_permutation`` (antithetic permutation sampling), ``_stratified`` (size strata, Neyman
   allocation), ``_kernel`` (KernelSHAP, paired), ``_banzhaf`` (maximum sample reuse),
-  ``_owen`` (Owen values, exact and sampled, and group Shapley values).
+  ``_owen`` (Owen values, exact and sampled, and group Shapley values), ``_fgsv`` (the faithful
+  group Shapley value: a group's summed work-level Shapley values, split-proof without a registry).
 * ``_stopping``: composable stopping rules (``StderrBelow(1e-3) | MaxTime(60)``);
   ``_result``: :class:`ShapleyResult`.
 
@@ -25,6 +26,9 @@ from datavalue.shapley.estimators._exact import exact as exact
 from datavalue.shapley.estimators._exact import exact_banzhaf as exact_banzhaf
 from datavalue.shapley.estimators._exact import exact_from_utilities as exact_from_utilities
 from datavalue.shapley.estimators._exact import exact_weights as exact_weights
+from datavalue.shapley.estimators._fgsv import fgsv_exact as fgsv_exact
+from datavalue.shapley.estimators._fgsv import fgsv_from_utilities as fgsv_from_utilities
+from datavalue.shapley.estimators._fgsv import fgsv_weights as fgsv_weights
 from datavalue.shapley.estimators._kernel import kernel_shap as kernel_shap
 from datavalue.shapley.estimators._owen import group_shapley as group_shapley
 from datavalue.shapley.estimators._owen import owen_exact as owen_exact
@@ -53,6 +57,9 @@ __all__ = [
     "exact_banzhaf",
     "exact_from_utilities",
     "exact_weights",
+    "fgsv_exact",
+    "fgsv_from_utilities",
+    "fgsv_weights",
     "group_shapley",
     "kernel_shap",
     "owen_exact",

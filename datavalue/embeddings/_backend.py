@@ -32,6 +32,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -220,21 +221,35 @@ class TorchBackend(Backend):
 
     @contextlib.contextmanager
     def scan_threads(self) -> Iterator[None]:
-        """On a CPU, torch's intra-op threads held to one on this thread for the scan (they spin between
-        calls like BLAS's; the scan splits its GEMMs over its own pool instead, see ``_gemm``), restored
-        after. Threads started inside (the GEMM pool's) inherit the setting. A no-op on CUDA."""
+        """On a CPU, torch's intra-op threads held to one for the scan (they spin between calls like
+        BLAS's; the scan splits its GEMMs over its own pool instead, see ``_gemm``). A no-op on CUDA.
+
+        ``torch.set_num_threads`` is part per thread, part process-wide, and segments run scans on
+        several threads at once: the first scan to enter records the setting, every scan sets one
+        thread for its own thread, and the last to leave puts the recorded setting back (all under one
+        lock, so the restore comes after every other scan's change)."""
         if self._dev.type != "cpu":
             yield
             return
-        old = self.torch.get_num_threads()
-        self.torch.set_num_threads(1)
+        torch = self.torch
+        with _THREADS_LOCK:
+            if _THREADS["depth"] == 0:
+                _THREADS["old"] = torch.get_num_threads()
+            _THREADS["depth"] += 1
+            torch.set_num_threads(1)
         try:
             yield
         finally:
-            self.torch.set_num_threads(old)
+            with _THREADS_LOCK:
+                _THREADS["depth"] -= 1
+                if _THREADS["depth"] == 0:
+                    torch.set_num_threads(_THREADS["old"])
 
 
 _NUMPY = NumpyBackend()
+# scans holding torch's CPU threads at one (TorchBackend.scan_threads): how many, and the setting before the first
+_THREADS_LOCK = threading.Lock()
+_THREADS: dict[str, int] = {"depth": 0, "old": 1}
 
 
 def _is_torch(x: Any) -> bool:

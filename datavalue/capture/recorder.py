@@ -587,9 +587,12 @@ class Recorder:
         self.engine.detach()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
-        self._sink.close()
-        if self._sqrt_d is not None and self._dist.rank == 0:
-            self._write_sqrt_d()
+        try:  # sqrt(D) is written while the run's writer lock is still held (released by the sink's close)
+            if self._sqrt_d is not None and self._dist.rank == 0:
+                self._sink.flush()
+                self._write_sqrt_d()
+        finally:
+            self._sink.close()
 
     def _write_sqrt_d(self) -> None:
         """The last step's ``sqrt(D)`` (exact capture layout), with which queries whiten test gradients."""

@@ -584,7 +584,7 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
     tmp = dst.with_name(dst.name + ".partial")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for f in sorted(src.rglob("*")):
-            if f.is_file() and not f.name.endswith(".partial"):
+            if f.is_file() and not f.name.endswith(".partial") and f.name != "writer.lock":  # no lock in an archive
                 zf.write(f, f.relative_to(src).as_posix())
     os.replace(tmp, dst)
     return dst

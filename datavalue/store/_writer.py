@@ -10,6 +10,7 @@ there surface on the next :meth:`RunWriter.submit` or on :meth:`RunWriter.close`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import crc32c
 import numpy as np
 import zarr
 
+from datavalue._lock import LockFile
 from datavalue.errors import (
     RecorderStateError,
     StoreExistsError,
@@ -31,7 +33,9 @@ from datavalue.errors import (
     StoreNotFoundError,
 )
 from datavalue.store._reader import check_inside_run, check_manifest, read_commit
+from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock
 from datavalue.store._schema import (
+    FINAL_RUN,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     OPTIONAL_STEP_ARRAYS,
@@ -205,21 +209,8 @@ class RunWriter:
         self.chunk_rows = int(chunk_rows)
         if mode not in ("create", "overwrite", "resume"):
             raise ValueError(f"mode must be 'create', 'overwrite' or 'resume', got {mode!r}")
-        exists = self.path.exists() and any(self.path.iterdir()) if self.path.is_dir() else self.path.exists()
-        if mode == "create" and exists:
-            raise StoreExistsError(
-                f"{self.path} already exists. Pass resume=True to continue that run after its last "
-                "committed step, or overwrite=True to replace it."
-            )
-        if mode == "resume" and not exists:
-            raise StoreNotFoundError(f"resume=True but there is no run at {self.path}; drop resume=True to start one.")
-        if mode == "resume":
-            self._open_existing(manifest)
-        else:
-            if exists:
-                refuse_unless_run(self.path)  # never a user's file, directory, symlink or foreign zarr store
-                shutil.rmtree(self.path)
-            self._create(manifest, chunk_rows, storage_dtype, fisher)
+        self._locks: list[LockFile] = []
+        self._lock_and_prepare(mode, manifest, chunk_rows, storage_dtype, fisher)
         self.manifest = manifest if mode != "resume" else self.manifest
         self._tails: dict[str, _AppendArray] = {}
         self._has_fisher: bool | None = None
@@ -234,8 +225,69 @@ class RunWriter:
             self._thread.start()
 
     # ------------------------------------------------------------------ set-up
+    def _exists(self) -> bool:
+        """Whether ``path`` holds anything besides a writer lock (one killed before it wrote leaves only that)."""
+        return not only_the_lock(self.path) if self.path.is_dir() else self.path.exists() or self.path.is_symlink()
+
+    def _lock_and_prepare(self, mode: str, manifest: dict[str, Any], chunk_rows: int, storage_dtype: str,
+                          fisher: bool) -> None:
+        """Take the run's writer lock (and its parent's for a child run), then create, replace or
+        open the run: every check that matters is made again under the lock."""
+        exists = self._exists()
+        if exists and self.path.is_dir():
+            refuse_if_locked(self.path, "a recorder")  # a live writer: say so, whatever else is wrong
+        if mode == "create" and exists:
+            raise StoreExistsError(
+                f"{self.path} already exists. Pass resume=True to continue that run after its last "
+                "committed step, or overwrite=True to replace it."
+            )
+        if mode == "resume" and not exists:
+            raise StoreNotFoundError(f"resume=True but there is no run at {self.path}; drop resume=True to start one.")
+        if exists:
+            (self._check_resumable if mode == "resume" else refuse_unless_run)(self.path)
+        made = not self.path.exists()
+        try:
+            if self.path.name == FINAL_RUN and _is_run(self.path.parent):  # a child run: the parent is written too
+                self._locks.append(run_lock(self.path.parent, f"a recorder writing {FINAL_RUN}/"))
+                self._locks[-1].acquire()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._locks.append(run_lock(self.path, "a recorder"))
+            self._locks[-1].acquire()
+            if mode == "resume":
+                self._open_existing(manifest)
+                return
+            if mode == "create" and self._exists():  # created by a writer that came and went meanwhile
+                raise StoreExistsError(f"{self.path} was created by another writer meanwhile; pass resume=True to continue it.")
+            if self._exists():
+                refuse_unless_run(self.path)  # never a user's file, directory, symlink or foreign zarr store
+                for entry in self.path.iterdir():  # everything but the lock we hold
+                    if entry.name == LOCK_FILE:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            self._create(manifest, chunk_rows, storage_dtype, fisher)
+        except BaseException:
+            self._release()
+            if made and only_the_lock(self.path):
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            raise
+
+    @staticmethod
+    def _check_resumable(path: Path) -> None:
+        found = _what_is(path)
+        if found != "run":
+            raise StoreNotFoundError(f"resume=True but {path} is {found}, not a datavalue run; check the path.")
+
+    def _release(self) -> None:
+        """Release the writer lock(s), the run's own first."""
+        while self._locks:
+            self._locks.pop().release()
+
     def _create(self, manifest: dict[str, Any], chunk_rows: int, storage_dtype: str, fisher: bool) -> None:
-        g = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        g = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # "a": the directory holds our writer lock
         # one zarr.json write: the manifest and the digest binding its capture settings to the data
         g.attrs.update({MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest)})
         # every chunk is written, even one equal to the fill value: no per-chunk comparison
@@ -263,9 +315,7 @@ class RunWriter:
         self.steps = self.rows = self.fisher_rows = self.generation = 0
 
     def _open_existing(self, manifest: dict[str, Any]) -> None:
-        found = _what_is(self.path)
-        if found != "run":
-            raise StoreNotFoundError(f"resume=True but {self.path} is {found}, not a datavalue run; check the path.")
+        self._check_resumable(self.path)
         for member in sorted(self.path.iterdir()):  # the arrays resuming appends to: never through a link out
             check_inside_run(self.path, member.name)
         g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
@@ -446,10 +496,13 @@ class RunWriter:
         if self._closed:
             return
         self._closed = True
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
-        self._raise_pending()
+        try:
+            if self._queue is not None and self._thread is not None:
+                self._queue.put(_STOP)
+                self._thread.join()
+            self._raise_pending()
+        finally:
+            self._release()
 
     def __enter__(self) -> RunWriter:
         return self

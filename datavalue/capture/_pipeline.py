@@ -192,6 +192,7 @@ class StepSink:
         on_nonfinite: ``"raise"`` (nothing is written for a step with a non-finite row) or
             ``"skip"`` (such rows are stored as zeros and flagged).
         dist: the ``torch.distributed`` view (default: one process).
+        commit_every: the writer's durability bound in steps (:class:`~datavalue.store.RunWriter`).
     """
 
     def __init__(
@@ -207,6 +208,7 @@ class StepSink:
         background: bool = True,
         on_nonfinite: str = "raise",
         dist: DistInfo | None = None,
+        commit_every: int = 16,
     ) -> None:
         if on_nonfinite not in ("raise", "skip"):
             raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
@@ -218,7 +220,8 @@ class StepSink:
         if self.dist.rank == 0:
             try:
                 self.writer = RunWriter(path, dict(manifest), k=self.k, mode=mode, chunk_rows=chunk_rows,
-                                        storage_dtype=storage_dtype, fisher=self.fisher, background=background)
+                                        storage_dtype=storage_dtype, fisher=self.fisher, background=background,
+                                        commit_every=commit_every)
             except Exception:
                 self.dist.broadcast_int(-1)
                 raise

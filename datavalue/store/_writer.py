@@ -183,6 +183,11 @@ class RunWriter:
         max_queue: steps that may wait in the queue before ``submit`` blocks.
         commit_interval: seconds a step may wait in the writer's buffer before it is committed
             (a chunk's worth of rows, ``flush`` and ``close`` commit at once).
+        commit_every: at most this many submitted steps are ever uncommitted: the background
+            writer commits every ``commit_every // 2`` steps (and on a full chunk, on the
+            ``commit_interval`` timer, on ``flush``), and :meth:`submit` waits while
+            ``commit_every`` steps are still uncommitted. A ``kill -9`` after ``K`` submitted steps
+            therefore leaves at least ``K - commit_every`` committed (``docs/capture.md``).
     """
 
     def __init__(
@@ -198,9 +203,13 @@ class RunWriter:
         background: bool = True,
         max_queue: int = 64,
         commit_interval: float = 10.0,
+        commit_every: int = 16,
     ) -> None:
         self.path = Path(path)
         self.commit_interval = float(commit_interval)
+        if isinstance(commit_every, bool) or not isinstance(commit_every, (int, np.integer)) or commit_every < 1:
+            raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}.")
+        self.commit_every = int(commit_every)
         self.k = int(k)
         manifest = dict(manifest, schema_version=SCHEMA_VERSION, storage_dtype=storage_dtype)
         if chunk_rows is None:
@@ -217,6 +226,8 @@ class RunWriter:
         self._error: BaseException | None = None
         self._optional: set[str] | None = None  # optional per-step arrays present (see _optional_step_arrays)
         self._closed = False
+        self._submitted = self.steps  # steps handed to submit (committed: self.steps)
+        self._committed = threading.Condition()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -352,8 +363,13 @@ class RunWriter:
         self._raise_pending()
         if self._queue is None:
             self._write([block])
-        else:
-            self._queue.put(block)
+            return
+        with self._committed:  # the durability bound: never more than commit_every steps uncommitted
+            while self._submitted - self.steps >= self.commit_every and self._error is None:
+                self._committed.wait(1.0)
+        self._raise_pending()
+        self._submitted += 1
+        self._queue.put(block)
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -363,10 +379,11 @@ class RunWriter:
     def _worker(self) -> None:
         """Coalesce steps and write them in chunk-sized pieces.
 
-        A partial chunk costs a read-modify-write of the whole chunk, so steps are buffered until a
-        chunk's worth of rows is pending, ``commit_interval`` seconds have passed since the oldest
-        pending step, or a flush/close asks for it. A crash loses at most that window; everything
-        committed before it stays readable.
+        A partial chunk costs a rewrite of the whole tail chunk, so steps are buffered until a
+        chunk's worth of rows is pending, ``commit_every // 2`` steps are, ``commit_interval``
+        seconds have passed since the oldest pending step, or a flush/close asks for it. A crash
+        loses at most that window (:meth:`submit` keeps it under ``commit_every`` steps);
+        everything committed before it stays readable.
         """
         assert self._queue is not None
         pending: list[StepBlock] = []
@@ -384,13 +401,16 @@ class RunWriter:
                     oldest = time.monotonic()
                 pending.append(item)
                 rows += item.n_rows
-            if pending and (force or rows >= self.chunk_rows) and self._error is None:
+            due = rows >= self.chunk_rows or len(pending) >= max(1, self.commit_every // 2)
+            if pending and (force or due) and self._error is None:
                 try:
                     self._write(pending)
                 except BaseException as exc:  # surfaced to the training thread
                     logger.exception("datavalue writer failed")
                     self._error = exc
                 pending, rows = [], 0
+                with self._committed:
+                    self._committed.notify_all()
             if item is not _FLUSH_TIMER:
                 self._queue.task_done()
             if item is _STOP:

@@ -78,6 +78,9 @@ def parse_sample_ids(sample_ids: Any) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
         raise RecorderError(f"sample_ids must be integers, got dtype {arr.dtype}; map your keys to int ids first.")
     arr = arr.astype(np.int64)
+    if (arr == np.iinfo(np.int64).min).any():  # the store's marker of rows not written yet
+        raise RecorderError("sample id -2**63 is reserved (the store marks unwritten rows with it); map your keys to "
+                            "other int ids.")
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
         raise RecorderError(

@@ -38,6 +38,7 @@ from datavalue.store._schema import (
     FINAL_RUN,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
+    MARKED_ARRAYS,
     OPTIONAL_STEP_ARRAYS,
     ROW_ARRAYS,
     SCHEMA_VERSION,
@@ -48,6 +49,7 @@ from datavalue.store._schema import (
     float_codecs,
     manifest_digest,
     small_codecs,
+    unwritten_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -119,11 +121,11 @@ def _write_chunk(path: Path, chunk: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def write_chunk(directory: Path, i: int, piece: np.ndarray, chunk_rows: int) -> None:
+def write_chunk(directory: Path, i: int, piece: np.ndarray, chunk_rows: int, *, pad: Any = 0) -> None:
     """Write rows ``piece`` as chunk ``i`` (one chunk across all other axes) of the array stored in
-    ``directory``, zero-padded to ``chunk_rows`` rows: zarr stores edge chunks whole."""
+    ``directory``, padded with ``pad`` to ``chunk_rows`` rows: zarr stores edge chunks whole."""
     if piece.shape[0] < chunk_rows:
-        full = np.zeros((chunk_rows, *piece.shape[1:]), dtype=piece.dtype)
+        full = np.full((chunk_rows, *piece.shape[1:]), pad, dtype=piece.dtype)
         full[: piece.shape[0]] = piece
         piece = full
     _write_chunk(directory.joinpath("c", str(i), *(["0"] * (piece.ndim - 1))), piece)
@@ -140,6 +142,8 @@ class _AppendArray:
             raise ValueError(f"{root.name}: the writer needs one chunk across the columns, got chunks {arr.chunks} for shape {arr.shape}")
         start = (self.length // self.rows_per_chunk) * self.rows_per_chunk
         self.tail = np.asarray(arr[start : self.length]) if self.length > start else np.zeros((0, *arr.shape[1:]), arr.dtype)
+        # rows not written yet carry a marker, so that an older copy of a chunk is told from data
+        self.pad = unwritten_value(arr.dtype) if root.name in MARKED_ARRAYS else 0
 
     def append(self, data: np.ndarray) -> None:
         if len(data) == 0:
@@ -152,7 +156,7 @@ class _AppendArray:
         buf = np.concatenate([self.tail, data]) if len(self.tail) else data
         n_chunks = -(-len(buf) // C)
         for i in range(n_chunks):
-            write_chunk(self.root, first + i, buf[i * C : (i + 1) * C], C)
+            write_chunk(self.root, first + i, buf[i * C : (i + 1) * C], C, pad=self.pad)
         rem = new_len % C
         self.tail = buf[len(buf) - rem :].copy() if rem else buf[:0].copy()
         self.length = new_len

@@ -269,7 +269,7 @@ def test_processes_racing_to_take_over_one_stale_lock_leave_one_winner(tmp_path)
         try:
             time.sleep(1.0)  # let them all start and spin on the go file (no assertion depends on it)
             go.touch()
-            _wait_for(lambda: all(o.exists() and o.read_text() for o in outs), "every racer's verdict")
+            _wait_for(lambda outs=outs: all(o.exists() and o.read_text() for o in outs), "every racer's verdict")
             verdicts = [o.read_text() for o in outs]
             assert sum(v == "won" for v in verdicts) == 1, verdicts
             assert all(v == "won" or " is locked by racer in pid " in v for v in verdicts), [v[:200] for v in verdicts]

@@ -80,11 +80,12 @@ def test_an_older_tail_chunk_copied_into_the_run_is_refused(tmp_path, name):
             Attributor(path, model, kind="tracin", progress=False)
 
 
-def test_an_older_step_ptr_chunk_is_refused(tmp_path):
+@pytest.mark.parametrize(("name", "entry"), [("step_ptr", 4), ("lr", 3), ("epoch", 3)])
+def test_an_older_per_step_chunk_is_refused(tmp_path, name, entry):
     path, snap, _ = _record_with_an_old_copy(tmp_path)
-    shutil.copyfile(_chunk(snap, "step_ptr", 0), _chunk(path, "step_ptr", 0))
-    with pytest.raises(StoreCorruptError, match="step_ptr/c/0 is older than the run's commit: entry 4"):
-        open_run(path).step_ptr  # noqa: B018
+    shutil.copyfile(_chunk(snap, name, 0), _chunk(path, name, 0))
+    with pytest.raises(StoreCorruptError, match=f"{name}/c/0 is older than the run's commit: entry {entry}"):
+        getattr(open_run(path), name)
 
 
 def test_the_unwritten_rows_of_a_live_tail_chunk_hold_the_marker(tmp_path):

@@ -4,7 +4,7 @@ Three kinds of trial, ``--trials`` of each, every outcome checked against a refe
 without interruption (the deterministic steps of ``tests/store/_crash_writer.py``: step ``t`` has
 4 rows, a pure function of ``t``):
 
-* **kill**: a recording process (``RunWriter``, default ``commit_every=16``, the 10 s timer) is
+* **kill**: a recording process (``RunWriter``, default ``commit_every=32``, the 10 s timer) is
   killed with SIGKILL at a random moment; the run must open, its committed steps must equal the
   reference's first steps bit for bit, at least ``submitted - commit_every`` of them must be
   committed, and ``resume=True`` (taking over the dead writer's lock) must finish a run equal to
@@ -18,7 +18,8 @@ without interruption (the deterministic steps of ``tests/store/_crash_writer.py`
   mid-recording); reading every array through the public accessors must raise
   ``StoreCorruptError``: never a silent read of different values.
 
-Run: ``nice -n 10 python benchmarks/reliability_trials.py --trials 20`` (docs/results/reliability.md).
+Run: ``nice -n 10 python benchmarks/reliability_trials.py --trials 20`` (docs/results/reliability.md);
+``--only cost`` times recording with several ``commit_every`` instead.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def kill_trial(d: Path, i: int, rng: np.random.Generator, ref: tuple[np.ndarray,
         res["committed"] = n
         res["intact"] = bool(np.array_equal(run.grads.compute(), ref[0][: run.n_rows])
                              and np.array_equal(run.sample_id, ref[1][: run.n_rows]))
-        res["bound"] = n >= submitted - 16
+        res["bound"] = n >= submitted - 32  # the default commit_every
         mode = "resume"
     w = RunWriter(path, MANIFEST, k=K, mode=mode, chunk_rows=64)  # takes the dead writer's lock over
     for t in range(w.steps, N_STEPS):
@@ -236,14 +237,60 @@ def damage_trial(d: Path, i: int, rng: np.random.Generator, base: Path, snap: Pa
     return res
 
 
+def commit_cost(reps: int, steps: int, proj_dim: int, batch: int, everies: list[int]) -> dict:
+    """Milliseconds per recorded step for several ``commit_every`` (interleaved, median of ``reps``):
+    an MLP 784-256-10 on random data. Rows per chunk are about 4 MiB / (4 proj_dim) (4,096 at
+    ``proj_dim=256``): with a small batch a chunk takes many steps to fill, and every commit before
+    that rewrites the whole growing tail chunk, the worst case for a small ``commit_every``."""
+    import torch
+    import torch.nn.functional as F
+
+    import datavalue
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    settings = {str(e): e for e in everies}
+    settings["off (10 s / full chunk only)"] = 10**9
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(reps):
+            for name, every in settings.items():
+                torch.manual_seed(0)
+                model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+                opt = torch.optim.SGD(model.parameters(), lr=0.01)
+                path = Path(tmp) / f"c{rep}-{every}.zarr"
+                with datavalue.Recorder(path, model, proj_dim=proj_dim, optimizer=opt, commit_every=every) as rec:
+                    t0 = time.perf_counter()
+                    for t in range(steps):
+                        with rec.step(sample_ids=range(batch * t, batch * t + batch)):
+                            F.cross_entropy(model(x), y).backward()
+                        opt.step()
+                        opt.zero_grad()
+                    rec.flush()
+                    times[name].append((time.perf_counter() - t0) / steps)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    off = med["off (10 s / full chunk only)"]
+    return {k: {"ms_per_step": round(1e3 * v, 3), "vs_off": round(v / off, 3)} for k, v in med.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=20, help="trials of each kind")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=("kill", "race", "damage"), default=None)
+    ap.add_argument("--only", choices=("kill", "race", "damage", "cost"), default=None)
+    ap.add_argument("--cost-steps", type=int, default=400, help="steps per timing of --only cost")
+    ap.add_argument("--cost-reps", type=int, default=3)
+    ap.add_argument("--cost-proj-dim", type=int, default=256)
+    ap.add_argument("--cost-batch", type=int, default=32)
+    ap.add_argument("--cost-every", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     summary: dict[str, dict] = {}
+    if args.only == "cost":  # not part of the default run: it times, the others count
+        print(json.dumps(commit_cost(args.cost_reps, args.cost_steps, args.cost_proj_dim, args.cost_batch,
+                                     args.cost_every), indent=1))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         ref = _reference(d)

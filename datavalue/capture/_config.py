@@ -110,7 +110,7 @@ class CaptureConfig:
     record_optimizer_state: bool | None = field(default=None, metadata={
         "help": "store Adam/AdamW moments each step (default: whenever the optimizer is Adam/AdamW)"})
     chunk_rows: int | None = field(default=None, metadata={"help": "rows per Zarr chunk (default: about 4 MiB)"})
-    commit_every: int = field(default=16, metadata={
+    commit_every: int = field(default=32, metadata={
         "help": "commit at least every this many steps (plus every 10 s and on each full chunk): a kill -9 "
                 "loses at most the last commit_every steps; 1 commits every step"})
     precondition: str = field(default="none", metadata={

@@ -211,7 +211,7 @@ class StepSink:
         background: bool = True,
         on_nonfinite: str = "raise",
         dist: DistInfo | None = None,
-        commit_every: int = 16,
+        commit_every: int = 32,
     ) -> None:
         if on_nonfinite not in ("raise", "skip"):
             raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")

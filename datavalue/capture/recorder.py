@@ -89,7 +89,7 @@ class Recorder:
             ``fisher_samples`` labels per example and position (sequence outputs: the Fisher of the
             example's mean loss over its positions; pass ``fisher_mask=`` to count only labelled ones).
         chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
-        commit_every: durability bound in steps (default 16): a ``kill -9`` loses at most the last
+        commit_every: durability bound in steps (default 32): a ``kill -9`` loses at most the last
             ``commit_every`` recorded steps (and at most about 10 s of them); ``rec.flush()``
             commits everything now, ``1`` commits every step (docs/capture.md, "What a crash loses").
         background: write on a background thread (default True).
@@ -149,7 +149,7 @@ class Recorder:
         integration: Mapping[str, Any] | None = None,
         config: CaptureConfig | None = None,
         precondition: str = "none",
-        commit_every: int = 16,
+        commit_every: int = 32,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):

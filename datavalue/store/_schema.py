@@ -31,7 +31,7 @@ FLAG_NONFINITE = 1
 
 #: Row and step arrays whose rows past a partial chunk's end the writer fills with
 #: :func:`unwritten_value` (runs written before that hold zeros there): a committed entry holding it
-#: was read from an older copy of its chunk than the commit (``docs/store-format.md``).
+#: was read from an older copy of its chunk than the commit (``docs/errors_store.md``, notes).
 MARKED_ARRAYS = ("grads", "fisher", "sample_id", "weight", "flags", "step_ptr", "fisher_ptr", "epoch", "lr", "grad_scale",
                  "momentum", "weight_decay")
 

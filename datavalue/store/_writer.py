@@ -207,7 +207,7 @@ class RunWriter:
         background: bool = True,
         max_queue: int = 64,
         commit_interval: float = 10.0,
-        commit_every: int = 16,
+        commit_every: int = 32,
     ) -> None:
         self.path = Path(path)
         self.commit_interval = float(commit_interval)

@@ -1,7 +1,7 @@
 """Issue 22 item 6: durability bounded in steps.
 
 Before, steps were committed only every 10 s or per full chunk: a job killed after 80 recorded
-steps had committed none. Now at most ``commit_every`` (default 16) recorded steps are ever
+steps had committed none. Now at most ``commit_every`` (default 32) recorded steps are ever
 uncommitted: a process that kills itself with SIGKILL right after submitting its ``K``-th step
 leaves at least ``K - commit_every`` committed steps, each equal to what was submitted. The
 processes kill themselves, so where the kill lands does not depend on timing; the time-based
@@ -94,7 +94,7 @@ def test_commit_every_is_validated():
     from datavalue.capture import CaptureConfig
     from datavalue.errors import RecorderError
 
-    assert CaptureConfig().commit_every == 16
+    assert CaptureConfig().commit_every == 32
     for bad in (0, -1, 2.5, True, "8"):
         with pytest.raises(RecorderError, match="commit_every must be a positive int"):
             CaptureConfig(commit_every=bad)

@@ -109,11 +109,19 @@ def kill_trial(d: Path, i: int, rng: np.random.Generator, ref: tuple[np.ndarray,
 
     path, count = d / f"kill{i}.zarr", d / f"kill{i}.count"
     proc = subprocess.Popen([sys.executable, "-c", _RECORDER, str(path), str(N_STEPS), str(count)], env=ENV)
-    early = rng.random() < 0.1  # now and then during start-up (creating the run), else mid-run
+    early = rng.random() < 0.1  # now and then during start-up (creating the run), else mid-run:
+    target = int(rng.integers(1, N_STEPS))  # once a random number of steps was submitted, plus a few ms
+
+    def submitted_now() -> int:
+        try:
+            return int.from_bytes(count.read_bytes()[:8], "little")
+        except OSError:
+            return 0
+
     deadline = time.time() + 120
-    while not early and proc.poll() is None and time.time() < deadline and not (count.exists() and count.stat().st_size):
-        time.sleep(0.002)
-    time.sleep(rng.uniform(0, 0.2 if early else 0.8))  # 120 steps take about 0.5-1 s
+    while not early and proc.poll() is None and time.time() < deadline and submitted_now() < target:
+        time.sleep(0.001)
+    time.sleep(rng.uniform(0, 0.3 if early else 0.01))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     submitted = int.from_bytes(count.read_bytes()[:8], "little") if count.exists() and count.stat().st_size else 0

@@ -310,13 +310,13 @@ class StepSink:
                     )
                 H = np.full_like(H, np.nan)
             extra = dict(extra or {}, hessian=H)
-        self.next_step += 1
         if self.writer is not None:  # rank 0 commits
             self.writer.submit(StepBlock(
                 step=step, sample_id=ids, weight=weights, grads=g, flags=flags, lr=float(lr),
                 epoch=-1 if epoch is None else int(epoch), grad_scale=1.0 if grad_scale is None else float(grad_scale),
                 momentum=float(momentum), weight_decay=float(weight_decay), fisher=f, extra=extra,
             ))
+        self.next_step += 1  # after the writer took it: a step it refused is not counted
         return step
 
     def flush(self) -> None:

@@ -27,6 +27,7 @@ import zarr
 
 from datavalue._lock import LockFile
 from datavalue.errors import (
+    RecorderError,
     RecorderStateError,
     StoreExistsError,
     StoreMismatchError,
@@ -364,6 +365,13 @@ class RunWriter:
         """Queue one step for writing (returns at once unless the queue is full)."""
         if self._closed:
             raise RecorderStateError("this run writer is closed; open a new Recorder(..., resume=True) to record more.")
+        bad = {n: v for n in ("lr", "grad_scale", "momentum", "weight_decay") if not np.isfinite(v := getattr(block, n))}
+        if bad:  # NaN there marks a step not written yet (an older copy of a chunk), never a value
+            raise RecorderError(
+                f"step {block.step}: {', '.join(f'{n}={v!r}' for n, v in bad.items())}; a run stores finite step "
+                "hyperparameters only. Check the optimizer's param groups and the clipping coefficient "
+                "(clip_coef); nothing was written for this step."
+            )
         self._raise_pending()
         if self._queue is None:
             self._write([block])

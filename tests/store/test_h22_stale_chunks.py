@@ -16,6 +16,7 @@ and copied back over the finished run's.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,40 @@ def test_a_chunk_deleted_after_a_query_opened_raises_instead_of_reading_zeros(tm
     _chunk(path, "grads", 1).unlink()
     with pytest.raises(StoreCorruptError, match=r"chunk grads/c/1/0 is missing .* rows 8\.\.15"):
         attr.scores(loss)
+
+
+@pytest.mark.parametrize("field", ["lr", "grad_scale", "momentum", "weight_decay"])
+def test_a_non_finite_step_hyperparameter_is_refused_not_stored(tmp_path, field):
+    """NaN in these per-step arrays marks a step not written yet; a NaN clipping coefficient or lr
+    must therefore be refused when recorded, not stored (it would read back as an older chunk)."""
+    import dataclasses
+
+    from datavalue.errors import RecorderError
+    from datavalue.store import RunWriter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _crash_writer import MANIFEST, K, block
+
+    w = RunWriter(tmp_path / "r.zarr", MANIFEST, k=K)
+    w.submit(block(0))
+    with pytest.raises(RecorderError, match=rf"step 1: {field}=nan; a run stores finite step hyperparameters"):
+        w.submit(dataclasses.replace(block(1), **{field: float("nan")}))
+    w.submit(block(1))
+    w.close()
+    assert open_run(tmp_path / "r.zarr").n_steps == 2
+
+
+def test_a_recorder_step_with_a_nan_clip_coef_is_refused_and_recording_goes_on(tmp_path):
+    from datavalue.errors import RecorderError
+
+    path, model = tmp_path / "r.zarr", _model()
+    x, y = _data()
+    with datavalue.Recorder(path, model, proj_dim=None) as rec:
+        with pytest.raises(RecorderError, match="grad_scale=nan"), rec.step(sample_ids=range(6), lr=0.1) as h:
+            F.cross_entropy(model(x), y).backward()
+            h.clip_coef = float("nan")
+        model.zero_grad()
+        with rec.step(sample_ids=range(6), lr=0.1):
+            F.cross_entropy(model(x), y).backward()
+    run = open_run(path)
+    assert run.n_steps == 1 and run.grad_scale.tolist() == [1.0]

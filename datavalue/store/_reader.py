@@ -243,15 +243,18 @@ class Run:
         if directory is None:
             return
         C, width = int(arr.chunks[0]), int(arr.shape[1]) * np.dtype(arr.dtype).itemsize
+        dtype, base = np.dtype(arr.dtype).newbyteorder("<"), str(directory / "c")
         for i in range(-(-int(n) // C)):
             r = min(int(n), (i + 1) * C) - 1 - i * C
             try:
-                with open(directory / "c" / str(i) / "0", "rb") as f:
-                    f.seek(r * width)
-                    row = np.frombuffer(f.read(width), dtype=np.dtype(arr.dtype).newbyteorder("<"))
+                fd = os.open(f"{base}/{i}/0", os.O_RDONLY)
+                try:
+                    raw = os.pread(fd, width, r * width)
+                finally:
+                    os.close(fd)
             except OSError:
                 continue  # require_chunks has named a missing chunk; a short one fails its checksum on read
-            if row.size and np.isnan(row).all():
+            if len(raw) == width and np.isnan(np.frombuffer(raw, dtype=dtype)).all():
                 raise StoreCorruptError(stale_chunk_message(self.path, name, i, i * C + r))
 
     def require_chunks(self, name: str, n: int) -> None:

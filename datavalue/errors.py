@@ -15,6 +15,7 @@ __all__ = [
     "StoreMismatchError",
     "StoreCorruptError",
     "StoreReadOnlyError",
+    "StoreLockedError",
     "RecorderError",
     "RecorderStateError",
     "CaptureError",
@@ -53,6 +54,10 @@ class StoreCorruptError(StoreError, OSError):
 
 class StoreReadOnlyError(StoreError, PermissionError):
     """A write was attempted through a read-only view."""
+
+
+class StoreLockedError(StoreError, RuntimeError):
+    """Another writer (a live process, or one on another host) holds the run's ``writer.lock``."""
 
 
 class RecorderError(DataValueError, ValueError):

@@ -110,6 +110,9 @@ class CaptureConfig:
     record_optimizer_state: bool | None = field(default=None, metadata={
         "help": "store Adam/AdamW moments each step (default: whenever the optimizer is Adam/AdamW)"})
     chunk_rows: int | None = field(default=None, metadata={"help": "rows per Zarr chunk (default: about 4 MiB)"})
+    commit_every: int = field(default=32, metadata={
+        "help": "commit at least every this many steps (plus every 10 s and on each full chunk): a kill -9 "
+                "loses at most the last commit_every steps; 1 commits every step"})
     precondition: str = field(default="none", metadata={
         "help": "'none', or 'adam': whiten each per-sample gradient by the step's own Adam preconditioner "
                 "per coordinate before the sketch (AdamW runs; materialises per-sample gradients)"})
@@ -135,6 +138,7 @@ class CaptureConfig:
         put("fisher_samples", _positive_int("fisher_samples", self.fisher_samples))
         put("hessian_max_dim", _positive_int("hessian_max_dim", self.hessian_max_dim))
         put("chunk_rows", _positive_int("chunk_rows", self.chunk_rows, allow_none=True))
+        put("commit_every", _positive_int("commit_every", self.commit_every))
         put("precondition", _choice("precondition", self.precondition, PRECONDITIONS))
         if self.precondition != "none" and self.hessian:
             raise RecorderError("precondition='adam' does not support curvature='hessian'; use curvature='fisher'.")

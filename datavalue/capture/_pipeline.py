@@ -78,6 +78,9 @@ def parse_sample_ids(sample_ids: Any) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.integer):
         raise RecorderError(f"sample_ids must be integers, got dtype {arr.dtype}; map your keys to int ids first.")
     arr = arr.astype(np.int64)
+    if (arr == np.iinfo(np.int64).min).any():  # the store's marker of rows not written yet
+        raise RecorderError("sample id -2**63 is reserved (the store marks unwritten rows with it); map your keys to "
+                            "other int ids.")
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
         raise RecorderError(
@@ -192,6 +195,7 @@ class StepSink:
         on_nonfinite: ``"raise"`` (nothing is written for a step with a non-finite row) or
             ``"skip"`` (such rows are stored as zeros and flagged).
         dist: the ``torch.distributed`` view (default: one process).
+        commit_every: the writer's durability bound in steps (:class:`~datavalue.store.RunWriter`).
     """
 
     def __init__(
@@ -207,6 +211,7 @@ class StepSink:
         background: bool = True,
         on_nonfinite: str = "raise",
         dist: DistInfo | None = None,
+        commit_every: int = 32,
     ) -> None:
         if on_nonfinite not in ("raise", "skip"):
             raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
@@ -218,7 +223,8 @@ class StepSink:
         if self.dist.rank == 0:
             try:
                 self.writer = RunWriter(path, dict(manifest), k=self.k, mode=mode, chunk_rows=chunk_rows,
-                                        storage_dtype=storage_dtype, fisher=self.fisher, background=background)
+                                        storage_dtype=storage_dtype, fisher=self.fisher, background=background,
+                                        commit_every=commit_every)
             except Exception:
                 self.dist.broadcast_int(-1)
                 raise
@@ -304,13 +310,13 @@ class StepSink:
                     )
                 H = np.full_like(H, np.nan)
             extra = dict(extra or {}, hessian=H)
-        self.next_step += 1
         if self.writer is not None:  # rank 0 commits
             self.writer.submit(StepBlock(
                 step=step, sample_id=ids, weight=weights, grads=g, flags=flags, lr=float(lr),
                 epoch=-1 if epoch is None else int(epoch), grad_scale=1.0 if grad_scale is None else float(grad_scale),
                 momentum=float(momentum), weight_decay=float(weight_decay), fisher=f, extra=extra,
             ))
+        self.next_step += 1  # after the writer took it: a step it refused is not counted
         return step
 
     def flush(self) -> None:

@@ -89,6 +89,9 @@ class Recorder:
             ``fisher_samples`` labels per example and position (sequence outputs: the Fisher of the
             example's mean loss over its positions; pass ``fisher_mask=`` to count only labelled ones).
         chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
+        commit_every: durability bound in steps (default 32): a ``kill -9`` loses at most the last
+            ``commit_every`` recorded steps (and at most about 10 s of them); ``rec.flush()``
+            commits everything now, ``1`` commits every step (docs/capture.md, "What a crash loses").
         background: write on a background thread (default True).
         distributed: record under ``torch.distributed`` (default: when a process group with more
             than one rank is initialised). Each rank records its local part of the global batch
@@ -146,6 +149,7 @@ class Recorder:
         integration: Mapping[str, Any] | None = None,
         config: CaptureConfig | None = None,
         precondition: str = "none",
+        commit_every: int = 32,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
@@ -153,7 +157,8 @@ class Recorder:
         options = dict(proj_dim=proj_dim, seed=seed, sketch=sketch, layers=layers, loss_reduction=loss_reduction,
                        curvature=curvature, storage_dtype=storage_dtype, on_nonfinite=on_nonfinite,
                        fisher_max_classes=fisher_max_classes, fisher_samples=fisher_samples, hessian_max_dim=hessian_max_dim,
-                       record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows, precondition=precondition)
+                       record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows, precondition=precondition,
+                       commit_every=commit_every)
         if config is not None:
             if not isinstance(config, CaptureConfig):
                 raise RecorderError(f"config must be a datavalue.capture.CaptureConfig, got {type(config).__name__}.")
@@ -236,7 +241,8 @@ class Recorder:
         if self.precondition != "none":
             manifest["projection"]["precondition"] = self.precondition
         self._sink = StepSink(path, manifest, k=self.layout.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
-                              fisher=self.fisher, background=background, on_nonfinite=on_nonfinite, dist=self._dist)
+                              fisher=self.fisher, background=background, on_nonfinite=on_nonfinite, dist=self._dist,
+                              commit_every=cfg.commit_every)
         self.writer = self._sink.writer
         self.path = Path(path)
         self._active: StepHandle | None = None
@@ -576,7 +582,9 @@ class Recorder:
 
     # ------------------------------------------------------------------ close
     def flush(self) -> None:
-        """Block until every recorded step is committed to disk."""
+        """Block until every recorded step is committed to disk: a ``kill -9`` after it returns loses
+        none of them. Call it where you save a checkpoint, so that a resume from that checkpoint
+        finds every step before it (between flushes, at most ``commit_every`` steps are at risk)."""
         self._sink.flush()
 
     def close(self) -> None:
@@ -587,9 +595,12 @@ class Recorder:
         self.engine.detach()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
-        self._sink.close()
-        if self._sqrt_d is not None and self._dist.rank == 0:
-            self._write_sqrt_d()
+        try:  # sqrt(D) is written while the run's writer lock is still held (released by the sink's close)
+            if self._sqrt_d is not None and self._dist.rank == 0:
+                self._sink.flush()
+                self._write_sqrt_d()
+        finally:
+            self._sink.close()
 
     def _write_sqrt_d(self) -> None:
         """The last step's ``sqrt(D)`` (exact capture layout), with which queries whiten test gradients."""

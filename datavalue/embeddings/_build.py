@@ -50,6 +50,7 @@ from datavalue.embeddings._plan import (
 )
 from datavalue.embeddings._stream import _pad_op, _run_segments
 from datavalue.errors import EmbeddingError, StoreExistsError
+from datavalue.store import writes_run
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ def _check_memory(path: Any, plan: _Plan, segments: int) -> None:
     )
 
 
+@writes_run("build_embeddings")  # one writer per run (datavalue.store.lock_run)
 def build_embeddings(
     path: str | os.PathLike[str],
     curvature: str | None = None,

@@ -41,12 +41,14 @@ from datavalue.embeddings._metadata import (
 from datavalue.embeddings._plan import _digest, _make_plan, _parse_curvature, _Plan, _split
 from datavalue.embeddings._stream import _execute, _run_segments, _task, _write_pieces
 from datavalue.errors import EmbeddingError, StoreExistsError
+from datavalue.store import writes_run
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["embeddings_at", "extend_embeddings"]
 
 
+@writes_run("embeddings_at")  # one writer per run (datavalue.store.lock_run)
 def embeddings_at(
     path: str | os.PathLike[str],
     step: int,
@@ -137,6 +139,7 @@ def embeddings_at(
     return open_array(path, name)
 
 
+@writes_run("extend_embeddings")  # one writer per run (datavalue.store.lock_run)
 def extend_embeddings(
     path: str | os.PathLike[str],
     curvature: str | None = None,

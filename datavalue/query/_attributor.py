@@ -98,7 +98,7 @@ class Attributor:
         self.client = client
         self.chunk_rows = _parse_chunk_rows(chunk_rows, self.source.array)
         # streamed queries read the chunk files directly when the layout is the run's plain one
-        self._rows = fast_rows(self.source.array)
+        self._rows = fast_rows(self.source.array, required_rows=self.n_rows)  # a chunk deleted since: an error, not zeros
         self.progress = bool(progress)
 
     def __repr__(self) -> str:

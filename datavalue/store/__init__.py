@@ -12,6 +12,9 @@ run's private attributes), so that the format has one place to change:
 - derived arrays (embeddings): :func:`create_array`, :func:`open_array_writable` (an existing one,
   to extend it), :func:`delete_path`; these and :func:`archive_run` refuse a path that a symbolic
   link leads outside the run;
+- one writer per run: :class:`RunWriter` holds ``<run>/writer.lock`` (:data:`LOCK_FILE`) while
+  it is open; other writers into a run hold it with :func:`lock_run` (or the :func:`writes_run`
+  decorator); a second writer gets :class:`~datavalue.errors.StoreLockedError` naming the holder;
 - the direct chunk-file fast path: :func:`fast_rows` gives a :class:`ChunkFileRows` reader for a
   local array with the run's plain layout; :func:`write_chunk` / :func:`write_all` write chunk
   files with the store writer's encoder (:func:`chunk_dir` says whether an array qualifies);
@@ -38,6 +41,9 @@ from datavalue.store._reader import delete_path as delete_path
 from datavalue.store._reader import open_array as open_array
 from datavalue.store._reader import open_array_writable as open_array_writable
 from datavalue.store._reader import open_run as open_run
+from datavalue.store._runlock import LOCK_FILE as LOCK_FILE
+from datavalue.store._runlock import lock_run as lock_run
+from datavalue.store._runlock import writes_run as writes_run
 from datavalue.store._schema import FINAL_RUN as FINAL_RUN
 from datavalue.store._schema import FLAG_NONFINITE as FLAG_NONFINITE
 from datavalue.store._schema import MANIFEST_DIGEST_KEY as MANIFEST_DIGEST_KEY
@@ -56,6 +62,7 @@ from datavalue.store._writer import write_chunk as write_chunk
 __all__ = [
     "FINAL_RUN",
     "FLAG_NONFINITE",
+    "LOCK_FILE",
     "MANIFEST_DIGEST_KEY",
     "MANIFEST_KEY",
     "OPTIONAL_STEP_ARRAYS",
@@ -72,6 +79,7 @@ __all__ = [
     "delete_path",
     "fast_rows",
     "fingerprint_params",
+    "lock_run",
     "manifest_digest",
     "open_array",
     "open_array_writable",
@@ -79,4 +87,5 @@ __all__ = [
     "package_versions",
     "write_all",
     "write_chunk",
+    "writes_run",
 ]

@@ -101,6 +101,16 @@ class ChunkFileRows:
                 f"chunk {label} is corrupt (crc32c checksum mismatch; file {path}); restore the run from a copy or "
                 "re-record it."
             )
+        if i * self.chunk_rows < self.required_rows and self.dtype.kind == "f":
+            # the run writer fills unwritten rows with NaN and a committed row is never all NaN: an
+            # older copy of the chunk than the commit (a run copied while recording)
+            r = min(self.required_rows, (i + 1) * self.chunk_rows) - 1 - i * self.chunk_rows
+            if np.isnan(dest[r]).all():
+                raise StoreCorruptError(
+                    f"chunk {label} is older than what covers it: row {i * self.chunk_rows + r} is committed (or built) "
+                    f"but the chunk holds it as not yet written (file {path}). This happens when a run is copied while "
+                    "a recorder writes it. Copy it again after rec.flush() or rec.close(), or restore it from a copy."
+                )
 
 
 def chunk_dir(array: Any) -> Path | None:

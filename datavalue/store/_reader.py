@@ -32,11 +32,13 @@ from datavalue.store._schema import (
     GROUP_STEP_ARRAYS,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
+    MARKED_ARRAYS,
     OPTIONAL_STEP_ARRAYS,
     SCHEMA_VERSION,
     committed_length,
     manifest_digest,
     manifest_problems,
+    unwritten_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,16 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
         raise StoreNotFoundError(f"no datavalue run at {location}: {exc}") from exc
     except Exception as exc:  # unreadable metadata
         raise StoreCorruptError(f"cannot open the zarr group at {location}: {exc}") from exc
+
+
+def stale_chunk_message(location: Any, name: str, chunk: int, entry: int) -> str:
+    """The error for a committed entry that a chunk file holds as not yet written."""
+    return (
+        f"{location}: chunk {name}/c/{chunk} is older than the run's commit: entry {entry} is committed but the "
+        "chunk holds it as not yet written (it would read as NaN or zeros). This happens when a run is copied while "
+        "a recorder writes it (the chunk copied before, the commit after). Copy the run again after rec.flush() or "
+        "rec.close(), or restore it from a copy taken while no recorder was writing."
+    )
 
 
 def check_manifest(manifest: Any, location: Any, digest: Any) -> None:
@@ -215,6 +227,35 @@ class Run:
             if n <= (1 if name.endswith("_ptr") else 0) or not self.has_array(name):
                 continue
             self.require_chunks(name, n)
+            if name in ("grads", "fisher"):
+                self._check_chunk_tails(name, n)
+
+    def _check_chunk_tails(self, name: str, n: int) -> None:
+        """The last committed row of every chunk of ``name`` must have been written: the writer
+        fills a partial chunk's unwritten rows with NaN, and a committed row is never all NaN, so an
+        all-NaN row there means an older copy of the chunk than the commit (a run copied while it
+        was recorded). One row is read per chunk, straight from the chunk file (local runs with the
+        plain layout; others are checked as their rows are read)."""
+        from datavalue.store._chunkfiles import chunk_dir
+
+        arr = self.array(name)
+        directory = chunk_dir(arr)
+        if directory is None:
+            return
+        C, width = int(arr.chunks[0]), int(arr.shape[1]) * np.dtype(arr.dtype).itemsize
+        dtype, base = np.dtype(arr.dtype).newbyteorder("<"), str(directory / "c")
+        for i in range(-(-int(n) // C)):
+            r = min(int(n), (i + 1) * C) - 1 - i * C
+            try:
+                fd = os.open(f"{base}/{i}/0", os.O_RDONLY)
+                try:
+                    raw = os.pread(fd, width, r * width)
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue  # require_chunks has named a missing chunk; a short one fails its checksum on read
+            if len(raw) == width and np.isnan(np.frombuffer(raw, dtype=dtype)).all():
+                raise StoreCorruptError(stale_chunk_message(self.path, name, i, i * C + r))
 
     def require_chunks(self, name: str, n: int) -> None:
         """Check that every chunk holding entries ``0:n`` of array ``name`` exists.
@@ -255,11 +296,24 @@ class Run:
     def _read_small(self, name: str, stop: int | None = None) -> np.ndarray:
         try:
             arr = self._group[name]
-            return np.asarray(arr[:stop] if stop is not None else arr[:])
+            out = np.asarray(arr[:stop] if stop is not None else arr[:])
         except KeyError as exc:
             raise StoreNotFoundError(f"{self.path} has no array {name!r}") from exc
         except Exception as exc:
             raise StoreCorruptError(f"reading {name!r} from {self.path} failed (checksum or I/O): {exc}") from exc
+        if name in MARKED_ARRAYS and out.size:  # an entry the writer had not written when the chunk was saved
+            mark = unwritten_value(out.dtype)
+            bad = np.flatnonzero(np.isnan(out) if out.dtype.kind == "f" else out == mark)
+            if bad.size:
+                raise StoreCorruptError(stale_chunk_message(self.path, name, int(bad[0]) // int(arr.chunks[0]), int(bad[0])))
+        if name in ("step_ptr", "fisher_ptr") and out.size and (out[0] != 0 or (np.diff(out) < 0).any() or int(out[-1]) != (
+                self.n_rows if name == "step_ptr" else self.n_fisher_rows)):
+            raise StoreCorruptError(
+                f"{self.path}: {name} is not a row pointer of the committed rows (it must rise from 0 to "
+                f"{self.n_rows if name == 'step_ptr' else self.n_fisher_rows}): a chunk of it is older than the run's commit "
+                "or damaged. Restore the run from a copy taken while no recorder was writing it."
+            )
+        return out
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of a row array (``grads``, ``fisher``, ...) as numpy, within the commit
@@ -584,7 +638,7 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
     tmp = dst.with_name(dst.name + ".partial")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for f in sorted(src.rglob("*")):
-            if f.is_file() and not f.name.endswith(".partial"):
+            if f.is_file() and not f.name.endswith(".partial") and f.name != "writer.lock":  # no lock in an archive
                 zf.write(f, f.relative_to(src).as_posix())
     os.replace(tmp, dst)
     return dst

@@ -28,6 +28,23 @@ STEP_ARRAYS: dict[str, str] = {
     "weight_decay": "float64",
 }
 FLAG_NONFINITE = 1
+
+#: Row and step arrays whose rows past a partial chunk's end the writer fills with
+#: :func:`unwritten_value` (runs written before that hold zeros there): a committed entry holding it
+#: was read from an older copy of its chunk than the commit (``docs/errors_store.md``, notes).
+MARKED_ARRAYS = ("grads", "fisher", "sample_id", "weight", "flags", "step_ptr", "fisher_ptr", "epoch", "lr", "grad_scale",
+                 "momentum", "weight_decay")
+
+
+def unwritten_value(dtype: Any) -> Any:
+    """What fills the not-yet-written rows of a chunk: NaN for floats (committed rows are finite:
+    non-finite gradients are stored as zeros and flagged, weights are checked finite), the minimum
+    of a signed and the maximum of an unsigned integer type (a sample id of ``-2**63`` is refused
+    on recording for this reason)."""
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        return np.nan
+    return np.iinfo(dt).min if dt.kind == "i" else np.iinfo(dt).max
 #: Optional per-step *vector* arrays ``(T, k)`` in the gradient columns' layout, created on the first
 #: step that carries them (``StepBlock.extra``). ``adam_m``/``adam_v``: the Adam/AdamW moments
 #: ``exp_avg``/``exp_avg_sq`` *before* the step's update (exact runs: per parameter; projected runs:

@@ -10,6 +10,7 @@ there surface on the next :meth:`RunWriter.submit` or on :meth:`RunWriter.close`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,16 +25,21 @@ import crc32c
 import numpy as np
 import zarr
 
+from datavalue._lock import LockFile
 from datavalue.errors import (
+    RecorderError,
     RecorderStateError,
     StoreExistsError,
     StoreMismatchError,
     StoreNotFoundError,
 )
 from datavalue.store._reader import check_inside_run, check_manifest, read_commit
+from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock
 from datavalue.store._schema import (
+    FINAL_RUN,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
+    MARKED_ARRAYS,
     OPTIONAL_STEP_ARRAYS,
     ROW_ARRAYS,
     SCHEMA_VERSION,
@@ -44,6 +50,7 @@ from datavalue.store._schema import (
     float_codecs,
     manifest_digest,
     small_codecs,
+    unwritten_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,11 +122,11 @@ def _write_chunk(path: Path, chunk: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def write_chunk(directory: Path, i: int, piece: np.ndarray, chunk_rows: int) -> None:
+def write_chunk(directory: Path, i: int, piece: np.ndarray, chunk_rows: int, *, pad: Any = 0) -> None:
     """Write rows ``piece`` as chunk ``i`` (one chunk across all other axes) of the array stored in
-    ``directory``, zero-padded to ``chunk_rows`` rows: zarr stores edge chunks whole."""
+    ``directory``, padded with ``pad`` to ``chunk_rows`` rows: zarr stores edge chunks whole."""
     if piece.shape[0] < chunk_rows:
-        full = np.zeros((chunk_rows, *piece.shape[1:]), dtype=piece.dtype)
+        full = np.full((chunk_rows, *piece.shape[1:]), pad, dtype=piece.dtype)
         full[: piece.shape[0]] = piece
         piece = full
     _write_chunk(directory.joinpath("c", str(i), *(["0"] * (piece.ndim - 1))), piece)
@@ -136,6 +143,8 @@ class _AppendArray:
             raise ValueError(f"{root.name}: the writer needs one chunk across the columns, got chunks {arr.chunks} for shape {arr.shape}")
         start = (self.length // self.rows_per_chunk) * self.rows_per_chunk
         self.tail = np.asarray(arr[start : self.length]) if self.length > start else np.zeros((0, *arr.shape[1:]), arr.dtype)
+        # rows not written yet carry a marker, so that an older copy of a chunk is told from data
+        self.pad = unwritten_value(arr.dtype) if root.name in MARKED_ARRAYS else 0
 
     def append(self, data: np.ndarray) -> None:
         if len(data) == 0:
@@ -148,7 +157,7 @@ class _AppendArray:
         buf = np.concatenate([self.tail, data]) if len(self.tail) else data
         n_chunks = -(-len(buf) // C)
         for i in range(n_chunks):
-            write_chunk(self.root, first + i, buf[i * C : (i + 1) * C], C)
+            write_chunk(self.root, first + i, buf[i * C : (i + 1) * C], C, pad=self.pad)
         rem = new_len % C
         self.tail = buf[len(buf) - rem :].copy() if rem else buf[:0].copy()
         self.length = new_len
@@ -179,6 +188,11 @@ class RunWriter:
         max_queue: steps that may wait in the queue before ``submit`` blocks.
         commit_interval: seconds a step may wait in the writer's buffer before it is committed
             (a chunk's worth of rows, ``flush`` and ``close`` commit at once).
+        commit_every: at most this many submitted steps are ever uncommitted: the background
+            writer commits every ``commit_every // 2`` steps (and on a full chunk, on the
+            ``commit_interval`` timer, on ``flush``), and :meth:`submit` waits while
+            ``commit_every`` steps are still uncommitted. A ``kill -9`` after ``K`` submitted steps
+            therefore leaves at least ``K - commit_every`` committed (``docs/capture.md``).
     """
 
     def __init__(
@@ -194,9 +208,13 @@ class RunWriter:
         background: bool = True,
         max_queue: int = 64,
         commit_interval: float = 10.0,
+        commit_every: int = 32,
     ) -> None:
         self.path = Path(path)
         self.commit_interval = float(commit_interval)
+        if isinstance(commit_every, bool) or not isinstance(commit_every, (int, np.integer)) or commit_every < 1:
+            raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}.")
+        self.commit_every = int(commit_every)
         self.k = int(k)
         manifest = dict(manifest, schema_version=SCHEMA_VERSION, storage_dtype=storage_dtype)
         if chunk_rows is None:
@@ -205,27 +223,16 @@ class RunWriter:
         self.chunk_rows = int(chunk_rows)
         if mode not in ("create", "overwrite", "resume"):
             raise ValueError(f"mode must be 'create', 'overwrite' or 'resume', got {mode!r}")
-        exists = self.path.exists() and any(self.path.iterdir()) if self.path.is_dir() else self.path.exists()
-        if mode == "create" and exists:
-            raise StoreExistsError(
-                f"{self.path} already exists. Pass resume=True to continue that run after its last "
-                "committed step, or overwrite=True to replace it."
-            )
-        if mode == "resume" and not exists:
-            raise StoreNotFoundError(f"resume=True but there is no run at {self.path}; drop resume=True to start one.")
-        if mode == "resume":
-            self._open_existing(manifest)
-        else:
-            if exists:
-                refuse_unless_run(self.path)  # never a user's file, directory, symlink or foreign zarr store
-                shutil.rmtree(self.path)
-            self._create(manifest, chunk_rows, storage_dtype, fisher)
+        self._locks: list[LockFile] = []
+        self._lock_and_prepare(mode, manifest, chunk_rows, storage_dtype, fisher)
         self.manifest = manifest if mode != "resume" else self.manifest
         self._tails: dict[str, _AppendArray] = {}
         self._has_fisher: bool | None = None
         self._error: BaseException | None = None
         self._optional: set[str] | None = None  # optional per-step arrays present (see _optional_step_arrays)
         self._closed = False
+        self._submitted = self.steps  # steps handed to submit (committed: self.steps)
+        self._committed = threading.Condition()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -234,8 +241,69 @@ class RunWriter:
             self._thread.start()
 
     # ------------------------------------------------------------------ set-up
+    def _exists(self) -> bool:
+        """Whether ``path`` holds anything besides a writer lock (one killed before it wrote leaves only that)."""
+        return not only_the_lock(self.path) if self.path.is_dir() else self.path.exists() or self.path.is_symlink()
+
+    def _lock_and_prepare(self, mode: str, manifest: dict[str, Any], chunk_rows: int, storage_dtype: str,
+                          fisher: bool) -> None:
+        """Take the run's writer lock (and its parent's for a child run), then create, replace or
+        open the run: every check that matters is made again under the lock."""
+        exists = self._exists()
+        if exists and self.path.is_dir():
+            refuse_if_locked(self.path, "a recorder")  # a live writer: say so, whatever else is wrong
+        if mode == "create" and exists:
+            raise StoreExistsError(
+                f"{self.path} already exists. Pass resume=True to continue that run after its last "
+                "committed step, or overwrite=True to replace it."
+            )
+        if mode == "resume" and not exists:
+            raise StoreNotFoundError(f"resume=True but there is no run at {self.path}; drop resume=True to start one.")
+        if exists:
+            (self._check_resumable if mode == "resume" else refuse_unless_run)(self.path)
+        made = not self.path.exists()
+        try:
+            if self.path.name == FINAL_RUN and _is_run(self.path.parent):  # a child run: the parent is written too
+                self._locks.append(run_lock(self.path.parent, f"a recorder writing {FINAL_RUN}/"))
+                self._locks[-1].acquire()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._locks.append(run_lock(self.path, "a recorder"))
+            self._locks[-1].acquire()
+            if mode == "resume":
+                self._open_existing(manifest)
+                return
+            if mode == "create" and self._exists():  # created by a writer that came and went meanwhile
+                raise StoreExistsError(f"{self.path} was created by another writer meanwhile; pass resume=True to continue it.")
+            if self._exists():
+                refuse_unless_run(self.path)  # never a user's file, directory, symlink or foreign zarr store
+                for entry in self.path.iterdir():  # everything but the lock we hold
+                    if entry.name == LOCK_FILE:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            self._create(manifest, chunk_rows, storage_dtype, fisher)
+        except BaseException:
+            self._release()
+            if made and only_the_lock(self.path):
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            raise
+
+    @staticmethod
+    def _check_resumable(path: Path) -> None:
+        found = _what_is(path)
+        if found != "run":
+            raise StoreNotFoundError(f"resume=True but {path} is {found}, not a datavalue run; check the path.")
+
+    def _release(self) -> None:
+        """Release the writer lock(s), the run's own first."""
+        while self._locks:
+            self._locks.pop().release()
+
     def _create(self, manifest: dict[str, Any], chunk_rows: int, storage_dtype: str, fisher: bool) -> None:
-        g = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        g = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # "a": the directory holds our writer lock
         # one zarr.json write: the manifest and the digest binding its capture settings to the data
         g.attrs.update({MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest)})
         # every chunk is written, even one equal to the fill value: no per-chunk comparison
@@ -263,9 +331,7 @@ class RunWriter:
         self.steps = self.rows = self.fisher_rows = self.generation = 0
 
     def _open_existing(self, manifest: dict[str, Any]) -> None:
-        found = _what_is(self.path)
-        if found != "run":
-            raise StoreNotFoundError(f"resume=True but {self.path} is {found}, not a datavalue run; check the path.")
+        self._check_resumable(self.path)
         for member in sorted(self.path.iterdir()):  # the arrays resuming appends to: never through a link out
             check_inside_run(self.path, member.name)
         g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
@@ -299,11 +365,23 @@ class RunWriter:
         """Queue one step for writing (returns at once unless the queue is full)."""
         if self._closed:
             raise RecorderStateError("this run writer is closed; open a new Recorder(..., resume=True) to record more.")
+        bad = {n: v for n in ("lr", "grad_scale", "momentum", "weight_decay") if not np.isfinite(v := getattr(block, n))}
+        if bad:  # NaN there marks a step not written yet (an older copy of a chunk), never a value
+            raise RecorderError(
+                f"step {block.step}: {', '.join(f'{n}={v!r}' for n, v in bad.items())}; a run stores finite step "
+                "hyperparameters only. Check the optimizer's param groups and the clipping coefficient "
+                "(clip_coef); nothing was written for this step."
+            )
         self._raise_pending()
         if self._queue is None:
             self._write([block])
-        else:
-            self._queue.put(block)
+            return
+        with self._committed:  # the durability bound: never more than commit_every steps uncommitted
+            while self._submitted - self.steps >= self.commit_every and self._error is None:
+                self._committed.wait(1.0)
+        self._raise_pending()
+        self._submitted += 1
+        self._queue.put(block)
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -313,10 +391,11 @@ class RunWriter:
     def _worker(self) -> None:
         """Coalesce steps and write them in chunk-sized pieces.
 
-        A partial chunk costs a read-modify-write of the whole chunk, so steps are buffered until a
-        chunk's worth of rows is pending, ``commit_interval`` seconds have passed since the oldest
-        pending step, or a flush/close asks for it. A crash loses at most that window; everything
-        committed before it stays readable.
+        A partial chunk costs a rewrite of the whole tail chunk, so steps are buffered until a
+        chunk's worth of rows is pending, ``commit_every // 2`` steps are, ``commit_interval``
+        seconds have passed since the oldest pending step, or a flush/close asks for it. A crash
+        loses at most that window (:meth:`submit` keeps it under ``commit_every`` steps);
+        everything committed before it stays readable.
         """
         assert self._queue is not None
         pending: list[StepBlock] = []
@@ -334,13 +413,16 @@ class RunWriter:
                     oldest = time.monotonic()
                 pending.append(item)
                 rows += item.n_rows
-            if pending and (force or rows >= self.chunk_rows) and self._error is None:
+            due = rows >= self.chunk_rows or len(pending) >= max(1, self.commit_every // 2)
+            if pending and (force or due) and self._error is None:
                 try:
                     self._write(pending)
                 except BaseException as exc:  # surfaced to the training thread
                     logger.exception("datavalue writer failed")
                     self._error = exc
                 pending, rows = [], 0
+                with self._committed:
+                    self._committed.notify_all()
             if item is not _FLUSH_TIMER:
                 self._queue.task_done()
             if item is _STOP:
@@ -446,10 +528,13 @@ class RunWriter:
         if self._closed:
             return
         self._closed = True
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
-        self._raise_pending()
+        try:
+            if self._queue is not None and self._thread is not None:
+                self._queue.put(_STOP)
+                self._thread.join()
+            self._raise_pending()
+        finally:
+            self._release()
 
     def __enter__(self) -> RunWriter:
         return self

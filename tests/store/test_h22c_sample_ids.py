@@ -38,7 +38,7 @@ def test_non_integral_or_non_finite_float_ids_refused(ids):
 
 @pytest.mark.parametrize(
     "ids",
-    [[2**63 - 1, -(2**63)], np.array([2**63 - 1], dtype=np.uint64), np.array([0.0, 7.0, -(2.0**63)]),
+    [[2**63 - 1, -(2**63) + 1], np.array([2**63 - 1], dtype=np.uint64), np.array([0.0, 7.0, -(2.0**62)]),
      np.array([1, 2], dtype=np.uint8), range(3), [np.int64(5), 6]],
 )
 def test_ids_inside_int64_kept_exactly(ids):
@@ -46,3 +46,11 @@ def test_ids_inside_int64_kept_exactly(ids):
     assert got.dtype == np.int64
     expect = [int(v) for v in (list(ids) if not isinstance(ids, np.ndarray) else ids.tolist())]
     assert got.tolist() == expect
+
+
+@pytest.mark.parametrize("ids", [[-(2**63)], np.array([3, -(2**63)], dtype=np.int64), np.array([-(2.0**63)])])
+def test_the_store_marker_id_is_refused(ids):
+    """-2**63 marks rows the store has not written yet (issue 22 item 7: an older copy of a chunk
+    is told from data), so it cannot be a sample id."""
+    with pytest.raises(RecorderError, match="reserved"):
+        parse_sample_ids(ids)

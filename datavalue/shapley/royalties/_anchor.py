@@ -3,7 +3,7 @@
 :class:`~datavalue.shapley.royalties.RoyaltyLedger` (``_ledger.py``) owns the rows and the hash
 chain; this module owns the two sidecar files and the keyed MAC:
 
-* ``<ledger>.lock``: held for one append (:func:`hold_lock`), created with ``O_CREAT | O_EXCL``
+* ``<ledger>.lock``: held for one append (:func:`hold_lock`, on :class:`datavalue._lock.LockFile`), created atomically
   and naming the writer's pid, host and a token; a lock left by a dead process on this host is
   taken over (with a warning), one from another host never is;
 * ``<ledger>.head``: the row count and the last row hash, replaced atomically after every append
@@ -19,19 +19,17 @@ tamper evidence these make up.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import hmac
 import json
 import logging
 import os
-import socket
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from datavalue._lock import LockFile, read_holder
 from datavalue.shapley._errors import LedgerError
 from datavalue.shapley.royalties._records import GenerationRecord
 
@@ -181,6 +179,8 @@ def write_head(ledger: Path, *, rows: int, last_hash: str, key: bytes | None) ->
 
 
 # ---------------------------------------------------------------------- the per-append lock
+# The generic lock file (create atomically, name the holder, take over a dead one on this host
+# safely, never another host's) is datavalue._lock.LockFile, shared with the run store.
 
 
 def lock_path(ledger: Path) -> Path:
@@ -188,111 +188,18 @@ def lock_path(ledger: Path) -> Path:
     return sidecar(ledger, ".lock")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    except (OSError, OverflowError, ValueError):
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def hold_lock(ledger: Path, *, timeout: float) -> Iterator[None]:
-    """Hold ``<ledger>.lock`` (O_CREAT | O_EXCL, naming pid and host) for one append."""
-    lock = lock_path(ledger)
-    me = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "since": _dt.datetime.now(_dt.UTC).isoformat(),
-        "token": uuid.uuid4().hex,
-    }
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(ledger)
-            if holder is not None and _take_over_stale(ledger, holder):
-                continue
-            if time.monotonic() >= deadline:
-                raise LedgerError(_locked_message(ledger, holder, timeout)) from None
-            time.sleep(0.02)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(me, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
-        break
+    """Hold ``<ledger>.lock`` (created atomically, naming pid and host) for one append."""
+    lock = LockFile(lock_path(ledger), subject=f"ledger {ledger}", error=LedgerError,
+                    busy_hint="It is appending: retry later, or raise lock_timeout.")
+    lock.acquire(timeout)
     try:
         yield
     finally:
-        if read_lock(ledger) == me:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)
+        lock.release()
 
 
 def read_lock(ledger: Path) -> dict[str, Any] | None:
     """Who holds ``<ledger>.lock`` (its JSON), or ``None`` when it is gone or being written."""
-    try:
-        holder = json.loads(lock_path(ledger).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None  # gone, or being written
-    return holder if isinstance(holder, dict) else None
-
-
-def _locked_message(ledger: Path, holder: dict[str, Any] | None, timeout: float) -> str:
-    lock = lock_path(ledger)
-    if holder is None:
-        return (
-            f"ledger {ledger} is locked ({lock} exists but names no holder). If no "
-            "writer is running, delete the lock file."
-        )
-    who = f"pid {holder.get('pid')} on host {holder.get('host')!r}"
-    since = f" since {holder['since']}" if holder.get("since") else ""
-    if holder.get("host") != socket.gethostname():
-        return (
-            f"ledger {ledger} is locked by {who}{since} ({lock}). A lock from another "
-            "host is never taken over automatically: check that no writer runs there, then "
-            "delete the lock file."
-        )
-    return (
-        f"ledger {ledger} is locked by {who}{since} ({lock}), which is still running "
-        f"and appending; waited {timeout:g}s. Retry later, or raise lock_timeout."
-    )
-
-
-def _take_over_stale(ledger: Path, holder: dict[str, Any]) -> bool:
-    """Remove a lock left by a dead process on this host; never one from another host."""
-    try:
-        pid = int(holder.get("pid"))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-    if holder.get("host") != socket.gethostname() or _pid_alive(pid):
-        return False
-    # Rename first, then check that what moved is the stale lock we judged: a writer that
-    # took over in between keeps its lock (it is moved back when the name is still free).
-    lock = lock_path(ledger)
-    aside = sidecar(lock, f".stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return True  # someone else removed it: retry at once
-    try:
-        moved = json.loads(aside.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        moved = None
-    if moved != holder:
-        if not lock.exists():
-            os.rename(aside, lock)
-        return False
-    os.unlink(aside)
-    logger.warning(
-        "ledger %s: took over the stale lock of pid %d on this host (no longer running)",
-        ledger,
-        pid,
-    )
-    return True
+    return read_holder(lock_path(ledger))

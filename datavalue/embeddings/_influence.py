@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from datavalue.errors import EmbeddingError, StoreNotFoundError
+from datavalue.store import writes_run
 
 CURVATURES = ("fisher", "empirical_fisher", "none")
 STRUCTURES = ("auto", "dense", "ekfac")
@@ -137,6 +138,7 @@ def _zero_damping(mean: float) -> str:
             "Pass damping_abs > 0 or curvature='none'.")
 
 
+@writes_run("build_influence")  # one writer per run (datavalue.store.lock_run)
 def build_influence(
     path: str | os.PathLike[str],
     *,

@@ -146,6 +146,23 @@ def test_a_final_pass_holds_its_parent_run_too(tmp_path):
     assert open_run(path).n_steps == 2
 
 
+
+def test_an_influence_build_is_refused_while_a_final_pass_writes(tmp_path):
+    """``build_influence`` writes ``<run>/final/influence``: it takes the run's lock like the other builds."""
+    path = tmp_path / "r.zarr"
+    model = _model()
+    with datavalue.Recorder(path, model, proj_dim=None, chunk_rows=8) as rec:
+        _steps(rec, model, 0, 2)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with datavalue.capture.FinalPass(path, model) as fp:
+        with fp.batch(range(6)):
+            F.cross_entropy(model(x), y).backward()
+        with pytest.raises(StoreLockedError):
+            datavalue.embeddings.build_influence(path, progress=False)
+    datavalue.embeddings.build_influence(path, progress=False)
+    assert not (path / LOCK_FILE).exists()
+
 # ------------------------------------------------------------------ other processes
 _HOLDER = """
 import sys, time, torch, torch.nn.functional as F, datavalue

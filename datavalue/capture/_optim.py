@@ -8,6 +8,8 @@ Every torch recorder (``Recorder``, ``DataValueCallback``) calls :func:`optimize
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -119,6 +121,60 @@ def _value(x: Any) -> float:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
+#: The manifest's ``optimizer`` entries a resumed run must share with the recorded one: its class and
+#: the settings that define its update, which builds read once for the whole run (the per-step lr,
+#: momentum and weight decay are recorded every step and may change).
+RESUME_KEYS = ("kind", "n_groups", "dampening", "nesterov", "betas", "eps", "amsgrad", "maximize",
+               "decoupled_weight_decay")
+
+
+def optimizer_resume_diff(recorded: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+    """What differs between a run's recorded ``optimizer`` entry and :func:`optimizer_config` of the
+    optimizer resuming it (``[]``: the same optimizer; a run recorded before this entry existed is not checked)."""
+    if not recorded:
+        return []
+    out = [f"optimizer {key}: recorded {recorded.get(key)!r}, now {now.get(key)!r}" for key in RESUME_KEYS
+           if (key in recorded or key in now) and _norm(recorded.get(key)) != _norm(now.get(key))]
+    for g, (a, b) in enumerate(zip(recorded.get("groups") or [], now.get("groups") or [])):
+        out += [f"param group {g} {key}: recorded {a.get(key)!r}, now {b.get(key)!r}" for key in _GROUP_STATIC
+                if key not in ("lr", "momentum", "weight_decay") and _norm(a.get(key)) != _norm(b.get(key))]
+    return out
+
+
+def _norm(v: Any) -> Any:
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_hyperparameters(opt: Any, step: int) -> None:
+    """Refuse a step whose optimizer reports a learning rate, momentum, weight decay, betas or eps that
+    no update can have (NaN, infinite, negative; betas outside ``[0, 1)``): recorded, it would poison
+    every build. Reads what each param group holds now (what ``optimizer.step()`` is about to use)."""
+    for gi, g in enumerate(unwrap_optimizer(opt).param_groups):
+        bad = []
+        for key in ("lr", "momentum", "weight_decay", "eps", "dampening"):
+            if key in g and g[key] is not None:
+                try:
+                    v = _value(g[key])
+                except (TypeError, ValueError, RuntimeError):
+                    bad.append(f"{key}={g[key]!r} (not a number)")
+                    continue
+                if not math.isfinite(v) or v < 0:
+                    bad.append(f"{key}={v!r}")
+        for i, beta in enumerate(g.get("betas") or ()):
+            try:
+                v = _value(beta)
+            except (TypeError, ValueError, RuntimeError):
+                v = float("nan")
+            if not (math.isfinite(v) and 0.0 <= v < 1.0):
+                bad.append(f"betas[{i}]={beta!r}")
+        if bad:
+            raise RecorderError(
+                f"step {step}: the optimizer's param group {gi} reports {', '.join(bad)}; an update needs finite, "
+                "non-negative hyperparameters (betas in [0, 1)). Nothing was written for this step. Check what "
+                "sets them (a scheduler, a manual param_groups edit) before optimizer.step()."
+            )
+
+
 def optimizer_state(opt: torch.optim.Optimizer | None) -> dict[str, float]:
     """The step's ``lr``, ``momentum`` and ``weight_decay`` of param group 0 (NaN lr without an
     optimizer); :func:`group_state` gives every group's."""
@@ -181,7 +237,8 @@ def adam_moments(opt: Any, model: nn.Module, engine: Engine) -> dict[str, Any]:
     }
 
 
-def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: bool, lr: float | None = None) -> dict[str, Any]:
+def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: bool, lr: float | None = None,
+                step: int = -1) -> dict[str, Any]:
     """The optimizer's part of a step's ``StepBlock``: ``lr``, ``momentum``, ``weight_decay`` (param
     group 0) and ``extra``: the Adam moments when ``record_state``, and with more than one param group
     each group's ``group_lr``, ``group_momentum``, ``group_weight_decay`` ``(G,)``. Read before
@@ -191,6 +248,8 @@ def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: boo
     param groups the groups' lrs are read from the optimizer, so an explicit ``lr`` that disagrees
     with group 0's is refused rather than recorded inconsistently.
     """
+    if opt is not None:
+        check_hyperparameters(opt, step)
     st = optimizer_state(opt)
     extra = adam_moments(opt, model, engine) if (record_state and opt is not None) else None
     if opt is not None and len(unwrap_optimizer(opt).param_groups) > 1:

@@ -34,7 +34,13 @@ from torch import nn
 
 from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
-from datavalue.capture._optim import is_adam, optimizer_config, optimizer_resume_diff, step_fields, unwrap_optimizer
+from datavalue.capture._optim import (
+    is_adam,
+    optimizer_config,
+    optimizer_resume_diff,
+    step_fields,
+    unwrap_optimizer,
+)
 from datavalue.capture._pipeline import (
     DistInfo,
     StepMemory,

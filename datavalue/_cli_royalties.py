@@ -79,9 +79,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Execute ``datavalue royalties``; returns the process exit code."""
     from datavalue import shapley
+    from datavalue.cli import check_out_path
 
     try:
-        out = Path(args.out)
+        out = check_out_path(args.out, shapley.ShapleyError)
         _refuse_input_as_output(out, ledger=args.ledger, registry=args.registry)
         fmt = args.format or shapley.infer_format(args.out)
         if out.exists() and not args.overwrite:
@@ -93,7 +94,12 @@ def run(args: argparse.Namespace) -> int:
         ledger = shapley.RoyaltyLedger(args.ledger, create=False)
         registry = shapley.OwnerRegistry.load(args.registry) if args.registry else None
         statement = ledger.statement(period, aggregation=args.aggregation, registry=registry)
-        shapley.write_report(statement, out, format=fmt, overwrite=args.overwrite)
+        try:
+            shapley.write_report(statement, out, format=fmt, overwrite=args.overwrite)
+        except OSError as exc:
+            if isinstance(exc, shapley.ShapleyError):
+                raise
+            raise shapley.ShapleyError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out.") from exc
     except shapley.ShapleyError as exc:
         print(f"datavalue royalties: error: {exc}", file=sys.stderr)
         return 2  # same exit code as the main CLI for a DataValueError

@@ -73,9 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from datavalue.query import Attributor, load_loss, load_model
-
     from datavalue.cli import check_out_path
+    from datavalue.query import Attributor, load_loss, load_model
 
     out = check_out_path(args.out, QueryError)
     if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):

@@ -154,6 +154,8 @@ def check_hyperparameters(opt: Any, step: int) -> None:
         for key in ("lr", "momentum", "weight_decay", "eps", "dampening"):
             if key in g and g[key] is not None:
                 try:
+                    if isinstance(g[key], (str, bytes, bool)):
+                        raise TypeError(key)
                     v = _value(g[key])
                 except (TypeError, ValueError, RuntimeError):
                     bad.append(f"{key}={g[key]!r} (not a number)")
@@ -162,7 +164,7 @@ def check_hyperparameters(opt: Any, step: int) -> None:
                     bad.append(f"{key}={v!r}")
         for i, beta in enumerate(g.get("betas") or ()):
             try:
-                v = _value(beta)
+                v = float("nan") if isinstance(beta, (str, bytes, bool)) else _value(beta)
             except (TypeError, ValueError, RuntimeError):
                 v = float("nan")
             if not (math.isfinite(v) and 0.0 <= v < 1.0):

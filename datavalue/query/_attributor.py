@@ -217,18 +217,24 @@ class Attributor:
             raise NonFiniteError(f"test gradients of test points {bad} contain NaN/Inf; check those losses.")
         return q
 
-    def _check_memory(self, m: int, g: Grouping, result: str | None) -> None:
+    def _check_memory(self, m: int, g: Grouping, result: str | None, top: int = 0) -> None:
         """Refuse a query whose peak (its result, the streamed chunks, the test gradients) cannot fit.
 
         ``result``: ``"occurrences"`` (an ``(m, rows)`` score matrix), ``"groups"`` (``(m, groups)``
-        float64 sums, accumulated then densified) or None (top-k of occurrences: small partials).
+        float64 sums, accumulated then densified) or None (the ``top`` best and worst of occurrences:
+        small partials per chunk).
         """
         k, rows = int(self.run.proj_dim), g.stop - g.start
         chunk = min(self.chunk_rows, max(rows, 1))
-        parts = {"test gradients": m * k * 8,
-                 "streamed chunks": 2 * _stream.n_threads(self.client) * chunk * (k + m) * 8}
+        n_chunks = -(-max(rows, 1) // chunk)
+        item = np.result_type(self.source.array.dtype, np.float32).itemsize  # rows as read and scored
+        # chunks being read (one per thread, two windows) and the per-chunk results of two windows in flight
+        reads = min(2 * _stream.n_threads(self.client), n_chunks) * chunk * k * item
+        # what each chunk's task returns: its top and bottom, its groups' sums, or its scores
+        partial = {None: 4 * 16 * m * top, "groups": m * 8 * min(chunk, g.n_columns)}.get(result, chunk * m * 8)
+        window = _stream._window(self.client, partial)
+        parts = {"test gradients": m * k * 8, "streamed chunks": reads + min(2 * window, n_chunks) * partial}
         if result == "occurrences":
-            item = np.result_type(self.source.array.dtype, np.float32).itemsize
             parts[f"the ({m}, {rows}) score matrix"] = m * rows * item
         elif result == "groups":
             parts[f"the ({m}, {g.n_columns}) sums by {g.by}"] = 2 * m * g.n_columns * 8
@@ -382,7 +388,7 @@ class Attributor:
         g = self._grouping(by, owners, unowned, steps)
         if g.n_columns == 0:
             raise QueryError("the selection has no columns (empty step window or every sample dropped).")
-        self._check_memory(q.shape[0], g, None if g.by is None else "groups")
+        self._check_memory(q.shape[0], g, None if g.by is None else "groups", top=int(k))
         if g.by is None:
             chunks = self._chunks(q, g).with_reduce(_stream.topk_chunk, lambda a, b: (a, int(k)))
             part = _stream.stream_reduce(chunks, _stream.combine_top_k, client=self.client, progress=self.progress,

@@ -61,7 +61,8 @@ def test_accumulation_inside_one_step_is_refused_and_microbatches_record_the_tru
     np.testing.assert_allclose(_rows(tmp_path / "a.zarr"), truth, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("pattern", ["two views, one backward", "two losses, one forward", "checkpointing"])
+@pytest.mark.parametrize("pattern", ["two views, one backward", "two losses, one forward", "checkpointing",
+                                     "checkpointing a segment, reentrant"])
 def test_look_alikes_of_accumulation_are_accepted_and_exact(tmp_path, pattern):
     model = _model()
     b = 4
@@ -82,8 +83,11 @@ def test_look_alikes_of_accumulation_are_accepted_and_exact(tmp_path, pattern):
                 out = model(x)
                 F.cross_entropy(out, y, reduction="sum").backward(retain_graph=True)
                 (0.5 * out.pow(2).sum()).backward()
-            else:
+            elif pattern == "checkpointing":
                 out = checkpoint(model, x, use_reentrant=False)
+                (F.cross_entropy(out, y, reduction="sum") + 0.5 * out.pow(2).sum()).backward()
+            else:  # the first layer is recomputed inside the backward, after the last layer's gradient arrived
+                out = model[2](model[1](checkpoint(model[0], x.clone().requires_grad_(), use_reentrant=True)))
                 (F.cross_entropy(out, y, reduction="sum") + 0.5 * out.pow(2).sum()).backward()
     truth = _oracle(model, lambda i: loss_of(X[i : i + 1], Y[i : i + 1]))[:b]
     np.testing.assert_allclose(_rows(tmp_path / "v.zarr"), truth, rtol=1e-10, atol=1e-12)

@@ -133,6 +133,8 @@ def optimizer_resume_diff(recorded: Mapping[str, Any] | None, now: Mapping[str, 
     optimizer resuming it (``[]``: the same optimizer; a run recorded before this entry existed is not checked)."""
     if not recorded:
         return []
+    if recorded.get("kind") != now.get("kind"):  # another optimizer: its settings differ by definition
+        return [f"optimizer kind: recorded {recorded.get('kind')!r}, now {now.get('kind')!r}"]
     out = [f"optimizer {key}: recorded {recorded.get(key)!r}, now {now.get(key)!r}" for key in RESUME_KEYS
            if (key in recorded or key in now) and _norm(recorded.get(key)) != _norm(now.get(key))]
     for g, (a, b) in enumerate(zip(recorded.get("groups") or [], now.get("groups") or [])):

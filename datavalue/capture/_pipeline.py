@@ -406,7 +406,7 @@ class StepMemory:
         check_memory(
             sum(parts.values()), what=f"recording a step of {b} examples", parts=big, error=RecorderError,
             max_memory=self.max_memory,
-            fixes=("record with a smaller proj_dim (k) or smaller batches, fewer chunk_rows, background=False (no "
+            fixes=("record with a smaller proj_dim (k) or smaller batches, a smaller chunk_rows=, background=False (no "
                    "write queue)" + (", or precondition='none' (whitening holds b x P exact gradients)" if self.whiten
                                      else "")),
         )

@@ -129,7 +129,7 @@ class Recorder:
             steps (``s`` the capture dtype's size, ``F`` Fisher rows per example, ``16 k`` with Adam
             moments) + ``3 b k s`` for the step's rows + ``chunk_rows k`` of the chunk being written +
             ``16 P`` for Adam moments (``P`` parameters) + ``b P (s + 16)`` with ``precondition="adam"``
-            (:class:`datavalue.capture.StepMemory`; ``DATAVALUE_MEMORY_CHECK=0`` skips the default check).
+            (docs/capture.md, "Host memory per step"; ``DATAVALUE_MEMORY_CHECK=0`` skips the default check).
 
     Sign convention of everything built from a run: influence = loss(without) - loss(with);
     positive means the occurrence helped.

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from datavalue.cli import check_out_path
+    from datavalue._cli_royalties import check_out_path
     from datavalue.query import Attributor, load_loss, load_model
 
     out = check_out_path(args.out, QueryError)

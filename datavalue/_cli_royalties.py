@@ -27,8 +27,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "check_out_path", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Execute ``datavalue royalties``; returns the process exit code."""
     from datavalue import shapley
-    from datavalue.cli import check_out_path
 
     try:
         out = check_out_path(args.out, shapley.ShapleyError)
@@ -109,6 +109,26 @@ def run(args: argparse.Namespace) -> int:
         f"to {out}"
     )
     return 0
+
+
+def check_out_path(path: str | os.PathLike[str], error: Any, *, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be written: a directory, a path under a
+    regular file, or a directory without write permission (the nearest existing ancestor is checked;
+    missing directories are created by the writer). Shared by every writing command; it lives here
+    because this module may import only the standard library, ``datavalue.shapley`` and
+    ``datavalue.errors`` (tests/shapley/test_reports_cli.py)."""
+    out = Path(path)
+    if out.is_dir():
+        raise error(f"{flag} {out} is a directory; give the path of a file to write (a new name inside it, for example).")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{flag} {out}: {parent} is a file, not a directory, so nothing can be written under it; choose "
+                    f"another {flag}.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"{flag} {out}: no permission to write in {parent}; choose a directory you can write to.")
+    return out
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -10,10 +10,8 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -23,24 +21,6 @@ def _fmt_bytes(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return str(n)
-
-
-def check_out_path(path: str | os.PathLike[str], error: Any, *, flag: str = "--out") -> Path:
-    """Refuse, before any work, an output path that cannot be written: a directory, a path under a
-    regular file, or a directory without write permission (the nearest existing ancestor is checked;
-    missing directories are created by the writer)."""
-    out = Path(path)
-    if out.is_dir():
-        raise error(f"{flag} {out} is a directory; give the path of a file to write (a new name inside it, for example).")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise error(f"{flag} {out}: {parent} is a file, not a directory, so nothing can be written under it; choose "
-                    f"another {flag}.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise error(f"{flag} {out}: no permission to write in {parent}; choose a directory you can write to.")
-    return out
 
 
 def _cannot_write(out: Any, exc: OSError, error: Any) -> Exception:
@@ -122,6 +102,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
+    from datavalue._cli_royalties import check_out_path  # the writing commands' shared output check
     from datavalue.errors import StoreError
     from datavalue.store import archive_run
 

@@ -165,3 +165,10 @@ def test_recorder_checks_micro_batched_steps_at_commit(tmp_path, monkeypatch):
         with pytest.raises(RecorderError, match=r"step of 16 examples.*available.*DATAVALUE_MEMORY_CHECK=0"):
             rec.commit_step(lr=0.1)
     assert open_run(tmp_path / "m.zarr").n_steps == 0
+
+
+@pytest.mark.parametrize("bad", [0, "lots", float("inf")])
+def test_recorder_max_memory_must_be_a_size_and_nothing_is_created(tmp_path, bad):
+    with pytest.raises(RecorderError, match="max_memory must be"):
+        datavalue.Recorder(tmp_path / "x.zarr", _model(), proj_dim=None, max_memory=bad)
+    assert not (tmp_path / "x.zarr").exists()

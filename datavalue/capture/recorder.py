@@ -251,15 +251,16 @@ class Recorder:
             raise RecorderError("curvature='hessian' is not supported under torch.distributed; use curvature='fisher'.")
         if self.precondition != "none":
             manifest["projection"]["precondition"] = self.precondition
-        self._sink = StepSink(path, manifest, k=self.layout.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
-                              fisher=self.fisher, background=background, on_nonfinite=on_nonfinite, dist=self._dist)
-        self.writer = self._sink.writer
-        self._memory = StepMemory(
+        self._memory = StepMemory(  # before the run is opened: a bad max_memory= leaves nothing behind
             k=self.layout.k, P=sum(p.numel() for p in model.parameters() if p.requires_grad), fisher_rows=max(
-                cfg.fisher_max_classes, cfg.fisher_samples) if self.fisher else 0, chunk_rows=self._sink.chunk_rows,
+                cfg.fisher_max_classes, cfg.fisher_samples) if self.fisher else 0, chunk_rows=chunk_rows or 0,
             capture_itemsize=self.engine.dtype.itemsize, storage_itemsize=np.dtype(storage_dtype).itemsize,
             adam=self.record_optimizer_state, whiten=self._whitener is not None, background=background,
             max_memory=max_memory)
+        self._sink = StepSink(path, manifest, k=self.layout.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
+                              fisher=self.fisher, background=background, on_nonfinite=on_nonfinite, dist=self._dist)
+        self.writer = self._sink.writer
+        self._memory.chunk_rows = self._sink.chunk_rows  # the run's own (resume: as recorded)
         self.path = Path(path)
         self._active: StepHandle | None = None
         self.closed = False

@@ -35,6 +35,7 @@ from torch import nn
 from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
 from datavalue.capture._optim import (
+    UnrecordedGradients,
     is_adam,
     optimizer_config,
     optimizer_resume_diff,
@@ -271,6 +272,7 @@ class Recorder:
         self._fisher_mask: torch.Tensor | None = None
         self._fisher_sum = False  # FinalPass: per-example losses summed over positions
         self.engine.attach(root_hook=self._on_model_output if self.fisher else None)
+        self._unrecorded = UnrecordedGradients(self.engine, optimizer) if optimizer is not None else None
         _ATTACHED[model] = self
         logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
 
@@ -488,6 +490,8 @@ class Recorder:
             raise RecorderError(f"fisher_mask must have one row per example ({ids.size}, ...), got shape "
                                 f"{tuple(self._fisher_mask.shape)}.")
         self.engine.begin(ids.size)
+        if self._unrecorded is not None:
+            self._unrecorded.block_started()
         out: list[Any] = []
         ok = False
         try:
@@ -612,6 +616,8 @@ class Recorder:
             return
         self.closed = True
         self.engine.detach()
+        if getattr(self, "_unrecorded", None) is not None:
+            self._unrecorded.remove()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
         self._sink.close()

@@ -186,3 +186,38 @@ def test_a_trainable_set_that_changes_mid_run_is_refused(tmp_path, change):
             with rec.step(sample_ids=range(8, 16), lr=0.1):
                 F.cross_entropy(model(X), Y).backward()
     assert open_run(tmp_path / "t.zarr").n_steps == 1
+
+
+# ----------------------------------------------------------------------------- a backward outside the blocks
+def test_a_micro_batch_backpropagated_outside_the_block_is_refused_at_the_optimizer_step(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None, optimizer=opt) as rec:
+        with rec.step(sample_ids=range(4)):  # the block holds the first micro-batch only
+            (F.cross_entropy(model(X[:4]), Y[:4]) / 2).backward()
+        (F.cross_entropy(model(X[4:]), Y[4:]) / 2).backward()  # the second, outside: in .grad, not in the run
+        with pytest.raises(RecorderError, match=r"optimizer\.step\(\): a backward pass outside any recorded block.*"
+                           r"rec\.microbatch"):
+            opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the update was not applied
+
+
+def test_what_is_not_an_unrecorded_backward_passes(tmp_path):
+    """Clipping between the block and the step, a gradient probe zeroed before the next block, and a query
+    (``autograd.grad``, never ``.grad``) during training are not unrecorded gradient."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "ok.zarr"
+    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, storage_dtype="float64") as rec:
+        for t in range(3):
+            F.cross_entropy(model(X), Y).backward()  # a probe of the gradient norm, then zeroed
+            opt.zero_grad()
+            with rec.step(sample_ids=range(8 * t, 8 * t + 8)):
+                F.cross_entropy(model(X), Y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            datavalue.capture.per_sample_gradients(model, lambda m: F.cross_entropy(m(X), Y, reduction="none"),
+                                                   rec.writer.manifest)
+            opt.step()
+            opt.zero_grad()
+    assert open_run(path).n_steps == 3

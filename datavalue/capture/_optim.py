@@ -271,3 +271,48 @@ def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: boo
         "weight_decay": st["weight_decay"],
         "extra": extra,
     }
+
+
+class UnrecordedGradients:
+    """Refuse an optimizer step whose gradient holds a backward pass the run did not record.
+
+    A backward outside any recorded block (``rec.step``, ``rec.microbatch``) that accumulates into
+    ``.grad`` before ``optimizer.step()`` (a second micro-batch after the block of the first, an extra
+    loss term backpropagated on its own) puts gradient into the update that no row of the run holds.
+    Each trainable parameter's post-accumulate hook counts such backward passes (``autograd.grad``, as
+    queries and Fisher pseudo-gradients use it, and in-place edits such as clipping do not count); an
+    optimizer step pre-hook refuses the step before its update. A recorded block starting resets the
+    count: a backward whose gradient was zeroed before the step is harmless.
+    """
+
+    def __init__(self, engine: Engine, optimizer: Any) -> None:
+        self.engine = engine
+        self.unrecorded: set[str] = set()
+        self._handles = [p.register_post_accumulate_grad_hook(lambda _p, n=name: self._on_accumulate(n))
+                         for name, p in engine.model.named_parameters() if p.requires_grad]
+        self._handles.append(unwrap_optimizer(optimizer).register_step_pre_hook(self._on_step))
+
+    def _on_accumulate(self, name: str) -> None:
+        if self.engine.sink is None:
+            self.unrecorded.add(name)
+
+    def block_started(self) -> None:
+        self.unrecorded.clear()
+
+    def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG002
+        if not self.unrecorded:
+            return
+        names, self.unrecorded = sorted(self.unrecorded), set()
+        raise RecorderError(
+            f"optimizer.step(): a backward pass outside any recorded block accumulated gradient into {names[:3]}"
+            f"{' ...' if len(names) > 3 else ''} after the last recorded block, so this update holds gradient that the "
+            "run does not (gradient accumulation with a block around one micro-batch?). The update was not applied, "
+            "and the run's last step lacks that gradient: record every micro-batch in `with rec.microbatch(ids):` "
+            "(then rec.commit_step()), or run every backward inside the step's `with rec.step(...)` block, and start "
+            "the run again."
+        )
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -332,6 +332,16 @@ def c_accumulation_in_step(tmp_path):
                 F.cross_entropy(rec.model(X[3 * mb : 3 * mb + 3]), Y[3 * mb : 3 * mb + 3]).backward()
 
 
+def c_accumulation_outside_block(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None, optimizer=opt) as rec:
+        with rec.step(sample_ids=range(3)):  # the block holds the first micro-batch only
+            F.cross_entropy(model(X[:3]), Y[:3]).backward()
+        F.cross_entropy(model(X[3:]), Y[3:]).backward()  # the second, outside the block
+        opt.step()
+
+
 def c_resume_other_optimizer(tmp_path):
     model = _model()
     with datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None,
@@ -465,6 +475,9 @@ CASES = {
     "lr-bool": (c_lr_bool, "tmp", E.RecorderError, "got True \\(bool\\)", "a number, or optimizer="),
     "accumulation-in-step": (c_accumulation_in_step, "tmp", E.RecorderError, "second forward and backward.*rec.microbatch",
                              "rec.microbatch / rec.commit_step"),
+    "accumulation-outside-block": (c_accumulation_outside_block, "tmp", E.RecorderError,
+                                   "optimizer.step\\(\\): a backward pass outside any recorded block",
+                                   "rec.microbatch / rec.commit_step"),
     "resume-other-optimizer": (c_resume_other_optimizer, "tmp", E.StoreMismatchError, "optimizer kind: recorded 'sgd', now 'adam'",
                                "the recorded optimizer, or a new run"),
     "optimizer-lr-nan": (c_optimizer_lr_nan, "tmp", E.RecorderError, "param group 0 reports lr=nan", "check the scheduler"),

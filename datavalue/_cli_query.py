@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from datavalue._cli_royalties import check_out_path
     from datavalue.query import Attributor, load_loss, load_model
 
-    out = Path(args.out)
+    out = check_out_path(args.out, QueryError)
     if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
         raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
                          "Choose a path outside it.")
@@ -90,14 +91,19 @@ def _run(args: argparse.Namespace) -> int:
     attr = Attributor(args.run, model, curvature=args.curvature, kind=args.kind, chunk_rows=args.chunk_rows,
                       progress=not args.no_progress)
     logger.info("%r", attr)
-    if args.top_k > 0:
-        res = attr.top_k(loss_fn, k=args.top_k, by=by, steps=steps)
-        path = attr.save_parquet(res, out, overwrite=args.overwrite)
-        n = len(res.to_frame())
-    else:
-        scores = attr.scores(loss_fn, by=by, steps=steps)
-        path = attr.save_parquet(scores, out, by=by, steps=steps, overwrite=args.overwrite)
-        n = scores.shape[1]
+    try:
+        if args.top_k > 0:
+            res = attr.top_k(loss_fn, k=args.top_k, by=by, steps=steps)
+            path = attr.save_parquet(res, out, overwrite=args.overwrite)
+            n = len(res.to_frame())
+        else:
+            scores = attr.scores(loss_fn, by=by, steps=steps)
+            path = attr.save_parquet(scores, out, by=by, steps=steps, overwrite=args.overwrite)
+            n = scores.shape[1]
+    except OSError as exc:
+        if isinstance(exc, DataValueError):
+            raise
+        raise QueryError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out.") from exc
     print(f"wrote {n} rows to {path} ({attr.kind}, curvature={attr.curvature}, by={args.by})")
     return 0
 

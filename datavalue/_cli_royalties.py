@@ -27,8 +27,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "check_out_path", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from datavalue import shapley
 
     try:
-        out = Path(args.out)
+        out = check_out_path(args.out, shapley.ShapleyError)
         _refuse_input_as_output(out, ledger=args.ledger, registry=args.registry)
         fmt = args.format or shapley.infer_format(args.out)
         if out.exists() and not args.overwrite:
@@ -93,7 +94,12 @@ def run(args: argparse.Namespace) -> int:
         ledger = shapley.RoyaltyLedger(args.ledger, create=False)
         registry = shapley.OwnerRegistry.load(args.registry) if args.registry else None
         statement = ledger.statement(period, aggregation=args.aggregation, registry=registry)
-        shapley.write_report(statement, out, format=fmt, overwrite=args.overwrite)
+        try:
+            shapley.write_report(statement, out, format=fmt, overwrite=args.overwrite)
+        except OSError as exc:
+            if isinstance(exc, shapley.ShapleyError):
+                raise
+            raise shapley.ShapleyError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out.") from exc
     except shapley.ShapleyError as exc:
         print(f"datavalue royalties: error: {exc}", file=sys.stderr)
         return 2  # same exit code as the main CLI for a DataValueError
@@ -103,6 +109,26 @@ def run(args: argparse.Namespace) -> int:
         f"to {out}"
     )
     return 0
+
+
+def check_out_path(path: str | os.PathLike[str], error: Any, *, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be written: a directory, a path under a
+    regular file, or a directory without write permission (the nearest existing ancestor is checked;
+    missing directories are created by the writer). Shared by every writing command; it lives here
+    because this module may import only the standard library, ``datavalue.shapley`` and
+    ``datavalue.errors`` (tests/shapley/test_reports_cli.py)."""
+    out = Path(path)
+    if out.is_dir():
+        raise error(f"{flag} {out} is a directory; give the path of a file to write (a new name inside it, for example).")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{flag} {out}: {parent} is a file, not a directory, so nothing can be written under it; choose "
+                    f"another {flag}.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"{flag} {out}: no permission to write in {parent}; choose a directory you can write to.")
+    return out
 
 
 def _same_file(a: Path, b: Path) -> bool:

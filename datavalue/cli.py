@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _fmt_bytes(n: int) -> str:
@@ -20,6 +21,10 @@ def _fmt_bytes(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return str(n)
+
+
+def _cannot_write(out: Any, exc: OSError, error: Any) -> Exception:
+    return error(f"cannot write {out}: {exc.strerror or exc}; choose a writable path (nothing was written there).")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -97,9 +102,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
+    from datavalue._cli_royalties import check_out_path  # the writing commands' shared output check
+    from datavalue.errors import StoreError
     from datavalue.store import archive_run
 
-    out = archive_run(args.run, args.out, overwrite=args.overwrite)
+    check_out_path(args.out, StoreError, flag="OUT")
+    try:
+        out = archive_run(args.run, args.out, overwrite=args.overwrite)
+    except OSError as exc:
+        if isinstance(exc, StoreError):
+            raise
+        raise _cannot_write(args.out, exc, StoreError) from exc
     print(f"wrote {out} ({_fmt_bytes(out.stat().st_size)}); open it with datavalue.open_run({str(out)!r})")
     return 0
 

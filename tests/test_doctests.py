@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "datavalue._memory",
     "datavalue.capture._config",
     "datavalue.capture._pipeline",
     "datavalue.capture.recorder",

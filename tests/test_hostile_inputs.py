@@ -304,6 +304,126 @@ def c_cli_refuses_overwrite(built):
     raise E.StoreExistsError("exit code 2")
 
 
+# ----------------------------------------------------------------------------- issue 22: training that differs
+def c_lr_string(tmp_path):
+    with rec_for(tmp_path) as rec:
+        _step(rec, rec.model, lr="abc")
+
+
+def c_lr_complex(tmp_path):
+    with rec_for(tmp_path) as rec:
+        _step(rec, rec.model, lr=1j)
+
+
+def c_lr_tensor(tmp_path):
+    with rec_for(tmp_path) as rec:
+        _step(rec, rec.model, lr=torch.tensor([0.1, 0.2]))
+
+
+def c_lr_bool(tmp_path):
+    with rec_for(tmp_path) as rec:
+        _step(rec, rec.model, lr=True)
+
+
+def c_accumulation_in_step(tmp_path):
+    with rec_for(tmp_path) as rec:
+        with rec.step(sample_ids=range(3), lr=0.1):  # ids of one micro-batch, two micro-batches run
+            for mb in range(2):
+                F.cross_entropy(rec.model(X[3 * mb : 3 * mb + 3]), Y[3 * mb : 3 * mb + 3]).backward()
+
+
+def c_accumulation_outside_block(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None, optimizer=opt) as rec:
+        with rec.step(sample_ids=range(3)):  # the block holds the first micro-batch only
+            F.cross_entropy(model(X[:3]), Y[:3]).backward()
+        F.cross_entropy(model(X[3:]), Y[3:]).backward()  # the second, outside the block
+        opt.step()
+
+
+def c_resume_other_optimizer(tmp_path):
+    model = _model()
+    with datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None,
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)) as rec:
+        _step(rec, model, lr=None)
+    datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None, resume=True,
+                       optimizer=torch.optim.Adam(model.parameters(), lr=0.1))
+
+
+def c_optimizer_lr_nan(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["lr"] = float("nan")  # what a broken scheduler leaves
+    with datavalue.Recorder(tmp_path / "n.zarr", model, proj_dim=None, optimizer=opt) as rec:
+        _step(rec, model, lr=None)
+
+
+def c_trainable_changed(tmp_path):
+    with rec_for(tmp_path) as rec:
+        _step(rec, rec.model)
+        rec.model[0].requires_grad_(False)  # a layer frozen (or unfrozen) mid-run
+        _step(rec, rec.model, ids=range(6, 12))
+
+
+def c_record_over_memory(tmp_path):
+    with datavalue.Recorder(tmp_path / "m.zarr", _model(), proj_dim=None, max_memory=1000) as rec:
+        _step(rec, rec.model)
+
+
+# ----------------------------------------------------------------------------- issue 22: queries and royalties
+def c_query_steps_float(built):
+    datavalue.Attributor(built[1], built[0], progress=False).scores(
+        lambda m: F.cross_entropy(m(X), Y, reduction="none"), steps=(1.5, 3))
+
+
+def c_query_model_str(built):
+    datavalue.Attributor(built[1], "str", progress=False)
+
+
+def c_query_meta_model(built):
+    datavalue.Attributor(built[1], _model().to("meta"), progress=False)
+
+
+def c_query_cast_model(built):
+    datavalue.Attributor(built[1], _model().double(), progress=False).scores(
+        lambda m: F.cross_entropy(m(X), Y, reduction="none"))  # float inputs into a float64 model
+
+
+def c_query_over_memory(built):
+    datavalue.Attributor(built[1], built[0], progress=False, max_memory="1 KiB").scores(
+        lambda m: F.cross_entropy(m(X), Y, reduction="none"))
+
+
+def c_query_max_memory_garbage(built):
+    datavalue.Attributor(built[1], built[0], progress=False, max_memory="lots")
+
+
+def c_pool_bool(tmp_path):
+    shapley.split_royalties([1.0, 2.0], pool=True)
+
+
+def c_archive_not_a_run(tmp_path):
+    (tmp_path / "x.txt").write_text("notes")
+    from datavalue.store import archive_run
+
+    archive_run(tmp_path / "x.txt", tmp_path / "x.zip")
+
+
+def c_ledger_directory(tmp_path):
+    shapley.RoyaltyLedger(tmp_path)
+
+
+def c_registry_bad_json(tmp_path):
+    (tmp_path / "owners.json").write_text("{not json")
+    shapley.OwnerRegistry.load(tmp_path / "owners.json")
+
+
+def c_registry_not_an_object(tmp_path):
+    (tmp_path / "owners.json").write_text("[1, 2, 3]")
+    shapley.OwnerRegistry.load(tmp_path / "owners.json")
+
+
 # id: (callable, fixture, expected error type, message pattern, what the user gets told)
 CASES = {
     "ids-length": (c_ids_length, "tmp", E.RecorderError, "sample_ids has 5", "one id per example"),
@@ -349,6 +469,32 @@ CASES = {
     "ledger-malformed-row": (c_ledger_malformed_row, "tmp", shapley.ShapleyError, "not a ledger row", "restore from backup"),
     "cli-output-inside-run": (c_cli_out_inside_run, "built", E.StoreError, "exit code 2", "choose a path outside the run"),
     "cli-refuses-overwrite": (c_cli_refuses_overwrite, "built", E.StoreExistsError, "exit code 2", "--overwrite"),
+    "lr-string": (c_lr_string, "tmp", E.RecorderError, "real number, got 'abc'", "a number, or optimizer="),
+    "lr-complex": (c_lr_complex, "tmp", E.RecorderError, "real number, got 1j", "a number, or optimizer="),
+    "lr-tensor": (c_lr_tensor, "tmp", E.RecorderError, "one number, got a tensor of shape \\(2,\\)", "the step's lr"),
+    "lr-bool": (c_lr_bool, "tmp", E.RecorderError, "got True \\(bool\\)", "a number, or optimizer="),
+    "accumulation-in-step": (c_accumulation_in_step, "tmp", E.RecorderError, "second forward and backward.*rec.microbatch",
+                             "rec.microbatch / rec.commit_step"),
+    "accumulation-outside-block": (c_accumulation_outside_block, "tmp", E.RecorderError,
+                                   "optimizer.step\\(\\): a backward pass outside any recorded block",
+                                   "rec.microbatch / rec.commit_step"),
+    "resume-other-optimizer": (c_resume_other_optimizer, "tmp", E.StoreMismatchError, "optimizer kind: recorded 'sgd', now 'adam'",
+                               "the recorded optimizer, or a new run"),
+    "optimizer-lr-nan": (c_optimizer_lr_nan, "tmp", E.RecorderError, "param group 0 reports lr=nan", "check the scheduler"),
+    "trainable-changed": (c_trainable_changed, "tmp", E.RecorderError, "no longer trainable: \\['0.bias', '0.weight'\\]",
+                          "a new run with the new set"),
+    "record-over-memory": (c_record_over_memory, "tmp", E.RecorderError, "above max_memory", "smaller proj_dim or batches"),
+    "query-steps-float": (c_query_steps_float, "built", E.QueryError, "int step indices", "steps=(1, 3)"),
+    "query-model-str": (c_query_model_str, "built", E.QueryError, "torch.nn.Module", "load the model first"),
+    "query-meta-model": (c_query_meta_model, "built", E.QueryError, "meta device", "load the weights first"),
+    "query-cast-model": (c_query_cast_model, "built", E.QueryError, "parameters are float64", "cast the inputs or model.float()"),
+    "query-over-memory": (c_query_over_memory, "built", E.QueryError, "above max_memory", "top_k, by=, steps=, lazy=True"),
+    "query-max-memory-garbage": (c_query_max_memory_garbage, "built", E.QueryError, "max_memory must be", "bytes or '8 GiB'"),
+    "pool-bool": (c_pool_bool, "tmp", shapley.InvalidPoolError, "got the bool True", "an amount of money"),
+    "archive-not-a-run": (c_archive_not_a_run, "tmp", E.StoreNotFoundError, "no datavalue run", "record one first"),
+    "ledger-directory": (c_ledger_directory, "tmp", shapley.LedgerError, "is a directory", "the ledger's file"),
+    "registry-bad-json": (c_registry_bad_json, "tmp", shapley.LedgerError, "not valid JSON", "restore or save again"),
+    "registry-not-an-object": (c_registry_not_an_object, "tmp", shapley.LedgerError, "holds a JSON list", "what save writes"),
 }
 
 
@@ -375,3 +521,63 @@ def test_other_major_version_is_refused(tmp_path):
     zj.write_text(json.dumps(meta))
     with pytest.raises(E.StoreMismatchError, match="datavalue-engine 7.0.0"):
         open_run(tmp_path / "r.zarr")
+
+
+# ----------------------------------------------------------------------------- issue 22: what works now
+@pytest.mark.parametrize("wrap", ["DataParallel", "double", "half", "bfloat16"])
+def test_queries_take_wrapped_and_cast_models(built, wrap):
+    """A wrapped model is unwrapped (its ``module.*`` names are the run's); a cast model gives the scores of
+    the recorded one up to its own precision (test inputs cast inside the loss)."""
+    import copy
+
+    model, path = built
+    ref = datavalue.Attributor(path, model, progress=False).scores(lambda m: F.cross_entropy(m(X), Y, reduction="none"))
+    other = torch.nn.DataParallel(copy.deepcopy(model)) if wrap == "DataParallel" else copy.deepcopy(model).to(
+        getattr(torch, {"double": "float64", "half": "float16"}.get(wrap, wrap)))
+    dtype = next(other.parameters()).dtype
+    S = datavalue.Attributor(path, other, progress=False).scores(
+        lambda m: F.cross_entropy(m(X.to(dtype)).float(), Y, reduction="none"))
+    tol = {"DataParallel": 1e-6, "double": 1e-5, "half": 3e-2, "bfloat16": 2e-1}[wrap]
+    np.testing.assert_allclose(S, ref, rtol=0, atol=tol * np.abs(ref).max())
+
+
+CLI_CASES = {
+    # id: (argv builder, what stderr says)
+    "archive-a-file": (lambda t: ["archive", str(t / "x.txt"), str(t / "a.zip")], "no datavalue run at .*x.txt"),
+    "archive-out-under-a-file": (lambda t: ["archive", str(t / "run.zarr"), str(t / "x.txt" / "a.zip")],
+                                 "x.txt is a file, not a directory"),
+    "royalties-ledger-directory": (lambda t: ["royalties", str(t), "--period", ":", "--out", str(t / "r.html")],
+                                   "is a directory; a royalty ledger is one JSON-lines file"),
+    "royalties-registry-bad-json": (lambda t: ["royalties", str(t / "l.jsonl"), "--period", ":", "--out",
+                                               str(t / "r.html"), "--registry", str(t / "x.txt")], "not valid JSON"),
+    "royalties-out-a-directory": (lambda t: ["royalties", str(t / "l.jsonl"), "--period", ":", "--out",
+                                             str(t / "run.zarr"), "--format", "html", "--overwrite"],
+                                  "--out .*run.zarr is a directory"),
+    "royalties-out-under-a-file": (lambda t: ["royalties", str(t / "l.jsonl"), "--period", ":", "--out",
+                                              str(t / "x.txt" / "r.html")], "x.txt is a file, not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_refuses_clearly(case, built, capsys):
+    """Exit status 2 and one line on stderr, never a traceback; nothing written."""
+    from datavalue.cli import main
+
+    t = built[1].parent
+    (t / "x.txt").write_text("notes")
+    ledger = shapley.RoyaltyLedger(t / "l.jsonl")
+    ledger.record(output_id="g1", prompt="p", revenue=Decimal("10.00"), owners=["a", "b"], result=[1.0, 2.0],
+                  content=b"x", timestamp="2025-01-01")
+    before = sorted(p.name for p in t.iterdir())
+    argv, said = CLI_CASES[case]
+    assert main(argv(t)) == 2
+    err = capsys.readouterr().err
+    assert re.search(said, err), err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in t.iterdir()) == before
+
+
+def test_errors_doc_lists_every_cli_case():
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    ids = re.findall(r"^\| `cli:([a-z0-9-]+)` \|", doc, re.M)
+    assert sorted(ids) == sorted(CLI_CASES), set(ids) ^ set(CLI_CASES)

@@ -126,6 +126,7 @@ class Engine:
             self.param_groups_json = column_groups(optimizer, self)
         first = next(iter(model.parameters()))
         self.device, self.dtype = first.device, first.dtype
+        self.trainable = frozenset(trainable_fingerprint(model))  # compared at every step (check_trainable)
         self.sketches = self._sketches()
         self._handles: list[Any] = []
         self.sink: dict[str, torch.Tensor] | None = None
@@ -135,6 +136,8 @@ class Engine:
         self.n_forward_events = 0
         self._seen_batch = 0
         self._replaying = False
+        self._pseudo = False  # inside grad_wrt_outputs (Fisher pseudo-gradients, test gradients)
+        self._backward_seen = False  # a user backward reached a captured module in this block
         self._root_hook: Callable[[torch.Tensor], None] | None = None
 
     # ------------------------------------------------------------------ planning
@@ -236,6 +239,23 @@ class Engine:
             out["param_groups"] = self.param_groups_json
         return out
 
+    def check_trainable(self, step: int) -> None:
+        """Refuse a step after a parameter's ``requires_grad`` changed: the run records the parameters
+        that were trainable when it started, and a layer unfrozen (or frozen) since would be missing
+        from (or wrongly in) every later row."""
+        now = frozenset(trainable_fingerprint(self.model))
+        if now == self.trainable:
+            return
+        on, off = sorted(now - self.trainable), sorted(self.trainable - now)
+        raise RecorderError(
+            f"step {step}: the model's trainable parameters changed since recording started"
+            + (f"; now trainable: {on[:5]}{' ...' if len(on) > 5 else ''}" if on else "")
+            + (f"; no longer trainable: {off[:5]}{' ...' if len(off) > 5 else ''}" if off else "")
+            + ". A run records one fixed set of parameters; nothing was written for this step. Close this Recorder "
+            "and record the rest of training as a new run (another path) that starts with the new set, or keep the "
+            "set fixed (train those layers from the start, or leave them frozen)."
+        )
+
     # ------------------------------------------------------------------ hooks
     def attach(self, *, root_hook: Callable[[Any], None] | None = None) -> None:
         if self._handles:
@@ -272,16 +292,29 @@ class Engine:
             saved = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
             saved_kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
             self.outputs.append(out)
-            out.register_hook(lambda g, e=entry, a=saved, kw=saved_kw: self._on_grad(e, a, kw, g))
+            # a forward pass that starts after a backward already ran in this block (not a recomputation
+            # inside the backward, as gradient checkpointing does): a second micro-batch
+            late = self._backward_seen and not _inside_backward()
+            out.register_hook(lambda g, e=entry, a=saved, kw=saved_kw, late=late: self._on_grad(e, a, kw, g, late))
             return new_output
 
         return hook
 
-    def _on_grad(self, entry: _Entry, args, kwargs, grad: torch.Tensor) -> None:
+    def _on_grad(self, entry: _Entry, args, kwargs, grad: torch.Tensor, late: bool = False) -> None:
         sink = self.sink
         if sink is None:
             return
         self.n_grad_events += 1
+        if not self._pseudo:
+            if late:
+                raise RecorderError(
+                    f"module {entry.name or '<root>'}: a second forward and backward pass inside one recorded block "
+                    f"(gradient accumulation?). The block's sample_ids name {self.batch_size} examples, so each row "
+                    "would be the sum of several examples' gradients. Record each micro-batch in `with "
+                    "rec.microbatch(ids):` and close the optimizer step with rec.commit_step(); nothing was written "
+                    "for this step."
+                )
+            self._backward_seen = True
         b = self.batch_size
         if b is not None and grad.shape[0] != b:
             raise RecorderError(
@@ -308,6 +341,7 @@ class Engine:
         self.n_grad_events = 0
         self.n_forward_events = 0
         self._seen_batch = 0
+        self._backward_seen = False
 
     def end(self) -> dict[str, torch.Tensor]:
         sink, self.sink = self.sink or {}, None
@@ -330,7 +364,17 @@ class Engine:
         # hooks fire on the way. Asking for the hooked outputs instead would stop early at
         # outputs that an in-place op (ReLU(inplace=True)) modified afterwards.
         params = [p for p in self.model.parameters() if p.requires_grad]
-        torch.autograd.grad(scalar_or_tensor, params, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+        self._pseudo = True
+        try:
+            torch.autograd.grad(scalar_or_tensor, params, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+        finally:
+            self._pseudo = False
+
+
+def _inside_backward() -> bool:
+    """Whether autograd is running a backward pass now (a forward recomputed by gradient checkpointing)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() >= 0
 
 
 def _flat(x: Any):
@@ -410,4 +454,5 @@ def _split_draft(d: BlockDraft, split_bias: frozenset[str]) -> list[BlockDraft]:
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu").numpy()
+    t = t.detach().to("cpu")
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16

@@ -8,6 +8,8 @@ Every torch recorder (``Recorder``, ``DataValueCallback``) calls :func:`optimize
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -119,6 +121,64 @@ def _value(x: Any) -> float:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
+#: The manifest's ``optimizer`` entries a resumed run must share with the recorded one: its class and
+#: the settings that define its update, which builds read once for the whole run (the per-step lr,
+#: momentum and weight decay are recorded every step and may change).
+RESUME_KEYS = ("kind", "n_groups", "dampening", "nesterov", "betas", "eps", "amsgrad", "maximize",
+               "decoupled_weight_decay")
+
+
+def optimizer_resume_diff(recorded: Mapping[str, Any] | None, now: Mapping[str, Any]) -> list[str]:
+    """What differs between a run's recorded ``optimizer`` entry and :func:`optimizer_config` of the
+    optimizer resuming it (``[]``: the same optimizer; a run recorded before this entry existed is not checked)."""
+    if not recorded:
+        return []
+    if recorded.get("kind") != now.get("kind"):  # another optimizer: its settings differ by definition
+        return [f"optimizer kind: recorded {recorded.get('kind')!r}, now {now.get('kind')!r}"]
+    out = [f"optimizer {key}: recorded {recorded.get(key)!r}, now {now.get(key)!r}" for key in RESUME_KEYS
+           if (key in recorded or key in now) and _norm(recorded.get(key)) != _norm(now.get(key))]
+    for g, (a, b) in enumerate(zip(recorded.get("groups") or [], now.get("groups") or [])):
+        out += [f"param group {g} {key}: recorded {a.get(key)!r}, now {b.get(key)!r}" for key in _GROUP_STATIC
+                if key not in ("lr", "momentum", "weight_decay") and _norm(a.get(key)) != _norm(b.get(key))]
+    return out
+
+
+def _norm(v: Any) -> Any:
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_hyperparameters(opt: Any, step: int) -> None:
+    """Refuse a step whose optimizer reports a learning rate, momentum, weight decay, betas or eps that
+    no update can have (NaN, infinite, negative; betas outside ``[0, 1)``): recorded, it would poison
+    every build. Reads what each param group holds now (what ``optimizer.step()`` is about to use)."""
+    for gi, g in enumerate(unwrap_optimizer(opt).param_groups):
+        bad = []
+        for key in ("lr", "momentum", "weight_decay", "eps", "dampening"):
+            if key in g and g[key] is not None:
+                try:
+                    if isinstance(g[key], (str, bytes, bool)):
+                        raise TypeError(key)
+                    v = _value(g[key])
+                except (TypeError, ValueError, RuntimeError):
+                    bad.append(f"{key}={g[key]!r} (not a number)")
+                    continue
+                if not math.isfinite(v) or v < 0:
+                    bad.append(f"{key}={v!r}")
+        for i, beta in enumerate(g.get("betas") or ()):
+            try:
+                v = float("nan") if isinstance(beta, (str, bytes, bool)) else _value(beta)
+            except (TypeError, ValueError, RuntimeError):
+                v = float("nan")
+            if not (math.isfinite(v) and 0.0 <= v < 1.0):
+                bad.append(f"betas[{i}]={beta!r}")
+        if bad:
+            raise RecorderError(
+                f"step {step}: the optimizer's param group {gi} reports {', '.join(bad)}; an update needs finite, "
+                "non-negative hyperparameters (betas in [0, 1)). Nothing was written for this step. Check what "
+                "sets them (a scheduler, a manual param_groups edit) before optimizer.step()."
+            )
+
+
 def optimizer_state(opt: torch.optim.Optimizer | None) -> dict[str, float]:
     """The step's ``lr``, ``momentum`` and ``weight_decay`` of param group 0 (NaN lr without an
     optimizer); :func:`group_state` gives every group's."""
@@ -181,7 +241,8 @@ def adam_moments(opt: Any, model: nn.Module, engine: Engine) -> dict[str, Any]:
     }
 
 
-def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: bool, lr: float | None = None) -> dict[str, Any]:
+def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: bool, lr: float | None = None,
+                step: int = -1) -> dict[str, Any]:
     """The optimizer's part of a step's ``StepBlock``: ``lr``, ``momentum``, ``weight_decay`` (param
     group 0) and ``extra``: the Adam moments when ``record_state``, and with more than one param group
     each group's ``group_lr``, ``group_momentum``, ``group_weight_decay`` ``(G,)``. Read before
@@ -191,6 +252,8 @@ def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: boo
     param groups the groups' lrs are read from the optimizer, so an explicit ``lr`` that disagrees
     with group 0's is refused rather than recorded inconsistently.
     """
+    if opt is not None:
+        check_hyperparameters(opt, step)
     st = optimizer_state(opt)
     extra = adam_moments(opt, model, engine) if (record_state and opt is not None) else None
     if opt is not None and len(unwrap_optimizer(opt).param_groups) > 1:
@@ -208,3 +271,48 @@ def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: boo
         "weight_decay": st["weight_decay"],
         "extra": extra,
     }
+
+
+class UnrecordedGradients:
+    """Refuse an optimizer step whose gradient holds a backward pass the run did not record.
+
+    A backward outside any recorded block (``rec.step``, ``rec.microbatch``) that accumulates into
+    ``.grad`` before ``optimizer.step()`` (a second micro-batch after the block of the first, an extra
+    loss term backpropagated on its own) puts gradient into the update that no row of the run holds.
+    Each trainable parameter's post-accumulate hook counts such backward passes (``autograd.grad``, as
+    queries and Fisher pseudo-gradients use it, and in-place edits such as clipping do not count); an
+    optimizer step pre-hook refuses the step before its update. A recorded block starting resets the
+    count: a backward whose gradient was zeroed before the step is harmless.
+    """
+
+    def __init__(self, engine: Engine, optimizer: Any) -> None:
+        self.engine = engine
+        self.unrecorded: set[str] = set()
+        self._handles = [p.register_post_accumulate_grad_hook(lambda _p, n=name: self._on_accumulate(n))
+                         for name, p in engine.model.named_parameters() if p.requires_grad]
+        self._handles.append(unwrap_optimizer(optimizer).register_step_pre_hook(self._on_step))
+
+    def _on_accumulate(self, name: str) -> None:
+        if self.engine.sink is None:
+            self.unrecorded.add(name)
+
+    def block_started(self) -> None:
+        self.unrecorded.clear()
+
+    def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG002
+        if not self.unrecorded:
+            return
+        names, self.unrecorded = sorted(self.unrecorded), set()
+        raise RecorderError(
+            f"optimizer.step(): a backward pass outside any recorded block accumulated gradient into {names[:3]}"
+            f"{' ...' if len(names) > 3 else ''} after the last recorded block, so this update holds gradient that the "
+            "run does not (gradient accumulation with a block around one micro-batch?). The update was not applied, "
+            "and the run's last step lacks that gradient: record every micro-batch in `with rec.microbatch(ids):` "
+            "(then rec.commit_step()), or run every backward inside the step's `with rec.step(...)` block, and start "
+            "the run again."
+        )
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -228,6 +228,9 @@ class StepSink:
             except Exception:
                 self.dist.broadcast_int(-1)
                 raise
+        #: rows per chunk (the writer's; on other ranks the writer's default, for memory bounds)
+        self.chunk_rows = self.writer.chunk_rows if self.writer is not None else int(
+            chunk_rows or max(64, min(65536, (4 << 20) // (4 * max(self.k, 1)))))
         start = self.dist.broadcast_int(self.writer.steps if self.writer is not None else 0)
         if start < 0:
             raise RecorderStateError("rank 0 could not open the run (see its error); this rank stops too.")
@@ -331,3 +334,86 @@ class StepSink:
         self.closed = True
         if self.writer is not None:
             self.writer.close()
+
+
+def parse_lr(lr: Any) -> float:
+    """A step's learning rate: a finite, non-negative real number or a one-element tensor."""
+    value = lr
+    if hasattr(lr, "detach") and hasattr(lr, "numel"):  # a torch tensor, without importing torch
+        if lr.numel() != 1:
+            raise RecorderError(f"lr must be one number, got a tensor of shape {tuple(lr.shape)}; pass the step's "
+                                "learning rate (e.g. optimizer.param_groups[0]['lr']).")
+        value = lr.detach().cpu().reshape(()).item()
+    elif isinstance(lr, np.ndarray) and lr.size == 1:
+        value = lr.reshape(()).item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RecorderError(f"lr must be a finite, non-negative real number, got {lr!r} ({type(lr).__name__}); pass "
+                            "e.g. lr=0.1, or omit it and give Recorder(..., optimizer=opt).")
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0):
+        raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
+    return value
+
+
+#: Steps the background writer may hold in its queue (``RunWriter(max_queue=)``).
+WRITER_QUEUE = 64
+
+
+class StepMemory:
+    """The host memory a recorder holds for its steps, and the check before each larger batch.
+
+    Per step of ``b`` examples the recorder holds at most (bytes; ``s`` the capture dtype's size,
+    ``F`` Fisher rows per example, ``P`` trainable parameters):
+
+    * the step's rows while it is committed: ``3 b k s`` (captured, divided by the weights, numpy);
+    * steps queued for the background writer and buffered until a chunk is full:
+      ``(64 + ceil(chunk_rows / b)) * (b (1 + F) k s + A)``, where ``A = 2 k 8`` with Adam moments;
+    * the chunk being written: ``chunk_rows k`` in the storage dtype;
+    * Adam moments read from the optimizer: ``2 P 8`` (float64 copies, per step, transient);
+    * ``precondition="adam"``: the step's exact per-sample gradients ``b P s`` and their whitened
+      float64 copies ``2 b P 8``.
+
+    :meth:`check` refuses a batch whose bound exceeds ``max_memory`` (or the available memory),
+    before anything of the step runs; each batch size is checked once.
+    """
+
+    def __init__(self, *, k: int, P: int, chunk_rows: int, capture_itemsize: int, storage_itemsize: int,
+                 fisher_rows: int = 0, adam: bool = False, whiten: bool = False, background: bool = True,
+                 max_memory: Any = None) -> None:
+        from datavalue._memory import parse_max_memory
+
+        self.k, self.P, self.chunk_rows = int(k), int(P), int(chunk_rows)
+        self.s, self.storage_itemsize = int(capture_itemsize), int(storage_itemsize)
+        self.F, self.adam, self.whiten, self.background = int(fisher_rows), bool(adam), bool(whiten), bool(background)
+        self.max_memory = parse_max_memory(max_memory, RecorderError)
+        self.checked = 0
+
+    def parts(self, b: int) -> dict[str, int]:
+        """The bound's pieces for a batch of ``b`` examples (bytes)."""
+        b = max(1, int(b))
+        per_step = b * (1 + self.F) * self.k * self.s + (2 * self.k * 8 if self.adam else 0)
+        held = (WRITER_QUEUE if self.background else 0) + -(-self.chunk_rows // b)
+        out = {"the step's rows": 3 * b * self.k * self.s, "queued and buffered steps": held * per_step,
+               "the chunk being written": self.chunk_rows * self.k * self.storage_itemsize}
+        if self.adam:
+            out["Adam moments"] = 2 * self.P * 8
+        if self.whiten:
+            out["exact per-sample gradients (whitening)"] = b * self.P * (self.s + 16)
+        return out
+
+    def check(self, b: int) -> None:
+        """Refuse a batch of ``b`` examples whose bound does not fit (once per larger batch)."""
+        if b <= self.checked:
+            return
+        from datavalue._memory import check_memory
+
+        parts = self.parts(b)
+        big = dict(sorted(parts.items(), key=lambda kv: -kv[1])[:3])
+        check_memory(
+            sum(parts.values()), what=f"recording a step of {b} examples", parts=big, error=RecorderError,
+            max_memory=self.max_memory,
+            fixes=("record with a smaller proj_dim (k) or smaller batches, a smaller chunk_rows=, background=False (no "
+                   "write queue)" + (", or precondition='none' (whitening holds b x P exact gradients)" if self.whiten
+                                     else "")),
+        )
+        self.checked = b

@@ -34,10 +34,19 @@ from torch import nn
 
 from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
-from datavalue.capture._optim import is_adam, optimizer_config, step_fields, unwrap_optimizer
+from datavalue.capture._optim import (
+    UnrecordedGradients,
+    is_adam,
+    optimizer_config,
+    optimizer_resume_diff,
+    step_fields,
+    unwrap_optimizer,
+)
 from datavalue.capture._pipeline import (
     DistInfo,
+    StepMemory,
     StepSink,
+    parse_lr,
     parse_sample_ids,
     step_weights,
 )
@@ -118,6 +127,13 @@ class Recorder:
             ``proj_dim``). The step's per-sample gradients are held whole until the step commits
             (``b x P`` numbers); the Adam-aware build then models the step exactly up to the drift
             of the preconditioner, which a sketch of raw gradients cannot (``datavalue.capture._whiten``).
+        max_memory: bytes (or ``"8 GiB"``) the recorder's host buffers may take; a step whose bound
+            exceeds it (default: the available memory) is refused before it runs. Per step of ``b``
+            examples the bound is ``(64 + ceil(chunk_rows / b)) (b (1 + F) k s + 16 k)`` of queued
+            steps (``s`` the capture dtype's size, ``F`` Fisher rows per example, ``16 k`` with Adam
+            moments) + ``3 b k s`` for the step's rows + ``chunk_rows k`` of the chunk being written +
+            ``16 P`` for Adam moments (``P`` parameters) + ``b P (s + 16)`` with ``precondition="adam"``
+            (docs/capture.md, "Host memory per step"; ``DATAVALUE_MEMORY_CHECK=0`` skips the default check).
 
     Sign convention of everything built from a run: influence = loss(without) - loss(with);
     positive means the occurrence helped.
@@ -150,6 +166,7 @@ class Recorder:
         config: CaptureConfig | None = None,
         precondition: str = "none",
         commit_every: int = 32,
+        max_memory: int | str | None = None,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
@@ -226,7 +243,7 @@ class Recorder:
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 7919)
         self.config = dataclasses.replace(cfg, sketch=self.layout.sketch, record_optimizer_state=self.record_optimizer_state)
         if resume:
-            _check_resume_config(path, self.config)
+            _check_resume_config(path, self.config, optimizer)
         manifest = base_manifest(
             self.layout, model, loss_reduction=loss_reduction, optimizer=optimizer,
             fisher={"max_classes": self.fisher_max_classes, "samples": self.fisher_samples} if self.fisher else None,
@@ -240,10 +257,17 @@ class Recorder:
             raise RecorderError("curvature='hessian' is not supported under torch.distributed; use curvature='fisher'.")
         if self.precondition != "none":
             manifest["projection"]["precondition"] = self.precondition
+        self._memory = StepMemory(  # before the run is opened: a bad max_memory= leaves nothing behind
+            k=self.layout.k, P=sum(p.numel() for p in model.parameters() if p.requires_grad), fisher_rows=max(
+                cfg.fisher_max_classes, cfg.fisher_samples) if self.fisher else 0, chunk_rows=chunk_rows or 0,
+            capture_itemsize=self.engine.dtype.itemsize, storage_itemsize=np.dtype(storage_dtype).itemsize,
+            adam=self.record_optimizer_state, whiten=self._whitener is not None, background=background,
+            max_memory=max_memory)
         self._sink = StepSink(path, manifest, k=self.layout.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
                               fisher=self.fisher, background=background, on_nonfinite=on_nonfinite, dist=self._dist,
                               commit_every=cfg.commit_every)
         self.writer = self._sink.writer
+        self._memory.chunk_rows = self._sink.chunk_rows  # the run's own (resume: as recorded)
         self.path = Path(path)
         self._active: StepHandle | None = None
         self.closed = False
@@ -254,6 +278,7 @@ class Recorder:
         self._fisher_mask: torch.Tensor | None = None
         self._fisher_sum = False  # FinalPass: per-example losses summed over positions
         self.engine.attach(root_hook=self._on_model_output if self.fisher else None)
+        self._unrecorded = UnrecordedGradients(self.engine, optimizer) if optimizer is not None else None
         _ATTACHED[model] = self
         logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
 
@@ -322,6 +347,7 @@ class Recorder:
             )
         ids = parse_sample_ids(sample_ids)
         self._check_lr(lr)
+        self._memory.check(ids.size)
         weights = step_weights(self.loss_reduction, ids.size, tokens)
         if self.hessian and hessian_loss is None:
             raise RecorderError(
@@ -449,8 +475,8 @@ class Recorder:
     def _check_lr(self, lr: Any) -> None:
         if lr is None and self.optimizer is None:
             raise RecorderError("no lr: pass rec.step(..., lr=...) or create the Recorder with optimizer=...")
-        if lr is not None and not (np.isfinite(float(lr)) and float(lr) >= 0):
-            raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
+        if lr is not None:
+            parse_lr(lr)
 
     @contextlib.contextmanager
     def _capture(self, ids: np.ndarray, fisher_weights: np.ndarray | None, handle: StepHandle, fisher_mask: Any = None):
@@ -470,6 +496,8 @@ class Recorder:
             raise RecorderError(f"fisher_mask must have one row per example ({ids.size}, ...), got shape "
                                 f"{tuple(self._fisher_mask.shape)}.")
         self.engine.begin(ids.size)
+        if self._unrecorded is not None:
+            self._unrecorded.block_started()
         out: list[Any] = []
         ok = False
         try:
@@ -505,6 +533,8 @@ class Recorder:
 
     def _commit(self, ids, w_final, g, fisher, *, lr, epoch, clip_coef, hessian=None) -> int:
         """The optimizer's fields of the step, then the shared step pipeline."""
+        self.layout.check_trainable(self.n_steps)
+        self._memory.check(ids.size)
         if self._whitener is not None:  # exact rows -> whitened by this step's sqrt(D), sketched
             from datavalue.capture._whiten import adam_sqrt_d
 
@@ -513,7 +543,8 @@ class Recorder:
             if fisher is not None:
                 fisher = self._whitener.sketch(fisher.to(torch.float64) * sqrt_d).to(g.dtype)
             self._sqrt_d = sqrt_d
-        fields = step_fields(self.optimizer, self.model, self.layout, record_state=self.record_optimizer_state, lr=lr)
+        fields = step_fields(self.optimizer, self.model, self.layout, record_state=self.record_optimizer_state, lr=lr,
+                             step=self.n_steps)
         return self._sink.submit(ids, w_final, g, fisher=fisher if self.fisher else None, hessian=hessian,
                                  epoch=epoch, grad_scale=clip_coef, **fields)
 
@@ -593,6 +624,8 @@ class Recorder:
             return
         self.closed = True
         self.engine.detach()
+        if getattr(self, "_unrecorded", None) is not None:
+            self._unrecorded.remove()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
         try:  # sqrt(D) is written while the run's writer lock is still held (released by the sink's close)
@@ -632,8 +665,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CaptureConfig)}
 _DEFAULTS["curvature"] = None
 
 
-def _check_resume_config(path: Any, cfg: CaptureConfig) -> None:
-    """Refuse to resume a run recorded with another capture config (field by field)."""
+def _check_resume_config(path: Any, cfg: CaptureConfig, optimizer: Any = None) -> None:
+    """Refuse to resume a run recorded with another capture config (field by field) or optimizer."""
     from datavalue.store import open_run
 
     try:
@@ -647,6 +680,13 @@ def _check_resume_config(path: Any, cfg: CaptureConfig) -> None:
             f"the run's: {'; '.join(diff)}. Re-create the Recorder with the recorded settings "
             "(config=CaptureConfig.from_manifest(datavalue.store.open_run(path).manifest)), or pass overwrite=True to "
             "start over."
+        )
+    diff = optimizer_resume_diff(manifest.get("optimizer"), optimizer_config(optimizer))
+    if diff:
+        raise StoreMismatchError(
+            f"{path}: cannot resume with another optimizer: {'; '.join(diff)}. A build models one optimizer over the "
+            "whole run, so these settings are the run's. Resume with the optimizer the run was recorded with (same "
+            "class and settings; its state from your checkpoint), or record the rest as a new run (another path)."
         )
 
 

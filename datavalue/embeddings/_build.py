@@ -208,20 +208,8 @@ def _now() -> str:
 _BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
 
 
-#: Set to ``"0"`` to build even when the estimated state exceeds the available memory.
-MEMORY_CHECK_ENV = "DATAVALUE_MEMORY_CHECK"
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel reports as available (``MemAvailable``), or None where it cannot tell."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+# the memory reading is shared with queries and recordings (datavalue._memory)
+from datavalue._memory import MEMORY_CHECK_ENV, available_memory  # noqa: E402
 
 
 def state_bytes(plan: _Plan, segments: int = 1) -> int:

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from datavalue._memory import check_memory, parse_max_memory
 from datavalue.capture import engine_for_run, per_sample_gradients
 from datavalue.errors import NonFiniteError, QueryError
 from datavalue.query import _stream
@@ -66,6 +67,10 @@ class Attributor:
         chunk_rows: embedding rows per streamed chunk; default about 16 MiB, whole storage chunks.
             Peak memory is a few chunks (per worker thread) plus the output.
         progress: show progress bars.
+        max_memory: bytes (or ``"8 GiB"``) a query may hold at once: its result (``(m, R)`` scores
+            of every occurrence, ``(m, groups)`` sums), the streamed chunks of every worker thread
+            and the test gradients. A query whose estimate exceeds it (default: the available
+            memory; ``DATAVALUE_MEMORY_CHECK=0`` skips that) is refused before it reads the run.
 
     Example:
         >>> attr = Attributor("runs/x.zarr", model)                                  # doctest: +SKIP
@@ -85,7 +90,10 @@ class Attributor:
         client: Any = None,
         chunk_rows: int | None = None,
         progress: bool = True,
+        max_memory: int | str | None = None,
     ) -> None:
+        model = _parse_model(model)
+        self.max_memory = parse_max_memory(max_memory, QueryError)
         self.run: Run = open_run(path)
         if kind == "influence":  # the final model's influence: the columns are the final pass's examples
             self.run = _final_pass(self.run)  # same fingerprint and capture plan as the run (FinalPass checked)
@@ -177,7 +185,18 @@ class Attributor:
         if self._engine is None:
             raise QueryError("this Attributor has no model; pass Attributor(path, model) to query with a loss function, "
                              "or pass test gradients (m, k) directly.")
-        return per_sample_gradients(self.model, loss_fn, self.run, engine=self._engine)
+        try:
+            return per_sample_gradients(self.model, loss_fn, self.run, engine=self._engine)
+        except RuntimeError as exc:
+            if "dtype" not in str(exc) and "scalar type" not in str(exc).lower():
+                raise
+            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in self.model.parameters()})
+            raise QueryError(
+                f"loss_fn failed on the model, whose parameters are {'/'.join(dtypes)} (the run was recorded in "
+                f"{self.run.manifest.get('capture_dtype', 'float32')}): {exc}. Cast the test inputs to the model's "
+                "dtype inside loss_fn (e.g. m(x.to(next(m.parameters()).dtype))), or query with the model as it was "
+                "recorded (model.float())."
+            ) from exc
 
     def _query(self, query: LossFn | np.ndarray | torch.Tensor) -> np.ndarray:
         if callable(query) and not isinstance(query, (np.ndarray, torch.Tensor)):
@@ -197,6 +216,33 @@ class Attributor:
             bad = np.flatnonzero(~np.isfinite(q).all(1))[:5].tolist()
             raise NonFiniteError(f"test gradients of test points {bad} contain NaN/Inf; check those losses.")
         return q
+
+    def _check_memory(self, m: int, g: Grouping, result: str | None, top: int = 0) -> None:
+        """Refuse a query whose peak (its result, the streamed chunks, the test gradients) cannot fit.
+
+        ``result``: ``"occurrences"`` (an ``(m, rows)`` score matrix), ``"groups"`` (``(m, groups)``
+        float64 sums, accumulated then densified) or None (the ``top`` best and worst of occurrences:
+        small partials per chunk).
+        """
+        k, rows = int(self.run.proj_dim), g.stop - g.start
+        chunk = min(self.chunk_rows, max(rows, 1))
+        n_chunks = -(-max(rows, 1) // chunk)
+        item = np.result_type(self.source.array.dtype, np.float32).itemsize  # rows as read and scored
+        # chunks being read (one per thread, two windows) and the per-chunk results of two windows in flight
+        reads = min(2 * _stream.n_threads(self.client), n_chunks) * chunk * k * item
+        # what each chunk's task returns: its top and bottom, its groups' sums, or its scores
+        partial = {None: 4 * 16 * m * top, "groups": m * 8 * min(chunk, g.n_columns)}.get(result, chunk * m * 8)
+        window = _stream._window(self.client, partial)
+        parts = {"test gradients": m * k * 8, "streamed chunks": reads + min(2 * window, n_chunks) * partial}
+        if result == "occurrences":
+            parts[f"the ({m}, {rows}) score matrix"] = m * rows * item
+        elif result == "groups":
+            parts[f"the ({m}, {g.n_columns}) sums by {g.by}"] = 2 * m * g.n_columns * 8
+        check_memory(
+            sum(parts.values()), what="this query", parts=parts, error=QueryError, max_memory=self.max_memory,
+            fixes="query fewer test points per call, a step window (steps=), aggregates (by='sample', 'owner', 'step') "
+                  "or top_k() instead of every occurrence's score, lazy=True (a dask array), or a smaller chunk_rows=",
+        )
 
     # ------------------------------------------------------------------ lazy pieces
     def _embeddings(self, start: int, stop: int) -> da.Array:
@@ -302,6 +348,7 @@ class Attributor:
                 return rows.T
             out = _stream.grouped_sums(rows, g.groups, g.n_columns)
             return da.from_delayed(out, shape=(q.shape[0], g.n_columns), dtype=np.float64)
+        self._check_memory(q.shape[0], g, "occurrences" if g.by is None else "groups")
         if g.by is None:
             return _stream.stream_blocks(self._chunks(q, g), client=self.client, progress=self.progress, desc="scores")
         return self._grouped(q, g, f"scores by {g.by}")
@@ -341,6 +388,7 @@ class Attributor:
         g = self._grouping(by, owners, unowned, steps)
         if g.n_columns == 0:
             raise QueryError("the selection has no columns (empty step window or every sample dropped).")
+        self._check_memory(q.shape[0], g, None if g.by is None else "groups", top=int(k))
         if g.by is None:
             chunks = self._chunks(q, g).with_reduce(_stream.topk_chunk, lambda a, b: (a, int(k)))
             part = _stream.stream_reduce(chunks, _stream.combine_top_k, client=self.client, progress=self.progress,
@@ -467,6 +515,30 @@ class Attributor:
                 "Pass the same by=/owners=/steps= that computed the scores."
             )
         return scores
+
+
+def _parse_model(model: Any) -> nn.Module | None:
+    """The model to take test gradients from: an ``nn.Module`` with values (a ``DataParallel`` or DDP
+    wrapper is unwrapped: the run recorded the module inside, under its own parameter names)."""
+    if model is None:
+        return None
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        logger.info("querying the module inside %s (its parameter names have no 'module.' prefix)", type(model).__name__)
+        model = model.module
+    if not isinstance(model, nn.Module):
+        raise QueryError(
+            f"model must be the torch.nn.Module to explain (at the weights to explain), or None to query with test "
+            f"gradients; got {type(model).__name__} {str(model)[:60]!r}. Load it first (model = Net(); "
+            "model.load_state_dict(torch.load(path)))."
+        )
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise QueryError(
+            f"the model's parameters {meta[:3]}{' ...' if len(meta) > 3 else ''} are on the meta device (shapes, no "
+            "values); test gradients need the weights. Materialise and load them first (model.to_empty(device='cpu'); "
+            "model.load_state_dict(state))."
+        )
+    return model
 
 
 def _final_pass(run: Run) -> Run:

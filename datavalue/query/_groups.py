@@ -71,6 +71,10 @@ def parse_steps(steps: Any, n_steps: int) -> tuple[int, int]:
         t0, t1 = steps
     except (TypeError, ValueError):
         raise QueryError(f"steps must be a pair (t0, t1) (half-open, like range), got {steps!r}.") from None
+    for end in (t0, t1):
+        if end is not None and (isinstance(end, (bool, np.bool_)) or not isinstance(end, (int, np.integer))):
+            raise QueryError(f"steps must be a pair of int step indices (t0, t1) (None for an open end), got "
+                             f"{steps!r} ({type(end).__name__} {end!r}); pass e.g. steps=(1, 3).")
     t0, t1, _ = slice(t0, t1).indices(n_steps)
     if t1 < t0:
         raise QueryError(f"steps=({t0}, {t1}) is empty or reversed; the run has steps 0..{n_steps - 1}.")

@@ -154,6 +154,11 @@ class RoyaltyLedger:
         self._ids: set[str] = set()
         self._warned: set[str] = set()
         self._closed = False
+        if self.path.is_dir():
+            raise LedgerError(
+                f"{self.path} is a directory; a royalty ledger is one JSON-lines file. Pass the ledger's file "
+                f"(e.g. {self.path / 'ledger.jsonl'})."
+            )
         if self.path.exists() and self.path.stat().st_size > 0:
             if repair:
                 self.recover(self.path)

@@ -176,6 +176,10 @@ class OwnerRegistry:
             raise LedgerError(
                 f"not an owner registry (expected schema {_SCHEMA!r}); got {d.get('schema')!r}."
             )
+        bad = [k for k in ("names", "works", "merged") if not isinstance(d.get(k, {}), Mapping)]
+        if bad:
+            raise LedgerError(f"owner registry entries {bad} must be JSON objects (name -> name); got "
+                              f"{[type(d[k]).__name__ for k in bad]}.")
         reg = cls(names=d.get("names", {}))
         for work, owner in d.get("works", {}).items():
             reg.assign(work, owner)
@@ -196,7 +200,21 @@ class OwnerRegistry:
         p = Path(path)
         if not p.exists():
             raise LedgerNotFoundError(f"owner registry {p} does not exist.")
-        return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        if not p.is_file():
+            raise LedgerError(f"owner registry {p} is a directory, not a JSON file; pass the registry's file.")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LedgerError(
+                f"owner registry {p} is not valid JSON ({exc}); restore it from backup, or write it again with "
+                "OwnerRegistry.save(path)."
+            ) from None
+        if not isinstance(d, Mapping):
+            raise LedgerError(
+                f"owner registry {p} holds a JSON {type(d).__name__}, not an object with 'schema', 'names', "
+                "'works' and 'merged' (what OwnerRegistry.save writes)."
+            )
+        return cls.from_dict(d)
 
     def __repr__(self) -> str:
         return (

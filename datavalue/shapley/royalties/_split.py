@@ -204,7 +204,12 @@ def parse_money(amount: object, *, name: str = "pool", quantum: Decimal = CENT) 
         Decimal('1234.56')
     """
     q = _parse_quantum(quantum)
-    if isinstance(amount, bool) or isinstance(amount, float | np.floating):
+    if isinstance(amount, bool | np.bool_):
+        raise InvalidPoolError(
+            f"{name} must be an amount of money (a Decimal, int or str such as Decimal('1234.56')); got the bool "
+            f"{amount!r}."
+        )
+    if isinstance(amount, float | np.floating):
         raise InvalidPoolError(
             f"{name} must be a Decimal, int or str; got the float {amount!r}. Floats cannot hold "
             f"cents exactly: pass Decimal('{amount}') or the string '{amount}'."

@@ -115,6 +115,10 @@ class Recorder:
             ``proj_dim``). The step's per-sample gradients are held whole until the step commits
             (``b x P`` numbers); the Adam-aware build then models the step exactly up to the drift
             of the preconditioner, which a sketch of raw gradients cannot (``datavalue.capture._whiten``).
+        checkpoint_every: write the model's weights and the optimizer's whole state into the run
+            (``checkpoints/<step>/``) before every ``N``-th step's update, at step 0 and after the
+            last step (on ``close``), for exact replay (:func:`datavalue.replay_influence`; needs
+            ``optimizer=``). Memory of a replay grows with ``N``, its disk use with ``T / N``.
 
     Sign convention of everything built from a run: influence = loss(without) - loss(with);
     positive means the occurrence helped.
@@ -146,6 +150,7 @@ class Recorder:
         integration: Mapping[str, Any] | None = None,
         config: CaptureConfig | None = None,
         precondition: str = "none",
+        checkpoint_every: int | None = None,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
@@ -153,7 +158,8 @@ class Recorder:
         options = dict(proj_dim=proj_dim, seed=seed, sketch=sketch, layers=layers, loss_reduction=loss_reduction,
                        curvature=curvature, storage_dtype=storage_dtype, on_nonfinite=on_nonfinite,
                        fisher_max_classes=fisher_max_classes, fisher_samples=fisher_samples, hessian_max_dim=hessian_max_dim,
-                       record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows, precondition=precondition)
+                       record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows, precondition=precondition,
+                       checkpoint_every=checkpoint_every)
         if config is not None:
             if not isinstance(config, CaptureConfig):
                 raise RecorderError(f"config must be a datavalue.capture.CaptureConfig, got {type(config).__name__}.")
@@ -188,6 +194,9 @@ class Recorder:
         if adam and (getattr(unwrap_optimizer(optimizer), "defaults", {}).get("amsgrad") and record_optimizer_state):
             raise RecorderError("record_optimizer_state does not support amsgrad=True.")
         self.record_optimizer_state = adam if record_optimizer_state is None else bool(record_optimizer_state)
+        self.checkpoint_every = cfg.checkpoint_every
+        if self.checkpoint_every is not None and optimizer is None:
+            raise RecorderError("checkpoint_every needs Recorder(..., optimizer=...): a checkpoint holds the optimizer's state.")
         try:
             self.engine = self._make_engine(model, proj_dim=proj_dim, seed=seed, layers=layers,
                                             sketch=resolve_sketch(path, sketch, resume), optimizer=optimizer)
@@ -508,6 +517,8 @@ class Recorder:
                 fisher = self._whitener.sketch(fisher.to(torch.float64) * sqrt_d).to(g.dtype)
             self._sqrt_d = sqrt_d
         fields = step_fields(self.optimizer, self.model, self.layout, record_state=self.record_optimizer_state, lr=lr)
+        if self.checkpoint_every is not None and self.n_steps % self.checkpoint_every == 0:
+            self._checkpoint(self.n_steps)  # before this step's update: the weights theta_t
         return self._sink.submit(ids, w_final, g, fisher=fisher if self.fisher else None, hessian=hessian,
                                  epoch=epoch, grad_scale=clip_coef, **fields)
 
@@ -588,8 +599,16 @@ class Recorder:
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
         self._sink.close()
+        if self.checkpoint_every is not None and self.n_steps:
+            self._checkpoint(self.n_steps)  # the final weights (after the last update)
         if self._sqrt_d is not None and self._dist.rank == 0:
             self._write_sqrt_d()
+
+    def _checkpoint(self, step: int) -> None:
+        if self._dist.rank == 0:
+            from datavalue.capture._checkpoint import write_checkpoint
+
+            write_checkpoint(self.path, step, self.model, self.optimizer)
 
     def _write_sqrt_d(self) -> None:
         """The last step's ``sqrt(D)`` (exact capture layout), with which queries whiten test gradients."""

@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         m.add_parser(sub)
         sub.choices[name].set_defaults(func=m.run)
+        if name == "query":  # `datavalue replay` lives beside `datavalue query`
+            m.add_replay_parser(sub)
     return parser
 
 

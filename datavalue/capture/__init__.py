@@ -1,8 +1,8 @@
 """Capture: hooks that record per-sample (projected) gradients from the user's own backward.
 
 Public pieces: :class:`Recorder` (training loop; ``checkpoint_every=`` keeps weight and optimizer
-checkpoints, :func:`read_checkpoint`), :func:`replay_influence` (exact trajectory influence by
-replaying the run from its checkpoints), :func:`per_sample_gradients` (query/test
+checkpoints, :func:`read_checkpoint`), :func:`replay_scores` (exact trajectory influence by
+replaying the run from its checkpoints; ``datavalue.replay_influence`` stores and reads them), :func:`per_sample_gradients` (query/test
 gradients in a run's layout), :func:`inspect` (what is captured by which rule), and the rule
 registry :data:`LAYER_RULES` with :class:`LayerRule` to extend it. :class:`StepSink` is the one
 step pipeline (ids, weights, rows -> ``StepBlock`` -> writer) that every recorder and integration
@@ -27,7 +27,6 @@ from datavalue.capture._projection import projection_matrix as projection_matrix
 from datavalue.capture._projection import split_budget as split_budget
 from datavalue.capture._replay import ReplayError as ReplayError
 from datavalue.capture._replay import ReplayMismatchError as ReplayMismatchError
-from datavalue.capture._replay import replay_influence as replay_influence
 from datavalue.capture._replay import replay_scores as replay_scores
 from datavalue.capture._rules import LAYER_RULES as LAYER_RULES
 from datavalue.capture._rules import LayerRule as LayerRule
@@ -53,7 +52,6 @@ __all__ = [
     "per_sample_gradients",
     "projection_matrix",
     "read_checkpoint",
-    "replay_influence",
     "replay_scores",
     "split_budget",
     "step_weights",

@@ -48,13 +48,12 @@ import torch
 from torch import nn
 
 from datavalue.capture._checkpoint import Checkpoint, checkpoint_steps, read_checkpoint
-from datavalue.errors import DataValueError, RecorderError
+from datavalue.errors import DataValueError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReplayError", "ReplayMismatchError", "replay_influence", "replay_scores"]
+__all__ = ["ReplayError", "ReplayMismatchError", "replay_scores"]
 
-REPLAY = "replay"
 DOTS = ("jvp", "reverse")
 CLIPPING = ("norm", "constant")
 #: default check of a forward replay against the next checkpoint: ||theta_replay - theta_ckpt|| over
@@ -370,8 +369,12 @@ def replay_scores(
     tolerance: float | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The replay's numbers without writing them: ``{"scores": (R, m), "test_losses": (m,), "checks":
-    {checkpoint step: deviation}, "seconds": float, ...}``; see :func:`replay_influence`."""
+    """The replay's numbers, not written anywhere: ``{"scores": (R, m), "test_losses": (m,), "checks":
+    {checkpoint step: deviation}, "steps": (t0, t1), "rows": (r0, r1), "seconds": float, ...}``.
+
+    Arguments as :func:`datavalue.replay_influence`, which also stores the scores in the run and
+    returns them as a :class:`datavalue.query.ReplayResult`.
+    """
     from datavalue.store import Run, open_run
 
     run = run if isinstance(run, Run) else open_run(run)
@@ -455,97 +458,3 @@ def replay_scores(
     return {"scores": scores, "test_losses": test_losses, "checks": checks, "steps": (t0, t1), "rows": (R0, R1),
             "seconds": time.perf_counter() - started, "dots": dots, "clipping": clipping, "tolerance": tol,
             "optimizer": final.optimizer}
-
-
-def replay_influence(
-    run: Any,
-    model: nn.Module,
-    batches: Any,
-    query: Callable[[nn.Module], torch.Tensor],
-    *,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    name: str = "default",
-    description: str | None = None,
-    steps: tuple[int, int] | None = None,
-    dots: str = "jvp",
-    clipping: str = "norm",
-    collate: Callable[[list[Any]], Any] | None = None,
-    tolerance: float | None = None,
-    write: bool = True,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> Any:
-    """Exact first-order influence of every recorded occurrence on a query, by replaying the run.
-
-    Args:
-        run: a run recorded with ``Recorder(..., optimizer=opt, checkpoint_every=N)`` (path or ``Run``).
-        model: the architecture (its weights are never changed: every step's are substituted
-            functionally from the checkpoints).
-        batches: ``batches(ids) -> batch`` rebuilding a step's batch from its sample ids (in that
-            order), or a dataset indexable by sample id (its items are collated with ``collate``,
-            default ``torch.utils.data.default_collate``).
-        query: ``query(model) -> (m,)`` per-test-point losses at the final weights (``m`` small:
-            each test point costs one double backward and one JVP per step).
-        loss_fn: ``loss_fn(model, batch) -> (b,)`` the per-example losses whose weighted sum with
-            the run's weights (``run.weight``: ``1/b`` for a mean, 1 for a sum, ``tokens(z) /
-            tokens(B)`` for ``token_mean``) is the loss that was stepped on.
-        name: the results go to ``replay/<name>/`` in the run.
-        description: stored with the results (what the query is).
-        steps: ``(t0, t1)`` only the occurrences of these steps (the adjoint is still carried
-            from the end); default all.
-        dots: ``"jvp"`` (forward-mode JVP per query and step) or ``"reverse"`` (per-example
-            multipliers in the double backward; no extra pass). Both give the same numbers.
-        clipping: ``"norm"`` (clip_grad_norm_: the coefficient's derivative is kept) or
-            ``"constant"`` (the recorded coefficient is a fixed factor).
-        tolerance: accepted deviation of a forward replay from the next checkpoint, relative to
-            the interval's movement (default 1e-8 for float64 weights, 1e-3 for float32).
-        write: store the results in the run (``overwrite`` to replace a replay of the same name).
-
-    Returns:
-        :class:`datavalue.query.ReplayResult`: ``scores(by=None | "sample" | "owner" | "step")``
-        ``(m, columns)``, ``top_k``, ``frame``, ``save_parquet``; ``S[i, r] ~= loss_i(without
-        occurrence r) - loss_i(with it)``, positive = helpful.
-
-    Raises:
-        ReplayError: no final checkpoint, an unsupported optimizer, bad arguments.
-        ReplayMismatchError: a forward replay does not reproduce the next checkpoint.
-
-    Example:
-        >>> import datavalue                                                             # doctest: +SKIP
-        >>> res = datavalue.replay_influence("run.zarr", model, lambda ids: (X[ids], Y[ids]),
-        ...     lambda m: F.cross_entropy(m(x_test), y_test, reduction="none"),
-        ...     loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))  # doctest: +SKIP
-        >>> res.top_k(k=5, by="sample").to_frame()                                      # doctest: +SKIP
-    """
-    from datavalue.query import ReplayResult
-
-    out = replay_scores(run, model, batches, query, loss_fn=loss_fn, steps=steps, dots=dots, clipping=clipping,
-                        collate=collate, tolerance=tolerance, progress=progress)
-    from datavalue.store import Run, open_run
-
-    run = run if isinstance(run, Run) else open_run(run)
-    attrs = {"description": description or getattr(query, "__name__", "query"), "n_steps": int(run.n_steps),
-             "manifest_digest": _digest(run), "steps": list(out["steps"]), "rows": list(out["rows"]),
-             "test_losses": out["test_losses"].tolist(), "checks": {str(k): v for k, v in out["checks"].items()},
-             "dots": dots, "clipping": clipping, "tolerance": out["tolerance"], "optimizer": out["optimizer"],
-             "seconds": out["seconds"], "sign": "loss(without) - loss(with); positive = helpful"}
-    if write:
-        _write(run.path, name, out["scores"], attrs, overwrite)
-    return ReplayResult(run, out["scores"].T, attrs, name=name if write else None)
-
-
-def _digest(run: Any) -> str:
-    from datavalue.store import manifest_digest
-
-    return manifest_digest(run.manifest)
-
-
-def _write(path: Any, name: str, scores: np.ndarray, attrs: dict[str, Any], overwrite: bool) -> None:
-    from datavalue.store import create_array
-
-    if not name or "/" in name or name.startswith("."):
-        raise RecorderError(f"name must be a plain name (no '/'), got {name!r}.")
-    rows = max(1, scores.shape[0])
-    arr = create_array(path, f"{REPLAY}/{name}/scores", shape=scores.shape, dtype="float64",
-                       chunks=(min(rows, 1 << 16), max(1, scores.shape[1])), attrs=attrs, overwrite=overwrite)
-    arr[...] = scores

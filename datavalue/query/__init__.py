@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from datavalue.query._attributor import Attributor as Attributor
     from datavalue.query._load import load_loss as load_loss
     from datavalue.query._load import load_model as load_model
+    from datavalue.query._load import resolve_callable as resolve_callable
     from datavalue.query._replay import ReplayResult as ReplayResult
+    from datavalue.query._replay import replay_influence as replay_influence
     from datavalue.query._replay import replays as replays
     from datavalue.query._results import TopK as TopK
     from datavalue.query._source import KINDS as KINDS
@@ -41,11 +43,14 @@ _LAZY = {
     "built_curvatures": "datavalue.query._source",
     "load_loss": "datavalue.query._load",
     "load_model": "datavalue.query._load",
+    "resolve_callable": "datavalue.query._load",
     "ReplayResult": "datavalue.query._replay",
     "replays": "datavalue.query._replay",
+    "replay_influence": "datavalue.query._replay",
 }
 
-__all__ = ["KINDS", "Attributor", "ReplayResult", "TopK", "built_curvatures", "load_loss", "load_model", "replays"]
+__all__ = ["KINDS", "Attributor", "ReplayResult", "TopK", "built_curvatures", "load_loss", "load_model", "replay_influence",
+           "replays", "resolve_callable"]
 
 
 def __getattr__(name: str) -> Any:

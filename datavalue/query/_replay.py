@@ -1,6 +1,7 @@
-"""Results of an exact replay (``datavalue.replay_influence``), read like a query's.
+"""Exact replay (``datavalue.replay_influence``) and its results, read like a query's.
 
-A replay writes ``replay/<name>/scores`` ``(R, m)`` into the run: the exact first-order influence of
+:func:`replay_influence` runs the replay engine of ``datavalue.capture`` (torch, imported on call)
+and writes ``replay/<name>/scores`` ``(R, m)`` into the run: the exact first-order influence of
 every occurrence (rows in the run's step-major order, restricted to the replay's step window) on
 each of the ``m`` test points, with attributes naming the query, the run's manifest digest and step
 count, and the replay's checks. :class:`ReplayResult` aggregates them ``by="sample" | "owner" |
@@ -18,19 +19,20 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from datavalue.errors import QueryError, StoreMismatchError
+from datavalue.errors import QueryError, StoreExistsError, StoreMismatchError
 from datavalue.query._groups import Grouping, parse_by, parse_owners, regroup
 from datavalue.query._results import TopK, score_frame, write_parquet
 from datavalue.query._stream import dense_top_k
-from datavalue.store import Run, manifest_digest, open_run
+from datavalue.store import Run, create_array, manifest_digest, open_run
 
-__all__ = ["REPLAY", "ReplayResult", "replays"]
+__all__ = ["REPLAY", "ReplayResult", "replay_influence", "replays"]
 
 #: Group of a run holding the replays (``replay/<name>/scores``).
 REPLAY = "replay"
@@ -175,3 +177,98 @@ class ReplayResult:
         if top_k is not None:
             return self.top_k(top_k, by=by, owners=owners, unowned=unowned).to_parquet(path, overwrite=overwrite)
         return write_parquet(self.frame(by=by, owners=owners, unowned=unowned), path, overwrite=overwrite)
+
+
+def replay_influence(
+    run: Any,
+    model: Any,
+    batches: Any,
+    query: Callable[[Any], Any],
+    *,
+    loss_fn: Callable[[Any, Any], Any],
+    name: str = "default",
+    description: str | None = None,
+    steps: tuple[int, int] | None = None,
+    dots: str = "jvp",
+    clipping: str = "norm",
+    collate: Callable[[list[Any]], Any] | None = None,
+    tolerance: float | None = None,
+    write: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Any:
+    """Exact first-order influence of every recorded occurrence on a query, by replaying the run.
+
+    Args:
+        run: a run recorded with ``Recorder(..., optimizer=opt, checkpoint_every=N)`` (path or ``Run``).
+        model: the architecture (its weights are never changed: every step's are substituted
+            functionally from the checkpoints).
+        batches: ``batches(ids) -> batch`` rebuilding a step's batch from its sample ids (in that
+            order), or a dataset indexable by sample id (its items are collated with ``collate``,
+            default ``torch.utils.data.default_collate``).
+        query: ``query(model) -> (m,)`` per-test-point losses at the final weights (``m`` small:
+            each test point costs one double backward and one JVP per step).
+        loss_fn: ``loss_fn(model, batch) -> (b,)`` the per-example losses whose weighted sum with
+            the run's weights (``run.weight``: ``1/b`` for a mean, 1 for a sum, ``tokens(z) /
+            tokens(B)`` for ``token_mean``) is the loss that was stepped on.
+        name: the results go to ``replay/<name>/`` in the run.
+        description: stored with the results (what the query is).
+        steps: ``(t0, t1)`` only the occurrences of these steps (the adjoint is still carried
+            from the end); default all.
+        dots: ``"jvp"`` (forward-mode JVP per query and step) or ``"reverse"`` (per-example
+            multipliers in the double backward; no extra pass). Both give the same numbers.
+        clipping: ``"norm"`` (clip_grad_norm_: the coefficient's derivative is kept) or
+            ``"constant"`` (the recorded coefficient is a fixed factor).
+        tolerance: accepted deviation of a forward replay from the next checkpoint, relative to
+            the interval's movement (default 1e-8 for float64 weights, 1e-3 for float32).
+        write: store the results in the run (``overwrite`` to replace a replay of the same name).
+
+    Returns:
+        :class:`ReplayResult`: ``scores(by=None | "sample" | "owner" | "step")``
+        ``(m, columns)``, ``top_k``, ``frame``, ``save_parquet``; ``S[i, r] ~= loss_i(without
+        occurrence r) - loss_i(with it)``, positive = helpful.
+
+    Raises:
+        datavalue.capture.ReplayError: no final checkpoint, an unsupported optimizer, bad arguments.
+        datavalue.capture.ReplayMismatchError: a forward replay does not reproduce the next checkpoint.
+
+    Example:
+        >>> import datavalue                                                             # doctest: +SKIP
+        >>> res = datavalue.replay_influence("run.zarr", model, lambda ids: (X[ids], Y[ids]),
+        ...     lambda m: F.cross_entropy(m(x_test), y_test, reduction="none"),
+        ...     loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))  # doctest: +SKIP
+        >>> res.top_k(k=5, by="sample").to_frame()                                      # doctest: +SKIP
+    """
+    from datavalue.capture import replay_scores
+
+    run = run if isinstance(run, Run) else open_run(run)
+    if write:  # refuse before the work, not after it
+        _check_name(name)
+        if run.has_array(f"{REPLAY}/{name}/scores") and not overwrite:
+            raise StoreExistsError(f"{run.path} already holds replay {name!r}; pass overwrite=True or another name=.")
+    out = replay_scores(run, model, batches, query, loss_fn=loss_fn, steps=steps, dots=dots, clipping=clipping,
+                        collate=collate, tolerance=tolerance, progress=progress)
+    attrs = {"description": description or getattr(query, "__name__", "query"), "n_steps": int(run.n_steps),
+             "manifest_digest": _digest(run), "steps": list(out["steps"]), "rows": list(out["rows"]),
+             "test_losses": out["test_losses"].tolist(), "checks": {str(k): v for k, v in out["checks"].items()},
+             "dots": dots, "clipping": clipping, "tolerance": out["tolerance"], "optimizer": out["optimizer"],
+             "seconds": out["seconds"], "sign": "loss(without) - loss(with); positive = helpful"}
+    if write:
+        _write(run.path, name, out["scores"], attrs, overwrite)
+    return ReplayResult(run, out["scores"].T, attrs, name=name if write else None)
+
+
+def _digest(run: Run) -> str:
+    return manifest_digest(run.manifest)
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise QueryError(f"name must be a plain name (no '/'), got {name!r}.")
+
+
+def _write(path: Any, name: str, scores: np.ndarray, attrs: dict[str, Any], overwrite: bool) -> None:
+    rows = max(1, scores.shape[0])
+    arr = create_array(path, f"{REPLAY}/{name}/scores", shape=scores.shape, dtype="float64",
+                       chunks=(min(rows, 1 << 16), max(1, scores.shape[1])), attrs=attrs, overwrite=overwrite)
+    arr[...] = scores

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import datavalue
-from datavalue.capture import ReplayMismatchError, _replay, per_sample_gradients, replay_influence
-from datavalue.errors import StoreMismatchError
-from datavalue.query import ReplayResult, replays
+from datavalue.capture import ReplayMismatchError, _replay, per_sample_gradients
+from datavalue.errors import StoreExistsError, StoreMismatchError
+from datavalue.query import ReplayResult, replay_influence, replays
 from datavalue.store import open_array, open_run
 from datavalue.testing import AdamConfig, Batch, SGDConfig, train_reference, trajectory_loo
 from tests.capture.models import mlp
@@ -252,7 +252,7 @@ def test_results_in_the_run_read_like_a_query(tmp_path):
     frame = pd.read_parquet(out)
     np.testing.assert_allclose(frame["test_0"].to_numpy(), by_s[0])
     top.to_parquet(tmp_path / "top.parquet")
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(StoreExistsError, match="already holds replay 'default'"):
         replay(c)
     # a run recorded further no longer matches the stored replay
     model = c.ref.final_model()
@@ -268,3 +268,32 @@ def test_results_in_the_run_read_like_a_query(tmp_path):
 
 def test_facade_exports():
     assert datavalue.replay_influence is replay_influence
+
+
+def test_cli_replay(tmp_path, capsys):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from datavalue.cli import main
+
+    c = make_case(tmp_path / "run.zarr")
+    root = Path(__file__).resolve().parents[2]
+    spec = tmp_path / "spec.py"
+    spec.write_text(
+        f"import sys\nsys.path.insert(0, {str(root)!r})\n"
+        "import torch\nfrom tests.query.test_replay import mlp\n"
+        "gen = torch.Generator().manual_seed(0)\n"
+        "X = torch.randn(69, 6, generator=gen, dtype=torch.float64)\nY = torch.randint(0, 4, (69,), generator=gen)\n"
+        "def model():\n    return mlp().double()\n"
+        "def train():\n    return X[:64], Y[:64]\n"
+        "def data():\n    return X[64:], Y[64:]\n")
+    out = tmp_path / "top.parquet"
+    argv = [str(c.path), "--model", f"{spec}:model", "--train", f"{spec}:train", "--data", f"{spec}:data",
+            "--out", str(out), "--top-k", "3", "--no-progress"]
+    assert main(["replay", *argv]) == 0
+    assert "stored as replay/default" in capsys.readouterr().out
+    frame = pd.read_parquet(out)
+    want = ReplayResult.open(c.path).top_k(3, by="sample").to_frame()
+    np.testing.assert_allclose(frame["score"].to_numpy(), want["score"].to_numpy())
+    assert main(["replay", *argv]) == 1  # --out exists

@@ -270,6 +270,22 @@ def _forward(setup: _Setup, start: _State, t0: int, t1: int) -> list[_State]:
 
 def _backward_step(setup: _Setup, st: _State, t: int, adj: list[_State], dots: str) -> tuple[list[_State], np.ndarray]:
     """Carry every query's adjoint back over step ``t``; returns the new adjoints and ``(m, b)`` scores."""
+    try:
+        return _backward_step_impl(setup, st, t, adj, dots)
+    except (NotImplementedError, RuntimeError) as exc:
+        text = str(exc)
+        if "not implemented" not in text.lower() and "forward AD" not in text:
+            raise
+        raise ReplayError(
+            f"step {t}: an operation of the model has no {'forward-mode' if 'forward AD' in text else 'second'} "
+            f"derivative in torch ({text.splitlines()[0][:160]}). Replay needs double backward (Hessian-vector "
+            "products) and, with dots='jvp', forward-mode AD. Fused attention kernels lack them on some devices: "
+            "build transformers models with attn_implementation='eager', or pass dots='reverse' if only the "
+            "forward-mode derivative is missing.") from exc
+
+
+def _backward_step_impl(setup: _Setup, st: _State, t: int, adj: list[_State], dots: str
+                        ) -> tuple[list[_State], np.ndarray]:
     ids, w, batch, c = setup.step_data(t)
     theta = [x.detach().requires_grad_(True) for x in st.theta]
     m = [None if x is None else x.detach().requires_grad_(True) for x in st.m]

@@ -174,9 +174,17 @@ class _Setup:
     clipping: str
     device: torch.device
     dtype: torch.dtype
+    #: parameters the optimizer does not update and buffers, from the checkpoint (held fixed)
+    constants: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def params(self, theta: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {f"model.{n}": t for n, t in zip(self.names, theta, strict=True)}
+        return self.constants | {f"model.{n}": t for n, t in zip(self.names, theta, strict=True)}
+
+    def hold(self, ck: Checkpoint) -> None:
+        """Take the frozen parameters and buffers from checkpoint ``ck`` (those the model has)."""
+        own = {n for n, _ in self.obj.model.named_parameters()} | {n for n, _ in self.obj.model.named_buffers()}
+        self.constants = {f"model.{n}": t.to(self.device) for n, t in ck.model.items()
+                          if n in own and n not in set(self.names)}
 
     def losses(self, theta: Sequence[torch.Tensor], batch: Any, n: int) -> torch.Tensor:
         out = torch.func.functional_call(self.obj, self.params(theta), (batch,))
@@ -433,6 +441,7 @@ def replay_scores(
     R0, R1 = int(run.step_ptr[t0]), int(run.step_ptr[t1])
     try:
         model.eval()
+        setup.hold(final)
         end = _state_from(setup, final)
         adj, test_losses = _query_adjoints(setup, end.theta, query, end)
         model.train()
@@ -447,7 +456,9 @@ def replay_scores(
 
             bar = tqdm(total=T - t0, desc="replay")
         for a, b in it:
-            states = _forward(setup, _state_from(setup, read_checkpoint(run, a)), a, b)
+            start = read_checkpoint(run, a)
+            setup.hold(start)
+            states = _forward(setup, _state_from(setup, start), a, b)
             dev = _deviation(states[-1], _state_from(setup, read_checkpoint(run, b)), states[0])
             checks[b] = dev
             if not dev <= tol:

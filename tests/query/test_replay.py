@@ -375,3 +375,31 @@ def test_token_mean_run_equals_the_exact_hessian_build(tmp_path):
     assert rel(res.scores(), (E @ q.T).T) < 1e-10
     w = open_run(path).weight
     assert not np.allclose(w, w[0])  # the weights really differ by length
+
+
+def test_frozen_parameters_come_from_the_checkpoints(tmp_path):
+    """A parameter the optimizer does not hold keeps its recorded value, whatever the model passed has."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(40, 6, generator=gen, dtype=torch.float64), torch.randint(0, 4, (40,), generator=gen)
+
+    def factory(seed=1):
+        torch.manual_seed(seed)
+        m = mlp().double()
+        m[0].weight.requires_grad_(False)
+        return m
+
+    model = factory()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    path = tmp_path / "run.zarr"
+    with datavalue.Recorder(path, model, proj_dim=8, optimizer=opt, checkpoint_every=2) as rec:
+        for t in range(4):
+            ids = np.arange(8 * t, 8 * t + 8)
+            with rec.step(sample_ids=ids):
+                ce(model, X[ids], Y[ids]).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    query = lambda m: ce(m, X[32:], Y[32:])  # noqa: E731
+    kw = dict(loss_fn=loss_fn, write=False)
+    right = replay_influence(path, factory(), lambda ids: (X[ids], Y[ids]), query, **kw).scores()
+    other = replay_influence(path, factory(seed=5), lambda ids: (X[ids], Y[ids]), query, **kw).scores()
+    np.testing.assert_array_equal(other, right)

@@ -92,8 +92,14 @@ class Checkpoint:
         named = dict(model.named_parameters())
         opt = _unwrap(optimizer)
         for p_name, st in self.state.items():
-            opt.state[named[p_name]] = {k: (v.clone().to(named[p_name].device) if torch.is_tensor(v) and v.dim() else
-                                            v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+            opt.state[named[p_name]] = {k: _placed(v, named[p_name].device) for k, v in st.items()}
+
+
+def _placed(v: Any, device: Any) -> Any:
+    """A copy of a state entry on the parameter's device (scalars such as Adam's ``step`` stay on the CPU)."""
+    if not torch.is_tensor(v):
+        return v
+    return v.clone() if v.dim() == 0 else v.clone().to(device)
 
 
 def _unwrap(opt: Any) -> Any:

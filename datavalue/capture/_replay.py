@@ -31,7 +31,7 @@ backward that gives ``lambda_t`` and the Hessian-vector product, the derivative 
 per-example multipliers ``keep`` of the loss (``dots="reverse"``, the default: no extra pass, and
 no forward-mode AD needed). Cost per step: one forward and backward for the replay, one double
 backward per query, and with ``dots="jvp"`` a JVP per query (docs/results/replay.md: on a tiny
-GPT-2, 4.4-7.3x the training run with ``"reverse"``, 8.1-9.4x with ``"jvp"``).
+GPT-2, 4.4-7.3x the training run with ``"reverse"``, 8.1-9.3x with ``"jvp"``).
 
 Sign convention: ``score = loss(without) - loss(with)`` to first order; positive = helped.
 """

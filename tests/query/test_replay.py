@@ -403,3 +403,34 @@ def test_frozen_parameters_come_from_the_checkpoints(tmp_path):
     right = replay_influence(path, factory(), lambda ids: (X[ids], Y[ids]), query, **kw).scores()
     other = replay_influence(path, factory(seed=5), lambda ids: (X[ids], Y[ids]), query, **kw).scores()
     np.testing.assert_array_equal(other, right)
+
+
+def test_gradient_accumulation_weights_are_the_runs(tmp_path):
+    """Micro-batches of unequal size (weights 1/(2*8) and 1/(2*4)): the replay steps on the run's
+    weights, so it reproduces the checkpoints; equal weights 1/12 would not."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(60, 6, generator=gen, dtype=torch.float64), torch.randint(0, 4, (60,), generator=gen)
+
+    def factory():
+        torch.manual_seed(1)
+        return mlp().double()
+
+    model = factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    path = tmp_path / "run.zarr"
+    with datavalue.Recorder(path, model, proj_dim=8, optimizer=opt, checkpoint_every=2) as rec:
+        for t in range(4):
+            for ids in (np.arange(12 * t, 12 * t + 8), np.arange(12 * t + 8, 12 * t + 12)):
+                with rec.microbatch(ids):
+                    (ce(model, X[ids], Y[ids]).mean() / 2).backward()
+            rec.commit_step()
+            opt.step()
+            opt.zero_grad()
+    query = lambda m: ce(m, X[48:], Y[48:])  # noqa: E731
+    res = replay_influence(path, factory(), lambda ids: (X[ids], Y[ids]), query, loss_fn=loss_fn, write=False)
+    assert max(res.attrs["checks"].values()) < 1e-12
+    run = open_run(path)
+    np.testing.assert_allclose(run.weight[:12], [1 / 16] * 8 + [1 / 8] * 4)
+    run.__dict__["weight"] = np.full(run.n_rows, 1 / 12)  # a replay that assumed the plain mean
+    with pytest.raises(ReplayMismatchError):
+        replay_influence(run, factory(), lambda ids: (X[ids], Y[ids]), query, loss_fn=loss_fn, write=False)

@@ -25,8 +25,12 @@ def _fmt_bytes(n: int) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from datavalue.store import open_run
 
-    info = open_run(args.run).info()
+    run = open_run(args.run)
+    info = run.info()
     info["builds"] = _builds(args.run, info["embeddings"])
+    info["checkpoints"] = sorted(int(s) for s in run.subgroups("checkpoints")
+                                 if s.isdigit() and run.has_array(f"checkpoints/{s}/meta"))
+    info["replays"] = [n for n in run.subgroups("replay") if run.has_array(f"replay/{n}/scores")]
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -50,6 +54,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name}: {first}")
         for line in rest:
             print(f"    {line}")
+    print(f"checkpoints    {info['checkpoints'] or 'none (Recorder(..., checkpoint_every=N) keeps them)'}")
+    print(f"replays        {', '.join(info['replays']) or 'none (datavalue replay RUN ...)'}")
     print(f"size on disk   {_fmt_bytes(info['size_bytes'])}")
     print("blocks:")
     for name, rule, k in info["blocks"]:

@@ -302,6 +302,9 @@ def test_cli_replay(tmp_path, capsys):
     want = ReplayResult.open(c.path).top_k(3, by="sample").to_frame()
     np.testing.assert_allclose(frame["score"].to_numpy(), want["score"].to_numpy())
     assert main(["replay", *argv]) == 1  # --out exists
+    assert main(["info", str(c.path)]) == 0
+    shown = capsys.readouterr().out
+    assert "checkpoints    [0, 3, 6, 8]" in shown and "replays        default" in shown
 
 
 def test_docs_example_runs(tmp_path, monkeypatch):

@@ -472,8 +472,9 @@ def replay_scores(
                     "is the stepped loss), batches(ids) returning other examples, clipping or gradient scaling the "
                     "recorder was not told of (rec.step(..., clip_coef=...)), or an optimizer other than torch's "
                     "SGD/Adam/AdamW. Pass tolerance= to accept a larger rounding drift (float32/bf16 training).")
+            states.pop()  # the state at b: checked, not needed any more (each step's state is dropped once used)
             for t in range(b - 1, max(a, t0) - 1, -1):  # the adjoint is carried from T; scores kept inside [t0, t1)
-                adj, s = _backward_step(setup, states[t - a], t, adj, dots)
+                adj, s = _backward_step(setup, states.pop(), t, adj, dots)
                 if t < t1:
                     r0, r1 = int(run.step_ptr[t]) - R0, int(run.step_ptr[t + 1]) - R0
                     scores[r0:r1] = s.T

@@ -437,3 +437,52 @@ def test_gradient_accumulation_weights_are_the_runs(tmp_path):
     run.__dict__["weight"] = np.full(run.n_rows, 1 / 12)  # a replay that assumed the plain mean
     with pytest.raises(ReplayMismatchError):
         replay_influence(run, factory(), lambda ids: (X[ids], Y[ids]), query, loss_fn=loss_fn, write=False)
+
+
+def test_tiny_gpt2_equals_the_finite_difference_limit(tmp_path):
+    """A transformers GPT-2 (eager attention, tied embedding and head) trained with AdamW, every step
+    clipped, float64: the finite difference converges to the replay as epsilon shrinks (measured here:
+    7.0e-5 at epsilon 1e-5, 2.1e-6 at 1e-7); holding the clipping coefficient fixed does not. On a
+    10-step run with max_norm 1 (3 steps clipped) the finite difference's own O(epsilon) error was
+    large (Adam's tiny second moments): 6.5e-2 at 1e-5, 6.5e-3 at 1e-6, 6.6e-4 at 1e-7."""
+    transformers = pytest.importorskip("transformers")
+    gen = torch.Generator().manual_seed(0)
+    V, L = 64, 12
+    tokens = torch.randint(0, V, (40, L), generator=gen)
+
+    def factory():
+        torch.manual_seed(1)
+        cfg = transformers.GPT2Config(vocab_size=V, n_positions=L, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager", bos_token_id=0,
+                                      eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).double()
+
+    def per_example(m, x):
+        logits = m(input_ids=x).logits[:, :-1]
+        lt = F.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1), reduction="none")
+        return lt.reshape(x.shape[0], -1).mean(1)
+
+    batches = [Batch(np.arange(6 * t, 6 * t + 6), tokens[6 * t : 6 * t + 6], None) for t in range(6)]
+    model = factory()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    config = AdamConfig(kind="adamw", weight_decay=0.01, max_grad_norm=0.3)
+    opt = config.optimizer(model.parameters(), 1e-3)
+    path = tmp_path / "run.zarr"
+    rec = datavalue.Recorder(path, model, proj_dim=16, optimizer=opt, checkpoint_every=4, storage_dtype="float64")
+    with rec:
+        ref = train_reference(factory, batches, np.full(6, 1e-3), lambda m, x, y: per_example(m, x), model=model,
+                              optimizer=opt, config=config,
+                              step_context=lambda t, b, lr: rec.step(sample_ids=b.sample_ids, lr=lr))
+    query = lambda m: per_example(m, tokens[36:])  # noqa: E731
+    res = replay_influence(path, factory(), lambda ids: tokens[torch.as_tensor(ids)], query,
+                           loss_fn=per_example, write=False)
+    steps, ids = ref.occurrences()
+    rows = np.arange(0, len(ids), 5)
+    removals = list(zip(steps[rows].tolist(), ids[rows].tolist(), strict=True))
+    est = res.scores()[:, rows].T
+    devs = [rel(est, trajectory_loo(ref, removals, query, epsilon=e)) for e in (1e-5, 1e-7)]
+    assert (ref.grad_scales < 1).all()
+    assert devs[1] < 1e-4 and devs[1] < devs[0] / 10, devs
+    const = replay_influence(path, factory(), lambda ids: tokens[torch.as_tensor(ids)], query, loss_fn=per_example,
+                             write=False, clipping="constant")
+    assert rel(const.scores()[:, rows].T, trajectory_loo(ref, removals, query, epsilon=1e-7)) > 1e-2

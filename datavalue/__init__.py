@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ below loads
     from datavalue.capture import per_sample_gradients as per_sample_gradients
     from datavalue.embeddings import build_embeddings as build_embeddings
     from datavalue.query import Attributor as Attributor
+    from datavalue.query import replay_influence as replay_influence
     from datavalue.store import open_run as open_run
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ _LAZY = {
     "Recorder": ("datavalue.capture", "Recorder"),
     "inspect": ("datavalue.capture", "inspect"),
     "per_sample_gradients": ("datavalue.capture", "per_sample_gradients"),
+    "replay_influence": ("datavalue.query", "replay_influence"),
     "build_embeddings": ("datavalue.embeddings", "build_embeddings"),
     "Attributor": ("datavalue.query", "Attributor"),
     "open_run": ("datavalue.store", "open_run"),

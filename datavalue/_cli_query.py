@@ -121,6 +121,99 @@ def parse_steps_arg(text: str | None) -> tuple[int | None, int | None] | None:
         raise QueryError(f"--steps must look like T0:T1 with integers, got {text!r}.") from None
 
 
+# ----------------------------------------------------------------------------- datavalue replay
+REPLAY_USAGE = ("datavalue replay RUN --model module:function --train module:function --data module:function "
+                "--out results.parquet [--top-k 10] [--by sample|occurrence|step] [--name NAME] [--overwrite]")
+
+
+def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``replay`` on ``parser.add_subparsers(dest="command")``; sets ``func=run_replay``."""
+    p = subparsers.add_parser(
+        "replay",
+        usage=REPLAY_USAGE,
+        help="exact first-order influence of every training occurrence on a test set, by replaying the run",
+        description=(
+            "Replay a run recorded with Recorder(..., checkpoint_every=N) backwards from its checkpoints: the exact "
+            "first-order influence of every occurrence on the test points of --data, stored in the run "
+            "(replay/<name>) and written to Parquet. Sign: score = loss(without) - loss(with); positive = helpful."
+        ),
+    )
+    p.add_argument("run", metavar="RUN", help="the recorded run (*.zarr), with checkpoints")
+    p.add_argument("--model", required=True, metavar="MOD:FN",
+                   help="function returning the model's architecture (its weights are replaced by the checkpoints)")
+    p.add_argument("--train", required=True, metavar="MOD:FN",
+                   help="function returning (batches, loss_fn): batches(ids) -> batch and loss_fn(model, batch) -> "
+                        "(b,) per-example losses; or a tuple (x, y) indexed by sample id, scored with cross-entropy")
+    p.add_argument("--data", required=True, metavar="MOD:FN",
+                   help="function returning the query: loss_fn(model) -> (m,) losses, or a tuple (x, y)")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--top-k", type=int, default=10, dest="top_k",
+                   help="how many helpful and harmful per test point (default 10; 0 writes every score)")
+    p.add_argument("--by", choices=("sample", "occurrence", "step"), default="sample",
+                   help="rank samples (all epochs summed, default), single occurrences, or steps")
+    p.add_argument("--name", default="default", help="store the scores as replay/NAME in the run (default 'default')")
+    p.add_argument("--steps", default=None, metavar="T0:T1", help="only occurrences of steps T0 <= t < T1")
+    p.add_argument("--overwrite", action="store_true", help="replace --out and a stored replay of the same name")
+    p.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide the progress bar")
+    p.set_defaults(func=run_replay)
+    return p
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    """Execute ``datavalue replay``; returns the exit status (0 ok, 1 error)."""
+    try:
+        return _run_replay(args)
+    except DataValueError as exc:
+        print(f"datavalue replay: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train_spec(value: Any, spec: str) -> tuple[Any, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(value, Sequence) and len(value) == 2 and all(callable(v) for v in value):
+        return value[0], value[1]
+    if isinstance(value, Sequence) and len(value) == 2:
+        x, y = (torch.as_tensor(v) for v in value)
+        return (lambda ids: (x[torch.as_tensor(ids)], y[torch.as_tensor(ids)]),
+                lambda model, b: F.cross_entropy(model(b[0]), b[1], reduction="none"))
+    raise QueryError(f"--train {spec} must return (batches, loss_fn) or a tuple (x, y); got {type(value).__name__}.")
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from datavalue.query import load_loss, load_model, replay_influence, resolve_callable
+
+    out = Path(args.out)
+    if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
+        raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
+                         "Choose a path outside it.")
+    if out.exists() and not args.overwrite:
+        raise StoreExistsError(f"{out} already exists; pass --overwrite to replace it.")
+    if args.top_k < 0:
+        raise QueryError(f"--top-k must be >= 0, got {args.top_k}.")
+    model = load_model(args.model)
+    batches, loss_fn = _train_spec(resolve_callable(args.train, "--train")(), args.train)
+    query = load_loss(args.data)
+    steps = parse_steps_arg(args.steps)
+    if steps is not None:
+        from datavalue.store import open_run
+
+        T = open_run(args.run).n_steps
+        steps = (0 if steps[0] is None else steps[0], T if steps[1] is None else steps[1])
+    res = replay_influence(args.run, model, batches, query, loss_fn=loss_fn, name=args.name, steps=steps,
+                           description=f"--data {args.data}", overwrite=args.overwrite, progress=not args.no_progress)
+    by = None if args.by == "occurrence" else args.by
+    if args.top_k > 0:
+        path = res.save_parquet(out, by=by, top_k=args.top_k, overwrite=args.overwrite)
+    else:
+        path = res.save_parquet(out, by=by, overwrite=args.overwrite)
+    checks = ", ".join(f"{k}: {v:.1e}" for k, v in res.attrs["checks"].items())
+    print(f"replayed {res.n_rows} occurrences x {res.n_test} test points in {res.attrs['seconds']:.1f} s "
+          f"(checkpoint checks {checks}); stored as replay/{args.name}; wrote {path} (by={args.by})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry (``python -m datavalue._cli_query RUN ...``)."""
     parser = argparse.ArgumentParser(prog="datavalue")

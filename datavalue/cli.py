@@ -30,8 +30,12 @@ def _cannot_write(out: Any, exc: OSError, error: Any) -> Exception:
 def cmd_info(args: argparse.Namespace) -> int:
     from datavalue.store import open_run
 
-    info = open_run(args.run).info()
+    run = open_run(args.run)
+    info = run.info()
     info["builds"] = _builds(args.run, info["embeddings"])
+    info["checkpoints"] = sorted(int(s) for s in run.subgroups("checkpoints")
+                                 if s.isdigit() and run.has_array(f"checkpoints/{s}/meta"))
+    info["replays"] = [n for n in run.subgroups("replay") if run.has_array(f"replay/{n}/scores")]
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -55,6 +59,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name}: {first}")
         for line in rest:
             print(f"    {line}")
+    print(f"checkpoints    {info['checkpoints'] or 'none (Recorder(..., checkpoint_every=N) keeps them)'}")
+    print(f"replays        {', '.join(info['replays']) or 'none (datavalue replay RUN ...)'}")
     print(f"size on disk   {_fmt_bytes(info['size_bytes'])}")
     print("blocks:")
     for name, rule, k in info["blocks"]:
@@ -174,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         m.add_parser(sub)
         sub.choices[name].set_defaults(func=m.run)
+        if name == "query":  # `datavalue replay` lives beside `datavalue query`
+            m.add_replay_parser(sub)
     return parser
 
 

@@ -1,12 +1,17 @@
 """Capture: hooks that record per-sample (projected) gradients from the user's own backward.
 
-Public pieces: :class:`Recorder` (training loop), :func:`per_sample_gradients` (query/test
+Public pieces: :class:`Recorder` (training loop; ``checkpoint_every=`` keeps weight and optimizer
+checkpoints, :func:`read_checkpoint`), :func:`replay_scores` (exact trajectory influence by
+replaying the run from its checkpoints; ``datavalue.replay_influence`` stores and reads them), :func:`per_sample_gradients` (query/test
 gradients in a run's layout), :func:`inspect` (what is captured by which rule), and the rule
 registry :data:`LAYER_RULES` with :class:`LayerRule` to extend it. :class:`StepSink` is the one
 step pipeline (ids, weights, rows -> ``StepBlock`` -> writer) that every recorder and integration
 submits through.
 """
 
+from datavalue.capture._checkpoint import Checkpoint as Checkpoint
+from datavalue.capture._checkpoint import checkpoint_steps as checkpoint_steps
+from datavalue.capture._checkpoint import read_checkpoint as read_checkpoint
 from datavalue.capture._config import CaptureConfig as CaptureConfig
 from datavalue.capture._final import FinalPass as FinalPass
 from datavalue.capture._final import final_path as final_path
@@ -20,6 +25,9 @@ from datavalue.capture._pipeline import parse_sample_ids as parse_sample_ids
 from datavalue.capture._pipeline import step_weights as step_weights
 from datavalue.capture._projection import projection_matrix as projection_matrix
 from datavalue.capture._projection import split_budget as split_budget
+from datavalue.capture._replay import ReplayError as ReplayError
+from datavalue.capture._replay import ReplayMismatchError as ReplayMismatchError
+from datavalue.capture._replay import replay_scores as replay_scores
 from datavalue.capture._rules import LAYER_RULES as LAYER_RULES
 from datavalue.capture._rules import LayerRule as LayerRule
 from datavalue.capture.recorder import Recorder as Recorder
@@ -27,11 +35,15 @@ from datavalue.capture.recorder import Recorder as Recorder
 __all__ = [
     "LAYER_RULES",
     "CaptureConfig",
+    "Checkpoint",
     "DistInfo",
     "FinalPass",
     "LayerRule",
     "Recorder",
+    "ReplayError",
+    "ReplayMismatchError",
     "StepSink",
+    "checkpoint_steps",
     "engine_for_run",
     "exact_layout",
     "final_path",
@@ -39,6 +51,8 @@ __all__ = [
     "parse_sample_ids",
     "per_sample_gradients",
     "projection_matrix",
+    "read_checkpoint",
+    "replay_scores",
     "split_budget",
     "step_weights",
 ]

@@ -116,6 +116,9 @@ class CaptureConfig:
     precondition: str = field(default="none", metadata={
         "help": "'none', or 'adam': whiten each per-sample gradient by the step's own Adam preconditioner "
                 "per coordinate before the sketch (AdamW runs; materialises per-sample gradients)"})
+    checkpoint_every: int | None = field(default=None, metadata={
+        "help": "write the weights and the optimizer state into the run every N steps, at step 0 and after the "
+                "last step (exact replay, datavalue.replay_influence); None: no checkpoints"})
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -140,6 +143,7 @@ class CaptureConfig:
         put("chunk_rows", _positive_int("chunk_rows", self.chunk_rows, allow_none=True))
         put("commit_every", _positive_int("commit_every", self.commit_every))
         put("precondition", _choice("precondition", self.precondition, PRECONDITIONS))
+        put("checkpoint_every", _positive_int("checkpoint_every", self.checkpoint_every, allow_none=True))
         if self.precondition != "none" and self.hessian:
             raise RecorderError("precondition='adam' does not support curvature='hessian'; use curvature='fisher'.")
         if self.record_optimizer_state is not None and not isinstance(self.record_optimizer_state, bool):

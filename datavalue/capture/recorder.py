@@ -134,6 +134,10 @@ class Recorder:
             moments) + ``3 b k s`` for the step's rows + ``chunk_rows k`` of the chunk being written +
             ``16 P`` for Adam moments (``P`` parameters) + ``b P (s + 16)`` with ``precondition="adam"``
             (docs/capture.md, "Host memory per step"; ``DATAVALUE_MEMORY_CHECK=0`` skips the default check).
+        checkpoint_every: write the model's weights and the optimizer's whole state into the run
+            (``checkpoints/<step>/``) before every ``N``-th step's update, at step 0 and after the
+            last step (on ``close``), for exact replay (:func:`datavalue.replay_influence`; needs
+            ``optimizer=``). Memory of a replay grows with ``N``, its disk use with ``T / N``.
 
     Sign convention of everything built from a run: influence = loss(without) - loss(with);
     positive means the occurrence helped.
@@ -167,6 +171,7 @@ class Recorder:
         precondition: str = "none",
         commit_every: int = 32,
         max_memory: int | str | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
         if not isinstance(model, nn.Module):
@@ -175,7 +180,7 @@ class Recorder:
                        curvature=curvature, storage_dtype=storage_dtype, on_nonfinite=on_nonfinite,
                        fisher_max_classes=fisher_max_classes, fisher_samples=fisher_samples, hessian_max_dim=hessian_max_dim,
                        record_optimizer_state=record_optimizer_state, chunk_rows=chunk_rows, precondition=precondition,
-                       commit_every=commit_every)
+                       commit_every=commit_every, checkpoint_every=checkpoint_every)
         if config is not None:
             if not isinstance(config, CaptureConfig):
                 raise RecorderError(f"config must be a datavalue.capture.CaptureConfig, got {type(config).__name__}.")
@@ -210,6 +215,9 @@ class Recorder:
         if adam and (getattr(unwrap_optimizer(optimizer), "defaults", {}).get("amsgrad") and record_optimizer_state):
             raise RecorderError("record_optimizer_state does not support amsgrad=True.")
         self.record_optimizer_state = adam if record_optimizer_state is None else bool(record_optimizer_state)
+        self.checkpoint_every = cfg.checkpoint_every
+        if self.checkpoint_every is not None and optimizer is None:
+            raise RecorderError("checkpoint_every needs Recorder(..., optimizer=...): a checkpoint holds the optimizer's state.")
         try:
             self.engine = self._make_engine(model, proj_dim=proj_dim, seed=seed, layers=layers,
                                             sketch=resolve_sketch(path, sketch, resume), optimizer=optimizer)
@@ -545,6 +553,8 @@ class Recorder:
             self._sqrt_d = sqrt_d
         fields = step_fields(self.optimizer, self.model, self.layout, record_state=self.record_optimizer_state, lr=lr,
                              step=self.n_steps)
+        if self.checkpoint_every is not None and self.n_steps % self.checkpoint_every == 0:
+            self._checkpoint(self.n_steps)  # before this step's update: the weights theta_t
         return self._sink.submit(ids, w_final, g, fisher=fisher if self.fisher else None, hessian=hessian,
                                  epoch=epoch, grad_scale=clip_coef, **fields)
 
@@ -628,12 +638,20 @@ class Recorder:
             self._unrecorded.remove()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
-        try:  # sqrt(D) is written while the run's writer lock is still held (released by the sink's close)
+        try:  # written while the run's writer lock is still held (released by the sink's close)
+            if self.checkpoint_every is not None and self.n_steps:
+                self._checkpoint(self.n_steps)  # the final weights (after the last update)
             if self._sqrt_d is not None and self._dist.rank == 0:
                 self._sink.flush()
                 self._write_sqrt_d()
         finally:
             self._sink.close()
+
+    def _checkpoint(self, step: int) -> None:
+        if self._dist.rank == 0:
+            from datavalue.capture._checkpoint import write_checkpoint
+
+            write_checkpoint(self.path, step, self.model, self.optimizer)
 
     def _write_sqrt_d(self) -> None:
         """The last step's ``sqrt(D)`` (exact capture layout), with which queries whiten test gradients."""

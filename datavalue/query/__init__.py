@@ -8,7 +8,8 @@
 - ``top_k(loss_fn, k)``: the most helpful and most harmful, streamed,
 - ``stage_influence(loss_fn)``: per-step influence over training (phase analysis),
 
-with ``to_dataset`` / ``save_parquet`` to take the results elsewhere (``load_model`` /
+and :class:`ReplayResult` reads the exact scores of ``datavalue.replay_influence`` with the same
+groupings, top-k and tables; with ``to_dataset`` / ``save_parquet`` to take the results elsewhere (``load_model`` /
 ``load_loss`` turn the CLI's ``module:function`` specs into a model and a loss function). Sign convention everywhere:
 ``loss(without) - loss(with)``; positive = helpful. Embeddings are streamed through dask in row
 chunks (threaded scheduler, or a ``dask.distributed.Client``); see ``docs/queries.md``.
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from datavalue.query._attributor import Attributor as Attributor
     from datavalue.query._load import load_loss as load_loss
     from datavalue.query._load import load_model as load_model
+    from datavalue.query._load import resolve_callable as resolve_callable
+    from datavalue.query._replay import ReplayResult as ReplayResult
+    from datavalue.query._replay import replay_influence as replay_influence
+    from datavalue.query._replay import replays as replays
     from datavalue.query._results import TopK as TopK
     from datavalue.query._source import KINDS as KINDS
     from datavalue.query._source import built_curvatures as built_curvatures
@@ -38,9 +43,14 @@ _LAZY = {
     "built_curvatures": "datavalue.query._source",
     "load_loss": "datavalue.query._load",
     "load_model": "datavalue.query._load",
+    "resolve_callable": "datavalue.query._load",
+    "ReplayResult": "datavalue.query._replay",
+    "replays": "datavalue.query._replay",
+    "replay_influence": "datavalue.query._replay",
 }
 
-__all__ = ["KINDS", "Attributor", "TopK", "built_curvatures", "load_loss", "load_model"]
+__all__ = ["KINDS", "Attributor", "ReplayResult", "TopK", "built_curvatures", "load_loss", "load_model", "replay_influence",
+           "replays", "resolve_callable"]
 
 
 def __getattr__(name: str) -> Any:

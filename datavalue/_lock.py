@@ -228,13 +228,19 @@ class LockFile:
         with _HELD_GUARD:
             _HELD.add(me["token"])
         deadline = time.monotonic() + float(timeout)
+        changed = 0  # times the lock changed hands under us (released, or another process took it over)
         try:
             while True:
                 if self._create(me):
                     break
                 holder = read_holder(self.path)
-                if holder is not None and holder_state(holder) == "dead" and self._take_over(holder, me):
-                    break
+                if holder is not None and holder_state(holder) == "dead":
+                    if self._take_over(holder, me):
+                        break
+                    holder = None  # someone else took it over first: look again, so the error names them
+                if holder is None and changed < 8:  # released or replaced between our two system calls
+                    changed += 1
+                    continue
                 if time.monotonic() >= deadline:
                     raise self.error(self.locked_message(holder, timeout))
                 time.sleep(0.02)

@@ -31,7 +31,7 @@ from datavalue._memory import check_memory, parse_max_memory
 from datavalue.capture import engine_for_run, per_sample_gradients
 from datavalue.errors import NonFiniteError, QueryError
 from datavalue.query import _stream
-from datavalue.query._groups import Grouping, parse_by, parse_owners, parse_steps, regroup
+from datavalue.query._groups import Grouping, grouping, parse_by, parse_steps
 from datavalue.query._results import TopK, dataset_values, describe, score_frame, write_parquet
 from datavalue.query._source import Source, resolve_source
 from datavalue.store import Run, fast_rows, open_run
@@ -156,20 +156,8 @@ class Attributor:
         return uniq, inv.astype(np.int64)
 
     def _grouping(self, by: Any, owners: Any, unowned: str, steps: Any) -> Grouping:
-        by = parse_by(by)
         t0, t1 = parse_steps(steps, self.n_steps)
-        r0, r1 = int(self.run.step_ptr[t0]), int(self.run.step_ptr[t1])
-        if by is None:
-            return Grouping(None, r0, r1, None, np.arange(r0, r1))
-        if by == "step":
-            return Grouping("step", r0, r1, self.run.row_step[r0:r1] - t0, np.arange(t0, t1))
-        uniq, inv = self._samples
-        if by == "sample":
-            present, groups = regroup(inv[r0:r1], uniq.size)
-            return Grouping("sample", r0, r1, groups, uniq[present])
-        labels, owner_of = parse_owners(owners, uniq, unowned)
-        present, groups = regroup(owner_of[inv[r0:r1]], labels.size)
-        return Grouping("owner", r0, r1, groups, labels[present])
+        return grouping(self.run, by, owners, unowned, t0, t1, self._samples if parse_by(by) in ("sample", "owner") else None)
 
     def labels(self, by: str | None = None, *, owners: Any = None, unowned: str = "raise", steps: Any = None) -> np.ndarray:
         """Labels of the columns that :meth:`scores` returns for the same ``by/owners/unowned/steps``.

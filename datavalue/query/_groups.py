@@ -154,3 +154,23 @@ def regroup(groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 OwnersArg = Mapping[Any, Any] | Callable[[int], Any] | np.ndarray | list[Any] | None
+
+
+def grouping(run: Any, by: Any, owners: Any, unowned: str, t0: int, t1: int,
+             samples: tuple[np.ndarray, np.ndarray] | None = None) -> Grouping:
+    """How the rows of steps ``t0 .. t1 - 1`` of ``run`` fold into columns for ``by`` (``None``,
+    ``"sample"``, ``"owner"``, ``"step"``). ``samples``: ``np.unique(run.sample_id,
+    return_inverse=True)`` when the caller keeps it (computed here otherwise)."""
+    by = parse_by(by)
+    r0, r1 = int(run.step_ptr[t0]), int(run.step_ptr[t1])
+    if by is None:
+        return Grouping(None, r0, r1, None, np.arange(r0, r1))
+    if by == "step":
+        return Grouping("step", r0, r1, run.row_step[r0:r1] - t0, np.arange(t0, t1))
+    uniq, inv = samples if samples is not None else np.unique(run.sample_id, return_inverse=True)
+    if by == "sample":
+        present, groups = regroup(inv[r0:r1], uniq.size)
+        return Grouping("sample", r0, r1, groups, uniq[present])
+    labels, owner_of = parse_owners(owners, uniq, unowned)
+    present, groups = regroup(owner_of[inv[r0:r1]], labels.size)
+    return Grouping("owner", r0, r1, groups, labels[present])

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from datavalue.errors import QueryError, StoreExistsError, StoreMismatchError
-from datavalue.query._groups import Grouping, parse_by, parse_owners, regroup
+from datavalue.query._groups import Grouping, grouping
 from datavalue.query._results import TopK, score_frame, write_parquet
 from datavalue.query._stream import dense_top_k
 from datavalue.store import Run, create_array, lock_run, manifest_digest, open_run
@@ -122,18 +122,10 @@ class ReplayResult:
         )
 
     def _grouping(self, by: Any, owners: Any, unowned: str) -> Grouping:
-        by = parse_by(by)
-        r0, r1, run = self.r0, self.r1, self.run
-        if by is None:
-            return Grouping(None, r0, r1, None, np.arange(r0, r1))
-        if by == "step":
-            return Grouping("step", r0, r1, run.row_step[r0:r1] - self.t0, np.arange(self.t0, self.t1))
-        uniq, inv = np.unique(run.sample_id[r0:r1], return_inverse=True)
-        if by == "sample":
-            return Grouping("sample", r0, r1, inv.astype(np.int64), uniq)
-        labels, owner_of = parse_owners(owners, uniq, unowned)
-        present, groups = regroup(owner_of[inv], labels.size)
-        return Grouping("owner", r0, r1, groups, labels[present])
+        g = grouping(self.run, by, owners, unowned, self.t0, self.t1)
+        if (g.start, g.stop) != (self.r0, self.r1):
+            raise QueryError(f"replay rows {self.r0}..{self.r1} do not match the run's steps {self.t0}..{self.t1}.")
+        return g
 
     def labels(self, by: str | None = None, *, owners: Any = None, unowned: str = "raise") -> np.ndarray:
         """Labels of the columns of :meth:`scores` (as :meth:`datavalue.Attributor.labels`)."""

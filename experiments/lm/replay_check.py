@@ -313,13 +313,29 @@ def section() -> str:
                   f"linearisation), {len(fd['removals'])} occurrences x {r['n_query']} queries: median relative "
                   f"deviation {fd['median_rel']:.1e}, max {fd['max_rel']:.1e} (max absolute {fd['max_abs']:.1e}, "
                   f"median |value| {fd['median_abs_fd']:.1e})."]
+        fs = HERE / f"replay_check_{size}_fd.json"
+        if fs.exists():
+            sw = json.loads(fs.read_text())["fd_sweep"]
+            eps = list(sw["fd"])
+            L += ["", f"Finite differences against the replay at decreasing epsilon (`--fd-sweep {','.join(eps)} --n-fd "
+                  f"{len(sw['removals'])}`, {sw['seconds']:.0f} s): max relative deviation over the queries, per occurrence "
+                  "(step, sample), and the values of the first query.", "",
+                  "| occurrence | replay (query 0) | full removal (query 0) | " + " | ".join(f"eps {e}" for e in eps) + " |",
+                  "|---|---|---|" + "---|" * len(eps)]
+            for i, (t_, s_) in enumerate(sw["removals"]):
+                L.append(f"| ({t_}, {s_}) | {sw['replay'][i][0]:.4g} | {sw['full_removal'][i][0]:.4g} | "
+                         + " | ".join(f"{sw['fd'][e]['rel_per_removal_max'][i]:.1e} ({sw['fd'][e]['values'][i][0]:.4g})"
+                                      for e in eps) + " |")
+            L.append("")
         if r.get("replay_abs_median_by_quarter"):
             L += ["- Median |replay| by quarter of the steps (first to last): "
                   + ", ".join(f"{v:.2e}" for v in r["replay_abs_median_by_quarter"])
                   + f"; median |full-removal LOO| of the study's 60 occurrences: {r.get('full_removal_abs_median', float('nan')):.2e}."]
         if fr:
             L += [f"- Replay vs the study's full-removal trajectory LOO (its 60 occurrences): Spearman "
-                  f"{_cell(fr)} (all (early / late)): the linearity ceiling of `linearity.py`, reached by the replay."]
+                  f"{_cell(fr)} (all (early / late); {r['n_query']} query lines): the first-order ceiling, what the exact "
+                  "linearisation reaches against the removal itself (on the small LM `linearity.py` measured 0.514 "
+                  "(0.28 / 0.99) at epsilon 1e-3)."]
         if keys:
             L += ["", f"Spearman against the replay over all {r['T'] * r['batch']} occurrences per query line, averaged "
                   f"(early / late = steps before / from {r['T'] // 2}). Right column: the same scores against the "
@@ -335,7 +351,41 @@ def section() -> str:
                 row += [_cell((r.get("scores_vs_full_removal_60") or {}).get(k, {}).get(m)) for k in keys]
                 L.append(f"| {m} | " + " | ".join(row) + " |")
             L.append("")
-    return "\n".join(L) + "\n"
+    return "\n".join(L + [READING]) + "\n"
+
+
+READING = """#### Reading (issue 19's goals restated against the replay)
+
+- **The replay is right where a linearisation can be checked.** On the small LM it matches the finite
+  differences of the same linearisation to a median 1.7e-6 relative (30 queries x 4 occurrences) and
+  reproduces the first-order ceiling against the full removal (0.514 overall, 0.28 early, 0.99 late).
+  On the larger LM it matches them for the late occurrences (step 20: the deviation falls as O(epsilon),
+  to 6e-7) and for the early ones (step 0) the finite differences drift towards it as epsilon shrinks
+  (-263 at 1e-3 to -1549 at 1e-7 against the replay's -3353 on one query, where the removal itself moves
+  the loss by -1.5) without reaching it. The likely cause (not isolated here): in AdamW's first steps the
+  bias-corrected second moment is still one or a few gradients squared, so each coordinate's update is
+  close to sign(g), whose derivative (up to 1/eps for coordinates whose gradient is near zero) is huge and
+  holds only in a tiny radius. In the first quarter of the larger LM's steps the median |replay| is
+  6.3e3 against a median |full removal| of 6.3e-2. There the exact linearisation is not a useful target
+  (0.07 Spearman against the removal on the early occurrences); late it is (0.94).
+- **Against the replay the goals are far off.** Small LM, all 960 occurrences, 30 lines: the best is the
+  final-model `influence` (Fisher) at exact gradients, 0.234 (0.09 early / 0.47 late), then 0.221 at a 5%
+  sketch; the default embeddings build reaches 0.096 / 0.136 / 0.187 at 1% / 5% / 15% of P (late half
+  0.32 / 0.43 / 0.45); TracIn 0.09-0.11; the final-model gradient dot 0.13-0.14; `curvature="none"`
+  0.08. Goal 0.9 (exact gradients): no method is within 0.65 of it; goal 0.8 (sketch at most 5% of P):
+  the best sketched score is 0.22. Even on the late half, where the linearisation equals the removal to
+  0.99, nothing passes 0.48. On the larger LM (4 lines, 240 occurrences) every method sits at
+  0.05-0.13 overall and 0.22-0.61 on the late half (best: `influence fisher` at 1%, 0.61).
+- **So the gap is the methods, not the target.** Restricted to where first order is the right question
+  (late occurrences), the exact first-order answer exists, is computable (305 s for 30 lines on the
+  small LM, 205 s for 4 lines on the larger), and the approximate methods reach about half of it. The
+  early occurrences of an AdamW run are out of reach of any first-order method, the replay included;
+  issue 19's 0.9 / 0.8 goals can only be meant against the late (post-warm-up) occurrences or against a
+  target that is not first order.
+- **Caveats.** One seed, one run per size; the larger LM with 4 query lines only; the early/late split
+  here is by halves of the steps (the study's 60 removals: first and last thirds). The `dvemb` builds
+  were not run at exact gradients (they do not fit, as in the study) nor at 5% on the larger LM.
+"""
 
 
 if __name__ == "__main__":

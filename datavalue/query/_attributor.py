@@ -95,6 +95,7 @@ class Attributor:
         model = _parse_model(model)
         self.max_memory = parse_max_memory(max_memory, QueryError)
         self.run: Run = open_run(path)
+        self._training_run = self.run  # replays (replay/<name>) live in the training run
         if kind == "influence":  # the final model's influence: the columns are the final pass's examples
             self.run = _final_pass(self.run)  # same fingerprint and capture plan as the run (FinalPass checked)
         self.path = self.run.path
@@ -412,6 +413,15 @@ class Attributor:
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = np.where(lr != 0, 1.0 / np.where(lr != 0, lr, 1.0), np.nan)
         return S * inv[None, :]
+
+    def replay(self, name: str = "default") -> Any:
+        """The exact scores of a stored :func:`datavalue.replay_influence` of this run (``replay/<name>``),
+        as a :class:`datavalue.query.ReplayResult`: the same ``scores(by=...)``, ``labels``, ``top_k``,
+        ``frame`` and ``save_parquet`` as this Attributor, for the replay's test points. Refused when
+        the run changed since the replay (``StoreMismatchError``)."""
+        from datavalue.query._replay import ReplayResult
+
+        return ReplayResult.open(self._training_run, name)
 
     # ------------------------------------------------------------------ tables and datasets
     def frame(self, scores: np.ndarray, *, by: str | None = None, owners: Any = None, unowned: str = "raise",

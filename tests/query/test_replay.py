@@ -26,7 +26,7 @@ from torch import nn
 
 import datavalue
 from datavalue.capture import ReplayMismatchError, _replay, per_sample_gradients
-from datavalue.errors import StoreExistsError, StoreMismatchError
+from datavalue.errors import StoreExistsError, StoreMismatchError, StoreNotFoundError
 from datavalue.query import ReplayResult, replay_influence, replays
 from datavalue.store import open_array, open_run
 from datavalue.testing import AdamConfig, Batch, SGDConfig, train_reference, trajectory_loo
@@ -269,6 +269,18 @@ def test_results_in_the_run_read_like_a_query(tmp_path):
         opt.step()
     with pytest.raises(StoreMismatchError, match="Recompute"):
         ReplayResult.open(c.path)
+
+
+def test_an_attributor_reads_the_runs_replays(tmp_path):
+    c = make_case(tmp_path / "run.zarr")
+    res = replay(c)
+    datavalue.build_embeddings(c.path, progress=False)
+    att = datavalue.Attributor(c.path, c.ref.final_model(), progress=False)
+    back = att.replay()
+    np.testing.assert_array_equal(back.scores(by="sample"), res.scores(by="sample"))
+    np.testing.assert_array_equal(back.labels(by="sample"), att.labels(by="sample"))
+    with pytest.raises(StoreNotFoundError):
+        att.replay("another")
 
 
 def test_facade_exports():

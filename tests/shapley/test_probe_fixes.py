@@ -129,3 +129,37 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over(tmp_path):
     assert (tmp_path / "u.jsonl.lock").exists()
     with shapley.DiskCache(path, n=2) as c:
         assert c.get(1) == 1.0
+
+
+# ---------------------------------------------------------------- 3. group indices are ints
+
+
+@pytest.mark.parametrize(
+    ("groups", "said"),
+    [
+        ([[1.9]], r"got 1.9 of type float in the group \[1.9\]"),
+        ([[0.5]], r"got 0.5 of type float"),
+        ([[True]], r"got True of type bool"),
+        ([[0, 1.0]], r"got 1.0 of type float"),
+        (["01"], r"got the group '01' of type str"),
+        ([["0"], ["1"]], r"got '0' of type str"),
+        ("01", r"got '01' of type str"),
+        ([0, 1], r"got the group 0 of type int"),
+    ],
+)
+def test_group_indices_must_be_ints(groups, said):
+    import numpy as np
+
+    u = np.arange(4, dtype=float)
+    with pytest.raises(shapley.InvalidGameError, match=said):
+        shapley.fgsv_from_utilities(u, groups)
+
+
+def test_owen_refuses_non_integer_groups_too():
+    import numpy as np
+
+    u = np.arange(4, dtype=float)
+    with pytest.raises(shapley.InvalidGameError, match="of type float"):
+        shapley.owen_from_utilities(u, [[0], [1.0]])
+    with pytest.raises(shapley.InvalidGameError, match="of type bool"):
+        shapley.fgsv_weights(2, [True])

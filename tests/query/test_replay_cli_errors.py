@@ -13,7 +13,7 @@ import pytest
 
 from datavalue.cli import main
 from datavalue.query import replays
-from tests.query.test_replay import make_case
+from tests.query.test_replay import loss_fn, make_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,3 +83,39 @@ def test_replay_still_writes_a_writable_out(case, capsys):
     assert main(["replay", *_argv(c, spec, out), "--name", "ok"]) == 0
     assert out.exists() and "ok" in replays(c.path)
     assert not [p for p in (tmp / "new").iterdir() if p.name != "top.parquet"]
+
+
+# ---------------------------------------------------------------- item 5: step windows are ints
+
+
+@pytest.mark.parametrize(
+    ("steps", "said"),
+    [
+        ((0, 2.9), r"\(float 2.9\)"),
+        ((0.5, 2), r"\(float 0.5\)"),
+        ((True, 2), r"\(bool True\)"),
+        ((0, "3"), r"\(str '3'\)"),
+        ("03", r"got the string '03'"),
+        (3, r"got 3; pass e.g."),
+    ],
+)
+def test_replay_influence_refuses_non_integer_steps(case, steps, said):
+    from datavalue.capture import ReplayError
+    from datavalue.query import replay_influence
+
+    c = case[0]
+    with pytest.raises(ReplayError, match=said):
+        replay_influence(c.path, c.factory(), lambda ids: None, c.query, loss_fn=lambda m, b: None, steps=steps,
+                         name="bad", progress=False)
+    assert "bad" not in replays(c.path)
+
+
+def test_replay_influence_takes_int_and_open_ends(case):
+    import numpy as np
+
+    from datavalue.query import replay_influence
+
+    c = case[0]
+    a = replay_influence(c.path, c.factory(), lambda ids: (c.X[ids], c.Y[ids]), c.query, loss_fn=loss_fn,
+                         steps=(np.int64(3), None), name="w1", progress=False)
+    assert list(a.attrs["steps"]) == [3, 8]

@@ -73,10 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from datavalue._cli_royalties import check_out_path
     from datavalue.query import Attributor, load_loss, load_model
 
-    out = check_out_path(args.out, QueryError)
+    out = check_out_writable(args.out, QueryError)
     if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
         raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
                          "Choose a path outside it.")
@@ -181,10 +180,35 @@ def _train_spec(value: Any, spec: str) -> tuple[Any, Any]:
     raise QueryError(f"--train {spec} must return (batches, loss_fn) or a tuple (x, y); got {type(value).__name__}.")
 
 
+def check_out_writable(path: str, error: Any) -> Path:
+    """Refuse, before any work, an ``--out`` that cannot be written: the shared checks of
+    :func:`datavalue._cli_royalties.check_out_path` (a directory, a path under a file, no permission),
+    then a real try: a hidden empty file is created beside it (in its nearest existing directory)
+    and removed, which catches what permission bits do not tell (``/proc``, a read-only mount, root)."""
+    import os
+    import uuid
+
+    from datavalue._cli_royalties import check_out_path
+
+    out = check_out_path(path, error)
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    probe = parent / f".{out.name}.{uuid.uuid4().hex[:8]}.writable"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        raise error(f"--out {out}: cannot create a file in {parent} ({exc.strerror or exc}); choose a writable "
+                    "--out.") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
 def _run_replay(args: argparse.Namespace) -> int:
     from datavalue.query import load_loss, load_model, replay_influence, resolve_callable
 
-    out = Path(args.out)
+    out = check_out_writable(args.out, QueryError)  # before the replay runs and is stored in the run
     if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
         raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
                          "Choose a path outside it.")
@@ -204,10 +228,17 @@ def _run_replay(args: argparse.Namespace) -> int:
     res = replay_influence(args.run, model, batches, query, loss_fn=loss_fn, name=args.name, steps=steps,
                            description=f"--data {args.data}", overwrite=args.overwrite, progress=not args.no_progress)
     by = None if args.by == "occurrence" else args.by
-    if args.top_k > 0:
-        path = res.save_parquet(out, by=by, top_k=args.top_k, overwrite=args.overwrite)
-    else:
-        path = res.save_parquet(out, by=by, overwrite=args.overwrite)
+    try:
+        if args.top_k > 0:
+            path = res.save_parquet(out, by=by, top_k=args.top_k, overwrite=args.overwrite)
+        else:
+            path = res.save_parquet(out, by=by, overwrite=args.overwrite)
+    except OSError as exc:  # changed since the check (disk full, removed directory): stored, not written
+        if isinstance(exc, DataValueError):
+            raise
+        raise QueryError(f"cannot write {out}: {exc.strerror or exc}. The scores are stored in the run as "
+                         f"replay/{args.name}: write them with ReplayResult.open(run, {args.name!r}).save_parquet(path)"
+                         ".") from exc
     checks = ", ".join(f"{k}: {v:.1e}" for k, v in res.attrs["checks"].items())
     print(f"replayed {res.n_rows} occurrences x {res.n_test} test points in {res.attrs['seconds']:.1f} s "
           f"(checkpoint checks {checks}); stored as replay/{args.name}; wrote {path} (by={args.by})")

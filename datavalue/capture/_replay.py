@@ -381,6 +381,28 @@ def _batches(batches: Any, collate: Callable[[list[Any]], Any] | None) -> Callab
 
 
 # ----------------------------------------------------------------------------- the public function
+def _parse_steps(steps: Any, T: int) -> tuple[int, int]:
+    """``(t0, t1)`` from ``steps`` (``None``: the whole run; a ``None`` end is open). Only int step indices:
+    a float or a bool is refused, never truncated (the same rule as the query package's ``parse_steps``,
+    which capture may not import)."""
+    if steps is None:
+        return 0, T
+    if isinstance(steps, str | bytes):
+        raise ReplayError(f"steps must be a pair of int step indices (t0, t1), got the string {steps!r}; "
+                          "pass e.g. steps=(0, 4).")
+    try:
+        t0, t1 = steps
+    except (TypeError, ValueError):
+        raise ReplayError(f"steps must be a pair of int step indices (t0, t1) (half-open, like range), got "
+                          f"{steps!r}; pass e.g. steps=(0, 4).") from None
+    for end in (t0, t1):
+        if end is not None and (isinstance(end, bool | np.bool_) or not isinstance(end, int | np.integer)):
+            raise ReplayError(f"steps must be a pair of int step indices (t0, t1) (None for an open end), got "
+                              f"{steps!r} ({type(end).__name__} {end!r}); nothing is rounded: pass e.g. "
+                              "steps=(0, 4).")
+    return (0 if t0 is None else int(t0)), (T if t1 is None else int(t1))
+
+
 def replay_scores(
     run: Any,
     model: nn.Module,
@@ -413,7 +435,7 @@ def replay_scores(
     if not ckpts or ckpts[-1] != T:
         raise ReplayError(f"{run.path} has no checkpoint of the final weights (step {T}; checkpoints at {ckpts}). "
                           "Record with Recorder(..., checkpoint_every=N): it writes one on close().")
-    t0, t1 = (0, T) if steps is None else (int(steps[0]), int(steps[1]))
+    t0, t1 = _parse_steps(steps, T)
     if not 0 <= t0 <= t1 <= T:
         raise ReplayError(f"steps must be a window (t0, t1) inside 0..{T}, got {steps!r}.")
     if t0 < ckpts[0]:

@@ -51,7 +51,8 @@ class UtilityError(ShapleyError, ValueError):
 
 
 class CacheMismatchError(ShapleyError, ValueError):
-    """An on-disk utility cache was written for a different game (players or fingerprint)."""
+    """An on-disk utility cache cannot be used: written for a different game (players or
+    fingerprint), not a utility cache at all, or held open by another writer (``<cache>.lock``)."""
 
 
 class InvalidPoolError(ShapleyError, ValueError):

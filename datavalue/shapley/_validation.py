@@ -142,13 +142,29 @@ def parse_partition(groups: object, n: int, *, name: str = "unions", cover: bool
 
     Returns a tuple of sorted tuples. With ``cover=False`` groups may leave players out.
     """
-    try:
-        parsed = tuple(tuple(sorted(int(i) for i in g)) for g in groups)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
+    example = "Pass e.g. [[0, 1], [2]] (owner 0 holds works 0 and 1, owner 1 holds work 2)."
+    if isinstance(groups, str | bytes) or not isinstance(groups, Iterable):
         raise InvalidGameError(
-            f"{name} must be a sequence of sequences of player indices; got {groups!r}. "
-            "Pass e.g. [[0, 1], [2]] (owner 0 holds works 0 and 1, owner 1 holds work 2)."
-        ) from None
+            f"{name} must be a sequence of sequences of player indices; got {groups!r} of type "
+            f"{type(groups).__name__}. {example}"
+        )
+    parsed_groups = []
+    for g in groups:
+        if isinstance(g, str | bytes) or not isinstance(g, Iterable):
+            raise InvalidGameError(
+                f"each group of {name} must be a sequence of player indices (ints); got the group "
+                f"{g!r} of type {type(g).__name__} in {groups!r}. {example}"
+            )
+        members = list(g)
+        for i in members:
+            if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+                raise InvalidGameError(
+                    f"{name} hold player indices, which are ints; got {i!r} of type "
+                    f"{type(i).__name__} in the group {g!r}. Players are numbered 0..{n - 1}: "
+                    "pass ints, never floats, bools or strings (nothing is rounded)."
+                )
+        parsed_groups.append(tuple(sorted(int(i) for i in members)))
+    parsed = tuple(parsed_groups)
     seen: set[int] = set()
     for g in parsed:
         if not g:

@@ -9,11 +9,24 @@ moment they are known, so a crashed or interrupted run resumes where it stopped:
 
 The first line is a header; each further line is one coalition, keyed by its bitmask (bit ``i``
 set when player ``i`` is in the coalition). Floats are written with ``repr`` and so round-trip
-exactly. Reopening checks the header loudly: a cache written for a different number of players
-or a different ``fingerprint`` (e.g. a hash of the training config) is refused rather than
-silently reused. A final line cut short by a crash is dropped (with a warning) on reopen.
+exactly. Reopening checks the header loudly, before anything else and without touching the file:
+a file that is not a utility cache (no cache header on line 1) is refused as it is, and a cache
+written for a different number of players or a different ``fingerprint`` (e.g. a hash of the
+training config) is refused rather than silently reused. A final line cut short by a crash is
+never dropped silently: as ``RoyaltyLedger.recover`` does for a ledger, its bytes are moved to
+``<cache>.torn-<UTC time>`` beside the cache and a warning names that file; every complete line
+is kept, and that one coalition is evaluated again.
 
-A coalition may appear twice (two runs racing on one cache, or a resumed run): identical values
+One writer per cache: an open ``DiskCache`` holds the lock file ``<cache>.lock`` (pid, host, start
+time; see :mod:`datavalue._lock`) until :meth:`DiskCache.close`, so a second handle, in this
+process or another, is refused with an error naming the holder instead of truncating an append in
+flight. The lock is held for the cache's lifetime rather than per append (as the ledger does)
+because every write of a game goes through one ``DiskCache`` in one process (the thread pool and
+dask both hand their results back to it), so parallel evaluation is unaffected, and a second run
+on the same cache would only retrain the same coalitions. A lock left by a killed process on this
+host is taken over (with a warning).
+
+A coalition may appear twice (a resumed run, or caches concatenated by hand): identical values
 are fine, but two different values for one coalition are refused on load and on ``put`` rather
 than letting the later line silently win -- the utility is assumed deterministic, and a cache
 that says both 3 and 333 cannot be trusted to pay anyone.
@@ -29,6 +42,7 @@ import os
 import threading
 from pathlib import Path
 
+from datavalue._lock import LockFile
 from datavalue.shapley._errors import CacheMismatchError, UtilityError
 
 __all__ = ["DiskCache"]
@@ -63,44 +77,70 @@ class DiskCache:
         self.fingerprint = str(fingerprint)
         self._values: dict[int, float] = {}
         self._lock = threading.Lock()
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._load()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            header = {
-                "schema": _SCHEMA,
-                "version": _VERSION,
-                "n": self.n,
-                "fingerprint": self.fingerprint,
-                "created": _dt.datetime.now(_dt.UTC).isoformat(),
-            }
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.write(json.dumps(header, sort_keys=True) + "\n")
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-
-    def _load(self) -> None:
-        raw = self.path.read_bytes()
-        if not raw.endswith(b"\n"):
-            cut = raw.rfind(b"\n") + 1
-            logger.warning(
-                "utility cache %s ends with a partial line (interrupted write); dropping %d bytes",
-                self.path,
-                len(raw) - cut,
+        self._fh = None
+        if self.path.is_dir():
+            raise CacheMismatchError(
+                f"{self.path} is a directory; a utility cache is one JSON-lines file. Pass a file "
+                f"path (e.g. {self.path / 'utilities.jsonl'})."
             )
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            raw = raw[:cut]
-        lines = raw.decode("utf-8").splitlines()
-        if not lines:
-            raise CacheMismatchError(f"utility cache {self.path} has no header line.")
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._check_header(self._first_line())  # before the lock: a foreign file gets no lock file
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = LockFile(
+            self.lock_path,
+            subject=f"utility cache {self.path}",
+            error=CacheMismatchError,
+            busy_hint=(
+                "One writer per cache: close the other handle (game.close()) or wait for that run "
+                "to finish, or pass another cache_path."
+            ),
+            purpose="DiskCache",
+        )
+        self._writer.acquire()
         try:
-            header = json.loads(lines[0])
-        except json.JSONDecodeError:
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._load()
+            else:
+                self._create()
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except BaseException:
+            self._writer.release()
+            raise
+
+    @property
+    def lock_path(self) -> Path:
+        """The writer's lock file ``<cache>.lock`` (present while a handle is open)."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _create(self) -> None:
+        header = {
+            "schema": _SCHEMA,
+            "version": _VERSION,
+            "n": self.n,
+            "fingerprint": self.fingerprint,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(),
+        }
+        tmp = self.path.with_name(self.path.name + ".partial")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(header, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # the header appears whole or not at all
+
+    def _first_line(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.readline(1 << 20)
+
+    def _check_header(self, first: bytes) -> None:
+        """Refuse a file that is not a cache of this game; reads only, never writes."""
+        try:
+            header = json.loads(first.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             header = None
         if not isinstance(header, dict) or header.get("schema") != _SCHEMA:
             raise CacheMismatchError(
                 f"{self.path} is not a datavalue utility cache (expected a header with "
-                f"schema={_SCHEMA!r} on line 1). Pass a new cache_path."
+                f"schema={_SCHEMA!r} on line 1); it was left untouched. Pass a new cache_path."
             )
         if header.get("version") != _VERSION:
             raise CacheMismatchError(
@@ -118,6 +158,42 @@ class DiskCache:
                 f"utility has fingerprint={self.fingerprint!r}. Reusing it would mix utilities of "
                 "different models: use a new cache_path, or pass the recorded fingerprint."
             )
+
+    def _move_torn_tail(self, raw: bytes) -> bytes:
+        """Move bytes after the last newline (an append cut short) to ``<cache>.torn-<time>``."""
+        cut = raw.rfind(b"\n") + 1
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        aside = self.path.with_name(f"{self.path.name}.torn-{stamp}")
+        with open(aside, "xb") as f:
+            f.write(raw[cut:])
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.path, "r+b") as f:
+            f.truncate(cut)
+            os.fsync(f.fileno())
+        logger.warning(
+            "utility cache %s ends with a partial line %d (an append cut short by a crash); moved "
+            "its %d bytes to %s and kept the %d complete lines before it",
+            self.path,
+            raw.count(b"\n") + 1,
+            len(raw) - cut,
+            aside,
+            raw.count(b"\n"),
+        )
+        return raw[:cut]
+
+    def _load(self) -> None:
+        raw = self.path.read_bytes()
+        first_end = raw.find(b"\n")
+        self._check_header(raw if first_end < 0 else raw[: first_end + 1])
+        if first_end < 0:  # a whole header whose newline was cut: complete it (nothing is lost)
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+                os.fsync(f.fileno())
+            raw += b"\n"
+        if not raw.endswith(b"\n"):
+            raw = self._move_torn_tail(raw)
+        lines = raw.decode("utf-8").splitlines()
         first_line: dict[int, int] = {}
         for lineno, line in enumerate(lines[1:], start=2):
             try:
@@ -186,10 +262,13 @@ class DiskCache:
     def close(self) -> None:
         """Flush to stable storage and close the file."""
         with self._lock:
-            if not self._fh.closed:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-                self._fh.close()
+            try:
+                if self._fh is not None and not self._fh.closed:
+                    self._fh.flush()
+                    os.fsync(self._fh.fileno())
+                    self._fh.close()
+            finally:
+                self._writer.release()
 
     def __enter__(self) -> DiskCache:
         return self
@@ -201,3 +280,6 @@ class DiskCache:
         fh = getattr(self, "_fh", None)
         if fh is not None and not fh.closed:
             fh.close()
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.release()

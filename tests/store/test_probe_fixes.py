@@ -1,0 +1,125 @@
+"""Defects of issue 22's classes found by an independent probe, each a reproduction.
+
+1. An array metadata file (``<name>/zarr.json``) older than the commit: zarr reads the array as
+   the short one, so committed entries were silently dropped. Now refused on open and on resume.
+3. ``resume=True`` through a symbolic link nested inside the run (``grads/c`` moved outside and
+   linked back): only top-level members were checked; now the whole tree is walked.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datavalue.errors import StoreCorruptError, StoreError
+from datavalue.store import RunWriter, StepBlock, archive_run, open_run
+
+ROWS_PER_STEP = 4
+
+
+def _writer(path: Path, mode: str = "create") -> RunWriter:
+    return RunWriter(path, {"projection": {"blocks": []}}, k=3, chunk_rows=8, storage_dtype="float64",
+                     background=False, mode=mode)
+
+
+def _steps(w: RunWriter, start: int, stop: int) -> None:
+    rng = np.random.default_rng(start)
+    for t in range(start, stop):
+        w.submit(StepBlock(step=t, sample_id=np.arange(ROWS_PER_STEP) + ROWS_PER_STEP * t,
+                           weight=np.full(ROWS_PER_STEP, 0.25), grads=rng.standard_normal((ROWS_PER_STEP, 3)),
+                           flags=np.zeros(ROWS_PER_STEP, np.uint8), lr=0.1))
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ item 1: stale array metadata
+@pytest.fixture()
+def run_with_old_metadata(tmp_path):
+    """A 6-step (24-row) run and each row array's zarr.json as it was after 2 steps (8 rows)."""
+    path = tmp_path / "r.zarr"
+    w = _writer(path)
+    _steps(w, 0, 2)
+    w.flush()
+    old = {n: (path / n / "zarr.json").read_text() for n in ("grads", "sample_id", "weight", "flags")}
+    _steps(w, 2, 6)
+    w.close()
+    return path, old
+
+
+@pytest.mark.parametrize("name", ["sample_id", "flags", "weight", "grads"])
+def test_an_older_row_array_metadata_file_is_refused_on_open(run_with_old_metadata, name):
+    path, old = run_with_old_metadata
+    assert json.loads(old[name])["shape"][0] == 8 and open_run(path).n_rows == 24
+    (path / name / "zarr.json").write_text(old[name])
+    with pytest.raises(StoreCorruptError, match=rf"array {name} has 8 entries .* the run's commit covers 24"):
+        open_run(path)
+
+
+def test_an_older_grads_metadata_file_fails_the_build_as_store_corruption(run_with_old_metadata):
+    from datavalue import build_embeddings
+
+    path, old = run_with_old_metadata
+    (path / "grads" / "zarr.json").write_text(old["grads"])
+    with pytest.raises(StoreCorruptError, match="array grads has 8 entries"):
+        build_embeddings(path, progress=False)
+
+
+@pytest.mark.parametrize(("name", "committed"), [("lr", 6), ("epoch", 6), ("step_ptr", 7)])
+def test_a_shortened_per_step_array_is_refused_on_open(run_with_old_metadata, name, committed):
+    path, _ = run_with_old_metadata
+    meta = json.loads((path / name / "zarr.json").read_text())
+    meta["shape"][0] = 3
+    (path / name / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreCorruptError, match=rf"array {name} has 3 entries .* covers {committed}"):
+        open_run(path)
+
+
+def test_resume_refuses_an_older_metadata_file_and_changes_nothing(run_with_old_metadata):
+    path, old = run_with_old_metadata
+    (path / "sample_id" / "zarr.json").write_text(old["sample_id"])
+    before = _tree(path)
+    with pytest.raises(StoreCorruptError, match="array sample_id has 8 entries"):
+        _writer(path, mode="resume")
+    assert _tree(path) == before
+
+
+def test_a_run_with_current_metadata_opens_and_reads_every_row(run_with_old_metadata):
+    path, _ = run_with_old_metadata
+    run = open_run(path)
+    assert run.read("sample_id").tolist() == list(range(24))
+
+
+# ------------------------------------------------------------------ item 3: nested links on resume
+def test_resume_refuses_a_link_nested_inside_the_run_that_leads_outside(tmp_path):
+    path, outside = tmp_path / "r.zarr", tmp_path / "outside_c"
+    w = _writer(path)
+    _steps(w, 0, 3)
+    w.close()
+    shutil.move(path / "grads" / "c", outside)
+    (path / "grads" / "c").symlink_to(outside, target_is_directory=True)
+    before, run_before = _tree(outside), _tree(path)
+    with pytest.raises(StoreError, match=r"symbolic links that lead outside the run \(grads/c -> .*resume=True"):
+        _writer(path, mode="resume")
+    assert _tree(outside) == before and _tree(path) == run_before
+    assert not (path / "writer.lock").exists()  # the lock taken for the check is released
+    with pytest.raises(StoreError, match="grads/c ->"):
+        archive_run(path, tmp_path / "a.zip")
+
+
+def test_resume_follows_a_nested_link_that_stays_inside_the_run(tmp_path):
+    path = tmp_path / "r.zarr"
+    w = _writer(path)
+    _steps(w, 0, 3)
+    w.close()
+    shutil.move(path / "grads" / "c", path / "grads_chunks")
+    (path / "grads" / "c").symlink_to(path / "grads_chunks", target_is_directory=True)
+    w = _writer(path, mode="resume")
+    _steps(w, 3, 5)
+    w.close()
+    assert open_run(path).n_steps == 5

@@ -145,6 +145,7 @@ def write_checkpoint(path: str | os.PathLike[str], step: int, model: nn.Module, 
     """
     from datavalue.store import create_array
 
+    path = os.path.abspath(path)  # once: every array of the checkpoint goes into the same run
     opt = _unwrap(optimizer)
     if opt is None:
         raise RecorderError("checkpoint_every needs Recorder(..., optimizer=...): a checkpoint holds the optimizer state.")

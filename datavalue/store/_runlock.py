@@ -36,7 +36,7 @@ _NESTED = threading.local()  # runs this thread already holds through writes_run
 
 def run_lock(path: str | os.PathLike[str], purpose: str) -> LockFile:
     """The (not yet acquired) writer lock of the run directory ``path``."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # not realpath: the store's link checks rely on the path as given
     return LockFile(
         path / LOCK_FILE, subject=f"run {path}", error=StoreLockedError, purpose=purpose,
         busy_hint="One writer per run: close that writer (rec.close(), or leave its `with` block) or wait "

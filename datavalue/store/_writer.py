@@ -215,7 +215,7 @@ class RunWriter:
         commit_interval: float = 10.0,
         commit_every: int = 32,
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # once: a later os.chdir must not move the run or its lock
         self.commit_interval = float(commit_interval)
         if isinstance(commit_every, bool) or not isinstance(commit_every, (int, np.integer)) or commit_every < 1:
             raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}.")

@@ -123,3 +123,71 @@ def test_resume_follows_a_nested_link_that_stays_inside_the_run(tmp_path):
     _steps(w, 3, 5)
     w.close()
     assert open_run(path).n_steps == 5
+
+
+# ------------------------------------------------------------------ item 2: relative path, then os.chdir
+def _train(rec, model, opt, start, stop):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(start)
+    for t in range(start, stop):
+        x, y = torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g)
+        with rec.step(sample_ids=range(4 * t, 4 * t + 4)):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 2])
+def test_a_relative_run_path_stays_put_when_the_working_directory_changes(tmp_path, monkeypatch, checkpoint_every):
+    import torch
+
+    import datavalue
+    from datavalue.capture import checkpoint_steps
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir()
+    b.mkdir()
+    monkeypatch.chdir(a)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = datavalue.Recorder("rel.zarr", model, proj_dim=None, optimizer=opt, commit_every=1,
+                             checkpoint_every=checkpoint_every)
+    _train(rec, model, opt, 0, 2)
+    rec.flush()
+    monkeypatch.chdir(b)
+    _train(rec, model, opt, 2, 5)
+    rec.close()
+    assert list(b.iterdir()) == []  # no half-run in the new working directory
+    assert not (a / "rel.zarr" / "writer.lock").exists()  # the lock is released
+    run = open_run(a / "rel.zarr")
+    assert run.n_steps == 5 and run.read("sample_id").tolist() == list(range(20))
+    if checkpoint_every:
+        assert checkpoint_steps(run) == [0, 2, 4, 5]
+
+
+def test_run_writer_and_locks_resolve_a_relative_path_once(tmp_path, monkeypatch):
+    from datavalue._lock import LockFile
+    from datavalue.store._runlock import run_lock
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir()
+    b.mkdir()
+    monkeypatch.chdir(a)
+    w = _writer(Path("r.zarr"))
+    _steps(w, 0, 1)
+    lock, run_lk = LockFile("x.lock", subject="x", error=StoreError, busy_hint=""), run_lock("other.zarr", "a test")
+    (a / "other.zarr").mkdir()
+    assert run_lk.subject == f"run {a / 'other.zarr'}"  # its messages name the run wherever the reader stands
+    lock.acquire()
+    run_lk.acquire()
+    monkeypatch.chdir(b)
+    _steps(w, 1, 3)
+    w.close()
+    lock.release()
+    run_lk.release()
+    assert list(b.iterdir()) == []
+    assert not (a / "x.lock").exists() and not (a / "other.zarr" / "writer.lock").exists()
+    assert not (a / "r.zarr" / "writer.lock").exists() and open_run(a / "r.zarr").n_steps == 3

@@ -310,6 +310,15 @@ class Run:
             >>> run.require_chunks("embeddings/fisher/values", run.n_rows)  # doctest: +SKIP
         """
         arr = self.array(name)
+        if int(n) <= 0 or 0 in arr.shape:  # nothing to hold: a zero-size array has no chunk
+            return
+        if not arr.shape:  # a 0-d array: its one chunk is ``<name>/c``
+            if not self._chunk_exists(name, ()):
+                raise StoreCorruptError(
+                    f"{self.path}: chunk {name}/c (the 0-d array's value) is missing; it would read as zero. "
+                    "Restore the run from a copy."
+                )
+            return
         C = int(arr.chunks[0])
         suffix = ("0",) * (len(arr.shape) - 1)
         for i in range(-(-int(n) // C)):
@@ -716,8 +725,10 @@ def create_array(
         exists = False
     if exists and not overwrite:
         raise StoreExistsError(f"{path}/{name} already exists; pass overwrite=True to rebuild it.")
+    # every chunk is written, even an all-zero one, so that a missing chunk is always damage
+    # (Run.require_chunks): zarr skips chunks equal to the fill value unless told otherwise
     arr = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=float_codecs(),
-                         fill_value=0, overwrite=True)
+                         fill_value=0, overwrite=True, config={"write_empty_chunks": True})
     if attrs:
         arr.attrs.update(attrs)
     return arr

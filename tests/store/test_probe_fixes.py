@@ -191,3 +191,54 @@ def test_run_writer_and_locks_resolve_a_relative_path_once(tmp_path, monkeypatch
     assert list(b.iterdir()) == []
     assert not (a / "x.lock").exists() and not (a / "other.zarr" / "writer.lock").exists()
     assert not (a / "r.zarr" / "writer.lock").exists() and open_run(a / "r.zarr").n_steps == 3
+
+
+# ------------------------------------------------------------------ item 4: checkpoint reads check their chunks
+@pytest.fixture()
+def run_with_checkpoints(tmp_path):
+    """3 Adam steps, checkpoints at 0, 2, 3; the model's second bias is all zeros (an all-zero chunk)."""
+    import torch
+
+    import datavalue
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].bias.zero_()
+        model[2].bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    path = tmp_path / "r.zarr"
+    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, checkpoint_every=2) as rec:
+        _train(rec, model, opt, 0, 3)
+    return path
+
+
+def test_an_all_zero_checkpoint_tensor_reads_back(run_with_checkpoints):
+    from datavalue.capture import read_checkpoint
+
+    ck = read_checkpoint(run_with_checkpoints, 0)
+    assert (ck.model["2.bias"] == 0).all() and ck.model["0.weight"].abs().sum() > 0
+    assert read_checkpoint(run_with_checkpoints, 2).state["0.weight"]["step"].dim() == 0  # a 0-d tensor
+
+
+@pytest.mark.parametrize(("step", "chunk"), [(0, "model/0.weight/c/0/0"), (0, "model/2.bias/c/0"),
+                                             (2, "optim/0.weight/exp_avg/c/0/0"), (2, "optim/0.weight/step/c")])
+def test_a_missing_checkpoint_chunk_is_refused_not_read_as_zeros(run_with_checkpoints, step, chunk):
+    from datavalue.capture import read_checkpoint
+
+    (run_with_checkpoints / "checkpoints" / str(step) / chunk).unlink()
+    array = chunk.split("/c")[0]
+    with pytest.raises(StoreCorruptError, match=rf"checkpoint {step} is damaged: array checkpoints/{step}/{array}: "
+                                                rf"chunk checkpoints/{step}/{array}/c.* is missing"):
+        read_checkpoint(run_with_checkpoints, step)
+
+
+def test_a_corrupt_checkpoint_chunk_is_refused(run_with_checkpoints):
+    from datavalue.capture import read_checkpoint
+
+    f = run_with_checkpoints / "checkpoints" / "0" / "model" / "0.weight" / "c" / "0" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[0] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(StoreCorruptError, match=r"checkpoint 0 is damaged: array checkpoints/0/model/0.weight cannot be read"):
+        read_checkpoint(run_with_checkpoints, 0)

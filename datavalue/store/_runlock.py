@@ -99,12 +99,16 @@ def lock_run(path: str | os.PathLike[str], purpose: str) -> Iterator[None]:
 
 
 def writes_run(purpose: str) -> Callable[[_F], _F]:
-    """Decorate a function whose first argument is a run path: it runs holding the run's writer
-    lock (:func:`lock_run`)."""
+    """Decorate a function whose first argument is a run path (or an open :class:`~datavalue.store.Run`,
+    replaced by its path): it runs holding the run's writer lock (:func:`lock_run`)."""
 
     def wrap(fn: _F) -> _F:
         @functools.wraps(fn)
         def locked(path: Any, *args: Any, **kwargs: Any) -> Any:
+            from datavalue.store._reader import Run
+
+            if isinstance(path, Run):  # an open run: write to (and lock) its directory, read it afresh
+                path = path.path
             with lock_run(path, purpose):
                 return fn(path, *args, **kwargs)
 

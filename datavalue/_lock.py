@@ -152,7 +152,7 @@ class LockFile:
 
     def __init__(self, path: str | os.PathLike[str], *, subject: str, error: type[Exception],
                  busy_hint: str, purpose: str | None = None) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # once: release after an os.chdir removes this lock
         self.subject, self.error, self.busy_hint, self.purpose = subject, error, busy_hint, purpose
         self._me: dict[str, Any] | None = None
         self._pid = os.getpid()

@@ -57,15 +57,21 @@ def fmt_bytes(n: float) -> str:
 
 
 def parse_max_memory(value: Any, error: type[Exception] = ValueError) -> int | None:
-    """``max_memory=``: None, a positive number of bytes, or a string such as ``"8 GiB"`` / ``"512MB"``."""
+    """``max_memory=``: None, a positive number of bytes, or a string such as ``"8 GiB"`` / ``"512MB"``.
+
+    Anything below 1 byte (``0``, ``"0"``, ``"0.4 B"``, ``0.5``) is refused alike: it would
+    otherwise become a limit of 0 bytes that no work fits."""
     if value is None:
         return None
+    n: float | None = None
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", value, re.I)
         if m:
-            return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        return int(value)
+            n = float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    if n is not None and math.isfinite(n) and n >= 1:
+        return value if isinstance(value, int) else int(n)  # an int stays exact
     raise error(f"max_memory must be None, a positive number of bytes or a string such as '8 GiB', got {value!r} "
                 f"({type(value).__name__}).")
 

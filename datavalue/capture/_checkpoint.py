@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datavalue.errors import RecorderError, StoreNotFoundError
+from datavalue.errors import RecorderError, StoreCorruptError, StoreNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ def write_checkpoint(path: str | os.PathLike[str], step: int, model: nn.Module, 
     """
     from datavalue.store import create_array
 
+    path = os.path.abspath(path)  # once: every array of the checkpoint goes into the same run
     opt = _unwrap(optimizer)
     if opt is None:
         raise RecorderError("checkpoint_every needs Recorder(..., optimizer=...): a checkpoint holds the optimizer state.")
@@ -171,8 +172,9 @@ def write_checkpoint(path: str | os.PathLike[str], step: int, model: nn.Module, 
         groups.append({"params": [name_of[id(p)] for p in g["params"]],
                        **{k: _json_value(v) for k, v in g.items() if k != "params"}})
     meta = create_array(path, f"{root}/meta", shape=(1,), dtype="int64", chunks=(1,), overwrite=True)
+    # "all_chunks": every chunk was written (even all-zero ones), so read_checkpoint refuses a missing one
     meta.attrs.update({"step": int(step), "optimizer": type(opt).__name__, "groups": groups, "tensors": tensors,
-                       "scalars": scalars})
+                       "scalars": scalars, "all_chunks": True})
     meta[:] = np.array([int(step)])
     logger.debug("checkpoint %d written to %s", step, path)
 
@@ -193,8 +195,30 @@ def checkpoint_steps(run: Any) -> list[int]:
     return sorted(steps)
 
 
-def _read_tensor(run: Any, name: str, info: dict[str, Any], device: Any = None) -> torch.Tensor:
-    a = np.asarray(run.array(name)[...])
+def _read_tensor(run: Any, step: int, name: str, info: dict[str, Any], device: Any = None, *,
+                 checked: bool = True) -> torch.Tensor:
+    """One checkpoint array, through the store's checks: a missing chunk (zarr would read zeros)
+    or one failing its checksum raises :class:`StoreCorruptError` naming the checkpoint and array.
+    ``checked=False``: a checkpoint written before every chunk was (all-zero chunks skipped), whose
+    missing chunks cannot be told from zeros."""
+    arr = run.array(name)
+    damaged = f"{run.path}: checkpoint {step} is damaged: array {name}"
+    if checked:
+        try:
+            run.require_chunks(name, int(arr.shape[0]) if arr.shape else 1)
+        except StoreCorruptError as exc:
+            chunk = str(exc).removeprefix(f"{run.path}: ").split(" is missing")[0]
+            raise StoreCorruptError(
+                f"{damaged}: {chunk} is missing (it would read as zeros, and a replay from this checkpoint would "
+                "start from wrong weights). Restore the run from a copy, or record it again with checkpoint_every=."
+            ) from exc
+    try:
+        a = np.asarray(arr[...])
+    except Exception as exc:
+        raise StoreCorruptError(
+            f"{damaged} cannot be read (a chunk failing its checksum, or truncated): {exc}. Restore the run from "
+            "a copy, or record again with checkpoint_every=."
+        ) from exc
     if list(a.shape) != list(info["shape"]):
         raise StoreNotFoundError(f"{run.path}: checkpoint array {name} has shape {a.shape}, its record says {info['shape']}.")
     t = torch.from_numpy(a.copy())
@@ -209,6 +233,8 @@ def read_checkpoint(run: Any, step: int, *, device: Any = None) -> Checkpoint:
 
     Raises:
         StoreNotFoundError: the run has no complete checkpoint at ``step`` (the message lists those it has).
+        StoreCorruptError: a chunk of one of its arrays is missing or fails its checksum (the
+            message names the checkpoint and the array).
     """
     run = _open(run)
     root = f"{CHECKPOINTS}/{int(step)}"
@@ -217,10 +243,14 @@ def read_checkpoint(run: Any, step: int, *, device: Any = None) -> Checkpoint:
             f"{run.path} has no checkpoint at step {step} (checkpoints at {checkpoint_steps(run)}). Record the run with "
             "Recorder(..., checkpoint_every=N) to keep them.")
     meta = dict(run.array(f"{root}/meta").attrs)
+    checked = bool(meta.get("all_chunks"))
+    if not checked:
+        logger.info("%s: checkpoint %s was written before every chunk was; missing chunks cannot be detected",
+                    run.path, step)
     model: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, Any]] = {}
     for key, info in meta["tensors"].items():
-        t = _read_tensor(run, f"{root}/{key}", info, device)
+        t = _read_tensor(run, int(step), f"{root}/{key}", info, device, checked=checked)
         if key.startswith("model/"):
             model[key.removeprefix("model/")] = t
         else:

@@ -193,6 +193,7 @@ class Recorder:
             cfg = CaptureConfig(**options)
         if resume and overwrite:
             raise RecorderError("pass at most one of resume=True and overwrite=True.")
+        path = os.path.abspath(path)  # once: a later os.chdir must not move the run, its lock or its checkpoints
         (proj_dim, seed, sketch, layers, loss_reduction, storage_dtype, on_nonfinite, chunk_rows, hessian_max_dim) = (
             cfg.proj_dim, cfg.seed, cfg.sketch, cfg.layers, cfg.loss_reduction, cfg.storage_dtype, cfg.on_nonfinite,
             cfg.chunk_rows, cfg.hessian_max_dim)

@@ -241,6 +241,55 @@ def _check_memory(path: Any, plan: _Plan, segments: int) -> None:
     )
 
 
+def check_path(path: Any) -> None:
+    """Refuse a ``path`` that is no run location (an open ``Run`` was replaced by its path already,
+    :func:`datavalue.store.writes_run`): a clear error instead of "cannot open the zarr group at <...>"."""
+    import zarr.abc.store
+
+    if not isinstance(path, (str, os.PathLike, zarr.abc.store.Store)):
+        raise EmbeddingError(
+            f"path must be a run's path (a str or os.PathLike, e.g. 'runs/x.zarr') or an open datavalue Run, got "
+            f"{type(path).__name__}: pass the run's path."
+        )
+
+
+def check_client(client: Any) -> None:
+    """Refuse a ``client=`` that is neither None (local threads) nor a ``dask.distributed.Client``,
+    before a build reads or deletes anything (it would fail only when the tasks are sent, after
+    ``overwrite=True`` removed the finished build)."""
+    if client is None:
+        return
+    try:
+        from dask.distributed import Client
+    except ImportError:  # distributed not installed: whatever was passed cannot be a Client
+        Client = None  # noqa: N806
+    if Client is not None and isinstance(client, Client):
+        return
+    if isinstance(client, str):
+        raise EmbeddingError(
+            f"client must be a dask.distributed.Client or None (local threads), got the string {client!r}. To run on "
+            f"a cluster, connect first and pass the client: client=dask.distributed.Client({client!r})."
+        )
+    raise EmbeddingError(
+        f"client must be a dask.distributed.Client or None (local threads), got {type(client).__name__}"
+        + ("" if Client is not None else " (and dask.distributed is not installed: pip install distributed)") + "."
+    )
+
+
+def check_chunk_memory(path: Any, chunk: int, k: int, storage_dtype: str, n_outputs: int, default: int) -> None:
+    """Refuse ``chunk_rows`` whose output chunks cannot fit in memory, before anything is deleted.
+
+    A build holds each output chunk it fills and the one being written (zarr stores edge chunks
+    whole, so even a run with fewer rows gets a whole chunk): ``2 * chunk * k * itemsize`` per output.
+    """
+    from datavalue._memory import check_memory
+
+    per = int(chunk) * int(k) * np.dtype(storage_dtype).itemsize
+    check_memory(2 * per * int(n_outputs), what=f"{path}: a build with chunk_rows={chunk:,} ({k:,} columns)",
+                 fixes=f"pass a smaller chunk_rows= (default: the run's, {int(default):,})", error=EmbeddingError,
+                 parts={"one output chunk": per})
+
+
 @writes_run("build_embeddings")  # one writer per run (datavalue.store.lock_run)
 def build_embeddings(
     path: str | os.PathLike[str],
@@ -272,7 +321,7 @@ def build_embeddings(
     ``loss(without) - loss(with)``; positive = the occurrence helped.
 
     Args:
-        path: a run recorded by ``datavalue.Recorder``.
+        path: a run recorded by ``datavalue.Recorder``: its path, or an open ``Run`` (its path is used).
         curvature: ``"hessian"`` (each step's exact Hessian, recorded with
             ``Recorder(..., curvature="hessian")``; exact to first order with exact gradients and
             ``blocks="full"``; small models), ``"fisher"`` (true-Fisher pseudo-gradients recorded
@@ -338,6 +387,8 @@ def build_embeddings(
 
     Raises:
         CurvatureUnavailableError: ``"fisher"`` or ``"hessian"`` on a run that did not record it.
+        EmbeddingError: a ``path`` that is neither a path nor a ``Run``; a ``client`` that is not a ``dask.distributed.Client``, a ``chunk_rows`` whose
+            output chunks cannot fit in memory (checked before ``overwrite=True`` deletes anything).
         StoreExistsError: the build exists and ``overwrite`` is False.
         NonFiniteError: NaN/Inf in the gradients, curvature or operator (with the step index).
 
@@ -350,6 +401,8 @@ def build_embeddings(
 
     t_start = time.perf_counter()
     device = parse_device(device)  # before anything is read or written: a missing torch / GPU fails here
+    check_client(client)
+    check_path(path)
     options = dict(curvature=curvature, dtype=dtype, segments=segments, chunk_rows=chunk_rows,
                    storage_dtype=storage_dtype, velocity=velocity, clipping=clipping,
                    explode_threshold=explode_threshold, optimizer=optimizer, adam_second_moment=adam_second_moment,
@@ -399,6 +452,7 @@ def build_embeddings(
     )  # v is fictitious without momentum
     k = int(run.proj_dim)
     chunk = int(chunk_rows or run.row_chunk)
+    check_chunk_memory(path, chunk, k, storage_dtype, 1 + int(vel), run.row_chunk)  # before overwrite deletes
     bounds = _split(plan.step_ptr, 0, T, segments)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

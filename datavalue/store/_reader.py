@@ -182,6 +182,42 @@ def read_commit(group: zarr.Group, location: Any) -> tuple[int, int, int, int]:
     return 0, 0, 0, 0
 
 
+#: Every array the run's commit counter covers (rows, steps or Fisher rows; see ``committed_length``).
+COMMITTED_ARRAYS = ("grads", "sample_id", "weight", "flags", "lr", "epoch", "grad_scale", "momentum", "weight_decay",
+                    "step_ptr", "fisher", "fisher_ptr", *OPTIONAL_STEP_ARRAYS)
+
+
+def stale_shape_message(location: Any, name: str, length: int, committed: int) -> str:
+    """The error for an array whose metadata (``<name>/zarr.json``) is shorter than the commit."""
+    return (
+        f"{location}: array {name} has {length} entries (shape in {name}/zarr.json) but the run's commit covers "
+        f"{committed}: its metadata file is older than the commit (a run copied while a recorder wrote it, or "
+        f"{name}/zarr.json restored from an older copy), and the entries past {length} would be silently dropped. "
+        "Restore the run from a copy taken after rec.flush() or rec.close()."
+    )
+
+
+def check_array_shapes(group: zarr.Group, location: Any, *, steps: int, rows: int, fisher_rows: int) -> None:
+    """Refuse an array whose first axis is shorter than what the commit ``(steps, rows, fisher_rows)``
+    covers. The writer grows an array's metadata before it writes the chunks and the commit, so a
+    shorter one is an older ``zarr.json`` than the commit; zarr would read it as the short array.
+
+    Raises:
+        StoreCorruptError: naming the array, its length and the committed length.
+    """
+    for name in COMMITTED_ARRAYS:
+        n = committed_length(name, steps=steps, rows=rows, fisher_rows=fisher_rows)
+        if n <= 0:
+            continue
+        try:
+            arr = group[name]
+        except KeyError:
+            continue
+        length = int(arr.shape[0]) if len(arr.shape) else 0
+        if length < n:
+            raise StoreCorruptError(stale_shape_message(location, name, length, n))
+
+
 class Run:
     """A committed, read-only view of a recorded run.
 
@@ -220,9 +256,10 @@ class Run:
         return committed_length(name, steps=self.n_steps, rows=self.n_rows, fisher_rows=self.n_fisher_rows)
 
     def _check_chunks(self) -> None:
-        """Every chunk the commit covers must exist: a deleted chunk would otherwise read as zeros."""
-        for name in ("grads", "sample_id", "weight", "flags", "lr", "epoch", "grad_scale", "momentum",
-                     "weight_decay", "step_ptr", "fisher", "fisher_ptr", *OPTIONAL_STEP_ARRAYS):
+        """Every array's shape and every chunk the commit covers must exist: a deleted chunk would
+        otherwise read as zeros, an older array metadata file would hide committed entries."""
+        check_array_shapes(self._group, self.path, steps=self.n_steps, rows=self.n_rows, fisher_rows=self.n_fisher_rows)
+        for name in COMMITTED_ARRAYS:
             n = self._committed_length(name)
             if n <= (1 if name.endswith("_ptr") else 0) or not self.has_array(name):
                 continue
@@ -273,6 +310,15 @@ class Run:
             >>> run.require_chunks("embeddings/fisher/values", run.n_rows)  # doctest: +SKIP
         """
         arr = self.array(name)
+        if int(n) <= 0 or 0 in arr.shape:  # nothing to hold: a zero-size array has no chunk
+            return
+        if not arr.shape:  # a 0-d array: its one chunk is ``<name>/c``
+            if not self._chunk_exists(name, ()):
+                raise StoreCorruptError(
+                    f"{self.path}: chunk {name}/c (the 0-d array's value) is missing; it would read as zero. "
+                    "Restore the run from a copy."
+                )
+            return
         C = int(arr.chunks[0])
         suffix = ("0",) * (len(arr.shape) - 1)
         for i in range(-(-int(n) // C)):
@@ -604,6 +650,21 @@ def links_leaving(root: Path) -> list[tuple[Path, str]]:
     return found
 
 
+def refuse_links_leaving(root: Path, why: str, *, again: str = "run again") -> None:
+    """Raise :class:`StoreError` when any symbolic link anywhere under the run ``root`` leads
+    outside it (the whole tree is walked, links are not followed); ``why`` says what following
+    them would do. Used before an archive packs and before ``resume=True`` writes."""
+    leaving = links_leaving(Path(root))
+    if leaving:
+        src = Path(root)
+        shown = "; ".join(f"{p.relative_to(src)} -> {where}" for p, where in leaving[:5])
+        more = f" and {len(leaving) - 5} more" if len(leaving) > 5 else ""
+        raise StoreError(
+            f"{src} holds symbolic links that lead outside the run ({shown}{more}); {why}. Replace each link "
+            f"with the real files (or remove it) and {again}."
+        )
+
+
 def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Pack a run directory into one uncompressed ``.zip`` that :func:`open_run` reads directly.
 
@@ -619,15 +680,8 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
 
     src, dst = Path(path), Path(out)
     if is_local(path) and src.is_dir():
-        leaving = links_leaving(src)
-        if leaving:
-            shown = "; ".join(f"{p.relative_to(src)} -> {where}" for p, where in leaving[:5])
-            more = f" and {len(leaving) - 5} more" if len(leaving) > 5 else ""
-            raise StoreError(
-                f"{src} holds symbolic links that lead outside the run ({shown}{more}); an archive would pack "
-                "files that are not the run's, so none was written. Replace each link with the real files "
-                "(or remove it) and archive again."
-            )
+        refuse_links_leaving(src, "an archive would pack files that are not the run's, so none was written",
+                             again="archive again")
     Run(src)  # refuse to archive something that is not a readable run
     if dst.resolve().is_relative_to(src.resolve()):
         raise StoreError(f"{dst} lies inside the run {src}; writing there would change the run. Choose a path outside it.")
@@ -671,8 +725,10 @@ def create_array(
         exists = False
     if exists and not overwrite:
         raise StoreExistsError(f"{path}/{name} already exists; pass overwrite=True to rebuild it.")
+    # every chunk is written, even an all-zero one, so that a missing chunk is always damage
+    # (Run.require_chunks): zarr skips chunks equal to the fill value unless told otherwise
     arr = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=float_codecs(),
-                         fill_value=0, overwrite=True)
+                         fill_value=0, overwrite=True, config={"write_empty_chunks": True})
     if attrs:
         arr.attrs.update(attrs)
     return arr

@@ -36,7 +36,7 @@ _NESTED = threading.local()  # runs this thread already holds through writes_run
 
 def run_lock(path: str | os.PathLike[str], purpose: str) -> LockFile:
     """The (not yet acquired) writer lock of the run directory ``path``."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # not realpath: the store's link checks rely on the path as given
     return LockFile(
         path / LOCK_FILE, subject=f"run {path}", error=StoreLockedError, purpose=purpose,
         busy_hint="One writer per run: close that writer (rec.close(), or leave its `with` block) or wait "
@@ -99,12 +99,16 @@ def lock_run(path: str | os.PathLike[str], purpose: str) -> Iterator[None]:
 
 
 def writes_run(purpose: str) -> Callable[[_F], _F]:
-    """Decorate a function whose first argument is a run path: it runs holding the run's writer
-    lock (:func:`lock_run`)."""
+    """Decorate a function whose first argument is a run path (or an open :class:`~datavalue.store.Run`,
+    replaced by its path): it runs holding the run's writer lock (:func:`lock_run`)."""
 
     def wrap(fn: _F) -> _F:
         @functools.wraps(fn)
         def locked(path: Any, *args: Any, **kwargs: Any) -> Any:
+            from datavalue.store._reader import Run
+
+            if isinstance(path, Run):  # an open run: write to (and lock) its directory, read it afresh
+                path = path.path
             with lock_run(path, purpose):
                 return fn(path, *args, **kwargs)
 

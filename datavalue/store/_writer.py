@@ -33,7 +33,12 @@ from datavalue.errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
-from datavalue.store._reader import check_inside_run, check_manifest, read_commit
+from datavalue.store._reader import (
+    check_array_shapes,
+    check_manifest,
+    read_commit,
+    refuse_links_leaving,
+)
 from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock
 from datavalue.store._schema import (
     FINAL_RUN,
@@ -210,7 +215,7 @@ class RunWriter:
         commit_interval: float = 10.0,
         commit_every: int = 32,
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # once: a later os.chdir must not move the run or its lock
         self.commit_interval = float(commit_interval)
         if isinstance(commit_every, bool) or not isinstance(commit_every, (int, np.integer)) or commit_every < 1:
             raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}.")
@@ -332,8 +337,8 @@ class RunWriter:
 
     def _open_existing(self, manifest: dict[str, Any]) -> None:
         self._check_resumable(self.path)
-        for member in sorted(self.path.iterdir()):  # the arrays resuming appends to: never through a link out
-            check_inside_run(self.path, member.name)
+        # resuming appends to chunks anywhere in the tree: never through a link out of the run
+        refuse_links_leaving(self.path, "resume=True would write through them, outside the run")
         g = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         on_disk = dict(g.attrs.get(MANIFEST_KEY, {}))
         check_manifest(on_disk, self.path, g.attrs.get(MANIFEST_DIGEST_KEY))
@@ -351,6 +356,8 @@ class RunWriter:
         self.manifest = on_disk
         # a missing commit beside data chunks is damage, not 0 steps to overwrite
         self.steps, self.rows, self.fisher_rows, self.generation = read_commit(g, self.path)
+        # an array metadata file older than the commit: appending would resize from the wrong length
+        check_array_shapes(g, self.path, steps=self.steps, rows=self.rows, fisher_rows=self.fisher_rows)
         self.generation += 1
         logger.info("resuming %s after %d committed steps (%d rows)", self.path, self.steps, self.rows)
 

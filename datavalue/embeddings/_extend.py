@@ -29,6 +29,7 @@ from datavalue.embeddings._build import (
     _read_attrs,
     _store_ops,
     _warn_expansive,
+    check_client,
 )
 from datavalue.embeddings._metadata import (
     ATTRS_KEY,
@@ -80,6 +81,7 @@ def embeddings_at(
     from datavalue.store import create_array, open_array, open_run
 
     device = parse_device(device)
+    check_client(client)
     run = open_run(path)
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
@@ -166,6 +168,7 @@ def extend_embeddings(
 
     t_start = time.perf_counter()
     device = parse_device(device)
+    check_client(client)
     run = open_run(path)
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)

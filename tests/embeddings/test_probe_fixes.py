@@ -103,3 +103,13 @@ def test_max_memory_below_one_byte_is_refused_alike(value):
                                             (10**30, 10**30)])
 def test_max_memory_of_a_byte_or_more_is_accepted(value, got):
     assert parse_max_memory(value) == got
+
+
+@pytest.mark.parametrize("fn", ["extend_embeddings", "embeddings_at"])
+def test_extend_and_checkpoint_builds_check_the_client_first(built, fn):
+    """``extend_embeddings`` / ``embeddings_at`` refuse a bad ``client=`` before they read or write."""
+    import datavalue.embeddings as emb
+
+    args = (built, 2) if fn == "embeddings_at" else (built,)
+    with pytest.raises(EmbeddingError, match="client must be a dask.distributed.Client or None"):
+        getattr(emb, fn)(*args, client=object(), progress=False)

@@ -231,6 +231,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per block (default 20; 12 with --sweep)")
     ap.add_argument("--out", default="", help="also write the table to this file (docs/results/capture.md is "
                     "edited by hand: it holds the GPU and Trainer tables too)")
+    ap.add_argument("--rows", nargs="+", type=int, default=None,
+                    help="indices into MAIN_ROWS to run (default all): 0 GPT-2 AdamW 1024, 1 GPT-2 AdamW 4096, "
+                         "2 MLP AdamW, 3 GPT-2 SGD, 4 MLP SGD")
     ap.add_argument("--no-fisher", dest="fisher", action="store_false", help='skip the curvature="fisher" row')
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
@@ -250,7 +253,9 @@ def main() -> None:
         return
     load0 = os.getloadavg()
     rows = []
-    for case_fn, proj, optimizer in MAIN_ROWS:
+    for i, (case_fn, proj, optimizer) in enumerate(MAIN_ROWS):
+        if args.rows and i not in args.rows:
+            continue
         case = case_fn()
         rows.append(measure(case, proj_dim=proj, reps=args.reps, steps=args.steps, optimizer=optimizer))
         print(rows[-1], flush=True)

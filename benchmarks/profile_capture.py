@@ -143,6 +143,20 @@ def what_if_adam() -> None:
     _optim.adam_moments = checked
 
 
+def per_layer() -> None:
+    """A timer per captured module around its gradient hook (``--per-layer``)."""
+    orig = _engine.Engine._on_grad
+
+    def on_grad(self, entry, args, kwargs, grad):
+        t = CLOCK()
+        try:
+            return orig(self, entry, args, kwargs, grad)
+        finally:
+            TIMES[f"  {entry.name} ({entry.rule.name})"] += CLOCK() - t
+
+    _engine.Engine._on_grad = on_grad
+
+
 def make_case(model: str, optimizer: str):
     case = co.gpt2_case() if model == "gpt2" else co.mlp_case()
     params = case[1].parameters()
@@ -229,12 +243,15 @@ def main() -> None:
     ap.add_argument("--what-if-adam", action="store_true",
                     help="time the proposed adam_moments (checked against the original, which then runs untimed "
                          "inside step_fields: read its line, not step_fields')")
+    ap.add_argument("--per-layer", action="store_true", help="also time each captured module's gradient hook")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="see CLOCK")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.what_if_adam:
         what_if_adam()
+    if args.per_layer:
+        per_layer()
     co.DEVICE = args.device
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     (breakdown if args.mode == "breakdown" else profiled)(args)

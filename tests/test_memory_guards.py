@@ -125,18 +125,37 @@ def test_recorder_bound_is_made_of_its_buffers():
     assert parts["the step's rows"] == 3 * 16 * 100 * 4
     # 64 queued steps + ceil(64 / 16) = 4 steps buffered until the chunk is full; each step: b (1 + F) k rows + Adam m, v
     assert parts["queued and buffered steps"] == (64 + 4) * (16 * 4 * 100 * 4 + 2 * 100 * 8)
-    assert parts["the chunk being written"] == 64 * 100 * 2
+    assert parts["the chunk being written"] == 2 * 64 * 100 * 2  # grads and Fisher rows: one chunk each
     assert parts["Adam moments"] == 2 * 1000 * 8
     assert parts["exact per-sample gradients (whitening)"] == 16 * 1000 * (4 + 16)
     sync = StepMemory(k=100, P=1000, chunk_rows=64, capture_itemsize=4, storage_itemsize=2, background=False)
     assert sync.parts(16)["queued and buffered steps"] == 4 * 16 * 100 * 4
+    # the writer never lets more than commit_every steps wait uncommitted (submit blocks): the bound's cap
+    capped = StepMemory(k=100, P=1000, chunk_rows=6400, capture_itemsize=4, storage_itemsize=2, fisher_rows=3,
+                        background=True, commit_every=32)
+    assert capped.parts(16)["queued and buffered steps"] == 32 * 16 * 4 * 100 * 4
+
+
+def test_recorder_bound_of_many_fisher_rows_is_capped_by_commit_every(tmp_path):
+    """4,000 Fisher samples a step, exact gradients: the old bound counted a whole chunk's worth of steps
+    (each with its 4,001 rows) and refused a 3-example step as 31.6 GiB."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with datavalue.Recorder(tmp_path / "f.zarr", model, proj_dim=None, optimizer=opt, curvature="fisher",
+                            fisher_samples=4000, storage_dtype="float64") as rec:
+        parts = rec._memory.parts(3)
+        assert parts["queued and buffered steps"] == 32 * 3 * 4001 * rec.layout.k * 4
+        with rec.step(sample_ids=range(3), lr=0.1):
+            F.cross_entropy(model(X[:3]), Y[:3]).backward()
+    assert open_run(tmp_path / "f.zarr").n_steps == 1
 
 
 def test_recorder_refuses_a_step_above_max_memory_before_it_runs(tmp_path):
     model = _model()
     with datavalue.Recorder(tmp_path / "probe.zarr", model, proj_dim=32) as rec:
         k = rec.proj_dim  # 31: the sketch's split over the blocks
-    bound = sum(StepMemory(k=k, P=0, chunk_rows=64, capture_itemsize=4, storage_itemsize=4).parts(16).values())
+    bound = sum(StepMemory(k=k, P=0, chunk_rows=64, capture_itemsize=4, storage_itemsize=4,
+                           commit_every=32).parts(16).values())
     with datavalue.Recorder(tmp_path / "r.zarr", model, proj_dim=32, chunk_rows=64, max_memory=bound - 1) as rec:
         with rec.step(sample_ids=range(8), lr=0.1):  # a smaller batch fits
             F.cross_entropy(model(X[:8]), Y[:8]).backward()

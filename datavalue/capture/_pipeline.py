@@ -366,9 +366,12 @@ class StepMemory:
     ``F`` Fisher rows per example, ``P`` trainable parameters):
 
     * the step's rows while it is committed: ``3 b k s`` (captured, divided by the weights, numpy);
-    * steps queued for the background writer and buffered until a chunk is full:
-      ``(64 + ceil(chunk_rows / b)) * (b (1 + F) k s + A)``, where ``A = 2 k 8`` with Adam moments;
-    * the chunk being written: ``chunk_rows k`` in the storage dtype;
+    * steps queued for the background writer and buffered until a chunk is full, of which the writer
+      never lets more than ``commit_every`` wait uncommitted (``submit`` blocks):
+      ``min(commit_every, 64 + ceil(chunk_rows / b)) * (b (1 + F) k s + A)``, where ``A = 2 k 8`` with
+      Adam moments (``64``: the writer's queue; none without a background writer);
+    * the chunk being written: ``chunk_rows k`` in the storage dtype (twice with Fisher rows, which
+      have their own array);
     * Adam moments read from the optimizer: ``2 P 8`` (float64 copies, per step, transient);
     * ``precondition="adam"``: the step's exact per-sample gradients ``b P s`` and their whitened
       float64 copies ``2 b P 8``.
@@ -379,13 +382,14 @@ class StepMemory:
 
     def __init__(self, *, k: int, P: int, chunk_rows: int, capture_itemsize: int, storage_itemsize: int,
                  fisher_rows: int = 0, adam: bool = False, whiten: bool = False, background: bool = True,
-                 max_memory: Any = None) -> None:
+                 max_memory: Any = None, commit_every: int | None = None) -> None:
         from datavalue._memory import parse_max_memory
 
         self.k, self.P, self.chunk_rows = int(k), int(P), int(chunk_rows)
         self.s, self.storage_itemsize = int(capture_itemsize), int(storage_itemsize)
         self.F, self.adam, self.whiten, self.background = int(fisher_rows), bool(adam), bool(whiten), bool(background)
         self.max_memory = parse_max_memory(max_memory, RecorderError)
+        self.commit_every = None if commit_every is None else int(commit_every)
         self.checked = 0
 
     def parts(self, b: int) -> dict[str, int]:
@@ -393,8 +397,10 @@ class StepMemory:
         b = max(1, int(b))
         per_step = b * (1 + self.F) * self.k * self.s + (2 * self.k * 8 if self.adam else 0)
         held = (WRITER_QUEUE if self.background else 0) + -(-self.chunk_rows // b)
+        if self.commit_every is not None:  # the writer blocks submit() at commit_every uncommitted steps
+            held = min(held, self.commit_every)
         out = {"the step's rows": 3 * b * self.k * self.s, "queued and buffered steps": held * per_step,
-               "the chunk being written": self.chunk_rows * self.k * self.storage_itemsize}
+               "the chunk being written": (2 if self.F else 1) * self.chunk_rows * self.k * self.storage_itemsize}
         if self.adam:
             out["Adam moments"] = 2 * self.P * 8
         if self.whiten:

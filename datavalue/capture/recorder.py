@@ -129,7 +129,7 @@ class Recorder:
             of the preconditioner, which a sketch of raw gradients cannot (``datavalue.capture._whiten``).
         max_memory: bytes (or ``"8 GiB"``) the recorder's host buffers may take; a step whose bound
             exceeds it (default: the available memory) is refused before it runs. Per step of ``b``
-            examples the bound is ``(64 + ceil(chunk_rows / b)) (b (1 + F) k s + 16 k)`` of queued
+            examples the bound is ``min(commit_every, 64 + ceil(chunk_rows / b)) (b (1 + F) k s + 16 k)`` of queued
             steps (``s`` the capture dtype's size, ``F`` Fisher rows per example, ``16 k`` with Adam
             moments) + ``3 b k s`` for the step's rows + ``chunk_rows k`` of the chunk being written +
             ``16 P`` for Adam moments (``P`` parameters) + ``b P (s + 16)`` with ``precondition="adam"``
@@ -271,7 +271,7 @@ class Recorder:
                 cfg.fisher_max_classes, cfg.fisher_samples) if self.fisher else 0, chunk_rows=chunk_rows or 0,
             capture_itemsize=self.engine.dtype.itemsize, storage_itemsize=np.dtype(storage_dtype).itemsize,
             adam=self.record_optimizer_state, whiten=self._whitener is not None, background=background,
-            max_memory=max_memory)
+            max_memory=max_memory, commit_every=cfg.commit_every)
         self._sink = StepSink(path, manifest, k=self.layout.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
                               fisher=self.fisher, background=background, on_nonfinite=on_nonfinite, dist=self._dist,
                               commit_every=cfg.commit_every)

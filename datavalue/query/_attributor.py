@@ -32,7 +32,14 @@ from datavalue.capture import engine_for_run, per_sample_gradients
 from datavalue.errors import NonFiniteError, QueryError
 from datavalue.query import _stream
 from datavalue.query._groups import Grouping, grouping, parse_by, parse_steps
-from datavalue.query._results import TopK, dataset_values, describe, score_frame, write_parquet
+from datavalue.query._results import (
+    TopK,
+    dataset_values,
+    describe,
+    occurrence_details,
+    score_frame,
+    write_parquet,
+)
 from datavalue.query._source import Source, resolve_source
 from datavalue.store import Run, fast_rows, open_run
 
@@ -142,13 +149,7 @@ class Attributor:
         return self._details(np.arange(self.n_rows))
 
     def _details(self, rows: np.ndarray) -> pd.DataFrame:
-        run = self.run
-        steps = run.row_step[rows]
-        return pd.DataFrame(
-            {"step": steps, "epoch": run.epoch[steps], "sample_id": run.sample_id[rows], "weight": run.weight[rows],
-             "lr": run.lr[steps], "grad_scale": run.grad_scale[steps]},
-            index=pd.Index(rows, name="row"),
-        )
+        return occurrence_details(self.run, rows)
 
     @functools.cached_property
     def _samples(self) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ import pandas as pd
 
 from datavalue.errors import QueryError, StoreExistsError, StoreMismatchError
 from datavalue.query._groups import Grouping, grouping
-from datavalue.query._results import TopK, score_frame, write_parquet
+from datavalue.query._results import TopK, occurrence_details, score_frame, write_parquet
 from datavalue.query._stream import dense_top_k
 from datavalue.store import Run, create_array, lock_run, manifest_digest, open_run
 
@@ -113,13 +113,7 @@ class ReplayResult:
         return self._details(np.arange(self.r0, self.r1))
 
     def _details(self, rows: np.ndarray) -> pd.DataFrame:
-        run = self.run
-        steps = run.row_step[rows]
-        return pd.DataFrame(
-            {"step": steps, "epoch": run.epoch[steps], "sample_id": run.sample_id[rows], "weight": run.weight[rows],
-             "lr": run.lr[steps], "grad_scale": run.grad_scale[steps]},
-            index=pd.Index(rows, name="row"),
-        )
+        return occurrence_details(self.run, rows)
 
     def _grouping(self, by: Any, owners: Any, unowned: str) -> Grouping:
         g = grouping(self.run, by, owners, unowned, self.t0, self.t1)

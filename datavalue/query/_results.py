@@ -109,3 +109,14 @@ def dataset_values(scores: np.ndarray, labels: np.ndarray, ids: np.ndarray, fill
 
 def describe(values: Any) -> str:
     return f"{type(values).__name__} of shape {getattr(values, 'shape', None)}"
+
+
+def occurrence_details(run: Any, rows: np.ndarray) -> pd.DataFrame:
+    """The recorded details of global rows ``rows`` of ``run``: ``step, epoch, sample_id, weight, lr,
+    grad_scale``, indexed by row (what query and replay tables show beside the scores)."""
+    steps = run.row_step[rows]
+    return pd.DataFrame(
+        {"step": steps, "epoch": run.epoch[steps], "sample_id": run.sample_id[rows], "weight": run.weight[rows],
+         "lr": run.lr[steps], "grad_scale": run.grad_scale[steps]},
+        index=pd.Index(rows, name="row"),
+    )

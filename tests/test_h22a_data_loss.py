@@ -275,7 +275,7 @@ def test_resume_never_appends_through_a_link(tmp_path):
     (run / "grads").symlink_to(outside, target_is_directory=True)
     before = _tree(outside)
     model = _model()
-    with pytest.raises(E.StoreError, match="leads outside the run"):
+    with pytest.raises(E.StoreError, match="lead outside the run"):
         datavalue.Recorder(run, model, proj_dim=None, chunk_rows=8, resume=True)
     assert _tree(outside) == before
 

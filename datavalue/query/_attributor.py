@@ -528,7 +528,7 @@ def _parse_model(model: Any) -> nn.Module | None:
         raise QueryError(
             f"model must be the torch.nn.Module to explain (at the weights to explain), or None to query with test "
             f"gradients; got {type(model).__name__} {str(model)[:60]!r}. Load it first (model = Net(); "
-            "model.load_state_dict(torch.load(path)))."
+            "model.load_state_dict(torch.load(path, weights_only=True)))."
         )
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:

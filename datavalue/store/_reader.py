@@ -19,6 +19,7 @@ import zarr
 if TYPE_CHECKING:
     import dask.array as da
 
+from datavalue._files import atomic_write
 from datavalue.errors import (
     StoreCorruptError,
     StoreError,
@@ -689,12 +690,10 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
         raise ValueError(f"the archive name must end in .zip, got {dst.name}")
     if dst.exists() and not overwrite:
         raise StoreExistsError(f"{dst} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    tmp = dst.with_name(dst.name + ".partial")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_write(dst) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for f in sorted(src.rglob("*")):
             if f.is_file() and not f.name.endswith(".partial") and f.name != "writer.lock":  # no lock in an archive
                 zf.write(f, f.relative_to(src).as_posix())
-    os.replace(tmp, dst)
     return dst
 
 

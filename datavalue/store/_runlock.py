@@ -19,11 +19,13 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from datavalue._files import sweep_partials
 from datavalue._lock import LockFile, holder_state, read_holder
 from datavalue.errors import StoreLockedError
 
@@ -67,6 +69,25 @@ def only_the_lock(path: Path) -> bool:
     )
 
 
+def sweep_run(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove what writers killed mid-write left in the run ``path``: half-written chunk files
+    (``.<chunk>.<pid>.<thread>.partial``) of processes that are gone, and lock files a dead process
+    was installing (``writer.lock.<token>.partial``). Only the holder of the run's lock may call it."""
+    removed = sweep_partials(path)
+    root = Path(path)
+    for p in root.glob(LOCK_FILE + ".*.partial"):
+        holder = read_holder(p)
+        try:  # unreadable: torn by the kill that left it, or being written this instant (so: old ones only)
+            torn = holder is None and time.time() - p.stat().st_mtime > 60
+        except FileNotFoundError:
+            continue
+        if torn or (holder is not None and holder_state(holder) == "dead"):
+            with suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 @contextmanager
 def lock_run(path: str | os.PathLike[str], purpose: str) -> Iterator[None]:
     """Hold the writer lock of the local run ``path`` for the ``with`` block; a run this thread
@@ -91,6 +112,7 @@ def lock_run(path: str | os.PathLike[str], purpose: str) -> Iterator[None]:
     lock = run_lock(path, purpose)
     lock.acquire()
     held.add(key)
+    sweep_run(path)  # what a killed writer left half-written: ours to remove now
     try:
         yield
     finally:

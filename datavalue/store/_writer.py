@@ -39,7 +39,7 @@ from datavalue.store._reader import (
     read_commit,
     refuse_links_leaving,
 )
-from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock
+from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock, sweep_run
 from datavalue.store._schema import (
     FINAL_RUN,
     MANIFEST_DIGEST_KEY,
@@ -121,10 +121,15 @@ def _write_chunk(path: Path, chunk: np.ndarray) -> None:
     except FileNotFoundError:  # the chunk's directory is new: create it (not before every write: a system call)
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(tmp, "wb")  # noqa: SIM115
-    with f:  # the array's buffer, then its checksum: no bytes copies
-        f.write(data)
-        f.write(crc32c.crc32c(data).to_bytes(4, "little"))
-    os.replace(tmp, path)
+    try:
+        with f:  # the array's buffer, then its checksum: no bytes copies
+            f.write(data)
+            f.write(crc32c.crc32c(data).to_bytes(4, "little"))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the chunk keeps its last whole version, no temporary is left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def write_chunk(directory: Path, i: int, piece: np.ndarray, chunk_rows: int, *, pad: Any = 0) -> None:
@@ -275,6 +280,7 @@ class RunWriter:
             self._locks.append(run_lock(self.path, "a recorder"))
             self._locks[-1].acquire()
             if mode == "resume":
+                sweep_run(self.path)  # half-written files of the writer that was killed
                 self._open_existing(manifest)
                 return
             if mode == "create" and self._exists():  # created by a writer that came and went meanwhile

@@ -216,11 +216,12 @@ def test_shapley_imports_numpy_scipy_and_stdlib_only():
                     or top in sys.stdlib_module_names
                 )
                 assert ok and top not in FORBIDDEN, f"{src.name} imports {name}"
-                if top == "datavalue":  # itself, the dependency-free error root and the shared lock file
+                if top == "datavalue":  # itself, the dependency-free error root, the shared lock and temp files
                     assert name.startswith("datavalue.shapley") or name in (
                         "datavalue",
                         "datavalue.errors",
                         "datavalue._lock",
+                        "datavalue._files",
                     ), name
 
 

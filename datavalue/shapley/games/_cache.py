@@ -42,6 +42,7 @@ import os
 import threading
 from pathlib import Path
 
+from datavalue._files import atomic_write
 from datavalue._lock import LockFile
 from datavalue.shapley._errors import CacheMismatchError, UtilityError
 
@@ -120,12 +121,10 @@ class DiskCache:
             "fingerprint": self.fingerprint,
             "created": _dt.datetime.now(_dt.UTC).isoformat(),
         }
-        tmp = self.path.with_name(self.path.name + ".partial")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # the header appears whole or not at all
             f.write(json.dumps(header, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)  # the header appears whole or not at all
 
     def _first_line(self) -> bytes:
         with open(self.path, "rb") as f:

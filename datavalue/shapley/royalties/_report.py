@@ -15,6 +15,7 @@ from decimal import Decimal
 from html import escape
 from pathlib import Path
 
+from datavalue._files import atomic_write
 from datavalue.shapley._errors import InvalidGameError, OutputExistsError
 from datavalue.shapley.royalties._statement import PeriodStatement
 from datavalue.shapley.royalties._svg import bar_chart, error_bar_chart, stacked_columns
@@ -231,7 +232,6 @@ def write_report(
             "(--overwrite on the command line) or choose another path."
         )
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
+    with atomic_write(p) as tmp:  # never a user's "<name>.tmp", never left behind by an error
+        tmp.write_text(text, encoding="utf-8")
     return p

@@ -1,0 +1,92 @@
+"""Temporary files that never replace a user's file and never outlive a failed write.
+
+Every file datavalue replaces atomically is first written to a sibling temporary whose name no user
+file has by accident: ``.<name>.<pid>.<random>.partial`` (a dot file, the writer's pid, 8 random hex
+digits). On any error the temporary is removed; a ``kill -9`` can still leave one behind, which
+:func:`sweep_partials` removes once its writer is gone (runs do this when a writer takes their lock).
+Standard library only: the shapley package uses it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: ``.<name>.<pid>.<tag>.partial``: what :func:`partial_path` and the store's chunk writer leave
+#: (the chunk writer's tag is its thread id).
+_PARTIAL = re.compile(r"^\..+\.(?P<pid>\d+)\.(?P<tag>[0-9a-zA-Z]+)\.partial$")
+
+
+def partial_path(path: str | os.PathLike[str]) -> Path:
+    """A fresh temporary sibling of ``path`` (not created)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` (``os.replace``), on any
+    error it is removed and ``path`` is left as it was.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "report.csv"
+        >>> with atomic_write(out) as tmp:
+        ...     _ = tmp.write_text("owner,amount\\n")
+        >>> out.read_text()
+        'owner,amount\\n'
+    """
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def stale_partial(p: Path) -> bool:
+    """Whether ``p`` is a temporary left by a datavalue writer that is no longer running on this
+    host (never one of this process's own, never a file with another name)."""
+    m = _PARTIAL.match(p.name)
+    if m is None:
+        return False
+    pid = int(m["pid"])
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
+def sweep_partials(root: str | os.PathLike[str]) -> list[Path]:
+    """Remove the stale temporaries (:func:`stale_partial`) under the directory ``root``; links are
+    neither followed nor removed. Returns what was removed. Call it only while holding the lock
+    that makes the caller the directory's one writer."""
+    removed = []
+    for dirpath, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            p = Path(dirpath, name)
+            if name.endswith(".partial") and not p.is_symlink() and stale_partial(p):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    if removed:
+        logger.info("%s: removed %d temporary file(s) left by a writer that is gone", root, len(removed))
+    return removed

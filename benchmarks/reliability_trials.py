@@ -128,6 +128,7 @@ def kill_trial(d: Path, i: int, rng: np.random.Generator, ref: tuple[np.ndarray,
     res = {"submitted": submitted, "committed": 0, "intact": True, "bound": True, "resumed": False, "stale_lock": False,
            "finished_first": proc.returncode == 0}
     res["stale_lock"] = (path / LOCK_FILE).exists()
+    res["partials_after_kill"] = len(list(path.rglob("*.partial"))) if path.exists() else 0
     if not (path / "zarr.json").exists():  # killed while creating the run: a plain create must work
         res["before_start"] = True
         res["left"] = sorted(p.name for p in path.iterdir()) if path.exists() else []
@@ -144,6 +145,7 @@ def kill_trial(d: Path, i: int, rng: np.random.Generator, ref: tuple[np.ndarray,
     for t in range(w.steps, N_STEPS):
         w.submit(block(t))
     w.close()
+    res["partials_after_resume"] = len(list(path.rglob("*.partial")))
     run = open_run(path)
     res["resumed"] = bool(run.n_steps == N_STEPS and np.array_equal(run.grads.compute(), ref[0])
                           and np.array_equal(run.sample_id, ref[1]))
@@ -318,6 +320,8 @@ def main() -> None:
                 "within_commit_every": sum(r["bound"] for r in started),
                 "stale_lock_left_and_taken_over": sum(r["stale_lock"] and r["resumed"] for r in rows),
                 "resumed_bit_identical": sum(r["resumed"] for r in started),
+                "kills_that_left_partial_files": sum(r["partials_after_kill"] > 0 for r in rows),
+                "partial_files_left_after_resume": sum(r["partials_after_resume"] for r in rows),
                 "seconds": round(time.time() - t0),
             }
         if args.only in (None, "race"):

@@ -79,6 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
         raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
                          "Choose a path outside it.")
+    check_parquet_name(out)
     if out.exists() and not args.overwrite:
         raise StoreExistsError(f"{out} already exists; pass --overwrite to replace it.")
     if args.top_k < 0:
@@ -105,6 +106,13 @@ def _run(args: argparse.Namespace) -> int:
         raise QueryError(f"cannot write {out}: {exc.strerror or exc}; choose a writable --out.") from exc
     print(f"wrote {n} rows to {path} ({attr.kind}, curvature={attr.curvature}, by={args.by})")
     return 0
+
+
+def check_parquet_name(out: Path) -> None:
+    """Refuse an ``--out`` whose name says another format: the file written is Parquet."""
+    if out.suffix.lower() not in (".parquet", ".pq"):
+        raise QueryError(f"--out {out}: the results are written as Parquet, so the name must end in .parquet (or .pq), "
+                         f"got {out.suffix or 'no suffix'!r}; e.g. --out {out.with_suffix('.parquet')}.")
 
 
 def parse_steps_arg(text: str | None) -> tuple[int | None, int | None] | None:
@@ -212,6 +220,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
         raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
                          "Choose a path outside it.")
+    check_parquet_name(out)
     if out.exists() and not args.overwrite:
         raise StoreExistsError(f"{out} already exists; pass --overwrite to replace it.")
     if args.top_k < 0:

@@ -86,6 +86,9 @@ def embeddings_at(
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
     T = int(meta["n_steps"])
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise EmbeddingError(f"step must be an int step index in 1..{T}, got {step!r} ({type(step).__name__}); nothing is "
+                             "rounded.")
     step = int(step)
     if not 1 <= step <= T:
         raise EmbeddingError(f"step must lie in 1..{T} (the built steps), got {step}.")

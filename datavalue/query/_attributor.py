@@ -192,7 +192,14 @@ class Attributor:
         if callable(query) and not isinstance(query, (np.ndarray, torch.Tensor)):
             q = self.test_gradients(query)
         else:
-            q = query.detach().cpu().numpy() if torch.is_tensor(query) else np.asarray(query)
+            try:
+                q = query.detach().cpu().numpy() if torch.is_tensor(query) else np.asarray(query)
+            except (TypeError, ValueError) as exc:  # a (x, y) batch, ragged lists: not a query
+                raise QueryError(
+                    f"a query is a loss function model -> (m,) losses or test gradients of shape (m, {self.run.proj_dim}); "
+                    f"got a {type(query).__name__} that is neither ({exc}). For a batch (x, y), pass "
+                    "lambda m: loss(m(x), y, reduction='none')."
+                ) from None
             if q.ndim == 1:
                 q = q[None, :]
             if q.ndim != 2 or q.shape[1] != self.run.proj_dim or not np.issubdtype(q.dtype, np.floating):

@@ -60,7 +60,8 @@ def parse_by(by: Any) -> str | None:
 
 
 def parse_steps(steps: Any, n_steps: int) -> tuple[int, int]:
-    """``(t0, t1)`` half-open step window; ``None`` ends are open; negative indices count from the end."""
+    """``(t0, t1)`` half-open step window; ``None`` ends are open; negative indices count from the end; an end
+    past the run (beyond ``n_steps`` or ``-n_steps``) is refused, never clipped."""
     if steps is None:
         return 0, n_steps
     if isinstance(steps, slice):
@@ -75,6 +76,10 @@ def parse_steps(steps: Any, n_steps: int) -> tuple[int, int]:
         if end is not None and (isinstance(end, (bool, np.bool_)) or not isinstance(end, (int, np.integer))):
             raise QueryError(f"steps must be a pair of int step indices (t0, t1) (None for an open end), got "
                              f"{steps!r} ({type(end).__name__} {end!r}); pass e.g. steps=(1, 3).")
+    for end in (t0, t1):  # negative ends count from the end (like range); past either end is an error, not clipped
+        if end is not None and not -n_steps <= end <= n_steps:
+            raise QueryError(f"steps={steps!r} reaches past the run's steps 0..{n_steps - 1} (ends may lie in "
+                             f"-{n_steps}..{n_steps}; negative ones count from the end); nothing is clipped.")
     t0, t1, _ = slice(t0, t1).indices(n_steps)
     if t1 < t0:
         raise QueryError(f"steps=({t0}, {t1}) is empty or reversed; the run has steps 0..{n_steps - 1}.")

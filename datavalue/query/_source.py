@@ -83,6 +83,10 @@ def resolve_source(run: Run, *, curvature: str | None, embeddings: str | None, k
     if embeddings is not None:  # an explicit array path
         if curvature is not None:
             raise QueryError("pass either curvature= or embeddings=<array path>, not both.")
+        parts = embeddings.split("/") if isinstance(embeddings, str) else None
+        if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in embeddings:
+            raise QueryError(f"embeddings must name an array inside the run, as a '/'-separated path without '.', '..' or "
+                             f"empty parts (e.g. 'embeddings/fisher/at/100/values' or 'grads'), got {embeddings!r}.")
         try:
             arr = open_array(run.path, embeddings)
         except StoreNotFoundError as exc:

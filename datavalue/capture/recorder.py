@@ -97,6 +97,14 @@ class Recorder:
             model has at most this many outputs (and one prediction per example), else sample
             ``fisher_samples`` labels per example and position (sequence outputs: the Fisher of the
             example's mean loss over its positions; pass ``fisher_mask=`` to count only labelled ones).
+            The exact expectation runs one extra backward pass per class (and stores ``C`` rows per
+            example): ``C`` times the sampled form's cost, far above issue 20's 2x on any model whose
+            step is more than Python (measured: 10 classes, 11.8x on the 0.8 M-parameter MLP against
+            3.1x sampled; docs/results/capture.md). Default ``None``: 16 (exact up to 16 classes) for
+            models of at most 131,072 trainable parameters (``_config.FISHER_EXACT_MAX_PARAMS``), where
+            its extra cost is a few milliseconds per step, and 1 (sampled labels) above; on
+            ``resume``, the run's own value. Sampled labels, the cheap form, still cost one extra
+            backward pass: 2x is not met on this CPU either (3.1x on that MLP, GPT-2 see the table).
         chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
         commit_every: durability bound in steps (default 32): a ``kill -9`` loses at most the last
             ``commit_every`` recorded steps (and at most about 10 s of them); ``rec.flush()``
@@ -158,7 +166,7 @@ class Recorder:
         resume: bool = False,
         overwrite: bool = False,
         on_nonfinite: str = "raise",
-        fisher_max_classes: int = 16,
+        fisher_max_classes: int | None = None,
         fisher_samples: int = 1,
         chunk_rows: int | None = None,
         background: bool = True,
@@ -194,6 +202,8 @@ class Recorder:
         if resume and overwrite:
             raise RecorderError("pass at most one of resume=True and overwrite=True.")
         path = os.path.abspath(path)  # once: a later os.chdir must not move the run, its lock or its checkpoints
+        cfg = dataclasses.replace(cfg, fisher_max_classes=cfg.resolved_fisher_max_classes(  # None: by size / the run's
+            sum(p.numel() for p in model.parameters() if p.requires_grad), _recorded_fisher_max_classes(path, resume)))
         (proj_dim, seed, sketch, layers, loss_reduction, storage_dtype, on_nonfinite, chunk_rows, hessian_max_dim) = (
             cfg.proj_dim, cfg.seed, cfg.sketch, cfg.layers, cfg.loss_reduction, cfg.storage_dtype, cfg.on_nonfinite,
             cfg.chunk_rows, cfg.hessian_max_dim)
@@ -682,6 +692,18 @@ class Recorder:
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CaptureConfig)}
 _DEFAULTS["curvature"] = None
+
+
+def _recorded_fisher_max_classes(path: Any, resume: bool) -> int | None:
+    """The ``fisher_max_classes`` of the run being resumed (``None``: not resuming, or no readable run)."""
+    if not resume:
+        return None
+    from datavalue.store import open_run
+
+    try:
+        return CaptureConfig.from_manifest(open_run(path).manifest).fisher_max_classes
+    except Exception:  # no readable run: the writer says what is wrong
+        return None
 
 
 def _check_resume_config(path: Any, cfg: CaptureConfig, optimizer: Any = None) -> None:

@@ -170,6 +170,14 @@ def tiny_case(classes: int = 10):
     return f"MLP 20-64-{classes}, batch 32", model, (lambda m: F.cross_entropy(m(x), y)), 32
 
 
+def small_case(classes: int = 10):
+    """The poison study's MLP (784-64-10, batch 32; experiments/poison): a small model with 10 classes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, classes)).to(DEVICE)
+    x, y = torch.randn(32, 784, device=DEVICE), torch.randint(0, classes, (32,), device=DEVICE)
+    return f"MLP 784-64-{classes}, batch 32", model, (lambda m: F.cross_entropy(m(x), y)), 32
+
+
 def per_layer_budget(model: nn.Module, k: int = 64 * 64) -> dict[str, int]:
     """LoGra-like budgets: every block gets ``k`` columns (64 x 64 per weight matrix; capped at its size)."""
     with tempfile.TemporaryDirectory() as d:
@@ -205,8 +213,25 @@ EXTRA_ROWS: dict[str, dict] = {
     "fisher-tiny-exact": dict(case=(tiny_case,), proj_dim=1024, optimizer="adamw",
                               rec=dict(curvature="fisher", fisher_max_classes=16),
                               what='curvature="fisher", exact expectation over the 10 classes'),
+    "fisher-small-none": dict(case=(small_case,), proj_dim=1024, optimizer="adamw", rec=dict(),
+                              what="no curvature (the small model's baseline)"),
+    "fisher-small-sampled": dict(case=(small_case,), proj_dim=1024, optimizer="adamw",
+                                 rec=dict(curvature="fisher", fisher_max_classes=1),
+                                 what='curvature="fisher", sampled labels'),
+    "fisher-small-exact": dict(case=(small_case,), proj_dim=1024, optimizer="adamw",
+                               rec=dict(curvature="fisher", fisher_max_classes=16),
+                               what='curvature="fisher", exact expectation over the 10 classes'),
+    "mlp-none": dict(case=(mlp_case,), proj_dim=1024, optimizer="adamw", rec=dict(),
+                     what="no curvature (the MLP's baseline)"),
+    "gpt2-1024": dict(case=(gpt2_case,), proj_dim=1024, optimizer="adamw", rec=dict(),
+                      what="plain loop, default recorder (baseline)"),
+    "gpt2-4096": dict(case=(gpt2_case,), proj_dim=4096, optimizer="adamw", rec=dict(),
+                      what="plain loop, default recorder (baseline)"),
     "fisher-gpt2": dict(case=(gpt2_case,), proj_dim=1024, optimizer="adamw", rec=dict(curvature="fisher"),
                         what='curvature="fisher" (sequence output: one sampled label per position)'),
+    "fisher-gpt2-icdf": dict(case=(gpt2_case,), proj_dim=1024, optimizer="adamw", rec=dict(curvature="fisher"),
+                             what_if="icdf", what='curvature="fisher" (sequence output), what-if: labels drawn by '
+                             "inverse CDF instead of torch.multinomial"),
     "whiten-1024": dict(case=(gpt2_case,), proj_dim=1024, optimizer="adamw", rec=dict(precondition="adam"),
                         what='precondition="adam" (per-sample gradients whitened, then sketched)'),
     "whiten-4096": dict(case=(gpt2_case,), proj_dim=4096, optimizer="adamw", rec=dict(precondition="adam"),
@@ -222,9 +247,29 @@ EXTRA_ROWS: dict[str, dict] = {
 }
 
 
+def icdf_multinomial(probs, num_samples, replacement=False, *, generator=None, out=None):
+    """What-if for the Fisher sampler: one label per row by inverse CDF (a cumsum, one uniform per row
+    and a binary search: O(C) per row) instead of ``torch.multinomial``'s exponential draw per class.
+    Same distribution; another random stream, so other labels than the recorder draws today."""
+    if num_samples != 1 or out is not None:
+        return _MULTINOMIAL(probs, num_samples, replacement, generator=generator)
+    c = probs.cumsum(-1)
+    u = torch.rand(c.shape[:-1] + (1,), generator=generator, dtype=c.dtype) * c[..., -1:]
+    return torch.searchsorted(c, u).clamp_max(probs.shape[-1] - 1)
+
+
+_MULTINOMIAL = torch.multinomial
+
+
 def extra_row(name: str, *, reps: int, steps: int) -> dict:
     """Measure one of :data:`EXTRA_ROWS`; returns a dict with the medians, ratios and load averages."""
     spec = EXTRA_ROWS[name]
+    if spec.get("what_if") == "icdf":
+        torch.multinomial = icdf_multinomial
+        try:
+            return extra_row(name.replace("-icdf", ""), reps=reps, steps=steps) | dict(name=name, what=spec["what"])
+        finally:
+            torch.multinomial = _MULTINOMIAL
     load0 = os.getloadavg()[0]
     if spec.get("driver"):
         import overhead_rows
@@ -250,6 +295,35 @@ def extra_row(name: str, *, reps: int, steps: int) -> dict:
         res = dict(overhead_rows.summarise(plain, recorded, cpu), k=k)
     return dict(res, name=name, model=model, what=spec["what"], optimizer=opt, proj_dim=spec["proj_dim"],
                 load=(load0, os.getloadavg()[0]))
+
+
+def profile_row(name: str, *, steps: int, top: int = 25) -> str:
+    """``steps`` recorded steps of a plain-loop row of :data:`EXTRA_ROWS` under ``torch.profiler``
+    (after 3 recorded warm-up steps): the operators and ``record_function`` ranges by self CPU time,
+    and the ``datavalue`` Python functions by total time (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = EXTRA_ROWS[name]
+    fn, *a = spec["case"]
+    _, model, loss_fn, b = fn(*a)
+    opt = make_optimizer(spec["optimizer"], model)
+    proj = per_layer_budget(model) if spec["proj_dim"] == "per-layer" else spec["proj_dim"]
+    with tempfile.TemporaryDirectory() as d:
+        rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=proj, optimizer=opt, **spec["rec"])
+        time_steps(model, opt, loss_fn, 3, rec, b, 0)
+        pr = cProfile.Profile()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            pr.enable()
+            time_steps(model, opt, loss_fn, steps, rec, b, 3)
+            pr.disable()
+        rec.close()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("cumulative").print_stats("datavalue", top)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top) + "\n" + out.getvalue()
 
 
 def extra_table(rows: list[dict], *, reps: int, steps: int) -> list[str]:
@@ -377,6 +451,8 @@ def main() -> None:
     ap.add_argument("--extra", nargs="+", choices=list(EXTRA_ROWS), default=None,
                     help="issue 20's other rows instead of the main table (fisher, whitening, per-layer budgets, "
                          "Trainer, DDP; see EXTRA_ROWS)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="with --extra: profile STEPS recorded steps of each (plain-loop) row instead of timing it")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     ap.add_argument("--sweep", action="store_true", help="model x proj_dim x storage grid (issue #9)")
@@ -392,6 +468,10 @@ def main() -> None:
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     if args.sweep:
         sweep(args)
+        return
+    if args.extra and args.profile:
+        for name in args.extra:
+            print(f"## {name}: {args.profile} recorded steps under torch.profiler\n{profile_row(name, steps=args.profile)}")
         return
     if args.extra:
         rows = []

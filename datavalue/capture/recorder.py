@@ -76,7 +76,10 @@ class Recorder:
         path: where the Zarr v3 run is written (a directory).
         model: the ``torch.nn.Module`` being trained.
         proj_dim: total sketch dimension split over layers (see ``datavalue.capture._projection``),
-            a dict ``{block name: k}``, or ``None`` to store exact per-sample gradients.
+            a dict ``{block name: k}``, or ``None`` to store exact per-sample gradients. Larger budgets
+            than the default cost more than issue 20's 1.15x: on a small GPT-2 with AdamW (2-core CPU,
+            docs/results/capture.md) LoGra-like 64 x 64 per block about 1.3-1.45x the plain step,
+            16,384 in total about 1.35-1.4x (1024 and 4096: 1.1-1.25x).
         seed: root seed of the projection matrices.
         optimizer: the torch optimizer; when given, the actual lr, momentum and weight decay of
             every step are read from its first param group, and ``lr`` may be omitted.
@@ -99,12 +102,13 @@ class Recorder:
             example's mean loss over its positions; pass ``fisher_mask=`` to count only labelled ones).
             The exact expectation runs one extra backward pass per class (and stores ``C`` rows per
             example): ``C`` times the sampled form's cost, far above issue 20's 2x on any model whose
-            step is more than Python (measured: 10 classes, 11.8x on the 0.8 M-parameter MLP against
-            3.1x sampled; docs/results/capture.md). Default ``None``: 16 (exact up to 16 classes) for
-            models of at most 131,072 trainable parameters (``_config.FISHER_EXACT_MAX_PARAMS``), where
-            its extra cost is a few milliseconds per step, and 1 (sampled labels) above; on
-            ``resume``, the run's own value. Sampled labels, the cheap form, still cost one extra
-            backward pass: 2x is not met on this CPU either (3.1x on that MLP, GPT-2 see the table).
+            step is more than Python (measured on a 2-core CPU, 10 classes: 9-12x the plain step on a
+            0.8 M-parameter MLP, against 2.7-3.1x with sampled labels; docs/results/capture.md). Default
+            ``None``: 16 (exact up to 16 classes) for models of at most 131,072 trainable parameters
+            (``datavalue.capture._config.FISHER_EXACT_MAX_PARAMS``), where the whole step costs a few
+            milliseconds, and 1 (sampled labels) above; on ``resume``, the run's own value. Sampled
+            labels, the cheap form, are one extra backward pass: issue 20's 2x is not met on this CPU
+            either (2.7-3.1x on that MLP, 2.1-2.3x on a small GPT-2).
         chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
         commit_every: durability bound in steps (default 32): a ``kill -9`` loses at most the last
             ``commit_every`` recorded steps (and at most about 10 s of them); ``rec.flush()``
@@ -135,6 +139,9 @@ class Recorder:
             ``proj_dim``). The step's per-sample gradients are held whole until the step commits
             (``b x P`` numbers); the Adam-aware build then models the step exactly up to the drift
             of the preconditioner, which a sketch of raw gradients cannot (``datavalue.capture._whiten``).
+            Cost: it cannot meet issue 20's 1.15x: 4.5-5x the plain step on a small GPT-2 (AdamW,
+            proj_dim 1024 or 4096, 2-core CPU; docs/results/capture.md), spent materialising,
+            converting to float64, whitening and sketching the ``b x P`` per-sample gradients.
         max_memory: bytes (or ``"8 GiB"``) the recorder's host buffers may take; a step whose bound
             exceeds it (default: the available memory) is refused before it runs. Per step of ``b``
             examples the bound is ``min(commit_every, 64 + ceil(chunk_rows / b)) (b (1 + F) k s + 16 k)`` of queued

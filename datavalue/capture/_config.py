@@ -32,7 +32,8 @@ STORAGE_DTYPES = ("float32", "float16", "float64")
 PRECONDITIONS = ("none", "adam")
 #: ``fisher_max_classes=None`` (the default): the exact class expectation (up to
 #: :data:`FISHER_EXACT_MAX_CLASSES` classes) for models with at most this many trainable parameters,
-#: sampled labels above (docs/capture.md, "True Fisher"; measured in docs/results/capture.md, issue 20).
+#: sampled labels above (docs/capture.md, "Curvature for the embeddings"; measured in docs/results/capture.md,
+#: issue 20, second half).
 FISHER_EXACT_MAX_PARAMS = 1 << 17
 #: The class count up to which the default takes the exact expectation on a small model.
 FISHER_EXACT_MAX_CLASSES = 16

@@ -300,7 +300,8 @@ def extra_row(name: str, *, reps: int, steps: int) -> dict:
 def profile_row(name: str, *, steps: int, top: int = 25) -> str:
     """``steps`` recorded steps of a plain-loop row of :data:`EXTRA_ROWS` under ``torch.profiler``
     (after 3 recorded warm-up steps): the operators and ``record_function`` ranges by self CPU time,
-    and the ``datavalue`` Python functions by total time (cProfile)."""
+    and the ``datavalue`` Python functions by total time (cProfile). A DDP row: cProfile inside each
+    rank over 2 recorded blocks of ``steps`` steps (``datavalue`` and ``torch.distributed`` functions)."""
     import cProfile
     import io
     import pstats
@@ -308,6 +309,11 @@ def profile_row(name: str, *, steps: int, top: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     spec = EXTRA_ROWS[name]
+    if spec.get("driver") == "ddp":  # cProfile inside each rank, over its recorded blocks
+        import overhead_rows
+
+        res = overhead_rows.ddp_row(spec["proj_dim"], reps=2, steps=steps, profile=True)
+        return "\n".join(f"### rank {r}\n{text}" for r, text in enumerate(res["profiles"]))
     fn, *a = spec["case"]
     _, model, loss_fn, b = fn(*a)
     opt = make_optimizer(spec["optimizer"], model)

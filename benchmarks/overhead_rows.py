@@ -117,7 +117,7 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, proj_dim, reps: int, steps: int, threads: int,
-                rec_kw: dict) -> None:
+                rec_kw: dict, profile: bool = False) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -154,17 +154,33 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, proj_dim, reps: int,
             return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
         block(3)
+        prof = None
+        if profile:  # the recorded blocks only, cumulative time of datavalue's and torch.distributed's functions
+            import cProfile
+
+            prof = cProfile.Profile()
         plain, recorded, cpu, start, k = [], [], [], 0, 0
         for r in range(reps):
             wp, cp = block(steps)
             rec = datavalue.Recorder(os.path.join(out, f"run{r}.zarr"), ddp, proj_dim=proj_dim, optimizer=opt, **rec_kw)
             k = rec.proj_dim
+            if prof is not None:
+                prof.enable()
             wr, cr = block(steps, rec, start)
+            if prof is not None:
+                prof.disable()
             rec.close()
             start += steps
             plain.append(wp)
             recorded.append(wr)
             cpu.append((cp, cr))
+        if prof is not None:
+            import io
+            import pstats
+
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats("datavalue|distributed", 30)
+            Path(out, f"rank{rank}.prof.txt").write_text(text.getvalue())
         Path(out, f"rank{rank}.json").write_text(json.dumps(dict(plain=plain, recorded=recorded, cpu=cpu, k=k)))
         dist.barrier()
     except BaseException:
@@ -173,18 +189,20 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, proj_dim, reps: int,
     os._exit(0)  # gloo's C++ teardown can abort a rank after the barrier (tests/capture/_ddp_worker.py)
 
 
-def ddp_row(proj_dim, *, reps: int, steps: int, world: int = 2, threads: int = 1, **rec_kw) -> dict:
+def ddp_row(proj_dim, *, reps: int, steps: int, world: int = 2, threads: int = 1, profile: bool = False,
+            **rec_kw) -> dict:
     """DDP with gloo, ``world`` processes of ``threads`` torch threads, global batch 16 split over the
     ranks; in each rank blocks of plain and recorded steps alternate (a fresh run per recorded block,
     rank 0 writes). Returns each rank's summary (``ranks``) and the worse rank's ratio."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_ddp_worker, args=(world, _free_port(), d, proj_dim, reps, steps, threads, rec_kw), nprocs=world,
-                 join=True)
+        mp.spawn(_ddp_worker, args=(world, _free_port(), d, proj_dim, reps, steps, threads, rec_kw, profile),
+                 nprocs=world, join=True)
         res = [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(world)]
+        profiles = [Path(d, f"rank{r}.prof.txt").read_text() for r in range(world)] if profile else []
     ranks = [summarise(x["plain"], x["recorded"], [tuple(c) for c in x["cpu"]]) for x in res]
-    return dict(ranks=ranks, k=res[0]["k"], ratio=max(x["ratio"] for x in ranks),
+    return dict(ranks=ranks, k=res[0]["k"], profiles=profiles, ratio=max(x["ratio"] for x in ranks),
                 cpu_ratio=max(x["cpu_ratio"] for x in ranks),
                 plain_ms=statistics.median(x["plain_ms"] for x in ranks),
                 recorded_ms=statistics.median(x["recorded_ms"] for x in ranks))

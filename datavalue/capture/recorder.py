@@ -108,7 +108,7 @@ class Recorder:
             (``datavalue.capture._config.FISHER_EXACT_MAX_PARAMS``), where the whole step costs a few
             milliseconds, and 1 (sampled labels) above; on ``resume``, the run's own value. Sampled
             labels, the cheap form, are one extra backward pass: issue 20's 2x is not met on this CPU
-            either (2.7-3.1x on that MLP, 2.1-2.3x on a small GPT-2).
+            either (2.7-3.1x on that MLP, 2.1-2.7x on a small GPT-2).
         chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
         commit_every: durability bound in steps (default 32): a ``kill -9`` loses at most the last
             ``commit_every`` recorded steps (and at most about 10 s of them); ``rec.flush()``
@@ -139,7 +139,7 @@ class Recorder:
             ``proj_dim``). The step's per-sample gradients are held whole until the step commits
             (``b x P`` numbers); the Adam-aware build then models the step exactly up to the drift
             of the preconditioner, which a sketch of raw gradients cannot (``datavalue.capture._whiten``).
-            Cost: it cannot meet issue 20's 1.15x: 4.5-5x the plain step on a small GPT-2 (AdamW,
+            Cost: it cannot meet issue 20's 1.15x: 4-5x the plain step on a small GPT-2 (AdamW,
             proj_dim 1024 or 4096, 2-core CPU; docs/results/capture.md), spent materialising,
             converting to float64, whitening and sketching the ``b x P`` per-sample gradients.
         max_memory: bytes (or ``"8 GiB"``) the recorder's host buffers may take; a step whose bound

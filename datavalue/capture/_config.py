@@ -30,6 +30,13 @@ LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 CURVATURES = (None, "none", "empirical_fisher", "fisher", "hessian")
 STORAGE_DTYPES = ("float32", "float16", "float64")
 PRECONDITIONS = ("none", "adam")
+#: ``fisher_max_classes=None`` (the default): the exact class expectation (up to
+#: :data:`FISHER_EXACT_MAX_CLASSES` classes) for models with at most this many trainable parameters,
+#: sampled labels above (docs/capture.md, "Curvature for the embeddings"; measured in docs/results/capture.md,
+#: issue 20, second half).
+FISHER_EXACT_MAX_PARAMS = 1 << 17
+#: The class count up to which the default takes the exact expectation on a small model.
+FISHER_EXACT_MAX_CLASSES = 16
 #: Fields that must agree between a run on disk and a recorder resuming it.
 RESUME_FIELDS = ("proj_dim", "seed", "sketch", "layers", "loss_reduction", "curvature", "storage_dtype",
                  "fisher_max_classes", "fisher_samples", "precondition")
@@ -102,8 +109,10 @@ class CaptureConfig:
     storage_dtype: str = field(default="float32", metadata={"help": "'float32', 'float16' or 'float64' (oracles)"})
     on_nonfinite: str = field(default="raise", metadata={
         "help": "'raise' (write nothing for the step) or 'skip' (store zeros and flag the rows)"})
-    fisher_max_classes: int = field(default=16, metadata={
-        "help": "true Fisher: exact class expectation up to this many outputs, else sampled labels"})
+    fisher_max_classes: int | None = field(default=None, metadata={
+        "help": "true Fisher: exact class expectation up to this many outputs, else sampled labels; None: "
+                f"{FISHER_EXACT_MAX_CLASSES} for models of at most {FISHER_EXACT_MAX_PARAMS:,} trainable parameters, "
+                "else 1 (sampled labels; on resume: the run's own)"})
     fisher_samples: int = field(default=1, metadata={"help": "true Fisher: sampled labels per example above that"})
     hessian_max_dim: int = field(default=4096, metadata={
         "help": "refuse curvature='hessian' above this many columns (k HVPs and k^2 numbers per step)"})
@@ -137,7 +146,7 @@ class CaptureConfig:
         put("curvature", _parse_curvature(self.curvature if self.curvature is None or len(self.curvature) else None))
         put("storage_dtype", _choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES))
         put("on_nonfinite", _choice("on_nonfinite", self.on_nonfinite, ("raise", "skip")))
-        put("fisher_max_classes", _positive_int("fisher_max_classes", self.fisher_max_classes))
+        put("fisher_max_classes", _positive_int("fisher_max_classes", self.fisher_max_classes, allow_none=True))
         put("fisher_samples", _positive_int("fisher_samples", self.fisher_samples))
         put("hessian_max_dim", _positive_int("hessian_max_dim", self.hessian_max_dim))
         put("chunk_rows", _positive_int("chunk_rows", self.chunk_rows, allow_none=True))
@@ -156,6 +165,20 @@ class CaptureConfig:
     @property
     def hessian(self) -> bool:
         return "hessian" in self.curvature
+
+    def resolved_fisher_max_classes(self, n_params: int, recorded: int | None = None) -> int:
+        """``fisher_max_classes`` as a recorder applies it: the given value; else the ``recorded`` run's
+        (resume); else :data:`FISHER_EXACT_MAX_CLASSES` for a model of at most
+        :data:`FISHER_EXACT_MAX_PARAMS` trainable parameters and 1 (sampled labels) above.
+
+        >>> CaptureConfig().resolved_fisher_max_classes(50_890), CaptureConfig().resolved_fisher_max_classes(800_000)
+        (16, 1)
+        """
+        if self.fisher_max_classes is not None:
+            return self.fisher_max_classes
+        if recorded is not None:
+            return int(recorded)
+        return FISHER_EXACT_MAX_CLASSES if int(n_params) <= FISHER_EXACT_MAX_PARAMS else 1
 
     @staticmethod
     def help(name: str | None = None) -> str:
@@ -199,7 +222,7 @@ class CaptureConfig:
         out = []
         for name in RESUME_FIELDS:
             a, b = getattr(recorded, name), getattr(self, name)
-            if name == "sketch" and b is None:  # None: take the run's own
+            if name in ("sketch", "fisher_max_classes") and b is None:  # None: take the run's own
                 continue
             if a != b:
                 out.append(f"{name}: recorded {a!r}, now {b!r}")

@@ -76,7 +76,10 @@ class Recorder:
         path: where the Zarr v3 run is written (a directory).
         model: the ``torch.nn.Module`` being trained.
         proj_dim: total sketch dimension split over layers (see ``datavalue.capture._projection``),
-            a dict ``{block name: k}``, or ``None`` to store exact per-sample gradients.
+            a dict ``{block name: k}``, or ``None`` to store exact per-sample gradients. Larger budgets
+            than the default cost more than issue 20's 1.15x: on a small GPT-2 with AdamW (2-core CPU,
+            docs/results/capture.md) LoGra-like 64 x 64 per block about 1.3-1.45x the plain step,
+            16,384 in total about 1.35-1.4x (1024 and 4096: 1.1-1.25x).
         seed: root seed of the projection matrices.
         optimizer: the torch optimizer; when given, the actual lr, momentum and weight decay of
             every step are read from its first param group, and ``lr`` may be omitted.
@@ -97,6 +100,15 @@ class Recorder:
             model has at most this many outputs (and one prediction per example), else sample
             ``fisher_samples`` labels per example and position (sequence outputs: the Fisher of the
             example's mean loss over its positions; pass ``fisher_mask=`` to count only labelled ones).
+            The exact expectation runs one extra backward pass per class (and stores ``C`` rows per
+            example): ``C`` times the sampled form's cost, far above issue 20's 2x on any model whose
+            step is more than Python (measured on a 2-core CPU, 10 classes: 9-12x the plain step on a
+            0.8 M-parameter MLP, against 2.7-3.1x with sampled labels; docs/results/capture.md). Default
+            ``None``: 16 (exact up to 16 classes) for models of at most 131,072 trainable parameters
+            (``datavalue.capture._config.FISHER_EXACT_MAX_PARAMS``), where the whole step costs a few
+            milliseconds, and 1 (sampled labels) above; on ``resume``, the run's own value. Sampled
+            labels, the cheap form, are one extra backward pass: issue 20's 2x is not met on this CPU
+            either (2.7-3.1x on that MLP, 2.1-2.7x on a small GPT-2).
         chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
         commit_every: durability bound in steps (default 32): a ``kill -9`` loses at most the last
             ``commit_every`` recorded steps (and at most about 10 s of them); ``rec.flush()``
@@ -127,6 +139,9 @@ class Recorder:
             ``proj_dim``). The step's per-sample gradients are held whole until the step commits
             (``b x P`` numbers); the Adam-aware build then models the step exactly up to the drift
             of the preconditioner, which a sketch of raw gradients cannot (``datavalue.capture._whiten``).
+            Cost: it cannot meet issue 20's 1.15x: 4-5x the plain step on a small GPT-2 (AdamW,
+            proj_dim 1024 or 4096, 2-core CPU; docs/results/capture.md), spent materialising,
+            converting to float64, whitening and sketching the ``b x P`` per-sample gradients.
         max_memory: bytes (or ``"8 GiB"``) the recorder's host buffers may take; a step whose bound
             exceeds it (default: the available memory) is refused before it runs. Per step of ``b``
             examples the bound is ``min(commit_every, 64 + ceil(chunk_rows / b)) (b (1 + F) k s + 16 k)`` of queued
@@ -158,7 +173,7 @@ class Recorder:
         resume: bool = False,
         overwrite: bool = False,
         on_nonfinite: str = "raise",
-        fisher_max_classes: int = 16,
+        fisher_max_classes: int | None = None,
         fisher_samples: int = 1,
         chunk_rows: int | None = None,
         background: bool = True,
@@ -194,6 +209,8 @@ class Recorder:
         if resume and overwrite:
             raise RecorderError("pass at most one of resume=True and overwrite=True.")
         path = os.path.abspath(path)  # once: a later os.chdir must not move the run, its lock or its checkpoints
+        cfg = dataclasses.replace(cfg, fisher_max_classes=cfg.resolved_fisher_max_classes(  # None: by size / the run's
+            sum(p.numel() for p in model.parameters() if p.requires_grad), _recorded_fisher_max_classes(path, resume)))
         (proj_dim, seed, sketch, layers, loss_reduction, storage_dtype, on_nonfinite, chunk_rows, hessian_max_dim) = (
             cfg.proj_dim, cfg.seed, cfg.sketch, cfg.layers, cfg.loss_reduction, cfg.storage_dtype, cfg.on_nonfinite,
             cfg.chunk_rows, cfg.hessian_max_dim)
@@ -682,6 +699,18 @@ class Recorder:
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CaptureConfig)}
 _DEFAULTS["curvature"] = None
+
+
+def _recorded_fisher_max_classes(path: Any, resume: bool) -> int | None:
+    """The ``fisher_max_classes`` of the run being resumed (``None``: not resuming, or no readable run)."""
+    if not resume:
+        return None
+    from datavalue.store import open_run
+
+    try:
+        return CaptureConfig.from_manifest(open_run(path).manifest).fisher_max_classes
+    except Exception:  # no readable run: the writer says what is wrong
+        return None
 
 
 def _check_resume_config(path: Any, cfg: CaptureConfig, optimizer: Any = None) -> None:

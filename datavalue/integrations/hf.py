@@ -79,7 +79,7 @@ class DataValueCallback(TrainerCallback):
         sketch: str | None = None,
         curvature: str | Sequence[str] | None = None,
         record_optimizer_state: bool | None = None,
-        fisher_max_classes: int = 16,
+        fisher_max_classes: int | None = None,
         fisher_samples: int = 1,
         chunk_rows: int | None = None,
         background: bool = True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -247,3 +248,12 @@ def test_a_cache_line_with_a_string_or_bool_value_is_refused(tmp_path):
         f.write('{"mask": 1, "value": "1.0"}\n')
     with pytest.raises(shapley.CacheMismatchError, match="is not a cache record"):
         shapley.DiskCache(path, n=2)
+
+
+def test_errors_doc_lists_these_tests():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "errors.md").read_text()
+    section = doc[doc.index("## Third probe (issue 22)"):]
+    here = {name for name in globals() if name.startswith("test_") and name != "test_errors_doc_lists_these_tests"}
+    assert here <= set(re.findall(r"`(test_[a-z0-9_]+)`", section)), here - set(re.findall(r"`(test_[a-z0-9_]+)`", section))

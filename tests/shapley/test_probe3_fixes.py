@@ -257,3 +257,11 @@ def test_errors_doc_lists_these_tests():
     section = doc[doc.index("## Third probe (issue 22)"):]
     here = {name for name in globals() if name.startswith("test_") and name != "test_errors_doc_lists_these_tests"}
     assert here <= set(re.findall(r"`(test_[a-z0-9_]+)`", section)), here - set(re.findall(r"`(test_[a-z0-9_]+)`", section))
+
+
+def test_a_new_cache_through_a_link_is_written_where_the_link_leads(tmp_path):
+    (tmp_path / "link.jsonl").symlink_to("c.jsonl")  # the cache does not exist yet
+    with shapley.CoalitionGame(lambda S: float(len(S)), 2, cache_path=tmp_path / "link.jsonl") as g:
+        g.utilities()
+    assert (tmp_path / "link.jsonl").is_symlink()  # not replaced by a regular file
+    assert (tmp_path / "c.jsonl").read_text().count("\n") == 5  # the header and 4 coalitions

@@ -126,7 +126,8 @@ class DiskCache:
             "fingerprint": self.fingerprint,
             "created": _dt.datetime.now(_dt.UTC).isoformat(),
         }
-        with atomic_write(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # the header appears whole or not at all
+        real = Path(os.path.realpath(self.path))  # a link to a cache not yet written stays a link
+        with atomic_write(real) as tmp, open(tmp, "w", encoding="utf-8") as f:  # the header appears whole or not at all
             f.write(json.dumps(header, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -143,10 +143,19 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _refuse_input_as_output(out: Path, *, ledger: str, registry: str | None) -> None:
-    """Refuse an ``--out`` that is one of the command's inputs: ``--overwrite`` would replace the
-    ledger (or the owner registry) with the report, and the hash-chained rows would be gone."""
+    """Refuse an ``--out`` that is one of the command's inputs or a file the ledger owns (its head
+    file, lock, torn-line and replaced-head files): ``--overwrite`` would replace the ledger, its
+    anchor (or the owner registry) with the report, and the hash-chained rows would be gone."""
     from datavalue import shapley
+    from datavalue.shapley.royalties._anchor import owned_by
 
+    own = owned_by(ledger, out)
+    if own is not None and own != "ledger":
+        raise shapley.LedgerError(
+            f"--out {out} is {'the ' + own if own != 'file' else 'a file'} of the ledger {ledger} (the ledger keeps "
+            f"<ledger>.head, <ledger>.lock, <ledger>.torn-* and <ledger>.head.replaced-* beside it); writing the report "
+            "there would replace it. Choose another --out (e.g. report.html)."
+        )
     for what, src in (("ledger", ledger), ("owner registry", registry)):
         if src is not None and _same_file(out, Path(src)):
             raise shapley.LedgerError(

@@ -18,7 +18,8 @@ never dropped silently: as ``RoyaltyLedger.recover`` does for a ledger, its byte
 is kept, and that one coalition is evaluated again.
 
 One writer per cache: an open ``DiskCache`` holds the lock file ``<cache>.lock`` (pid, host, start
-time; see :mod:`datavalue._lock`) until :meth:`DiskCache.close`, so a second handle, in this
+time; see :mod:`datavalue._lock`; named after the file a symbolic link leads to, so a link to the
+cache shares its lock) until :meth:`DiskCache.close`, so a second handle, in this
 process or another, is refused with an error naming the holder instead of truncating an append in
 flight. The lock is held for the cache's lifetime rather than per append (as the ledger does)
 because every write of a game goes through one ``DiskCache`` in one process (the thread pool and
@@ -41,6 +42,8 @@ import math
 import os
 import threading
 from pathlib import Path
+
+import numpy as np
 
 from datavalue._files import atomic_write
 from datavalue._lock import LockFile
@@ -110,8 +113,10 @@ class DiskCache:
 
     @property
     def lock_path(self) -> Path:
-        """The writer's lock file ``<cache>.lock`` (present while a handle is open)."""
-        return self.path.with_name(self.path.name + ".lock")
+        """The writer's lock file ``<cache>.lock`` (present while a handle is open), named after the
+        file a symbolic link leads to, so every path to one cache shares one lock."""
+        real = Path(os.path.realpath(self.path))
+        return real.with_name(real.name + ".lock")
 
     def _create(self) -> None:
         header = {
@@ -121,7 +126,8 @@ class DiskCache:
             "fingerprint": self.fingerprint,
             "created": _dt.datetime.now(_dt.UTC).isoformat(),
         }
-        with atomic_write(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # the header appears whole or not at all
+        real = Path(os.path.realpath(self.path))  # a link to a cache not yet written stays a link
+        with atomic_write(real) as tmp, open(tmp, "w", encoding="utf-8") as f:  # the header appears whole or not at all
             f.write(json.dumps(header, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -162,7 +168,8 @@ class DiskCache:
         """Move bytes after the last newline (an append cut short) to ``<cache>.torn-<time>``."""
         cut = raw.rfind(b"\n") + 1
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        aside = self.path.with_name(f"{self.path.name}.torn-{stamp}")
+        real = Path(os.path.realpath(self.path))
+        aside = real.with_name(f"{real.name}.torn-{stamp}")
         with open(aside, "xb") as f:
             f.write(raw[cut:])
             f.flush()
@@ -197,7 +204,10 @@ class DiskCache:
         for lineno, line in enumerate(lines[1:], start=2):
             try:
                 rec = json.loads(line)
-                mask, value = int(rec["mask"]), float(rec["value"])
+                mask, value = rec["mask"], rec["value"]
+                if type(mask) is not int or type(value) not in (int, float):  # noqa: E721 - no bools, no strings
+                    raise TypeError(mask, value)
+                value = float(value)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise CacheMismatchError(
                     f"{self.path}:{lineno} is not a cache record (expected "
@@ -241,6 +251,11 @@ class DiskCache:
         Raises:
             CacheMismatchError: if ``mask`` is cached with a different value.
         """
+        if isinstance(value, str | bytes | bool | np.bool_):
+            raise UtilityError(
+                f"a cached utility must be a float; got {value!r} of type {type(value).__name__} for "
+                f"mask {mask}. Nothing is converted."
+            )
         value = float(value)
         if not math.isfinite(value):
             raise UtilityError(f"cannot cache non-finite utility {value} for mask {mask}.")

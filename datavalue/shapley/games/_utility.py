@@ -119,11 +119,14 @@ class Utility:
     # ----------------------------------------------------------------- evaluation
     def _store(self, mask: int, value: object) -> None:
         try:
+            if isinstance(value, str | bytes | bool | np.bool_):  # float() would convert these
+                raise TypeError(value)
             val = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise UtilityError(
                 f"the utility must return a float; for coalition {sorted(coalition_of(mask))} it "
-                f"returned {value!r} of type {type(value).__name__}."
+                f"returned {value!r} of type {type(value).__name__}. Nothing is converted (not a "
+                "string, not a bool): return a number, e.g. float(score)."
             ) from None
         if not math.isfinite(val):
             raise UtilityError(

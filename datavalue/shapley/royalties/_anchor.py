@@ -44,6 +44,50 @@ def sidecar(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def real(ledger: str | os.PathLike[str]) -> Path:
+    """The ledger file a path leads to (symbolic links and ``..`` resolved).
+
+    The head file and the lock are named after this file, not after the path given, so every path
+    to one ledger (``current.jsonl -> 2025.jsonl``) shares one lock and one head.
+    """
+    return Path(os.path.realpath(ledger))
+
+
+#: the header field of a ledger created with a head file: its head may not go missing
+ANCHOR_FIELD, ANCHOR_HEAD = "anchor", "head-file"
+
+
+def owned_by(ledger: str | os.PathLike[str], path: str | os.PathLike[str]) -> str | None:
+    """Which of the ledger's own files ``path`` is (``"ledger"``, ``"head file"``, ``"lock file"``,
+    ``"file"`` for the aside and temporary files), or ``None`` when it is none of them.
+
+    Matches by name beside the ledger (the path given and the file it leads to), through symbolic
+    links and ``..``, and by inode (a hard link to the ledger, its head or its lock).
+    """
+    out = Path(os.path.realpath(path))
+    given = Path(ledger)
+    bases = {(Path(os.path.realpath(given.parent)), given.name), (real(given).parent, real(given).name)}
+    for parent, name in bases:
+        if out.parent != parent:
+            continue
+        o = out.name
+        if o == name:
+            return "ledger"
+        if o == name + ".head":
+            return "head file"
+        if o == name + ".lock":
+            return "lock file"
+        if o.startswith((name + ".head.replaced-", name + ".head.tmp-", name + ".torn-")) or (
+            o.startswith(name + ".lock.") and o.endswith(".partial")
+        ):
+            return "file"  # a replaced head, a head being written, a torn line, a lock being made
+    for what, mine in (("ledger", given), ("head file", head_path(given)), ("lock file", lock_path(given))):
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, mine):
+                return what
+    return None
+
+
 def parse_key(key: bytes | str | None) -> bytes | None:
     if key is None:
         return None
@@ -82,8 +126,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def head_path(ledger: Path) -> Path:
-    """The head file ``<ledger>.head`` anchoring the row count and the last hash."""
-    return sidecar(ledger, ".head")
+    """The head file ``<ledger>.head`` anchoring the row count and the last hash (beside the file
+    a link leads to)."""
+    return sidecar(real(ledger), ".head")
 
 
 def read_head_text(ledger: Path) -> str | None:
@@ -105,6 +150,7 @@ def check_head(
     head_text: str | None,
     key: bytes | None,
     warn_once: Callable[..., None],
+    required: bool = False,
 ) -> None:
     """Compare the chain with the head file: refuses truncation and a replaced tail.
 
@@ -115,6 +161,8 @@ def check_head(
         head_text: the head file's text read *before* the rows (:func:`read_head_text`).
         key: the HMAC key the ledger was opened with, if any.
         warn_once: ``warn_once(what, msg, *args)`` logs ``msg % (ledger, *args)`` once per handle.
+        required: the ledger was created with a head file (its header says
+            ``"anchor": "head-file"``), so a missing head is an error, not a warning.
     """
     hp = head_path(ledger)
     if head_text is None:
@@ -122,6 +170,14 @@ def check_head(
             raise LedgerError(
                 f"keyed ledger {ledger} has no head file {hp.name}: rows may have been "
                 "deleted from its end. Restore the head file (or the ledger) from backup."
+            )
+        if required:
+            raise LedgerError(
+                f"{ledger} has no head file {hp.name}, but it was created with one (its header "
+                f"says {ANCHOR_FIELD!r}: {ANCHOR_HEAD!r}): rows may have been deleted from its end "
+                f"({len(rows)} rows remain), e.g. the ledger was restored from an older backup without "
+                "its head. Restore the head file with the ledger from backup; only after checking "
+                "every row, RoyaltyLedger.reanchor(path) writes a new head from the rows as they are."
             )
         warn_once(
             "unanchored",
@@ -174,7 +230,7 @@ def write_head(ledger: Path, *, rows: int, last_hash: str, key: bytes | None) ->
     """Replace ``<ledger>.head`` atomically (with its MAC when ``key`` is given)."""
     head: dict[str, Any] = {
         "schema": HEAD_SCHEMA,
-        "ledger": ledger.name,
+        "ledger": real(ledger).name,
         "rows": rows,
         "last_hash": last_hash,
     }
@@ -189,8 +245,9 @@ def write_head(ledger: Path, *, rows: int, last_hash: str, key: bytes | None) ->
 
 
 def lock_path(ledger: Path) -> Path:
-    """The writer's lock file ``<ledger>.lock`` (present only during an append)."""
-    return sidecar(ledger, ".lock")
+    """The writer's lock file ``<ledger>.lock`` (present only during an append; beside the file a
+    link leads to)."""
+    return sidecar(real(ledger), ".lock")
 
 
 @contextlib.contextmanager

@@ -31,8 +31,16 @@ it; :meth:`RoyaltyLedger.recover` moves it aside explicitly. One ``output_id`` i
 The lock, the head file and the MAC live in ``_anchor.py``; this module keeps the rows and the chain.
 
 Format: version 1 throughout. A keyed ledger's header has ``"mac": "hmac-sha256"`` and its rows
-an extra ``"mac"`` field (not part of ``row_hash``); ledgers written before the head file existed
-still open and verify, with a warning that they are unanchored, and gain a head on next append.
+an extra ``"mac"`` field (not part of ``row_hash``). A ledger created with a head file says
+``"anchor": "head-file"`` in its header (hashed into the chain), so its head going missing is an
+error, not a warning (:meth:`RoyaltyLedger.reanchor` is the explicit repair); ledgers written before
+the head file existed still open and verify, with a warning that they are unanchored, and gain a
+head on next append. A head file that records rows where the ledger is missing or empty stops a
+new ledger from being started over it.
+
+Links: the head and the lock are named after the file a symbolic link leads to
+(``current.jsonl -> 2025.jsonl`` uses ``2025.jsonl.head`` and ``2025.jsonl.lock``), so writers
+through the link and through the file share one lock and one chain; the link is left as it is.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -95,6 +103,29 @@ class _Scan:
 def _hash_content(content: bytes | str) -> str:
     data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _parse_owners(owners: object) -> tuple[str, ...]:
+    """Owner ids as given, one per player: a list (or tuple, array) of non-empty strings.
+
+    Nothing is converted: ``None`` would be paid as an owner named ``'None'`` and a string
+    ``'abc'`` would be split into the owners ``'a'``, ``'b'``, ``'c'``.
+    """
+    if isinstance(owners, str | bytes | Mapping | set | frozenset) or not isinstance(owners, Iterable):
+        raise InvalidGameError(
+            f"owners must be a list of owner ids (strings), one per player; got {owners!r} of type "
+            f"{type(owners).__name__} (a string would be split into letters, a set has no order). Pass e.g. owners=['ann', 'bob', 'cy']."
+        )
+    out = []
+    for i, o in enumerate(owners):
+        if not isinstance(o, str) or not o:
+            raise InvalidGameError(
+                f"owners[{i}] must be a non-empty string (an owner id); got {o!r} of type "
+                f"{type(o).__name__} in {list(owners)!r}. Nothing is converted: pass each owner's id "
+                "as a string."
+            )
+        out.append(str(o))
+    return tuple(out)
 
 
 class RoyaltyLedger:
@@ -179,21 +210,43 @@ class RoyaltyLedger:
                 )
             self._adopt(self._scan())
         elif create:
+            self._refuse_orphan_head()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             header = {
                 "schema": _SCHEMA,
                 "version": _VERSION,
                 "currency": self.currency,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(),
+                _anchor.ANCHOR_FIELD: _anchor.ANCHOR_HEAD,  # a missing head is an error from now on
             }
             if self._key is not None:
                 header["mac"] = _anchor.MAC
-            self.path.write_text(json.dumps(header, sort_keys=True) + "\n", encoding="utf-8")
             self._head = self._header_hash(header)
+            self._write_head()  # first: a crash before the header leaves a 0-row head, never a headless ledger
+            self.path.write_text(json.dumps(header, sort_keys=True) + "\n", encoding="utf-8")
             self._size = self.path.stat().st_size
-            self._write_head()
         else:
             raise LedgerNotFoundError(f"ledger {self.path} does not exist.")
+
+    def _refuse_orphan_head(self) -> None:
+        """Refuse to start a new ledger where a head file says rows were written: the ledger was
+        deleted, emptied or moved, and a fresh head would hide that for good."""
+        text = self._read_head_text()
+        if text is None:
+            return
+        try:
+            rows = int(json.loads(text)["rows"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            rows = -1
+        if rows == 0:
+            return  # a creation cut short before the header was written: nothing was recorded
+        said = f"records {rows} rows" if rows > 0 else "is not a ledger head file"
+        raise LedgerError(
+            f"ledger {self.path} is {'empty' if self.path.exists() else 'missing'}, but its head file "
+            f"{self.head_path} {said}: the ledger was deleted, emptied or moved, and starting a new one "
+            "here would hide that. Restore the ledger from backup (or open it where it now is); to "
+            "start a new ledger at this path, move the head file away first."
+        )
 
     # ------------------------------------------------------------------ reading
     @staticmethod
@@ -350,6 +403,7 @@ class RoyaltyLedger:
             head_text=head_text,
             key=self._key,
             warn_once=self._warn_once,
+            required=header.get(_anchor.ANCHOR_FIELD) == _anchor.ANCHOR_HEAD,
         )
 
     def _adopt(self, scan: _Scan) -> None:
@@ -396,7 +450,7 @@ class RoyaltyLedger:
             return None
         lineno, cut = torn
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        aside = _anchor.sidecar(path, f".torn-{stamp}")
+        aside = _anchor.sidecar(_anchor.real(path), f".torn-{stamp}")
         with open(aside, "xb") as f:
             f.write(raw[cut:])
             f.flush()
@@ -425,7 +479,7 @@ class RoyaltyLedger:
         """
         path = Path(path)
         head = _anchor.head_path(path)
-        old = _anchor.sidecar(path, f".head.replaced-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S%fZ}")
+        old = _anchor.sidecar(head, f".replaced-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S%fZ}")
         if head.exists():
             os.replace(head, old)
         led = cls.__new__(cls)
@@ -461,12 +515,14 @@ class RoyaltyLedger:
         The pool is ``revenue * royalty_rate`` rounded half-even to the cent. Values come from
         ``result`` (any estimator) or, when only ``utilities`` (all ``2**n`` coalitions by
         bitmask) are given, from exact enumeration; stored utilities make the row replayable.
+        Given together, ``result``'s values must be the exact values of ``utilities``.
 
         Args:
             output_id: the generated output's id.
             prompt: the prompt (kept for audit).
             revenue: revenue of this output (``Decimal``, on the cent grid).
-            owners: owner id of each player, in player order.
+            owners: owner id of each player, in player order: a list (or tuple, array) of
+                non-empty strings; nothing is converted (``None``, a string to split, a set are refused).
             result: a :class:`ShapleyResult` or per-owner values.
             utilities: ``(2**n,)`` coalition utilities.
             content: the output's bytes or text (hashed; the content itself is not stored).
@@ -485,7 +541,7 @@ class RoyaltyLedger:
                 f"{self.path} is a keyed ledger (every row carries an HMAC); pass key= to append."
             )
         self._refuse_duplicate(output_id)  # early, before the split; checked again when locked
-        owners = tuple(str(o) for o in owners)
+        owners = _parse_owners(owners)
         if len(set(owners)) != len(owners) or not owners:
             raise InvalidGameError(f"owners must be distinct and non-empty; got {list(owners)}.")
         if (content is None) == (output_hash is None):
@@ -508,6 +564,16 @@ class RoyaltyLedger:
             )
         if values.size != len(owners):
             raise InvalidGameError(f"{values.size} values for {len(owners)} owners.")
+        if result is not None and u is not None:  # the stored utilities must reproduce the row
+            exact = exact_from_utilities(u)
+            if not np.allclose(values, exact, rtol=1e-9, atol=1e-12):
+                raise InvalidGameError(
+                    f"result= gives the values {np.asarray(values).tolist()}, but the utilities= given "
+                    f"with it have the Shapley values {exact.tolist()}; the row would pay by one and "
+                    "store the other, so its utilities would no longer reproduce its amounts. Pass "
+                    "utilities= alone (exact values, replayable), or result= alone (an estimate), or "
+                    "both only when they agree."
+                )
         revenue_d = parse_money(revenue, name="revenue")
         rate = parse_money(royalty_rate, name="royalty_rate", quantum=Decimal("1E-12"))
         if rate > 1:

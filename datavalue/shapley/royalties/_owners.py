@@ -70,6 +70,11 @@ class OwnerRegistry:
         """Register an owner id with an optional display name (re-adding updates the name)."""
         if not isinstance(owner, str) or not owner:
             raise InvalidGameError(f"owner ids must be non-empty strings; got {owner!r}.")
+        if name is not None and not isinstance(name, str):
+            raise InvalidGameError(
+                f"the display name of owner {owner!r} must be a string; got {name!r} of type "
+                f"{type(name).__name__}. Nothing is converted: pass name='...' or leave it out."
+            )
         self._names[owner] = name if name is not None else self._names.get(owner, owner)
 
     def assign(self, work: str, owner: str) -> None:
@@ -180,6 +185,16 @@ class OwnerRegistry:
         if bad:
             raise LedgerError(f"owner registry entries {bad} must be JSON objects (name -> name); got "
                               f"{[type(d[k]).__name__ for k in bad]}.")
+        what = {"names": "owner id -> display name", "works": "work id -> owner id",
+                "merged": "shell owner id -> owner id"}
+        for k, meaning in what.items():
+            for key, value in d.get(k, {}).items():
+                if not isinstance(value, str) or not value:
+                    raise LedgerError(
+                        f"owner registry entry {k}[{key!r}] must be a non-empty string ({k} maps "
+                        f"{meaning}); got {value!r} of type {type(value).__name__}. Fix the registry "
+                        "file, or write it again with OwnerRegistry.save(path)."
+                    )
         reg = cls(names=d.get("names", {}))
         for work, owner in d.get("works", {}).items():
             reg.assign(work, owner)
@@ -214,7 +229,10 @@ class OwnerRegistry:
                 f"owner registry {p} holds a JSON {type(d).__name__}, not an object with 'schema', 'names', "
                 "'works' and 'merged' (what OwnerRegistry.save writes)."
             )
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (LedgerError, InvalidGameError, UnknownOwnerError) as exc:
+            raise type(exc)(f"owner registry {p}: {exc}") from None
 
     def __repr__(self) -> str:
         return (

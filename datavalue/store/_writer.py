@@ -520,7 +520,7 @@ class RunWriter:
             width = {"vector": (self.k,), "matrix": (self.k, self.k)}.get(kind, ())
             if kind == "group":  # (G,) per step: the optimizer's param groups
                 width = self._group_width(name, blocks)
-            if name not in self._group:
+            if name not in self._optional:  # (the set, not the group: a group lookup is a store round trip)
                 dt = "float64" if self.manifest.get("storage_dtype") == "float64" or kind in ("scalar", "group") else "float32"
                 rows = _step_chunk_rows(kind, width)
                 cap = max(rows, self.steps + len(blocks))
@@ -545,6 +545,8 @@ class RunWriter:
 
     def _group_width(self, name: str, blocks: list[StepBlock]) -> tuple[int, ...]:
         """``(G,)`` of a per-group array: the stored width, else the first value's length."""
+        if name in self._tails:  # appended to before: its width, without a store round trip
+            return self._tails[name].chunk_shape[1:]
         if name in self._group:
             return tuple(self._group[name].shape[1:])
         for b in blocks:

@@ -6,10 +6,18 @@ Three views of the same cases as ``benchmarks/capture_overhead.py`` (``--model m
 - ``--mode breakdown`` (default): wall-clock timers around each piece of the recorder, in ms per
   step, beside a plain step timed in the same process (blocks interleaved, median):
   forward hooks, the gradient hooks (per-layer rules: the sketch GEMMs), ``assemble``, the step's
-  commit split into the optimizer's fields (``step_fields``: the Adam-moment bookkeeping) and the
-  step pipeline (``StepSink.submit``: host copy, finiteness checks, queueing), and the background
-  writer's own time (``RunWriter._write``, on its thread: its share of the GIL is what it costs the
-  training thread).
+  commit split into the optimizer's fields (``step_fields``, of which ``adam_moments``: the
+  Adam-moment bookkeeping) and the step pipeline (``StepSink.submit``: host copy, finiteness
+  checks, queueing), the ``UnrecordedGradients`` hooks (a post-accumulate hook per trainable
+  parameter and an optimizer step pre-hook), and the background writer's own time
+  (``RunWriter._write``, on its thread: its share of the GIL is what it costs the training thread).
+  ``--ab-unrecorded`` adds a third arm per repetition, recorded steps without the
+  ``UnrecordedGradients`` hooks, whose difference to the recorded arm is what those hooks cost in
+  all (the autograd dispatch to Python included, which no timer inside the hook sees).
+- ``--mode memory``: the recorder's host memory per step: what ``StepMemory`` (``Recorder(max_memory=)``)
+  bounds, against the Python/numpy allocations traced during recorded steps (``tracemalloc``: the
+  writer's queue, buffers and chunk copies; torch's CPU allocator is not traced) and the process's
+  resident set before and after.
 - ``--mode cprofile``: the top functions of the recorded steps (cProfile; inflates Python costs).
 - ``--mode torch``: the torch profiler's operator table of the recorded steps.
 
@@ -30,7 +38,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -80,67 +87,12 @@ def instrument() -> None:
     E._make_forward_hook = make
     _recorder.step_fields = _timed("step_fields (lr; Adam moments)", _optim.step_fields)
     _pipeline.StepSink.submit = _timed("StepSink.submit (host copy, checks, queue)", _pipeline.StepSink.submit)
+    _optim.adam_moments = _timed("  of which adam_moments", _optim.adam_moments)
+    U = _optim.UnrecordedGradients
+    U._on_accumulate = _timed("UnrecordedGradients hooks (inside)", U._on_accumulate)
+    U._on_step = _timed("UnrecordedGradients step pre-hook", U._on_step)
     _writer.RunWriter._write = _timed("writer._write (background thread)", _writer.RunWriter._write)
     _writer.RunWriter.flush = _timed("flush (wait for the writer)", _writer.RunWriter.flush)
-
-
-def adam_moments_proposed(opt, model, engine):
-    """The fix proposed for ``datavalue.capture._optim.adam_moments`` (not this helper's file, issue 20):
-    a projected block stores the mean of its moments, which is the sum of each parameter's moment
-    summed in float64, over the block's size: no ``block_matrix`` concatenation, no float64 copy
-    of every moment, no ``zeros_like`` for parameters without state, one host transfer. Exact
-    blocks (``proj_dim=None``) keep the original path. ``--what-if-adam`` swaps it in and checks it
-    against the original at every step."""
-    opt = _optim.unwrap_optimizer(opt)
-    params = dict(model.named_parameters())
-    if engine.proj_dim is None:
-        return _ORIG_ADAM(opt, model, engine)
-    steps = set()
-    sums, sizes, zero = [], [], None
-    for b in engine.blocks:
-        n = 0
-        for q in b.params:
-            p = params[q]
-            st = opt.state.get(p, {})
-            n += p.numel()
-            if "exp_avg" in st:
-                sums.append(torch.stack([st["exp_avg"].sum(dtype=torch.float64), st["exp_avg_sq"].sum(dtype=torch.float64)]))
-            else:
-                zero = zero if zero is not None else torch.zeros(2, dtype=torch.float64, device=p.device)
-                sums.append(zero)
-        sizes.append((len(b.params), n, b.k))
-    for p in params.values():
-        if p.requires_grad:
-            s = opt.state.get(p, {}).get("step", 0)
-            steps.add(float(s.item() if torch.is_tensor(s) else s))
-    per_param = torch.stack(sums).cpu().numpy() if sums else np.zeros((0, 2))
-    m_parts, v_parts, i = [], [], 0
-    for n_params, n, k in sizes:
-        mean = per_param[i : i + n_params].sum(0) / n
-        i += n_params
-        m_parts.append(np.full(k, mean[0]))
-        v_parts.append(np.full(k, mean[1]))
-    return {"adam_m": np.concatenate(m_parts), "adam_v": np.concatenate(v_parts),
-            "adam_step": (max(steps) if steps else 0.0) + 1.0}
-
-
-_ORIG_ADAM = _optim.adam_moments
-
-
-def what_if_adam() -> None:
-    """Swap in :func:`adam_moments_proposed`, checking it against the original (check not timed)."""
-
-    def checked(opt, model, engine):
-        t = CLOCK()
-        new = adam_moments_proposed(opt, model, engine)
-        TIMES["adam_moments (proposed)"] += CLOCK() - t
-        old = _ORIG_ADAM(opt, model, engine)
-        for key in ("adam_m", "adam_v"):
-            np.testing.assert_allclose(new[key], old[key], rtol=1e-12, atol=1e-300)
-        assert new["adam_step"] == old["adam_step"]
-        return new
-
-    _optim.adam_moments = checked
 
 
 def per_layer() -> None:
@@ -180,31 +132,98 @@ def run_steps(model, opt, loss_fn, b, n, start, rec=None):
     return (CLOCK() - t0) / n
 
 
+def _unrecorded_off(rec) -> None:
+    """Remove the recorder's ``UnrecordedGradients`` hooks (a plain step would trip its step pre-hook)."""
+    if getattr(rec, "_unrecorded", None) is not None:
+        rec._unrecorded.remove()
+        rec._unrecorded = None
+
+
+def _unrecorded_on(rec, opt) -> None:
+    if hasattr(rec, "_unrecorded") and rec._unrecorded is None:
+        rec._unrecorded = _optim.UnrecordedGradients(rec.engine, opt)
+
+
 def breakdown(args) -> None:
     instrument()
     (name, model, loss_fn, b), opt = make_case(args.model, args.optimizer)
     with tempfile.TemporaryDirectory() as d:
         rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=args.proj, optimizer=opt)
         print(f"{name}, {args.optimizer}, proj_dim {args.proj}: k={rec.proj_dim} in {len(rec.blocks)} blocks, "
-              f"Adam moments stored: {rec.record_optimizer_state}")
+              f"Adam moments stored: {rec.record_optimizer_state}, "
+              f"{sum(p.requires_grad for p in model.parameters())} trainable parameters")
         run_steps(model, opt, loss_fn, b, 5, 0, rec)
-        plain, recorded, start = [], [], 5
+        plain, recorded, bare, start = [], [], [], 5
+        load = [os.getloadavg()[0]]
         TIMES.clear()
         for _ in range(args.reps):
             rec.engine.detach()
+            _unrecorded_off(rec)
             plain.append(run_steps(model, opt, loss_fn, b, args.steps, start))
             rec.engine.attach()
+            start += args.steps
+            if args.ab_unrecorded:  # recorded, without the UnrecordedGradients hooks (not in TIMES)
+                saved = dict(TIMES)
+                bare.append(run_steps(model, opt, loss_fn, b, args.steps, start, rec))
+                TIMES.clear()
+                TIMES.update(saved)
+                start += args.steps
+            _unrecorded_on(rec, opt)
             recorded.append(run_steps(model, opt, loss_fn, b, args.steps, start, rec))
             start += args.steps
+        load.append(os.getloadavg()[0])
         rec.close()
     n = args.reps * args.steps
     p, r = statistics.median(plain) * 1e3, statistics.median(recorded) * 1e3
     ratio = statistics.median(x / y for x, y in zip(recorded, plain))
-    print(f"load average {os.getloadavg()[0]:.2f}; {args.reps} x {args.steps} steps, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock")
+    print(f"load average {load[0]:.2f} -> {load[1]:.2f}; {args.reps} x {args.steps} steps, {torch.get_num_threads()} "
+          f"threads, {args.clock} clock")
     print(f"plain {p:.2f} ms/step, recorded {r:.2f} ms/step, ratio {ratio:.3f}x, overhead {r - p:.2f} ms/step")
+    if bare:
+        q = statistics.median(bare) * 1e3
+        print(f"recorded without UnrecordedGradients {q:.2f} ms/step: those hooks cost "
+              f"{statistics.median(x - y for x, y in zip(recorded, bare)) * 1e3:.2f} ms/step (median of paired blocks)")
     for key, v in TIMES.items():
         print(f"  {key:48s} {v / n * 1e3:7.3f} ms/step")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory(args) -> None:
+    """The recorder's host memory per step: ``StepMemory``'s bound against what is measured."""
+    import tracemalloc
+
+    (name, model, loss_fn, b), opt = make_case(args.model, args.optimizer)
+    with tempfile.TemporaryDirectory() as d:
+        rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=args.proj, optimizer=opt)
+        _unrecorded_off(rec)
+        rec.engine.detach()
+        run_steps(model, opt, loss_fn, b, 5, 0)
+        rss_plain = _rss()
+        rec.engine.attach()
+        _unrecorded_on(rec, opt)
+        n = args.reps * args.steps
+        tracemalloc.start()
+        run_steps(model, opt, loss_fn, b, n, 5, rec)  # flushes at the end
+        current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rss_rec = _rss()
+        parts = rec._memory.parts(b)
+        k, chunk = rec.proj_dim, rec._sink.chunk_rows
+        rec.close()
+    MiB = 1 << 20
+    print(f"{name}, {args.optimizer}, proj_dim {args.proj}: k={k}, batch {b}, chunk_rows {chunk}, {n} recorded steps; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"StepMemory bound (Recorder(max_memory=) checks it): {sum(parts.values()) / MiB:.2f} MiB")
+    for key, v in parts.items():
+        print(f"  {key:40s} {v / MiB:8.2f} MiB")
+    print(f"traced Python/numpy allocations during the recorded steps: peak {peak / MiB:.2f} MiB, "
+          f"left after the flush {current / MiB:.2f} MiB")
+    print(f"resident set: {rss_plain / MiB:.1f} MiB after plain steps, {rss_rec / MiB:.1f} MiB after the recorded ones "
+          f"(+{(rss_rec - rss_plain) / MiB:.1f} MiB)")
 
 
 def profiled(args) -> None:
@@ -239,22 +258,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="steps per block")
     ap.add_argument("--reps", type=int, default=5, help="interleaved plain/recorded blocks")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-    ap.add_argument("--mode", choices=("breakdown", "cprofile", "torch"), default="breakdown")
-    ap.add_argument("--what-if-adam", action="store_true",
-                    help="time the proposed adam_moments (checked against the original, which then runs untimed "
-                         "inside step_fields: read its line, not step_fields')")
+    ap.add_argument("--mode", choices=("breakdown", "memory", "cprofile", "torch"), default="breakdown")
+    ap.add_argument("--ab-unrecorded", action="store_true",
+                    help="add an arm of recorded steps without the UnrecordedGradients hooks (see the docstring)")
     ap.add_argument("--per-layer", action="store_true", help="also time each captured module's gradient hook")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="see CLOCK")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
-    if args.what_if_adam:
-        what_if_adam()
     if args.per_layer:
         per_layer()
     co.DEVICE = args.device
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    (breakdown if args.mode == "breakdown" else profiled)(args)
+    {"breakdown": breakdown, "memory": memory}.get(args.mode, profiled)(args)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 import datavalue
 from datavalue import _memory
-from datavalue.capture._pipeline import StepMemory
+from datavalue.capture._pipeline import VECTOR_CHUNK_BYTES, StepMemory
 from datavalue.errors import QueryError, RecorderError
 from datavalue.query import _attributor
 from datavalue.store import open_run
+from datavalue.store._writer import STEP_VECTOR_CHUNK_BYTES
 
 X = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(16) % 3
@@ -125,8 +126,10 @@ def test_recorder_bound_is_made_of_its_buffers():
     assert parts["the step's rows"] == 3 * 16 * 100 * 4
     # 64 queued steps + ceil(64 / 16) = 4 steps buffered until the chunk is full; each step: b (1 + F) k rows + Adam m, v
     assert parts["queued and buffered steps"] == (64 + 4) * (16 * 4 * 100 * 4 + 2 * 100 * 8)
-    assert parts["the chunk being written"] == 2 * 64 * 100 * 2  # grads and Fisher rows: one chunk each
-    assert parts["Adam moments"] == 2 * 1000 * 8
+    # grads and Fisher rows: one chunk each; adam_m, adam_v: a 256 KiB tail chunk each (float32)
+    assert parts["the chunk being written"] == 2 * 64 * 100 * 2 + 2 * (256 << 10)
+    assert VECTOR_CHUNK_BYTES == STEP_VECTOR_CHUNK_BYTES == 256 << 10
+    assert parts["Adam moments"] == 2 * 100 * 8  # float64 in the run's k columns: nothing of size P (issue 20)
     assert parts["exact per-sample gradients (whitening)"] == 16 * 1000 * (4 + 16)
     sync = StepMemory(k=100, P=1000, chunk_rows=64, capture_itemsize=4, storage_itemsize=2, background=False)
     assert sync.parts(16)["queued and buffered steps"] == 4 * 16 * 100 * 4

@@ -210,35 +210,122 @@ def adam_moments(opt: Any, model: nn.Module, engine: Engine) -> dict[str, Any]:
     column (``exact_layout``); projected runs store each block's mean of the moments in all its
     columns (a scalar preconditioner per block, see docs/math.md). ``adam_step[t]`` is the
     bias-correction count of step ``t``'s update (torch's ``state["step"]`` after it).
-    """
-    from datavalue.capture._gradients import block_matrix
 
+    It runs at every recorded step, so it makes one pass over the moments and one device-to-host
+    copy (issue 20): a projected block's mean is the sum of its parameters' moments, each summed
+    in float64 on their device, over the block's size (the mean of the concatenated block up to
+    float64 rounding, without concatenating or converting the moments); an exact block copies each
+    parameter (converted) into its columns of one float64 vector. A parameter without state yet
+    (no update so far, or in no param group) counts as zeros.
+    """
     opt = unwrap_optimizer(opt)
     params = dict(model.named_parameters())
-    m_named, v_named, steps = {}, {}, set()
-    for name, p in params.items():
-        st = opt.state.get(p, {})
-        m_named[name] = st["exp_avg"].detach() if "exp_avg" in st else torch.zeros_like(p)
-        v_named[name] = st["exp_avg_sq"].detach() if "exp_avg_sq" in st else torch.zeros_like(p)
+    state = opt.state
+    steps = set()
+    for p in params.values():
         if p.requires_grad:
-            s = st.get("step", 0)
+            s = (state.get(p) or {}).get("step", 0)
             steps.add(float(s.item() if torch.is_tensor(s) else s))
-    m_parts, v_parts = [], []
+    m, v = _moments_in_columns(state, params, engine)
+    return {"adam_m": m, "adam_v": v, "adam_step": (max(steps) if steps else 0.0) + 1.0}
+
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _moment(state: Any, p: torch.Tensor, key: str) -> torch.Tensor | None:
+    st = state.get(p)  # opt.state is a defaultdict: .get does not insert
+    t = st.get(key) if st else None
+    return None if t is None else t.detach()
+
+
+def _moments_in_columns(state: Any, params: Mapping[str, torch.Tensor], engine: Engine) -> tuple[np.ndarray, np.ndarray]:
+    """``(k,)`` float64 ``adam_m``, ``adam_v`` in the run's columns (see :func:`adam_moments`)."""
+    from datavalue.capture._gradients import block_matrix
+
+    blocks = engine.blocks
     unprojected = engine.proj_dim is None
-    for b in engine.blocks:
-        bj = b.to_json()
-        exact = b.k == int(np.prod(bj["shape"])) and unprojected
-        mm = block_matrix(bj, m_named).to(torch.float64).reshape(-1)
-        vv = block_matrix(bj, v_named).to(torch.float64).reshape(-1)
-        if not exact:
-            mm, vv = mm.mean().expand(b.k), vv.mean().expand(b.k)
-        m_parts.append(mm)
-        v_parts.append(vv)
-    return {
-        "adam_m": to_numpy(torch.cat(m_parts)),
-        "adam_v": to_numpy(torch.cat(v_parts)),
-        "adam_step": (max(steps) if steps else 0.0) + 1.0,
-    }
+    exact = [unprojected and b.k == int(np.prod(b.shape)) for b in blocks]
+    sizes = [0] * len(blocks)  # elements of each projected block
+    sums: list[torch.Tensor] = []  # projected blocks: each parameter's moment summed in float64 ...
+    owner: list[int] = []  # ... and where it adds: 2 * block + (0: exp_avg, 1: exp_avg_sq)
+    out = None  # exact blocks: both moments in their columns, float64, on the moments' device
+    if any(exact):
+        device = next((t.device for p in params.values() if (t := _moment(state, p, "exp_avg")) is not None), None)
+        out = torch.empty((2, sum(b.k for b, e in zip(blocks, exact, strict=True) if e)), dtype=torch.float64,
+                          device=device)
+    at = 0
+    for i, b in enumerate(blocks):
+        if not exact[i]:
+            for q in b.params:
+                p = params[q]
+                sizes[i] += p.numel()
+                st = state.get(p)  # opt.state is a defaultdict: .get does not insert
+                if st:
+                    for j, key in enumerate(_MOMENTS):
+                        t = st.get(key)
+                        if t is not None:  # the state of an optimizer's parameter needs no detach
+                            sums.append(t.sum(dtype=torch.float64))
+                            owner.append(2 * i + j)
+            continue
+        for j, key in enumerate(_MOMENTS):
+            flat = out[j, at : at + b.k]
+            views = _param_views(flat, b, params)
+            if views is None:  # a layout these views do not cover (a custom rule's): block_matrix's own
+                named = {q: _moment(state, params[q], key) for q in b.params}
+                named = {q: torch.zeros_like(params[q]) if t is None else t for q, t in named.items()}
+                flat.copy_(block_matrix(b.to_json(), named).reshape(-1))
+                continue
+            for view, q in views:
+                t = _moment(state, params[q], key)
+                if t is None:
+                    view.zero_()
+                else:
+                    view.copy_(t.reshape(view.shape))
+        at += b.k
+    widths = [b.k for b in blocks]
+    n = len(blocks)
+    totals = np.zeros(2 * n, dtype=np.float64)
+    if sums:  # one device-to-host copy; bincount adds each block's sums in order, from +0.0
+        if len({t.device for t in sums}) > 1:  # a model split over devices
+            sums = [t.cpu() for t in sums]
+        totals = np.bincount(np.asarray(owner), weights=to_numpy(torch.stack(sums)), minlength=2 * n)
+    means = totals.reshape(n, 2) / np.maximum(np.asarray(sizes, dtype=np.float64), 1.0)[:, None]
+    if out is None:  # a projected run: every column holds its block's mean
+        return np.repeat(means[:, 0], widths), np.repeat(means[:, 1], widths)
+    host = to_numpy(out)
+    if all(exact):
+        return host[0], host[1]
+    m, v = np.repeat(means[:, 0], widths), np.repeat(means[:, 1], widths)
+    col, at = 0, 0
+    for i, b in enumerate(blocks):
+        if exact[i]:
+            m[col : col + b.k], v[col : col + b.k] = host[0, at : at + b.k], host[1, at : at + b.k]
+            at += b.k
+        col += b.k
+    return m, v
+
+
+def _param_views(flat: torch.Tensor, b: Any, params: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, str]] | None:
+    """Views of ``flat`` (one exact block's ``k`` columns) that each of the block's parameters fills, in
+    ``_gradients.block_matrix``'s layout; ``None`` when the block's shape does not match its parameters."""
+    sizes = [params[q].numel() for q in b.params]
+    if sum(sizes) != flat.numel():
+        return None
+    if b.kind != "kron":
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        return [(flat[offsets[i] : offsets[i + 1]], q) for i, q in enumerate(b.params)]
+    rows, cols = b.shape
+    if rows * cols != flat.numel() or len(b.params) != 1 + bool(b.has_bias):
+        return None
+    mat = flat.view(rows, cols)
+    if not b.has_bias:
+        return [(mat, b.params[0])]
+    if b.bias_axis == 0:  # HF Conv1D / flax kernel: [W; b], W (in, out)
+        views = [(mat[: rows - 1], b.params[0]), (mat[rows - 1], b.params[1])]
+    else:
+        views = [(mat[:, : cols - 1], b.params[0]), (mat[:, cols - 1], b.params[1])]
+    return views if all(v.numel() == n for (v, _), n in zip(views, sizes, strict=True)) else None
 
 
 def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: bool, lr: float | None = None,

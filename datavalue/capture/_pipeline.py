@@ -357,6 +357,9 @@ def parse_lr(lr: Any) -> float:
 
 #: Steps the background writer may hold in its queue (``RunWriter(max_queue=)``).
 WRITER_QUEUE = 64
+#: Bytes of a per-step vector array's chunk at 4 bytes a number (``datavalue.store``'s writer,
+#: ``STEP_VECTOR_CHUNK_BYTES``; tests/test_memory_guards.py checks that the two agree).
+VECTOR_CHUNK_BYTES = 256 << 10
 
 
 class StepMemory:
@@ -371,8 +374,12 @@ class StepMemory:
       ``min(commit_every, 64 + ceil(chunk_rows / b)) * (b (1 + F) k s + A)``, where ``A = 2 k 8`` with
       Adam moments (``64``: the writer's queue; none without a background writer);
     * the chunk being written: ``chunk_rows k`` in the storage dtype (twice with Fisher rows, which
-      have their own array);
-    * Adam moments read from the optimizer: ``2 P 8`` (float64 copies, per step, transient);
+      have their own array; the writer keeps each array's tail chunk in one buffer), and with Adam
+      moments the tail chunks of ``adam_m`` and ``adam_v`` (``VECTOR_CHUNK_BYTES`` each in float32, or
+      one step's ``4 k`` when that is larger; twice in float64 storage);
+    * Adam moments read from the optimizer: ``2 k 8`` (float64, in the run's columns: projected runs
+      sum each parameter's moments on its device, exact runs copy them into the columns, so nothing of
+      size ``P`` is made on the host);
     * ``precondition="adam"``: the step's exact per-sample gradients ``b P s`` and their whitened
       float64 copies ``2 b P 8``.
 
@@ -399,10 +406,13 @@ class StepMemory:
         held = (WRITER_QUEUE if self.background else 0) + -(-self.chunk_rows // b)
         if self.commit_every is not None:  # the writer blocks submit() at commit_every uncommitted steps
             held = min(held, self.commit_every)
+        chunk = (2 if self.F else 1) * self.chunk_rows * self.k * self.storage_itemsize
+        if self.adam:  # adam_m, adam_v: float32, or float64 in float64 storage
+            chunk += 2 * max(VECTOR_CHUNK_BYTES, 4 * self.k) * (2 if self.storage_itemsize == 8 else 1)
         out = {"the step's rows": 3 * b * self.k * self.s, "queued and buffered steps": held * per_step,
-               "the chunk being written": (2 if self.F else 1) * self.chunk_rows * self.k * self.storage_itemsize}
+               "the chunk being written": chunk}
         if self.adam:
-            out["Adam moments"] = 2 * self.P * 8
+            out["Adam moments"] = 2 * self.k * 8
         if self.whiten:
             out["exact per-sample gradients (whitening)"] = b * self.P * (self.s + 16)
         return out

@@ -147,7 +147,7 @@ class Recorder:
             examples the bound is ``min(commit_every, 64 + ceil(chunk_rows / b)) (b (1 + F) k s + 16 k)`` of queued
             steps (``s`` the capture dtype's size, ``F`` Fisher rows per example, ``16 k`` with Adam
             moments) + ``3 b k s`` for the step's rows + ``chunk_rows k`` of the chunk being written +
-            ``16 P`` for Adam moments (``P`` parameters) + ``b P (s + 16)`` with ``precondition="adam"``
+            ``16 k`` for Adam moments + ``b P (s + 16)`` with ``precondition="adam"`` (``P`` parameters)
             (docs/capture.md, "Host memory per step"; ``DATAVALUE_MEMORY_CHECK=0`` skips the default check).
         checkpoint_every: write the model's weights and the optimizer's whole state into the run
             (``checkpoints/<step>/``) before every ``N``-th step's update, at step 0 and after the

@@ -143,7 +143,13 @@ def write_chunk(directory: Path, i: int, piece: np.ndarray, chunk_rows: int, *, 
 
 
 class _AppendArray:
-    """Appends rows to a zarr array along axis 0, keeping the last (partial) chunk in memory."""
+    """Appends rows to a zarr array along axis 0, keeping the last (partial) chunk in memory.
+
+    The tail chunk lives in one buffer of a whole chunk, its unwritten rows holding the pad value:
+    each commit copies the new rows into it and writes it out as is (a chunk that the new rows fill
+    entirely is written straight from them), so a commit costs no concatenation of the tail, no
+    padded copy and no copy of the new tail (issue 20).
+    """
 
     def __init__(self, root: Path, arr: zarr.Array, length: int) -> None:
         self.root, self.arr, self.length = root, arr, int(length)
@@ -151,26 +157,63 @@ class _AppendArray:
         self.chunk_shape = tuple(int(c) for c in arr.chunks)
         if tuple(arr.shape[1:]) != self.chunk_shape[1:]:
             raise ValueError(f"{root.name}: the writer needs one chunk across the columns, got chunks {arr.chunks} for shape {arr.shape}")
-        start = (self.length // self.rows_per_chunk) * self.rows_per_chunk
-        self.tail = np.asarray(arr[start : self.length]) if self.length > start else np.zeros((0, *arr.shape[1:]), arr.dtype)
         # rows not written yet carry a marker, so that an older copy of a chunk is told from data
         self.pad = unwritten_value(arr.dtype) if root.name in MARKED_ARRAYS else 0
+        self.buf: np.ndarray | None = None  # the tail chunk: its first length % rows_per_chunk rows are data
+        start = (self.length // self.rows_per_chunk) * self.rows_per_chunk
+        if self.length > start:
+            self._fresh()[: self.length - start] = np.asarray(arr[start : self.length])
+
+    @property
+    def tail(self) -> np.ndarray:
+        """The rows of the partial last chunk (a view)."""
+        n = self.length % self.rows_per_chunk
+        return self.buf[:n] if self.buf is not None else np.zeros((0, *self.chunk_shape[1:]), self.arr.dtype)
+
+    def _fresh(self) -> np.ndarray:
+        """The tail buffer, all pad (allocated once, refilled when a new chunk starts in it)."""
+        if self.buf is None:
+            self.buf = np.full(self.chunk_shape, self.pad, dtype=self.arr.dtype)
+        else:
+            self.buf.fill(self.pad)
+        return self.buf
 
     def append(self, data: np.ndarray) -> None:
         if len(data) == 0:
             return
-        data = np.asarray(data, dtype=self.arr.dtype).reshape(-1, *self.chunk_shape[1:])
+        data = np.asarray(data).reshape(-1, *self.chunk_shape[1:])
         new_len = self.length + len(data)
         _grow(self.arr, new_len)  # metadata first, so the chunk grid covers the new chunks
-        C = self.rows_per_chunk
-        first = self.length // C
-        buf = np.concatenate([self.tail, data]) if len(self.tail) else data
-        n_chunks = -(-len(buf) // C)
-        for i in range(n_chunks):
-            write_chunk(self.root, first + i, buf[i * C : (i + 1) * C], C, pad=self.pad)
-        rem = new_len % C
-        self.tail = buf[len(buf) - rem :].copy() if rem else buf[:0].copy()
-        self.length = new_len
+        C, pos = self.rows_per_chunk, 0
+        while pos < len(data):
+            i, off = divmod(self.length, C)
+            n = min(C - off, len(data) - pos)
+            piece = data[pos : pos + n]
+            if off == 0 and n == C and piece.dtype == self.arr.dtype:  # a whole chunk: straight from the rows
+                write_chunk(self.root, i, piece, C)
+            else:
+                buf = self.buf if off else self._fresh()  # a chunk's first rows: all pad behind them
+                assert buf is not None
+                buf[off : off + n] = piece  # converts to the array's dtype, as astype does
+                write_chunk(self.root, i, buf, C)
+            pos += n
+            self.length += n
+
+
+#: Bytes per chunk (at 4 bytes a number) of a per-step *vector* array (``adam_m``, ``adam_v``: ``(T, k)``).
+#: The writer rewrites an array's partial tail chunk at every commit, so a 4 MiB chunk (1,024 steps at
+#: k = 1024) cost 4 MiB of writing per array per commit for a few KiB of new rows; 256 KiB (64 steps at
+#: k = 1024, 16 at k = 4096) keeps that near the data while a long run has few files (issue 20).
+STEP_VECTOR_CHUNK_BYTES = 256 << 10
+
+
+def _step_chunk_rows(kind: str, width: tuple[int, ...]) -> int:
+    """Steps per chunk of an optional per-step array of ``kind`` and ``width`` (readers take any chunking)."""
+    per = 4 * int(np.prod(width)) if width else 0
+    if not per:
+        return 4096
+    target = STEP_VECTOR_CHUNK_BYTES if kind == "vector" else 4 << 20
+    return int(max(1, min(4096, target // per)))
 
 
 def _grow(arr: zarr.Array, needed: int) -> None:
@@ -483,10 +526,9 @@ class RunWriter:
             width = {"vector": (self.k,), "matrix": (self.k, self.k)}.get(kind, ())
             if kind == "group":  # (G,) per step: the optimizer's param groups
                 width = self._group_width(name, blocks)
-            if name not in self._group:
+            if name not in self._optional:  # (the set, not the group: a group lookup is a store round trip)
                 dt = "float64" if self.manifest.get("storage_dtype") == "float64" or kind in ("scalar", "group") else "float32"
-                per = 4 * int(np.prod(width)) if width else 0
-                rows = 4096 if not per else int(max(1, min(4096, (4 << 20) // per)))
+                rows = _step_chunk_rows(kind, width)
                 cap = max(rows, self.steps + len(blocks))
                 arr = self._group.create_array(name, shape=(cap, *width), chunks=(rows, *width), dtype=dt,
                                                compressors=small_codecs(), fill_value=np.nan,
@@ -509,6 +551,8 @@ class RunWriter:
 
     def _group_width(self, name: str, blocks: list[StepBlock]) -> tuple[int, ...]:
         """``(G,)`` of a per-group array: the stored width, else the first value's length."""
+        if name in self._tails:  # appended to before: its width, without a store round trip
+            return self._tails[name].chunk_shape[1:]
         if name in self._group:
             return tuple(self._group[name].shape[1:])
         for b in blocks:

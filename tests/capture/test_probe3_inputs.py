@@ -276,3 +276,26 @@ def test_the_run_members_cover_what_datavalue_writes(tmp_path):
     datavalue.build_embeddings(path, progress=False)
     names = {p.name for p in path.iterdir()} - {"writer.lock"}
     assert names <= RUN_MEMBERS, names - RUN_MEMBERS
+
+
+def test_demo_overwrite_refuses_a_run_holding_a_users_file_in_one_line(tmp_path, monkeypatch, capsys):
+    import datavalue.data
+    from datavalue.cli import main
+
+    def fake_mnist(split="train", n=None, *, seed=0, flatten=True):  # offline, every class in both splits
+        rng = np.random.default_rng([0 if split == "train" else 1, seed or 0])
+        n = n or 100
+        return rng.random((n, 784), dtype=np.float32), np.arange(n, dtype=np.int64) % 10
+
+    monkeypatch.setattr(datavalue.data, "load_mnist", fake_mnist)
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--n-train", "96", "--epochs", "1", "--proj-dim", "64", "--quiet"]
+    assert main(args) == 0
+    (out / "run.zarr" / "NOTES.txt").write_text("mine")
+    stamp = (out / "top_k.txt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "datavalue did not write: 'NOTES.txt'" in err and "Traceback" not in err
+    assert (out / "run.zarr" / "NOTES.txt").read_text() == "mine"
+    assert (out / "top_k.txt").stat().st_mtime_ns == stamp and datavalue.open_run(out / "run.zarr").n_steps > 0

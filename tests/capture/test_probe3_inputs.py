@@ -299,3 +299,48 @@ def test_demo_overwrite_refuses_a_run_holding_a_users_file_in_one_line(tmp_path,
     assert len(err.splitlines()) == 1 and "datavalue did not write: 'NOTES.txt'" in err and "Traceback" not in err
     assert (out / "run.zarr" / "NOTES.txt").read_text() == "mine"
     assert (out / "top_k.txt").stat().st_mtime_ns == stamp and datavalue.open_run(out / "run.zarr").n_steps > 0
+
+
+def test_a_jax_nesterov_run_builds_the_embeddings_of_the_same_torch_run(tmp_path):
+    """``{"kind": "sgd", "momentum": .9, "nesterov": True}`` is recorded as Nesterov (not plain SGD):
+    the JAX run of an optax Nesterov loop builds the embeddings of the torch run of the same training."""
+    jax = _jax()
+    optax = pytest.importorskip("optax")
+    from datavalue.capture.jax import JaxRecorder
+    from datavalue.store import open_array
+
+    jnp = jax.numpy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((24, 6)).astype(np.float32), rng.integers(0, 3, 24)
+    batches = [rng.permutation(24)[:6] for _ in range(5)]
+    params = {k: {"weight": jnp.asarray(model[int(k)].weight.detach().numpy()),
+                  "bias": jnp.asarray(model[int(k)].bias.detach().numpy())} for k in ("0", "2")}
+
+    def loss(p, xi, yi):
+        h = jnp.tanh(p["0"]["weight"] @ xi + p["0"]["bias"])
+        return -jax.nn.log_softmax(p["2"]["weight"] @ h + p["2"]["bias"])[yi]
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    with datavalue.Recorder(tmp_path / "t.zarr", model, proj_dim=None, optimizer=opt) as rec:
+        for ids in batches:
+            with rec.step(sample_ids=ids):
+                F.cross_entropy(model(torch.from_numpy(x[ids])), torch.from_numpy(y[ids])).backward()
+            opt.step()
+            opt.zero_grad()
+    tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
+    state = tx.init(params)
+    with JaxRecorder(tmp_path / "j.zarr", params, loss, proj_dim=None,
+                     optimizer={"kind": "sgd", "momentum": 0.9, "nesterov": True}) as jrec:
+        for ids in batches:
+            grads = jrec.step(params, jnp.asarray(x[ids]), jnp.asarray(y[ids]), sample_ids=ids, lr=0.1)
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params["2"]["weight"]), model[2].weight.detach().numpy(), atol=1e-5)
+    emb = {}
+    for name in ("t", "j"):
+        datavalue.build_embeddings(tmp_path / f"{name}.zarr", curvature="empirical_fisher", progress=False)
+        emb[name] = np.asarray(open_array(tmp_path / f"{name}.zarr", "embeddings/empirical_fisher/values")[:])
+    np.testing.assert_allclose(emb["j"], emb["t"], rtol=1e-4, atol=1e-5)
+    assert open_run(tmp_path / "j.zarr").optimizer["nesterov"] is True

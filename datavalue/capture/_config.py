@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from datavalue.capture._pipeline import parse_seed
 from datavalue.errors import RecorderError
 
 __all__ = ["CURVATURES", "CaptureConfig"]
@@ -134,9 +135,7 @@ class CaptureConfig:
             object.__setattr__(self, name, value)
 
         put("proj_dim", _parse_proj_dim(self.proj_dim))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) and not hasattr(self.seed, "__index__"):
-            raise RecorderError(f"seed must be an int, got {self.seed!r} ({type(self.seed).__name__}).")
-        put("seed", int(self.seed))
+        put("seed", parse_seed(self.seed))
         put("sketch", _choice("sketch", self.sketch, (None, "orthogonal", "gaussian")))
         if self.layers is not None:
             if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):

@@ -44,9 +44,13 @@ LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 def parse_sample_ids(sample_ids: Any) -> np.ndarray:
     """Validate ids (tensor, array, list or range of ints) into a 1-d int64 array without duplicates."""
     if hasattr(sample_ids, "detach") and hasattr(sample_ids, "cpu"):  # a torch tensor, without importing torch
-        sample_ids = sample_ids.detach().cpu().numpy()
+        sample_ids = _tensor_to_numpy("sample_ids", sample_ids)
     if isinstance(sample_ids, (list, tuple, range)):
         vals = list(sample_ids)
+        bools = [v for v in vals if isinstance(v, (bool, np.bool_))]
+        if bools:  # numpy would store True as id 1
+            raise RecorderError(f"sample_ids must be integers, got the bool {bools[0]!r} among them; pass int ids "
+                                "(a bool is not an id).")
         # Python ints stay exact: numpy would turn [1, 2**63] into float64 and lose the offending value
         ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals)
         arr = np.array(vals, dtype=object) if ints and vals else np.asarray(vals)
@@ -343,9 +347,11 @@ def parse_lr(lr: Any) -> float:
         if lr.numel() != 1:
             raise RecorderError(f"lr must be one number, got a tensor of shape {tuple(lr.shape)}; pass the step's "
                                 "learning rate (e.g. optimizer.param_groups[0]['lr']).")
-        value = lr.detach().cpu().reshape(()).item()
-    elif isinstance(lr, np.ndarray) and lr.size == 1:
-        value = lr.reshape(()).item()
+        value = _tensor_to_numpy("lr", lr, scalar=True)
+    elif hasattr(lr, "__array__") and not isinstance(lr, (np.ndarray, np.generic)):  # a jax array, without importing jax
+        lr = value = np.asarray(lr)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise RecorderError(f"lr must be a finite, non-negative real number, got {lr!r} ({type(lr).__name__}); pass "
                             "e.g. lr=0.1, or omit it and give Recorder(..., optimizer=opt).")
@@ -354,6 +360,63 @@ def parse_lr(lr: Any) -> float:
         raise RecorderError(f"lr must be a finite, non-negative number, got {lr!r}.")
     return value
 
+
+def _tensor_to_numpy(name: str, t: Any, *, scalar: bool = False) -> Any:
+    """A torch tensor's values on the host (``scalar``: its one value as a Python number); a clear
+    error for one that holds none (the meta device) or that numpy cannot hold."""
+    try:
+        host = t.detach().cpu()
+        return host.reshape(()).item() if scalar else np.asarray(host.numpy())
+    except Exception as e:  # meta tensors, tensors numpy cannot hold (bfloat16 ids...)
+        raise RecorderError(f"{name} must be values the host can read, got a tensor on device "
+                            f"{getattr(t, 'device', '?')} of dtype {getattr(t, 'dtype', '?')} ({type(e).__name__}: {e}); "
+                            "pass a CPU or GPU tensor, or a list of numbers.") from None
+
+
+def parse_epoch(epoch: Any) -> int | None:
+    """A step's epoch: ``None`` (stored as -1) or a non-negative int; nothing is rounded or coerced."""
+    if epoch is None:
+        return None
+    if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
+        raise RecorderError(f"epoch must be a non-negative int or None, got {epoch!r} ({type(epoch).__name__}); pass "
+                            "the integer epoch (e.g. int(state.epoch) for a fractional one), or omit it.")
+    if not 0 <= int(epoch) < 2**63:
+        raise RecorderError(f"epoch must be a non-negative int (0 .. 2**63-1), got {epoch!r}; omit it when unknown "
+                            "(stored as -1).")
+    return int(epoch)
+
+
+def parse_clip_coef(clip_coef: Any, *, auto: bool = False) -> float | None:
+    """A step's gradient clipping coefficient ``min(1, max_norm / norm)``: ``None`` (no clipping, stored
+    as 1) or a real number in ``(0, 1]``. ``auto``: the caller also takes the string ``"auto"``."""
+    if clip_coef is None:
+        return None
+    value = clip_coef
+    if hasattr(clip_coef, "detach") and hasattr(clip_coef, "numel") and clip_coef.numel() == 1:  # torch, unimported
+        value = _tensor_to_numpy("clip_coef", clip_coef, scalar=True)
+    elif isinstance(clip_coef, np.ndarray) and clip_coef.size == 1:
+        value = clip_coef.reshape(()).item()
+    what = "a number in (0, 1], None or 'auto'" if auto else "a number in (0, 1] or None"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RecorderError(f"clip_coef must be {what}, got {clip_coef!r} ({type(clip_coef).__name__}); it is the "
+                            "clipping coefficient min(1, max_norm / total_norm) of the step (1 or None: not clipped).")
+    value = float(value)
+    if not (np.isfinite(value) and 0 < value <= 1):
+        raise RecorderError(f"clip_coef must be {what}, got {clip_coef!r}: a clipping coefficient "
+                            "min(1, max_norm / total_norm) lies in (0, 1] (1 or None: not clipped). Pass "
+                            "min(1.0, max_norm / float(total_norm)) with total_norm from clip_grad_norm_.")
+    return value
+
+
+def parse_seed(seed: Any) -> int:
+    """The root seed of the sketches: an int in ``0 .. 2**63-1`` (numpy's SeedSequence takes no negative
+    seed; torch's generators, seeded with offsets of it, no more than 64 bits)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) and not (
+            hasattr(seed, "__index__") and not isinstance(seed, float)):
+        raise RecorderError(f"seed must be an int, got {seed!r} ({type(seed).__name__}).")
+    if not 0 <= int(seed) < 2**63:
+        raise RecorderError(f"seed must be an int in 0 .. 2**63-1, got {int(seed)}; pick a smaller non-negative seed.")
+    return int(seed)
 
 #: Steps the background writer may hold in its queue (``RunWriter(max_queue=)``).
 WRITER_QUEUE = 64

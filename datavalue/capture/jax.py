@@ -48,7 +48,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datavalue.capture._pipeline import LOSS_REDUCTIONS, StepSink, parse_sample_ids, step_weights
+from datavalue.capture._pipeline import (
+    LOSS_REDUCTIONS,
+    StepSink,
+    parse_clip_coef,
+    parse_epoch,
+    parse_lr,
+    parse_sample_ids,
+    parse_seed,
+    step_weights,
+)
 from datavalue.capture._projection import (
     SIDE_COLS,
     SIDE_DENSE,
@@ -128,6 +137,50 @@ def _block_matrix(block: Mapping[str, Any], g: Mapping[str, Any]) -> jnp.ndarray
     return jnp.concatenate([mat, ps[1].reshape(b, 1, -1)], 1) if block["has_bias"] else mat
 
 
+_OPT_KEYS = ("kind", "momentum", "weight_decay", "dampening", "nesterov")
+
+
+def _opt_number(opt: Mapping[str, Any], key: str, hi: float | None = None) -> float:
+    v = opt.get(key, 0.0)
+    v = 0.0 if v is None else v
+    ok = not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer, np.floating))
+    if not ok or not np.isfinite(float(v)) or float(v) < 0 or (hi is not None and float(v) > hi):
+        rng = f"in [0, {hi:g}]" if hi is not None else "finite and >= 0"
+        raise RecorderError(f"optimizer[{key!r}] must be a number {rng}, got {v!r} ({type(v).__name__}).")
+    return float(v)
+
+
+def _parse_optimizer(optimizer: Any) -> dict[str, Any]:
+    """The ``optimizer=`` description of a JaxRecorder, checked, as the manifest records it."""
+    if optimizer is None:
+        return {"kind": None, "dampening": 0.0, "nesterov": False}
+    if not isinstance(optimizer, Mapping):
+        raise RecorderError(f"optimizer must be a dict such as {{'kind': 'sgd', 'momentum': 0.9, 'weight_decay': 0.0}} "
+                            f"or None, got {optimizer!r} ({type(optimizer).__name__}).")
+    unknown = [k for k in optimizer if k not in _OPT_KEYS]
+    if unknown:
+        raise RecorderError(f"optimizer has unknown keys {unknown}; a JaxRecorder records {list(_OPT_KEYS)} of an SGD "
+                            "update.")
+    kind = optimizer.get("kind")
+    if kind not in (None, "sgd"):
+        raise RecorderError(f"optimizer['kind'] must be 'sgd' or None, got {kind!r}: the JaxRecorder does not capture "
+                            "Adam's moments, which an Adam-aware build needs. Record an Adam run with the PyTorch "
+                            "Recorder, or describe the update as SGD only if it is one.")
+    nesterov = optimizer.get("nesterov", False)
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise RecorderError(f"optimizer['nesterov'] must be True or False, got {nesterov!r}.")
+    opt = {"kind": kind, "momentum": _opt_number(optimizer, "momentum"),
+           "weight_decay": _opt_number(optimizer, "weight_decay"),
+           "dampening": _opt_number(optimizer, "dampening", hi=1.0), "nesterov": bool(nesterov)}
+    if opt["nesterov"] and (opt["momentum"] <= 0 or opt["dampening"] != 0):
+        raise RecorderError("optimizer['nesterov']=True needs momentum > 0 and dampening 0 (as torch.optim.SGD and "
+                            f"optax.sgd define it), got momentum {opt['momentum']} and dampening {opt['dampening']}.")
+    for key in ("momentum", "weight_decay"):  # as given before: only what was said is recorded
+        if key not in optimizer:
+            del opt[key]
+    return opt
+
+
 class JaxRecorder:
     """Records a JAX training loop into a datavalue run.
 
@@ -137,8 +190,10 @@ class JaxRecorder:
         per_example_loss: ``per_example_loss(params, *example) -> scalar`` for ONE example.
         proj_dim, seed, loss_reduction, storage_dtype, resume, overwrite, on_nonfinite, sketch: as for the
             PyTorch :class:`~datavalue.Recorder`.
-        optimizer: ``{"kind": "sgd", "momentum": .., "weight_decay": ..}`` recorded into the run
-            (optax transforms are opaque, so say what the update does).
+        optimizer: ``{"kind": "sgd", "momentum": .., "weight_decay": .., "dampening": .., "nesterov": ..}``
+            recorded into the run (optax transforms are opaque, so say what the update does), or
+            ``None`` (plain SGD). Only SGD is recordable: an Adam-aware build needs the moments,
+            which the JaxRecorder does not capture.
     """
 
     def __init__(
@@ -162,9 +217,14 @@ class JaxRecorder:
             raise RecorderError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
         if on_nonfinite not in ("raise", "skip"):
             raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        seed = parse_seed(seed)
+        opt = _parse_optimizer(optimizer)
+        if not isinstance(params, Mapping):
+            raise RecorderError(f"params must be a (nested) dict of arrays, got {type(params).__name__}.")
         flat = flatten_params(params)
         if not flat:
             raise RecorderError("params is empty; nothing to record.")
+        self._shapes = {n: tuple(np.shape(p)) for n, p in flat.items()}
         self.blocks = plan_blocks(flat, proj_dim)
         kind = resolve_sketch(path, sketch, resume)
         self.k = self.blocks[-1]["stop"]
@@ -203,9 +263,6 @@ class JaxRecorder:
             return jnp.concatenate(cols, 1), mean_grad
 
         self._per_sample = jax.jit(per_sample)
-        opt = dict(optimizer or {"kind": None})
-        opt.setdefault("dampening", 0.0)
-        opt.setdefault("nesterov", False)
         self._momentum = float(opt.get("momentum", 0.0) or 0.0)
         self._weight_decay = float(opt.get("weight_decay", 0.0) or 0.0)
         manifest = {
@@ -239,7 +296,9 @@ class JaxRecorder:
             params: current parameters (same structure as at construction).
             *batch: arrays with the batch dimension first, passed to ``per_example_loss`` per example.
             sample_ids: one int id per example.
-            lr: the learning rate of this step.
+            lr: the learning rate of this step (a finite non-negative number).
+            epoch: the epoch this step belongs to (a non-negative int; stored as -1 if not given).
+            clip_coef: the step's gradient clipping coefficient ``min(1, max_norm/norm)`` in ``(0, 1]``.
 
         Returns:
             The gradient of the stepped loss (weighted sum of per-sample gradients), shaped like
@@ -248,16 +307,33 @@ class JaxRecorder:
         if self.closed:
             raise RecorderStateError("this JaxRecorder is closed; open a new one with resume=True to record more steps.")
         ids = parse_sample_ids(sample_ids)
+        lr, epoch, clip_coef = parse_lr(lr), parse_epoch(epoch), parse_clip_coef(clip_coef)
         b = ids.size
         for arr in batch:
             if np.shape(arr)[0] != b:
                 raise RecorderError(f"a batch array has {np.shape(arr)[0]} examples but sample_ids has {b}; pass one id per example.")
         w = step_weights(self.loss_reduction, b, np.asarray(tokens) if tokens is not None else None)
-        flat = flatten_params(params)
+        flat = self._check_params(params)
         rows, grad_flat = self._per_sample(flat, jnp.asarray(w, dtype=jnp.asarray(next(iter(flat.values()))).dtype), *batch)
-        self._sink.submit(ids, w, np.asarray(rows), lr=float(lr), epoch=epoch, grad_scale=clip_coef,
+        self._sink.submit(ids, w, np.asarray(rows), lr=lr, epoch=epoch, grad_scale=clip_coef,
                           momentum=self._momentum, weight_decay=self._weight_decay)
         return _unflatten_like(self._params_template, grad_flat)
+
+    def _check_params(self, params: Any) -> dict[str, Any]:
+        """``params`` flattened, refused unless it has exactly the leaves and shapes given at construction."""
+        if not isinstance(params, Mapping):
+            raise RecorderError(f"params must be the (nested) dict of arrays given to JaxRecorder, got "
+                                f"{type(params).__name__}.")
+        flat = flatten_params(params)
+        missing = [n for n in self._shapes if n not in flat]
+        extra = [n for n in flat if n not in self._shapes]
+        if missing or extra:
+            raise RecorderError(f"params at step() must have the leaves given to JaxRecorder: missing {missing[:5]}, "
+                                f"unexpected {extra[:5]}; pass the whole parameter tree of the model being trained.")
+        wrong = [f"{n}: {tuple(np.shape(flat[n]))} != {s}" for n, s in self._shapes.items() if tuple(np.shape(flat[n])) != s]
+        if wrong:
+            raise RecorderError(f"params at step() changed shape since JaxRecorder was created: {wrong[:5]}.")
+        return flat
 
     def flush(self) -> None:
         """Block until every recorded step is committed to disk."""

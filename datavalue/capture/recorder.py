@@ -46,6 +46,8 @@ from datavalue.capture._pipeline import (
     DistInfo,
     StepMemory,
     StepSink,
+    parse_clip_coef,
+    parse_epoch,
     parse_lr,
     parse_sample_ids,
     step_weights,
@@ -67,6 +69,15 @@ class StepHandle:
     def __init__(self, index: int, clip_coef: float | None) -> None:
         self.index = index
         self.clip_coef = clip_coef
+
+    @property
+    def clip_coef(self) -> float | None:
+        """The step's clipping coefficient ``min(1, max_norm/norm)`` in ``(0, 1]``; ``None``: not clipped."""
+        return self._clip_coef
+
+    @clip_coef.setter
+    def clip_coef(self, value: Any) -> None:
+        self._clip_coef = parse_clip_coef(value)
 
 
 class Recorder:
@@ -372,6 +383,7 @@ class Recorder:
                 "commit them before starting a rec.step() block."
             )
         ids = parse_sample_ids(sample_ids)
+        epoch, clip_coef = parse_epoch(epoch), parse_clip_coef(clip_coef)
         self._check_lr(lr)
         self._memory.check(ids.size)
         weights = step_weights(self.loss_reduction, ids.size, tokens)
@@ -458,6 +470,7 @@ class Recorder:
         if not self._micro:
             raise RecorderStateError("rec.commit_step() without micro-batches: record them with `with rec.microbatch(ids): ...`.")
         self._check_lr(lr)
+        epoch, clip_coef = parse_epoch(epoch), "auto" if isinstance(clip_coef, str) and clip_coef == "auto" else parse_clip_coef(clip_coef, auto=True)
         micro, self._micro = self._micro, []
         ids = np.concatenate([m[0] for m in micro])
         parse_sample_ids(ids)  # unique over the whole step

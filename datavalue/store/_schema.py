@@ -68,6 +68,15 @@ GROUP_STEP_ARRAYS = ("group_lr", "group_momentum", "group_weight_decay")
 MANIFEST_DIGEST_KEY = "datavalue_manifest_digest"
 #: Child run holding the no-update pass at the final weights (``datavalue.capture.FinalPass``).
 FINAL_RUN = "final"
+#: The top-level entries datavalue writes in a run directory: the run's arrays, the groups built
+#: beside them (embeddings, influence, checkpoints, replays, the Adam preconditioner, the final
+#: pass's child run) and the root ``zarr.json``; besides these only the writer's lock and
+#: temporaries (``datavalue.store._runlock``, ``datavalue._files``). ``overwrite=True`` replaces a
+#: run only while it holds nothing else: a file a user put in the run directory is never deleted.
+RUN_MEMBERS = frozenset({
+    "zarr.json", "grads", "fisher", "commit", "step_ptr", "fisher_ptr", *ROW_ARRAYS, *STEP_ARRAYS,
+    *OPTIONAL_STEP_ARRAYS, FINAL_RUN, "embeddings", "influence", "checkpoints", "replay", "precondition",
+})
 #: The manifest entries that define what the recorded numbers mean (bound by the digest).
 CAPTURE_KEYS = ("projection", "loss_reduction", "capture_config")
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -47,6 +48,7 @@ from datavalue.store._schema import (
     MARKED_ARRAYS,
     OPTIONAL_STEP_ARRAYS,
     ROW_ARRAYS,
+    RUN_MEMBERS,
     SCHEMA_VERSION,
     STEP_ARRAYS,
     StepBlock,
@@ -59,6 +61,9 @@ from datavalue.store._schema import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: a temporary of a datavalue writer (``datavalue._files``): ``.<name>.<pid>.<tag>.partial``
+_PARTIAL_NAME = re.compile(r"^\..+\.\d+\.[0-9a-zA-Z]+\.partial$")
 
 _STOP = object()
 _FLUSH = object()
@@ -97,14 +102,38 @@ def _what_is(path: Path) -> str:
 
 
 def refuse_unless_run(path: Path) -> None:
-    """Raise :class:`StoreExistsError` unless ``path`` holds a datavalue run (the only thing
-    ``overwrite=True`` may delete); the message says what was found and what to do."""
+    """Raise :class:`StoreExistsError` unless ``path`` holds a datavalue run and nothing else (the
+    only thing ``overwrite=True`` may delete); the message says what was found and what to do."""
     found = _what_is(path)
     if found != "run":
         raise StoreExistsError(
             f"{path} exists and is {found}, not a datavalue run; overwrite=True replaces only a datavalue "
             "run, so nothing was deleted. Choose another path, or move or remove it yourself."
         )
+    foreign = foreign_entries(path)
+    if foreign:
+        shown = ", ".join(repr(n) for n in foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise StoreExistsError(
+            f"{path} is a datavalue run that also holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
+            f"datavalue did not write: {shown}. overwrite=True removes only what datavalue wrote, so nothing was "
+            "deleted: move those entries out of the run directory (or record to another path), then retry."
+        )
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Names of the top-level entries of the run directory ``path`` that datavalue does not write
+    (``RUN_MEMBERS``, the writer's lock and the temporaries of its writers), sorted."""
+    out = []
+    for entry in path.iterdir():
+        name = entry.name
+        if name in RUN_MEMBERS and not entry.is_symlink():
+            continue
+        if name == LOCK_FILE or (name.startswith(LOCK_FILE + ".") and name.endswith(".partial")):
+            continue
+        if _PARTIAL_NAME.match(name) and entry.is_file() and not entry.is_symlink():
+            continue  # a writer's temporary, ``.<name>.<pid>.<tag>.partial`` (``datavalue._files``)
+        out.append(name)
+    return sorted(out)
 
 
 def _write_chunk(path: Path, chunk: np.ndarray) -> None:

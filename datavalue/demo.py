@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -82,6 +83,49 @@ def _check_outputs(out: Path, *, overwrite: bool) -> None:
             )
 
 
+MNIST_TRAIN = 60_000
+"""Digits in real MNIST's training split: the most ``n_train`` can take."""
+
+
+def _int_in(name: str, flag: str, value: object, *, low: int = 1, high: int | None = None, span: str = "") -> int:
+    from datavalue.errors import RecorderError
+
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or value < low or (high is not None and value > high):
+        span = span or (f">= {low}" if high is None else f"in {low}..{high}")
+        raise RecorderError(f"{name} ({flag}) must be an int {span}, got {value!r}; nothing was written.")
+    return int(value)
+
+
+def _check_args(out: Path, *, n_train: object, epochs: object, proj_dim: object, seed: object, n_explain: object,
+                k: object) -> None:
+    """Refuse, before any work, a value the demo cannot run with, and an ``out`` that cannot be a directory
+    (a file, a path under a file, a directory without write permission); nothing is created."""
+    from datavalue.errors import StoreError, StoreExistsError
+
+    _int_in("n_train", "--n-train", n_train, high=MNIST_TRAIN)
+    _int_in("epochs", "--epochs", epochs)
+    if proj_dim is not None:  # None records exact gradients (API only)
+        _int_in("proj_dim", "--proj-dim", proj_dim)
+    _int_in("seed", "--seed", seed, low=0, high=2**63 - 1, span=">= 0 (and < 2**63)")
+    _int_in("n_explain", "n_explain", n_explain, high=10)
+    _int_in("k", "k", k)
+    if out.is_symlink() and not out.exists():
+        raise StoreError(f"--out {out} is a symbolic link to nothing ({os.readlink(out)}); choose another --out "
+                         "(the demo does not follow it).")
+    if out.exists() and not out.is_dir():
+        raise StoreExistsError(f"--out {out} is a file, not a directory; the demo writes a directory (with "
+                               f"{', '.join(OUTPUTS)}). Choose another --out (nothing was written).")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # a file, or a dangling symbolic link, on the way
+        raise StoreError(f"--out {out}: {parent} is not a directory, so no directory can be made under it; choose "
+                         "another --out (nothing was written).")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(f"--out {out}: no permission to write in {parent}; choose a directory you can write to.")
+
+
 def run_demo(out: str | Path = "runs/demo", *, n_train: int = 4000, epochs: int = 2, proj_dim: int = 1024,
              seed: int = 0, n_explain: int = 4, k: int = 6, overwrite: bool = False, progress: bool = True) -> dict:
     """Run the whole demo; returns paths and timings.
@@ -90,15 +134,23 @@ def run_demo(out: str | Path = "runs/demo", *, n_train: int = 4000, epochs: int 
     unless ``overwrite=True``, which replaces those outputs and nothing else in ``out``.
 
     Raises:
-        StoreExistsError: an output exists and ``overwrite`` is False, or it is not something the
+        RecorderError: ``n_train`` not in 1..60000, ``epochs``, ``proj_dim``, ``k`` not positive ints,
+            ``seed`` negative, ``n_explain`` not in 1..10; checked before anything is written.
+        StoreError: ``out`` lies under a file or cannot be written.
+        StoreExistsError: ``out`` is a file, or an output exists and ``overwrite`` is False, or it is not something the
             demo wrote (``run.zarr`` not a datavalue run, a symlink, a directory named ``demo.png``).
     """
     import datavalue
     from datavalue.data import load_mnist
+    from datavalue.errors import StoreError
 
     out = Path(out)
+    _check_args(out, n_train=n_train, epochs=epochs, proj_dim=proj_dim, seed=seed, n_explain=n_explain, k=k)
     _check_outputs(out, overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a read-only mount, which permission bits do not tell
+        raise StoreError(f"cannot create --out {out}: {exc.strerror or exc}; choose a writable --out.") from exc
     t0 = time.perf_counter()
     x, y = load_mnist("train", n=n_train, seed=seed)
     xte, yte = load_mnist("test", n=1000, seed=seed)

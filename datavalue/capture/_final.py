@@ -54,7 +54,7 @@ from datavalue.capture._engine import Engine
 from datavalue.capture._gradients import engine_for_run
 from datavalue.capture._pipeline import parse_sample_ids, step_weights
 from datavalue.capture.recorder import Recorder, StepHandle
-from datavalue.errors import RecorderError, RecorderStateError
+from datavalue.errors import RecorderError, RecorderStateError, StoreReadOnlyError
 from datavalue.store import FINAL_RUN
 
 
@@ -99,6 +99,12 @@ class FinalPass(Recorder):
         from datavalue.store import open_run
 
         parent = open_run(run)
+        if not isinstance(parent.path, Path):  # a .zip archive, a URL or a zarr Store: open_run reads them only
+            raise StoreReadOnlyError(
+                f"{run} is an archive or a remote/in-memory store, which datavalue opens read-only; the final-weights "
+                f"pass is written into the run (<run>/{FINAL_RUN}), so copy the run to a local directory (unzip the "
+                "archive) and run FinalPass there."
+            )
         if curvature not in (None, "none", "fisher"):
             raise RecorderError(f"FinalPass(curvature=...) must be 'fisher' or None, got {curvature!r}.")
         model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model

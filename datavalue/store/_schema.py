@@ -68,6 +68,9 @@ GROUP_STEP_ARRAYS = ("group_lr", "group_momentum", "group_weight_decay")
 MANIFEST_DIGEST_KEY = "datavalue_manifest_digest"
 #: Child run holding the no-update pass at the final weights (``datavalue.capture.FinalPass``).
 FINAL_RUN = "final"
+#: The manifest's ``integration["name"]`` of a final pass (its ``integration["run_steps"]``: the training
+#: run's committed steps when the pass was recorded).
+FINAL_PASS_INTEGRATION = "datavalue.FinalPass"
 #: The manifest entries that define what the recorded numbers mean (bound by the digest).
 CAPTURE_KEYS = ("projection", "loss_reduction", "capture_config")
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")

@@ -55,8 +55,7 @@ from datavalue.capture._gradients import engine_for_run
 from datavalue.capture._pipeline import parse_sample_ids, step_weights
 from datavalue.capture.recorder import Recorder, StepHandle
 from datavalue.errors import RecorderError, RecorderStateError
-from datavalue.store import FINAL_RUN
-from datavalue.store._schema import FINAL_PASS_INTEGRATION
+from datavalue.store import FINAL_PASS_INTEGRATION, FINAL_RUN
 
 
 def final_path(run: str | os.PathLike[str]) -> Path:

@@ -178,8 +178,7 @@ def build_influence(
         :class:`InfluenceInfo`. Query with ``Attributor(run, model, kind="influence")``.
     """
     from datavalue._memory import check_memory, parse_max_memory
-    from datavalue.store import create_array, delete_path, open_run
-    from datavalue.store._reader import stale_final_pass
+    from datavalue.store import create_array, delete_path, open_run, stale_final_pass
 
     limit = parse_max_memory(max_memory, EmbeddingError)
     run = _final_run(path)

@@ -41,8 +41,7 @@ from datavalue.query._results import (
     write_parquet,
 )
 from datavalue.query._source import Source, resolve_source
-from datavalue.store import Run, fast_rows, open_run
-from datavalue.store._reader import stale_final_pass
+from datavalue.store import Run, fast_rows, open_run, stale_final_pass
 
 logger = logging.getLogger(__name__)
 

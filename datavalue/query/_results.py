@@ -74,7 +74,7 @@ class TopK:
 
 def write_parquet(frame: pd.DataFrame, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write ``frame`` to ``path`` (Parquet, no index); object columns of mixed types become strings."""
-    from datavalue.store._reader import refuse_inside_run
+    from datavalue.store import refuse_inside_run
 
     refuse_inside_run(path, "a report")  # before the overwrite check: a run's own file is never replaced
     path = Path(path)

@@ -55,7 +55,7 @@ from datavalue.capture._gradients import engine_for_run
 from datavalue.capture._pipeline import parse_sample_ids, step_weights
 from datavalue.capture.recorder import Recorder, StepHandle
 from datavalue.errors import RecorderError, RecorderStateError, StoreReadOnlyError
-from datavalue.store import FINAL_RUN
+from datavalue.store import FINAL_PASS_INTEGRATION, FINAL_RUN
 
 
 def final_path(run: str | os.PathLike[str]) -> Path:
@@ -121,8 +121,8 @@ class FinalPass(Recorder):
         if target.exists() and not overwrite:
             raise RecorderError(f"{target} already holds a final-weights pass; pass overwrite=True to replace it.")
         super().__init__(target, model, config=cfg, overwrite=overwrite, background=background,
-                         integration={"name": "datavalue.FinalPass", "run": str(parent.path),
-                                      "run_steps": int(parent.n_steps)})
+                         integration={"name": FINAL_PASS_INTEGRATION, "run": str(parent.path),
+                                      "run_steps": int(parent.n_steps)})  # binds the pass to these steps
         self._fisher_sum = True
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 104729)
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from datavalue.embeddings._backend import parse_device
+from datavalue.embeddings._check import refuse_final_pass
 from datavalue.embeddings._config import BuildConfig
 from datavalue.embeddings._metadata import ATTRS_KEY, _base, _choice, _mib, _operator_bytes
 from datavalue.embeddings._plan import (
@@ -209,7 +210,7 @@ _BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
 
 
 # the memory reading is shared with queries and recordings (datavalue._memory)
-from datavalue._memory import MEMORY_CHECK_ENV, available_memory  # noqa: E402
+from datavalue._memory import MEMORY_CHECK_ENV, available_memory, fmt_bytes, parse_max_memory  # noqa: E402
 
 
 def state_bytes(plan: _Plan, segments: int = 1) -> int:
@@ -225,14 +226,25 @@ def state_bytes(plan: _Plan, segments: int = 1) -> int:
     return int(seq)
 
 
-def _check_memory(path: Any, plan: _Plan, segments: int) -> None:
-    """Refuse a build whose state cannot fit, before it starts (instead of an out-of-memory kill)."""
+def _check_memory(path: Any, plan: _Plan, segments: int, max_memory: int | None = None) -> None:
+    """Refuse a build whose state cannot fit, before it starts (instead of an out-of-memory kill):
+    above ``max_memory`` when the caller gave one (``build_embeddings(..., max_memory="8 GiB")``),
+    else above 90% of the available memory."""
+    need = state_bytes(plan, segments)
+    widths = sorted((b - a for a, b in plan.blocks), reverse=True)
+    if max_memory is not None:
+        if need > max_memory:
+            raise EmbeddingError(
+                f"{path}: this build would hold about {fmt_bytes(need)} of recursion state ({len(widths)} operator(s), the "
+                f"widest {widths[0]:,} columns), above max_memory={fmt_bytes(max_memory)}. Record with a smaller proj_dim, "
+                "build fewer columns per operator (blocks='layer' instead of 'full'), or raise max_memory=."
+            )
+        return
     if os.environ.get(MEMORY_CHECK_ENV, "1") == "0":
         return
-    need, have = state_bytes(plan, segments), available_memory()
+    have = available_memory()
     if have is None or need <= 0.9 * have:
         return
-    widths = sorted((b - a for a, b in plan.blocks), reverse=True)
     raise EmbeddingError(
         f"{path}: this build would hold about {_mib(need)} of recursion state ({len(widths)} operator(s), the widest "
         f"{widths[0]:,} columns), but the machine has {_mib(have)} available. Record with a smaller proj_dim (the "
@@ -276,7 +288,8 @@ def check_client(client: Any) -> None:
     )
 
 
-def check_chunk_memory(path: Any, chunk: int, k: int, storage_dtype: str, n_outputs: int, default: int) -> None:
+def check_chunk_memory(path: Any, chunk: int, k: int, storage_dtype: str, n_outputs: int, default: int,
+                       max_memory: int | None = None) -> None:
     """Refuse ``chunk_rows`` whose output chunks cannot fit in memory, before anything is deleted.
 
     A build holds each output chunk it fills and the one being written (zarr stores edge chunks
@@ -287,7 +300,7 @@ def check_chunk_memory(path: Any, chunk: int, k: int, storage_dtype: str, n_outp
     per = int(chunk) * int(k) * np.dtype(storage_dtype).itemsize
     check_memory(2 * per * int(n_outputs), what=f"{path}: a build with chunk_rows={chunk:,} ({k:,} columns)",
                  fixes=f"pass a smaller chunk_rows= (default: the run's, {int(default):,})", error=EmbeddingError,
-                 parts={"one output chunk": per})
+                 parts={"one output chunk": per}, max_memory=max_memory)
 
 
 @writes_run("build_embeddings")  # one writer per run (datavalue.store.lock_run)
@@ -310,6 +323,7 @@ def build_embeddings(
     blocks: str = "auto",
     config: BuildConfig | None = None,
     device: Any = None,
+    max_memory: int | str | None = None,
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 
@@ -382,6 +396,12 @@ def build_embeddings(
             (on a ``client``, on each worker's). Raises ``EmbeddingError`` when torch is missing or
             no CUDA device is visible.
 
+        max_memory: bytes (or a string such as ``"8 GiB"``) the build may hold, as for queries and
+            recorders. The recursion state and the output chunks are estimated before anything is
+            read or deleted, and the build is refused (``EmbeddingError``, with the estimate and the
+            cheaper options) when they exceed it. ``None`` (default): 90% of the available memory
+            (``DATAVALUE_MEMORY_CHECK=0`` turns that automatic check off).
+
     Returns:
         :class:`BuildInfo`.
 
@@ -400,6 +420,7 @@ def build_embeddings(
     from datavalue.store import create_array, delete_path, open_run
 
     t_start = time.perf_counter()
+    limit = parse_max_memory(max_memory, EmbeddingError)
     device = parse_device(device)  # before anything is read or written: a missing torch / GPU fails here
     check_client(client)
     check_path(path)
@@ -420,6 +441,7 @@ def build_embeddings(
     (curvature, dtype, segments, chunk_rows, storage_dtype, velocity, clipping, explode_threshold, optimizer,
      adam_second_moment, blocks) = (getattr(cfg, k) for k in options)
     run = open_run(path)
+    refuse_final_pass(run, "build_embeddings")
     requested_curvature = curvature
     curvature = _parse_curvature(run, curvature)
     dtype = _parse_dtype(dtype)
@@ -446,13 +468,14 @@ def build_embeddings(
     plan = dataclasses.replace(plan, device=device)
     choice = _choice(run, requested_curvature, blocks, plan)
     logger.info("%s: building embeddings with %s", path, choice["summary"])
-    _check_memory(path, plan, segments)
+    _check_memory(path, plan, segments, limit)
     vel = plan.adam is None and plan.momentum_mode and (
         velocity is None or bool(velocity)
     )  # v is fictitious without momentum
     k = int(run.proj_dim)
     chunk = int(chunk_rows or run.row_chunk)
-    check_chunk_memory(path, chunk, k, storage_dtype, 1 + int(vel), run.row_chunk)  # before overwrite deletes
+    check_chunk_memory(path, chunk, k, storage_dtype, 1 + int(vel), run.row_chunk,
+                       limit)  # before overwrite deletes
     bounds = _split(plan.step_ptr, 0, T, segments)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

@@ -20,7 +20,27 @@ from datavalue.errors import EmbeddingError, StoreError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_build"]
+__all__ = ["check_build", "refuse_final_pass"]
+
+
+def refuse_final_pass(run: Any, what: str) -> None:
+    """Refuse trajectory work (``what``: ``"build_embeddings"``, ...) on a final-weights pass
+    (``<run>/final``, :class:`datavalue.capture.FinalPass`): it records no training steps (every
+    ``lr`` is 0), so trajectory embeddings built from it would be meaningless (all zero).
+
+    Raises:
+        EmbeddingError: pointing to :func:`~datavalue.embeddings.build_influence` and
+            ``Attributor(run, model, kind="influence")``.
+    """
+    if getattr(run, "is_final_pass", False):
+        parent = run.path.parent if hasattr(run.path, "parent") else "<run>"
+        raise EmbeddingError(
+            f"{run.path} is a final-weights pass (datavalue.capture.FinalPass), not a training trajectory: it records "
+            f"no optimizer steps, so {what} has nothing to replay. Build the final model's influence instead: "
+            f"datavalue.embeddings.build_influence({str(parent)!r}), then query it with "
+            f"Attributor({str(parent)!r}, model, kind='influence'); trajectory embeddings are built on the training "
+            f"run itself (build_embeddings({str(parent)!r}))."
+        )
 
 
 def check_build(run: Any, curvature: str | None = None, *, array: str | None = None) -> dict[str, Any]:

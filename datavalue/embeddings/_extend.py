@@ -20,17 +20,21 @@ from typing import Any
 
 import numpy as np
 
+from datavalue._memory import parse_max_memory
 from datavalue.embeddings._backend import parse_device
 from datavalue.embeddings._build import (
     SIGN,
     BuildInfo,
+    _check_memory,
     _load_ops,
     _now,
     _read_attrs,
     _store_ops,
     _warn_expansive,
+    check_chunk_memory,
     check_client,
 )
+from datavalue.embeddings._check import refuse_final_pass
 from datavalue.embeddings._metadata import (
     ATTRS_KEY,
     _base,
@@ -59,6 +63,7 @@ def embeddings_at(
     progress: bool = True,
     overwrite: bool = False,
     device: Any = None,
+    max_memory: int | str | None = None,
 ) -> Any:
     """Embeddings of the occurrences before ``step`` w.r.t. the checkpoint *before* step ``step``.
 
@@ -71,7 +76,7 @@ def embeddings_at(
         step: ``1 <= step <= T``; ``T`` is the final model (the main build). Segment boundaries are
             cheapest.
         curvature: which build (default as in :func:`build_embeddings`).
-        client, progress, device: as in :func:`build_embeddings`.
+        client, progress, device, max_memory: as in :func:`build_embeddings`.
         overwrite: replace an earlier result for this step.
 
     Returns:
@@ -80,9 +85,11 @@ def embeddings_at(
     """
     from datavalue.store import create_array, open_array, open_run
 
+    limit = parse_max_memory(max_memory, EmbeddingError)
     device = parse_device(device)
     check_client(client)
     run = open_run(path)
+    refuse_final_pass(run, "embeddings_at")
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
     T = int(meta["n_steps"])
@@ -104,6 +111,7 @@ def embeddings_at(
         _replay_optimizer(meta), blocks=_stored_blocks(meta),
     )
     plan = dataclasses.replace(plan, device=device)
+    _check_memory(path, plan, len(meta["segments"]), limit)
     seg = [tuple(b) for b in meta["segments"]]
     bounds, known = [], {}
     inside = [s for s, (lo, hi) in enumerate(seg) if lo < step]
@@ -119,6 +127,7 @@ def embeddings_at(
     k = int(run.proj_dim)
     R_b = int(plan.step_ptr[step])
     chunk = int(run.row_chunk)
+    check_chunk_memory(path, chunk, k, meta["storage_dtype"], 1, chunk, limit)
     out = create_array(
         path,
         name,
@@ -153,6 +162,7 @@ def extend_embeddings(
     client: Any = None,
     progress: bool = True,
     device: Any = None,
+    max_memory: int | str | None = None,
 ) -> BuildInfo:
     """Bring a finished build up to date after the run was resumed and trained further.
 
@@ -162,7 +172,7 @@ def extend_embeddings(
     when momentum carries velocity across the old end. That needs the old build's ``v_values``
     (kept by default for momentum runs); without them, if the first new step carries velocity,
     this raises and asks for a rebuild. Equal to a full rebuild up to rounding. ``device``: where the
-    new steps' recursion runs, as in :func:`build_embeddings` (the stored config's dtype is kept).
+    new steps' recursion runs, as in :func:`build_embeddings` (the stored config's dtype is kept). ``max_memory``: as in :func:`build_embeddings`.
 
     Returns:
         :class:`BuildInfo` of the extended build.
@@ -170,9 +180,11 @@ def extend_embeddings(
     from datavalue.store import open_array, open_array_writable, open_run
 
     t_start = time.perf_counter()
+    limit = parse_max_memory(max_memory, EmbeddingError)
     device = parse_device(device)
     check_client(client)
     run = open_run(path)
+    refuse_final_pass(run, "extend_embeddings")
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
     T0, R0 = int(meta["n_steps"]), int(meta["n_rows"])
@@ -184,6 +196,7 @@ def extend_embeddings(
         _replay_optimizer(meta), blocks=_stored_blocks(meta),
     )
     plan = dataclasses.replace(plan, device=device)
+    _check_memory(path, plan, segments, limit)
     if T1 < T0 or int(plan.step_ptr[T0]) != R0 or _digest(plan, T0) != meta["run_digest"]:
         raise EmbeddingError(
             f"{path}: the first {T0} steps differ from the ones the build was made from (the run was overwritten or "
@@ -209,6 +222,7 @@ def extend_embeddings(
         )
     k = int(run.proj_dim)
     chunk = int(values.chunks[0])
+    check_chunk_memory(path, chunk, k, meta["storage_dtype"], 1 + int(vel), chunk, limit)  # before anything changes
     meta["complete"] = False
     values.attrs[ATTRS_KEY] = meta
     values.resize((R1, k))

@@ -149,6 +149,7 @@ def build_influence(
     max_dense: int = MAX_DENSE,
     overwrite: bool = False,
     progress: bool = True,
+    max_memory: int | str | None = None,
 ) -> InfluenceInfo:
     """Precondition the final-weights pass of a run by the final model's sketched curvature.
 
@@ -164,13 +165,26 @@ def build_influence(
         max_dense: the largest block ``"auto"`` keeps dense.
         overwrite: replace an earlier build of the same curvature.
         progress: a progress bar over blocks.
+        max_memory: bytes (or ``"8 GiB"``) the build may hold; default 90% of the available memory.
+            The build holds the pass's rows (and Fisher rows) in float64 and the result; it is
+            refused before anything is read or written when that does not fit.
+
+    Raises:
+        EmbeddingError: no final pass; the pass is stale (the run was trained further after it was
+            recorded: ``integration["run_steps"]`` differs from the run's steps); the estimate
+            exceeds ``max_memory`` (or the available memory); bad arguments.
 
     Returns:
         :class:`InfluenceInfo`. Query with ``Attributor(run, model, kind="influence")``.
     """
-    from datavalue.store import create_array, delete_path
+    from datavalue._memory import check_memory, parse_max_memory
+    from datavalue.store import create_array, delete_path, open_run, stale_final_pass
 
+    limit = parse_max_memory(max_memory, EmbeddingError)
     run = _final_run(path)
+    stale = stale_final_pass(open_run(path), run)
+    if stale is not None:
+        raise EmbeddingError(stale)
     if curvature is None:
         curvature = "fisher" if run.has_fisher else "empirical_fisher"
     if curvature not in CURVATURES:
@@ -189,6 +203,11 @@ def build_influence(
     S = float(shares.sum())
     if not S > 0:
         raise EmbeddingError(f"{run.path}: the examples' shares sum to {S} (no counted token?); nothing to normalise by.")
+    widest = max((int(b["stop"]) - int(b["start"]) for b in run.blocks), default=k)
+    rows = 8 * k * (2 * n + (run.n_fisher_rows if curvature == "fisher" else 0)) + 4 * n * k
+    check_memory(rows + 3 * 8 * min(widest, max_dense) ** 2, what=f"{run.path}: this influence build",
+                 parts={"rows": rows}, error=EmbeddingError, max_memory=limit,
+                 fixes="record the pass with a smaller proj_dim, or lower max_dense= (larger blocks use EK-FAC)")
     name = f"influence/{curvature}/values"
     base = f"influence/{curvature}"
     if run.has_array(name) and not overwrite:
@@ -196,7 +215,7 @@ def build_influence(
     if overwrite and run.has_array(name):
         delete_path(run.path, base)
     meta: dict[str, Any] = {"curvature": curvature, "damping": float(damping), "damping_abs": float(damping_abs),
-                            "structure": structure, "n_rows": int(n), "normaliser": S,
+                            "structure": structure, "n_rows": int(n), "normaliser": S, "run_steps": run.final_pass_steps,
                             "created": _dt.datetime.now(_dt.UTC).isoformat(), "complete": False}
     out = create_array(run.path, name, shape=(n, k), dtype="float32", chunks=(min(n, max(1, (4 << 20) // (4 * k))), k),
                        attrs={ATTRS_KEY: meta})

@@ -41,7 +41,7 @@ from datavalue.query._results import (
     write_parquet,
 )
 from datavalue.query._source import Source, resolve_source
-from datavalue.store import Run, fast_rows, open_run
+from datavalue.store import Run, fast_rows, open_run, stale_final_pass
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class Attributor:
         self._training_run = self.run  # replays (replay/<name>) live in the training run
         if kind == "influence":  # the final model's influence: the columns are the final pass's examples
             self.run = _final_pass(self.run)  # same fingerprint and capture plan as the run (FinalPass checked)
+        elif self.run.is_final_pass:
+            raise QueryError(_final_pass_as_trajectory(self.run, kind))
         self.path = self.run.path
         self.model = model
         self._engine = engine_for_run(model, self.run.manifest) if model is not None else None
@@ -547,18 +549,33 @@ def _parse_model(model: Any) -> nn.Module | None:
     return model
 
 
+def _final_pass_as_trajectory(run: Run, kind: str | None) -> str:
+    parent = str(getattr(run.path, "parent", "<run>"))
+    return (
+        f"{run.path} is a final-weights pass (datavalue.capture.FinalPass), not a training trajectory: it records no "
+        f"optimizer steps, so kind={kind or 'dvemb'!r} scores from it would be meaningless. Query the final model's "
+        f"influence on the training run instead: datavalue.embeddings.build_influence({parent!r}), then "
+        f"Attributor({parent!r}, model, kind='influence') (build_influence(..., curvature='none') for the plain "
+        f"final-model gradient dot); trajectory queries use Attributor({parent!r}, model)."
+    )
+
+
 def _final_pass(run: Run) -> Run:
     from datavalue.errors import StoreNotFoundError
     from datavalue.store import FINAL_RUN
 
     try:
-        return open_run(run.path / FINAL_RUN)
+        final = open_run(run.path / FINAL_RUN)
     except StoreNotFoundError as exc:
         raise QueryError(
             f"{run.path} has no final-weights pass: kind='influence' needs one. Record it with "
             "`with datavalue.capture.FinalPass(run, model) as fp:` (then `with fp.batch(ids, tokens=...): "
             "loss.backward()` over the training data) and build it with datavalue.embeddings.build_influence(run)."
         ) from exc
+    stale = stale_final_pass(run, final)
+    if stale is not None:
+        raise QueryError(stale)
+    return final
 
 
 def _parse_chunk_rows(chunk_rows: int | None, array: Any) -> int:

@@ -74,6 +74,9 @@ class TopK:
 
 def write_parquet(frame: pd.DataFrame, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write ``frame`` to ``path`` (Parquet, no index); object columns of mixed types become strings."""
+    from datavalue.store import refuse_inside_run
+
+    refuse_inside_run(path, "a report")  # before the overwrite check: a run's own file is never replaced
     path = Path(path)
     if path.exists() and not overwrite:
         raise StoreExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")

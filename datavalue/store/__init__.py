@@ -11,7 +11,11 @@ run's private attributes), so that the format has one place to change:
   :func:`package_versions` and :func:`fingerprint_params` fill the blocks and the manifest;
 - derived arrays (embeddings): :func:`create_array`, :func:`open_array_writable` (an existing one,
   to extend it), :func:`delete_path`; these and :func:`archive_run` refuse a path that a symbolic
-  link leads outside the run;
+  link leads outside the run; :func:`open_run` refuses a run holding a link that leads outside it;
+  :func:`refuse_inside_run` refuses a report path inside a run (every API writer of reports);
+- the final-weights pass (``<run>/final``, :data:`FINAL_RUN`): ``Run.is_final_pass``, its manifest's
+  ``integration["name"]`` :data:`FINAL_PASS_INTEGRATION`; :func:`stale_final_pass` says why a pass
+  no longer describes the run (the run trained further after it was recorded);
 - one writer per run: :class:`RunWriter` holds ``<run>/writer.lock`` (:data:`LOCK_FILE`) while
   it is open; other writers into a run hold it with :func:`lock_run` (or the :func:`writes_run`
   decorator); a second writer gets :class:`~datavalue.errors.StoreLockedError` naming the holder;
@@ -41,9 +45,12 @@ from datavalue.store._reader import delete_path as delete_path
 from datavalue.store._reader import open_array as open_array
 from datavalue.store._reader import open_array_writable as open_array_writable
 from datavalue.store._reader import open_run as open_run
+from datavalue.store._reader import refuse_inside_run as refuse_inside_run
+from datavalue.store._reader import stale_final_pass as stale_final_pass
 from datavalue.store._runlock import LOCK_FILE as LOCK_FILE
 from datavalue.store._runlock import lock_run as lock_run
 from datavalue.store._runlock import writes_run as writes_run
+from datavalue.store._schema import FINAL_PASS_INTEGRATION as FINAL_PASS_INTEGRATION
 from datavalue.store._schema import FINAL_RUN as FINAL_RUN
 from datavalue.store._schema import FLAG_NONFINITE as FLAG_NONFINITE
 from datavalue.store._schema import MANIFEST_DIGEST_KEY as MANIFEST_DIGEST_KEY
@@ -60,6 +67,7 @@ from datavalue.store._writer import RunWriter as RunWriter
 from datavalue.store._writer import write_chunk as write_chunk
 
 __all__ = [
+    "FINAL_PASS_INTEGRATION",
     "FINAL_RUN",
     "FLAG_NONFINITE",
     "LOCK_FILE",
@@ -85,6 +93,8 @@ __all__ = [
     "open_array_writable",
     "open_run",
     "package_versions",
+    "refuse_inside_run",
+    "stale_final_pass",
     "write_all",
     "write_chunk",
     "writes_run",

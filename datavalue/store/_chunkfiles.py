@@ -66,11 +66,32 @@ class ChunkFileRows:
             dest = out[lo - a : hi - a]
             if lo == i * C and hi == (i + 1) * C:
                 self._read_chunk(i, dest, width)  # a whole chunk: straight into the output
-            else:
+            elif self._chunk_size(i, width) is None:  # missing: an error inside the committed rows, else fill
+                self._read_chunk(i, dest, width)
+            else:  # the file holds exactly one chunk (checked): the buffer is bounded by what is on disk
                 full = np.empty(self.chunks, dtype=self.dtype)
                 self._read_chunk(i, full, width)
                 dest[:] = full[lo - i * C : hi - i * C]
         return out
+
+    def _chunk_size(self, i: int, width: int) -> int | None:
+        """The size of chunk ``i``'s file, or None when it is missing; refuses a file whose size is not
+        one chunk's (``chunk_rows * width`` bytes and the 4-byte checksum) *before* a chunk-sized
+        buffer is allocated: metadata edited to a huge ``chunk_shape`` (``[2**40, k]``) would otherwise
+        ask numpy for terabytes."""
+        path = self.directory / "c" / str(i) / "0"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        if size != self.chunk_rows * width + 4:
+            raise StoreCorruptError(
+                f"chunk {self.name}/c/{i}/0 is corrupt (truncated, or its metadata edited): it holds {size:,} bytes, but "
+                f"the array's metadata ({self.name}/zarr.json: chunk_shape [{self.chunk_rows:,}, {self.shape[1]:,}], "
+                f"{self.dtype}) says a chunk holds {self.chunk_rows * width + 4:,} (file {path}). "
+                "Restore the run from a copy, or rebuild the array (embeddings: overwrite=True); nothing was allocated."
+            )
+        return size
 
     def _read_chunk(self, i: int, dest: np.ndarray, width: int) -> None:
         path = self.directory / "c" / str(i) / "0"

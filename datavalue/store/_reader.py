@@ -30,6 +30,7 @@ from datavalue.errors import (
 )
 from datavalue.store._schema import (
     CAPTURE_KEYS,
+    FINAL_PASS_INTEGRATION,
     GROUP_STEP_ARRAYS,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
@@ -250,8 +251,23 @@ class Run:
                 "Install the datavalue version that wrote it, or re-record."
             )
         check_manifest(self.manifest, self.path, self._group.attrs.get(MANIFEST_DIGEST_KEY))
+        if isinstance(self.path, Path):
+            refuse_reading_links(self.path)
         self.n_steps, self.n_rows, self.n_fisher_rows, self.generation = read_commit(self._group, self.path)
         self._check_chunks()
+
+    @property
+    def is_final_pass(self) -> bool:
+        """Whether this run is the no-update pass at a training run's final weights
+        (:class:`datavalue.capture.FinalPass`, ``<run>/final``), not a training trajectory."""
+        return (self.manifest.get("integration") or {}).get("name") == FINAL_PASS_INTEGRATION
+
+    @property
+    def final_pass_steps(self) -> int | None:
+        """For a final pass: the training run's committed step count when the pass was recorded
+        (``None`` for another run, or a pass written before it was stored)."""
+        steps = (self.manifest.get("integration") or {}).get("run_steps") if self.is_final_pass else None
+        return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
 
     def _committed_length(self, name: str) -> int:
         return committed_length(name, steps=self.n_steps, rows=self.n_rows, fisher_rows=self.n_fisher_rows)
@@ -600,6 +616,27 @@ class Run:
         }
 
 
+def stale_final_pass(parent: Run, final: Run) -> str | None:
+    """Why the final pass ``final`` no longer describes ``parent``'s final weights, or None.
+
+    A :class:`~datavalue.capture.FinalPass` records the training run's committed step count
+    (manifest ``integration["run_steps"]``); once the run was resumed and trained further, the pass
+    (and its influence builds) describe a model that many steps old."""
+    if final.is_final_pass and final.final_pass_steps is None:
+        logger.info("%s records no step count (written before it was stored); its freshness is not checked", final.path)
+        return None
+    steps = final.final_pass_steps
+    if steps is None or steps == parent.n_steps:
+        return None
+    return (
+        f"{final.path} was recorded at the weights after step {steps} of {parent.path}, but the run now has "
+        f"{parent.n_steps} committed steps (trained further since): its influence would describe a model "
+        f"{abs(parent.n_steps - steps)} steps away from the final one. Record the pass again at the final weights "
+        f"(FinalPass({str(parent.path)!r}, model, overwrite=True)) and rebuild with "
+        f"datavalue.embeddings.build_influence({str(parent.path)!r}, overwrite=True)."
+    )
+
+
 def open_run(path: str | os.PathLike[str] | Any) -> Run:
     """Open a recorded run read-only. See :class:`Run`.
 
@@ -639,16 +676,62 @@ def check_inside_run(path: str | os.PathLike[str], name: str) -> None:
 
 def links_leaving(root: Path) -> list[tuple[Path, str]]:
     """Every symbolic link under ``root`` that resolves outside it: ``(link, real target)``. The walk
-    does not follow links, so a link to a directory outside is reported, never entered."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for entry in dirnames + filenames:
-            p = Path(dirpath, entry)
-            if p.is_symlink():
-                where = _outside(root, p)
-                if where is not None:
-                    found.append((p, where))
-    return found
+    does not follow links, so a link to a directory outside is reported, never entered. It lists
+    directories with ``os.scandir`` and asks no file for its status (a link is known from its
+    directory entry), so a run of many thousand chunks is walked in milliseconds."""
+    real_root = os.path.realpath(root)
+    found: list[tuple[Path, str]] = []
+    todo = [os.fspath(root)]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as it:
+                entries = list(it)
+        except OSError:
+            continue  # unreadable or vanished: the read of what it holds says so
+        for entry in entries:
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+                if os.path.commonpath([real_root, real]) != real_root:
+                    found.append((Path(entry.path), real))
+            elif entry.is_dir(follow_symlinks=False):
+                todo.append(entry.path)
+    return sorted(found)
+
+
+def refuse_reading_links(root: Path) -> None:
+    """Raise :class:`StoreError` when a symbolic link anywhere under the run ``root`` leads outside
+    it: whatever is read through it (``grads -> /runs/other.zarr/grads``) is not this run's data,
+    and results built from it would silently be another run's. Called by :func:`open_run` on every
+    local run (:func:`links_leaving`: one directory listing per folder, no file opened)."""
+    leaving = links_leaving(Path(root))
+    if leaving:
+        shown = "; ".join(f"{p.relative_to(root)} -> {where}" for p, where in leaving[:5])
+        more = f" and {len(leaving) - 5} more" if len(leaving) > 5 else ""
+        first = leaving[0][0].relative_to(root)
+        raise StoreError(
+            f"{root}: {first} leads outside the run (symbolic links that lead outside the run: {shown}{more}); data "
+            "read through them would be another run's (or anyone's), not what this run recorded, so the run is not "
+            "opened. Replace each link with the run's own files (or remove it), then open the run again."
+        )
+
+
+def refuse_inside_run(out: str | os.PathLike[str], what: str = "a report") -> None:
+    """Raise :class:`StoreError` when writing ``out`` would change a run: ``out`` lies inside a
+    run (or any zarr store: a directory holding ``zarr.json``), links and ``..`` resolved. Every API
+    writer of reports (``Attributor.save_parquet``, ``TopK.to_parquet``, ``ReplayResult.save_parquet``)
+    and the CLI's ``--out`` use this one check, before anything is written."""
+    if not isinstance(out, (str, os.PathLike)) or not is_local(out):
+        return
+    real = Path(os.path.realpath(out))
+    store = None
+    for parent in (real, *real.parents):
+        if parent.is_dir() and (parent / "zarr.json").is_file():
+            store = parent  # keep climbing: name the outermost store (the run, not its embeddings group)
+    if store is not None:
+        raise StoreError(
+            f"{out} lies inside the run {store} (resolved: {real}); writing {what} there would change the run's "
+            "own files, so nothing was written. Choose a path outside the run."
+        )
 
 
 def refuse_links_leaving(root: Path, why: str, *, again: str = "run again") -> None:

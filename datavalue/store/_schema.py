@@ -77,6 +77,9 @@ RUN_MEMBERS = frozenset({
     "zarr.json", "grads", "fisher", "commit", "step_ptr", "fisher_ptr", *ROW_ARRAYS, *STEP_ARRAYS,
     *OPTIONAL_STEP_ARRAYS, FINAL_RUN, "embeddings", "influence", "checkpoints", "replay", "precondition",
 })
+#: The manifest's ``integration["name"]`` of a final pass (its ``integration["run_steps"]``: the training
+#: run's committed steps when the pass was recorded).
+FINAL_PASS_INTEGRATION = "datavalue.FinalPass"
 #: The manifest entries that define what the recorded numbers mean (bound by the digest).
 CAPTURE_KEYS = ("projection", "loss_reduction", "capture_config")
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")

@@ -36,6 +36,7 @@ from datavalue.store._schema import (
     MANIFEST_KEY,
     MARKED_ARRAYS,
     OPTIONAL_STEP_ARRAYS,
+    RUN_ID_KEY,
     SCHEMA_VERSION,
     committed_length,
     manifest_digest,
@@ -203,10 +204,13 @@ def check_array_shapes(group: zarr.Group, location: Any, *, steps: int, rows: in
     """Refuse an array whose first axis is shorter than what the commit ``(steps, rows, fisher_rows)``
     covers. The writer grows an array's metadata before it writes the chunks and the commit, so a
     shorter one is an older ``zarr.json`` than the commit; zarr would read it as the short array.
+    Refuse too an array that carries another run id than the run (:data:`RUN_ID_KEY`): a copy from
+    another run.
 
     Raises:
         StoreCorruptError: naming the array, its length and the committed length.
     """
+    run_id = group.attrs.get(RUN_ID_KEY)
     for name in COMMITTED_ARRAYS:
         n = committed_length(name, steps=steps, rows=rows, fisher_rows=fisher_rows)
         if n <= 0:
@@ -215,6 +219,13 @@ def check_array_shapes(group: zarr.Group, location: Any, *, steps: int, rows: in
             arr = group[name]
         except KeyError:
             continue
+        if run_id is not None and arr.attrs.get(RUN_ID_KEY) != run_id:
+            found = arr.attrs.get(RUN_ID_KEY)
+            raise StoreCorruptError(
+                f"{location}: the array {name!r} was not written with this run ({'it carries another run id' if found else 'it carries no run id'}"
+                f": {found!r}, the run's is {run_id!r}): it was copied in from another run or an older version of one, "
+                "so its data is not this run's. Restore the run from a whole copy (or re-record it)."
+            )
         length = int(arr.shape[0]) if len(arr.shape) else 0
         if length < n:
             raise StoreCorruptError(stale_shape_message(location, name, length, n))

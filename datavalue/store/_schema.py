@@ -66,6 +66,10 @@ GROUP_STEP_ARRAYS = ("group_lr", "group_momentum", "group_weight_decay")
 
 #: Root attribute holding :func:`manifest_digest` of the manifest the run was created with.
 MANIFEST_DIGEST_KEY = "datavalue_manifest_digest"
+#: Attribute holding a random id drawn when a run is created, on its root and on every array the
+#: recorder writes: an array whose id differs from the root's was copied in from another run (runs
+#: written before it have none and are not checked).
+RUN_ID_KEY = "datavalue_run_id"
 #: Child run holding the no-update pass at the final weights (``datavalue.capture.FinalPass``).
 FINAL_RUN = "final"
 #: The top-level entries datavalue writes in a run directory: the run's arrays, the groups built

@@ -19,6 +19,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from datavalue.store._schema import (
     MARKED_ARRAYS,
     OPTIONAL_STEP_ARRAYS,
     ROW_ARRAYS,
+    RUN_ID_KEY,
     RUN_MEMBERS,
     SCHEMA_VERSION,
     STEP_ARRAYS,
@@ -306,6 +308,7 @@ class RunWriter:
         if mode not in ("create", "overwrite", "resume"):
             raise ValueError(f"mode must be 'create', 'overwrite' or 'resume', got {mode!r}")
         self._locks: list[LockFile] = []
+        self._run_id: str | None = None
         self._lock_and_prepare(mode, manifest, chunk_rows, storage_dtype, fisher)
         self.manifest = manifest if mode != "resume" else self.manifest
         self._tails: dict[str, _AppendArray] = {}
@@ -388,25 +391,27 @@ class RunWriter:
     def _create(self, manifest: dict[str, Any], chunk_rows: int, storage_dtype: str, fisher: bool) -> None:
         g = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # "a": the directory holds our writer lock
         # one zarr.json write: the manifest and the digest binding its capture settings to the data
-        g.attrs.update({MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest)})
+        self._run_id = uuid.uuid4().hex  # on the root and every array: an array copied from another run shows
+        g.attrs.update({MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest), RUN_ID_KEY: self._run_id})
         # every chunk is written, even one equal to the fill value: no per-chunk comparison
         cfg = {"write_empty_chunks": True}
+        ours = {RUN_ID_KEY: self._run_id}
         cap = chunk_rows
         g.create_array("grads", shape=(cap, self.k), chunks=(chunk_rows, self.k), dtype=storage_dtype,
-                       compressors=float_codecs(), fill_value=0, config=cfg)
+                       compressors=float_codecs(), fill_value=0, config=cfg, attributes=ours)
         for name, dt in ROW_ARRAYS.items():
-            g.create_array(name, shape=(cap,), chunks=(chunk_rows,), dtype=dt, compressors=small_codecs(), fill_value=0, config=cfg)
+            g.create_array(name, shape=(cap,), chunks=(chunk_rows,), dtype=dt, compressors=small_codecs(), fill_value=0, config=cfg, attributes=ours)
         step_chunk = 4096
         for name, dt in STEP_ARRAYS.items():
-            g.create_array(name, shape=(step_chunk,), chunks=(step_chunk,), dtype=dt, compressors=small_codecs(), fill_value=0, config=cfg)
+            g.create_array(name, shape=(step_chunk,), chunks=(step_chunk,), dtype=dt, compressors=small_codecs(), fill_value=0, config=cfg, attributes=ours)
         g.create_array("step_ptr", shape=(step_chunk + 1,), chunks=(step_chunk,), dtype="int64",
-                       compressors=small_codecs(), fill_value=0, config=cfg)
+                       compressors=small_codecs(), fill_value=0, config=cfg, attributes=ours)
         if fisher:
             g.create_array("fisher", shape=(cap, self.k), chunks=(chunk_rows, self.k), dtype=storage_dtype,
-                           compressors=float_codecs(), fill_value=0, config=cfg)
+                           compressors=float_codecs(), fill_value=0, config=cfg, attributes=ours)
             g.create_array("fisher_ptr", shape=(step_chunk + 1,), chunks=(step_chunk,), dtype="int64",
-                           compressors=small_codecs(), fill_value=0, config=cfg)
-        g.create_array("commit", shape=(4,), chunks=(4,), dtype="int64", compressors=small_codecs(), fill_value=0, config=cfg)
+                           compressors=small_codecs(), fill_value=0, config=cfg, attributes=ours)
+        g.create_array("commit", shape=(4,), chunks=(4,), dtype="int64", compressors=small_codecs(), fill_value=0, config=cfg, attributes=ours)
         self._group = g
         # an explicit zero commit before any data chunk: a missing commit/c/0 beside data is then damage,
         # never a first step in flight (store._reader.read_commit)
@@ -430,6 +435,7 @@ class RunWriter:
         if "grads" in g and g["grads"].shape[1] != self.k:
             raise StoreMismatchError(f"{self.path} has {g['grads'].shape[1]} gradient columns, this recorder makes {self.k}.")
         self._group = g
+        self._run_id = g.attrs.get(RUN_ID_KEY)  # None for runs written before run ids
         self.chunk_rows = int(g["grads"].chunks[0])
         self.manifest = on_disk
         # a missing commit beside data chunks is damage, not 0 steps to overwrite
@@ -561,8 +567,9 @@ class RunWriter:
                 cap = max(rows, self.steps + len(blocks))
                 arr = self._group.create_array(name, shape=(cap, *width), chunks=(rows, *width), dtype=dt,
                                                compressors=small_codecs(), fill_value=np.nan,
-                                               config={"write_empty_chunks": True})
-                arr.attrs["first_step"] = int(self.steps)
+                                               config={"write_empty_chunks": True},
+                                               attributes={"first_step": int(self.steps)}
+                                               | ({RUN_ID_KEY: self._run_id} if self._run_id else {}))
                 self._optional.add(name)
                 if self.steps:  # earlier steps: NaN (fill value), written out so the chunks exist
                     arr[: self.steps] = np.nan

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import cProfile
 import functools
 import os
@@ -82,6 +83,9 @@ def instrument() -> None:
     _pipeline.StepSink.submit = _timed("StepSink.submit (host copy, checks, queue)", _pipeline.StepSink.submit)
     _writer.RunWriter._write = _timed("writer._write (background thread)", _writer.RunWriter._write)
     _writer.RunWriter.flush = _timed("flush (wait for the writer)", _writer.RunWriter.flush)
+    G = _optim.UnrecordedGradients
+    G._on_step = _timed("optimizer pre-hook (update = recorded step)", G._on_step)
+    G._check_gradient = _timed("  of which: gradient check (sketch of .grad)", G._check_gradient)
 
 
 def adam_moments_proposed(opt, model, engine):
@@ -183,17 +187,20 @@ def run_steps(model, opt, loss_fn, b, n, start, rec=None):
 def breakdown(args) -> None:
     instrument()
     (name, model, loss_fn, b), opt = make_case(args.model, args.optimizer)
+    # plain steps train a copy made before any hook is attached (the recorder's optimizer pre-hook refuses
+    # updates it did not record, so the recorded model cannot take plain steps in between)
+    pmodel = copy.deepcopy(model)
+    popt = type(opt)(pmodel.parameters(), lr=1e-3)
     with tempfile.TemporaryDirectory() as d:
         rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=args.proj, optimizer=opt)
         print(f"{name}, {args.optimizer}, proj_dim {args.proj}: k={rec.proj_dim} in {len(rec.blocks)} blocks, "
               f"Adam moments stored: {rec.record_optimizer_state}")
         run_steps(model, opt, loss_fn, b, 5, 0, rec)
+        run_steps(pmodel, popt, loss_fn, b, 5, 0)
         plain, recorded, start = [], [], 5
         TIMES.clear()
         for _ in range(args.reps):
-            rec.engine.detach()
-            plain.append(run_steps(model, opt, loss_fn, b, args.steps, start))
-            rec.engine.attach()
+            plain.append(run_steps(pmodel, popt, loss_fn, b, args.steps, start))
             recorded.append(run_steps(model, opt, loss_fn, b, args.steps, start, rec))
             start += args.steps
         rec.close()

@@ -398,6 +398,10 @@ class PendingStep:
     applied: bool = False
 
 
+def _steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
 class UnrecordedGradients:
     """Refuse an optimizer update that differs from the step the run records.
 
@@ -490,7 +494,7 @@ class UnrecordedGradients:
         self._drop(p.step)
         raise RecorderStateError(
             f"step {p.step} was recorded but optimizer.step() never ran after it, so the update the run records did "
-            f"not happen. Step {p.step} was not written (the run keeps its {p.step} earlier steps). Call optimizer.step() "
+            f"not happen. Step {p.step} was not written (the run keeps the {_steps(p.step)} before it). Call optimizer.step() "
             "once after every recorded block (rec.step or rec.commit_step), before the next one; to record a step "
             "without an update, do not record it at all."
         )
@@ -514,8 +518,8 @@ class UnrecordedGradients:
                          f"{names[:3]}{' ...' if len(names) > 3 else ''} after the last recorded block, so this update "
                          "holds gradient that the run does not (gradient accumulation with a block around one "
                          "micro-batch?)", "record every micro-batch in `with rec.microbatch(ids):` (then "
-                         "rec.commit_step()), or run every backward inside the step's `with rec.step(...)` block, and "
-                         "start the run again")
+                         "rec.commit_step()), or run every backward inside the step's `with rec.step(...)` block; then "
+                         "optimizer.zero_grad() and record this step again")
         if p is None or p.applied:
             if all(q.grad is None for q in self._trainable):  # torch optimizers skip parameters without gradient
                 return
@@ -533,7 +537,7 @@ class UnrecordedGradients:
                 if not (a == b or np.isclose(a, b, rtol=1e-12, atol=0.0)):
                     diffs.append(f"param group {gi} {key.removeprefix('group_')}: recorded {float(a)!r}, now {float(b)!r}")
         if p.lr is not None and not np.isclose(p.lr, now["group_lr"][0], rtol=1e-12, atol=0.0) and not diffs:
-            self._refuse(p, f"the step recorded lr: recorded {p.lr!r} (rec.step(lr=...) or rec.commit_step(lr=...)), but "
+            self._refuse(p, f"the step recorded lr={p.lr!r} (given to rec.step(lr=...) or rec.commit_step(lr=...)), but "
                          f"the optimizer's param group 0 updates with lr {float(now['group_lr'][0])!r}",
                          "with Recorder(..., optimizer=opt) omit lr= (the recorder reads the optimizer's), or set it on "
                          "opt.param_groups before the block")
@@ -589,7 +593,7 @@ class UnrecordedGradients:
         if p is not None and not p.applied:
             self.pending = None
             self._drop(p.step)
-            lost = f"Step {p.step} was not written (the run keeps its {p.step} earlier steps). "
+            lost = f"Step {p.step} was not written (the run keeps the {_steps(p.step)} before it). "
         else:
             lost = ""
         raise RecorderError(f"optimizer.step(): {what}. The update was not applied. {lost}Fix: {fix}.")

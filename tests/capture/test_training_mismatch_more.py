@@ -200,7 +200,7 @@ def test_an_explicit_lr_the_optimizer_does_not_use_is_refused(tmp_path):
         opt.zero_grad()
         with rec.step(sample_ids=range(8, 16), lr=0.5):
             _loss(model, 1).backward()
-        with pytest.raises(RecorderError, match=r"lr: recorded 0\.5 \(rec\.step\(lr=\.\.\.\).*updates with lr 0\.1.*omit lr="):
+        with pytest.raises(RecorderError, match=r"recorded lr=0\.5 \(given to rec\.step\(lr=\.\.\.\).*updates with lr 0\.1.*omit lr="):
             opt.step()
     assert open_run(tmp_path / "l.zarr").lr.tolist() == [0.1]
 

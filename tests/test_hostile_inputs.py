@@ -346,11 +346,15 @@ def _sgd_run(tmp_path, model, steps=1, **kw):
     """A recorder with ``optimizer=`` and ``steps`` correct steps (block, opt.step(), zero_grad())."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None, optimizer=opt, **kw)
-    for t in range(steps):
-        with rec.step(sample_ids=range(6 * t, 6 * t + 6)):
-            F.cross_entropy(model(X * (1 + t)), Y).backward()
-        opt.step()
-        opt.zero_grad()
+    try:
+        for t in range(steps):
+            with rec.step(sample_ids=range(6 * t, 6 * t + 6)):
+                F.cross_entropy(model(X * (1 + t)), Y).backward()
+            opt.step()
+            opt.zero_grad()
+    except BaseException:
+        rec.close()
+        raise
     return rec, opt
 
 

@@ -16,6 +16,7 @@ Restrict it with ``--models``, ``--projs`` and ``--storages``.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import platform
@@ -121,15 +122,19 @@ def interleaved(case, path: str, *, proj_dim, reps: int, steps: int, curvature: 
     (``fisher_max_classes``, ``precondition``, ...).
     """
     _, model, loss_fn, b = case
+    # plain steps train a copy (made before any hook is attached): a resumed recorder refuses weights that
+    # trained outside the run (datavalue.capture._resume), and the copy does the same work
+    pmodel = copy.deepcopy(model)
+    popt = make_optimizer(optimizer, pmodel)
     opt = make_optimizer(optimizer, model)
     kw = dict(proj_dim=proj_dim, optimizer=opt, curvature=curvature, storage_dtype=storage_dtype, **rec_kw)
     rec = datavalue.Recorder(path, model, **kw)
     k = rec.proj_dim
     rec.close()  # hooks off while timing the plain steps; re-opened per block below
-    time_steps(model, opt, loss_fn, 3)
+    time_steps(pmodel, popt, loss_fn, 3)
     plain, recorded, start = [], [], 0
     for _ in range(reps):
-        plain.append(time_steps(model, opt, loss_fn, steps))
+        plain.append(time_steps(pmodel, popt, loss_fn, steps))
         cpu_plain = LAST_CPU[0]
         rec = datavalue.Recorder(path, model, resume=True, **kw)
         recorded.append(time_steps(model, opt, loss_fn, steps, rec, b, start))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import cProfile
 import functools
 import os
@@ -93,6 +94,9 @@ def instrument() -> None:
     U._on_step = _timed("UnrecordedGradients step pre-hook", U._on_step)
     _writer.RunWriter._write = _timed("writer._write (background thread)", _writer.RunWriter._write)
     _writer.RunWriter.flush = _timed("flush (wait for the writer)", _writer.RunWriter.flush)
+    G = _optim.UnrecordedGradients
+    G._on_step = _timed("optimizer pre-hook (update = recorded step)", G._on_step)
+    G._check_gradient = _timed("  of which: gradient check (sketch of .grad)", G._check_gradient)
 
 
 def per_layer() -> None:
@@ -140,35 +144,38 @@ def _unrecorded_off(rec) -> None:
 
 
 def _unrecorded_on(rec, opt) -> None:
-    if hasattr(rec, "_unrecorded") and rec._unrecorded is None:
-        rec._unrecorded = _optim.UnrecordedGradients(rec.engine, opt)
+    if hasattr(rec, "_unrecorded") and rec._unrecorded is None:  # as the Recorder makes it
+        rec._unrecorded = _optim.UnrecordedGradients(rec.engine, opt, release=lambda _step: rec._sink.release(),
+                                                     drop=rec._drop_held, compare_gradients=rec._dist.world == 1)
 
 
 def breakdown(args) -> None:
     instrument()
     (name, model, loss_fn, b), opt = make_case(args.model, args.optimizer)
+    # plain steps train a copy made before any hook is attached (the recorder's optimizer pre-hook refuses
+    # updates it did not record, so the recorded model cannot take plain steps in between)
+    pmodel = copy.deepcopy(model)
+    popt = type(opt)(pmodel.parameters(), lr=1e-3)
     with tempfile.TemporaryDirectory() as d:
         rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=args.proj, optimizer=opt)
         print(f"{name}, {args.optimizer}, proj_dim {args.proj}: k={rec.proj_dim} in {len(rec.blocks)} blocks, "
               f"Adam moments stored: {rec.record_optimizer_state}, "
               f"{sum(p.requires_grad for p in model.parameters())} trainable parameters")
         run_steps(model, opt, loss_fn, b, 5, 0, rec)
+        run_steps(pmodel, popt, loss_fn, b, 5, 0)
         plain, recorded, bare, start = [], [], [], 5
         load = [os.getloadavg()[0]]
         TIMES.clear()
         for _ in range(args.reps):
-            rec.engine.detach()
-            _unrecorded_off(rec)
-            plain.append(run_steps(model, opt, loss_fn, b, args.steps, start))
-            rec.engine.attach()
-            start += args.steps
+            plain.append(run_steps(pmodel, popt, loss_fn, b, args.steps, start))
             if args.ab_unrecorded:  # recorded, without the UnrecordedGradients hooks (not in TIMES)
                 saved = dict(TIMES)
+                _unrecorded_off(rec)
                 bare.append(run_steps(model, opt, loss_fn, b, args.steps, start, rec))
+                _unrecorded_on(rec, opt)
                 TIMES.clear()
                 TIMES.update(saved)
                 start += args.steps
-            _unrecorded_on(rec, opt)
             recorded.append(run_steps(model, opt, loss_fn, b, args.steps, start, rec))
             start += args.steps
         load.append(os.getloadavg()[0])

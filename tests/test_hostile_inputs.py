@@ -342,6 +342,108 @@ def c_accumulation_outside_block(tmp_path):
         opt.step()
 
 
+def _sgd_run(tmp_path, model, steps=1, **kw):
+    """A recorder with ``optimizer=`` and ``steps`` correct steps (block, opt.step(), zero_grad())."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None, optimizer=opt, **kw)
+    try:
+        for t in range(steps):
+            with rec.step(sample_ids=range(6 * t, 6 * t + 6)):
+                F.cross_entropy(model(X * (1 + t)), Y).backward()
+            opt.step()
+            opt.zero_grad()
+    except BaseException:
+        rec.close()
+        raise
+    return rec, opt
+
+
+def c_zero_grad_forgotten(tmp_path):
+    model = _model()
+    rec, opt = _sgd_run(tmp_path, model)
+    with rec:
+        with rec.step(sample_ids=range(6, 12)):
+            F.cross_entropy(model(X), Y).backward()
+        opt.step()  # no opt.zero_grad() before this block: step 0's gradient is still in .grad
+        with rec.step(sample_ids=range(12, 18)):
+            F.cross_entropy(model(2 * X), Y).backward()
+        opt.step()
+
+
+def c_clip_not_told(tmp_path):
+    model = _model()
+    rec, opt = _sgd_run(tmp_path, model)
+    with rec:
+        with rec.step(sample_ids=range(6, 12)):
+            F.cross_entropy(model(X), Y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        opt.step()
+
+
+def c_scheduler_before_step(tmp_path):
+    model = _model()
+    rec, opt = _sgd_run(tmp_path, model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with rec:
+        with rec.step(sample_ids=range(6, 12)):
+            F.cross_entropy(model(X), Y).backward()
+        sched.step()
+        opt.step()
+
+
+def c_explicit_lr_unused(tmp_path):
+    model = _model()
+    rec, opt = _sgd_run(tmp_path, model)
+    with rec:
+        with rec.step(sample_ids=range(6, 12), lr=0.5):
+            F.cross_entropy(model(X), Y).backward()
+        opt.step()
+
+
+def c_optimizer_step_skipped(tmp_path):
+    model = _model()
+    rec, opt = _sgd_run(tmp_path, model)
+    with rec:
+        with rec.step(sample_ids=range(6, 12)):
+            F.cross_entropy(model(X), Y).backward()
+        opt.zero_grad()
+        with rec.step(sample_ids=range(12, 18)):
+            F.cross_entropy(model(X), Y).backward()
+
+
+def c_optimizer_step_twice(tmp_path):
+    model = _model()
+    rec, opt = _sgd_run(tmp_path, model)
+    with rec:
+        with rec.step(sample_ids=range(6, 12)):
+            F.cross_entropy(model(X), Y).backward()
+        opt.step()
+        opt.step()
+
+
+def c_resume_other_weights(tmp_path):
+    model = _model()
+    rec, _ = _sgd_run(tmp_path, model, steps=2)
+    rec.close()
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    rec2, _ = _sgd_run(tmp_path, fresh, steps=1, resume=True)
+
+
+def c_resume_older_checkpoint(tmp_path):
+    model = _model()
+    rec, opt = _sgd_run(tmp_path, model, steps=1)
+    rec.flush()
+    ckpt = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in (1, 2):
+        with rec.step(sample_ids=range(6 * t, 6 * t + 6)):
+            F.cross_entropy(model(X), Y).backward()
+        opt.step()
+        opt.zero_grad()
+    rec.close()
+    model.load_state_dict(ckpt)
+    _sgd_run(tmp_path, model, steps=1, resume=True)
+
+
 def c_resume_other_optimizer(tmp_path):
     model = _model()
     with datavalue.Recorder(tmp_path / "o.zarr", model, proj_dim=None,
@@ -478,6 +580,22 @@ CASES = {
     "accumulation-outside-block": (c_accumulation_outside_block, "tmp", E.RecorderError,
                                    "optimizer.step\\(\\): a backward pass outside any recorded block",
                                    "rec.microbatch / rec.commit_step"),
+    "zero-grad-forgotten": (c_zero_grad_forgotten, "tmp", E.RecorderError, "zero_grad\\(\\) was probably not called",
+                            "opt.zero_grad() after every opt.step()"),
+    "clip-not-told": (c_clip_not_told, "tmp", E.RecorderError, "scaled by 0\\.\\d+ after the step recorded clip_coef=1",
+                      "h.clip_coef, or commit_step(clip_coef='auto')"),
+    "scheduler-before-step": (c_scheduler_before_step, "tmp", E.RecorderError,
+                              "param group 0 lr: recorded 0\\.1, now 0\\.05", "scheduler.step() after opt.step()"),
+    "explicit-lr-unused": (c_explicit_lr_unused, "tmp", E.RecorderError, "recorded lr=0\\.5 .*updates with lr 0\\.1",
+                           "omit lr= with optimizer="),
+    "optimizer-step-skipped": (c_optimizer_step_skipped, "tmp", E.RecorderStateError,
+                               "step 1 was recorded but optimizer.step\\(\\) never ran", "one opt.step() per block"),
+    "optimizer-step-twice": (c_optimizer_step_twice, "tmp", E.RecorderError, "step 1's update already ran",
+                             "one opt.step() per block"),
+    "resume-other-weights": (c_resume_other_weights, "tmp", E.StoreMismatchError,
+                             "not the ones the run reached after its 2 steps", "load the weights the run reached"),
+    "resume-older-checkpoint": (c_resume_older_checkpoint, "tmp", E.StoreMismatchError,
+                                "weights the run had after step 1, and the run has 3 steps", "the last flush's checkpoint, or a new run"),
     "resume-other-optimizer": (c_resume_other_optimizer, "tmp", E.StoreMismatchError, "optimizer kind: recorded 'sgd', now 'adam'",
                                "the recorded optimizer, or a new run"),
     "optimizer-lr-nan": (c_optimizer_lr_nan, "tmp", E.RecorderError, "param group 0 reports lr=nan", "check the scheduler"),

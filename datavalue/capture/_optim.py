@@ -7,6 +7,7 @@ Every torch recorder (``Recorder``, ``DataValueCallback``) calls :func:`optimize
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from datavalue.capture._engine import Engine, to_numpy
-from datavalue.errors import RecorderError
+from datavalue.errors import RecorderError, RecorderStateError
 
 logger = logging.getLogger(__name__)
 
@@ -360,24 +361,184 @@ def step_fields(opt: Any, model: nn.Module, engine: Engine, *, record_state: boo
     }
 
 
-class UnrecordedGradients:
-    """Refuse an optimizer step whose gradient holds a backward pass the run did not record.
+#: A step's gradient check (:class:`UnrecordedGradients`): the largest relative residual
+#: ``|g - c r| / |g|`` of the applied gradient ``g`` (``.grad``, sketched) after removing its
+#: best multiple of the recorded one ``r`` (the captured rows' sum), and the largest relative
+#: difference between that multiple ``c`` and the recorded clip coefficient; ``max(GRADIENT_RTOL,
+#: 4 u)`` for parameters whose dtype has unit roundoff ``u``. The honest residual is the rounding
+#: of two ways of computing one sum (per-example hooks vs autograd): measured at most 5e-7 in
+#: float32 (an MLP and a 2-layer GPT-2, sketched and exact), 1.4e-15 in float64, 5.6e-4 with
+#: float16 weights and 4.3e-3 with bfloat16 weights (docs/capture.md); a forgotten ``zero_grad()``
+#: gave 0.5-0.6, clipping to half the norm a multiple off by 0.5.
+GRADIENT_RTOL = 1e-3
+#: Slack for a gradient that is a small sum of large per-example terms (cancellation): the
+#: residual is also accepted below ``max(GRADIENT_ATOL, u / 4)`` of the summed per-example norms.
+GRADIENT_ATOL = 1e-5
 
-    A backward outside any recorded block (``rec.step``, ``rec.microbatch``) that accumulates into
-    ``.grad`` before ``optimizer.step()`` (a second micro-batch after the block of the first, an extra
-    loss term backpropagated on its own) puts gradient into the update that no row of the run holds.
-    Each trainable parameter's post-accumulate hook counts such backward passes (``autograd.grad``, as
-    queries and Fisher pseudo-gradients use it, and in-place edits such as clipping do not count); an
-    optimizer step pre-hook refuses the step before its update. A recorded block starting resets the
-    count: a backward whose gradient was zeroed before the step is harmless.
+
+class GradientProbe:
+    """A fixed random reduction ``Q`` of a run's columns, applied to a sketched gradient (``Q s``) or,
+    without sketching it first, to a full gradient (``Q S g``): the two agree by linearity.
+
+    Per kron block (columns ``S_r M S_c^T``, ``k_r x k_c``) ``Q`` takes ``r^T (S_r M S_c^T)`` for one
+    random ``r`` (``k_c`` numbers), computed from ``.grad`` as ``((r^T S_r) M) S_c^T``: one pass over
+    the block's gradient instead of the ``k_r``-row sketch; per dense block (``S v``), ``R S v`` for a
+    random ``R`` of :data:`DENSE_PROBES` rows. So checking ``.grad`` against the recorded rows costs
+    about one read of the gradient (``project_full`` would sketch it whole). A random ``r`` (not one
+    row of ``S_r``) keeps every coordinate of an exact block in view.
     """
 
-    def __init__(self, engine: Engine, optimizer: Any) -> None:
+    #: rows of ``R`` per dense block
+    DENSE_PROBES = 4
+
+    def __init__(self, engine: Engine, seed: int = 0) -> None:
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) + 104729)
+        dt, dev = engine.dtype, engine.device
+        self.blocks: list[tuple[str, Any, torch.Tensor]] = []  # (kind, block, r): the reduction of the columns
+        # the same reduction of a full gradient, per block: (kind, params, u, u_bias, right, right_bias)
+        self.plan: list[tuple[Any, ...]] = []
+        for b in engine.blocks:
+            sk = engine.sketches[b.name]
+            f64 = (lambda m: None if m is None else m.to(torch.float64).cpu())
+            if b.kind == "kron":
+                kr, kc = int(b.k_rows), int(b.k_cols)
+                if kr * kc != b.k:
+                    raise RecorderError(f"internal: block {b.name} has {b.k} columns, not {kr} x {kc}.")
+                r = torch.randn(kr, generator=gen, dtype=torch.float64)
+                u = r @ f64(sk.rows) if sk.rows is not None else r  # (rows,): r^T S_r
+                rows, cols = b.shape
+                cm = f64(sk.cols)  # (kc, cols) or None (identity)
+                if b.bias_axis == 0:  # HF Conv1D: M = [W (in, out); b]: u^T M = u[:in] W + u[-1] b
+                    u_w, u_b = (u[:-1], u[-1:]) if b.has_bias else (u, None)
+                    right, right_b = cm, None
+                else:  # M = [W.reshape(rows, -1) | b]: u^T M = [u W, u b]
+                    u_w, u_b = u, (u if b.has_bias else None)
+                    right, right_b = ((cm[:, :-1], cm[:, -1]) if b.has_bias else (cm, None)) if cm is not None else (None, None)
+                cast = (lambda m: None if m is None else m.to(device=dev, dtype=dt).contiguous())
+                self.blocks.append(("kron", b, r.to(device=dev, dtype=dt)))
+                self.plan.append(("kron", list(b.params), b.bias_axis, cast(u_w), cast(u_b), cast(right), cast(right_b)))
+            else:
+                R = torch.randn(min(self.DENSE_PROBES, b.k), b.k, generator=gen, dtype=torch.float64)
+                U = R @ f64(sk.rows) if sk.rows is not None else R  # (m, n)
+                self.blocks.append(("dense", b, R.to(device=dev, dtype=dt)))
+                self.plan.append(("dense", list(b.params), 0, U.to(device=dev, dtype=dt).contiguous(), None, None, None))
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., k)`` rows in the run's columns -> ``(..., m)``."""
+        out = []
+        for kind, b, r in self.blocks:
+            xb = x[..., b.start : b.stop]
+            if kind == "kron":
+                out.append(torch.matmul(r, xb.reshape(*xb.shape[:-1], b.k_rows, b.k_cols)))
+            else:
+                out.append(torch.matmul(xb, r.T))
+        return torch.cat(out, -1)
+
+    def of_gradient(self, named: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``Q S g`` of a full gradient ``{name: tensor}`` (every captured parameter's)."""
+        out = []
+        for kind, params, axis, u, u_b, right, right_b in self.plan:
+            if kind == "dense":
+                ts = [named[q].reshape(-1) for q in params]
+                v = torch.cat(ts) if len(ts) > 1 else ts[0]
+                out.append(torch.mv(u, v.to(u.dtype)))
+                continue
+            w = named[params[0]]
+            if w.dtype != u.dtype:
+                w = w.to(u.dtype)
+            if axis == 0:
+                y = torch.mv(w.reshape(u.shape[0], -1).t(), u)
+                if u_b is not None:
+                    y = y + u_b * named[params[1]].reshape(-1).to(u.dtype)
+                out.append(y if right is None else torch.mv(right, y))
+                continue
+            y = torch.mv(w.reshape(u.shape[0], -1).t(), u)
+            if u_b is None:
+                out.append(y if right is None else torch.mv(right, y))
+                continue
+            yb = torch.dot(u_b, named[params[1]].reshape(-1).to(u.dtype))
+            if right is None:
+                out.append(torch.cat([y, yb.reshape(1)]))
+            else:
+                out.append(torch.addmv(right_b * yb, right, y))
+        return torch.cat(out)
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """What a recorded step holds of its update, kept until ``optimizer.step()`` applies it."""
+
+    step: int
+    #: ``(m,)`` the :class:`GradientProbe` of the captured rows' sum (the gradient of the stepped loss)
+    #: or ``None`` (not compared: several ranks, non-finite rows)
+    raw: torch.Tensor | None
+    #: the summed norms of the captured rows, probed (scale of the rounding slack)
+    scale: float
+    #: the recorded clip coefficient (1 when none)
+    clip: float
+    #: every param group's ``lr``, ``momentum``, ``weight_decay`` as recorded
+    groups: dict[str, np.ndarray]
+    #: an explicit ``lr`` given to the recorder (recorded instead of group 0's), or ``None``
+    lr: float | None
+    #: some rows were non-finite (flagged): a skipped update (``GradScaler``) is expected
+    nonfinite: bool
+    applied: bool = False
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
+class UnrecordedGradients:
+    """Refuse an optimizer update that differs from the step the run records.
+
+    A recorded step is held back from the writer (``StepSink.submit(..., hold=True)``) until the
+    optimizer's step pre-hook has checked that the update about to run is the recorded one; a
+    refusal drops it, so nothing of a refused step is written. The pre-hook refuses:
+
+    * gradient in ``.grad`` from a backward pass outside any recorded block (``rec.step``,
+      ``rec.microbatch``) after the last block: each trainable parameter's post-accumulate hook
+      counts such passes (``autograd.grad``, as queries and Fisher pseudo-gradients use it, and
+      in-place edits such as clipping do not count); a recorded block starting resets the count (a
+      backward whose gradient was zeroed before the step is harmless);
+    * a gradient that is not the recorded one: ``.grad`` against the sum of the captured rows, both
+      reduced by a :class:`GradientProbe` (a forgotten ``zero_grad()`` adds the previous step's gradient; an edit such as
+      clipping after the block scales it by a coefficient the step did not record);
+    * per-group ``lr``, ``momentum`` or ``weight_decay`` changed since the step was recorded (a
+      scheduler stepped before the optimizer, a manual ``param_groups`` edit);
+    * an update with no recorded step (``optimizer.step()`` twice for one block).
+
+    A block starting while the previous step's update never ran (``optimizer.step()`` skipped) is
+    refused by :meth:`before_block`, unless that step's rows were non-finite (a ``GradScaler``
+    skips such updates).
+
+    Args:
+        engine: the capture engine (its blocks' columns are those of the rows compared).
+        optimizer: the training optimizer (possibly wrapped).
+        release, drop: called with the step's index when its update is verified (write it) or refused
+            (forget it).
+        compare_gradients: whether the gradient check runs (off under several ranks: ``.grad`` is the
+            average over ranks, the rows are this rank's).
+    """
+
+    def __init__(self, engine: Engine, optimizer: Any, *, release: Any = None, drop: Any = None,
+                 compare_gradients: bool = True) -> None:
         self.engine = engine
+        self.optimizer = unwrap_optimizer(optimizer)
         self.unrecorded: set[str] = set()
+        self.pending: PendingStep | None = None
+        self._release = release or (lambda step: None)
+        self._drop = drop or (lambda step: None)
+        self.compare_gradients = bool(compare_gradients)
+        self.probe = GradientProbe(engine) if self.compare_gradients else None
+        named = dict(engine.model.named_parameters())
+        self._trainable = [p for p in named.values() if p.requires_grad]
+        self._captured = {q: named[q] for b in engine.blocks for q in b.params if q in named}
+        u = max((torch.finfo(q.dtype).eps for q in self._captured.values() if q.dtype.is_floating_point), default=0.0)
+        self.rtol, self.atol = max(GRADIENT_RTOL, 4 * u), max(GRADIENT_ATOL, u / 4)
         self._handles = [p.register_post_accumulate_grad_hook(lambda _p, n=name: self._on_accumulate(n))
-                         for name, p in engine.model.named_parameters() if p.requires_grad]
-        self._handles.append(unwrap_optimizer(optimizer).register_step_pre_hook(self._on_step))
+                         for name, p in named.items() if p.requires_grad]
+        self._handles.append(self.optimizer.register_step_pre_hook(self._on_step))
 
     def _on_accumulate(self, name: str) -> None:
         if self.engine.sink is None:
@@ -386,18 +547,143 @@ class UnrecordedGradients:
     def block_started(self) -> None:
         self.unrecorded.clear()
 
-    def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG002
-        if not self.unrecorded:
+    # ------------------------------------------------------------------ the recorded step
+    def expect(self, step: int, rows: torch.Tensor | None, *, clip: float | None, lr: float | None) -> None:
+        """A step was recorded (and is held): its update must apply the sum of ``rows`` (``(b, k)``, the
+        captured rows with the loss weights inside, before any whitening) scaled by ``clip``."""
+        raw, scale, nonfinite = None, 0.0, False
+        if rows is not None:
+            with torch.no_grad():
+                red = self.probe.reduce(rows.detach()) if self.probe is not None else rows.detach().sum(0, keepdim=True)
+                raw = red.sum(0)
+                nonfinite = not bool(torch.isfinite(raw).all())
+                if self.probe is not None and not nonfinite:
+                    scale = float(red.to(torch.float64).norm(dim=-1).sum())
+                else:
+                    raw = None
+        self.pending = PendingStep(step=step, raw=raw, scale=scale, clip=1.0 if clip is None else float(clip),
+                                   groups=group_state(self.optimizer), lr=lr, nonfinite=nonfinite)
+
+    def waiting(self) -> int | None:
+        """The recorded step whose update has not run yet, or ``None``."""
+        p = self.pending
+        return None if p is None or p.applied else p.step
+
+    def before_block(self) -> None:
+        """A new recorded block starts: the previous step's update must have run."""
+        p = self.pending
+        if p is None or p.applied:
             return
-        names, self.unrecorded = sorted(self.unrecorded), set()
-        raise RecorderError(
-            f"optimizer.step(): a backward pass outside any recorded block accumulated gradient into {names[:3]}"
-            f"{' ...' if len(names) > 3 else ''} after the last recorded block, so this update holds gradient that the "
-            "run does not (gradient accumulation with a block around one micro-batch?). The update was not applied, "
-            "and the run's last step lacks that gradient: record every micro-batch in `with rec.microbatch(ids):` "
-            "(then rec.commit_step()), or run every backward inside the step's `with rec.step(...)` block, and start "
-            "the run again."
+        self.pending = None
+        if p.nonfinite:  # an AMP GradScaler skips the update of a step with non-finite gradients
+            self._release(p.step)
+            return
+        self._drop(p.step)
+        raise RecorderStateError(
+            f"step {p.step} was recorded but optimizer.step() never ran after it, so the update the run records did "
+            f"not happen. Step {p.step} was not written (the run keeps the {_steps(p.step)} before it). Call optimizer.step() "
+            "once after every recorded block (rec.step or rec.commit_step), before the next one; to record a step "
+            "without an update, do not record it at all."
         )
+
+    def finish(self) -> int | None:
+        """The recorder closes: a step whose update never ran is dropped (returned), a non-finite one written."""
+        p, self.pending = self.pending, None
+        if p is None or p.applied:
+            return None
+        if p.nonfinite:
+            self._release(p.step)
+            return None
+        self._drop(p.step)
+        return p.step
+
+    def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG002
+        p = self.pending
+        if self.unrecorded:
+            names, self.unrecorded = sorted(self.unrecorded), set()
+            self._refuse(p, "a backward pass outside any recorded block accumulated gradient into "
+                         f"{names[:3]}{' ...' if len(names) > 3 else ''} after the last recorded block, so this update "
+                         "holds gradient that the run does not (gradient accumulation with a block around one "
+                         "micro-batch?)", "record every micro-batch in `with rec.microbatch(ids):` (then "
+                         "rec.commit_step()), or run every backward inside the step's `with rec.step(...)` block; then "
+                         "optimizer.zero_grad() and record this step again")
+        if p is None or p.applied:
+            if all(q.grad is None for q in self._trainable):  # torch optimizers skip parameters without gradient
+                return
+            said = (f"step {p.step}'s update already ran (optimizer.step() called twice for one block?)" if p is not None
+                    else "no step has been recorded since this Recorder started")
+            raise RecorderError(
+                f"optimizer.step(): this update has no recorded step: {said}. The update was not applied. Call "
+                "optimizer.step() once per recorded block (`with rec.step(ids): loss.backward()` or rec.commit_step()), "
+                "and optimizer.zero_grad() after it."
+            )
+        now = group_state(self.optimizer)
+        diffs = []
+        for key, rec in p.groups.items():
+            for gi, (a, b) in enumerate(zip(rec, now[key])):
+                if not (a == b or np.isclose(a, b, rtol=1e-12, atol=0.0)):
+                    diffs.append(f"param group {gi} {key.removeprefix('group_')}: recorded {float(a)!r}, now {float(b)!r}")
+        if p.lr is not None and not np.isclose(p.lr, now["group_lr"][0], rtol=1e-12, atol=0.0) and not diffs:
+            self._refuse(p, f"the step recorded lr={p.lr!r} (given to rec.step(lr=...) or rec.commit_step(lr=...)), but "
+                         f"the optimizer's param group 0 updates with lr {float(now['group_lr'][0])!r}",
+                         "with Recorder(..., optimizer=opt) omit lr= (the recorder reads the optimizer's), or set it on "
+                         "opt.param_groups before the block")
+        if diffs:
+            self._refuse(p, f"the optimizer's hyperparameters changed after the step was recorded ({'; '.join(diffs[:4])}"
+                         f"{' ...' if len(diffs) > 4 else ''}), so the run would record values this update does not use",
+                         "call scheduler.step() after optimizer.step() (not between the block and it), and set lr, "
+                         "momentum or weight decay before the recorded block")
+        if p.raw is not None:
+            self._check_gradient(p)
+        p.applied = True
+        self._release(p.step)
+
+    def _check_gradient(self, p: PendingStep) -> None:
+        with torch.no_grad():
+            grads = {n: q.grad for n, q in self._captured.items()}
+            if any(g is None for g in grads.values()):  # a captured parameter without gradient: zeros
+                grads = {n: g if g is not None else torch.zeros_like(self._captured[n]) for n, g in grads.items()}
+            full = self.probe.of_gradient(grads).to(torch.float64)
+            raw = p.raw.to(device=full.device, dtype=torch.float64)
+            if not bool(torch.isfinite(full).all()):  # the optimizer (or a GradScaler) meets a non-finite gradient
+                return
+            rr = float(raw @ raw)
+            nf = float(full.norm())
+            if nf == 0.0 and rr == 0.0:
+                return
+            coef = float(full @ raw) / rr if rr > 0 else 0.0
+            resid = float((full - coef * raw).norm())
+        # the rounding of the per-example rows (each off by ~ulp of its own norm) bounds both tolerances
+        slack = self.atol * p.scale / max(rr**0.5, 1e-300)
+        if resid > self.rtol * nf + self.atol * abs(coef) * p.scale:
+            self._refuse(p, f"the gradient this update applies is not the one the step recorded: after removing its "
+                         f"multiple {coef:.6g} of the recorded gradient, {resid / max(nf, 1e-300):.3g} of its norm is "
+                         "left (more than rounding). optimizer.zero_grad() was probably not called before the block (the "
+                         "previous step's gradient is still in .grad), or .grad was edited after the block",
+                         "call optimizer.zero_grad() after every optimizer.step(), and change gradients only inside the "
+                         "recorded block")
+        if abs(coef - p.clip) > abs(p.clip) * (self.rtol + slack):
+            if coef < p.clip:
+                what = (f"the gradient was scaled by {coef / p.clip:.6g} after the step recorded clip_coef={p.clip:.6g} "
+                        "(gradient clipping, or another scaling of .grad, that the recorder was not told)")
+                fix = ("clip inside the block and set h.clip_coef (`with rec.step(ids) as h: loss.backward(); "
+                       "norm = clip_grad_norm_(...); h.clip_coef = min(1, max_norm / (norm + 1e-6))`), or record "
+                       "with rec.microbatch and call rec.commit_step(clip_coef='auto') after clipping")
+            else:
+                what = (f"the gradient is {coef / p.clip:.6g} times the one the step recorded (clip_coef={p.clip:.6g}): "
+                        "optimizer.zero_grad() was probably not called (the previous gradient is still in .grad), or "
+                        ".grad was scaled after the block")
+                fix = "call optimizer.zero_grad() after every optimizer.step(), and change gradients only inside the block"
+            self._refuse(p, what, fix)
+
+    def _refuse(self, p: PendingStep | None, what: str, fix: str) -> None:
+        if p is not None and not p.applied:
+            self.pending = None
+            self._drop(p.step)
+            lost = f"Step {p.step} was not written (the run keeps the {_steps(p.step)} before it). "
+        else:
+            lost = ""
+        raise RecorderError(f"optimizer.step(): {what}. The update was not applied. {lost}Fix: {fix}.")
 
     def remove(self) -> None:
         for h in self._handles:

@@ -240,6 +240,7 @@ class StepSink:
             raise RecorderStateError("rank 0 could not open the run (see its error); this rank stops too.")
         self.next_step = start
         self.closed = False
+        self._held: tuple[int, StepBlock | None] | None = None
 
     def submit(
         self,
@@ -255,6 +256,7 @@ class StepSink:
         fisher: Any = None,
         extra: Mapping[str, Any] | None = None,
         hessian: Any = None,
+        hold: bool = False,
     ) -> int:
         """Commit one optimizer step; returns its index.
 
@@ -266,6 +268,10 @@ class StepSink:
             fisher: ``(f, k)`` pseudo-gradient rows (weights included) when the run records them.
             extra: optional per-step entries (the optimizer's state, see ``_optim.step_fields``).
             hessian: ``(k, k)`` sketched Hessian of the step (``curvature="hessian"``).
+            hold: keep the step back until :meth:`release` (then it is written) or :meth:`drop`
+                (then it never is): a recorder holds each step until its optimizer update is seen
+                to apply what the step records. It counts as submitted (``next_step``) and against
+                the writer's durability bound while held; one step at a time.
         """
         if self.closed:
             raise RecorderStateError("this run's step pipeline is closed; open a new recorder with resume=True.")
@@ -317,13 +323,47 @@ class StepSink:
                     )
                 H = np.full_like(H, np.nan)
             extra = dict(extra or {}, hessian=H)
+        if self._held is not None:
+            raise RecorderStateError(f"internal: step {self._held[0]} is still held; release or drop it first.")
         if self.writer is not None:  # rank 0 commits
-            self.writer.submit(StepBlock(
+            block = StepBlock(
                 step=step, sample_id=ids, weight=weights, grads=g, flags=flags, lr=float(lr),
                 epoch=-1 if epoch is None else int(epoch), grad_scale=1.0 if grad_scale is None else float(grad_scale),
                 momentum=float(momentum), weight_decay=float(weight_decay), fisher=f, extra=extra,
-            ))
+            )
+            if hold:
+                self.writer.check_block(block)
+                self.writer.wait_for_room()  # the held step counts against the durability bound
+            else:
+                self.writer.submit(block)
+        else:
+            block = None
+        if hold:
+            self._held = (step, block)
         self.next_step += 1  # after the writer took it: a step it refused is not counted
+        return step
+
+    @property
+    def held(self) -> int | None:
+        """The index of the step held back (``submit(..., hold=True)``), or ``None``."""
+        return None if self._held is None else self._held[0]
+
+    def release(self) -> None:
+        """Submit the held step to the writer (its update was applied)."""
+        if self._held is None:
+            return
+        _, block = self._held
+        self._held = None
+        if block is not None:
+            self.writer.submit(block)
+
+    def drop(self) -> int | None:
+        """Forget the held step: nothing of it is written and its index is free again. Returns it."""
+        if self._held is None:
+            return None
+        step, _ = self._held
+        self._held = None
+        self.next_step -= 1
         return step
 
     def flush(self) -> None:
@@ -336,6 +376,8 @@ class StepSink:
         if self.closed:
             return
         self.closed = True
+        if self._held is not None:  # the recorder decides (release or drop) before it closes the sink
+            logger.warning("step %d was held back when the step pipeline closed; it was not written", self.drop())
         if self.writer is not None:
             self.writer.close()
 

@@ -315,7 +315,12 @@ class Recorder:
         self._fisher_mask: torch.Tensor | None = None
         self._fisher_sum = False  # FinalPass: per-example losses summed over positions
         self.engine.attach(root_hook=self._on_model_output if self.fisher else None)
-        self._unrecorded = UnrecordedGradients(self.engine, optimizer) if optimizer is not None else None
+        # every step is held back from the writer until its optimizer update is seen to apply what it records
+        self._unrecorded = UnrecordedGradients(
+            self.engine, optimizer, release=lambda _step: self._sink.release(), drop=self._drop_held,
+            compare_gradients=self._dist.world == 1) if optimizer is not None else None
+        self._sqrt_d_before: torch.Tensor | None = None
+        self._resume_weights = bool(resume)  # checked before the first block (datavalue.capture._resume)
         _ATTACHED[model] = self
         logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
 
@@ -377,6 +382,7 @@ class Recorder:
                 causal LM: ``torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))``); default all.
         """
         self._check_open("rec.step()")
+        self._check_applied()
         if self._micro:
             raise RecorderStateError(
                 f"{len(self._micro)} micro-batch(es) recorded with rec.microbatch() are waiting for rec.commit_step(); "
@@ -406,7 +412,7 @@ class Recorder:
             yield handle
         rows, fisher = captured
         g = rows / torch.as_tensor(weights, dtype=rows.dtype, device=rows.device).unsqueeze(1)  # captured: grad of w*l
-        self._commit(ids, w_final, g, fisher, lr=lr, epoch=epoch, clip_coef=handle.clip_coef, hessian=hessian)
+        self._commit(ids, w_final, g, fisher, lr=lr, epoch=epoch, clip_coef=handle.clip_coef, hessian=hessian, raw=rows)
 
     @contextlib.contextmanager
     def microbatch(self, sample_ids: Any, *, tokens: Any = None, fisher_mask: Any = None) -> Iterator[None]:
@@ -426,6 +432,7 @@ class Recorder:
             opt.step(); opt.zero_grad()
         """
         self._check_open("rec.microbatch()")
+        self._check_applied()
         if self.hessian:
             raise RecorderError("curvature='hessian' needs one closure per step: use rec.step(..., hessian_loss=...).")
         ids = parse_sample_ids(sample_ids)
@@ -502,7 +509,7 @@ class Recorder:
                 f = f.reshape(-1, mids.size, f.shape[-1]) * torch.as_tensor(sw, dtype=f.dtype, device=f.device)[None, :, None]
                 parts.append(f.reshape(-1, f.shape[-1]))
             fisher = torch.cat(parts)
-        return self._commit(ids, w_final, g, fisher, lr=lr, epoch=epoch, clip_coef=clip_coef)
+        return self._commit(ids, w_final, g, fisher, lr=lr, epoch=epoch, clip_coef=clip_coef, raw=captured)
 
     # ------------------------------------------------------------------ internals of a step
     def _check_open(self, what: str) -> None:
@@ -570,10 +577,60 @@ class Recorder:
             coef = float(full @ raw) / denom if denom > 0 else 1.0
         return 1.0 if coef > 1 - 1e-6 else coef
 
-    def _commit(self, ids, w_final, g, fisher, *, lr, epoch, clip_coef, hessian=None) -> int:
-        """The optimizer's fields of the step, then the shared step pipeline."""
+    def _check_applied(self) -> None:
+        """Refuse a block while the previous recorded step still waits for its optimizer update, and a
+        resumed run's first block when the model does not hold the weights the run reached."""
+        if self._unrecorded is not None:
+            self._unrecorded.before_block()
+        if self._resume_weights:
+            self._check_resume_weights()
+
+    def _check_resume_weights(self) -> None:
+        from datavalue.capture._resume import check_resume_weights
+
+        err = None
+        if self._dist.rank == 0:
+            try:
+                what = check_resume_weights(self.path, self.model, self.n_steps)
+            except StoreMismatchError as exc:
+                err = exc
+            else:
+                if what == "unchecked":
+                    logger.info("%s: resuming after %d steps; the run was not flushed at that step (killed after its "
+                                "last flush?), so the model's weights could not be checked", self.path, self.n_steps)
+        ok = self._dist.broadcast_int(0 if err is None else -1)
+        if err is not None:
+            raise err
+        if ok < 0:
+            raise RecorderStateError("rank 0 refused to resume the run with these weights (see its error); this rank stops too.")
+        self._resume_weights = False
+
+    def _record_weights(self) -> None:
+        """After a flush: the digest of the weights after the run's committed steps (with ``optimizer=``,
+        when the last written step's update has run; a step waiting for its update is not written)."""
+        if self.optimizer is None or self._dist.rank != 0 or self._resume_weights:
+            return  # (a resumed recorder that has not checked the weights has nothing new to vouch for)
+        from datavalue.capture._resume import record_digest, weights_digest
+
+        held = self._sink.held is not None
+        record_digest(self.path, self.n_steps - int(held), weights_digest(self.model))
+
+    def _drop_held(self, step: int) -> None:
+        """A held step was refused (its update differs from the record, or never ran): forget it."""
+        self._sink.drop()
+        if self._whitener is not None:
+            self._sqrt_d = self._sqrt_d_before
+
+    def _commit(self, ids, w_final, g, fisher, *, lr, epoch, clip_coef, hessian=None, raw=None) -> int:
+        """The optimizer's fields of the step, then the shared step pipeline.
+
+        ``raw``: ``(b, k)`` the captured rows as the backward produced them (weights inside, before any
+        whitening), whose sum the optimizer's step pre-hook compares with ``.grad``.
+        """
         self.layout.check_trainable(self.n_steps)
         self._memory.check(ids.size)
+        guard = self._unrecorded
+        self._sqrt_d_before = self._sqrt_d
         if self._whitener is not None:  # exact rows -> whitened by this step's sqrt(D), sketched
             from datavalue.capture._whiten import adam_sqrt_d
 
@@ -586,8 +643,11 @@ class Recorder:
                              step=self.n_steps)
         if self.checkpoint_every is not None and self.n_steps % self.checkpoint_every == 0:
             self._checkpoint(self.n_steps)  # before this step's update: the weights theta_t
-        return self._sink.submit(ids, w_final, g, fisher=fisher if self.fisher else None, hessian=hessian,
-                                 epoch=epoch, grad_scale=clip_coef, **fields)
+        step = self._sink.submit(ids, w_final, g, fisher=fisher if self.fisher else None, hessian=hessian,
+                                 epoch=epoch, grad_scale=clip_coef, hold=guard is not None, **fields)
+        if guard is not None:
+            guard.expect(step, raw, clip=clip_coef, lr=None if lr is None else float(lr))
+        return step
 
     # ------------------------------------------------------------------ fisher
     def _on_model_output(self, output: Any) -> None:
@@ -656,8 +716,12 @@ class Recorder:
     def flush(self) -> None:
         """Block until every recorded step is committed to disk: a ``kill -9`` after it returns loses
         none of them. Call it where you save a checkpoint, so that a resume from that checkpoint
-        finds every step before it (between flushes, at most ``commit_every`` steps are at risk)."""
+        finds every step before it (between flushes, at most ``commit_every`` steps are at risk).
+        With ``optimizer=``, a step is written once its ``optimizer.step()`` has run: a block still
+        waiting for it is not part of the flush. It also stores a digest of the weights, which
+        ``resume=True`` checks (``datavalue.capture._resume``)."""
         self._sink.flush()
+        self._record_weights()
 
     def close(self) -> None:
         """Flush pending steps, detach hooks. Idempotent."""
@@ -667,6 +731,10 @@ class Recorder:
         self.engine.detach()
         if getattr(self, "_unrecorded", None) is not None:
             self._unrecorded.remove()
+            dropped = self._unrecorded.finish()
+            if dropped is not None:  # the model never took that update: the run ends before it
+                logger.warning("%s: step %d was recorded but optimizer.step() never ran after it; it was not written "
+                               "(the run has %d steps)", self.path, dropped, self.n_steps)
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
         try:  # written while the run's writer lock is still held (released by the sink's close)
@@ -675,6 +743,9 @@ class Recorder:
             if self._sqrt_d is not None and self._dist.rank == 0:
                 self._sink.flush()
                 self._write_sqrt_d()
+            if self.optimizer is not None and self._dist.rank == 0:
+                self._sink.flush()
+                self._record_weights()
         finally:
             self._sink.close()
 

@@ -80,6 +80,7 @@ FINAL_RUN = "final"
 RUN_MEMBERS = frozenset({
     "zarr.json", "grads", "fisher", "commit", "step_ptr", "fisher_ptr", *ROW_ARRAYS, *STEP_ARRAYS,
     *OPTIONAL_STEP_ARRAYS, FINAL_RUN, "embeddings", "influence", "checkpoints", "replay", "precondition",
+    "weights_digest",
 })
 #: The manifest's ``integration["name"]`` of a final pass (its ``integration["run_steps"]``: the training
 #: run's committed steps when the pass was recorded).

@@ -454,6 +454,17 @@ class RunWriter:
     # ------------------------------------------------------------------ writing
     def submit(self, block: StepBlock) -> None:
         """Queue one step for writing (returns at once unless the queue is full)."""
+        self.check_block(block)
+        self._raise_pending()
+        if self._queue is None:
+            self._write([block])
+            return
+        self.wait_for_room()
+        self._submitted += 1
+        self._queue.put(block)
+
+    def check_block(self, block: StepBlock) -> None:
+        """Refuse a step :meth:`submit` would refuse (closed writer, non-finite step values), without queueing it."""
         if self._closed:
             raise RecorderStateError("this run writer is closed; open a new Recorder(..., resume=True) to record more.")
         bad = {n: v for n in ("lr", "grad_scale", "momentum", "weight_decay") if not np.isfinite(v := getattr(block, n))}
@@ -463,16 +474,20 @@ class RunWriter:
                 "hyperparameters only. Check the optimizer's param groups and the clipping coefficient "
                 "(clip_coef); nothing was written for this step."
             )
-        self._raise_pending()
+
+    def wait_for_room(self) -> None:
+        """Block until fewer than ``commit_every`` submitted steps are uncommitted (the durability bound).
+
+        :meth:`submit` calls it; a caller that holds one step back before submitting it (a recorder
+        waiting for that step's optimizer update) calls it when it starts holding, so that the held
+        step counts against the bound: the step is then submitted without waiting.
+        """
         if self._queue is None:
-            self._write([block])
             return
         with self._committed:  # the durability bound: never more than commit_every steps uncommitted
             while self._submitted - self.steps >= self.commit_every and self._error is None:
                 self._committed.wait(1.0)
         self._raise_pending()
-        self._submitted += 1
-        self._queue.put(block)
 
     def _raise_pending(self) -> None:
         if self._error is not None:

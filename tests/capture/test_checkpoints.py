@@ -136,6 +136,7 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
             with rec.step(sample_ids=[0, 1]):
                 model(torch.randn(2, 2)).sum().backward()
             opt.step()
+            opt.zero_grad()
     delete_path(path, "checkpoints/1/meta")
     assert checkpoint_steps(path) == [0, 2]
     assert np.isfinite(read_checkpoint(path, 2).model["weight"].numpy()).all()

@@ -152,6 +152,9 @@ def test_split_bias_rows_equal_each_examples_gradient(tmp_path, arch, proj_dim):
     with datavalue.Recorder(tmp_path / "r.zarr", model, proj_dim=proj_dim, optimizer=opt, storage_dtype="float64") as rec:
         with rec.step(sample_ids=range(3)):
             loss(model, slice(None)).mean().backward()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opt.step()  # a recorded step is written once its update has run
+    model.load_state_dict(before)  # the oracle below: gradients at the recorded weights
     run = open_run(tmp_path / "r.zarr")
     split = run.manifest["projection"]["split_bias"]
     kinds = {b["name"]: b["kind"] for b in run.blocks}

@@ -204,8 +204,9 @@ def test_a_micro_batch_backpropagated_outside_the_block_is_refused_at_the_optimi
 
 
 def test_what_is_not_an_unrecorded_backward_passes(tmp_path):
-    """Clipping between the block and the step, a gradient probe zeroed before the next block, and a query
-    (``autograd.grad``, never ``.grad``) during training are not unrecorded gradient."""
+    """Clipping inside the block (told through ``h.clip_coef``), a gradient probe zeroed before the next block,
+    and a query (``autograd.grad``, never ``.grad``) during training are not unrecorded gradient. (Clipping
+    after the block without telling the recorder is refused: tests/capture/test_training_mismatch_more.py.)"""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "ok.zarr"
@@ -213,9 +214,10 @@ def test_what_is_not_an_unrecorded_backward_passes(tmp_path):
         for t in range(3):
             F.cross_entropy(model(X), Y).backward()  # a probe of the gradient norm, then zeroed
             opt.zero_grad()
-            with rec.step(sample_ids=range(8 * t, 8 * t + 8)):
+            with rec.step(sample_ids=range(8 * t, 8 * t + 8)) as h:
                 F.cross_entropy(model(X), Y).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
+                h.clip_coef = min(1.0, 0.05 / (norm + 1e-6))
             datavalue.capture.per_sample_gradients(model, lambda m: F.cross_entropy(m(X), Y, reduction="none"),
                                                    rec.writer.manifest)
             opt.step()

@@ -33,11 +33,15 @@ def test_round_trip_and_help():
     assert "segments" in BuildConfig.help()
 
 
-def _run(path, steps=6):
+def _run(path, steps=6, trained=None):
+    """Record ``steps`` steps; ``trained``: the (model, optimizer) of the run to resume (a resumed run
+    needs the weights it reached)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     x, y = torch.randn(24, 5, dtype=torch.float64), torch.randint(0, 3, (24,))
+    if trained is not None:
+        model, opt = trained
     resume = path.exists()
     with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, storage_dtype="float64", resume=resume) as rec:
         for t in range(steps):
@@ -46,10 +50,11 @@ def _run(path, steps=6):
                 F.cross_entropy(model(x[ids]), y[ids]).backward()
             opt.step()
             opt.zero_grad()
+    return model, opt
 
 
 def test_config_equals_keywords_is_stored_and_reused_by_extend(tmp_path):
-    _run(tmp_path / "a.zarr")
+    a = _run(tmp_path / "a.zarr")
     _run(tmp_path / "b.zarr")
     cfg = BuildConfig(clipping="constant", explode_threshold=1e3, storage_dtype="float64", blocks="layer")
     ia = datavalue.build_embeddings(tmp_path / "a.zarr", config=cfg, progress=False)
@@ -61,7 +66,7 @@ def test_config_equals_keywords_is_stored_and_reused_by_extend(tmp_path):
     with pytest.raises(EmbeddingError, match="either config= or the keyword options"):
         datavalue.build_embeddings(tmp_path / "a.zarr", config=cfg, segments=2, overwrite=True, progress=False)
     # extending uses the stored options: equal to a full rebuild with them
-    _run(tmp_path / "a.zarr", steps=3)
+    _run(tmp_path / "a.zarr", steps=3, trained=a)
     datavalue.embeddings.extend_embeddings(tmp_path / "a.zarr", progress=False)
     ext = np.asarray(open_array(tmp_path / "a.zarr", ia.array)[:])
     full = datavalue.build_embeddings(tmp_path / "a.zarr", config=cfg, overwrite=True, progress=False)

@@ -179,6 +179,7 @@ def test_sequence_fisher_pseudo_gradients_match_exact_ggn(tmp_path, mode):
                             fisher_samples=samples, storage_dtype="float64") as rec:
         with rec.step(sample_ids=range(3), tokens=n_tok, fisher_mask=mask if rec_fisher else None):
             (loss_per_example(model).sum() / n_tok.sum()).backward()
+        opt.step()  # lr 0: the weights stay; with optimizer=, a step is written once its update has run
         opt.zero_grad()
     if mode == "final_pass_sum":
         with FinalPass(path, model, fisher_samples=samples) as fp:

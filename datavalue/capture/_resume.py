@@ -1,0 +1,128 @@
+"""Which weights a run reached: a digest of the trainable weights at every flush, checked on resume.
+
+A run records the steps of one trajectory. Resuming it (``Recorder(..., resume=True)``) with weights
+that are not the ones the run reached, a fresh initialisation or a training checkpoint from step
+``s`` while the run already holds ``n > s`` steps (steps ``s .. n-1`` would be recorded twice),
+would splice another trajectory onto it. So at every ``flush()`` and ``close()`` (with
+``optimizer=``, after the update of the last written step) the recorder stores, for the run's
+committed step count ``n``, each trainable tensor's float64 sum and sum of squares in the group
+``weights_digest`` (its ``zarr.json`` attributes, replaced atomically), keeping the last
+:data:`HISTORY` flushes; a resumed recorder compares the model's weights with them before its first
+block (docs/store-format.md, docs/capture.md).
+
+Tolerance (:data:`DIGEST_RTOL`): the same weights summed in another order (another device, another
+reduction kernel) differ by float64 rounding, at most ``log2(N) * 1.1e-16`` of ``sum |w|`` for a
+cascaded sum of ``N`` numbers (``4e-15`` for ``N = 10^9``); one training step moves a tensor's sum by
+about ``lr / rms(w)`` of ``sqrt(N * sum w^2)`` (``5e-5`` for Adam at ``lr = 1e-6`` on weights of rms
+0.02). ``1e-10`` sits between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from datavalue.errors import StoreMismatchError
+
+#: The run's member holding the digests (a zarr v3 group; attributes only).
+WEIGHTS_DIGEST = "weights_digest"
+#: Key of the digests in that group's attributes.
+DIGEST_KEY = "datavalue_weights"
+#: Flushes kept (the most recent ones).
+HISTORY = 100
+#: Relative tolerance of a tensor's sum (of ``sqrt(N * sum w^2)``) and sum of squares.
+DIGEST_RTOL = 1e-10
+
+
+def weights_digest(model: nn.Module) -> dict[str, list[float]]:
+    """``{name: [numel, sum, sum of squares]}`` of every trainable parameter, in float64."""
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                w = p.detach()
+                out[name] = [float(w.numel()), float(torch.sum(w, dtype=torch.float64)),
+                             float(torch.linalg.vector_norm(w, dtype=torch.float64) ** 2)]
+    return out
+
+
+def read_digests(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The run's recorded digests, oldest first (``[]`` for a run written before they existed)."""
+    meta = Path(path) / WEIGHTS_DIGEST / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise StoreMismatchError(f"{meta} is not readable JSON ({exc}); delete {meta.parent} to resume without the "
+                                 "weights check.") from exc
+    hist = ((doc.get("attributes") or {}).get(DIGEST_KEY) or {}).get("history") or []
+    return [h for h in hist if isinstance(h, dict) and "steps" in h and isinstance(h.get("tensors"), dict)]
+
+
+def record_digest(path: str | os.PathLike[str], steps: int, digest: Mapping[str, list[float]]) -> None:
+    """Add the digest of the weights after ``steps`` committed steps (replacing any entry at or past it)."""
+    hist = [h for h in read_digests(path) if int(h["steps"]) < int(steps)]
+    hist = (hist + [{"steps": int(steps), "tensors": dict(digest)}])[-HISTORY:]
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {DIGEST_KEY: {
+        "meaning": "per trainable tensor [numel, float64 sum, float64 sum of squares] of the weights after 'steps' "
+                   "committed steps, at each flush()/close() (checked by Recorder(..., resume=True))",
+        "history": hist}}}
+    d = Path(path) / WEIGHTS_DIGEST
+    d.mkdir(exist_ok=True)
+    tmp = d / f".zarr.json.{os.getpid()}.{threading.get_ident()}.partial"
+    tmp.write_text(json.dumps(doc), encoding="utf-8")
+    os.replace(tmp, d / "zarr.json")
+
+
+def differing(recorded: Mapping[str, list[float]], now: Mapping[str, list[float]]) -> list[str]:
+    """Names of the tensors whose digests differ beyond :data:`DIGEST_RTOL` (or that only one side has)."""
+    out = sorted(set(recorded) ^ set(now))
+    for name in sorted(set(recorded) & set(now)):
+        (n0, s0, q0), (n1, s1, q1) = recorded[name][:3], now[name][:3]
+        scale = math.sqrt(max(n0, 1.0) * max(q0, q1))
+        if n0 != n1 or abs(s0 - s1) > DIGEST_RTOL * scale or abs(q0 - q1) > DIGEST_RTOL * max(q0, q1):
+            out.append(name)
+    return out
+
+
+def check_resume_weights(path: str | os.PathLike[str], model: nn.Module, steps: int) -> str:
+    """Refuse to resume a run of ``steps`` committed steps with weights it did not reach.
+
+    Returns what was checked (``"matched"``, ``"no digest"``: a run from before the digests, or
+    ``"unchecked"``: the run was not flushed at ``steps``, e.g. killed after its last flush, and the
+    weights match no earlier flush either).
+    """
+    hist = read_digests(path)
+    if not hist:
+        return "no digest"
+    now = weights_digest(model)
+    at = {int(h["steps"]): h["tensors"] for h in hist}
+    if steps in at and not differing(at[steps], now):
+        return "matched"
+    earlier = [s for s in sorted(at, reverse=True) if s < steps and not differing(at[s], now)]
+    if earlier:
+        s = earlier[0]
+        raise StoreMismatchError(
+            f"{path}: cannot resume: the model holds the weights the run had after step {s}, and the run has {steps} "
+            f"steps: resuming would record steps {s}..{steps - 1} a second time. Load the weights the run reached after "
+            f"its {steps} steps (the checkpoint saved with its last rec.flush()), or record the rest as a new run "
+            "(another path)."
+        )
+    if steps in at:
+        diff = differing(at[steps], now)
+        raise StoreMismatchError(
+            f"{path}: cannot resume: the model's weights are not the ones the run reached after its {steps} steps "
+            f"(they differ in {diff[:3]}{' ...' if len(diff) > 3 else ''}; a fresh initialisation, or a checkpoint of "
+            "another run?). Load the checkpoint saved with the run's last rec.flush() before creating the Recorder, "
+            "or record a new run (another path)."
+        )
+    return "unchecked"

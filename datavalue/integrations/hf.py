@@ -140,6 +140,13 @@ class DataValueCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
 
+    def on_save(self, args, state, control, **kwargs):
+        """The Trainer saved a checkpoint: commit every recorded step and the weights' digest, so that a
+        run resumed from this checkpoint (``resume_from_checkpoint``) finds all its steps and is checked
+        against these weights (docs/capture.md, "What a crash loses")."""
+        if self.recorder is not None and not self.recorder.closed:
+            self.recorder.flush()
+
     def close(self) -> None:
         """Detach from the model and commit every recorded step. Idempotent."""
         if self._hook is not None:

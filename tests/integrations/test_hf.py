@@ -99,3 +99,25 @@ def test_callback_refuses_dropped_id_column(tmp_path):
     trainer.args.remove_unused_columns = True
     with pytest.raises(RecorderError, match="remove_unused_columns=False"):
         trainer.train()
+
+
+def test_each_saved_checkpoint_flushes_the_run_and_its_weights(tmp_path):
+    """A checkpoint the Trainer saves is one the run can resume from: every step before it committed and
+    the weights' digest recorded at its step count (guards issue 22's resume-with-other-weights check)."""
+    from datavalue.capture._resume import read_digests, weights_digest
+    from datavalue.integrations.hf import DataValueCallback
+
+    cb = DataValueCallback(tmp_path / "run.zarr", proj_dim=64)
+    trainer = _trainer(tmp_path, cb, _dataset())
+    trainer.args.save_strategy = transformers.IntervalStrategy.STEPS
+    trainer.args.save_steps = 8
+    trainer.args.save_only_model = True
+    trainer.train()
+    steps = [d["steps"] for d in read_digests(tmp_path / "run.zarr")]
+    assert steps[:2] == [8, 16] and steps[-1] == 20, steps  # both saves, then close()
+    saved = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "checkpoint-16", use_safetensors=True)
+    d16 = next(d for d in read_digests(tmp_path / "run.zarr") if d["steps"] == 16)["tensors"]
+    now = weights_digest(saved)
+    assert set(now) == set(d16)
+    for name, v in now.items():
+        np.testing.assert_allclose(v, d16[name], rtol=1e-12)

@@ -132,6 +132,8 @@ class Engine:
         self.sink: dict[str, torch.Tensor] | None = None
         self.batch_size: int | None = None
         self.outputs: list[torch.Tensor] = []
+        #: ``(module, gradient edge)`` of each output in ``outputs``, taken when it was produced
+        self.output_edges: list[tuple[nn.Module, Any]] = []
         self.n_grad_events = 0
         self.n_forward_events = 0
         self._seen_batch = 0
@@ -292,6 +294,7 @@ class Engine:
             saved = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
             saved_kw = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
             self.outputs.append(out)
+            self.output_edges.append((module, torch.autograd.graph.get_gradient_edge(out)))
             # a forward pass that starts after a backward already ran in this block (not a recomputation
             # inside the backward, as gradient checkpointing does): a second micro-batch
             late = self._backward_seen and not _inside_backward()
@@ -338,6 +341,7 @@ class Engine:
         self.sink = {}
         self.batch_size = batch_size
         self.outputs = []
+        self.output_edges = []
         self.n_grad_events = 0
         self.n_forward_events = 0
         self._seen_batch = 0
@@ -346,6 +350,7 @@ class Engine:
     def end(self) -> dict[str, torch.Tensor]:
         sink, self.sink = self.sink or {}, None
         self.outputs = []
+        self.output_edges = []
         return sink
 
     def assemble(self, sink: dict[str, torch.Tensor], n: int) -> torch.Tensor:
@@ -357,16 +362,26 @@ class Engine:
         return torch.cat(cols, 1)
 
     def grad_wrt_outputs(self, scalar_or_tensor: torch.Tensor, grad_outputs: torch.Tensor | None = None) -> None:
-        """Backpropagate to the hooked module outputs only (parameters' ``.grad`` untouched)."""
+        """Backpropagate to the hooked module outputs only (parameters' ``.grad`` untouched).
+
+        The targets are the outputs' gradient edges as the forward hooks recorded them, so autograd
+        runs only the input-gradient half of each layer's backward (no weight-gradient GEMM, and the
+        lowest hooked layer's backward not at all), and an in-place op on an output afterwards
+        (``ReLU(inplace=True)``) does not cut the pass short: the edge is the producing node's, whose
+        tensor hook fires when the gradient reaches it. A hooked module that produced no output with a
+        graph in this forward (a reentrant gradient-checkpointing segment runs its forward without
+        one and recomputes it inside the backward) is reached through its parameters instead, as
+        before: those still cost their weight-gradient GEMMs.
+        """
         if not self.outputs:
             raise CaptureError("no captured module took part in this forward pass.")
-        # Differentiate w.r.t. the parameters (returned, never accumulated into .grad): the tensor
-        # hooks fire on the way. Asking for the hooked outputs instead would stop early at
-        # outputs that an in-place op (ReLU(inplace=True)) modified afterwards.
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        seen = {id(m) for m, _ in self.output_edges}
+        targets: list[Any] = [edge for _, edge in self.output_edges]
+        targets += list({id(p): p for e in self.entries if id(e.module) not in seen
+                         for p in e.module.parameters() if p.requires_grad}.values())
         self._pseudo = True
         try:
-            torch.autograd.grad(scalar_or_tensor, params, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(scalar_or_tensor, targets, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
         finally:
             self._pseudo = False
 

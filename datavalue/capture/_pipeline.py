@@ -176,6 +176,90 @@ class DistInfo:
         dist.all_gather(out, torch.cat([t, pad]))
         return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).numpy()
 
+    def all_gather_packed(self, arrays: list[np.ndarray], *, capacity: int = 0) -> tuple[list[np.ndarray], int]:
+        """Concatenate each of ``arrays`` over ranks along axis 0 (rank order) in one collective.
+
+        Every array travels as its raw bytes (no pickle, no conversion: the result is bit for bit
+        what :meth:`all_gather_rows` gives), packed into one ``int64`` buffer per rank behind a
+        header of ``1 + 1 + 3 n`` words (words used, ``n``; per array: dtype, rows, bytes). The
+        buffers have a fixed length, ``capacity`` words, that every rank agrees on: when a rank's
+        step needs more, the first gather carries the headers only and a second one, at the
+        largest size needed, the data; the caller keeps the returned capacity for the next call.
+        So the steady state is one ``all_gather`` per step (the per-rank sizes change only with
+        the batch size) where :meth:`all_gather_rows` took two per array.
+
+        Args:
+            arrays: the same number of arrays on every rank, each ``(rows_r, *trailing)`` with the
+                same trailing shape on every rank (rows may differ).
+            capacity: the buffer length in words that the previous call returned (``0``: none yet).
+
+        Returns:
+            ``(gathered, capacity)``.
+        """
+        if self.world == 1:
+            return list(arrays), capacity
+        import torch
+        import torch.distributed as dist
+
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        n = len(arrays)
+        head = 2 + 3 * n
+        sizes = [(a.nbytes + 7) // 8 for a in arrays]
+        need = head + sum(sizes)
+        length = max(int(capacity), head)
+        buf = np.zeros(length, np.int64)
+        buf[0], buf[1] = need, n
+        for i, a in enumerate(arrays):
+            buf[2 + 3 * i: 5 + 3 * i] = (_dtype_code(a.dtype), a.shape[0], a.nbytes)
+
+        def pack(buf: np.ndarray) -> None:
+            raw, at = buf.view(np.uint8), head * 8
+            for a, words in zip(arrays, sizes):
+                raw[at: at + a.nbytes] = a.reshape(-1).view(np.uint8)
+                at += words * 8
+
+        if need <= length:
+            pack(buf)
+        out = [torch.empty(length, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(out, torch.from_numpy(buf))
+        bufs = [o.numpy() for o in out]
+        if any(int(b[1]) != n for b in bufs):
+            raise RecorderError(f"rank {self.rank} gathers {n} arrays per step but another rank gathers "
+                                f"{[int(b[1]) for b in bufs]}; every rank must record with the same settings.")
+        most = max(int(b[0]) for b in bufs)
+        if most > length:  # a rank's step outgrew the agreed buffers: gather again at the size needed
+            length = most
+            buf = np.concatenate([buf[:head], np.zeros(length - head, np.int64)])
+            pack(buf)
+            out = [torch.empty(length, dtype=torch.int64) for _ in range(self.world)]
+            dist.all_gather(out, torch.from_numpy(buf))
+            bufs = [o.numpy() for o in out]
+        gathered = []
+        for i, a in enumerate(arrays):
+            parts = []
+            for b in bufs:
+                at = head + sum(int((b[2 + 3 * j + 2] + 7) // 8) for j in range(i))
+                code, rows, nbytes = (int(x) for x in b[2 + 3 * i: 5 + 3 * i])
+                dt = _dtype_of(code)
+                if rows * int(np.prod(a.shape[1:], dtype=np.int64)) * dt.itemsize != nbytes:
+                    raise RecorderError(f"array {i} of a rank has {rows} rows of {nbytes} bytes in all; rank "
+                                        f"{self.rank}'s rows are {a.shape[1:]} each: every rank must record the same k.")
+                parts.append(b.view(np.uint8)[at * 8: at * 8 + nbytes].view(dt).reshape(rows, *a.shape[1:]))
+            gathered.append(np.concatenate(parts))
+        return gathered, length
+
+
+def _dtype_code(dt: np.dtype) -> int:
+    """A numpy dtype as one int64 word (its ``dtype.str``, at most 8 ASCII bytes)."""
+    code = np.dtype(dt).str.encode("ascii")
+    if len(code) > 8 or np.dtype(dt).hasobject:
+        raise RecorderError(f"cannot gather arrays of dtype {dt} across ranks; rows must be numeric.")
+    return int.from_bytes(code.ljust(8, b"\0"), "little", signed=True)
+
+
+def _dtype_of(code: int) -> np.dtype:
+    return np.dtype(int(code).to_bytes(8, "little", signed=True).rstrip(b"\0").decode("ascii"))
+
 
 def _to_numpy(a: Any) -> np.ndarray:
     if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch, without importing it
@@ -241,6 +325,7 @@ class StepSink:
         self.next_step = start
         self.closed = False
         self._held: tuple[int, StepBlock | None] | None = None
+        self._gather_words = 0  # the agreed length of all_gather_packed's buffers
 
     def submit(
         self,
@@ -289,12 +374,12 @@ class StepSink:
         f = None if fisher is None else _to_numpy(fisher)
         if self.fisher and f is None:
             f = np.zeros((0, self.k), g.dtype)
-        if self.dist.world > 1:
-            g = self.dist.all_gather_rows(g)
-            ids = self.dist.all_gather_rows(ids)
-            weights = self.dist.all_gather_rows(weights)
+        if self.dist.world > 1:  # one collective per step (two when a rank's step outgrows the buffers)
+            parts = [g, ids, weights] + ([f] if f is not None else [])
+            parts, self._gather_words = self.dist.all_gather_packed(parts, capacity=self._gather_words)
+            g, ids, weights = parts[:3]
             if f is not None:
-                f = self.dist.all_gather_rows(f)
+                f = parts[3]
             if np.unique(ids).size != ids.size:
                 raise RecorderError(f"step {step}: sample ids repeat across ranks; each example needs a unique id.")
         flags = np.zeros(ids.size, np.uint8)

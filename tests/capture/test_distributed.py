@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import datavalue
 from datavalue.store import open_run
-from tests.capture._ddp_worker import data, make_model, worker
+from tests.capture._ddp_worker import count_worker, data, make_model, packed_worker, worker
 
 
 def _free_port() -> int:
@@ -47,3 +47,14 @@ def test_ddp_run_equals_single_process(tmp_path, curvature):
             sa = slice(a.fisher_ptr[t], a.fisher_ptr[t + 1])
             sb = slice(b.fisher_ptr[t], b.fisher_ptr[t + 1])
             np.testing.assert_allclose(fa[sa].T @ fa[sa], fb[sb].T @ fb[sb], rtol=1e-6, atol=1e-9)
+
+
+def test_packed_gather_is_bit_exact():
+    """``DistInfo.all_gather_packed`` (one collective per recorded step) gives, bit for bit, the
+    per-array concatenation over ranks, with unequal and changing sizes and mixed dtypes."""
+    mp.spawn(packed_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_ddp_step_makes_one_collective(tmp_path):
+    """After the first step, a recorded DDP step gathers once (not twice per array, as before)."""
+    mp.spawn(count_worker, args=(2, _free_port(), str(tmp_path / "ddp.zarr")), nprocs=2, join=True)

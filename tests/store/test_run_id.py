@@ -18,10 +18,15 @@ from datavalue.store import open_run
 from datavalue.store._schema import RUN_ID_KEY
 
 
-def _record(path, seed, *, steps=3, resume=False, adam=False):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    opt = (torch.optim.AdamW if adam else torch.optim.SGD)(model.parameters(), lr=0.1)
+def _record(path, seed, *, steps=3, resume=False, adam=False, trained=None):
+    """Record ``steps`` steps; ``trained``: the ``(model, opt)`` of the run being resumed (its weights are
+    checked against the run's), returned for the next call."""
+    if trained is None:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        opt = (torch.optim.AdamW if adam else torch.optim.SGD)(model.parameters(), lr=0.1)
+    else:
+        model, opt = trained
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(4 * steps, 4, generator=g), torch.randint(0, 3, (4 * steps,), generator=g)
     with datavalue.Recorder(path, model, proj_dim=16, optimizer=opt, resume=resume) as rec:
@@ -31,12 +36,13 @@ def _record(path, seed, *, steps=3, resume=False, adam=False):
                 F.cross_entropy(model(x[4 * t : 4 * t + 4]), y[4 * t : 4 * t + 4]).backward()
             opt.step()
             opt.zero_grad()
+    return model, opt
 
 
 @pytest.mark.parametrize("member", ["grads", "sample_id", "lr", "adam_m"])
 def test_an_array_copied_from_another_run_is_refused(tmp_path, member):
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
-    _record(a, 0, adam=True)
+    trained = _record(a, 0, adam=True)
     _record(b, 1, adam=True)
     assert not np.array_equal(np.asarray(open_run(a).grads), np.asarray(open_run(b).grads))
     shutil.rmtree(a / member)
@@ -44,21 +50,21 @@ def test_an_array_copied_from_another_run_is_refused(tmp_path, member):
     with pytest.raises(StoreCorruptError, match=rf"the array '{member}' was not written with this run.*another run id"):
         open_run(a)
     with pytest.raises(StoreCorruptError, match="copied in from another run"):
-        _record(a, 0, resume=True, adam=True)  # nothing is appended to the mixed run either
+        _record(a, 0, resume=True, trained=trained)  # nothing is appended to the mixed run either
 
 
 def test_a_whole_copy_of_a_run_opens_and_resumes(tmp_path):
     a = tmp_path / "a.zarr"
-    _record(a, 0)
+    trained = _record(a, 0)
     shutil.copytree(a, tmp_path / "copy.zarr", ignore=shutil.ignore_patterns("writer.lock"))
-    _record(tmp_path / "copy.zarr", 0, resume=True, steps=2, adam=False)
+    _record(tmp_path / "copy.zarr", 0, resume=True, steps=2, trained=trained)
     assert open_run(tmp_path / "copy.zarr").n_steps == 5
 
 
 def test_arrays_created_on_resume_carry_the_runs_id(tmp_path):
     a = tmp_path / "a.zarr"
-    _record(a, 0, steps=2)  # SGD: no Adam moments
-    _record(a, 0, steps=2, resume=True, adam=False)
+    trained = _record(a, 0, steps=2)
+    _record(a, 0, steps=2, resume=True, trained=trained)
     root = json.loads((a / "zarr.json").read_text())["attributes"][RUN_ID_KEY]
     for member in ("grads", "sample_id", "step_ptr", "lr", "commit"):
         assert json.loads((a / member / "zarr.json").read_text())["attributes"][RUN_ID_KEY] == root

@@ -37,6 +37,16 @@ def _batch(n: int = 3):
     return torch.randn(n, 4, generator=g), torch.arange(n) % 3
 
 
+def _trained_step(rec, model, opt, ids=(0, 1, 2)) -> None:
+    """One recorded step as training runs it: the block, the optimizer's update, then zero_grad (the
+    recorder checks that the update applies what the step records: lr from the optimizer)."""
+    x, y = _batch(len(ids))
+    with rec.step(sample_ids=list(ids)):
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def _one_step(rec, model, ids=(0, 1, 2), **kw) -> None:
     x, y = _batch(len(ids))
     with rec.step(sample_ids=list(ids), lr=0.1, **kw):
@@ -253,8 +263,7 @@ def test_overwrite_replaces_a_run_with_everything_datavalue_builds_in_it(tmp_pat
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, checkpoint_every=1) as rec:
         for t in range(2):
-            _one_step(rec, model, ids=(3 * t, 3 * t + 1, 3 * t + 2))
-            opt.step()
+            _trained_step(rec, model, opt, ids=(3 * t, 3 * t + 1, 3 * t + 2))
     datavalue.build_embeddings(path, progress=False)
     (path / ".c.0.999999999.1.partial").write_bytes(b"")  # a dead writer's temporary
     assert {"embeddings", "checkpoints"} <= {p.name for p in path.iterdir()}
@@ -271,8 +280,7 @@ def test_the_run_members_cover_what_datavalue_writes(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     with datavalue.Recorder(path, model, proj_dim=6, optimizer=opt, checkpoint_every=1, curvature="fisher",
                             precondition="adam") as rec:
-        _one_step(rec, model)
-        opt.step()
+        _trained_step(rec, model, opt)
     datavalue.build_embeddings(path, progress=False)
     names = {p.name for p in path.iterdir()} - {"writer.lock"}
     assert names <= RUN_MEMBERS, names - RUN_MEMBERS

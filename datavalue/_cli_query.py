@@ -109,10 +109,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def check_parquet_name(out: Path) -> None:
-    """Refuse an ``--out`` whose name says another format: the file written is Parquet."""
-    if out.suffix.lower() not in (".parquet", ".pq"):
-        raise QueryError(f"--out {out}: the results are written as Parquet, so the name must end in .parquet (or .pq), "
-                         f"got {out.suffix or 'no suffix'!r}; e.g. --out {out.with_suffix('.parquet')}.")
+    """Refuse an ``--out`` whose name says another format: the file written is Parquet (the rule of
+    the query package's writer, :func:`datavalue.query._results.check_parquet_name`)."""
+    from datavalue.query._results import check_parquet_name as _rule
+
+    _rule(out, flag="--out")
 
 
 def parse_steps_arg(text: str | None) -> tuple[int | None, int | None] | None:

@@ -84,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = check_out_path(args.out, shapley.ShapleyError)
         _refuse_input_as_output(out, ledger=args.ledger, registry=args.registry)
+        from datavalue.shapley.royalties._outpath import check_output_path
+
+        # inside a run, or another ledger's file: the API's rule, before any work (exists: below)
+        check_output_path(out, what="the report", overwrite=True, ledgers=(args.ledger,), hint=" for --out")
         fmt = args.format or shapley.infer_format(args.out)
         if out.exists() and not args.overwrite:
             raise shapley.OutputExistsError(

@@ -1,15 +1,20 @@
-"""Temporary files that never replace a user's file and never outlive a failed write.
+"""Temporary files that never replace a user's file and never outlive a failed write; where a run is.
 
 Every file datavalue replaces atomically is first written to a sibling temporary whose name no user
 file has by accident: ``.<name>.<pid>.<random>.partial`` (a dot file, the writer's pid, 8 random hex
 digits). On any error the temporary is removed; a ``kill -9`` can still leave one behind, which
 :func:`sweep_partials` removes once its writer is gone (runs do this when a writer takes their lock).
+
+:func:`inside_run` says whether a path lies inside a datavalue run: the one rule by which every
+writer of user-facing outputs (reports, registries, Parquet results) refuses to write into a run.
+
 Standard library only: the shapley package uses it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -90,3 +95,53 @@ def sweep_partials(root: str | os.PathLike[str]) -> list[Path]:
     if removed:
         logger.info("%s: removed %d temporary file(s) left by a writer that is gone", root, len(removed))
     return removed
+
+
+#: attribute keys of the zarr groups datavalue writes (the run manifest ``"datavalue"``, its
+#: ``"datavalue_run_id"``, ``"datavalue_embeddings"``, ...): their presence marks a datavalue run.
+_RUN_ATTR = "datavalue"
+
+#: a run's ``zarr.json`` larger than this is not read (a run's is a few KiB; embeddings add some)
+_MAX_ZARR_JSON = 64 << 20
+
+
+def _is_datavalue_group(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``zarr.json`` (a regular file, or a link to one) whose
+    ``attributes`` carry a datavalue key (``"datavalue"`` or ``"datavalue_<...>"``)."""
+    meta = directory / "zarr.json"
+    try:
+        st = os.stat(meta)
+        if not (st.st_mode & 0o170000 == 0o100000) or st.st_size > _MAX_ZARR_JSON:
+            return False
+        doc = json.loads(meta.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False  # absent, unreadable or not JSON: not a run this rule can know
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return isinstance(attrs, dict) and any(
+        isinstance(k, str) and (k == _RUN_ATTR or k.startswith(_RUN_ATTR + "_")) for k in attrs
+    )
+
+
+def inside_run(path: str | os.PathLike[str]) -> Path | None:
+    """The datavalue run that ``path`` lies inside (its outermost one), or ``None``.
+
+    ``path`` is resolved first (symbolic links and ``..``; it need not exist), then every directory
+    on the resolved path, ``path`` itself included, is asked whether it holds a ``zarr.json``
+    with datavalue attributes (a run's root group, or a group datavalue wrote inside one). Any
+    other ``zarr.json`` (another tool's zarr store, a report someone named ``zarr.json``) does not
+    make a run. Writing at such a ``path`` would add to, or replace, a run's own files: every
+    writer of reports, registries and Parquet results refuses it before anything is written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> run = pathlib.Path(tempfile.mkdtemp()) / "r.zarr"; run.mkdir()
+        >>> _ = (run / "zarr.json").write_text('{"zarr_format": 3, "attributes": {"datavalue": {}}}')
+        >>> inside_run(run / "zarr.json") == run.resolve(), inside_run(run.parent / "report.csv")
+        (True, None)
+    """
+    real = Path(os.path.realpath(os.fspath(path)))
+    found = None
+    for parent in (real, *real.parents):
+        if _is_datavalue_group(parent):
+            found = parent  # keep climbing: name the run, not a group inside it
+    return found

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from datavalue.errors import StoreExistsError
+from datavalue._files import atomic_write
+from datavalue.errors import DataValueError, QueryError, StoreExistsError
 
 ID_COLUMN = {None: "row", "sample": "sample_id", "owner": "owner", "step": "step"}
 
@@ -72,20 +73,67 @@ class TopK:
         return write_parquet(self.to_frame(), path, overwrite=overwrite)
 
 
+#: the names a Parquet result may have (what every writer of one and the CLI's ``--out`` accept)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def check_parquet_name(path: str | os.PathLike[str], *, flag: str | None = None) -> None:
+    """Raise :class:`QueryError` unless ``path`` ends in ``.parquet`` or ``.pq`` (any case): the
+    file written is Parquet, and a name that says another format (``results.csv``) would be opened
+    as that format by whoever finds it. ``flag`` (``"--out"``) names the CLI option in the message.
+    The one rule of :func:`write_parquet` and of the ``query`` and ``replay`` subcommands."""
+    p = Path(path)
+    if p.suffix.lower() in PARQUET_SUFFIXES:
+        return
+    given = f"{flag} {p}" if flag else str(p)
+    fix = f"{flag} {p.with_suffix('.parquet')}" if flag else repr(str(p.with_suffix(".parquet")))
+    raise QueryError(f"{given}: the results are written as Parquet, so the name must end in .parquet (or .pq), "
+                     f"got {p.suffix or 'no suffix'!r}; e.g. {fix}. Nothing was written.")
+
+
 def write_parquet(frame: pd.DataFrame, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write ``frame`` to ``path`` (Parquet, no index); object columns of mixed types become strings."""
+    """Write ``frame`` to ``path`` (Parquet, no index); object columns of mixed types become strings.
+
+    The file is written to a temporary beside ``path`` and moved into place, so a failed write
+    leaves no partial file and, with ``overwrite=True``, the previous file as it was.
+
+    Raises:
+        StoreError: ``path`` lies inside a datavalue run (:func:`datavalue.store.refuse_inside_run`).
+        QueryError: ``path`` does not end in ``.parquet``/``.pq`` (:func:`check_parquet_name`), lies
+            under a regular file, or cannot be written (the OS's reason is given).
+        StoreExistsError: ``path`` exists and ``overwrite`` is false, or ``path`` is a directory
+            (as :func:`datavalue.store.archive_run`).
+        Nothing is written in any of these cases.
+    """
     from datavalue.store import refuse_inside_run
 
     refuse_inside_run(path, "a report")  # before the overwrite check: a run's own file is never replaced
+    check_parquet_name(path)
     path = Path(path)
+    if path.is_dir():
+        raise StoreExistsError(f"{path} is a directory; give the path of a Parquet file to write (e.g. "
+                               f"{path / 'results.parquet'}). Nothing was written.")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QueryError(f"{path}: {parent} is a file, not a directory, so nothing can be written under it; "
+                         "choose another path. Nothing was written.")
     if path.exists() and not overwrite:
         raise StoreExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     frame = frame.copy()
     for col in frame.columns:
         if frame[col].dtype == object and len({type(v) for v in frame[col]}) > 1:
             frame[col] = frame[col].map(lambda v: None if v is None else str(v))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(path, index=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            frame.to_parquet(tmp, index=False)
+    except OSError as exc:
+        if isinstance(exc, DataValueError):
+            raise
+        raise QueryError(f"cannot write {path}: {exc.strerror or exc}; choose a writable path. "
+                         f"{'The previous file is unchanged.' if path.exists() else 'Nothing was written.'}") from exc
     return path
 
 

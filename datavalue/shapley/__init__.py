@@ -38,6 +38,7 @@ from datavalue.shapley._errors import LedgerError as LedgerError
 from datavalue.shapley._errors import LedgerNotFoundError as LedgerNotFoundError
 from datavalue.shapley._errors import NoPositiveContributionError as NoPositiveContributionError
 from datavalue.shapley._errors import OutputExistsError as OutputExistsError
+from datavalue.shapley._errors import OutputPathError as OutputPathError
 from datavalue.shapley._errors import PolicyError as PolicyError
 from datavalue.shapley._errors import ReplayMismatchError as ReplayMismatchError
 from datavalue.shapley._errors import ShapleyError as ShapleyError
@@ -111,6 +112,7 @@ __all__ = [
     "MaxTime",
     "NoPositiveContributionError",
     "OutputExistsError",
+    "OutputPathError",
     "OwnerLine",
     "OwnerRegistry",
     "Period",

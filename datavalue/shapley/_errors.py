@@ -1,7 +1,7 @@
 """One exception tree for cooperative games and royalties.
 
 Every class derives from :class:`ShapleyError` (itself a :class:`datavalue.errors.DataValueError`,
-the root of the package-wide tree) *and* from the builtin a caller would naturally catch (``ValueError``, ``FileNotFoundError``, ``FileExistsError``, ``KeyError``), so both
+the root of the package-wide tree) *and* from the builtin a caller would naturally catch (``ValueError``, ``FileNotFoundError``, ``FileExistsError``, ``OSError``, ``KeyError``), so both
 ``except ShapleyError`` and ``except ValueError`` work. Messages follow the pattern
 "what was expected / what we got / how to fix it".
 
@@ -21,6 +21,7 @@ __all__ = [
     "LedgerNotFoundError",
     "NoPositiveContributionError",
     "OutputExistsError",
+    "OutputPathError",
     "PolicyError",
     "ReplayMismatchError",
     "ShapleyError",
@@ -81,6 +82,12 @@ class LedgerNotFoundError(ShapleyError, FileNotFoundError):
 
 class OutputExistsError(ShapleyError, FileExistsError):
     """A report or registry file already exists and ``overwrite`` was not set."""
+
+
+class OutputPathError(ShapleyError, OSError):
+    """A report or registry path that cannot be written: it lies inside a datavalue run, under a
+    regular file, or the OS refused the write (the message gives its reason). An ``OSError``, as
+    the raw error such a write raised before."""
 
 
 class UnknownOwnerError(ShapleyError, KeyError):

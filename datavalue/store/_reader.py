@@ -19,7 +19,7 @@ import zarr
 if TYPE_CHECKING:
     import dask.array as da
 
-from datavalue._files import atomic_write
+from datavalue._files import atomic_write, inside_run
 from datavalue.errors import (
     StoreCorruptError,
     StoreError,
@@ -728,20 +728,17 @@ def refuse_reading_links(root: Path) -> None:
 
 def refuse_inside_run(out: str | os.PathLike[str], what: str = "a report") -> None:
     """Raise :class:`StoreError` when writing ``out`` would change a run: ``out`` lies inside a
-    run (or any zarr store: a directory holding ``zarr.json``), links and ``..`` resolved. Every API
-    writer of reports (``Attributor.save_parquet``, ``TopK.to_parquet``, ``ReplayResult.save_parquet``)
-    and the CLI's ``--out`` use this one check, before anything is written."""
+    datavalue run, links and ``..`` resolved (:func:`datavalue._files.inside_run`, the one rule the
+    shapley report and registry writers use too). Every API writer of reports
+    (``Attributor.save_parquet``, ``TopK.to_parquet``, ``ReplayResult.save_parquet``) and the CLI's
+    ``--out`` use this check, before anything is written."""
     if not isinstance(out, (str, os.PathLike)) or not is_local(out):
         return
-    real = Path(os.path.realpath(out))
-    store = None
-    for parent in (real, *real.parents):
-        if parent.is_dir() and (parent / "zarr.json").is_file():
-            store = parent  # keep climbing: name the outermost store (the run, not its embeddings group)
+    store = inside_run(out)
     if store is not None:
         raise StoreError(
-            f"{out} lies inside the run {store} (resolved: {real}); writing {what} there would change the run's "
-            "own files, so nothing was written. Choose a path outside the run."
+            f"{out} lies inside the run {store} (resolved: {os.path.realpath(out)}); writing {what} there would "
+            "change the run's own files, so nothing was written. Choose a path outside the run."
         )
 
 

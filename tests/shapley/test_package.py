@@ -16,7 +16,7 @@ PUBLIC = {
     "MAX_EXACT_PLAYERS", "AdditiveGame", "CacheMismatchError", "CoalitionGame", "DiskCache",
     "GenerationLine", "GenerationRecord", "InvalidGameError", "InvalidPoolError",
     "InvalidValuesError", "LedgerError", "LedgerNotFoundError", "MaxEvaluations", "MaxSamples",
-    "MaxTime", "NoPositiveContributionError", "OutputExistsError", "OwnerLine", "OwnerRegistry",
+    "MaxTime", "NoPositiveContributionError", "OutputExistsError", "OutputPathError", "OwnerLine", "OwnerRegistry",
     "Period", "PeriodStatement", "PolicyError", "Progress", "ReplayMismatchError",
     "RoyaltyLedger", "RoyaltyPolicy", "RoyaltySplit", "ShapleyError", "ShapleyResult",
     "StderrBelow", "StoppingRule", "TooManyPlayersError", "UnknownOwnerError", "Utility",

@@ -35,6 +35,7 @@ from datavalue.shapley.royalties._records import GenerationRecord
 
 logger = logging.getLogger(__name__)
 
+LEDGER_SCHEMA = "datavalue.shapley.royalty-ledger"  # the header line of every ledger
 HEAD_SCHEMA = "datavalue.shapley.royalty-ledger-head"
 MAC = "hmac-sha256"
 

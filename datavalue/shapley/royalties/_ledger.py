@@ -86,7 +86,7 @@ __all__ = ["RoyaltyLedger"]
 
 logger = logging.getLogger(__name__)
 
-_SCHEMA = "datavalue.shapley.royalty-ledger"
+_SCHEMA = _anchor.LEDGER_SCHEMA
 _VERSION = 1
 
 
@@ -518,7 +518,8 @@ class RoyaltyLedger:
         Given together, ``result``'s values must be the exact values of ``utilities``.
 
         Args:
-            output_id: the generated output's id.
+            output_id: the generated output's id: a non-empty ``str`` (nothing is converted: ``5`` is
+                refused, so ``5`` and ``"5"`` can never be recorded as one output).
             prompt: the prompt (kept for audit).
             revenue: revenue of this output (``Decimal``, on the cent grid).
             owners: owner id of each player, in player order: a list (or tuple, array) of
@@ -533,7 +534,12 @@ class RoyaltyLedger:
             model_fingerprint: identifies the generating model.
             run_fingerprint: identifies the training run / coalition models / store.
         """
-        output_id = str(output_id)
+        if not isinstance(output_id, str) or not output_id:
+            raise InvalidGameError(
+                f"output_id must be a non-empty str (the generated output's id; nothing is converted, so 5 and "
+                f"'5' are never taken for one output); got {output_id!r} of type {type(output_id).__name__}. "
+                f"Pass the id as text, e.g. output_id={str(output_id) if isinstance(output_id, int) else 'gen-1'!r}."
+            )
         if self._closed:
             raise LedgerError(f"this handle on {self.path} is closed; open a new RoyaltyLedger.")
         if self._key is None and self._keyed:

@@ -22,13 +22,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from datavalue._files import atomic_write
 from datavalue.shapley._errors import (
     InvalidGameError,
     LedgerError,
     LedgerNotFoundError,
-    OutputExistsError,
+    OutputPathError,
+    ShapleyError,
     UnknownOwnerError,
 )
+from datavalue.shapley.royalties._outpath import check_output_path
 
 __all__ = ["OwnerRegistry"]
 
@@ -203,11 +206,31 @@ class OwnerRegistry:
         return reg
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
-        """Write the registry as JSON; refuses to replace a file unless ``overwrite``."""
-        p = Path(path)
-        if p.exists() and not overwrite:
-            raise OutputExistsError(f"{p} exists; pass overwrite=True to replace it.")
-        p.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Write the registry as JSON; refuses to replace a file unless ``overwrite``.
+
+        Written to a temporary beside ``path`` and moved into place: a failed write leaves the
+        previous file as it was. Missing parent directories are created.
+
+        Raises:
+            OutputExistsError: ``path`` exists and ``overwrite`` is false, or is a directory.
+            OutputPathError: ``path`` lies inside a datavalue run or under a regular file, or
+                the OS refused the write (its reason is given).
+            LedgerError: ``path`` is a royalty ledger or one of a ledger's own files.
+            Nothing is written in any of these cases.
+        """
+        p = check_output_path(path, what="the owner registry", overwrite=overwrite)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(p) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            if isinstance(exc, ShapleyError):
+                raise
+            raise OutputPathError(
+                f"cannot write the owner registry {p}: {exc.strerror or exc}; choose a writable path. "
+                f"{'The previous file is unchanged.' if p.exists() else 'Nothing was written.'}"
+            ) from exc
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> OwnerRegistry:

@@ -16,7 +16,8 @@ from html import escape
 from pathlib import Path
 
 from datavalue._files import atomic_write
-from datavalue.shapley._errors import InvalidGameError, OutputExistsError
+from datavalue.shapley._errors import InvalidGameError, OutputPathError, ShapleyError
+from datavalue.shapley.royalties._outpath import check_output_path
 from datavalue.shapley.royalties._statement import PeriodStatement
 from datavalue.shapley.royalties._svg import bar_chart, error_bar_chart, stacked_columns
 
@@ -220,18 +221,29 @@ def write_report(
 ) -> Path:
     """Write a statement to ``path`` (format from the extension unless given).
 
+    The text goes to a temporary beside ``path`` and is moved into place, so a failed write leaves
+    no partial file and, with ``overwrite=True``, the previous file as it was.
+
     Raises:
-        OutputExistsError: if ``path`` exists and ``overwrite`` is false.
+        OutputExistsError: ``path`` exists and ``overwrite`` is false, or ``path`` is a directory.
+        OutputPathError: ``path`` lies inside a datavalue run or under a regular file, or the OS
+            refused the write (its reason is given).
+        LedgerError: ``path`` is a royalty ledger or one of a ledger's own files (its head file,
+            lock, torn-line or replaced-head files), whatever ``overwrite`` says.
+        Nothing is written in any of these cases.
     """
-    p = Path(path)
+    p = check_output_path(path, what="the report", overwrite=overwrite)
     fmt = format if format is not None else infer_format(p)
     text = render_report(statement, fmt)
-    if p.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{p} already exists; refusing to overwrite it. Pass overwrite=True "
-            "(--overwrite on the command line) or choose another path."
-        )
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(p) as tmp:  # never a user's "<name>.tmp", never left behind by an error
-        tmp.write_text(text, encoding="utf-8")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(p) as tmp:  # never a user's "<name>.tmp", never left behind by an error
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        if isinstance(exc, ShapleyError):
+            raise
+        raise OutputPathError(
+            f"cannot write the report {p}: {exc.strerror or exc}; choose a writable path. "
+            f"{'The previous file is unchanged.' if p.exists() else 'Nothing was written.'}"
+        ) from exc
     return p

@@ -1,0 +1,146 @@
+"""Where a report or an owner registry may be written: the checks every writer makes first.
+
+:func:`check_output_path` refuses, before anything is written, a path that
+
+* lies inside a datavalue run (:func:`datavalue._files.inside_run`, the rule every writer of
+  reports, registries and Parquet results shares): a report over ``RUN/zarr.json`` would destroy
+  the run's manifest, one beside it would add a file the run did not write;
+* is a royalty ledger (its first line is a ledger header, whichever name it has), a ledger's head
+  file (its JSON says so), or one of the files a ledger keeps beside it (``<ledger>.head``,
+  ``.lock``, ``.torn-*``, ``.head.replaced-*``, ...: found by name beside any ledger, and by
+  :func:`~datavalue.shapley.royalties._anchor.owned_by` for the ledgers the caller names): a
+  report there would replace the hash-chained rows or their anchor;
+* is a directory, or lies under a regular file (nothing can be written there).
+
+Standard library only (with ``datavalue._files`` and the package's own modules), as the whole
+shapley package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from datavalue._files import inside_run
+from datavalue.shapley._errors import LedgerError, OutputExistsError, OutputPathError
+from datavalue.shapley.royalties._anchor import HEAD_SCHEMA, LEDGER_SCHEMA, owned_by
+
+__all__ = ["check_output_path", "ledger_file_kind"]
+
+#: what follows a ledger's name in the names of the files it keeps beside it (``_anchor.owned_by``)
+_SIDECARS = (".head", ".lock", ".torn-")
+_READ_LIMIT = 1 << 20  # a header or a head file is a few hundred bytes; never read more than this
+
+
+def _first_json(path: Path) -> object:
+    """The JSON of the first non-blank line of the regular file ``path`` (``None`` when it is not
+    a readable file, or that line is not JSON)."""
+    try:
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            data = f.read(_READ_LIMIT)
+    except OSError:
+        return None
+    for line in data.splitlines():
+        if line.strip():
+            try:
+                return json.loads(line)
+            except (ValueError, RecursionError):
+                return None
+    return None
+
+
+def _schema(path: Path) -> object:
+    doc = _first_json(path)
+    return doc.get("schema") if isinstance(doc, dict) else None
+
+
+def ledger_file_kind(path: str | os.PathLike[str], ledgers: Iterable[str | os.PathLike[str]] = ()) -> str | None:
+    """What ledger file ``path`` is: ``"royalty ledger"``, ``"head file of the ledger L"``,
+    ``"lock file of the ledger L"``, ``"file of the ledger L"`` (torn line, replaced head, a
+    temporary), or ``None`` when it is none of them. ``path`` need not exist.
+
+    ``ledgers`` are ledger paths the caller knows of (matched through links, ``..`` and hard links
+    by :func:`owned_by`); any other ledger is found by its content: ``path`` itself holds a ledger
+    header or a head file's JSON, or ``path``'s name is a ledger's name plus a sidecar ending and
+    that ledger exists beside it.
+    """
+    for ledger in ledgers:
+        own = owned_by(ledger, path)
+        if own == "ledger":
+            return "royalty ledger"
+        if own is not None:
+            return f"{own} of the ledger {ledger}"
+    real = Path(os.path.realpath(path))
+    schema = _schema(real)
+    if schema == LEDGER_SCHEMA:
+        return "royalty ledger"
+    if schema == HEAD_SCHEMA:
+        return "head file of a royalty ledger"
+    name = real.name
+    for marker in _SIDECARS:
+        start = name.find(marker)
+        while start > 0:
+            base = real.parent / name[:start]
+            if _schema(base) == LEDGER_SCHEMA:
+                own = owned_by(base, real)
+                if own is not None and own != "ledger":
+                    return f"{own} of the ledger {base}"
+            start = name.find(marker, start + 1)
+    return None
+
+
+def check_output_path(
+    path: str | os.PathLike[str],
+    *,
+    what: str,
+    overwrite: bool,
+    ledgers: Iterable[str | os.PathLike[str]] = (),
+    hint: str = "",
+) -> Path:
+    """Refuse ``path`` as the place to write ``what`` (``"the report"``), before anything is written.
+
+    Raises:
+        OutputPathError: ``path`` lies inside a datavalue run, or under a regular file.
+        LedgerError: ``path`` is a royalty ledger or one of a ledger's own files (:func:`ledger_file_kind`).
+        OutputExistsError: ``path`` is a directory, or exists and ``overwrite`` is false.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise OutputPathError(f"the path to write {what} to must be a str or os.PathLike; got "
+                              f"{type(path).__name__} {path!r}.")
+    p = Path(path)
+    run = inside_run(p)
+    if run is not None:
+        raise OutputPathError(
+            f"{p} lies inside the datavalue run {run} (resolved: {os.path.realpath(p)}); writing {what} there "
+            f"would change the run's own files, so nothing was written. Choose a path outside the run{hint}."
+        )
+    kind = ledger_file_kind(p, ledgers)
+    if kind is not None:
+        raise LedgerError(
+            f"{p} is {'the ' if ' of the ' in kind else 'a '}{kind} (a ledger keeps <ledger>.head, <ledger>.lock, "
+            f"<ledger>.torn-* and <ledger>.head.replaced-* beside it); writing {what} there would replace it, so "
+            f"nothing was written. Choose another path (e.g. report.html){hint}."
+        )
+    if p.is_dir():
+        raise OutputExistsError(
+            f"{p} is a directory; give the path of a file to write {what} to (a new name inside it, for "
+            f"example). Nothing was written."
+        )
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(
+            f"{p}: {parent} is a file, not a directory, so nothing can be written under it; choose another "
+            f"path{hint}. Nothing was written."
+        )
+    if p.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{p} already exists; refusing to overwrite it. Pass overwrite=True (--overwrite on the command "
+            "line) or choose another path."
+        )
+    return p

@@ -100,7 +100,8 @@ def _int_in(name: str, flag: str, value: object, *, low: int = 1, high: int | No
 def _check_args(out: Path, *, n_train: object, epochs: object, proj_dim: object, seed: object, n_explain: object,
                 k: object) -> None:
     """Refuse, before any work, a value the demo cannot run with, and an ``out`` that cannot be a directory
-    (a file, a path under a file, a directory without write permission); nothing is created."""
+    (a file, a path under a file, a directory without write permission) or that is, or lies inside, a
+    datavalue run (the demo would write its files among the run's own); nothing is created."""
     from datavalue.errors import StoreError, StoreExistsError
 
     _int_in("n_train", "--n-train", n_train, high=MNIST_TRAIN)
@@ -116,6 +117,9 @@ def _check_args(out: Path, *, n_train: object, epochs: object, proj_dim: object,
     if out.exists() and not out.is_dir():
         raise StoreExistsError(f"--out {out} is a file, not a directory; the demo writes a directory (with "
                                f"{', '.join(OUTPUTS)}). Choose another --out (nothing was written).")
+    from datavalue.store import refuse_inside_run
+
+    refuse_inside_run(out, f"the demo's outputs ({', '.join(OUTPUTS)})")  # --out RUN, or a path inside a run
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -136,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", *, n_train: int = 4000, epochs: int 
     Raises:
         RecorderError: ``n_train`` not in 1..60000, ``epochs``, ``proj_dim``, ``k`` not positive ints,
             ``seed`` negative, ``n_explain`` not in 1..10; checked before anything is written.
-        StoreError: ``out`` lies under a file or cannot be written.
+        StoreError: ``out`` lies under a file, cannot be written, or is (or lies inside) a datavalue run.
         StoreExistsError: ``out`` is a file, or an output exists and ``overwrite`` is False, or it is not something the
             demo wrote (``run.zarr`` not a datavalue run, a symlink, a directory named ``demo.png``).
     """

@@ -118,7 +118,14 @@ class FinalPass(Recorder):
         )
         self.run_path = parent.path
         target = final_path(parent.path)
-        if target.exists() and not overwrite:
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            from datavalue.store._writer import _what_is
+
+            found = _what_is(Path(target))
+            if found != "run":  # not a pass datavalue wrote: overwrite=True would refuse it too
+                raise RecorderError(
+                    f"{target} exists and is {found}, not a final-weights pass: FinalPass writes its pass at "
+                    f"<run>/{FINAL_RUN}, and replaces only a pass it wrote. Move or rename {target} and run again.")
             raise RecorderError(f"{target} already holds a final-weights pass; pass overwrite=True to replace it.")
         super().__init__(target, model, config=cfg, overwrite=overwrite, background=background,
                          integration={"name": FINAL_PASS_INTEGRATION, "run": str(parent.path),

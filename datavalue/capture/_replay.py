@@ -383,8 +383,9 @@ def _batches(batches: Any, collate: Callable[[list[Any]], Any] | None) -> Callab
 # ----------------------------------------------------------------------------- the public function
 def _parse_steps(steps: Any, T: int) -> tuple[int, int]:
     """``(t0, t1)`` from ``steps`` (``None``: the whole run; a ``None`` end is open). Only int step indices:
-    a float or a bool is refused, never truncated (the same rule as the query package's ``parse_steps``,
-    which capture may not import)."""
+    a float or a bool is refused, never truncated; negative ends count from the end; an end past the run or
+    an empty or reversed window is refused (the same rule as the query package's ``parse_steps``, which
+    capture may not import)."""
     if steps is None:
         return 0, T
     if isinstance(steps, str | bytes):
@@ -400,7 +401,15 @@ def _parse_steps(steps: Any, T: int) -> tuple[int, int]:
             raise ReplayError(f"steps must be a pair of int step indices (t0, t1) (None for an open end), got "
                               f"{steps!r} ({type(end).__name__} {end!r}); nothing is rounded: pass e.g. "
                               "steps=(0, 4).")
-    return (0 if t0 is None else int(t0)), (T if t1 is None else int(t1))
+    for end in (t0, t1):  # negative ends count from the end (like range); past either end is an error, not clipped
+        if end is not None and not -T <= end <= T:
+            raise ReplayError(f"steps={steps!r} reaches past the run's steps 0..{T - 1} (ends may lie in -{T}..{T}; "
+                              "negative ones count from the end); nothing is clipped.")
+    a, b, _ = slice(None if t0 is None else int(t0), None if t1 is None else int(t1)).indices(T)
+    if b <= a:
+        raise ReplayError(f"steps={steps!r} is empty or reversed (steps {a}..{b - 1}; half-open, like range); the run "
+                          f"has steps 0..{T - 1}: pass t0 < t1, e.g. steps=({a}, {a + 1}).")
+    return a, b
 
 
 def replay_scores(

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datavalue.capture._optim_resume import optimizer_resume_diff
 from datavalue.capture._pipeline import (
     LOSS_REDUCTIONS,
     StepSink,
@@ -66,7 +67,7 @@ from datavalue.capture._projection import (
     resolve_sketch,
     split_budget,
 )
-from datavalue.errors import RecorderError, RecorderStateError
+from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
 from datavalue.store import fingerprint_params, package_versions
 
 __all__ = ["JaxRecorder", "flatten_params", "plan_blocks"]
@@ -181,6 +182,25 @@ def _parse_optimizer(optimizer: Any) -> dict[str, Any]:
     return opt
 
 
+def _check_resume_optimizer(path: Any, opt: Mapping[str, Any]) -> None:
+    """Refuse to resume a run recorded with another optimizer (the PyTorch Recorder's rule and words:
+    a build models one optimizer over the whole run)."""
+    from datavalue.store import open_run
+
+    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
+        return
+    try:
+        recorded = open_run(path).manifest.get("optimizer")
+    except Exception:  # no readable run: the writer says what is wrong
+        return
+    diff = optimizer_resume_diff(recorded, opt)
+    if diff:
+        raise StoreMismatchError(
+            f"{path}: cannot resume with another optimizer: {'; '.join(diff)}. A build models one optimizer over the "
+            "whole run, so these settings are the run's. Resume with the optimizer= description the run was recorded "
+            f"with ({recorded!r}), or record the rest as a new run (another path).")
+
+
 class JaxRecorder:
     """Records a JAX training loop into a datavalue run.
 
@@ -227,6 +247,8 @@ class JaxRecorder:
         self._shapes = {n: tuple(np.shape(p)) for n, p in flat.items()}
         self.blocks = plan_blocks(flat, proj_dim)
         kind = resolve_sketch(path, sketch, resume)
+        if resume:
+            _check_resume_optimizer(path, opt)
         self.k = self.blocks[-1]["stop"]
         self.loss_reduction = loss_reduction
         self.on_nonfinite = on_nonfinite

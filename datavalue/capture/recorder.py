@@ -219,6 +219,9 @@ class Recorder:
             cfg = CaptureConfig(**options)
         if resume and overwrite:
             raise RecorderError("pass at most one of resume=True and overwrite=True.")
+        if not isinstance(path, (str, os.PathLike)):
+            raise RecorderError(f"path must be the run's directory, a str or os.PathLike (e.g. 'runs/exp1.zarr'), got "
+                                f"{path!r} ({type(path).__name__}).")
         path = os.path.abspath(path)  # once: a later os.chdir must not move the run, its lock or its checkpoints
         cfg = dataclasses.replace(cfg, fisher_max_classes=cfg.resolved_fisher_max_classes(  # None: by size / the run's
             sum(p.numel() for p in model.parameters() if p.requires_grad), _recorded_fisher_max_classes(path, resume)))
@@ -793,6 +796,8 @@ def _recorded_fisher_max_classes(path: Any, resume: bool) -> int | None:
     """The ``fisher_max_classes`` of the run being resumed (``None``: not resuming, or no readable run)."""
     if not resume:
         return None
+    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
+        return None
     from datavalue.store import open_run
 
     try:
@@ -803,6 +808,8 @@ def _recorded_fisher_max_classes(path: Any, resume: bool) -> int | None:
 
 def _check_resume_config(path: Any, cfg: CaptureConfig, optimizer: Any = None) -> None:
     """Refuse to resume a run recorded with another capture config (field by field) or optimizer."""
+    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
+        return
     from datavalue.store import open_run
 
     try:

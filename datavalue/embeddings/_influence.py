@@ -194,6 +194,10 @@ def build_influence(
     if curvature == "fisher" and not run.has_fisher:
         raise EmbeddingError(f"{run.path} holds no Fisher pseudo-gradients: record the pass with "
                              "FinalPass(..., curvature='fisher') or build curvature='empirical_fisher'.")
+    for key, v in (("damping", damping), ("damping_abs", damping_abs)):  # True is not 1.0: say the number
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise EmbeddingError(f"{key} must be a finite number >= 0 (e.g. {key}={0.1 if key == 'damping' else 0.0}), "
+                                 f"got {v!r} ({type(v).__name__}); a bool is not a damping.")
     if not (np.isfinite(damping) and damping >= 0 and np.isfinite(damping_abs) and damping_abs >= 0):
         raise EmbeddingError(f"damping and damping_abs must be finite and >= 0, got {damping!r}, {damping_abs!r}.")
     n, k = run.n_rows, run.proj_dim

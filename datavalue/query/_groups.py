@@ -61,7 +61,8 @@ def parse_by(by: Any) -> str | None:
 
 def parse_steps(steps: Any, n_steps: int) -> tuple[int, int]:
     """``(t0, t1)`` half-open step window; ``None`` ends are open; negative indices count from the end; an end
-    past the run (beyond ``n_steps`` or ``-n_steps``) is refused, never clipped."""
+    past the run (beyond ``n_steps`` or ``-n_steps``) is refused, never clipped; an empty or reversed window
+    (``t1 <= t0`` once resolved) is refused. ``datavalue.capture._replay._parse_steps`` applies the same rule."""
     if steps is None:
         return 0, n_steps
     if isinstance(steps, slice):
@@ -81,8 +82,9 @@ def parse_steps(steps: Any, n_steps: int) -> tuple[int, int]:
             raise QueryError(f"steps={steps!r} reaches past the run's steps 0..{n_steps - 1} (ends may lie in "
                              f"-{n_steps}..{n_steps}; negative ones count from the end); nothing is clipped.")
     t0, t1, _ = slice(t0, t1).indices(n_steps)
-    if t1 < t0:
-        raise QueryError(f"steps=({t0}, {t1}) is empty or reversed; the run has steps 0..{n_steps - 1}.")
+    if t1 <= t0:  # an empty window answers nothing: refused like a reversed one, never an (m, 0) matrix
+        raise QueryError(f"steps={steps!r} is empty or reversed (steps {t0}..{t1 - 1}; half-open, like range); the "
+                         f"run has steps 0..{n_steps - 1}: pass t0 < t1, e.g. steps=({t0}, {t0 + 1}).")
     return t0, t1
 
 

@@ -200,7 +200,8 @@ def replay_influence(
         name: the results go to ``replay/<name>/`` in the run.
         description: stored with the results (what the query is).
         steps: ``(t0, t1)`` only the occurrences of these steps (the adjoint is still carried
-            from the end); default all.
+            from the end); default all. Half-open like ``range``; negative ends count from the end;
+            an end past the run or an empty window is refused (as ``Attributor.scores(steps=...)``).
         dots: how the per-example dot products are taken without per-sample gradients:
             ``"reverse"`` (default; per-example multipliers differentiated in the double backward,
             no extra pass) or ``"jvp"`` (a forward-mode JVP of the loss vector per query and step;

@@ -140,6 +140,11 @@ def _checked(run: Run, src: Source) -> Source:
     built_rows = meta.get("n_rows")
     if arr.shape[0] < run.n_rows or (built_rows is not None and int(built_rows) != run.n_rows):
         rows = built_rows if built_rows is not None else arr.shape[0]
+        if int(rows) > run.n_rows:  # the commit went back (an older copy restored): not "recorded further"
+            raise QueryError(
+                f"{src.array_name} covers {rows} occurrences but the run's commit now holds only {run.n_rows}: the "
+                f"run went back after the build (its commit restored from an older copy?), so the embeddings describe "
+                f"steps the run no longer has. Restore the run's newer state, or rebuild with {rebuild}.")
         raise QueryError(
             f"{src.array_name} covers {rows} occurrences but the run now has {run.n_rows} (training was recorded "
             f"further after the build). Rebuild with {rebuild}, or extend it with datavalue.embeddings.extend_embeddings."

@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +381,10 @@ class RunWriter:
     @staticmethod
     def _check_resumable(path: Path) -> None:
         found = _what_is(path)
+        if found == "a regular file" and path.suffix == ".zip" and zipfile.is_zipfile(path):
+            raise StoreNotFoundError(
+                f"resume=True but {path} is a run archive (.zip), which is read-only: a recorder cannot append to it. "
+                f"Unzip it to a directory (e.g. `unzip {path.name} -d {path.stem}.zarr`) and resume there.")
         if found != "run":
             raise StoreNotFoundError(f"resume=True but {path} is {found}, not a datavalue run; check the path.")
 

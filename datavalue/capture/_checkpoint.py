@@ -47,7 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from datavalue.errors import RecorderError, StoreCorruptError, StoreNotFoundError
+from datavalue.errors import (
+    RecorderError,
+    StoreCorruptError,
+    StoreMismatchError,
+    StoreNotFoundError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +200,15 @@ def checkpoint_steps(run: Any) -> list[int]:
     return sorted(steps)
 
 
+def _refuse_foreign(run: Any, step: int, name: str) -> None:
+    """Refuse a checkpoint array copied in from another run (it carries another run id)."""
+    problem = run.foreign_derived(name, fix=(
+        f"Checkpoint {step} holds another run's weights or optimizer state; a replay from it would start from them. "
+        "Restore the run's own checkpoints from a whole copy of the run, or record it again with checkpoint_every=."))
+    if problem is not None:
+        raise StoreMismatchError(problem)
+
+
 def _read_tensor(run: Any, step: int, name: str, info: dict[str, Any], device: Any = None, *,
                  checked: bool = True) -> torch.Tensor:
     """One checkpoint array, through the store's checks: a missing chunk (zarr would read zeros)
@@ -202,6 +216,7 @@ def _read_tensor(run: Any, step: int, name: str, info: dict[str, Any], device: A
     ``checked=False``: a checkpoint written before every chunk was (all-zero chunks skipped), whose
     missing chunks cannot be told from zeros."""
     arr = run.array(name)
+    _refuse_foreign(run, step, name)
     damaged = f"{run.path}: checkpoint {step} is damaged: array {name}"
     if checked:
         try:
@@ -242,6 +257,7 @@ def read_checkpoint(run: Any, step: int, *, device: Any = None) -> Checkpoint:
         raise StoreNotFoundError(
             f"{run.path} has no checkpoint at step {step} (checkpoints at {checkpoint_steps(run)}). Record the run with "
             "Recorder(..., checkpoint_every=N) to keep them.")
+    _refuse_foreign(run, int(step), f"{root}/meta")
     meta = dict(run.array(f"{root}/meta").attrs)
     checked = bool(meta.get("all_chunks"))
     if not checked:

@@ -129,7 +129,8 @@ class FinalPass(Recorder):
             raise RecorderError(f"{target} already holds a final-weights pass; pass overwrite=True to replace it.")
         super().__init__(target, model, config=cfg, overwrite=overwrite, background=background,
                          integration={"name": FINAL_PASS_INTEGRATION, "run": str(parent.path),
-                                      "run_steps": int(parent.n_steps)})  # binds the pass to these steps
+                                      "run_steps": int(parent.n_steps),  # binds the pass to these steps
+                                      **({"run_id": parent.run_id} if parent.run_id else {})})  # and to this run
         self._fisher_sum = True
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 104729)
 

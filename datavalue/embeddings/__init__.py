@@ -16,6 +16,7 @@ from datavalue.embeddings._build import CURVATURES as CURVATURES
 from datavalue.embeddings._build import BuildInfo as BuildInfo
 from datavalue.embeddings._build import build_embeddings as build_embeddings
 from datavalue.embeddings._check import check_build as check_build
+from datavalue.embeddings._check import refuse_foreign as refuse_foreign
 from datavalue.embeddings._config import BuildConfig as BuildConfig
 from datavalue.embeddings._core import BlockState as BlockState
 from datavalue.embeddings._core import StepCoef as StepCoef
@@ -47,6 +48,7 @@ __all__ = [
     "extend_embeddings",
     "init_state",
     "operator",
+    "refuse_foreign",
     "step_back",
     "step_coefficients",
     "stored_config",

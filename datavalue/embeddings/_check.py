@@ -20,7 +20,7 @@ from datavalue.errors import EmbeddingError, StoreError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_build", "refuse_final_pass"]
+__all__ = ["check_build", "refuse_final_pass", "refuse_foreign"]
 
 
 def refuse_final_pass(run: Any, what: str) -> None:
@@ -41,6 +41,28 @@ def refuse_final_pass(run: Any, what: str) -> None:
             f"Attributor({str(parent)!r}, model, kind='influence'); trajectory embeddings are built on the training "
             f"run itself (build_embeddings({str(parent)!r}))."
         )
+
+
+def refuse_foreign(run: Any, array: str, rebuild: str, meta: dict[str, Any] | None = None) -> None:
+    """Refuse a build copied in from another run: ``array`` (and, for a full build, the velocity
+    and transfer operators beside it) carries another run id than ``run``
+    (:meth:`datavalue.store.Run.foreign_derived`).
+
+    Raises:
+        EmbeddingError: naming the array, both ids and ``rebuild``.
+    """
+    fix = f"Rebuild with {rebuild}."
+    if meta is not None and "checkpoint_step" in meta:  # embeddings_at(): recompute it
+        fix = (f"Recompute it with datavalue.embeddings.embeddings_at({str(run.path)!r}, {int(meta['checkpoint_step'])}, "
+               f"curvature={meta.get('curvature')!r}, overwrite=True).")
+    names = [array]
+    if array.endswith("/values") and "/at/" not in array:
+        base = array.removesuffix("/values")
+        names += [f"{base}/v_values"] + [f"{base}/ops/{b}" for b in run.array_names(f"{base}/ops")]
+    for name in names:
+        problem = run.foreign_derived(name, fix=fix)
+        if problem is not None:
+            raise EmbeddingError(problem)
 
 
 def check_build(run: Any, curvature: str | None = None, *, array: str | None = None) -> dict[str, Any]:
@@ -70,6 +92,7 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
     meta = dict(run.array(array).attrs.get(ATTRS_KEY, {}))
     curvature = curvature or meta.get("curvature")
     rebuild = f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}, overwrite=True)"
+    refuse_foreign(run, array, rebuild, meta)
     if "checkpoint_step" in meta:  # embeddings_at(): rows of the steps before the checkpoint
         T = int(meta["checkpoint_step"])
         if 0 <= T <= run.n_steps:

@@ -34,7 +34,7 @@ from datavalue.embeddings._build import (
     check_chunk_memory,
     check_client,
 )
-from datavalue.embeddings._check import refuse_final_pass
+from datavalue.embeddings._check import refuse_final_pass, refuse_foreign
 from datavalue.embeddings._metadata import (
     ATTRS_KEY,
     _base,
@@ -92,6 +92,8 @@ def embeddings_at(
     refuse_final_pass(run, "embeddings_at")
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
+    refuse_foreign(run, f"{_base(curvature)}/values",  # copied in from another run
+                   f"build_embeddings({str(path)!r}, {curvature!r}, overwrite=True)", meta)
     T = int(meta["n_steps"])
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
         raise EmbeddingError(f"step must be an int step index in 1..{T}, got {step!r} ({type(step).__name__}); nothing is "
@@ -187,6 +189,8 @@ def extend_embeddings(
     refuse_final_pass(run, "extend_embeddings")
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
+    refuse_foreign(run, f"{_base(curvature)}/values",  # copied in from another run
+                   f"build_embeddings({str(path)!r}, {curvature!r}, overwrite=True)", meta)
     T0, R0 = int(meta["n_steps"]), int(meta["n_rows"])
     T1, R1 = int(run.n_steps), int(run.n_rows)
     _refuse_adam(path, meta, "extend_embeddings")

@@ -81,6 +81,11 @@ class ReplayResult:
             raise StoreNotFoundError(f"{run.path} has no replay {name!r} (stored: {replays(run)}); compute it with "
                                      "datavalue.replay_influence(run, model, batches, query, loss_fn=...).")
         arr = run.array(key)
+        foreign = run.foreign_derived(key, fix=(
+            f"Recompute it: datavalue.replay_influence({str(run.path)!r}, model, batches, query, loss_fn=..., "
+            f"name={name!r}, overwrite=True)."))
+        if foreign is not None:
+            raise StoreMismatchError(foreign)
         attrs = dict(arr.attrs)
         if attrs.get("manifest_digest") != manifest_digest(run.manifest) or int(attrs.get("n_steps", -1)) != run.n_steps:
             raise StoreMismatchError(

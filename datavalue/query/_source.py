@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from datavalue.embeddings import check_build
+from datavalue.embeddings import check_build, refuse_foreign
 from datavalue.errors import EmbeddingError, QueryError, StoreNotFoundError
 from datavalue.store import Run, open_array
 
@@ -129,6 +129,10 @@ def _checked(run: Run, src: Source) -> Source:
         raise QueryError(f"{src.array_name} has dtype {arr.dtype}; embeddings must be floating point.")
     curvature = src.curvature or meta.get("curvature")
     rebuild = f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}, overwrite=True)"
+    try:  # copied in from another run (another run id), before any other check reads it
+        refuse_foreign(run, src.array_name, rebuild, meta)
+    except EmbeddingError as exc:
+        raise QueryError(str(exc)) from exc
     if meta.get("complete") is False:
         raise QueryError(f"{src.array_name} is an unfinished build (interrupted or still running). Rebuild: {rebuild}.")
     if "checkpoint_step" in meta:  # embeddings_at(): w.r.t. an intermediate checkpoint, rows of the steps before it
@@ -172,6 +176,9 @@ def _influence_source(run: Run, *, curvature: str | None, embeddings: str | None
                          f"datavalue.embeddings.build_influence({str(run.path.parent)!r}, curvature={curvature!r}).")
     name = f"influence/{curvature}/values"
     arr = open_array(run.path, name)
+    foreign = run.foreign_derived(name, fix=f"Rebuild with {hint[:-1]}, curvature={curvature!r}, overwrite=True).")
+    if foreign is not None:
+        raise QueryError(foreign)
     attrs = dict(arr.attrs)
     meta = dict(attrs.get(INFLUENCE_ATTRS, {}))
     if meta.get("complete") is not True or int(meta.get("n_rows", -1)) != run.n_rows or arr.shape != (run.n_rows, run.proj_dim):

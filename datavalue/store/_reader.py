@@ -268,6 +268,26 @@ class Run:
         self._check_chunks()
 
     @property
+    def run_id(self) -> str | None:
+        """The random id drawn when the run was created (root attribute :data:`RUN_ID_KEY`), or
+        ``None`` for a run written before run ids."""
+        found = self._group.attrs.get(RUN_ID_KEY)
+        return str(found) if found is not None else None
+
+    def foreign_derived(self, name: str, *, fix: str) -> str | None:
+        """Why the derived array or group ``name`` is another run's (it carries another run id), or
+        None; ``fix`` ends the message. See :func:`foreign_derived`."""
+        return foreign_derived(self, name, fix=fix)
+
+    def array_names(self, name: str) -> list[str]:
+        """Names of the arrays directly inside group ``name``, sorted; ``[]`` when there is none."""
+        try:
+            group = self._group[name]
+        except KeyError:
+            return []
+        return sorted(group.array_keys()) if isinstance(group, zarr.Group) else []
+
+    @property
     def is_final_pass(self) -> bool:
         """Whether this run is the no-update pass at a training run's final weights
         (:class:`datavalue.capture.FinalPass`, ``<run>/final``), not a training trajectory."""
@@ -627,12 +647,52 @@ class Run:
         }
 
 
+def foreign_derived(run: Run, name: str, *, fix: str) -> str | None:
+    """Why the derived array or group ``name`` of ``run`` (an embedding build, an influence build, a
+    replay, a checkpoint array) is not this run's, or None.
+
+    :func:`create_array` stamps the run's id (:data:`RUN_ID_KEY`) on every derived array it writes;
+    one carrying another id was copied in from another run, and its values describe other training
+    even when its shape and bookkeeping match. ``fix`` (how to rebuild it) ends the message. Not
+    checked: a run without an id (written before run ids), and derived data without one (written
+    before derived data carried it): read with an INFO note, its other checks still apply.
+    """
+    run_id = run.run_id
+    if run_id is None:
+        return None
+    try:
+        found = run._group[name].attrs.get(RUN_ID_KEY)
+    except KeyError:
+        return None
+    if found is None:
+        logger.info("%s/%s carries no run id (written before derived data carried one); its run id is not checked",
+                    run.path, name)
+        return None
+    if found == run_id:
+        return None
+    return (
+        f"{run.path}/{name} was written for another run (run id {found!r}; this run's is {run_id!r}): it was copied "
+        f"in from another run, so its values describe other training. {fix}"
+    )
+
+
 def stale_final_pass(parent: Run, final: Run) -> str | None:
     """Why the final pass ``final`` no longer describes ``parent``'s final weights, or None.
 
     A :class:`~datavalue.capture.FinalPass` records the training run's committed step count
     (manifest ``integration["run_steps"]``); once the run was resumed and trained further, the pass
-    (and its influence builds) describe a model that many steps old."""
+    (and its influence builds) describe a model that many steps old. The pass records too the
+    training run's id (``integration["run_id"]``): a ``final/`` copied in from another run names another id."""
+    parent_id, bound = parent.run_id, (final.manifest.get("integration") or {}).get("run_id")
+    if final.is_final_pass and parent_id is not None and bound is not None and bound != parent_id:
+        return (
+            f"{final.path} is the final-weights pass of another run (run id {bound!r}; {parent.path} has "
+            f"{parent_id!r}): it was copied in from another run, so it describes another model. Record the pass at "
+            f"this run's final weights (FinalPass({str(parent.path)!r}, model, overwrite=True)) and rebuild with "
+            f"datavalue.embeddings.build_influence({str(parent.path)!r}, overwrite=True)."
+        )
+    if final.is_final_pass and parent_id is not None and bound is None:
+        logger.info("%s records no training-run id (written before it was stored); its run is not checked", final.path)
     if final.is_final_pass and final.final_pass_steps is None:
         logger.info("%s records no step count (written before it was stored); its freshness is not checked", final.path)
         return None
@@ -841,8 +901,9 @@ def create_array(
     # (Run.require_chunks): zarr skips chunks equal to the fill value unless told otherwise
     arr = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=float_codecs(),
                          fill_value=0, overwrite=True, config={"write_empty_chunks": True})
-    if attrs:
-        arr.attrs.update(attrs)
+    run_id = g.attrs.get(RUN_ID_KEY)  # binds the derived array to this run (foreign_derived)
+    if attrs or run_id is not None:
+        arr.attrs.update({**(attrs or {}), **({RUN_ID_KEY: run_id} if run_id is not None else {})})
     return arr
 
 

@@ -110,8 +110,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def check_parquet_name(out: Path) -> None:
     """Refuse an ``--out`` whose name says another format: the file written is Parquet (the rule of
-    the query package's writer, :func:`datavalue.query._results.check_parquet_name`)."""
-    from datavalue.query._results import check_parquet_name as _rule
+    the query package's writer, :func:`datavalue.query.check_parquet_name`)."""
+    from datavalue.query import check_parquet_name as _rule
 
     _rule(out, flag="--out")
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = check_out_path(args.out, shapley.ShapleyError)
         _refuse_input_as_output(out, ledger=args.ledger, registry=args.registry)
-        from datavalue.shapley.royalties._outpath import check_output_path
+        from datavalue.shapley.royalties import check_output_path
 
         # inside a run, or another ledger's file: the API's rule, before any work (exists: below)
         check_output_path(out, what="the report", overwrite=True, ledgers=(args.ledger,), hint=" for --out")
@@ -151,7 +151,7 @@ def _refuse_input_as_output(out: Path, *, ledger: str, registry: str | None) -> 
     file, lock, torn-line and replaced-head files): ``--overwrite`` would replace the ledger, its
     anchor (or the owner registry) with the report, and the hash-chained rows would be gone."""
     from datavalue import shapley
-    from datavalue.shapley.royalties._anchor import owned_by
+    from datavalue.shapley.royalties import owned_by
 
     own = owned_by(ledger, out)
     if own is not None and own != "ledger":

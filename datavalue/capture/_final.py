@@ -119,9 +119,9 @@ class FinalPass(Recorder):
         self.run_path = parent.path
         target = final_path(parent.path)
         if (target.exists() or target.is_symlink()) and not overwrite:
-            from datavalue.store._writer import _what_is
+            from datavalue.store import what_is
 
-            found = _what_is(Path(target))
+            found = what_is(Path(target))
             if found != "run":  # not a pass datavalue wrote: overwrite=True would refuse it too
                 raise RecorderError(
                     f"{target} exists and is {found}, not a final-weights pass: FinalPass writes its pass at "

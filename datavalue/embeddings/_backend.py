@@ -232,10 +232,14 @@ class TorchBackend(Backend):
             yield
             return
         torch = self.torch
+        me = threading.get_ident()
         with _THREADS_LOCK:
-            if _THREADS["depth"] == 0:
+            # a thread a scan already held to one thread reports 1 (the setting is per thread under OpenMP),
+            # not the process's: only a thread no scan touched tells the setting to put back
+            if _THREADS["depth"] == 0 and me not in _TOUCHED:
                 _THREADS["old"] = torch.get_num_threads()
             _THREADS["depth"] += 1
+            _TOUCHED.add(me)
             torch.set_num_threads(1)
         try:
             yield
@@ -244,12 +248,15 @@ class TorchBackend(Backend):
                 _THREADS["depth"] -= 1
                 if _THREADS["depth"] == 0:
                     torch.set_num_threads(_THREADS["old"])
+                    _TOUCHED.discard(me)  # this thread holds the process's setting again
 
 
 _NUMPY = NumpyBackend()
 # scans holding torch's CPU threads at one (TorchBackend.scan_threads): how many, and the setting before the first
 _THREADS_LOCK = threading.Lock()
 _THREADS: dict[str, int] = {"depth": 0, "old": 1}
+# threads whose own torch setting a scan left at one (pool threads of segmented builds)
+_TOUCHED: set[int] = set()
 
 
 def _is_torch(x: Any) -> bool:

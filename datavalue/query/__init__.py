@@ -33,12 +33,14 @@ if TYPE_CHECKING:
     from datavalue.query._replay import replay_influence as replay_influence
     from datavalue.query._replay import replays as replays
     from datavalue.query._results import TopK as TopK
+    from datavalue.query._results import check_parquet_name as check_parquet_name
     from datavalue.query._source import KINDS as KINDS
     from datavalue.query._source import built_curvatures as built_curvatures
 
 _LAZY = {
     "Attributor": "datavalue.query._attributor",
     "TopK": "datavalue.query._results",
+    "check_parquet_name": "datavalue.query._results",
     "KINDS": "datavalue.query._source",
     "built_curvatures": "datavalue.query._source",
     "load_loss": "datavalue.query._load",
@@ -49,8 +51,8 @@ _LAZY = {
     "replay_influence": "datavalue.query._replay",
 }
 
-__all__ = ["KINDS", "Attributor", "ReplayResult", "TopK", "built_curvatures", "load_loss", "load_model", "replay_influence",
-           "replays", "resolve_callable"]
+__all__ = ["KINDS", "Attributor", "ReplayResult", "TopK", "built_curvatures", "check_parquet_name", "load_loss", "load_model",
+           "replay_influence", "replays", "resolve_callable"]
 
 
 def __getattr__(name: str) -> Any:

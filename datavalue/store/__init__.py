@@ -64,6 +64,7 @@ from datavalue.store._schema import fingerprint_params as fingerprint_params
 from datavalue.store._schema import manifest_digest as manifest_digest
 from datavalue.store._schema import package_versions as package_versions
 from datavalue.store._writer import RunWriter as RunWriter
+from datavalue.store._writer import _what_is as what_is
 from datavalue.store._writer import write_chunk as write_chunk
 
 __all__ = [
@@ -95,6 +96,7 @@ __all__ = [
     "package_versions",
     "refuse_inside_run",
     "stale_final_pass",
+    "what_is",
     "write_all",
     "write_chunk",
     "writes_run",

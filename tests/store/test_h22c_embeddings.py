@@ -48,9 +48,9 @@ def test_embeddings_copied_from_another_run_are_refused(tmp_path):
     steps[3] = steps[3].__class__(**{**steps[3].__dict__, "lr": float(lr[3]) * 2})  # ... but another lr at step 3
     write_run(b, steps, chunk_rows=5)
     shutil.copytree(a / "embeddings", b / "embeddings")
-    with pytest.raises(QueryError, match="run_digest"):
+    with pytest.raises(QueryError, match="run_digest|written for another run"):
         Attributor(b, kind="dvemb")
-    with pytest.raises(EmbeddingError, match="run_digest"):
+    with pytest.raises(EmbeddingError, match="run_digest|written for another run"):
         check_build(open_run(b), "empirical_fisher")
     assert check_build(open_run(a), "empirical_fisher")["n_rows"] == open_run(a).n_rows
 
@@ -60,7 +60,7 @@ def test_embeddings_copied_into_a_run_of_other_length_are_refused(tmp_path):
     b = tmp_path / "b.zarr"
     write_run(b, make_steps(0, 12) + make_steps(1, 2, t0=12), chunk_rows=5)
     shutil.copytree(a / "embeddings", b / "embeddings")
-    with pytest.raises(EmbeddingError, match="built from 12 steps"):
+    with pytest.raises(EmbeddingError, match="built from 12 steps|written for another run"):
         check_build(open_run(b), "empirical_fisher")
     with pytest.raises(QueryError):
         Attributor(b, kind="dvemb")

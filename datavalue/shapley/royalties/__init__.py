@@ -15,7 +15,9 @@ Dependencies point one way: ``_split`` and ``_records`` know nothing of the ledg
 ledger builds statements; reports read statements.
 """
 
+from datavalue.shapley.royalties._anchor import owned_by as owned_by
 from datavalue.shapley.royalties._ledger import RoyaltyLedger as RoyaltyLedger
+from datavalue.shapley.royalties._outpath import check_output_path as check_output_path
 from datavalue.shapley.royalties._owners import OwnerRegistry as OwnerRegistry
 from datavalue.shapley.royalties._records import GenerationRecord as GenerationRecord
 from datavalue.shapley.royalties._records import Period as Period

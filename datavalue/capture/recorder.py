@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
 import logging
 import os
 import weakref
@@ -33,12 +32,11 @@ import torch
 from torch import nn
 
 from datavalue.capture._config import CaptureConfig
-from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
+from datavalue.capture._engine import Engine, to_numpy
+from datavalue.capture._fisher import _inverse_cdf, _logits_of
 from datavalue.capture._optim import (
     UnrecordedGradients,
     is_adam,
-    optimizer_config,
-    optimizer_resume_diff,
     step_fields,
     unwrap_optimizer,
 )
@@ -53,8 +51,13 @@ from datavalue.capture._pipeline import (
     step_weights,
 )
 from datavalue.capture._projection import resolve_sketch
+from datavalue.capture._run_setup import (
+    _DEFAULTS,
+    _check_resume_config,
+    _recorded_fisher_max_classes,
+    base_manifest,
+)
 from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
-from datavalue.store import fingerprint_params, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -786,93 +789,3 @@ class Recorder:
                 self.close()
         except Exception:
             pass
-
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CaptureConfig)}
-_DEFAULTS["curvature"] = None
-
-
-def _recorded_fisher_max_classes(path: Any, resume: bool) -> int | None:
-    """The ``fisher_max_classes`` of the run being resumed (``None``: not resuming, or no readable run)."""
-    if not resume:
-        return None
-    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
-        return None
-    from datavalue.store import open_run
-
-    try:
-        return CaptureConfig.from_manifest(open_run(path).manifest).fisher_max_classes
-    except Exception:  # no readable run: the writer says what is wrong
-        return None
-
-
-def _check_resume_config(path: Any, cfg: CaptureConfig, optimizer: Any = None) -> None:
-    """Refuse to resume a run recorded with another capture config (field by field) or optimizer."""
-    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
-        return
-    from datavalue.store import open_run
-
-    try:
-        manifest = open_run(path).manifest
-    except Exception:  # no readable run: the writer says what is wrong
-        return
-    diff = cfg.resume_diff(CaptureConfig.from_manifest(manifest))
-    if diff:
-        raise StoreMismatchError(
-            f"{path}: cannot resume: this capture config (projection, loss reduction, curvature, storage) differs from "
-            f"the run's: {'; '.join(diff)}. Re-create the Recorder with the recorded settings "
-            "(config=CaptureConfig.from_manifest(datavalue.store.open_run(path).manifest)), or pass overwrite=True to "
-            "start over."
-        )
-    diff = optimizer_resume_diff(manifest.get("optimizer"), optimizer_config(optimizer))
-    if diff:
-        raise StoreMismatchError(
-            f"{path}: cannot resume with another optimizer: {'; '.join(diff)}. A build models one optimizer over the "
-            "whole run, so these settings are the run's. Resume with the optimizer the run was recorded with (same "
-            "class and settings; its state from your checkpoint), or record the rest as a new run (another path)."
-        )
-
-
-def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, optimizer: Any,
-                  fisher: dict[str, Any] | None = None, hessian: dict[str, Any] | None = None,
-                  **extra: Any) -> dict[str, Any]:
-    """The run manifest every torch recorder writes (see ``docs/store-format.md``)."""
-    return {
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "versions": package_versions("torch", "numpy", "zarr"),
-        "projection": engine.projection_json(),
-        "model_fingerprint": fingerprint_params(trainable_fingerprint(model)),
-        "model_class": type(model).__qualname__,
-        "loss_reduction": loss_reduction,
-        "curvature": {"fisher": fisher, **({"hessian": hessian} if hessian else {})},
-        "capture_dtype": str(engine.dtype).replace("torch.", ""),
-        "optimizer": optimizer_config(optimizer),
-        **extra,
-    }
-
-
-def _logits_of(output: Any) -> torch.Tensor | None:
-    if torch.is_tensor(output):
-        return output
-    logits = getattr(output, "logits", None)
-    if torch.is_tensor(logits):
-        return logits
-    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
-        return output[0]
-    return None
-
-
-def _inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Labels drawn by inverse CDF: ``(n, C)`` cumulative (unnormalised) probabilities and ``(n, 1)``
-    uniforms in ``[0, 1)`` -> ``(n,)`` classes, class ``c`` with probability ``p_c / sum(p)``.
-
-    The label is the first class whose cumulative sum exceeds ``u * total`` (``right=True``), so a class
-    of probability zero is never drawn, ``u = 0`` included; a product that rounds up to the total
-    falls back to the last class of positive probability.
-    """
-    total = cdf[:, -1:]
-    y = torch.searchsorted(cdf, u * total, right=True).reshape(-1)
-    over = y >= cdf.shape[1]
-    if bool(over.any()):  # the first class where the cumulative sum reaches the total: the last positive one
-        y[over] = torch.argmax((cdf[over] >= total[over]).to(torch.uint8), -1)
-    return y

@@ -34,18 +34,18 @@ Example:
     >>> rows = fast_rows(run.array("grads"))[0 : run.row_chunk]  # doctest: +SKIP
 """
 
+from datavalue.store._archive import archive_run as archive_run
 from datavalue.store._chunkfiles import ChunkFileRows as ChunkFileRows
 from datavalue.store._chunkfiles import chunk_dir as chunk_dir
 from datavalue.store._chunkfiles import fast_rows as fast_rows
 from datavalue.store._chunkfiles import write_all as write_all
+from datavalue.store._paths import refuse_inside_run as refuse_inside_run
 from datavalue.store._reader import Run as Run
-from datavalue.store._reader import archive_run as archive_run
 from datavalue.store._reader import create_array as create_array
 from datavalue.store._reader import delete_path as delete_path
 from datavalue.store._reader import open_array as open_array
 from datavalue.store._reader import open_array_writable as open_array_writable
 from datavalue.store._reader import open_run as open_run
-from datavalue.store._reader import refuse_inside_run as refuse_inside_run
 from datavalue.store._reader import stale_final_pass as stale_final_pass
 from datavalue.store._runlock import LOCK_FILE as LOCK_FILE
 from datavalue.store._runlock import lock_run as lock_run

@@ -19,14 +19,17 @@ import zarr
 if TYPE_CHECKING:
     import dask.array as da
 
-from datavalue._files import atomic_write, inside_run
 from datavalue.errors import (
     StoreCorruptError,
-    StoreError,
     StoreExistsError,
     StoreMismatchError,
     StoreNotFoundError,
     StoreReadOnlyError,
+)
+from datavalue.store._paths import (
+    check_inside_run,
+    is_local,
+    refuse_reading_links,
 )
 from datavalue.store._schema import (
     CAPTURE_KEYS,
@@ -55,14 +58,6 @@ def _our_version() -> str:
 
 def _our_major() -> str:
     return _our_version().split(".")[0]
-
-
-def is_local(location: Any) -> bool:
-    """Whether a run location is a plain local directory (writable, crash-safe)."""
-    if not isinstance(location, (str, os.PathLike)):
-        return False
-    s = os.fspath(location)
-    return "://" not in s and not s.endswith(".zip")
 
 
 def _normalise(location: Any) -> Any:
@@ -716,158 +711,6 @@ def open_run(path: str | os.PathLike[str] | Any) -> Run:
     matching fsspec backend, e.g. ``s3fs``), or a zarr ``Store`` object.
     """
     return Run(path)
-
-
-# ------------------------------------------------------------------ staying inside the run
-# A run is a directory tree; a symbolic link inside it (say ``embeddings -> /data/elsewhere``)
-# would let ``overwrite=True`` delete, and a build write, outside the run, and an archive pack
-# files that are not the run's. Every delete, create, writable open and archive resolves its path first and
-# refuses one that leads out of the run. Links that stay inside the run are allowed.
-def _outside(root: Path, target: Path) -> str | None:
-    """Where ``target`` really lies when that is outside ``root`` (symlinks and ``..`` resolved), else None."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(target)
-    return None if os.path.commonpath([real_root, real]) == real_root else real
-
-
-def check_inside_run(path: str | os.PathLike[str], name: str) -> None:
-    """Raise :class:`StoreError` when the run member ``name`` (e.g. ``embeddings/fisher``) resolves
-    outside the run directory ``path``, through a symbolic link or ``..``; archives, URLs and
-    store objects have no links to follow and pass."""
-    if not is_local(path):
-        return
-    where = _outside(Path(path), Path(path) / name)
-    if where is not None:
-        raise StoreError(
-            f"{Path(path) / name} leads outside the run {path} (to {where}, through a symbolic link or '..'); "
-            "datavalue never deletes or writes outside a run, so nothing was changed. Replace the link with "
-            "the real directory (or remove it) and run again."
-        )
-
-
-def links_leaving(root: Path) -> list[tuple[Path, str]]:
-    """Every symbolic link under ``root`` that resolves outside it: ``(link, real target)``. The walk
-    does not follow links, so a link to a directory outside is reported, never entered. It lists
-    directories with ``os.scandir`` and asks no file for its status (a link is known from its
-    directory entry), so a run of many thousand chunks is walked in milliseconds."""
-    real_root = os.path.realpath(root)
-    found: list[tuple[Path, str]] = []
-    todo = [os.fspath(root)]
-    while todo:
-        try:
-            with os.scandir(todo.pop()) as it:
-                entries = list(it)
-        except OSError:
-            continue  # unreadable or vanished: the read of what it holds says so
-        for entry in entries:
-            if entry.is_symlink():
-                real = os.path.realpath(entry.path)
-                if os.path.commonpath([real_root, real]) != real_root:
-                    found.append((Path(entry.path), real))
-            elif entry.is_dir(follow_symlinks=False):
-                todo.append(entry.path)
-    return sorted(found)
-
-
-def refuse_reading_links(root: Path) -> None:
-    """Raise :class:`StoreError` when a symbolic link anywhere under the run ``root`` leads outside
-    it: whatever is read through it (``grads -> /runs/other.zarr/grads``) is not this run's data,
-    and results built from it would silently be another run's. Called by :func:`open_run` on every
-    local run (:func:`links_leaving`: one directory listing per folder, no file opened)."""
-    leaving = links_leaving(Path(root))
-    if leaving:
-        shown = "; ".join(f"{p.relative_to(root)} -> {where}" for p, where in leaving[:5])
-        more = f" and {len(leaving) - 5} more" if len(leaving) > 5 else ""
-        first = leaving[0][0].relative_to(root)
-        raise StoreError(
-            f"{root}: {first} leads outside the run (symbolic links that lead outside the run: {shown}{more}); data "
-            "read through them would be another run's (or anyone's), not what this run recorded, so the run is not "
-            "opened. Replace each link with the run's own files (or remove it), then open the run again."
-        )
-
-
-def refuse_inside_run(out: str | os.PathLike[str], what: str = "a report") -> None:
-    """Raise :class:`StoreError` when writing ``out`` would change a run: ``out`` lies inside a
-    datavalue run, links and ``..`` resolved (:func:`datavalue._files.inside_run`, the one rule the
-    shapley report and registry writers use too). Every API writer of reports
-    (``Attributor.save_parquet``, ``TopK.to_parquet``, ``ReplayResult.save_parquet``) and the CLI's
-    ``--out`` use this check, before anything is written."""
-    if not isinstance(out, (str, os.PathLike)) or not is_local(out):
-        return
-    store = inside_run(out)
-    if store is not None:
-        raise StoreError(
-            f"{out} lies inside the run {store} (resolved: {os.path.realpath(out)}); writing {what} there would "
-            "change the run's own files, so nothing was written. Choose a path outside the run."
-        )
-
-
-def refuse_links_leaving(root: Path, why: str, *, again: str = "run again") -> None:
-    """Raise :class:`StoreError` when any symbolic link anywhere under the run ``root`` leads
-    outside it (the whole tree is walked, links are not followed); ``why`` says what following
-    them would do. Used before an archive packs and before ``resume=True`` writes."""
-    leaving = links_leaving(Path(root))
-    if leaving:
-        src = Path(root)
-        shown = "; ".join(f"{p.relative_to(src)} -> {where}" for p, where in leaving[:5])
-        more = f" and {len(leaving) - 5} more" if len(leaving) > 5 else ""
-        raise StoreError(
-            f"{src} holds symbolic links that lead outside the run ({shown}{more}); {why}. Replace each link "
-            f"with the real files (or remove it) and {again}."
-        )
-
-
-class _ArchivePathError(StoreError, ValueError):
-    """An archive path that :func:`archive_run` cannot write (a ``StoreError`` that is also the
-    ``ValueError`` it raised before)."""
-
-
-def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Pack a run directory into one uncompressed ``.zip`` that :func:`open_run` reads directly.
-
-    ``path`` may also be a run archive (a ``.zip`` that :func:`open_run` reads): it is copied byte
-    for byte, so ``archive_run`` accepts every local run that ``open_run`` does and the result is
-    always the same run. Refuses a run with a symbolic link that leads outside it (the archive would
-    pack the link's target, files that are not the run's).
-
-    Raises:
-        StoreError: such a link exists (the message lists them), ``out`` lies inside the run or is
-            the archive itself, ``out`` does not end in ``.zip`` (also a ``ValueError``), or ``path``
-            is a remote or in-memory store (copy it to a local directory first); nothing is written.
-        StoreExistsError: ``out`` exists and ``overwrite`` is False, or ``out`` is a directory.
-    """
-    import shutil
-    import zipfile
-
-    if not isinstance(path, (str, os.PathLike)) or "://" in os.fspath(path):
-        raise StoreError(f"{path!r} is a remote or in-memory store; archive_run packs a local run directory (or "
-                         "copies a local .zip archive). Copy the run to a local directory first.")
-    src, dst = Path(path), Path(out)
-    if dst.suffix != ".zip":
-        raise _ArchivePathError(f"the archive name must end in .zip (open_run reads a run from a .zip), got "
-                                f"{dst.name}; choose e.g. {dst.with_suffix('.zip').name}.")
-    if is_local(path) and src.is_dir():
-        refuse_links_leaving(src, "an archive would pack files that are not the run's, so none was written",
-                             again="archive again")
-    Run(path)  # refuse to archive something that is not a readable run
-    is_archive = not is_local(path)  # a .zip that open_run has just read as a run
-    if is_archive and dst.exists() and os.path.samefile(src, dst):
-        raise _ArchivePathError(f"{dst} is the archive {src} itself; choose another path for the copy.")
-    if not is_archive and dst.resolve().is_relative_to(src.resolve()):
-        raise StoreError(f"{dst} lies inside the run {src}; writing there would change the run. Choose a path outside it.")
-    if dst.is_dir():
-        raise StoreExistsError(f"{dst} is a directory; give the path of the .zip file to write.")
-    if dst.exists() and not overwrite:
-        raise StoreExistsError(f"{dst} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    if is_archive:  # already one file in the archive format: a faithful copy, never a re-pack
-        with atomic_write(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        return dst
-    with atomic_write(dst) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for f in sorted(src.rglob("*")):
-            if f.is_file() and not f.name.endswith(".partial") and f.name != "writer.lock":  # no lock in an archive
-                zf.write(f, f.relative_to(src).as_posix())
-    return dst
 
 
 def create_array(

@@ -36,11 +36,11 @@ from datavalue.errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
+from datavalue.store._paths import refuse_links_leaving
 from datavalue.store._reader import (
     check_array_shapes,
     check_manifest,
     read_commit,
-    refuse_links_leaving,
 )
 from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock, sweep_run
 from datavalue.store._schema import (

@@ -23,8 +23,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from datavalue._files import inside_run
-from datavalue.shapley._errors import LedgerError, OutputExistsError, OutputPathError
+from datavalue._files import atomic_write, inside_run
+from datavalue.shapley._errors import LedgerError, OutputExistsError, OutputPathError, ShapleyError
 from datavalue.shapley.royalties._anchor import HEAD_SCHEMA, LEDGER_SCHEMA, owned_by
 
 __all__ = ["check_output_path", "ledger_file_kind"]
@@ -144,3 +144,20 @@ def check_output_path(
             "line) or choose another path."
         )
     return p
+
+
+def write_text_output(p: Path, text: str, what: str) -> None:
+    """Write ``text`` to the checked output path ``p`` (:func:`check_output_path`) through a temporary
+    that replaces it whole; an OS refusal becomes :class:`OutputPathError` saying whether the previous
+    file is unchanged."""
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(p) as tmp:  # never a user's "<name>.tmp", never left behind by an error
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        if isinstance(exc, ShapleyError):
+            raise
+        raise OutputPathError(
+            f"cannot write {what} {p}: {exc.strerror or exc}; choose a writable path. "
+            f"{'The previous file is unchanged.' if p.exists() else 'Nothing was written.'}"
+        ) from exc

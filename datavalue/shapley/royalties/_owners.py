@@ -22,16 +22,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from datavalue._files import atomic_write
 from datavalue.shapley._errors import (
     InvalidGameError,
     LedgerError,
     LedgerNotFoundError,
-    OutputPathError,
-    ShapleyError,
     UnknownOwnerError,
 )
-from datavalue.shapley.royalties._outpath import check_output_path
+from datavalue.shapley.royalties._outpath import check_output_path, write_text_output
 
 __all__ = ["OwnerRegistry"]
 
@@ -220,17 +217,7 @@ class OwnerRegistry:
         """
         p = check_output_path(path, what="the owner registry", overwrite=overwrite)
         text = json.dumps(self.to_dict(), indent=2) + "\n"
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(p) as tmp:
-                tmp.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            if isinstance(exc, ShapleyError):
-                raise
-            raise OutputPathError(
-                f"cannot write the owner registry {p}: {exc.strerror or exc}; choose a writable path. "
-                f"{'The previous file is unchanged.' if p.exists() else 'Nothing was written.'}"
-            ) from exc
+        write_text_output(p, text, "the owner registry")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> OwnerRegistry:

@@ -15,9 +15,8 @@ from decimal import Decimal
 from html import escape
 from pathlib import Path
 
-from datavalue._files import atomic_write
-from datavalue.shapley._errors import InvalidGameError, OutputPathError, ShapleyError
-from datavalue.shapley.royalties._outpath import check_output_path
+from datavalue.shapley._errors import InvalidGameError
+from datavalue.shapley.royalties._outpath import check_output_path, write_text_output
 from datavalue.shapley.royalties._statement import PeriodStatement
 from datavalue.shapley.royalties._svg import bar_chart, error_bar_chart, stacked_columns
 
@@ -235,15 +234,5 @@ def write_report(
     p = check_output_path(path, what="the report", overwrite=overwrite)
     fmt = format if format is not None else infer_format(p)
     text = render_report(statement, fmt)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(p) as tmp:  # never a user's "<name>.tmp", never left behind by an error
-            tmp.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        if isinstance(exc, ShapleyError):
-            raise
-        raise OutputPathError(
-            f"cannot write the report {p}: {exc.strerror or exc}; choose a writable path. "
-            f"{'The previous file is unchanged.' if p.exists() else 'Nothing was written.'}"
-        ) from exc
+    write_text_output(p, text, "the report")
     return p

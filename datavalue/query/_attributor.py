@@ -572,7 +572,9 @@ def _final_pass(run: Run) -> Run:
             "`with datavalue.capture.FinalPass(run, model) as fp:` (then `with fp.batch(ids, tokens=...): "
             "loss.backward()` over the training data) and build it with datavalue.embeddings.build_influence(run)."
         ) from exc
-    stale = stale_final_pass(run, final)
+    from datavalue.embeddings import unfinished_final_pass
+
+    stale = stale_final_pass(run, final) or unfinished_final_pass(final)
     if stale is not None:
         raise QueryError(stale)
     return final

@@ -98,3 +98,55 @@ def test_p5_15_pass_closed_without_with_is_complete(tmp_path):
         F.cross_entropy(model(X), Y).backward()
     fp.close()
     build_influence(run, progress=False)
+
+
+# ---------------------------------------------------------------- P5-22: DataParallel / torch.compile
+@pytest.mark.parametrize("wrap", ["dp", "compile"])
+def test_p5_22_wrapped_model_is_recorded_unwrapped(tmp_path, wrap):
+    inner = _model()
+    if wrap == "compile":
+        pytest.importorskip("torch._dynamo")
+        wrapped = torch.compile(inner, backend="eager")
+    else:
+        wrapped = torch.nn.DataParallel(inner)
+    run = tmp_path / "r.zarr"
+    opt = torch.optim.SGD(inner.parameters(), lr=0.1)
+    with datavalue.Recorder(run, wrapped, proj_dim=None, optimizer=opt) as rec:
+        for t in range(2):
+            ids = np.arange(6 * t, 6 * t + 6)
+            with rec.step(sample_ids=ids):
+                F.cross_entropy(wrapped(X[ids]), Y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+    assert [b["name"] for b in open_run(run).blocks] == ["0.weight", "2.weight"]
+    assert datavalue.inspect(wrapped, proj_dim=None)[0]["name"] == "0.weight"
+    datavalue.build_embeddings(run, progress=False)
+    a = datavalue.Attributor(run, inner, progress=False).scores(_loss)
+    b = datavalue.Attributor(run, wrapped, progress=False).scores(_loss)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    with FinalPass(run, wrapped) as fp, fp.batch(np.arange(12)):
+        F.cross_entropy(inner(X[:12]), Y[:12]).backward()
+    assert open_run(run / "final").n_rows == 12
+
+
+class _Holder(torch.nn.Module):
+    """Stands for a run an older version recorded from DataParallel(model): names ``module.*``."""
+
+    def __init__(self, m: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def test_p5_22_run_recorded_with_a_prefix_says_how_to_query(tmp_path):
+    inner = _model()
+    run = tmp_path / "old.zarr"
+    _record(run, _Holder(inner))
+    assert open_run(run).blocks[0]["name"] == "module.0.weight"
+    datavalue.build_embeddings(run, progress=False)
+    with pytest.raises(E.ModelMismatchError, match=r"prefix 'module\.'.*Attributor\(run, torch\.nn\.DataParallel\(model\)\)"):
+        datavalue.Attributor(run, inner, progress=False)
+    S = datavalue.Attributor(run, torch.nn.DataParallel(inner), progress=False).scores(_loss)  # as the message says
+    assert S.shape == (3, 24) and np.isfinite(S).all()

@@ -53,6 +53,7 @@ from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine
 from datavalue.capture._gradients import engine_for_run
 from datavalue.capture._pipeline import parse_sample_ids, step_weights
+from datavalue.capture._run_setup import unwrap_model
 from datavalue.capture.recorder import Recorder, StepHandle
 from datavalue.errors import RecorderError, RecorderStateError, StoreReadOnlyError
 from datavalue.store import FINAL_PASS_INTEGRATION, FINAL_RUN
@@ -107,7 +108,7 @@ class FinalPass(Recorder):
             )
         if curvature not in (None, "none", "fisher"):
             raise RecorderError(f"FinalPass(curvature=...) must be 'fisher' or None, got {curvature!r}.")
-        model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        model = unwrap_model(model)  # DDP / DataParallel / torch.compile: the module inside, as the run recorded
         self._parent_manifest = dict(parent.manifest)
         engine_for_run(model, self._parent_manifest)  # fingerprint and capture plan, with a clear error
         recorded = CaptureConfig.from_manifest(self._parent_manifest)

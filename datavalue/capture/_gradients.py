@@ -11,6 +11,7 @@ from torch import nn
 
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
 from datavalue.capture._projection import run_sketch
+from datavalue.capture._run_setup import wrapper_hint
 from datavalue.errors import ModelMismatchError, QueryError
 from datavalue.store import fingerprint_params
 
@@ -27,7 +28,7 @@ def engine_for_run(model: nn.Module, manifest: Mapping[str, Any]) -> Engine:
         raise ModelMismatchError(
             "the model does not match the run's fingerprint (trainable parameter names and shapes). "
             f"Missing: {missing}; unexpected: {extra}; shape differences: {shape}. "
-            "Build the same architecture that was recorded (and the same requires_grad flags)."
+            "Build the same architecture that was recorded (and the same requires_grad flags)." + wrapper_hint(rec, now)
         )
     proj = manifest["projection"]
     pd = proj["proj_dim"]

@@ -36,5 +36,7 @@ def inspect(model: nn.Module, *, proj_dim: int | Mapping[str, int] | None = 1024
         2.weight                         linear                 kron              2x9      18  2
         total k = 58
     """
-    eng = Engine(model, proj_dim=proj_dim, seed=0, layers=layers)
+    from datavalue.capture._run_setup import unwrap_model
+
+    eng = Engine(unwrap_model(model), proj_dim=proj_dim, seed=0, layers=layers)  # the names a Recorder records
     return CapturePlan(b.to_json() for b in eng.blocks)

@@ -56,6 +56,7 @@ from datavalue.capture._run_setup import (
     _check_resume_config,
     _recorded_fisher_max_classes,
     base_manifest,
+    unwrap_model,
 )
 from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
 
@@ -202,7 +203,7 @@ class Recorder:
         max_memory: int | str | None = None,
         checkpoint_every: int | None = None,
     ) -> None:
-        model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        model = unwrap_model(model)  # DDP / DataParallel / torch.compile: record the module inside (no prefix)
         if not isinstance(model, nn.Module):
             raise RecorderError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         options = dict(proj_dim=proj_dim, seed=seed, sketch=sketch, layers=layers, loss_reduction=loss_reduction,

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from datavalue._memory import check_memory, parse_max_memory
-from datavalue.capture import engine_for_run, per_sample_gradients
+from datavalue.capture import engine_for_run, per_sample_gradients, unwrap_model
 from datavalue.errors import NonFiniteError, QueryError
 from datavalue.query import _stream
 from datavalue.query._groups import Grouping, grouping, parse_by, parse_steps
@@ -99,9 +99,11 @@ class Attributor:
         progress: bool = True,
         max_memory: int | str | None = None,
     ) -> None:
-        model = _parse_model(model)
+        wrapped, model = model, _parse_model(model)  # DDP / DataParallel / torch.compile: the module inside
         self.max_memory = parse_max_memory(max_memory, QueryError)
         self.run: Run = open_run(path)
+        if model is not wrapped and model is not None:  # unless the run recorded the wrapper's prefixed names
+            model = unwrap_model(wrapped, recorded=(self.run.manifest.get("model_fingerprint") or {}).get("params"))
         self._training_run = self.run  # replays (replay/<name>) live in the training run
         if kind == "influence":  # the final model's influence: the columns are the final pass's examples
             self.run = _final_pass(self.run)  # same fingerprint and capture plan as the run (FinalPass checked)
@@ -526,13 +528,17 @@ class Attributor:
 
 
 def _parse_model(model: Any) -> nn.Module | None:
-    """The model to take test gradients from: an ``nn.Module`` with values (a ``DataParallel`` or DDP
-    wrapper is unwrapped: the run recorded the module inside, under its own parameter names)."""
+    """The model to take test gradients from: an ``nn.Module`` with values (a ``DataParallel``, DDP
+    or ``torch.compile`` wrapper is unwrapped: the run recorded the module inside, under its own
+    parameter names; a run an older version recorded with the wrapper's prefix keeps it, see
+    :func:`datavalue.capture.unwrap_model`)."""
     if model is None:
         return None
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        logger.info("querying the module inside %s (its parameter names have no 'module.' prefix)", type(model).__name__)
-        model = model.module
+    inner = unwrap_model(model)
+    if inner is not model:
+        logger.info("querying the module inside %s (the run recorded its parameter names without the wrapper's "
+                    "prefix)", type(model).__name__)
+        model = inner
     if not isinstance(model, nn.Module):
         raise QueryError(
             f"model must be the torch.nn.Module to explain (at the weights to explain), or None to query with test "

@@ -150,3 +150,34 @@ def test_p5_22_run_recorded_with_a_prefix_says_how_to_query(tmp_path):
         datavalue.Attributor(run, inner, progress=False)
     S = datavalue.Attributor(run, torch.nn.DataParallel(inner), progress=False).scores(_loss)  # as the message says
     assert S.shape == (3, 24) and np.isfinite(S).all()
+
+
+# ---------------------------------------------------------------- P5-23: float16 storage range
+def _record_scaled(path: Path, scale: float, **kw) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-12)
+    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, storage_dtype="float16", **kw) as rec:
+        for t in range(2):
+            ids = np.arange(6 * t, 6 * t + 6)
+            with rec.step(sample_ids=ids):
+                (scale * F.cross_entropy(model(X[ids]), Y[ids])).backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def test_p5_23_float16_overflow_goes_through_on_nonfinite(tmp_path):
+    with pytest.raises(E.NonFiniteError, match="exceed float16's range.*storage_dtype='float32'"):
+        _record_scaled(tmp_path / "a.zarr", 1e7)
+    _record_scaled(tmp_path / "b.zarr", 1e7, on_nonfinite="skip")
+    run = open_run(tmp_path / "b.zarr")
+    G = np.asarray(run.read("grads", 0, run.n_rows), np.float64)
+    assert np.isfinite(G).all() and not G.any()
+    assert (np.asarray(run.flags[: run.n_rows]) & datavalue.store.FLAG_NONFINITE).all()
+
+
+def test_p5_23_float16_underflow_is_refused(tmp_path):
+    with pytest.raises(E.RecorderError, match="underflow float16 storage.*exact zeros.*storage_dtype='float32'"):
+        _record_scaled(tmp_path / "a.zarr", 1e-9)
+    _record_scaled(tmp_path / "ok.zarr", 1.0)  # in range: recorded as before
+    run = open_run(tmp_path / "ok.zarr")
+    assert run.n_rows == 12 and np.asarray(run.read("grads", 0, 12), np.float64).any(1).all()

@@ -181,3 +181,30 @@ def test_p5_23_float16_underflow_is_refused(tmp_path):
     _record_scaled(tmp_path / "ok.zarr", 1.0)  # in range: recorded as before
     run = open_run(tmp_path / "ok.zarr")
     assert run.n_rows == 12 and np.asarray(run.read("grads", 0, 12), np.float64).any(1).all()
+
+
+# ---------------------------------------------------------------- P5-07: nothing new inside another run
+def test_p5_07_archive_ledger_and_cache_refuse_a_path_inside_a_run(tmp_path, capsys):
+    from decimal import Decimal
+
+    from datavalue import shapley
+    from datavalue.cli import main
+    from datavalue.store import archive_run
+
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    _record(a, steps=1)
+    _record(b, steps=1)
+    before = sorted(p.name for p in b.iterdir())
+    with pytest.raises(E.StoreError, match="inside the datavalue run .*b.zarr.*nothing was written"):
+        archive_run(a, b / "a.zip")
+    assert main(["archive", str(a), str(b / "x.zip")]) == 2
+    assert "inside the datavalue run" in capsys.readouterr().err
+    with pytest.raises(shapley.OutputPathError, match="new royalty ledger .*inside|inside the datavalue run"):
+        shapley.RoyaltyLedger(b / "ledger.jsonl")
+    with pytest.raises(shapley.OutputPathError, match="inside the datavalue run"):
+        shapley.CoalitionGame(lambda S: float(len(S)), 2, cache_path=b / "embeddings" / "u.jsonl")
+    assert sorted(p.name for p in b.iterdir()) == before  # nothing was written into b
+    archive_run(a, tmp_path / "a.zip")  # beside the runs: fine
+    ledger = shapley.RoyaltyLedger(tmp_path / "ledger.jsonl")
+    ledger.record(output_id="g", prompt="p", revenue=Decimal("1.00"), owners=["x"], result=[1.0], content=b"c")
+    ledger.close()

@@ -208,3 +208,22 @@ def test_p5_07_archive_ledger_and_cache_refuse_a_path_inside_a_run(tmp_path, cap
     ledger = shapley.RoyaltyLedger(tmp_path / "ledger.jsonl")
     ledger.record(output_id="g", prompt="p", revenue=Decimal("1.00"), owners=["x"], result=[1.0], content=b"c")
     ledger.close()
+
+
+# ---------------------------------------------------------------- P5-16: a model not at the final weights
+def test_p5_16_query_with_other_weights_warns(tmp_path, caplog):
+    run = tmp_path / "r.zarr"
+    model = _record(run)
+    datavalue.build_embeddings(run, progress=False)
+    with caplog.at_level(logging.WARNING, logger="datavalue"):
+        datavalue.Attributor(run, model, progress=False).scores(_loss)
+    assert "load_state_dict" not in caplog.text  # the trained weights: no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datavalue"):
+        S = datavalue.Attributor(run, _model(seed=5), progress=False).scores(_loss)  # forgot load_state_dict
+    assert S.shape == (3, 24)  # still answered: other weights are allowed
+    assert "not the ones" in caplog.text and "model.load_state_dict(" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datavalue"):
+        datavalue.Attributor(run, _model(seed=5), kind="grad_dot", progress=False)
+    assert "load_state_dict" not in caplog.text  # raw-gradient kinds are not defined at the final weights

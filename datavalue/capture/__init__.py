@@ -19,6 +19,7 @@ from datavalue.capture._final import final_path as final_path
 from datavalue.capture._gradients import engine_for_run as engine_for_run
 from datavalue.capture._gradients import exact_layout as exact_layout
 from datavalue.capture._gradients import per_sample_gradients as per_sample_gradients
+from datavalue.capture._gradients import weights_mismatch as weights_mismatch
 from datavalue.capture._inspect import inspect as inspect
 from datavalue.capture._pipeline import DistInfo as DistInfo
 from datavalue.capture._pipeline import StepSink as StepSink
@@ -58,4 +59,5 @@ __all__ = [
     "split_budget",
     "step_weights",
     "unwrap_model",
+    "weights_mismatch",
 ]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from datavalue._memory import check_memory, parse_max_memory
-from datavalue.capture import engine_for_run, per_sample_gradients, unwrap_model
+from datavalue.capture import engine_for_run, per_sample_gradients, unwrap_model, weights_mismatch
 from datavalue.errors import NonFiniteError, QueryError
 from datavalue.query import _stream
 from datavalue.query._groups import Grouping, grouping, parse_by, parse_steps
@@ -115,6 +115,11 @@ class Attributor:
         self.source: Source = resolve_source(self.run, curvature=curvature, embeddings=embeddings, kind=kind)
         if self.n_rows == 0:
             raise QueryError(f"{self.path} has no committed occurrences to attribute to.")
+        if model is not None and self.kind in ("dvemb", "influence"):  # defined at the run's (final) weights
+            steps = self._training_run.n_steps if self.kind == "influence" else self.n_steps
+            off = weights_mismatch(model, self._training_run, steps)
+            if off is not None:
+                logger.warning("%s", off)
         self.client = client
         self.chunk_rows = _parse_chunk_rows(chunk_rows, self.source.array)
         # streamed queries read the chunk files directly when the layout is the run's plain one

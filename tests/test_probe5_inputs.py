@@ -227,3 +227,20 @@ def test_p5_16_query_with_other_weights_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="datavalue"):
         datavalue.Attributor(run, _model(seed=5), kind="grad_dot", progress=False)
     assert "load_state_dict" not in caplog.text  # raw-gradient kinds are not defined at the final weights
+
+
+# ---------------------------------------------------------------- P5-20: the true Fisher needs >= 2 classes
+def test_p5_20_fisher_on_a_one_output_model_is_refused(tmp_path):
+    torch.manual_seed(0)
+    reg = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    opt = torch.optim.SGD(reg.parameters(), lr=0.1)
+    rec = datavalue.Recorder(tmp_path / "r.zarr", reg, proj_dim=None, optimizer=opt, curvature="fisher")
+    with pytest.raises(E.RecorderError, match=r"C >= 2.*shape \(6, 1\).*exactly zero.*curvature=None"):
+        with rec.step(sample_ids=np.arange(6)):
+            F.mse_loss(reg(X[:6]), Y[:6, None].float()).backward()
+    rec.close()
+    run = tmp_path / "ok.zarr"  # two or more classes: recorded as before, non-zero Fisher rows
+    model = _record(run, curvature="fisher")
+    fisher = np.asarray(open_run(run).read("fisher", 0, open_run(run).n_fisher_rows))
+    assert fisher.shape[0] == 24 * 3 and fisher.any(1).all()  # exact expectation: one row per class
+    assert model is not None

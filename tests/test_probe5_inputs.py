@@ -244,3 +244,49 @@ def test_p5_20_fisher_on_a_one_output_model_is_refused(tmp_path):
     fisher = np.asarray(open_run(run).read("fisher", 0, open_run(run).n_fisher_rows))
     assert fisher.shape[0] == 24 * 3 and fisher.any(1).all()  # exact expectation: one row per class
     assert model is not None
+
+
+# ---------------------------------------------------------------- P5-17: input conversions, one rule
+def _one_step(path: Path, *, lr=None, tokens=None, reduction="mean", micro=False, proj_dim=None) -> None:
+    model = _model()
+    opt = None if lr is not None else torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = datavalue.Recorder(path, model, proj_dim=proj_dim, optimizer=opt, loss_reduction=reduction)
+    try:
+        kw = {} if lr is None else {"lr": lr}
+        block = rec.microbatch(np.arange(4), tokens=tokens) if micro else rec.step(np.arange(4), tokens=tokens, **kw)
+        with block:
+            F.cross_entropy(model(X[:4]), Y[:4]).backward()
+        if micro:
+            rec.commit_step()
+        if opt is not None:
+            opt.step()
+    finally:
+        rec.close()
+
+
+@pytest.mark.parametrize("lr", [np.array([0.1]), np.array([[0.1]]), np.array([0.1, 0.2])])
+def test_p5_17_numpy_lr_of_any_shape_but_scalar_is_refused(tmp_path, lr):
+    with pytest.raises(E.RecorderError, match=r"lr must be one number, got an array of shape"):
+        _one_step(tmp_path / "r.zarr", lr=lr)
+    _one_step(tmp_path / "ok.zarr", lr=np.array(0.1))  # a 0-d array is one number
+    assert open_run(tmp_path / "ok.zarr").lr[0] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("micro", [False, True])
+@pytest.mark.parametrize(("tokens", "match"), [
+    ([True, True, True, True], "a bool is not a count"),
+    (torch.ones(4, dtype=torch.bool), "a bool is not a count"),
+    ([1.5, 1, 1, 1], "whole token counts"),
+])
+def test_p5_17_tokens_are_whole_counts(tmp_path, tokens, match, micro):
+    with pytest.raises(E.RecorderError, match=match):
+        _one_step(tmp_path / "r.zarr", tokens=tokens, reduction="token_mean", micro=micro)
+    _one_step(tmp_path / "ok.zarr", tokens=np.array([1.0, 2.0, 3.0, 4.0]), reduction="token_mean", micro=micro)
+    np.testing.assert_allclose(open_run(tmp_path / "ok.zarr").weight[:4], [0.1, 0.2, 0.3, 0.4])
+
+
+@pytest.mark.parametrize("proj_dim", [32.0, np.float64(32.0)])
+def test_p5_17_float_proj_dim_is_refused_like_the_dict_form(tmp_path, proj_dim):
+    with pytest.raises(E.RecorderError, match=r"proj_dim must be a positive int.*got (np\.float64\()?32\.0"):
+        datavalue.Recorder(tmp_path / "r.zarr", _model(), proj_dim=proj_dim)
+    assert not (tmp_path / "r.zarr").exists()

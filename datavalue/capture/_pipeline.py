@@ -94,6 +94,33 @@ def parse_sample_ids(sample_ids: Any) -> np.ndarray:
     return arr
 
 
+def parse_tokens(tokens: Any) -> np.ndarray:
+    """Per-example token counts as ``(b,)`` float64: whole numbers (an int or float dtype holding
+    integral values); bools (a mask passed for its counts), fractions, NaN and non-numbers are refused.
+    Shared by ``rec.step``, ``rec.microbatch`` and ``FinalPass.batch``."""
+    t = tokens
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().numpy()
+    raw = np.asarray(t)
+    if raw.dtype == bool or (isinstance(tokens, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in tokens)):
+        raise RecorderError(
+            f"tokens must be per-example token counts (ints), got bools {raw.reshape(-1)[:4].tolist()}; a bool is not a "
+            "count. Pass the counts, e.g. tokens=(labels != -100).sum(1) (a mask's .sum(1), not the mask)."
+        )
+    if not np.issubdtype(raw.dtype, np.number):
+        raise RecorderError(f"tokens must be per-example token counts (ints that fit in int64), got "
+                            f"{raw.reshape(-1)[:4].tolist()} (dtype {raw.dtype}).")
+    t = raw.astype(np.float64).reshape(-1)
+    if not (np.isfinite(t) & (t == np.round(t))).all():
+        bad = t[~(np.isfinite(t) & (t == np.round(t)))]
+        raise RecorderError(
+            f"tokens must be whole token counts, got {bad[:3].tolist()}: under loss_reduction='token_mean' each "
+            "example's weight is its count over the batch's. For per-example weights of your own use "
+            "loss_reduction='sum' with the weights inside the loss."
+        )
+    return t
+
+
 def step_weights(loss_reduction: str, b: int, tokens: Any = None) -> np.ndarray:
     """``(b,)`` weights ``w_t(z)`` of a step's examples in the stepped loss.
 
@@ -107,10 +134,7 @@ def step_weights(loss_reduction: str, b: int, tokens: Any = None) -> np.ndarray:
         return np.ones(b)
     if tokens is None:
         raise RecorderError('loss_reduction="token_mean" needs step(..., tokens=per-example token counts).')
-    t = tokens
-    if hasattr(t, "detach"):
-        t = t.detach().cpu().numpy()
-    t = np.asarray(t, dtype=np.float64).reshape(-1)
+    t = parse_tokens(tokens)
     if t.size != b or (t < 0).any() or t.sum() <= 0:
         raise RecorderError(f"tokens must be {b} non-negative counts with a positive sum, got {t.size} values summing to {t.sum()}.")
     return t / t.sum()
@@ -527,8 +551,11 @@ def parse_lr(lr: Any) -> float:
         value = _tensor_to_numpy("lr", lr, scalar=True)
     elif hasattr(lr, "__array__") and not isinstance(lr, (np.ndarray, np.generic)):  # a jax array, without importing jax
         lr = value = np.asarray(lr)
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
+    if isinstance(value, np.ndarray) and value.shape != ():  # one rule with tensors: one number, not a container
+        raise RecorderError(f"lr must be one number, got an array of shape {value.shape}; pass the step's learning "
+                            "rate (e.g. float(lr[0]), or optimizer.param_groups[0]['lr']).")
+    if isinstance(value, np.ndarray):
+        value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise RecorderError(f"lr must be a finite, non-negative real number, got {lr!r} ({type(lr).__name__}); pass "
                             "e.g. lr=0.1, or omit it and give Recorder(..., optimizer=opt).")

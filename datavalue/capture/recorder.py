@@ -48,6 +48,7 @@ from datavalue.capture._pipeline import (
     parse_epoch,
     parse_lr,
     parse_sample_ids,
+    parse_tokens,
     step_weights,
 )
 from datavalue.capture._projection import resolve_sketch
@@ -444,7 +445,7 @@ class Recorder:
             raise RecorderError("curvature='hessian' needs one closure per step: use rec.step(..., hessian_loss=...).")
         ids = parse_sample_ids(sample_ids)
         if tokens is not None:  # a micro-batch may hold no counted token; the step as a whole must
-            tokens = np.asarray(tokens.detach().cpu() if torch.is_tensor(tokens) else tokens, np.float64).reshape(-1)
+            tokens = parse_tokens(tokens)  # whole counts: no bools, fractions or NaN (one rule with rec.step)
             if tokens.size != ids.size or not np.all(np.isfinite(tokens)) or (tokens < 0).any():
                 raise RecorderError(f"tokens must be {ids.size} non-negative counts (one per example), got {tokens[:5]}...")
         elif self.loss_reduction == "token_mean":

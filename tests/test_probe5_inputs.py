@@ -290,3 +290,33 @@ def test_p5_17_float_proj_dim_is_refused_like_the_dict_form(tmp_path, proj_dim):
     with pytest.raises(E.RecorderError, match=r"proj_dim must be a positive int.*got (np\.float64\()?32\.0"):
         datavalue.Recorder(tmp_path / "r.zarr", _model(), proj_dim=proj_dim)
     assert not (tmp_path / "r.zarr").exists()
+
+
+# ---------------------------------------------------------------- P5-24: BatchNorm in training mode
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def test_p5_24_batchnorm_in_training_mode_is_named_before_and_at_the_first_step(tmp_path, caplog):
+    model = _bn_model()
+    plan = datavalue.inspect(model, proj_dim=None)
+    assert "batch norm in training mode" in plan[1]["note"] and "eval mode" in str(plan)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="datavalue"):
+        rec = datavalue.Recorder(tmp_path / "r.zarr", model, proj_dim=None, optimizer=opt)
+    assert "the first recorded step will fail" in caplog.text and "GroupNorm" in caplog.text
+    with pytest.raises(E.CaptureError, match="BatchNorm1d cannot be captured per example.*GroupNorm"):
+        with rec.step(sample_ids=np.arange(6)):
+            F.cross_entropy(model(X[:6]), Y[:6]).backward()
+    rec.close()
+
+
+def test_p5_24_batchnorm_in_eval_mode_records(tmp_path, caplog):
+    model = _bn_model()
+    model[1].eval()  # frozen running statistics: per-example gradients exist
+    assert "note" not in datavalue.inspect(model, proj_dim=None)[1]
+    with caplog.at_level(logging.WARNING, logger="datavalue"):
+        _record(tmp_path / "r.zarr", model, steps=2)
+    assert "will fail" not in caplog.text
+    assert open_run(tmp_path / "r.zarr").n_rows == 12

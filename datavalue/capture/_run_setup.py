@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import logging
 import os
 from typing import Any
 
@@ -67,6 +68,8 @@ def wrapper_hint(recorded: Any, names: Any) -> str:
     return ""
 
 
+logger = logging.getLogger(__name__)
+
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CaptureConfig)}
 _DEFAULTS["curvature"] = None
 
@@ -115,7 +118,15 @@ def _check_resume_config(path: Any, cfg: CaptureConfig, optimizer: Any = None) -
 def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, optimizer: Any,
                   fisher: dict[str, Any] | None = None, hessian: dict[str, Any] | None = None,
                   **extra: Any) -> dict[str, Any]:
-    """The run manifest every torch recorder writes (see ``docs/store-format.md``)."""
+    """The run manifest every torch recorder writes (see ``docs/store-format.md``); logs a WARNING
+    first when a captured block cannot be recorded per example (batch norm in training mode), so
+    that it is said at set-up, before the first step fails on it."""
+    from datavalue.capture._inspect import block_notes
+
+    for block, note in zip(engine.blocks, block_notes(engine, model), strict=True):
+        if note:
+            logger.warning("block %s (%s): the first recorded step will fail: %s", block.name, ", ".join(block.modules),
+                           note)
     return {
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "versions": package_versions("torch", "numpy", "zarr"),

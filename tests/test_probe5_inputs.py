@@ -320,3 +320,52 @@ def test_p5_24_batchnorm_in_eval_mode_records(tmp_path, caplog):
         _record(tmp_path / "r.zarr", model, steps=2)
     assert "will fail" not in caplog.text
     assert open_run(tmp_path / "r.zarr").n_rows == 12
+
+
+# ---------------------------------------------------------------- P5-06: scores labelled with another by=
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """24 occurrences of 24 distinct samples, recorded in an order other than the sorted ids."""
+    run = tmp_path_factory.mktemp("p5_06") / "r.zarr"
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    perm = np.random.default_rng(0).permutation(24)
+    with datavalue.Recorder(run, model, proj_dim=None, optimizer=opt) as rec:
+        for t in range(4):
+            ids = perm[6 * t : 6 * t + 6]
+            with rec.step(sample_ids=ids):
+                F.cross_entropy(model(X[ids]), Y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+    datavalue.build_embeddings(run, progress=False)
+    return run, model
+
+
+def test_p5_06_scores_under_another_by_are_refused(one_epoch, tmp_path):
+    run, model = one_epoch
+    a = datavalue.Attributor(run, model, progress=False)
+    S_occ = a.scores(_loss)
+    S_smp = a.scores(_loss, by="sample")
+    with pytest.raises(E.QueryError, match="computed with by=None .* labelled with by='sample'"):
+        a.save_parquet(np.asarray(S_occ), tmp_path / "x.parquet", by="sample")
+    with pytest.raises(E.QueryError, match="computed with by='sample'"):
+        a.frame(S_smp.copy())  # equal values: recognised too
+    assert not (tmp_path / "x.parquet").exists()
+    # the right by= keeps working, and labels each score with its own sample
+    f = a.frame(S_smp, by="sample").set_index("sample_id")
+    occ = a.frame(S_occ).groupby("sample_id")["test_0"].sum()
+    np.testing.assert_allclose(f.loc[occ.index, "test_0"], occ.values, rtol=1e-5, atol=1e-7)
+    a.save_parquet(S_occ[:2], tmp_path / "ok.parquet")  # a view of the result: recognised
+
+
+def test_p5_06_bare_array_of_unknown_provenance_is_refused_only_when_ambiguous(one_epoch, tmp_path):
+    run, model = one_epoch
+    a = datavalue.Attributor(run, model, progress=False)
+    S = a.scores(_loss) * 2.0  # new values: provenance unknown
+    with pytest.raises(E.QueryError, match="cannot tell whether these 24-column scores are per occurrence or per sample"):
+        a.frame(S, by="sample")
+    sorted_run = tmp_path / "sorted.zarr"  # ids recorded in sorted order: both labellings agree, nothing refused
+    m2 = _record(sorted_run)
+    datavalue.build_embeddings(sorted_run, progress=False)
+    b = datavalue.Attributor(sorted_run, m2, progress=False)
+    assert b.frame(b.scores(_loss) * 2.0, by="sample").shape[0] == 24

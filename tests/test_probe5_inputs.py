@@ -369,3 +369,22 @@ def test_p5_06_bare_array_of_unknown_provenance_is_refused_only_when_ambiguous(o
     datavalue.build_embeddings(sorted_run, progress=False)
     b = datavalue.Attributor(sorted_run, m2, progress=False)
     assert b.frame(b.scores(_loss) * 2.0, by="sample").shape[0] == 24
+
+
+# ---------------------------------------------------------------- P5-14: a path inside a run as RUN
+def test_p5_14_cli_run_argument_inside_a_run(tmp_path, capsys):
+    from datavalue.cli import main
+
+    run = tmp_path / "r.zarr"
+    model = _record(run, steps=1)
+    for cmd, path, what in (("info", run / "grads", "an array inside"), ("build", run / "zarr.json", "metadata file"),
+                            ("info", run / "weights_digest", "a group inside")):
+        assert main([cmd, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert what in err and f"pass the run's directory (datavalue {cmd} {run.resolve()})" in err, err
+    with FinalPass(run, model) as fp, fp.batch(np.arange(6)):
+        F.cross_entropy(model(X[:6]), Y[:6]).backward()
+    assert main(["info", str(run / "final")]) == 0  # a run inside a run is a run
+    assert main(["info", str(run / "final" / "grads")]) == 2
+    assert f"(datavalue info {(run / 'final').resolve()})" in capsys.readouterr().err
+    assert main(["info", str(run)]) == 0

@@ -388,3 +388,21 @@ def test_p5_14_cli_run_argument_inside_a_run(tmp_path, capsys):
     assert main(["info", str(run / "final" / "grads")]) == 2
     assert f"(datavalue info {(run / 'final').resolve()})" in capsys.readouterr().err
     assert main(["info", str(run)]) == 0
+
+
+# ---------------------------------------------------------------- P5-01: a huge (finite) ledger value
+def test_p5_01_average_then_share_with_huge_finite_values(tmp_path):
+    from decimal import Decimal
+
+    from datavalue import shapley
+
+    ledger = shapley.RoyaltyLedger(tmp_path / "l.jsonl")
+    ledger.record(output_id="g1", prompt="p", revenue=Decimal("10.00"), owners=["ann", "bob"], result=[0.2, 0.8],
+                  content=b"a", timestamp="2025-01-10")
+    ledger.record(output_id="g2", prompt="p", revenue=Decimal("10.00"), owners=["ann", "bob"], result=[1e308, 1e308],
+                  content=b"b", timestamp="2025-01-15")
+    st = ledger.statement(aggregation="average-then-share")  # the mean is ~5e307 each: split evenly
+    amounts = {o.owner: o.amount for o in st.owners}
+    assert st.reconciles and sum(amounts.values()) == st.pool_total
+    assert amounts["ann"] == amounts["bob"]
+    ledger.close()

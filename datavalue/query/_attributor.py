@@ -557,12 +557,12 @@ class Attributor:
         scores = np.asarray(scores)
         if scores.ndim == 1:
             scores = scores[None, :]
-        self._check_provenance(scores, g)
         if scores.ndim != 2 or scores.shape[1] != g.n_columns:
             raise QueryError(
                 f"scores has shape {scores.shape} but by={g.by!r} (with these owners/steps) gives {g.n_columns} columns. "
                 "Pass the same by=/owners=/steps= that computed the scores."
             )
+        self._check_provenance(scores, g)  # the count matches: is it also what these columns are?
         return scores
 
 

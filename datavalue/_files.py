@@ -6,7 +6,8 @@ digits). On any error the temporary is removed; a ``kill -9`` can still leave on
 :func:`sweep_partials` removes once its writer is gone (runs do this when a writer takes their lock).
 
 :func:`inside_run` says whether a path lies inside a datavalue run: the one rule by which every
-writer of user-facing outputs (reports, registries, Parquet results) refuses to write into a run.
+writer of user-facing outputs (reports, registries, Parquet results, archives, new ledgers and
+utility caches: :func:`inside_run_problem`) refuses to write into a run.
 
 Standard library only: the shapley package uses it too.
 """
@@ -145,3 +146,26 @@ def inside_run(path: str | os.PathLike[str]) -> Path | None:
         if _is_datavalue_group(parent):
             found = parent  # keep climbing: name the run, not a group inside it
     return found
+
+
+def inside_run_problem(path: str | os.PathLike[str], what: str) -> str | None:
+    """Why ``what`` (``"a new royalty ledger"``) may not be created at ``path``, or None: ``path``
+    lies inside a datavalue run (:func:`inside_run`). A file there is one the run did not write:
+    ``Recorder(run, overwrite=True)`` refuses to replace the run while it is there, and a rebuild of
+    the member holding it (``embeddings/``, ``final/``) may delete it. Shared by the writers that
+    create files of their own (ledgers, utility caches, archives), like :func:`inside_run` for reports.
+
+    Example:
+        >>> import tempfile
+        >>> inside_run_problem(os.path.join(tempfile.mkdtemp(), "ledger.jsonl"), "a ledger") is None
+        True
+    """
+    run = inside_run(path)
+    if run is None:
+        return None
+    return (
+        f"{path} lies inside the datavalue run {run} (resolved: {os.path.realpath(path)}); {what} there would be a "
+        "file the run did not write (a later Recorder(run, overwrite=True) refuses the run while it is there, and "
+        "rebuilding the run's member that holds it may delete it), so nothing was written. Choose a path outside "
+        "the run."
+    )

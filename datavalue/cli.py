@@ -185,11 +185,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_run_argument(path: Any, command: str) -> None:
+    """Refuse a RUN argument that lies inside a datavalue run without being one (``RUN/grads``,
+    ``RUN/zarr.json``, as tab completion gives), naming the run to pass instead. A run inside a run
+    (the final pass ``RUN/final``) is a run and passes; a path that is not there is left to
+    ``open_run`` (its "no datavalue run" says what is wrong)."""
+    import os
+    from pathlib import Path
+
+    from datavalue._files import inside_run
+    from datavalue.errors import StoreNotFoundError
+    from datavalue.store import what_is
+
+    if not isinstance(path, str) or not path or "://" in path:
+        return
+    p = Path(path)
+    if not (p.exists() or p.is_symlink()) or what_is(p) == "run":
+        return
+    outer = inside_run(p)
+    if outer is None or outer == Path(os.path.realpath(p)):
+        return
+    real = Path(os.path.realpath(p))
+    outer = next((d for d in real.parents if what_is(d) == "run"), outer)  # the nearest run (RUN/final/grads)
+    if p.name == "zarr.json":
+        what = "the metadata file (zarr.json) of"
+    elif p.is_dir() and (p / "zarr.json").is_file():
+        try:
+            node = json.loads((p / "zarr.json").read_text(encoding="utf-8")).get("node_type")
+        except (OSError, ValueError, AttributeError):
+            node = None
+        what = {"array": "an array inside", "group": "a group inside"}.get(node, "a part of")
+    else:
+        what = "a file inside" if p.is_file() else "a part of"
+    raise StoreNotFoundError(
+        f"{path} is {what} the datavalue run {outer}, not a run: pass the run's directory "
+        f"(datavalue {command} {outer})."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "run"):  # every command with a RUN argument
+            check_run_argument(args.run, args.command)
         return int(args.func(args) or 0)
     except Exception as exc:
         from datavalue.errors import DataValueError

@@ -3,7 +3,8 @@
 Public pieces: :class:`Recorder` (training loop; ``checkpoint_every=`` keeps weight and optimizer
 checkpoints, :func:`read_checkpoint`), :func:`replay_scores` (exact trajectory influence by
 replaying the run from its checkpoints; ``datavalue.replay_influence`` stores and reads them), :func:`per_sample_gradients` (query/test
-gradients in a run's layout), :func:`inspect` (what is captured by which rule), and the rule
+gradients in a run's layout), :func:`inspect` (what is captured by which rule), :func:`unwrap_model` (the module inside DDP / DataParallel /
+``torch.compile`` wrappers, as recorders and queries see it), and the rule
 registry :data:`LAYER_RULES` with :class:`LayerRule` to extend it. :class:`StepSink` is the one
 step pipeline (ids, weights, rows -> ``StepBlock`` -> writer) that every recorder and integration
 submits through.
@@ -18,6 +19,7 @@ from datavalue.capture._final import final_path as final_path
 from datavalue.capture._gradients import engine_for_run as engine_for_run
 from datavalue.capture._gradients import exact_layout as exact_layout
 from datavalue.capture._gradients import per_sample_gradients as per_sample_gradients
+from datavalue.capture._gradients import weights_mismatch as weights_mismatch
 from datavalue.capture._inspect import inspect as inspect
 from datavalue.capture._pipeline import DistInfo as DistInfo
 from datavalue.capture._pipeline import StepSink as StepSink
@@ -30,6 +32,7 @@ from datavalue.capture._replay import ReplayMismatchError as ReplayMismatchError
 from datavalue.capture._replay import replay_scores as replay_scores
 from datavalue.capture._rules import LAYER_RULES as LAYER_RULES
 from datavalue.capture._rules import LayerRule as LayerRule
+from datavalue.capture._run_setup import unwrap_model as unwrap_model
 from datavalue.capture.recorder import Recorder as Recorder
 
 __all__ = [
@@ -55,4 +58,6 @@ __all__ = [
     "replay_scores",
     "split_budget",
     "step_weights",
+    "unwrap_model",
+    "weights_mismatch",
 ]

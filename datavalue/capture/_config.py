@@ -17,10 +17,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from datavalue.capture._pipeline import parse_seed
 from datavalue.errors import RecorderError
@@ -66,8 +67,9 @@ def _parse_proj_dim(value: Any) -> int | dict[str, int] | None:
         if not out:
             raise RecorderError("proj_dim is an empty dict; give each block's k, or pass an int or None.")
         return out
-    if isinstance(value, bool) or isinstance(value, float) and (not math.isfinite(value) or value != int(value)) or not (
-        isinstance(value, (int, float)) or hasattr(value, "__index__")
+    # one rule with the dict form (``_positive_int``): a float is refused even when integral (32.0)
+    if isinstance(value, (bool, float, np.bool_, np.floating)) or not (
+        isinstance(value, int) or hasattr(value, "__index__")
     ) or int(value) < 1:
         raise RecorderError(
             f"proj_dim must be a positive int, a dict {{block name: k}} or None (exact), got {value!r} "

@@ -53,6 +53,7 @@ from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine
 from datavalue.capture._gradients import engine_for_run
 from datavalue.capture._pipeline import parse_sample_ids, step_weights
+from datavalue.capture._run_setup import unwrap_model
 from datavalue.capture.recorder import Recorder, StepHandle
 from datavalue.errors import RecorderError, RecorderStateError, StoreReadOnlyError
 from datavalue.store import FINAL_PASS_INTEGRATION, FINAL_RUN
@@ -107,7 +108,7 @@ class FinalPass(Recorder):
             )
         if curvature not in (None, "none", "fisher"):
             raise RecorderError(f"FinalPass(curvature=...) must be 'fisher' or None, got {curvature!r}.")
-        model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        model = unwrap_model(model)  # DDP / DataParallel / torch.compile: the module inside, as the run recorded
         self._parent_manifest = dict(parent.manifest)
         engine_for_run(model, self._parent_manifest)  # fingerprint and capture plan, with a clear error
         recorded = CaptureConfig.from_manifest(self._parent_manifest)
@@ -130,6 +131,9 @@ class FinalPass(Recorder):
         super().__init__(target, model, config=cfg, overwrite=overwrite, background=background,
                          integration={"name": FINAL_PASS_INTEGRATION, "run": str(parent.path),
                                       "run_steps": int(parent.n_steps),  # binds the pass to these steps
+                                      # set True by a clean close() only: a pass cut short (an exception
+                                      # in the with-block, kill -9) stays False and builds refuse it
+                                      "complete": False,
                                       **({"run_id": parent.run_id} if parent.run_id else {})})  # and to this run
         self._fisher_sum = True
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 104729)
@@ -163,6 +167,43 @@ class FinalPass(Recorder):
         g = rows * torch.as_tensor(share / safe, dtype=rows.dtype, device=rows.device).unsqueeze(1)
         self._sink.submit(ids, share, g, fisher=fisher if self.fisher else None, lr=0.0, grad_scale=1.0)
         self.model.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ finishing
+    def close(self) -> None:
+        """Commit the pass and mark it complete (``integration["complete"] = True`` in its manifest).
+
+        Only this marks the pass complete: a ``with FinalPass(...)`` block left by an exception (a
+        data-loader error, Ctrl-C) closes the pass unfinished (``complete`` stays False, the error is
+        recorded as ``integration["aborted"]``), and :func:`~datavalue.embeddings.build_influence`
+        and ``Attributor(run, model, kind="influence")`` refuse it. Idempotent."""
+        if self.closed:
+            return
+        self._sink.flush()  # every batch on disk before the pass says it is whole
+        self._mark(complete=True)
+        super().close()
+
+    def _mark(self, **entries: Any) -> None:
+        integration = dict(self.writer.manifest.get("integration") or {}, **entries)
+        self.writer.update_manifest(integration=integration)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        if self.closed:
+            return
+        try:  # the batches so far are kept (nothing written is lost) but the pass says it is unfinished
+            self._sink.flush()
+            self._mark(complete=False, aborted=f"{exc_type.__name__}: {exc}"[:500])
+        finally:
+            Recorder.close(self)
+
+    def __del__(self) -> None:  # never marks complete: a pass not closed explicitly is unfinished
+        try:
+            if not self.closed:
+                Recorder.close(self)
+        except Exception:
+            pass
 
     def step(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ARG002
         raise RecorderStateError("a FinalPass records no optimizer steps: use `with fp.batch(ids, tokens=...): ...`.")

@@ -11,6 +11,7 @@ from torch import nn
 
 from datavalue.capture._engine import Engine, to_numpy, trainable_fingerprint
 from datavalue.capture._projection import run_sketch
+from datavalue.capture._run_setup import wrapper_hint
 from datavalue.errors import ModelMismatchError, QueryError
 from datavalue.store import fingerprint_params
 
@@ -27,7 +28,7 @@ def engine_for_run(model: nn.Module, manifest: Mapping[str, Any]) -> Engine:
         raise ModelMismatchError(
             "the model does not match the run's fingerprint (trainable parameter names and shapes). "
             f"Missing: {missing}; unexpected: {extra}; shape differences: {shape}. "
-            "Build the same architecture that was recorded (and the same requires_grad flags)."
+            "Build the same architecture that was recorded (and the same requires_grad flags)." + wrapper_hint(rec, now)
         )
     proj = manifest["projection"]
     pd = proj["proj_dim"]
@@ -38,6 +39,55 @@ def engine_for_run(model: nn.Module, manifest: Mapping[str, Any]) -> Engine:
         raise ModelMismatchError("the model's capture plan differs from the recorded one (blocks or dimensions); "
                                  "was a LayerRule registered or removed since recording?")
     return eng
+
+
+#: Relative difference of a tensor's digest (sum, sum of squares) above which a query's model is taken
+#: for other weights than the run's (looser than resume's ``DIGEST_RTOL``: a model cast to another
+#: dtype or moved to another device for the query is still "the final weights"; one epoch of
+#: training or a fresh initialisation is far above it).
+QUERY_DIGEST_RTOL = 1e-4
+
+
+def weights_mismatch(model: nn.Module, run: Any, steps: int) -> str | None:
+    """Why ``model`` is not at the weights ``run`` reached after ``steps`` steps, or None.
+
+    Compares the model with the run's stored weights digest (``weights_digest``, written at every
+    flush and close with ``optimizer=``; :mod:`datavalue.capture._resume`), within
+    :data:`QUERY_DIGEST_RTOL`. None too when it cannot tell: no digest at ``steps`` (a run recorded
+    without ``optimizer=``, or before digests existed), or a run that is not a local directory.
+    """
+    import math
+    import os
+
+    from datavalue.capture._resume import read_digests, weights_digest
+
+    path = getattr(run, "path", run)
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return None
+    try:
+        at = {int(h["steps"]): h["tensors"] for h in read_digests(path)}
+    except Exception:  # an unreadable digest: not this check's business (resume refuses it)
+        return None
+    if int(steps) not in at:
+        return None
+    rec, now = at[int(steps)], weights_digest(model)
+    off = []
+    for name in sorted(set(rec) & set(now)):
+        (n0, s0, q0), (_n1, s1, q1) = rec[name][:3], now[name][:3]
+        scale = math.sqrt(max(n0, 1.0) * max(q0, q1, 1e-300))
+        rel = max(abs(s0 - s1) / scale, abs(q0 - q1) / max(q0, q1, 1e-300))
+        if rel > QUERY_DIGEST_RTOL:
+            off.append((rel, name))
+    if not off:
+        return None
+    worst = ", ".join(f"{name} (relative difference {rel:.2g})" for rel, name in sorted(off, reverse=True)[:3])
+    return (
+        f"the model's weights are not the ones {path} reached after its {steps} steps: {len(off)} of {len(now)} "
+        f"trainable tensors differ ({worst}). The scores are defined at those weights (usually the final ones); "
+        "with other weights they answer another question. If you meant the trained model, load it first: "
+        "model.load_state_dict(torch.load(checkpoint, weights_only=True)) (a freshly built model holds its random "
+        "initialisation). Other weights on purpose: ignore this warning."
+    )
 
 
 def per_sample_gradients(

@@ -19,6 +19,7 @@ class CapturePlan(list):
             shape = "x".join(str(s) for s in b["shape"])
             rows.append(f"{b['name']:32s} {b['rule']:22s} {b['kind']:6s} {shape:>14s} {b['k']:>7d}  {','.join(b['modules'])}")
         rows.append(f"total k = {sum(b['k'] for b in self)}")
+        rows += [f"note: {b['name']}: {b['note']}" for b in self if b.get("note")]
         return "\n".join(rows)
 
     __repr__ = __str__
@@ -36,5 +37,22 @@ def inspect(model: nn.Module, *, proj_dim: int | Mapping[str, int] | None = 1024
         2.weight                         linear                 kron              2x9      18  2
         total k = 58
     """
-    eng = Engine(model, proj_dim=proj_dim, seed=0, layers=layers)
-    return CapturePlan(b.to_json() for b in eng.blocks)
+    from datavalue.capture._run_setup import unwrap_model
+
+    model = unwrap_model(model)
+    eng = Engine(model, proj_dim=proj_dim, seed=0, layers=layers)  # the names a Recorder records
+    plan = CapturePlan(b.to_json() for b in eng.blocks)
+    for b, note in zip(plan, block_notes(eng, model), strict=True):
+        if note:
+            b["note"] = note
+    return plan
+
+
+def block_notes(engine: Engine, model: nn.Module) -> list[str | None]:
+    """Per block of ``engine``, why recording it will fail before it does (a batch norm layer in
+    training mode: :data:`~datavalue.capture._rules.BATCH_COUPLED`), or None."""
+    from datavalue.capture._rules import BATCH_COUPLED, batch_coupled
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    return [BATCH_COUPLED if any(m in modules and batch_coupled(modules[m]) for m in b.modules) else None
+            for b in engine.blocks]

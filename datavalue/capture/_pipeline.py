@@ -94,6 +94,33 @@ def parse_sample_ids(sample_ids: Any) -> np.ndarray:
     return arr
 
 
+def parse_tokens(tokens: Any) -> np.ndarray:
+    """Per-example token counts as ``(b,)`` float64: whole numbers (an int or float dtype holding
+    integral values); bools (a mask passed for its counts), fractions, NaN and non-numbers are refused.
+    Shared by ``rec.step``, ``rec.microbatch`` and ``FinalPass.batch``."""
+    t = tokens
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().numpy()
+    raw = np.asarray(t)
+    if raw.dtype == bool or (isinstance(tokens, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in tokens)):
+        raise RecorderError(
+            f"tokens must be per-example token counts (ints), got bools {raw.reshape(-1)[:4].tolist()}; a bool is not a "
+            "count. Pass the counts, e.g. tokens=(labels != -100).sum(1) (a mask's .sum(1), not the mask)."
+        )
+    if not np.issubdtype(raw.dtype, np.number):
+        raise RecorderError(f"tokens must be per-example token counts (ints that fit in int64), got "
+                            f"{raw.reshape(-1)[:4].tolist()} (dtype {raw.dtype}).")
+    t = raw.astype(np.float64).reshape(-1)
+    if not (np.isfinite(t) & (t == np.round(t))).all():
+        bad = t[~(np.isfinite(t) & (t == np.round(t)))]
+        raise RecorderError(
+            f"tokens must be whole token counts, got {bad[:3].tolist()}: under loss_reduction='token_mean' each "
+            "example's weight is its count over the batch's. For per-example weights of your own use "
+            "loss_reduction='sum' with the weights inside the loss."
+        )
+    return t
+
+
 def step_weights(loss_reduction: str, b: int, tokens: Any = None) -> np.ndarray:
     """``(b,)`` weights ``w_t(z)`` of a step's examples in the stepped loss.
 
@@ -107,10 +134,7 @@ def step_weights(loss_reduction: str, b: int, tokens: Any = None) -> np.ndarray:
         return np.ones(b)
     if tokens is None:
         raise RecorderError('loss_reduction="token_mean" needs step(..., tokens=per-example token counts).')
-    t = tokens
-    if hasattr(t, "detach"):
-        t = t.detach().cpu().numpy()
-    t = np.asarray(t, dtype=np.float64).reshape(-1)
+    t = parse_tokens(tokens)
     if t.size != b or (t < 0).any() or t.sum() <= 0:
         raise RecorderError(f"tokens must be {b} non-negative counts with a positive sum, got {t.size} values summing to {t.sum()}.")
     return t / t.sum()
@@ -270,6 +294,48 @@ def _to_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
+#: A row whose float16 copy is off by more than this fraction of its norm lost most of it (underflow).
+NARROW_RTOL = 0.5
+
+
+def _narrow(a: np.ndarray, step: int, ids: np.ndarray | None, what: str, on_nonfinite: str) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` (finite rows) cast to float16, and the rows that overflowed there (``on_nonfinite="skip"``).
+
+    float16 holds magnitudes from about 6e-8 (subnormal) to 65504. A row with an entry above the
+    range becomes inf: refused (``on_nonfinite="raise"``) or stored as zeros and flagged like any
+    non-finite row. A non-zero row that the cast zeroes, or that keeps less than half its norm
+    (:data:`NARROW_RTOL`), is refused whatever ``on_nonfinite`` says: it is not a bad loss but a
+    storage too narrow for the gradients, and storing it would silently give zero influence.
+    """
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        h = a.astype(np.float16)
+    over = ~np.isfinite(h).all(1)
+    who = (lambda rows: f"sample ids {ids[rows][:10].tolist()}") if ids is not None else (lambda rows: f"rows {np.flatnonzero(rows)[:10].tolist()}")
+    if over.any():
+        if on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"step {step}: {what} of {who(over)} exceed float16's range (largest |value| "
+                f"{float(np.abs(a[over]).max()):.3g} > 65504) under storage_dtype='float16'; nothing was written for "
+                "this step. Record with storage_dtype='float32' (or scale the loss down), or pass on_nonfinite='skip' "
+                "to store those rows as zeros and flag them.")
+        logger.warning("step %d: %d rows of %s overflow float16 storage; stored as zeros and flagged", step,
+                       int(over.sum()), what)
+    a64 = a.astype(np.float64)
+    norm = np.sqrt(np.einsum("ij,ij->i", a64, a64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = np.sqrt(np.einsum("ij,ij->i", h - a64, h - a64))
+    lost = ~over & (norm > 0) & ~(err <= NARROW_RTOL * norm)
+    if lost.any():
+        zeroed = ~h[lost].any(1)
+        raise RecorderError(
+            f"step {step}: {what} of {who(lost)} underflow float16 storage (row norms down to "
+            f"{float(norm[lost].min()):.3g}; {int(zeroed.sum())} of these {int(lost.sum())} rows would be stored as "
+            f"exact zeros, the others lose more than {NARROW_RTOL:.0%} of their norm): float16 keeps no magnitude "
+            "below 6e-8, so these examples would get zero or wrong influence. Record with storage_dtype='float32' "
+            "(or scale the loss up); nothing was written for this step.")
+    return h, over
+
+
 class StepSink:
     """Turns each step's ids, weights and captured rows into a committed ``StepBlock``.
 
@@ -306,6 +372,7 @@ class StepSink:
         self.dist = dist or DistInfo()
         self.on_nonfinite = on_nonfinite
         self.fisher = bool(fisher)
+        self.storage_dtype = str(storage_dtype)
         self.k = int(k)
         self.writer: RunWriter | None = None
         if self.dist.rank == 0:
@@ -396,6 +463,13 @@ class StepSink:
             flags[~finite] |= FLAG_NONFINITE
         if f is not None:
             f = np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0)
+        if self.storage_dtype == "float16":  # checked after the cast: what is stored is what counts
+            g, lost = _narrow(g, step, ids, "per-sample gradients", self.on_nonfinite)
+            g[lost] = 0
+            flags[lost] |= FLAG_NONFINITE
+            if f is not None and f.size:
+                f, lost_f = _narrow(f, step, None, "Fisher pseudo-gradients", self.on_nonfinite)
+                f[lost_f] = 0
         extra = dict(extra) if extra else None
         if hessian is not None:
             H = _to_numpy(hessian)
@@ -477,8 +551,11 @@ def parse_lr(lr: Any) -> float:
         value = _tensor_to_numpy("lr", lr, scalar=True)
     elif hasattr(lr, "__array__") and not isinstance(lr, (np.ndarray, np.generic)):  # a jax array, without importing jax
         lr = value = np.asarray(lr)
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.reshape(()).item()
+    if isinstance(value, np.ndarray) and value.shape != ():  # one rule with tensors: one number, not a container
+        raise RecorderError(f"lr must be one number, got an array of shape {value.shape}; pass the step's learning "
+                            "rate (e.g. float(lr[0]), or optimizer.param_groups[0]['lr']).")
+    if isinstance(value, np.ndarray):
+        value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise RecorderError(f"lr must be a finite, non-negative real number, got {lr!r} ({type(lr).__name__}); pass "
                             "e.g. lr=0.1, or omit it and give Recorder(..., optimizer=opt).")

@@ -448,6 +448,8 @@ class FallbackRule(LayerRule):
         try:
             flat = vmap(one, in_dims=(in_dims, 0))(args, grad_out)
         except Exception as exc:
+            if batch_coupled(module):  # the usual cause, said first (P5-24)
+                raise CaptureError(f"{type(module).__name__} cannot be captured per example: {BATCH_COUPLED}") from exc
             raise CaptureError(
                 f"the torch.func fallback failed on {type(module).__name__}: {exc}. Register a LayerRule for it "
                 "(datavalue.capture.LAYER_RULES.register) or exclude it with layers=[...]."
@@ -456,3 +458,23 @@ class FallbackRule(LayerRule):
 
 
 FALLBACK = FallbackRule()
+
+#: Why a batch norm layer in training mode has no per-example gradient, and what to do.
+BATCH_COUPLED = (
+    "batch norm in training mode (or without running statistics) normalises each example with the mean and "
+    "variance of its whole batch, so an example's loss depends on the other examples of the batch and its affine "
+    "parameters have no per-example gradient. Fixes: put the batch norm layers in eval mode while training "
+    "(frozen running statistics, usual when fine-tuning: bn.eval() after model.train()); or use GroupNorm / "
+    "LayerNorm; or freeze their affine parameters (bn.weight.requires_grad_(False), bn.bias.requires_grad_(False)) "
+    "or leave them out with layers=[...], then the other layers are recorded, but their rows still carry the batch "
+    "coupling (each is the example's share of the batch gradient through the batch statistics)."
+)
+
+
+def batch_coupled(module: nn.Module) -> bool:
+    """Whether ``module`` normalises with its batch's statistics (BatchNorm in training mode, or
+    without running statistics) and has trainable affine parameters: no per-example gradient."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return (isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats)
+            and any(p.requires_grad for p in module.parameters(recurse=False)))

@@ -48,6 +48,7 @@ from datavalue.capture._pipeline import (
     parse_epoch,
     parse_lr,
     parse_sample_ids,
+    parse_tokens,
     step_weights,
 )
 from datavalue.capture._projection import resolve_sketch
@@ -56,6 +57,7 @@ from datavalue.capture._run_setup import (
     _check_resume_config,
     _recorded_fisher_max_classes,
     base_manifest,
+    unwrap_model,
 )
 from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
 
@@ -202,7 +204,7 @@ class Recorder:
         max_memory: int | str | None = None,
         checkpoint_every: int | None = None,
     ) -> None:
-        model = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+        model = unwrap_model(model)  # DDP / DataParallel / torch.compile: record the module inside (no prefix)
         if not isinstance(model, nn.Module):
             raise RecorderError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         options = dict(proj_dim=proj_dim, seed=seed, sketch=sketch, layers=layers, loss_reduction=loss_reduction,
@@ -443,7 +445,7 @@ class Recorder:
             raise RecorderError("curvature='hessian' needs one closure per step: use rec.step(..., hessian_loss=...).")
         ids = parse_sample_ids(sample_ids)
         if tokens is not None:  # a micro-batch may hold no counted token; the step as a whole must
-            tokens = np.asarray(tokens.detach().cpu() if torch.is_tensor(tokens) else tokens, np.float64).reshape(-1)
+            tokens = parse_tokens(tokens)  # whole counts: no bools, fractions or NaN (one rule with rec.step)
             if tokens.size != ids.size or not np.all(np.isfinite(tokens)) or (tokens < 0).any():
                 raise RecorderError(f"tokens must be {ids.size} non-negative counts (one per example), got {tokens[:5]}...")
         elif self.loss_reduction == "token_mean":

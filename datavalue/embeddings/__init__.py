@@ -29,6 +29,7 @@ from datavalue.embeddings._extend import embeddings_at as embeddings_at
 from datavalue.embeddings._extend import extend_embeddings as extend_embeddings
 from datavalue.embeddings._influence import InfluenceInfo as InfluenceInfo
 from datavalue.embeddings._influence import build_influence as build_influence
+from datavalue.embeddings._influence import unfinished_final_pass as unfinished_final_pass
 from datavalue.embeddings._metadata import build_metadata as build_metadata
 from datavalue.embeddings._metadata import stored_config as stored_config
 
@@ -52,4 +53,5 @@ __all__ = [
     "step_back",
     "step_coefficients",
     "stored_config",
+    "unfinished_final_pass",
 ]

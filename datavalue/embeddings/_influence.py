@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ import numpy as np
 
 from datavalue.errors import EmbeddingError, StoreNotFoundError
 from datavalue.store import writes_run
+
+logger = logging.getLogger(__name__)
 
 CURVATURES = ("fisher", "empirical_fisher", "none")
 STRUCTURES = ("auto", "dense", "ekfac")
@@ -86,6 +89,42 @@ def _final_run(path: str | os.PathLike[str]):
             "`with datavalue.capture.FinalPass(run, model) as fp:` and, for every training batch, "
             "`with fp.batch(ids, tokens=...): loss.backward()` at the final weights."
         ) from exc
+
+
+def unfinished_final_pass(final: Any) -> str | None:
+    """Why the final-weights pass ``final`` (a :class:`~datavalue.store.Run`) is not a whole pass, or None.
+
+    :class:`~datavalue.capture.FinalPass` writes ``integration["complete"] = False`` when it starts
+    and sets it True on a clean ``close()`` only, so a pass cut short by an exception (recorded as
+    ``integration["aborted"]``) or by ``kill -9`` says so. Passes written before the flag existed
+    carry no ``complete`` key and are taken as whole.
+    """
+    integration = final.manifest.get("integration") or {}
+    if not final.is_final_pass or integration.get("complete", True) is not False:
+        return None
+    parent = Path(str(final.path)).parent
+    why = f"it was cut short by {integration['aborted']}" if integration.get("aborted") else (
+        "it was never closed (the process stopped or was killed during the pass)")
+    return (
+        f"{final.path} is an unfinished final-weights pass: {why}, so it holds only the {final.n_rows} examples "
+        f"recorded before that, and an influence built from it would leave the others out and estimate the final "
+        f"model's curvature from a part of the data. Record the pass again over the whole training set "
+        f"(`with FinalPass({str(parent)!r}, model, overwrite=True) as fp:` ...) and rebuild with "
+        f"build_influence({str(parent)!r}, overwrite=True)."
+    )
+
+
+def _coverage(parent: Any, final: Any) -> None:
+    """Log (WARNING) how many of the samples the run trained on the pass leaves out: a subset is
+    allowed (an influence over part of the data), but it is usually a loop that stopped early."""
+    trained = np.unique(np.asarray(parent.sample_id[: parent.n_rows]))
+    seen = np.unique(np.asarray(final.sample_id[: final.n_rows]))
+    missing = np.setdiff1d(trained, seen, assume_unique=True)
+    if missing.size:
+        logger.warning(
+            "%s covers %d of the %d distinct samples %s trained on (%d missing, e.g. %s): the influence scores "
+            "only the pass's examples; run the pass over the whole training set for an answer about all of them",
+            final.path, trained.size - missing.size, trained.size, parent.path, missing.size, missing[:5].tolist())
 
 
 def _read_rows(run: Any, name: str, n: int, cols: slice, chunk: int = 8192) -> np.ndarray:
@@ -171,7 +210,8 @@ def build_influence(
 
     Raises:
         EmbeddingError: no final pass; the pass is stale (the run was trained further after it was
-            recorded: ``integration["run_steps"]`` differs from the run's steps); the estimate
+            recorded: ``integration["run_steps"]`` differs from the run's steps); the pass is
+            unfinished (cut short by an exception or a kill: :func:`unfinished_final_pass`); the estimate
             exceeds ``max_memory`` (or the available memory); bad arguments.
 
     Returns:
@@ -182,7 +222,8 @@ def build_influence(
 
     limit = parse_max_memory(max_memory, EmbeddingError)
     run = _final_run(path)
-    stale = stale_final_pass(open_run(path), run)
+    parent = open_run(path)
+    stale = stale_final_pass(parent, run) or unfinished_final_pass(run)
     if stale is not None:
         raise EmbeddingError(stale)
     if curvature is None:
@@ -253,6 +294,7 @@ def build_influence(
         result[:, cols] = pre.apply(G_all[:, cols]) / S
         info.append((str(b["name"]), kind, kb, float(pre.lam)))
     out[:] = result.astype(np.float32)
+    _coverage(parent, run)
     meta.update(complete=True, blocks=[list(x) for x in info])
     out.attrs[ATTRS_KEY] = meta
     return InfluenceInfo(path=str(run.path), array=name, curvature=curvature, damping=float(damping),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from datavalue._memory import check_memory, parse_max_memory
-from datavalue.capture import engine_for_run, per_sample_gradients
+from datavalue.capture import engine_for_run, per_sample_gradients, unwrap_model, weights_mismatch
 from datavalue.errors import NonFiniteError, QueryError
 from datavalue.query import _stream
 from datavalue.query._groups import Grouping, grouping, parse_by, parse_steps
@@ -99,9 +100,11 @@ class Attributor:
         progress: bool = True,
         max_memory: int | str | None = None,
     ) -> None:
-        model = _parse_model(model)
+        wrapped, model = model, _parse_model(model)  # DDP / DataParallel / torch.compile: the module inside
         self.max_memory = parse_max_memory(max_memory, QueryError)
         self.run: Run = open_run(path)
+        if model is not wrapped and model is not None:  # unless the run recorded the wrapper's prefixed names
+            model = unwrap_model(wrapped, recorded=(self.run.manifest.get("model_fingerprint") or {}).get("params"))
         self._training_run = self.run  # replays (replay/<name>) live in the training run
         if kind == "influence":  # the final model's influence: the columns are the final pass's examples
             self.run = _final_pass(self.run)  # same fingerprint and capture plan as the run (FinalPass checked)
@@ -113,6 +116,11 @@ class Attributor:
         self.source: Source = resolve_source(self.run, curvature=curvature, embeddings=embeddings, kind=kind)
         if self.n_rows == 0:
             raise QueryError(f"{self.path} has no committed occurrences to attribute to.")
+        if model is not None and self.kind in ("dvemb", "influence"):  # defined at the run's (final) weights
+            steps = self._training_run.n_steps if self.kind == "influence" else self.n_steps
+            off = weights_mismatch(model, self._training_run, steps)
+            if off is not None:
+                logger.warning("%s", off)
         self.client = client
         self.chunk_rows = _parse_chunk_rows(chunk_rows, self.source.array)
         # streamed queries read the chunk files directly when the layout is the run's plain one
@@ -349,8 +357,37 @@ class Attributor:
             return da.from_delayed(out, shape=(q.shape[0], g.n_columns), dtype=np.float64)
         self._check_memory(q.shape[0], g, "occurrences" if g.by is None else "groups")
         if g.by is None:
-            return _stream.stream_blocks(self._chunks(q, g), client=self.client, progress=self.progress, desc="scores")
-        return self._grouped(q, g, f"scores by {g.by}")
+            out = _stream.stream_blocks(self._chunks(q, g), client=self.client, progress=self.progress, desc="scores")
+        else:
+            out = self._grouped(q, g, f"scores by {g.by}")
+        return self._remember(out, g)
+
+    # what scores() returned (weakly held): frame()/save_parquet()/to_dataset() refuse them under another by=
+    _ISSUED_MAX = 16
+
+    def _remember(self, out: Any, g: Grouping) -> Any:
+        issued = [e for e in getattr(self, "_issued", []) if e[0]() is not None][-(self._ISSUED_MAX - 1):]
+        try:
+            issued.append((weakref.ref(out), g.by, g.start, g.stop, g.n_columns))
+        except TypeError:  # not weak-referenceable: nothing to remember
+            pass
+        self._issued = issued
+        return out
+
+    def _provenance(self, scores: np.ndarray) -> list[tuple[str | None, int, int, int]]:
+        """``(by, start, stop, n_columns)`` of each :meth:`scores` result that ``scores`` is: the same
+        object or a view of it (e.g. some of its test points), else equal values (empty when it is
+        none of them)."""
+        same, equal = [], []
+        for ref, *key in reversed(getattr(self, "_issued", [])):
+            got = ref()
+            if got is None or np.ndim(got) != 2 or np.shape(got)[1] != scores.shape[1]:
+                continue
+            if got is scores or np.may_share_memory(got, scores):  # the result or some of its test points
+                same.append(tuple(key))
+            elif np.shape(got) == scores.shape and np.array_equal(got, scores, equal_nan=True):
+                equal.append(tuple(key))
+        return same or equal  # type: ignore[return-value]
 
     def _grouped(self, q: np.ndarray, g: Grouping, desc: str) -> np.ndarray:
         """``(m, n_groups)`` float64 sums of the scores by group, streamed."""
@@ -513,6 +550,9 @@ class Attributor:
             dataset = dataset.add_column(name, col.tolist())
         return dataset
 
+    def _check_provenance(self, scores: np.ndarray, g: Grouping) -> None:
+        _check_provenance_of(self, scores, g)
+
     def _check_columns(self, scores: Any, g: Grouping) -> np.ndarray:
         scores = np.asarray(scores)
         if scores.ndim == 1:
@@ -522,17 +562,61 @@ class Attributor:
                 f"scores has shape {scores.shape} but by={g.by!r} (with these owners/steps) gives {g.n_columns} columns. "
                 "Pass the same by=/owners=/steps= that computed the scores."
             )
+        self._check_provenance(scores, g)  # the count matches: is it also what these columns are?
         return scores
 
 
+def _by_name(by: str | None) -> str:
+    return "None (one column per occurrence)" if by is None else repr(by)
+
+
+def _check_provenance_of(attr: Attributor, scores: np.ndarray, g: Grouping) -> None:
+    """Refuse scores that provably, or possibly, label their columns wrongly under ``g`` (P5-06).
+
+    * Known provenance (``scores`` is what :meth:`Attributor.scores` returned, a view of it or equal
+      values): refused when it was computed with another ``by`` or step window.
+    * Unknown provenance (a copy changed since, an array loaded from a file): refused only when the
+      column count cannot tell occurrences from samples (as many occurrences as distinct samples:
+      a one-epoch run) and the two labellings differ (rows not recorded in sorted sample-id order),
+      since then the same array would be labelled with other samples' ids under the other ``by``.
+    """
+    known = attr._provenance(scores)
+    if known:
+        if any((by, start, stop) == (g.by, g.start, g.stop) for by, start, stop, _n in known):
+            return
+        by, start, stop, _n = known[0]
+        raise QueryError(
+            f"these scores were computed with by={_by_name(by)} over rows [{start}, {stop}) but are being labelled "
+            f"with by={_by_name(g.by)} over rows [{g.start}, {g.stop}): every column would name another "
+            f"{'occurrence' if g.by is None else g.by}'s score. Pass the same by=/steps= that computed them."
+        )
+    if g.by not in (None, "sample"):
+        return
+    ids = np.asarray(attr.run.sample_id[g.start : g.stop])
+    uniq = np.unique(ids)
+    if uniq.size != ids.size or g.n_columns != ids.size or np.array_equal(uniq, ids):
+        return  # the counts tell occurrences from samples, or both labellings agree
+    raise QueryError(
+        f"cannot tell whether these {g.n_columns}-column scores are per occurrence or per sample: the selection has "
+        f"{g.n_columns} occurrences of {g.n_columns} distinct samples, recorded in another order than the sorted "
+        "sample ids, so labelling them with the wrong by= would pair every sample id with another sample's score. "
+        "Pass the array that attr.scores(query, by=...) returned in this session (it is recognised, also through "
+        "np.asarray or a copy with equal values), computed with the by= you pass here."
+    )
+
+
 def _parse_model(model: Any) -> nn.Module | None:
-    """The model to take test gradients from: an ``nn.Module`` with values (a ``DataParallel`` or DDP
-    wrapper is unwrapped: the run recorded the module inside, under its own parameter names)."""
+    """The model to take test gradients from: an ``nn.Module`` with values (a ``DataParallel``, DDP
+    or ``torch.compile`` wrapper is unwrapped: the run recorded the module inside, under its own
+    parameter names; a run an older version recorded with the wrapper's prefix keeps it, see
+    :func:`datavalue.capture.unwrap_model`)."""
     if model is None:
         return None
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        logger.info("querying the module inside %s (its parameter names have no 'module.' prefix)", type(model).__name__)
-        model = model.module
+    inner = unwrap_model(model)
+    if inner is not model:
+        logger.info("querying the module inside %s (the run recorded its parameter names without the wrapper's "
+                    "prefix)", type(model).__name__)
+        model = inner
     if not isinstance(model, nn.Module):
         raise QueryError(
             f"model must be the torch.nn.Module to explain (at the weights to explain), or None to query with test "
@@ -572,7 +656,9 @@ def _final_pass(run: Run) -> Run:
             "`with datavalue.capture.FinalPass(run, model) as fp:` (then `with fp.batch(ids, tokens=...): "
             "loss.backward()` over the training data) and build it with datavalue.embeddings.build_influence(run)."
         ) from exc
-    stale = stale_final_pass(run, final)
+    from datavalue.embeddings import unfinished_final_pass
+
+    stale = stale_final_pass(run, final) or unfinished_final_pass(final)
     if stale is not None:
         raise QueryError(stale)
     return final

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from datavalue._files import atomic_write
+from datavalue._files import atomic_write, inside_run_problem
 from datavalue.errors import StoreError, StoreExistsError
 from datavalue.store._paths import is_local, refuse_links_leaving
 from datavalue.store._reader import Run
@@ -26,8 +26,8 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
     pack the link's target, files that are not the run's).
 
     Raises:
-        StoreError: such a link exists (the message lists them), ``out`` lies inside the run or is
-            the archive itself, ``out`` does not end in ``.zip`` (also a ``ValueError``), or ``path``
+        StoreError: such a link exists (the message lists them), ``out`` lies inside the run (or
+            any other datavalue run: :func:`datavalue._files.inside_run`) or is the archive itself, ``out`` does not end in ``.zip`` (also a ``ValueError``), or ``path``
             is a remote or in-memory store (copy it to a local directory first); nothing is written.
         StoreExistsError: ``out`` exists and ``overwrite`` is False, or ``out`` is a directory.
     """
@@ -49,6 +49,9 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
         raise _ArchivePathError(f"{dst} is the archive {src} itself; choose another path for the copy.")
     if not is_archive and dst.resolve().is_relative_to(src.resolve()):
         raise StoreError(f"{dst} lies inside the run {src}; writing there would change the run. Choose a path outside it.")
+    foreign = inside_run_problem(dst, "an archive")  # any datavalue run, not only the one archived
+    if foreign is not None:
+        raise StoreError(foreign)
     if dst.is_dir():
         raise StoreExistsError(f"{dst} is a directory; give the path of the .zip file to write.")
     if dst.exists() and not overwrite:

@@ -180,7 +180,7 @@ def _jax_record(path: Path, *, rec_kw=None, step_kw=None, params=None):
     (dict(lr=-1.0), "lr must be a finite, non-negative"),
     (dict(lr=True), "lr must be a finite, non-negative"),
     (dict(lr="abc"), "lr must be a finite, non-negative"),
-    (dict(lr=np.array([0.1, 0.2])), "lr must be a finite, non-negative"),
+    (dict(lr=np.array([0.1, 0.2])), "lr must be one number, got an array of shape"),
     (dict(lr=math.nan), "lr must be a finite, non-negative"),
     (dict(clip_coef=-1.0), r"clip_coef must be a number in \(0, 1\]"),
     (dict(clip_coef=2.0), r"clip_coef must be a number in \(0, 1\]"),

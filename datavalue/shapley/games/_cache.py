@@ -45,9 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datavalue._files import atomic_write
+from datavalue._files import atomic_write, inside_run_problem
 from datavalue._lock import LockFile
-from datavalue.shapley._errors import CacheMismatchError, UtilityError
+from datavalue.shapley._errors import CacheMismatchError, OutputPathError, UtilityError
 
 __all__ = ["DiskCache"]
 
@@ -89,6 +89,10 @@ class DiskCache:
             )
         if self.path.exists() and self.path.stat().st_size > 0:
             self._check_header(self._first_line())  # before the lock: a foreign file gets no lock file
+        else:  # a new cache (and its lock file) is never created inside a datavalue run
+            inside = inside_run_problem(self.path, "a new utility cache (with its lock file)")
+            if inside is not None:
+                raise OutputPathError(inside)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = LockFile(
             self.lock_path,

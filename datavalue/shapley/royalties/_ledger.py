@@ -61,11 +61,13 @@ from typing import Any
 
 import numpy as np
 
+from datavalue._files import inside_run_problem
 from datavalue.shapley._errors import (
     InvalidGameError,
     InvalidPoolError,
     LedgerError,
     LedgerNotFoundError,
+    OutputPathError,
     ReplayMismatchError,
 )
 from datavalue.shapley._validation import parse_values
@@ -146,6 +148,8 @@ class RoyaltyLedger:
     Raises:
         LedgerError: the file is not a ledger, its last line is torn (see :meth:`recover`),
             its chain is broken, rows are missing against the head file, a MAC is wrong.
+        OutputPathError: a new ledger would be created inside a datavalue run
+            (:func:`datavalue._files.inside_run_problem`); nothing is written.
 
     Example:
         >>> import os, tempfile
@@ -210,6 +214,9 @@ class RoyaltyLedger:
                 )
             self._adopt(self._scan())
         elif create:
+            inside = inside_run_problem(self.path, "a new royalty ledger (with its head and lock files)")
+            if inside is not None:
+                raise OutputPathError(inside)
             self._refuse_orphan_head()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             header = {

@@ -236,11 +236,20 @@ def build_statement(
             weights = [float(g.pool) for g in lines]
             if sum(weights) == 0:
                 weights = [1.0] * len(lines)
-            wsum = sum(weights)
+            wsum = math.fsum(weights)
+            # weights normalised first: each term is at most its value, so a mean of finite values
+            # never overflows (revenue x value did for values near 1e308: P5-01); fsum keeps it exact-ish
+            shares = [w / wsum for w in weights]
             mean = [
-                sum(w * g.values.get(o, 0.0) for w, g in zip(weights, lines, strict=True)) / wsum
-                for o in owners
+                math.fsum(w * g.values.get(o, 0.0) for w, g in zip(shares, lines, strict=True)) for o in owners
             ]
+            if not all(math.isfinite(v) for v in mean):  # cannot happen for finite values; named if it does
+                big = sorted(lines, key=lambda g: -max((abs(v) for v in g.values.values()), default=0.0))[:3]
+                raise LedgerError(
+                    "average-then-share: the pool-weighted mean of the period's values is not finite; the largest "
+                    f"values are in outputs {[g.output_id for g in big]}. Report the period with share-then-sum, "
+                    "or report those outputs' sub-period separately."
+                )
             split = split_royalties(mean, pool=pool_total, policy=policies[0])
             totals = dict(zip(owners, split.amounts, strict=True))
             unallocated = split.unallocated

@@ -191,7 +191,7 @@ def test_exact_from_utilities_refuses_strings_and_bools():
 def test_write_report_refuses_a_format_another_suffix_names(tmp_path, name, fmt):
     st = _statement(tmp_path)
     ext = name.rsplit(".", 1)[1]
-    with pytest.raises(shapley.OutputPathError, match=rf"ends in \.{ext}, the name of a .* report, but .* {fmt}"):
+    with pytest.raises(shapley.OutputPathError, match=rf"ends in \.{ext}, the suffix of .* reports, but .* {fmt.upper()}.*nothing was written"):
         shapley.write_report(st, tmp_path / name, format=fmt)
     assert not (tmp_path / name).exists()
 
@@ -266,3 +266,16 @@ def test_a_reader_racing_several_appends_is_not_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_anchor, "read_head_text", read_head_text)
     assert led.verify() == 4 and len(calls) >= 2
+
+
+def test_errors_doc_lists_these_tests():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "errors.md").read_text()
+    start = doc.index("### Fifth probe: royalties and the ledger")
+    end = doc.find("\n#", start + 1)
+    section = doc[start : end if end > 0 else len(doc)]
+    here = {name for name in globals() if name.startswith("test_") and name != "test_errors_doc_lists_these_tests"}
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", section))
+    assert here <= named, here - named

@@ -230,7 +230,8 @@ def check_head(
         )
     if n > n_head + 1:
         raise BeyondHeadError(
-            f"{ledger} has {n - n_head} rows beyond its head file {hp.name} (which records {n_head} rows, last "
+            f"{ledger} has {n - n_head} rows beyond its head file {hp.name} (which records {n_head} "
+            f"row{'' if n_head == 1 else 's'}, last "
             f"hash {h_head[:19]}...). An interrupted append leaves at most one row after the head (the row is "
             "written, then the head, one writer at a time), so these rows were added without the ledger's "
             "writer, or the head file was restored from an older backup than the ledger. Nothing was changed. "

@@ -27,7 +27,11 @@ and host of the writer) and first catch up with rows that other handles appended
 ``RoyaltyLedger`` objects or processes on one host append one after the other without breaking
 the chain. A lock left by a dead process on this host is taken over (with a warning); a lock
 from another host never is. A final line cut short by a crash is refused with a message naming
-it; :meth:`RoyaltyLedger.recover` moves it aside explicitly. One ``output_id`` is paid once.
+it; :meth:`RoyaltyLedger.recover` moves it aside explicitly (never a line the head file records as
+a row). A whole last row missing only its newline is a row (the next append writes the newline).
+A crash between the row and the head leaves one row after the head (accepted with a warning, the
+next append re-anchors it); more rows after the head are refused until
+:meth:`RoyaltyLedger.reanchor` accepts them. One ``output_id`` is paid once.
 The lock, the head file and the MAC live in ``_anchor.py``; this module keeps the rows and the chain.
 
 Format: version 1 throughout. A keyed ledger's header has ``"mac": "hmac-sha256"`` and its rows
@@ -167,7 +171,8 @@ class RoyaltyLedger:
 
     Raises:
         LedgerError: the file is not a ledger, its last line is torn (see :meth:`recover`),
-            its chain is broken, rows are missing against the head file, a MAC is wrong.
+            its chain is broken, rows are missing against the head file or more than one row
+            follows it (see :meth:`reanchor`), a MAC is wrong.
 
     Example:
         >>> import os, tempfile
@@ -501,6 +506,7 @@ class RoyaltyLedger:
             LedgerError: the head file records the torn line as a row (restore from backup).
         """
         path = Path(path)
+        head_text = _anchor.read_head_text(path)  # before the rows, as every read (see _scan)
         raw = path.read_bytes()
         torn = cls._torn_tail(raw)
         if torn is None:
@@ -513,7 +519,7 @@ class RoyaltyLedger:
                                path, raw.count(b"\n") + 1)  # fmt: skip
             return None
         lineno, cut = torn
-        recorded = _head_rows(_anchor.read_head_text(path))
+        recorded = _head_rows(head_text)
         kept = _rows_before(raw, cut)
         if recorded is not None and recorded > kept:
             raise LedgerError(

@@ -216,9 +216,9 @@ def infer_format(path: str | os.PathLike[str], *, format: str | None = None) -> 
         named = _EXTENSIONS.get(ext)
         if named is not None and named != format:
             raise OutputPathError(
-                f"{path} ends in {Path(path).suffix}, the name of a {named} report, but the report is written as "
-                f"{format} (format={format!r}, --format {format} on the command line): the file would hold "
-                f"{format} under a {named} name, so nothing was written. Name it "
+                f"{path} ends in {Path(path).suffix}, the suffix of {named.upper()} reports, but the report is "
+                f"written as {format.upper()} (format={format!r}, --format {format} on the command line): the file "
+                f"would hold {format.upper()} under a {named.upper()} name, so nothing was written. Name it "
                 f"{Path(path).with_suffix('.' + format).name!r}, or pass format={named!r}."
             )
         return format

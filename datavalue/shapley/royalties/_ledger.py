@@ -370,12 +370,13 @@ class RoyaltyLedger:
         if torn is not None:
             lineno, cut = torn
             recorded = _head_rows(head_text) if self._check_anchor else None
-            if recorded is not None and recorded > _rows_before(raw, cut):
+            kept = _rows_before(raw, cut)
+            if recorded is not None and recorded > kept:
                 raise LedgerError(
                     f"{self.path}:{lineno} is not a ledger row: the last line is torn (cut short or not JSON), "
-                    f"but the head file {self.head_path.name} records {recorded} rows, this line included: the "
-                    "row was whole when it was written and was damaged later, which no interrupted append "
-                    "does. Restore the ledger from backup (RoyaltyLedger.recover would leave it truncated)."
+                    f"but the head file {self.head_path.name} records {recorded} rows and only {kept} come before "
+                    "it: the line was a whole row when it was written and was damaged later, which no interrupted "
+                    "append does. Restore the ledger from backup (RoyaltyLedger.recover would leave it truncated)."
                 )
             holder = self._read_lock()
             busy = (

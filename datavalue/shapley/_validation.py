@@ -71,21 +71,18 @@ def refuse_converted(values: object, *, name: str = "values") -> None:
     an array of strings or bools, or a sequence (or object array) holding one anywhere. Numbers of
     any type (ints, floats, numpy scalars, ``Decimal``) pass. Nothing is converted: the same rule as
     a utility's return value."""
-    if isinstance(values, np.ndarray):
-        if values.dtype.kind in "bUS":
-            bad: object = values.dtype
-        elif values.dtype.kind == "O":
-            bad = next((x for x in values.ravel() if isinstance(x, _NOT_NUMBERS)), None)
-        else:
-            return
+    bad: object = None
+    if isinstance(values, np.ndarray) and values.dtype.kind in "bUS":
+        bad = values.dtype
     elif isinstance(values, _NOT_NUMBERS):
         bad = values
-    else:
+    elif not isinstance(values, np.ndarray) or values.dtype.kind == "O":
         try:  # lists mixing bools and numbers become number arrays: look at the elements themselves
             flat = np.asarray(values, dtype=object).ravel()
         except (TypeError, ValueError):
             return  # ragged or not a sequence: the float conversion reports it
-        bad = next((x for x in flat if isinstance(x, _NOT_NUMBERS)), None)
+        if any(issubclass(t, _NOT_NUMBERS) for t in set(map(type, flat))):  # one pass over types, fast
+            bad = next(x for x in flat if isinstance(x, _NOT_NUMBERS))
     if bad is None:
         return
     got = f"an array of dtype {bad}" if isinstance(bad, np.dtype) else f"{bad!r} of type {type(bad).__name__}"

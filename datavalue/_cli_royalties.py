@@ -61,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--format",
         choices=("html", "json", "csv"),
         default=None,
-        help="report format (default: from the --out extension)",
+        help="report format (default: from the --out extension; a known extension must agree with it)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.add_argument(
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
         # inside a run, or another ledger's file: the API's rule, before any work (exists: below)
         check_output_path(out, what="the report", overwrite=True, ledgers=(args.ledger,), hint=" for --out")
-        fmt = args.format or shapley.infer_format(args.out)
+        fmt = shapley.infer_format(args.out, format=args.format)  # a --format the --out suffix contradicts: refused
         if out.exists() and not args.overwrite:
             raise shapley.OutputExistsError(
                 f"{out} already exists; refusing to overwrite it. Pass --overwrite or choose "

@@ -26,6 +26,7 @@ __all__ = [
     "parse_partition",
     "parse_rng",
     "parse_values",
+    "refuse_converted",
     "shapley_size_weights",
 ]
 
@@ -60,11 +61,45 @@ def parse_n_exact(n: object, *, what: str = "exact enumeration") -> int:
     return n
 
 
+#: what float() would convert but is no number: a value given as text, or a mask passed for values
+_NOT_NUMBERS = (str, bytes, bool, np.bool_)
+
+
+def refuse_converted(values: object, *, name: str = "values") -> None:
+    """Refuse values given as strings, bytes or bools (``np.asarray(..., dtype=float)`` would turn
+    ``"0.25"`` into 0.25 and ``True`` into 1.0, and royalties would be paid on them): a str or bytes,
+    an array of strings or bools, or a sequence (or object array) holding one anywhere. Numbers of
+    any type (ints, floats, numpy scalars, ``Decimal``) pass. Nothing is converted: the same rule as
+    a utility's return value."""
+    bad: object = None
+    if isinstance(values, np.ndarray) and values.dtype.kind in "bUS":
+        bad = values.dtype
+    elif isinstance(values, _NOT_NUMBERS):
+        bad = values
+    elif not isinstance(values, np.ndarray) or values.dtype.kind == "O":
+        try:  # lists mixing bools and numbers become number arrays: look at the elements themselves
+            flat = np.asarray(values, dtype=object).ravel()
+        except (TypeError, ValueError):
+            return  # ragged or not a sequence: the float conversion reports it
+        if any(issubclass(t, _NOT_NUMBERS) for t in set(map(type, flat))):  # one pass over types, fast
+            bad = next(x for x in flat if isinstance(x, _NOT_NUMBERS))
+    if bad is None:
+        return
+    got = f"an array of dtype {bad}" if isinstance(bad, np.dtype) else f"{bad!r} of type {type(bad).__name__}"
+    raise InvalidValuesError(
+        f"{name} must be numbers (floats); got {got}. Nothing is converted (not a string, "
+        "not a bool: a mask passed for values, or text read from a file, would be paid on): pass floats, "
+        f"e.g. [0.25, 0.75], or np.asarray(texts, dtype=float) after checking the texts."
+    )
+
+
 def parse_values(values: object, *, name: str = "values", ndim: int = 1) -> np.ndarray:
-    """Validate a finite float array with ``ndim`` dims and at least one player."""
+    """Validate a finite float array with ``ndim`` dims and at least one player; strings, bytes and
+    bools are refused, not converted (:func:`refuse_converted`)."""
     inner = getattr(values, "values", None)
     if isinstance(inner, np.ndarray):  # a ShapleyResult
         values = inner
+    refuse_converted(values, name=name)
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as exc:

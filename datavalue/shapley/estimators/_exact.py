@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from datavalue.shapley._errors import InvalidGameError, InvalidValuesError
-from datavalue.shapley._validation import parse_n_exact, shapley_size_weights
+from datavalue.shapley._validation import parse_n_exact, refuse_converted, shapley_size_weights
 from datavalue.shapley.estimators._result import ShapleyResult
 from datavalue.shapley.games._utility import as_utility
 
@@ -96,6 +96,7 @@ def exact_from_utilities(utilities: Any, *, index: str = "shapley") -> np.ndarra
         [[0.5, 0.5], [1.0, 1.0]]
     """
     index = _parse_index(index)
+    refuse_converted(utilities, name="utilities")
     try:
         u = np.asarray(utilities, dtype=np.float64)
     except (TypeError, ValueError):

@@ -8,7 +8,8 @@ chain; this module owns the two sidecar files and the keyed MAC:
   taken over (with a warning), one from another host never is;
 * ``<ledger>.head``: the row count and the last row hash, replaced atomically after every append
   (:func:`write_head`) and compared with the chain on every read (:func:`check_head`), so rows
-  deleted from the end, or a rewritten tail, are refused;
+  deleted from the end, a rewritten tail, or more than the one row an interrupted append leaves
+  after the head, are refused;
 * HMAC-SHA256 (:func:`mac`) of every row's hash and of ``"<rows>:<last hash>"`` in the head, with a
   key kept away from the ledger's disk.
 
@@ -143,6 +144,13 @@ def read_head_text(ledger: Path) -> str | None:
         raise LedgerError(f"cannot read the head file {hp} ({exc}).") from None
 
 
+class BeyondHeadError(LedgerError):
+    """More rows follow the head file than one interrupted append leaves (:func:`check_head`).
+
+    A reader that read the head just before other handles appended sees the same; it reads the head
+    and the rows again before it believes this (``RoyaltyLedger._scan``)."""
+
+
 def check_head(
     ledger: Path,
     *,
@@ -153,7 +161,9 @@ def check_head(
     warn_once: Callable[..., None],
     required: bool = False,
 ) -> None:
-    """Compare the chain with the head file: refuses truncation and a replaced tail.
+    """Compare the chain with the head file: refuses truncation, a replaced tail and more rows after
+    the head than one interrupted append leaves (:class:`BeyondHeadError`); one row after it is
+    accepted with a warning (the next append re-anchors it).
 
     Args:
         ledger: the ledger file.
@@ -218,12 +228,20 @@ def check_head(
             f"{hp.name} records {h_head[:19]}...: the chain was rewritten from that row on. "
             "Restore the ledger from backup."
         )
+    if n > n_head + 1:
+        raise BeyondHeadError(
+            f"{ledger} has {n - n_head} rows beyond its head file {hp.name} (which records {n_head} "
+            f"row{'' if n_head == 1 else 's'}, last "
+            f"hash {h_head[:19]}...). An interrupted append leaves at most one row after the head (the row is "
+            "written, then the head, one writer at a time), so these rows were added without the ledger's "
+            "writer, or the head file was restored from an older backup than the ledger. Nothing was changed. "
+            f"Check the rows seq {n_head}..{n - 1} (who is paid, and why), then accept them with "
+            "RoyaltyLedger.reanchor(path), or restore the ledger and its head file from one backup."
+        )
     if n > n_head:  # a crash between appending a row and replacing the head
         warn_once(
             "behind",
-            "ledger %s has %d rows after its head (an append was interrupted); "
-            "the next append re-anchors them",
-            n - n_head,
+            "ledger %s has 1 row after its head (an append was interrupted); the next append re-anchors it",
         )
 
 

@@ -27,7 +27,11 @@ and host of the writer) and first catch up with rows that other handles appended
 ``RoyaltyLedger`` objects or processes on one host append one after the other without breaking
 the chain. A lock left by a dead process on this host is taken over (with a warning); a lock
 from another host never is. A final line cut short by a crash is refused with a message naming
-it; :meth:`RoyaltyLedger.recover` moves it aside explicitly. One ``output_id`` is paid once.
+it; :meth:`RoyaltyLedger.recover` moves it aside explicitly (never a line the head file records as
+a row). A whole last row missing only its newline is a row (the next append writes the newline).
+A crash between the row and the head leaves one row after the head (accepted with a warning, the
+next append re-anchors it); more rows after the head are refused until
+:meth:`RoyaltyLedger.reanchor` accepts them. One ``output_id`` is paid once.
 The lock, the head file and the MAC live in ``_anchor.py``; this module keeps the rows and the chain.
 
 Format: version 1 throughout. A keyed ledger's header has ``"mac": "hmac-sha256"`` and its rows
@@ -107,6 +111,28 @@ def _hash_content(content: bytes | str) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _json_object(line: bytes) -> bool:
+    """Whether ``line`` is one whole JSON object (a ledger line's shape)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+
+
+def _head_rows(head_text: str | None) -> int | None:
+    """The row count a head file's text records (``None``: no head, or not one this can read)."""
+    try:
+        rows = json.loads(head_text)["rows"] if head_text is not None else None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
+
+
+def _rows_before(raw: bytes, cut: int) -> int:
+    """How many rows the ledger bytes before ``cut`` hold (non-blank lines after the header)."""
+    return max(0, sum(1 for line in raw[:cut].splitlines() if line.strip()) - 1)
+
+
 def _parse_owners(owners: object) -> tuple[str, ...]:
     """Owner ids as given, one per player: a list (or tuple, array) of non-empty strings.
 
@@ -147,7 +173,8 @@ class RoyaltyLedger:
 
     Raises:
         LedgerError: the file is not a ledger, its last line is torn (see :meth:`recover`),
-            its chain is broken, rows are missing against the head file, a MAC is wrong.
+            its chain is broken, rows are missing against the head file or more than one row
+            follows it (see :meth:`reanchor`), a MAC is wrong.
         OutputPathError: a new ledger would be created inside a datavalue run
             (:func:`datavalue._files.inside_run_problem`); nothing is written.
 
@@ -300,11 +327,17 @@ class RoyaltyLedger:
     def _torn_tail(raw: bytes) -> tuple[int, int] | None:
         """``(line number, byte offset)`` of a torn final line, or ``None``.
 
-        Torn: bytes after the last newline (a crash mid-write), or a last line that is not
-        JSON. Only the final line can be torn; a bad line before it is a damaged ledger.
+        Torn: bytes after the last newline that are not a JSON object (a crash mid-write), or a
+        last line that is not JSON. Only the final line can be torn; a bad line before it is a
+        damaged ledger. A last line that is a whole JSON object missing only its newline (a write
+        cut one byte short, an editor that strips the final newline) is no torn line: no proper
+        prefix of a row's JSON parses, and the chain and the head check it as the row it is; the
+        next append (or :meth:`recover`) writes the newline.
         """
         body = raw if raw.endswith(b"\n") else raw[: raw.rfind(b"\n") + 1]
         if len(body) < len(raw):
+            if _json_object(raw[len(body) :]):
+                return None
             return body.count(b"\n") + 1, len(body)
         start = raw.rfind(b"\n", 0, len(raw) - 1) + 1
         if start == 0:
@@ -315,18 +348,43 @@ class RoyaltyLedger:
             return raw.count(b"\n"), start
         return None
 
+    #: how often a read starts again when other handles appended between its reading the head
+    #: file and the rows (more rows after the head than one interrupted append leaves)
+    _RESCANS = 5
+
     def _scan(self) -> _Scan:
         """Read the file, refuse a torn tail, verify the chain, MACs and the head anchor.
 
         The head file is read *before* the ledger: a writer appends its row and only then
         replaces the head, so a reader racing a writer sees at least as many rows as the head
-        it read (never a false "truncated").
+        it read (never a false "truncated"). Racing several appends, it can see more than the
+        one row after the head that an interrupted append leaves: when the head file changed
+        meanwhile, it reads both again rather than call those rows added by hand.
         """
-        head_text = self._read_head_text()
+        for attempt in range(self._RESCANS):
+            head_text = self._read_head_text()
+            try:
+                return self._scan_once(head_text)
+            except _anchor.BeyondHeadError:
+                if attempt + 1 == self._RESCANS or self._read_head_text() == head_text:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _scan_once(self, head_text: str | None) -> _Scan:
+        """One read of the ledger against the head file's text ``head_text`` (read before it)."""
         raw = self.path.read_bytes()
         torn = self._torn_tail(raw)
         if torn is not None:
-            lineno, _ = torn
+            lineno, cut = torn
+            recorded = _head_rows(head_text) if self._check_anchor else None
+            kept = _rows_before(raw, cut)
+            if recorded is not None and recorded > kept:
+                raise LedgerError(
+                    f"{self.path}:{lineno} is not a ledger row: the last line is torn (cut short or not JSON), "
+                    f"but the head file {self.head_path.name} records {recorded} rows and only {kept} come before "
+                    "it: the line was a whole row when it was written and was damaged later, which no interrupted "
+                    "append does. Restore the ledger from backup (RoyaltyLedger.recover would leave it truncated)."
+                )
             holder = self._read_lock()
             busy = (
                 f" (a writer, pid {holder.get('pid')} on {holder.get('host')!r}, holds the lock: "
@@ -446,16 +504,38 @@ class RoyaltyLedger:
     def recover(cls, path: str | os.PathLike[str]) -> Path | None:
         """Move a torn final line to ``<ledger>.torn-<UTC time>``; keep every complete row.
 
-        Returns the file holding the torn bytes, or ``None`` when the last line was whole.
-        Nothing is dropped silently: the torn bytes are kept beside the ledger and logged.
-        Hold no other handle that is appending while recovering.
+        Returns the file holding the torn bytes, or ``None`` when the last line was whole (a whole
+        last line missing only its newline gets the newline, with a warning). Nothing is dropped
+        silently: the torn bytes are kept beside the ledger and logged. A line the head file
+        records as a row (damaged after it was written) is never moved aside: that would leave
+        the ledger truncated. Hold no other handle that is appending while recovering.
+
+        Raises:
+            LedgerError: the head file records the torn line as a row (restore from backup).
         """
         path = Path(path)
+        head_text = _anchor.read_head_text(path)  # before the rows, as every read (see _scan)
         raw = path.read_bytes()
         torn = cls._torn_tail(raw)
         if torn is None:
+            if raw and not raw.endswith(b"\n"):
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                logger.warning("ledger %s: its last line %d is whole but had no final newline; added the newline",
+                               path, raw.count(b"\n") + 1)  # fmt: skip
             return None
         lineno, cut = torn
+        recorded = _head_rows(head_text)
+        kept = _rows_before(raw, cut)
+        if recorded is not None and recorded > kept:
+            raise LedgerError(
+                f"{path}:{lineno} is torn (cut short or not JSON), but the head file {_anchor.head_path(path).name} "
+                f"records {recorded} rows and only {kept} come before it: the line was a whole row when it was "
+                "written and was damaged later, which no interrupted append does. Moving it aside would leave the "
+                "ledger truncated, so nothing was moved. Restore the ledger from backup."
+            )
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         aside = _anchor.sidecar(_anchor.real(path), f".torn-{stamp}")
         with open(aside, "xb") as f:
@@ -645,6 +725,8 @@ class RoyaltyLedger:
         if self._key is not None:
             row["mac"] = _anchor.mac(self._key, rec.row_hash)
         line = json.dumps(row, sort_keys=True) + "\n"
+        if not self._ends_with_newline():
+            line = "\n" + line  # the last row (or the header) lost only its newline: end it first
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -654,6 +736,13 @@ class RoyaltyLedger:
         self._size += len(line.encode("utf-8"))
         self._ids.add(rec.output_id)
         self._write_head()
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
 
     def _write_head(self) -> None:
         _anchor.write_head(self.path, rows=self._count, last_hash=self._head, key=self._key)

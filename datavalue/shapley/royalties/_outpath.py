@@ -10,6 +10,9 @@
   ``.lock``, ``.torn-*``, ``.head.replaced-*``, ...: found by name beside any ledger, and by
   :func:`~datavalue.shapley.royalties._anchor.owned_by` for the ledgers the caller names): a
   report there would replace the hash-chained rows or their anchor;
+* is a datavalue run archive (a ``.zip`` whose root ``zarr.json`` carries datavalue attributes, as
+  ``archive_run`` packs a run and ``open_run`` reads it; found by its content, whatever its name):
+  the archive may be the run's only copy, so ``overwrite`` does not replace it;
 * is a directory, or lies under a regular file (nothing can be written there).
 
 Standard library only (with ``datavalue._files`` and the package's own modules), as the whole
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,7 +31,7 @@ from datavalue._files import atomic_write, inside_run
 from datavalue.shapley._errors import LedgerError, OutputExistsError, OutputPathError, ShapleyError
 from datavalue.shapley.royalties._anchor import HEAD_SCHEMA, LEDGER_SCHEMA, owned_by
 
-__all__ = ["check_output_path", "ledger_file_kind"]
+__all__ = ["check_output_path", "is_run_archive", "ledger_file_kind"]
 
 #: what follows a ledger's name in the names of the files it keeps beside it (``_anchor.owned_by``)
 _SIDECARS = (".head", ".lock", ".torn-")
@@ -51,6 +55,32 @@ def _first_json(path: Path) -> object:
             except (ValueError, RecursionError):
                 return None
     return None
+
+
+#: the datavalue key of a run's root group attributes (``"datavalue"`` or ``"datavalue_<...>"``),
+#: the mark by which ``datavalue._files.inside_run`` knows a run directory
+_RUN_ATTR = "datavalue"
+
+
+def is_run_archive(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` (links followed) is a regular file holding a datavalue run archive: a zip
+    whose root ``zarr.json`` has datavalue attributes (what ``archive_run`` writes and ``open_run``
+    reads as a run). Read-only; any other zip, or a file that is no zip, is not one."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.is_file() or not zipfile.is_zipfile(real):
+            return False
+        with zipfile.ZipFile(real) as zf:
+            info = zf.getinfo("zarr.json")
+            if info.file_size > _READ_LIMIT * 64:  # a run's zarr.json is a few KiB
+                return False
+            doc = json.loads(zf.read(info))
+    except (OSError, KeyError, ValueError, RecursionError, zipfile.BadZipFile, NotImplementedError, RuntimeError):
+        return False  # unreadable, no root zarr.json, not JSON, encrypted: not a run open_run reads
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return isinstance(attrs, dict) and any(
+        isinstance(k, str) and (k == _RUN_ATTR or k.startswith(_RUN_ATTR + "_")) for k in attrs
+    )
 
 
 def _schema(path: Path) -> object:
@@ -104,7 +134,8 @@ def check_output_path(
     """Refuse ``path`` as the place to write ``what`` (``"the report"``), before anything is written.
 
     Raises:
-        OutputPathError: ``path`` lies inside a datavalue run, or under a regular file.
+        OutputPathError: ``path`` lies inside a datavalue run, is a run archive (:func:`is_run_archive`,
+            whatever ``overwrite`` says), or lies under a regular file.
         LedgerError: ``path`` is a royalty ledger or one of a ledger's own files (:func:`ledger_file_kind`).
         OutputExistsError: ``path`` is a directory, or exists and ``overwrite`` is false.
     """
@@ -117,6 +148,12 @@ def check_output_path(
         raise OutputPathError(
             f"{p} lies inside the datavalue run {run} (resolved: {os.path.realpath(p)}); writing {what} there "
             f"would change the run's own files, so nothing was written. Choose a path outside the run{hint}."
+        )
+    if is_run_archive(p):
+        raise OutputPathError(
+            f"{p} is a datavalue run archive (a .zip that open_run reads as a run; resolved: "
+            f"{os.path.realpath(p)}); writing {what} there would replace the run, perhaps its only copy, so "
+            f"nothing was written, whatever overwrite says. Choose another path (e.g. report.html){hint}."
         )
     kind = ledger_file_kind(p, ledgers)
     if kind is not None:

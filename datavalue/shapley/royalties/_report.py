@@ -15,7 +15,7 @@ from decimal import Decimal
 from html import escape
 from pathlib import Path
 
-from datavalue.shapley._errors import InvalidGameError
+from datavalue.shapley._errors import InvalidGameError, OutputPathError
 from datavalue.shapley.royalties._outpath import check_output_path, write_text_output
 from datavalue.shapley.royalties._statement import PeriodStatement
 from datavalue.shapley.royalties._svg import bar_chart, error_bar_chart, stacked_columns
@@ -192,17 +192,36 @@ def render_report(statement: PeriodStatement, format: str = "html") -> str:  # n
     return {"html": _render_html, "json": _render_json, "csv": _render_csv}[format](statement)
 
 
-def infer_format(path: str | os.PathLike[str]) -> str:
-    """Report format from a file extension (``.html``, ``.htm``, ``.json``, ``.csv``).
+def infer_format(path: str | os.PathLike[str], *, format: str | None = None) -> str:  # noqa: A002
+    """Report format from a file extension (``.html``, ``.htm``, ``.json``, ``.csv``), or the
+    ``format`` given, which a known extension must then agree with.
 
     Raises:
-        InvalidGameError: for any other extension (the message lists the known ones).
+        InvalidGameError: no ``format`` and any other extension (the message lists the known ones),
+            or a ``format`` that is not one of :data:`FORMATS`.
+        OutputPathError: ``format`` and a known extension disagree (``r.csv`` with ``format="html"``):
+            the file would hold one format under another's name. Any other extension (``.txt``,
+            none) takes the ``format`` given.
 
     Example:
         >>> infer_format("out/2025-01.HTM"), infer_format("statement.csv")
         ('html', 'csv')
+        >>> infer_format("statement.txt", format="csv")
+        'csv'
     """
     ext = Path(path).suffix.lower()
+    if format is not None:
+        if format not in FORMATS:
+            raise InvalidGameError(f"format must be one of {FORMATS}; got {format!r}.")
+        named = _EXTENSIONS.get(ext)
+        if named is not None and named != format:
+            raise OutputPathError(
+                f"{path} ends in {Path(path).suffix}, the suffix of {named.upper()} reports, but the report is "
+                f"written as {format.upper()} (format={format!r}, --format {format} on the command line): the file "
+                f"would hold {format.upper()} under a {named.upper()} name, so nothing was written. Name it "
+                f"{Path(path).with_suffix('.' + format).name!r}, or pass format={named!r}."
+            )
+        return format
     if ext not in _EXTENSIONS:
         raise InvalidGameError(
             f"cannot infer the report format from {str(path)!r}; expected an extension in "
@@ -218,21 +237,23 @@ def write_report(
     format: str | None = None,  # noqa: A002
     overwrite: bool = False,
 ) -> Path:
-    """Write a statement to ``path`` (format from the extension unless given).
+    """Write a statement to ``path`` (format from the extension unless given; a given format must
+    agree with a known extension: :func:`infer_format`).
 
     The text goes to a temporary beside ``path`` and is moved into place, so a failed write leaves
     no partial file and, with ``overwrite=True``, the previous file as it was.
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false, or ``path`` is a directory.
-        OutputPathError: ``path`` lies inside a datavalue run or under a regular file, or the OS
-            refused the write (its reason is given).
+        OutputPathError: ``path`` lies inside a datavalue run, is a run archive, or lies under a
+            regular file, or its extension names another format than ``format``, or the OS refused
+            the write (its reason is given).
         LedgerError: ``path`` is a royalty ledger or one of a ledger's own files (its head file,
             lock, torn-line or replaced-head files), whatever ``overwrite`` says.
         Nothing is written in any of these cases.
     """
     p = check_output_path(path, what="the report", overwrite=overwrite)
-    fmt = format if format is not None else infer_format(p)
+    fmt = infer_format(p, format=format)
     text = render_report(statement, fmt)
     write_text_output(p, text, "the report")
     return p

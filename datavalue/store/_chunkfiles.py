@@ -11,6 +11,7 @@ codecs, other stores) keeps zarr's reader (:func:`fast_rows`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import crc32c
 import numpy as np
 
 from datavalue.errors import StoreCorruptError
+from datavalue.store._digest import ChunkDigests, load_pair, local_get
+from datavalue.store._schema import CHUNK_DIGESTS_KEY, RUN_ID_KEY
 
 __all__ = ["ChunkFileRows", "chunk_dir", "fast_rows", "write_all"]
 
@@ -30,11 +33,14 @@ class ChunkFileRows:
     files read as the fill value (zarr's semantics) past ``required_rows``; inside the first
     ``required_rows`` rows (what the run's commit or the array's build covers) a missing file, a
     checksum mismatch or a short file raises :class:`~datavalue.errors.StoreCorruptError` naming the
-    chunk.
+    chunk. ``digests``: the run's chunk digest record (:func:`fast_rows` finds it for a recorded array):
+    a chunk whose trailer it does not bind to the run (a chunk file copied in from another run or an
+    older copy) raises :class:`~datavalue.errors.StoreCorruptError` too, at no extra read.
     """
 
     def __init__(self, directory: str | os.PathLike[str], shape: tuple[int, int], chunk_rows: int, dtype: Any,
-                 fill_value: float = 0.0, name: str | None = None, *, required_rows: int = 0) -> None:
+                 fill_value: float = 0.0, name: str | None = None, *, required_rows: int = 0,
+                 digests: ChunkDigests | None = None) -> None:
         self.directory = Path(directory)
         self.name = name or self.directory.name  # the array's path inside the run, for error messages
         self.shape = (int(shape[0]), int(shape[1]))
@@ -44,6 +50,7 @@ class ChunkFileRows:
         self.fill_value = fill_value
         self.required_rows = int(required_rows)
         self.ndim = 2
+        self.digests = digests if digests is not None and digests.covers(self.directory.name) else None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -132,6 +139,9 @@ class ChunkFileRows:
                     f"but the chunk holds it as not yet written (file {path}). This happens when a run is copied while "
                     "a recorder writes it. Copy it again after rec.flush() or rec.close(), or restore it from a copy."
                 )
+        digests = self.digests
+        if digests is not None and (i < digests.n_chunks(self.directory.name) or i * self.chunk_rows < self.required_rows):
+            digests.check(self.directory.name, i, int.from_bytes(tail, "little"), label=label, path=path)
 
 
 def chunk_dir(array: Any) -> Path | None:
@@ -176,7 +186,35 @@ def fast_rows(array: Any, *, required_rows: int = 0) -> Any:
     if directory is None or len(array.shape) != 2:
         return array
     return ChunkFileRows(directory, array.shape, array.chunks[0], array.dtype,
-                         float(array.metadata.fill_value or 0.0), name=str(array.path), required_rows=required_rows)
+                         float(array.metadata.fill_value or 0.0), name=str(array.path), required_rows=required_rows,
+                         digests=run_digests(directory.parent))
+
+
+def run_digests(root: Path) -> ChunkDigests | None:
+    """The chunk digest record of the local run ``root`` (read as a consistent pair with its commit), or
+    ``None``: not a run that binds its chunks (derived arrays' groups, runs written before it; ``open_run``
+    refuses a run that should have a record and has none)."""
+    try:
+        with open(root / "zarr.json", "rb") as f:
+            attrs = json.loads(f.read()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    run_id = attrs.get(RUN_ID_KEY) if isinstance(attrs, dict) else None
+    if not isinstance(run_id, str) or attrs.get(CHUNK_DIGESTS_KEY) is None:
+        return None
+    get = local_get(root)
+    pair = load_pair(get, root)
+    if pair is None:
+        return None
+
+    def load() -> Any:
+        again = load_pair(get, root)
+        if again is None:
+            raise StoreCorruptError(f"{root}: the run's chunk digest record disappeared while it was read. Restore "
+                                    "the run from a whole copy.")
+        return again
+
+    return ChunkDigests(pair[0], run_id, pair[1], root, load)
 
 
 def write_all(array: Any, data: np.ndarray) -> None:

@@ -70,6 +70,13 @@ MANIFEST_DIGEST_KEY = "datavalue_manifest_digest"
 #: recorder writes: an array whose id differs from the root's was copied in from another run (runs
 #: written before it have none and are not checked).
 RUN_ID_KEY = "datavalue_run_id"
+#: Root attribute saying the run binds every recorded chunk to its run id (value: the format version
+#: of :data:`CHUNK_DIGEST_FILE`, ``datavalue.store._digest``); runs written before it have none and
+#: read with a logged note.
+CHUNK_DIGESTS_KEY = "datavalue_chunk_digests"
+#: The run's chunk digest record (one file at the run's root; ``datavalue.store._digest``): per recorded
+#: array and chunk, ``crc32c(run_id || the chunk's crc32c trailer)``, written before the chunks of each commit.
+CHUNK_DIGEST_FILE = "chunk_digests"
 #: Child run holding the no-update pass at the final weights (``datavalue.capture.FinalPass``).
 FINAL_RUN = "final"
 #: The top-level entries datavalue writes in a run directory: the run's arrays, the groups built
@@ -80,7 +87,7 @@ FINAL_RUN = "final"
 RUN_MEMBERS = frozenset({
     "zarr.json", "grads", "fisher", "commit", "step_ptr", "fisher_ptr", *ROW_ARRAYS, *STEP_ARRAYS,
     *OPTIONAL_STEP_ARRAYS, FINAL_RUN, "embeddings", "influence", "checkpoints", "replay", "precondition",
-    "weights_digest",
+    "weights_digest", CHUNK_DIGEST_FILE,
 })
 #: The manifest's ``integration["name"]`` of a final pass (its ``integration["run_steps"]``: the training
 #: run's committed steps when the pass was recorded).

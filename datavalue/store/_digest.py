@@ -15,8 +15,9 @@ it with the ``commit`` on disk:
 
 * commit == ``after``: the commit completed; only the new digests are accepted;
 * commit == ``before``: killed between the record and the commit: a rewritten chunk may be either
-  version on disk, so either digest is accepted (its committed rows are the same in both);
-* anything else: the record or the commit is another run's or an older copy's: refused.
+  version on disk, so either digest is accepted (its committed rows are the same in both). Any
+  other commit (one restored from an older copy: the run went back, which the embeddings' checks
+  name) is read the same way: its rows are a prefix of the chunks', whichever version.
 
 An older copy of this run's chunk therefore matches no digest, except the version of one commit
 back while a commit is in flight; that one lacks committed rows, which the unwritten-row marker
@@ -218,16 +219,10 @@ class ChunkDigests:
                 f"{self.location}: the chunk digest record ({CHUNK_DIGEST_FILE}) was written by another run (run id "
                 f"{record.run_id!r}; this run's is {self.run_id!r}): it was copied in from another run, so nothing binds "
                 f"this run's chunks. {fix_message()}")
-        if commit == record.after or (commit is None and record.before is None):
-            lenient = commit is None
-        elif commit == record.before:
-            lenient = True  # killed between the record and the commit: either version of a rewritten chunk
-        else:
-            raise StoreCorruptError(
-                f"{self.location}: the run's commit (commit/c/0: steps, rows, fisher rows, generation = {commit}) is not "
-                f"the one its chunk digest record ({CHUNK_DIGEST_FILE}) was written for ({record.after}, or "
-                f"{record.before} while that commit was in flight): one of the two was copied from another run or "
-                f"from an older copy of this one. {fix_message()}")
+        # the commit completed: only the new digests; otherwise (killed between the record and the commit,
+        # or a commit restored from an older copy: its fewer rows are a prefix of the chunks' rows) either
+        # version of a chunk the record's commit rewrote
+        lenient = commit != record.after
         self.h = record.h
         self.prev = record.prev if lenient else {}
         self.commit = commit

@@ -4,14 +4,17 @@ A chunk file is the raw rows and their crc32c (``docs/store-format.md``); the cr
 is whole. A chunk file copied from another run with the same shapes (``cp other.zarr/grads/c/0/0
 run.zarr/grads/c/0/0``) is whole too, and would read as this run's data. So the writer keeps, for
 each recorded array and chunk ``i``, ``h[i] = crc32c(run_id || crc_i)`` (``crc_i``: the chunk's
-4-byte crc32c trailer, little endian) in one file at the run's root, :data:`CHUNK_DIGEST_FILE`.
+4-byte crc32c trailer, little endian) in a record beside the commit, :data:`CHUNK_DIGEST_FILES`.
 Readers compare the trailer they read anyway: no extra pass over the data.
 
 Crash protocol. The writer rewrites each array's partial tail chunk at every commit, and a commit is
 "data chunks, then the ``commit`` chunk". The record of a commit is written (one atomic file
-replace) *before* its chunks, and says which commit it leads to (``after``) and from which
-(``before``); for every chunk the commit rewrites it keeps the previous digest too. A reader pairs
-it with the ``commit`` on disk:
+write) *before* its chunks, and says which commit it leads to (``after``) and from which
+(``before``); for every chunk the commit rewrites it keeps the previous digest too. The record goes
+into two files in turn, overwritten in place (an atomic file replace cost 200-500 us on ext4 here, a
+``pwrite`` 1-10 us); each carries a sequence number and its crc32c, and a reader takes the newest
+whole one: a write torn by a kill leaves the other, which is the record of the commit on disk (the
+torn one's chunks were not written yet). A reader pairs the record with the ``commit`` on disk:
 
 * commit == ``after``: the commit completed; only the new digests are accepted;
 * commit == ``before``: killed between the record and the commit: a rewritten chunk may be either
@@ -23,18 +26,17 @@ An older copy of this run's chunk therefore matches no digest, except the versio
 back while a commit is in flight; that one lacks committed rows, which the unwritten-row marker
 catches (``_schema.unwritten_value``).
 
-File layout (little endian): ``b"DVCD"``, u32 version, u16 + run id (ascii), u8 has_before,
-``before`` 4 x i64, ``after`` 4 x i64, u32 number of arrays; per array: u16 + name, u32 ``n``,
-u32 ``p``, ``n`` u32 digests, ``p`` pairs (u32 chunk, u32 previous digest); then the crc32c of
-everything before it.
+File layout (little endian): ``b"DVCD"``, u32 version, u32 length ``L`` of the record (bytes past
+it are ignored: a shorter record written over a longer one), u64 sequence number, u16 + run id
+(ascii), u8 has_before, ``before`` 4 x i64, ``after`` 4 x i64, u32 number of arrays; per array:
+u16 + name, u32 ``n``, u32 ``p``, ``n`` u32 digests, ``p`` pairs (u32 chunk, u32 previous digest);
+then the crc32c of the ``L - 4`` bytes before it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +44,10 @@ import crc32c
 import numpy as np
 
 from datavalue.errors import StoreCorruptError
-from datavalue.store._schema import CHUNK_DIGEST_FILE
+from datavalue.store._schema import CHUNK_DIGEST_FILES
+
+#: How messages name the record.
+RECORD = "commit/digests.0 and .1"
 
 FORMAT_VERSION = 1
 _MAGIC = b"DVCD"
@@ -70,7 +75,7 @@ def mismatch_message(location: object, label: str, path: object, crc: int) -> st
     """The error for a chunk whose trailer matches no digest of the run's record."""
     return (
         f"{location}: chunk {label} is not this run's (file {path}): its checksum {crc:08x} is not the one the "
-        f"run's digest record ({CHUNK_DIGEST_FILE}) binds to this run's id for that chunk. It was copied in from "
+        f"run's digest record ({RECORD}) binds to this run's id for that chunk. It was copied in from "
         "another run with the same shapes, or from an older copy of this run, and its rows would read as this "
         f"run's data. {fix_message()}"
     )
@@ -84,12 +89,15 @@ class DigestWriter:
         root: the run directory.
         run_id: the run's id (root attribute ``datavalue_run_id``).
         digests: the digests of the chunks already written (a resumed run), per array.
+        seq: the sequence number of the next record (a resumed run: one past the newest on disk).
     """
 
-    def __init__(self, root: Path, run_id: str, digests: dict[str, np.ndarray] | None = None) -> None:
-        self.root, self.run_id = Path(root), str(run_id)
+    def __init__(self, root: Path, run_id: str, digests: dict[str, np.ndarray] | None = None, *, seq: int = 0) -> None:
+        self.root, self.run_id, self.seq = Path(root), str(run_id), int(seq)
+        self._fds: list[int | None] = [None, None]  # the two files, opened on first write (close())
+        self._sizes = [1 << 62, 1 << 62]  # bytes last written to each (unknown: truncate after the first write)
         self.seed = run_seed(self.run_id)
-        self._head = _MAGIC + struct.pack("<IH", FORMAT_VERSION, len(self.run_id)) + self.run_id.encode("ascii")
+        self._head = struct.pack("<H", len(self.run_id)) + self.run_id.encode("ascii")
         self._h: dict[str, np.ndarray] = {}  # the first _n[name] entries are the digests
         self._n: dict[str, int] = {}
         self._names: dict[str, bytes] = {}
@@ -115,9 +123,10 @@ class DigestWriter:
         self._n[name] = max(n, i + 1)
 
     def write(self, before: Commit | None, after: Commit) -> None:
-        """Write the record of the commit ``before -> after`` (atomically), then forget this commit's
-        previous digests (the next commit's record keeps only its own)."""
-        parts = [self._head, b"\x01" + _COMMIT.pack(*before) if before is not None else b"\x00" + bytes(32),
+        """Write the record of the commit ``before -> after`` over the older of the two files, then
+        forget this commit's previous digests (the next commit's record keeps only its own)."""
+        parts = [b"", struct.pack("<Q", self.seq) + self._head,
+                 b"\x01" + _COMMIT.pack(*before) if before is not None else b"\x00" + bytes(32),
                  _COMMIT.pack(*after), struct.pack("<I", len(self._n))]
         for name in sorted(self._n):
             prev = self._prev.get(name, ())
@@ -128,19 +137,29 @@ class DigestWriter:
             parts += [key, struct.pack("<II", self._n[name], len(prev)), memoryview(self._h[name][: self._n[name]]).cast("B")]
             if prev:
                 parts.append(np.asarray(prev, dtype="<u4").tobytes())
+        size = sum(len(x) for x in parts) + 16  # the magic, version and length (12 bytes), the crc32c (4)
+        parts[0] = _MAGIC + struct.pack("<II", FORMAT_VERSION, size)
         body = b"".join(parts)
-        path = self.root / CHUNK_DIGEST_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(body)
-                f.write(crc32c.crc32c(body).to_bytes(4, "little"))
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        slot = self.seq % 2
+        fd = self._fds[slot]
+        if fd is None:
+            path = self.root.joinpath(*CHUNK_DIGEST_FILES[slot].split("/"))
+            fd = self._fds[slot] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        data = body + crc32c.crc32c(body).to_bytes(4, "little")
+        if os.pwrite(fd, data, 0) != len(data):
+            raise OSError(f"short write of the chunk digest record {CHUNK_DIGEST_FILES[slot]} (disk full?)")
+        if self._sizes[slot] > len(data):  # a shorter record (after a resume): drop the older bytes past it
+            os.ftruncate(fd, len(data))
+        self._sizes[slot] = len(data)
+        self.seq += 1
         self._prev.clear()
+
+    def close(self) -> None:
+        """Close the record's files. Idempotent."""
+        for slot, fd in enumerate(self._fds):
+            if fd is not None:
+                self._fds[slot] = None
+                os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- reader
@@ -151,22 +170,26 @@ class DigestRecord:
     def __init__(self, run_id: str, before: Commit | None, after: Commit, h: dict[str, np.ndarray],
                  prev: dict[str, dict[int, int]]) -> None:
         self.run_id, self.before, self.after, self.h, self.prev = run_id, before, after, h, prev
+        self.seq = 0
+        self.note = ""  # why the other file was not taken, when it is damaged (for messages)
 
     @classmethod
-    def parse(cls, data: bytes, location: object) -> DigestRecord:
+    def parse(cls, data: bytes, location: object, name: str = RECORD) -> DigestRecord:
         def bad(why: str) -> StoreCorruptError:
             return StoreCorruptError(
-                f"{location}: the run's chunk digest record ({CHUNK_DIGEST_FILE}) is corrupt ({why}). {fix_message()}")
+                f"{location}: the run's chunk digest record ({name}) is corrupt ({why}). {fix_message()}")
 
-        if len(data) < 4 or crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
-            raise bad("truncated, or its crc32c does not match")
-        if data[:4] != _MAGIC:
+        if len(data) < 12 or data[:4] != _MAGIC:
             raise bad("not a datavalue chunk digest record")
+        version, size = struct.unpack_from("<II", data, 4)
+        if version != FORMAT_VERSION:
+            raise bad(f"format version {version}; this datavalue reads version {FORMAT_VERSION}")
+        if not 12 <= size <= len(data) or crc32c.crc32c(data[: size - 4]) != int.from_bytes(data[size - 4 : size], "little"):
+            raise bad("truncated, or its crc32c does not match")
+        data = data[:size]
         try:
-            version, n_id = struct.unpack_from("<IH", data, 4)
-            if version != FORMAT_VERSION:
-                raise bad(f"format version {version}; this datavalue reads version {FORMAT_VERSION}")
-            pos = 10
+            seq, n_id = struct.unpack_from("<QH", data, 12)
+            pos = 22
             run_id = data[pos : pos + n_id].decode("ascii")
             pos += n_id
             has_before = data[pos]
@@ -178,20 +201,22 @@ class DigestRecord:
             prev: dict[str, dict[int, int]] = {}
             for _ in range(n_arrays):
                 (n_name,) = struct.unpack_from("<H", data, pos)
-                name = data[pos + 2 : pos + 2 + n_name].decode("utf-8")
+                array = data[pos + 2 : pos + 2 + n_name].decode("utf-8")
                 pos += 2 + n_name
                 n, p = struct.unpack_from("<II", data, pos)
                 pos += 8
-                h[name] = np.frombuffer(data, dtype="<u4", count=n, offset=pos)
+                h[array] = np.frombuffer(data, dtype="<u4", count=n, offset=pos)
                 pos += 4 * n
                 pairs = np.frombuffer(data, dtype="<u4", count=2 * p, offset=pos).reshape(p, 2)
-                prev[name] = {int(i): int(v) for i, v in pairs}
+                prev[array] = {int(i): int(v) for i, v in pairs}
                 pos += 8 * p
         except (struct.error, ValueError, IndexError) as exc:
             raise bad(f"unreadable: {exc}") from exc
-        if pos != len(data) - 4:
-            raise bad(f"{len(data) - 4 - pos} bytes past its last entry")
-        return cls(run_id, tuple(before) if before else None, tuple(after), h, prev)  # type: ignore[arg-type]
+        if pos != size - 4:
+            raise bad(f"{size - 4 - pos} bytes past its last entry")
+        record = cls(run_id, tuple(before) if before else None, tuple(after), h, prev)  # type: ignore[arg-type]
+        record.seq = int(seq)
+        return record
 
 
 class ChunkDigests:
@@ -216,7 +241,7 @@ class ChunkDigests:
     def _set(self, record: DigestRecord, commit: Commit | None) -> None:
         if record.run_id != self.run_id:
             raise StoreCorruptError(
-                f"{self.location}: the chunk digest record ({CHUNK_DIGEST_FILE}) was written by another run (run id "
+                f"{self.location}: the chunk digest record ({RECORD}) was written by another run (run id "
                 f"{record.run_id!r}; this run's is {self.run_id!r}): it was copied in from another run, so nothing binds "
                 f"this run's chunks. {fix_message()}")
         # the commit completed: only the new digests; otherwise (killed between the record and the commit,
@@ -224,6 +249,8 @@ class ChunkDigests:
         # version of a chunk the record's commit rewrote
         lenient = commit != record.after
         self.h = record.h
+        self.seq = record.seq
+        self.note = record.note
         self.prev = record.prev if lenient else {}
         self.commit = commit
 
@@ -258,9 +285,9 @@ class ChunkDigests:
         if i >= self.n_chunks(name):
             raise StoreCorruptError(
                 f"{self.location}: chunk {label} (file {path}) holds committed rows but the run's chunk digest record "
-                f"({CHUNK_DIGEST_FILE}) lists {self.n_chunks(name)} chunk(s) of {name!r}: the record is older than the "
-                f"data or another run's. {fix_message()}")
-        raise StoreCorruptError(mismatch_message(self.location, label, path, crc))
+                f"({RECORD}) lists {self.n_chunks(name)} chunk(s) of {name!r}: the record is older than the "
+                f"data or another run's. {fix_message()}" + self.note)
+        raise StoreCorruptError(mismatch_message(self.location, label, path, crc) + self.note)
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
@@ -276,6 +303,32 @@ def read_commit_bytes(raw: bytes | None) -> Commit | None:
     return tuple(int(x) for x in _COMMIT.unpack(raw[:32]))  # type: ignore[return-value]
 
 
+def newest_record(get: Callable[[str], bytes | None], location: object) -> DigestRecord | None:
+    """The newest whole record of the two files (``None``: neither exists). A damaged file beside a
+    whole one is passed over (a write torn by a kill), and named in :attr:`DigestRecord.note`.
+
+    Raises:
+        StoreCorruptError: both files exist and neither is whole.
+    """
+    found, bad = [], []
+    for name in CHUNK_DIGEST_FILES:
+        raw = get(name)
+        if raw is None:
+            continue
+        try:
+            found.append(DigestRecord.parse(raw, location, name))
+        except StoreCorruptError as exc:
+            bad.append(exc)
+    if not found:
+        if bad:
+            raise bad[-1]
+        return None
+    record = max(found, key=lambda r: r.seq)
+    if bad:
+        record.note = f" (the other file of the record is damaged: {bad[0]})"
+    return record
+
+
 def load_pair(get: Callable[[str], bytes | None], location: object, *, tries: int = 4) -> tuple[DigestRecord, Commit | None] | None:
     """``(record, commit)`` read as a consistent pair through ``get`` (raw bytes of a key inside the
     run, ``None`` when absent), or ``None`` when the run has no record. The commit is read first, then
@@ -284,10 +337,9 @@ def load_pair(get: Callable[[str], bytes | None], location: object, *, tries: in
     pair = None
     for _ in range(tries):
         commit = read_commit_bytes(get("commit/c/0"))
-        raw = get(CHUNK_DIGEST_FILE)
-        if raw is None:
+        record = newest_record(get, location)
+        if record is None:
             return None
-        record = DigestRecord.parse(raw, location)
         pair = (record, commit)
         if commit == record.after or commit == record.before:
             break

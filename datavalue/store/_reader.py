@@ -27,6 +27,7 @@ from datavalue.errors import (
     StoreReadOnlyError,
 )
 from datavalue.store._digest import (
+    RECORD,
     ChunkDigests,
     DigestRecord,
     load_pair,
@@ -40,7 +41,6 @@ from datavalue.store._paths import (
 )
 from datavalue.store._schema import (
     CAPTURE_KEYS,
-    CHUNK_DIGEST_FILE,
     CHUNK_DIGESTS_KEY,
     FINAL_PASS_INTEGRATION,
     GROUP_STEP_ARRAYS,
@@ -260,7 +260,7 @@ def load_digests(group: zarr.Group, location: Any) -> ChunkDigests | None:
     def load() -> tuple[DigestRecord, tuple[int, int, int, int] | None]:
         pair = load_pair(get, location)
         if pair is None:
-            raise StoreCorruptError(f"{location}: the run's chunk digest record ({CHUNK_DIGEST_FILE}) disappeared while "
+            raise StoreCorruptError(f"{location}: the run's chunk digest record ({RECORD}) disappeared while "
                                     "it was read. Restore the run from a whole copy.")
         return pair
 
@@ -330,7 +330,7 @@ def check_chunk_digests(group: zarr.Group, location: Any, *, steps: int, rows: i
         if steps == 0 and rows == 0 and fisher_rows == 0:
             return None, {}  # created and stopped before its first record: nothing recorded to bind
         raise StoreCorruptError(
-            f"{location}: the run's chunk digest record ({CHUNK_DIGEST_FILE}) is missing, but the run was written with "
+            f"{location}: the run's chunk digest record ({RECORD}) is missing, but the run was written with "
             f"one (root attribute '{CHUNK_DIGESTS_KEY}') and its commit covers {steps} steps: nothing binds its chunks "
             "to the run any more. Restore the run from a whole copy of its directory, or re-record it.")
     out: dict[str, np.ndarray] = {}

@@ -439,7 +439,9 @@ class RunWriter:
             raise StoreNotFoundError(f"resume=True but {path} is {found}, not a datavalue run; check the path.")
 
     def _release(self) -> None:
-        """Release the writer lock(s), the run's own first."""
+        """Close the digest record's files; release the writer lock(s), the run's own first."""
+        if self._digests is not None:
+            self._digests.close()
         while self._locks:
             self._locks.pop().release()
 
@@ -504,9 +506,10 @@ class RunWriter:
         check_array_shapes(g, self.path, steps=self.steps, rows=self.rows, fisher_rows=self.fisher_rows)
         # every committed chunk this run's (the tails are read back and rewritten: never bless another's);
         # the record continues from the digests of the chunks as they are on disk
-        _, bound = check_chunk_digests(g, self.path, steps=self.steps, rows=self.rows, fisher_rows=self.fisher_rows)
+        found, bound = check_chunk_digests(g, self.path, steps=self.steps, rows=self.rows, fisher_rows=self.fisher_rows)
         self._on_disk = (self.steps, self.rows, self.fisher_rows, self.generation)
-        self._digests = DigestWriter(self.path, self._run_id, bound) if bound is not None and self._run_id else None
+        if bound is not None and self._run_id:
+            self._digests = DigestWriter(self.path, self._run_id, bound, seq=0 if found is None else found.seq + 1)
         self.generation += 1
         logger.info("resuming %s after %d committed steps (%d rows)", self.path, self.steps, self.rows)
 

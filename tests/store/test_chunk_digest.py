@@ -2,7 +2,7 @@
 
 A chunk *file* copied from another run with the same shapes has a valid crc32c, so before this
 change it read silently as this run's data (builds and queries returned another run's gradients).
-The writer now keeps a digest record (``<run>/chunk_digests``, ``datavalue.store._digest``): per
+The writer now keeps a digest record (``<run>/commit/digests.0`` and ``.1``, ``datavalue.store._digest``): per
 recorded array and chunk, ``crc32c(run_id || the chunk's crc32c trailer)``, written before each
 commit's chunks; every reader of recorded rows compares the trailer it reads.
 Each test below failed before the change (the copied chunks were read; the record did not exist).
@@ -25,7 +25,8 @@ import datavalue
 from datavalue.errors import StoreCorruptError
 from datavalue.query import Attributor
 from datavalue.store import RunWriter, fast_rows, open_run
-from datavalue.store._schema import CHUNK_DIGEST_FILE, CHUNK_DIGESTS_KEY
+from datavalue.store._digest import local_get, newest_record
+from datavalue.store._schema import CHUNK_DIGEST_FILES, CHUNK_DIGESTS_KEY
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _crash_writer import MANIFEST, K, block  # noqa: E402
@@ -135,8 +136,9 @@ def test_an_older_copy_of_the_runs_own_chunk_is_refused(tmp_path):
 
 def test_the_record_of_another_run_is_refused(two_runs):
     a, b, _ = two_runs
-    shutil.copyfile(b / CHUNK_DIGEST_FILE, a / CHUNK_DIGEST_FILE)
-    with pytest.raises(StoreCorruptError, match=r"chunk digest record \(chunk_digests\) was written by another run"):
+    for name in CHUNK_DIGEST_FILES:
+        shutil.copyfile(b / name, a / name)
+    with pytest.raises(StoreCorruptError, match=r"chunk digest record \(commit/digests.0 and .1\) was written by another run"):
         open_run(a)
 
 
@@ -216,12 +218,10 @@ def test_a_chunk_written_without_its_record_is_refused(tmp_path, monkeypatch):
 
 
 def test_the_record_continues_on_resume(tmp_path):
-    from datavalue.store._digest import DigestRecord
-
     path = tmp_path / "r.zarr"
     _writer_run(path, 5).close()
     _writer_run(path, 11, mode="resume").close()  # 44 rows: grads chunks 0..2
-    record = DigestRecord.parse((path / CHUNK_DIGEST_FILE).read_bytes(), path)
+    record = newest_record(local_get(path), path)
     assert len(record.h["grads"]) == 3 and len(record.h["lr"]) == 1 and record.after[:2] == (11, 44)
     assert open_run(path).n_steps == 11
 
@@ -229,7 +229,8 @@ def test_the_record_continues_on_resume(tmp_path):
 def test_a_run_written_before_chunk_digests_opens_with_a_note(tmp_path, caplog):
     path = tmp_path / "r.zarr"
     _writer_run(path, 5).close()
-    (path / CHUNK_DIGEST_FILE).unlink()
+    for name in CHUNK_DIGEST_FILES:
+        (path / name).unlink()
     doc = json.loads((path / "zarr.json").read_text())
     del doc["attributes"][CHUNK_DIGESTS_KEY]  # as versions before it wrote the run
     (path / "zarr.json").write_text(json.dumps(doc))
@@ -239,27 +240,66 @@ def test_a_run_written_before_chunk_digests_opens_with_a_note(tmp_path, caplog):
     assert any("no chunk digest record" in r.getMessage() and "not checked" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(fast_rows(run.array("grads"), required_rows=20)[0:20], run.read("grads"))
     _writer_run(path, 7, mode="resume").close()  # resumes as before, still without a record
-    assert open_run(path).n_steps == 7 and not (path / CHUNK_DIGEST_FILE).exists()
+    assert open_run(path).n_steps == 7 and not any((path / name).exists() for name in CHUNK_DIGEST_FILES)
 
 
 def test_a_deleted_record_of_a_bound_run_is_refused(tmp_path):
     path = tmp_path / "r.zarr"
     _writer_run(path, 5).close()
-    (path / CHUNK_DIGEST_FILE).unlink()
-    with pytest.raises(StoreCorruptError, match=r"chunk digest record \(chunk_digests\) is missing.*whole copy"):
+    for name in CHUNK_DIGEST_FILES:
+        (path / name).unlink()
+    with pytest.raises(StoreCorruptError, match=r"chunk digest record \(commit/digests.0 and .1\) is missing.*whole copy"):
         open_run(path)
-    with pytest.raises(StoreCorruptError, match=r"chunk digest record \(chunk_digests\) is missing"):
+    with pytest.raises(StoreCorruptError, match=r"chunk digest record \(commit/digests.0 and .1\) is missing"):
         RunWriter(path, MANIFEST, k=K, mode="resume", background=False)
 
 
-def test_a_damaged_record_is_refused(tmp_path):
-    path = tmp_path / "r.zarr"
-    _writer_run(path, 5).close()
-    raw = bytearray((path / CHUNK_DIGEST_FILE).read_bytes())
+def _flip(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
     raw[-10] ^= 0xFF
-    (path / CHUNK_DIGEST_FILE).write_bytes(bytes(raw))
-    with pytest.raises(StoreCorruptError, match=r"chunk digest record \(chunk_digests\) is corrupt"):
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_record_is_refused(tmp_path):
+    """The newest of the two files damaged: the older one is the record of the commit before, so the
+    chunks the last commit rewrote match none of its digests (the message names the damaged file);
+    both damaged: the record is corrupt."""
+    path = tmp_path / "r.zarr"
+    _writer_run(path, 5).close()  # 6 records (creation, 5 commits): the newest is digests.1
+    assert newest_record(local_get(path), path).seq == 5
+    _flip(path / "commit/digests.1")
+    with pytest.raises(StoreCorruptError, match=r"chunk grads/c/1/0 .*the other file of the record is damaged: "
+                                                r".*chunk digest record \(commit/digests.1\) is corrupt"):
         open_run(path)
+    _flip(path / "commit/digests.0")
+    with pytest.raises(StoreCorruptError, match=r"chunk digest record \(commit/digests.1\) is corrupt \(truncated, or its crc32c"):
+        open_run(path)
+
+
+def test_a_record_write_torn_by_a_kill_leaves_the_previous_one(tmp_path, monkeypatch):
+    """A kill inside the record's write (half of it on disk, over the older file): the other file is the
+    record of the commit on disk; the run opens with its committed steps and resumes."""
+    import os
+
+    from datavalue.store import _digest
+
+    path = tmp_path / "r.zarr"
+    w = _writer_run(path, 5)
+    real = os.pwrite
+
+    def torn(fd, data, offset):
+        real(fd, data[: len(data) // 2], offset)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(_digest.os, "pwrite", torn)
+    with pytest.raises(KeyboardInterrupt):
+        w._write([block(5)])
+    monkeypatch.undo()
+    w._closed = True
+    w._release()
+    assert open_run(path).n_steps == 5
+    _writer_run(path, 8, mode="resume").close()
+    assert open_run(path).n_steps == 8
 
 
 def test_a_reader_beside_the_recorder_follows_the_record(tmp_path):

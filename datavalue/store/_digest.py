@@ -101,7 +101,10 @@ class DigestWriter:
         self._h: dict[str, np.ndarray] = {}  # the first _n[name] entries are the digests
         self._n: dict[str, int] = {}
         self._names: dict[str, bytes] = {}
-        self._prev: dict[str, list[tuple[int, int]]] = {}  # this commit's rewritten chunks: (i, previous digest)
+        # the chunks rewritten since the last commit that landed: (i, a digest it had since), kept until
+        # the next one lands (committed()): a commit that failed half way (a full disk) and the retry that
+        # follows it leave either version on disk
+        self._prev: dict[str, list[tuple[int, int]]] = {}
         for name, h in (digests or {}).items():
             self._h[name] = np.array(h, dtype="<u4")
             self._n[name] = len(h)
@@ -115,7 +118,7 @@ class DigestWriter:
             if h is not None:
                 grown[:n] = h[:n]
             self._h[name] = h = grown
-        if i < n:
+        if i < n and (i, int(h[i])) not in self._prev.get(name, ()):
             self._prev.setdefault(name, []).append((i, int(h[i])))
         elif i > n:  # never: chunks are written in order; the gap would hold digest 0
             raise RuntimeError(f"internal: chunk {name}/c/{i} staged before chunk {n}")
@@ -123,8 +126,7 @@ class DigestWriter:
         self._n[name] = max(n, i + 1)
 
     def write(self, before: Commit | None, after: Commit) -> None:
-        """Write the record of the commit ``before -> after`` over the older of the two files, then
-        forget this commit's previous digests (the next commit's record keeps only its own)."""
+        """Write the record of the commit ``before -> after`` over the older of the two files."""
         parts = [b"", struct.pack("<Q", self.seq) + self._head,
                  b"\x01" + _COMMIT.pack(*before) if before is not None else b"\x00" + bytes(32),
                  _COMMIT.pack(*after), struct.pack("<I", len(self._n))]
@@ -152,6 +154,10 @@ class DigestWriter:
             os.ftruncate(fd, len(data))
         self._sizes[slot] = len(data)
         self.seq += 1
+
+    def committed(self) -> None:
+        """The commit of the last record landed: forget its previous digests (the next record keeps only
+        its own)."""
         self._prev.clear()
 
     def close(self) -> None:
@@ -165,10 +171,10 @@ class DigestWriter:
 # ---------------------------------------------------------------------------------------------- reader
 class DigestRecord:
     """A parsed record: ``run_id``, ``before``/``after`` commits, per array its digests ``h`` and the
-    previous digests ``prev`` (``{chunk: digest}``) of the chunks its commit rewrites."""
+    previous digests ``prev`` (``{chunk: digests}``) of the chunks its commit rewrites."""
 
     def __init__(self, run_id: str, before: Commit | None, after: Commit, h: dict[str, np.ndarray],
-                 prev: dict[str, dict[int, int]]) -> None:
+                 prev: dict[str, dict[int, tuple[int, ...]]]) -> None:
         self.run_id, self.before, self.after, self.h, self.prev = run_id, before, after, h, prev
         self.seq = 0
         self.note = ""  # why the other file was not taken, when it is damaged (for messages)
@@ -198,7 +204,7 @@ class DigestRecord:
             (n_arrays,) = struct.unpack_from("<I", data, pos + 65)
             pos += 69
             h: dict[str, np.ndarray] = {}
-            prev: dict[str, dict[int, int]] = {}
+            prev: dict[str, dict[int, tuple[int, ...]]] = {}
             for _ in range(n_arrays):
                 (n_name,) = struct.unpack_from("<H", data, pos)
                 array = data[pos + 2 : pos + 2 + n_name].decode("utf-8")
@@ -208,7 +214,9 @@ class DigestRecord:
                 h[array] = np.frombuffer(data, dtype="<u4", count=n, offset=pos)
                 pos += 4 * n
                 pairs = np.frombuffer(data, dtype="<u4", count=2 * p, offset=pos).reshape(p, 2)
-                prev[array] = {int(i): int(v) for i, v in pairs}
+                prev[array] = {}
+                for i, v in pairs.tolist():
+                    prev[array][i] = (*prev[array].get(i, ()), v)
                 pos += 8 * p
         except (struct.error, ValueError, IndexError) as exc:
             raise bad(f"unreadable: {exc}") from exc
@@ -271,7 +279,7 @@ class ChunkDigests:
         if h is None or i >= len(h):
             return False
         d = bound(self.seed, crc)
-        return d == int(h[i]) or self.prev.get(name, {}).get(i) == d
+        return d == int(h[i]) or d in self.prev.get(name, {}).get(i, ())
 
     def check(self, name: str, i: int, crc: int, *, label: str, path: object) -> None:
         """Raise :class:`StoreCorruptError` unless :meth:`accepts` (after one reload of the record, for
@@ -358,18 +366,19 @@ def local_get(root: Path) -> Callable[[str], bytes | None]:
     return get
 
 
-def read_trailer(path: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """``(crc trailer, file size)`` of a local chunk file, or ``None`` when it is missing or shorter
-    than 4 bytes (the reader names that damage)."""
+def read_trailer(path: str | os.PathLike[str], size: int) -> tuple[int | None, bool]:
+    """``(crc trailer, whole)`` of a local chunk file that should hold ``size`` bytes: the last 4 bytes
+    (``None`` when it is missing or shorter than 4 bytes) and whether it holds exactly ``size``. Two
+    system calls besides open and close: a read at ``size - 4`` tells both (no ``fstat``)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return None, False
     try:
-        size = os.fstat(fd).st_size
-        if size < 4:
-            return None
-        raw = os.pread(fd, 4, size - 4)
+        raw = os.pread(fd, 5, size - 4)
+        if len(raw) == 4:
+            return int.from_bytes(raw, "little"), True
+        end = os.fstat(fd).st_size  # not one chunk: its own last 4 bytes, for the reader's messages
+        return (int.from_bytes(os.pread(fd, 4, end - 4), "little") if end >= 4 else None), False
     finally:
         os.close(fd)
-    return (int.from_bytes(raw, "little"), size) if len(raw) == 4 else None

@@ -276,8 +276,8 @@ def _chunk_crc(group: zarr.Group, location: Any, key: str, size: int) -> tuple[i
     or damaged, which its checksum names when it is read); ``file`` names it for messages."""
     if isinstance(location, Path):
         file = location / key
-        found = read_trailer(file)
-        return (None, False, file) if found is None else (found[0], found[1] == size, file)
+        crc, whole = read_trailer(file, size)
+        return crc, whole, file
     raw = _store_get(group, key, suffix=4)
     if raw is None or len(raw) != 4:
         return None, False, key

@@ -637,6 +637,8 @@ class RunWriter:
         self._commit_chunk(np.array(after, dtype=np.int64))  # ... then visibility
         self.steps, self.rows, self.fisher_rows = t1, r1, f1
         self._on_disk = after
+        if self._digests is not None:
+            self._digests.committed()
 
     def _optional_step_arrays(self, blocks: list[StepBlock], appends: dict[str, np.ndarray], staged: list[_Staged]) -> None:
         """Per-step optional arrays (``StepBlock.extra``): created on first use (earlier steps NaN,

@@ -103,32 +103,9 @@ class ChunkFileRows:
     def _read_chunk(self, i: int, dest: np.ndarray, width: int) -> None:
         path = self.directory / "c" / str(i) / "0"
         label = f"{self.name}/c/{i}/0"
-        n = self.chunk_rows * width
-        try:
-            f = open(path, "rb")  # noqa: SIM115
-        except FileNotFoundError:
-            if i * self.chunk_rows < self.required_rows:
-                raise StoreCorruptError(
-                    f"chunk {label} is missing (file {path}) although rows {i * self.chunk_rows}.."
-                    f"{min(self.required_rows, (i + 1) * self.chunk_rows) - 1} are committed or built; it would read as "
-                    "zeros. Restore the run from a copy, or rebuild the array (embeddings: overwrite=True)."
-                ) from None
-            dest[:] = self.fill_value
+        crc = self._read_file(i, dest, width, path, label)
+        if crc is None:
             return
-        with f:
-            view = memoryview(dest).cast("B")
-            got = f.readinto(view)
-            tail = f.read(8)
-        if got != n or len(tail) != 4:
-            raise StoreCorruptError(
-                f"chunk {label} is corrupt (truncated or too long: {got + len(tail)} bytes, expected {n + 4}; "
-                f"file {path}); restore the run from a copy or re-record the affected steps."
-            )
-        if crc32c.crc32c(view) != int.from_bytes(tail, "little"):
-            raise StoreCorruptError(
-                f"chunk {label} is corrupt (crc32c checksum mismatch; file {path}); restore the run from a copy or "
-                "re-record it."
-            )
         if i * self.chunk_rows < self.required_rows and self.dtype.kind == "f":
             # the run writer fills unwritten rows with NaN and a committed row is never all NaN: an
             # older copy of the chunk than the commit (a run copied while recording)
@@ -141,7 +118,42 @@ class ChunkFileRows:
                 )
         digests = self.digests
         if digests is not None and (i < digests.n_chunks(self.directory.name) or i * self.chunk_rows < self.required_rows):
-            digests.check(self.directory.name, i, int.from_bytes(tail, "little"), label=label, path=path)
+            # a recorder writing the run may have rewritten the chunk since the record was read: the
+            # chunk is read again (rows and trailer), then the record, before it is refused
+            digests.check(self.directory.name, i, crc, label=label, path=path,
+                          reread=lambda: self._read_file(i, dest, width, path, label))
+
+    def _read_file(self, i: int, dest: np.ndarray, width: int, path: Path, label: str) -> int | None:
+        """Read chunk ``i``'s rows into ``dest``, verify its checksum; returns its crc32c trailer, or
+        None for a missing chunk outside the required rows (``dest`` then holds the fill value)."""
+        n = self.chunk_rows * width
+        try:
+            f = open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            if i * self.chunk_rows < self.required_rows:
+                raise StoreCorruptError(
+                    f"chunk {label} is missing (file {path}) although rows {i * self.chunk_rows}.."
+                    f"{min(self.required_rows, (i + 1) * self.chunk_rows) - 1} are committed or built; it would read as "
+                    "zeros. Restore the run from a copy, or rebuild the array (embeddings: overwrite=True)."
+                ) from None
+            dest[:] = self.fill_value
+            return None
+        with f:
+            view = memoryview(dest).cast("B")
+            got = f.readinto(view)
+            tail = f.read(8)
+        if got != n or len(tail) != 4:
+            raise StoreCorruptError(
+                f"chunk {label} is corrupt (truncated or too long: {got + len(tail)} bytes, expected {n + 4}; "
+                f"file {path}); restore the run from a copy or re-record the affected steps."
+            )
+        crc = int.from_bytes(tail, "little")
+        if crc32c.crc32c(view) != crc:
+            raise StoreCorruptError(
+                f"chunk {label} is corrupt (crc32c checksum mismatch; file {path}); restore the run from a copy or "
+                "re-record it."
+            )
+        return crc
 
 
 def chunk_dir(array: Any) -> Path | None:

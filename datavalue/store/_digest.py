@@ -281,15 +281,25 @@ class ChunkDigests:
         d = bound(self.seed, crc)
         return d == int(h[i]) or d in self.prev.get(name, {}).get(i, ())
 
-    def check(self, name: str, i: int, crc: int, *, label: str, path: object) -> None:
-        """Raise :class:`StoreCorruptError` unless :meth:`accepts` (after one reload of the record, for
-        a reader that runs beside the recorder)."""
+    def check(self, name: str, i: int, crc: int, *, label: str, path: object,
+              reread: Callable[[], int | None] | None = None, tries: int = 5) -> int:
+        """Raise :class:`StoreCorruptError` unless :meth:`accepts`; returns the trailer accepted. A reader beside a recorder may hold
+        an older record than the chunk it read, or a chunk that was rewritten since: before refusing,
+        the chunk's trailer is read again (``reread``, when given) and then the record (so the record
+        is at least as new as the chunk), up to ``tries`` times; without ``reread``, the record once."""
         if self.accepts(name, i, crc):
-            return
-        if self._load is not None:
-            self._set(*self._load())
-            if self.accepts(name, i, crc):
-                return
+            return crc
+        for _ in range(tries if self._load is not None else 0):
+            if reread is not None:
+                again = reread()
+                if again is None:
+                    break
+                crc = again
+            self._set(*self._load())  # type: ignore[misc]
+            if self.accepts(name, i, crc) or reread is None:
+                break
+        if self.accepts(name, i, crc):
+            return crc
         if i >= self.n_chunks(name):
             raise StoreCorruptError(
                 f"{self.location}: chunk {label} (file {path}) holds committed rows but the run's chunk digest record "

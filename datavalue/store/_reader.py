@@ -105,6 +105,15 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
         raise StoreCorruptError(f"cannot open the zarr group at {location}: {exc}") from exc
 
 
+def missing_chunk_message(location: Any, key: str, first: int, last: int) -> str:
+    """The error for a chunk file missing inside what the commit (or a build) covers."""
+    return (
+        f"{location}: chunk {key} (entries {first}..{last}) is missing although the run's commit (or the array's "
+        "build) covers it; it would read as zeros. Restore the run from a copy; for derived arrays (embeddings) "
+        "rebuild them with overwrite=True; for recorded arrays re-record from the last intact step."
+    )
+
+
 def stale_chunk_message(location: Any, name: str, chunk: int, entry: int) -> str:
     """The error for a committed entry that a chunk file holds as not yet written."""
     return (
@@ -349,16 +358,18 @@ def check_chunk_digests(group: zarr.Group, location: Any, *, steps: int, rows: i
             key = f"{name}/c/{i}{suffix}"
             crc, whole, file = _chunk_crc(group, location, key, size)
             if crc is None:
-                raise StoreCorruptError(
-                    f"{location}: chunk {key} is missing or truncated (file {file}) although the run's commit covers it. "
-                    "Restore the run from a copy.")
+                if isinstance(file, Path) and not file.exists() or not isinstance(file, Path) and _store_get(group, key) is None:
+                    raise StoreCorruptError(missing_chunk_message(location, key, i * C, min(n, (i + 1) * C) - 1))
+                raise StoreCorruptError(f"{location}: chunk {key} is corrupt (truncated to less than its 4-byte checksum; "
+                                        f"file {file}). Restore the run from a copy.")
             if whole and not digests.accepts(name, i, crc):  # (a damaged one: its checksum says so on read)
                 if name in MARKED_ARRAYS:  # an older copy the marker tells: the message that says so
                     raw = file.read_bytes() if isinstance(file, Path) else _store_get(group, key)
                     hit = _marker_entry(raw or b"", arr.dtype, tuple(int(c) for c in arr.chunks), 0, min(n, (i + 1) * C) - i * C)
                     if hit is not None:
                         raise StoreCorruptError(stale_chunk_message(location, name, i, i * C + hit))
-                digests.check(name, i, crc, label=key, path=file)  # reloads once, then names the chunk
+                crc = digests.check(name, i, crc, label=key, path=file,  # a live recorder: both read again first
+                                    reread=lambda key=key, size=size: _chunk_crc(group, location, key, size)[0])
             bound[i] = digests.bind(crc)
         out[name] = bound
     return digests, out
@@ -440,11 +451,16 @@ class Run:
         """Every array's shape and every chunk the commit covers must exist: a deleted chunk would
         otherwise read as zeros, an older array metadata file would hide committed entries."""
         check_array_shapes(self._group, self.path, steps=self.n_steps, rows=self.n_rows, fisher_rows=self.n_fisher_rows)
+        attrs = self._group.attrs
+        # a local run bound by a digest record: its check below opens every committed chunk (and names a
+        # missing one the same way), so the existence check is not made twice
+        bound = isinstance(self.path, Path) and attrs.get(CHUNK_DIGESTS_KEY) is not None and attrs.get(RUN_ID_KEY) is not None
         for name in COMMITTED_ARRAYS:
             n = self._committed_length(name)
             if n <= (1 if name.endswith("_ptr") else 0) or not self.has_array(name):
                 continue
-            self.require_chunks(name, n)
+            if not bound:
+                self.require_chunks(name, n)
             if name in ("grads", "fisher"):
                 self._check_chunk_tails(name, n)
         # every committed chunk is this run's: bound to its id by the digest record (one 4-byte read each)
@@ -508,12 +524,7 @@ class Run:
         for i in range(-(-int(n) // C)):
             key = (str(i), *suffix)
             if not self._chunk_exists(name, key):
-                raise StoreCorruptError(
-                    f"{self.path}: chunk {name}/c/{'/'.join(key)} (entries {i * C}..{min(n, (i + 1) * C) - 1}) "
-                    "is missing although the run's commit (or the array's build) covers it; it would read as zeros. "
-                    "Restore the run from a copy; for derived arrays (embeddings) rebuild them with overwrite=True; "
-                    "for recorded arrays re-record from the last intact step."
-                )
+                raise StoreCorruptError(missing_chunk_message(self.path, f"{name}/c/{'/'.join(key)}", i * C, min(n, (i + 1) * C) - 1))
 
     # ------------------------------------------------------------------ helpers
     def _chunk_exists(self, name: str, key: tuple[str, ...]) -> bool:
@@ -561,7 +572,8 @@ class Run:
                 key = f"{name}/c/{i}{suffix}"
                 crc, whole, file = _chunk_crc(self._group, self.path, key, size)
                 if whole:  # missing or damaged: require_chunks has named it at open, or zarr names it below
-                    digests.check(name, i, crc, label=key, path=file)
+                    digests.check(name, i, crc, label=key, path=file,
+                                  reread=lambda key=key: _chunk_crc(self._group, self.path, key, size)[0])
         try:
             return np.asarray(arr[start:stop])
         except Exception as exc:

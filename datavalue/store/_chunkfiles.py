@@ -5,8 +5,9 @@ across all columns (``docs/store-format.md``): a chunk file is the raw little-en
 by a 4-byte crc32c. zarr's read path adds per-chunk Python and event-loop work on top of that, and
 on a 2-core machine it capped queries at 4-7.6 GB/s against 21 GB/s for reading the same files
 from the page cache (docs/results/query_bandwidth.md). :class:`ChunkFileRows` reads the files
-itself, into the output buffer, and verifies each checksum; anything it does not recognise (other
-codecs, other stores) keeps zarr's reader (:func:`fast_rows`).
+itself, into the output buffer, and verifies each checksum, and for a run's recorded arrays that
+the checksum is the one the run's digest record binds to the run (``datavalue.store._digest``);
+anything it does not recognise (other codecs, other stores) keeps zarr's reader (:func:`fast_rows`).
 """
 
 from __future__ import annotations
@@ -193,7 +194,9 @@ def fast_rows(array: Any, *, required_rows: int = 0) -> Any:
 
     ``required_rows``: rows that must be present (the commit's or a build's length): a missing chunk
     among them raises :class:`~datavalue.errors.StoreCorruptError` instead of reading as zeros (for
-    the zarr fallback, check with :meth:`datavalue.store.Run.require_chunks`)."""
+    the zarr fallback, check with :meth:`datavalue.store.Run.require_chunks`). A recorded array of a run
+    that binds its chunks (``datavalue.store._digest``) is read with the run's digest record: a chunk
+    file from another run, or an older copy, raises :class:`~datavalue.errors.StoreCorruptError`."""
     directory = chunk_dir(array)
     if directory is None or len(array.shape) != 2:
         return array

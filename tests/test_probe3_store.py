@@ -82,12 +82,13 @@ def test_open_run_refuses_a_nested_chunk_link_and_follows_links_inside(tmp_path)
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     _run(a)
     _run(b, seed=1)
+    # the run's own chunk, kept beside it (another run's chunk is refused: tests/store/test_chunk_digest.py)
+    shutil.copy(a / "grads" / "c" / "0" / "0", a / "spare_chunk")
     (a / "grads" / "c" / "0" / "0").unlink()
     (a / "grads" / "c" / "0" / "0").symlink_to(b / "grads" / "c" / "0" / "0")
     with pytest.raises(E.StoreError, match=r"grads/c/0/0 leads outside the run"):
         datavalue.open_run(a)
-    (a / "grads" / "c" / "0" / "0").unlink()
-    shutil.copy(b / "grads" / "c" / "0" / "0", a / "spare_chunk")  # a link that stays inside: read as before
+    (a / "grads" / "c" / "0" / "0").unlink()  # a link that stays inside: read as before
     (a / "grads" / "c" / "0" / "0").symlink_to(a / "spare_chunk")
     assert datavalue.open_run(a).n_steps == 4
 

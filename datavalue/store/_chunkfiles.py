@@ -5,12 +5,14 @@ across all columns (``docs/store-format.md``): a chunk file is the raw little-en
 by a 4-byte crc32c. zarr's read path adds per-chunk Python and event-loop work on top of that, and
 on a 2-core machine it capped queries at 4-7.6 GB/s against 21 GB/s for reading the same files
 from the page cache (docs/results/query_bandwidth.md). :class:`ChunkFileRows` reads the files
-itself, into the output buffer, and verifies each checksum; anything it does not recognise (other
-codecs, other stores) keeps zarr's reader (:func:`fast_rows`).
+itself, into the output buffer, and verifies each checksum, and for a run's recorded arrays that
+the checksum is the one the run's digest record binds to the run (``datavalue.store._digest``);
+anything it does not recognise (other codecs, other stores) keeps zarr's reader (:func:`fast_rows`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ import crc32c
 import numpy as np
 
 from datavalue.errors import StoreCorruptError
+from datavalue.store._digest import ChunkDigests, load_pair, local_get
+from datavalue.store._schema import CHUNK_DIGESTS_KEY, RUN_ID_KEY
 
 __all__ = ["ChunkFileRows", "chunk_dir", "fast_rows", "write_all"]
 
@@ -30,11 +34,14 @@ class ChunkFileRows:
     files read as the fill value (zarr's semantics) past ``required_rows``; inside the first
     ``required_rows`` rows (what the run's commit or the array's build covers) a missing file, a
     checksum mismatch or a short file raises :class:`~datavalue.errors.StoreCorruptError` naming the
-    chunk.
+    chunk. ``digests``: the run's chunk digest record (:func:`fast_rows` finds it for a recorded array):
+    a chunk whose trailer it does not bind to the run (a chunk file copied in from another run or an
+    older copy) raises :class:`~datavalue.errors.StoreCorruptError` too, at no extra read.
     """
 
     def __init__(self, directory: str | os.PathLike[str], shape: tuple[int, int], chunk_rows: int, dtype: Any,
-                 fill_value: float = 0.0, name: str | None = None, *, required_rows: int = 0) -> None:
+                 fill_value: float = 0.0, name: str | None = None, *, required_rows: int = 0,
+                 digests: ChunkDigests | None = None) -> None:
         self.directory = Path(directory)
         self.name = name or self.directory.name  # the array's path inside the run, for error messages
         self.shape = (int(shape[0]), int(shape[1]))
@@ -44,6 +51,7 @@ class ChunkFileRows:
         self.fill_value = fill_value
         self.required_rows = int(required_rows)
         self.ndim = 2
+        self.digests = digests if digests is not None and digests.covers(self.directory.name) else None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -96,6 +104,29 @@ class ChunkFileRows:
     def _read_chunk(self, i: int, dest: np.ndarray, width: int) -> None:
         path = self.directory / "c" / str(i) / "0"
         label = f"{self.name}/c/{i}/0"
+        crc = self._read_file(i, dest, width, path, label)
+        if crc is None:
+            return
+        if i * self.chunk_rows < self.required_rows and self.dtype.kind == "f":
+            # the run writer fills unwritten rows with NaN and a committed row is never all NaN: an
+            # older copy of the chunk than the commit (a run copied while recording)
+            r = min(self.required_rows, (i + 1) * self.chunk_rows) - 1 - i * self.chunk_rows
+            if np.isnan(dest[r]).all():
+                raise StoreCorruptError(
+                    f"chunk {label} is older than what covers it: row {i * self.chunk_rows + r} is committed (or built) "
+                    f"but the chunk holds it as not yet written (file {path}). This happens when a run is copied while "
+                    "a recorder writes it. Copy it again after rec.flush() or rec.close(), or restore it from a copy."
+                )
+        digests = self.digests
+        if digests is not None and (i < digests.n_chunks(self.directory.name) or i * self.chunk_rows < self.required_rows):
+            # a recorder writing the run may have rewritten the chunk since the record was read: the
+            # chunk is read again (rows and trailer), then the record, before it is refused
+            digests.check(self.directory.name, i, crc, label=label, path=path,
+                          reread=lambda: self._read_file(i, dest, width, path, label))
+
+    def _read_file(self, i: int, dest: np.ndarray, width: int, path: Path, label: str) -> int | None:
+        """Read chunk ``i``'s rows into ``dest``, verify its checksum; returns its crc32c trailer, or
+        None for a missing chunk outside the required rows (``dest`` then holds the fill value)."""
         n = self.chunk_rows * width
         try:
             f = open(path, "rb")  # noqa: SIM115
@@ -107,7 +138,7 @@ class ChunkFileRows:
                     "zeros. Restore the run from a copy, or rebuild the array (embeddings: overwrite=True)."
                 ) from None
             dest[:] = self.fill_value
-            return
+            return None
         with f:
             view = memoryview(dest).cast("B")
             got = f.readinto(view)
@@ -117,21 +148,13 @@ class ChunkFileRows:
                 f"chunk {label} is corrupt (truncated or too long: {got + len(tail)} bytes, expected {n + 4}; "
                 f"file {path}); restore the run from a copy or re-record the affected steps."
             )
-        if crc32c.crc32c(view) != int.from_bytes(tail, "little"):
+        crc = int.from_bytes(tail, "little")
+        if crc32c.crc32c(view) != crc:
             raise StoreCorruptError(
                 f"chunk {label} is corrupt (crc32c checksum mismatch; file {path}); restore the run from a copy or "
                 "re-record it."
             )
-        if i * self.chunk_rows < self.required_rows and self.dtype.kind == "f":
-            # the run writer fills unwritten rows with NaN and a committed row is never all NaN: an
-            # older copy of the chunk than the commit (a run copied while recording)
-            r = min(self.required_rows, (i + 1) * self.chunk_rows) - 1 - i * self.chunk_rows
-            if np.isnan(dest[r]).all():
-                raise StoreCorruptError(
-                    f"chunk {label} is older than what covers it: row {i * self.chunk_rows + r} is committed (or built) "
-                    f"but the chunk holds it as not yet written (file {path}). This happens when a run is copied while "
-                    "a recorder writes it. Copy it again after rec.flush() or rec.close(), or restore it from a copy."
-                )
+        return crc
 
 
 def chunk_dir(array: Any) -> Path | None:
@@ -171,12 +194,42 @@ def fast_rows(array: Any, *, required_rows: int = 0) -> Any:
 
     ``required_rows``: rows that must be present (the commit's or a build's length): a missing chunk
     among them raises :class:`~datavalue.errors.StoreCorruptError` instead of reading as zeros (for
-    the zarr fallback, check with :meth:`datavalue.store.Run.require_chunks`)."""
+    the zarr fallback, check with :meth:`datavalue.store.Run.require_chunks`). A recorded array of a run
+    that binds its chunks (``datavalue.store._digest``) is read with the run's digest record: a chunk
+    file from another run, or an older copy, raises :class:`~datavalue.errors.StoreCorruptError`."""
     directory = chunk_dir(array)
     if directory is None or len(array.shape) != 2:
         return array
     return ChunkFileRows(directory, array.shape, array.chunks[0], array.dtype,
-                         float(array.metadata.fill_value or 0.0), name=str(array.path), required_rows=required_rows)
+                         float(array.metadata.fill_value or 0.0), name=str(array.path), required_rows=required_rows,
+                         digests=run_digests(directory.parent))
+
+
+def run_digests(root: Path) -> ChunkDigests | None:
+    """The chunk digest record of the local run ``root`` (read as a consistent pair with its commit), or
+    ``None``: not a run that binds its chunks (derived arrays' groups, runs written before it; ``open_run``
+    refuses a run that should have a record and has none)."""
+    try:
+        with open(root / "zarr.json", "rb") as f:
+            attrs = json.loads(f.read()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    run_id = attrs.get(RUN_ID_KEY) if isinstance(attrs, dict) else None
+    if not isinstance(run_id, str) or attrs.get(CHUNK_DIGESTS_KEY) is None:
+        return None
+    get = local_get(root)
+    pair = load_pair(get, root)
+    if pair is None:
+        return None
+
+    def load() -> Any:
+        again = load_pair(get, root)
+        if again is None:
+            raise StoreCorruptError(f"{root}: the run's chunk digest record disappeared while it was read. Restore "
+                                    "the run from a whole copy.")
+        return again
+
+    return ChunkDigests(pair[0], run_id, pair[1], root, load)
 
 
 def write_all(array: Any, data: np.ndarray) -> None:

@@ -26,6 +26,14 @@ from datavalue.errors import (
     StoreNotFoundError,
     StoreReadOnlyError,
 )
+from datavalue.store._digest import (
+    RECORD,
+    ChunkDigests,
+    DigestRecord,
+    load_pair,
+    local_get,
+    read_trailer,
+)
 from datavalue.store._paths import (
     check_inside_run,
     is_local,
@@ -33,6 +41,7 @@ from datavalue.store._paths import (
 )
 from datavalue.store._schema import (
     CAPTURE_KEYS,
+    CHUNK_DIGESTS_KEY,
     FINAL_PASS_INTEGRATION,
     GROUP_STEP_ARRAYS,
     MANIFEST_DIGEST_KEY,
@@ -94,6 +103,15 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
         raise StoreNotFoundError(f"no datavalue run at {location}: {exc}") from exc
     except Exception as exc:  # unreadable metadata
         raise StoreCorruptError(f"cannot open the zarr group at {location}: {exc}") from exc
+
+
+def missing_chunk_message(location: Any, key: str, first: int, last: int) -> str:
+    """The error for a chunk file missing inside what the commit (or a build) covers."""
+    return (
+        f"{location}: chunk {key} (entries {first}..{last}) is missing although the run's commit (or the array's "
+        "build) covers it; it would read as zeros. Restore the run from a copy; for derived arrays (embeddings) "
+        "rebuild them with overwrite=True; for recorded arrays re-record from the last intact step."
+    )
 
 
 def stale_chunk_message(location: Any, name: str, chunk: int, entry: int) -> str:
@@ -226,6 +244,137 @@ def check_array_shapes(group: zarr.Group, location: Any, *, steps: int, rows: in
             raise StoreCorruptError(stale_shape_message(location, name, length, n))
 
 
+def _store_get(group: zarr.Group, key: str, *, suffix: int | None = None) -> bytes | None:
+    """Raw bytes of ``key`` inside a run opened from an archive, a URL or a Store (``suffix``: its last
+    ``suffix`` bytes only), or ``None`` when absent."""
+    from zarr.abc.store import SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(group.store.get(key, prototype=default_buffer_prototype(),
+                               byte_range=SuffixByteRequest(suffix) if suffix is not None else None))
+    return None if buf is None else buf.to_bytes()
+
+
+def load_digests(group: zarr.Group, location: Any) -> ChunkDigests | None:
+    """The run's :class:`~datavalue.store._digest.ChunkDigests` (read as a consistent pair with its
+    commit), or ``None`` when the run has no record (the caller decides whether it must have one)."""
+    run_id = group.attrs.get(RUN_ID_KEY)
+    if isinstance(location, Path):
+        get = local_get(location)
+    else:
+        def get(key: str) -> bytes | None:
+            return _store_get(group, key)
+
+    def load() -> tuple[DigestRecord, tuple[int, int, int, int] | None]:
+        pair = load_pair(get, location)
+        if pair is None:
+            raise StoreCorruptError(f"{location}: the run's chunk digest record ({RECORD}) disappeared while "
+                                    "it was read. Restore the run from a whole copy.")
+        return pair
+
+    pair = load_pair(get, location)
+    if pair is None:
+        return None
+    return ChunkDigests(pair[0], str(run_id), pair[1], location, load)
+
+
+def _chunk_crc(group: zarr.Group, location: Any, key: str, size: int) -> tuple[int | None, bool, Any]:
+    """``(crc32c trailer, whole, file)`` of the chunk ``key`` inside the run: ``None`` when it is missing
+    or shorter than 4 bytes; ``whole``: it holds ``size`` bytes (one chunk and its crc; else truncated
+    or damaged, which its checksum names when it is read); ``file`` names it for messages."""
+    if isinstance(location, Path):
+        file = location / key
+        crc, whole = read_trailer(file, size)
+        return crc, whole, file
+    raw = _store_get(group, key, suffix=4)
+    if raw is None or len(raw) != 4:
+        return None, False, key
+    from zarr.core.sync import sync
+
+    return int.from_bytes(raw, "little"), int(sync(group.store.getsize(key))) == size, key
+
+
+def _chunk_size(arr: zarr.Array) -> int:
+    """Bytes of one chunk file of a recorded array (codecs ``bytes -> crc32c``: the rows and 4)."""
+    return int(np.prod(arr.chunks)) * np.dtype(arr.dtype).itemsize + 4
+
+
+def _marker_entry(raw: bytes, dtype: Any, shape: tuple[int, ...], start: int, stop: int) -> int | None:
+    """The first entry in ``start:stop`` (chunk-relative) of a raw chunk that holds the writer's
+    unwritten-row marker, or None."""
+    dt = np.dtype(dtype).newbyteorder("<")
+    n = int(np.prod(shape)) * dt.itemsize
+    if len(raw) != n + 4:
+        return None
+    vals = np.frombuffer(raw, dtype=dt, count=int(np.prod(shape))).reshape(shape)[start:stop]
+    mark = unwritten_value(dt)
+    hit = np.isnan(vals) if dt.kind == "f" else vals == mark
+    hit = hit.reshape(len(vals), -1).all(axis=1)
+    found = np.flatnonzero(hit)
+    return int(found[0]) if found.size else None
+
+
+def check_chunk_digests(group: zarr.Group, location: Any, *, steps: int, rows: int,
+                        fisher_rows: int) -> tuple[ChunkDigests | None, dict[str, np.ndarray] | None]:
+    """Check every committed chunk of every recorded array against the run's chunk digest record
+    (``datavalue.store._digest``): one 4-byte read per chunk, no pass over the data.
+
+    Returns ``(digests, bound)``: the reader's view of the record and, per array, the digests of its
+    committed chunks as they are on disk (what a resumed writer continues from); ``(None, None)`` for
+    a run written before chunks were bound to their run (logged at INFO).
+
+    Raises:
+        StoreCorruptError: a chunk that matches no digest (another run's, or an older copy's: named,
+            with the unwritten-row message when its committed entries hold the marker), a record that
+            is missing, another run's or not the commit's.
+    """
+    run_id = group.attrs.get(RUN_ID_KEY)
+    if group.attrs.get(CHUNK_DIGESTS_KEY) is None or run_id is None:
+        logger.info("%s has no chunk digest record (written before chunks were bound to their run); its chunks are "
+                    "not checked against the run id", location)
+        return None, None
+    digests = load_digests(group, location)
+    if digests is None:
+        if steps == 0 and rows == 0 and fisher_rows == 0:
+            return None, {}  # created and stopped before its first record: nothing recorded to bind
+        raise StoreCorruptError(
+            f"{location}: the run's chunk digest record ({RECORD}) is missing, but the run was written with "
+            f"one (root attribute '{CHUNK_DIGESTS_KEY}') and its commit covers {steps} steps: nothing binds its chunks "
+            "to the run any more. Restore the run from a whole copy of its directory, or re-record it.")
+    out: dict[str, np.ndarray] = {}
+    for name in COMMITTED_ARRAYS:
+        n = committed_length(name, steps=steps, rows=rows, fisher_rows=fisher_rows)
+        if n <= (1 if name.endswith("_ptr") else 0):
+            continue
+        try:
+            arr = group[name]
+        except KeyError:
+            continue
+        C, suffix = int(arr.chunks[0]), "/0" * (len(arr.shape) - 1)
+        n_chunks, size = -(-n // C), _chunk_size(arr)
+        bound = np.empty(n_chunks, dtype="<u4")
+        for i in range(n_chunks):
+            key = f"{name}/c/{i}{suffix}"
+            crc, whole, file = _chunk_crc(group, location, key, size)
+            if crc is None:
+                if isinstance(file, Path) and not file.exists() or not isinstance(file, Path) and _store_get(group, key) is None:
+                    raise StoreCorruptError(missing_chunk_message(location, key, i * C, min(n, (i + 1) * C) - 1))
+                raise StoreCorruptError(f"{location}: chunk {key} is corrupt (truncated to less than its 4-byte checksum; "
+                                        f"file {file}). Restore the run from a copy.")
+            if whole and not digests.accepts(name, i, crc):  # (a damaged one: its checksum says so on read)
+                if name in MARKED_ARRAYS:  # an older copy the marker tells: the message that says so
+                    raw = file.read_bytes() if isinstance(file, Path) else _store_get(group, key)
+                    hit = _marker_entry(raw or b"", arr.dtype, tuple(int(c) for c in arr.chunks), 0, min(n, (i + 1) * C) - i * C)
+                    if hit is not None:
+                        raise StoreCorruptError(stale_chunk_message(location, name, i, i * C + hit))
+                crc = digests.check(name, i, crc, label=key, path=file,  # a live recorder: both read again first
+                                    reread=lambda key=key, size=size: _chunk_crc(group, location, key, size)[0])
+            bound[i] = digests.bind(crc)
+        out[name] = bound
+    return digests, out
+
+
 class Run:
     """A committed, read-only view of a recorded run.
 
@@ -302,13 +451,21 @@ class Run:
         """Every array's shape and every chunk the commit covers must exist: a deleted chunk would
         otherwise read as zeros, an older array metadata file would hide committed entries."""
         check_array_shapes(self._group, self.path, steps=self.n_steps, rows=self.n_rows, fisher_rows=self.n_fisher_rows)
+        attrs = self._group.attrs
+        # a local run bound by a digest record: its check below opens every committed chunk (and names a
+        # missing one the same way), so the existence check is not made twice
+        bound = isinstance(self.path, Path) and attrs.get(CHUNK_DIGESTS_KEY) is not None and attrs.get(RUN_ID_KEY) is not None
         for name in COMMITTED_ARRAYS:
             n = self._committed_length(name)
             if n <= (1 if name.endswith("_ptr") else 0) or not self.has_array(name):
                 continue
-            self.require_chunks(name, n)
+            if not bound:
+                self.require_chunks(name, n)
             if name in ("grads", "fisher"):
                 self._check_chunk_tails(name, n)
+        # every committed chunk is this run's: bound to its id by the digest record (one 4-byte read each)
+        self._digests, _ = check_chunk_digests(self._group, self.path, steps=self.n_steps, rows=self.n_rows,
+                                               fisher_rows=self.n_fisher_rows)
 
     def _check_chunk_tails(self, name: str, n: int) -> None:
         """The last committed row of every chunk of ``name`` must have been written: the writer
@@ -367,12 +524,7 @@ class Run:
         for i in range(-(-int(n) // C)):
             key = (str(i), *suffix)
             if not self._chunk_exists(name, key):
-                raise StoreCorruptError(
-                    f"{self.path}: chunk {name}/c/{'/'.join(key)} (entries {i * C}..{min(n, (i + 1) * C) - 1}) "
-                    "is missing although the run's commit (or the array's build) covers it; it would read as zeros. "
-                    "Restore the run from a copy; for derived arrays (embeddings) rebuild them with overwrite=True; "
-                    "for recorded arrays re-record from the last intact step."
-                )
+                raise StoreCorruptError(missing_chunk_message(self.path, f"{name}/c/{'/'.join(key)}", i * C, min(n, (i + 1) * C) - 1))
 
     # ------------------------------------------------------------------ helpers
     def _chunk_exists(self, name: str, key: tuple[str, ...]) -> bool:
@@ -413,6 +565,15 @@ class Run:
             arr = self._group[name]
         except KeyError as exc:
             raise StoreNotFoundError(f"{self.path} has no array {name!r}") from exc
+        digests = self._digests
+        if digests is not None and digests.covers(name) and stop > start:  # the chunks read are this run's
+            C, suffix, size = int(arr.chunks[0]), "/0" * (len(arr.shape) - 1), _chunk_size(arr)
+            for i in range(start // C, -(-stop // C)):
+                key = f"{name}/c/{i}{suffix}"
+                crc, whole, file = _chunk_crc(self._group, self.path, key, size)
+                if whole:  # missing or damaged: require_chunks has named it at open, or zarr names it below
+                    digests.check(name, i, crc, label=key, path=file,
+                                  reread=lambda key=key: _chunk_crc(self._group, self.path, key, size)[0])
         try:
             return np.asarray(arr[start:stop])
         except Exception as exc:

@@ -70,6 +70,15 @@ MANIFEST_DIGEST_KEY = "datavalue_manifest_digest"
 #: recorder writes: an array whose id differs from the root's was copied in from another run (runs
 #: written before it have none and are not checked).
 RUN_ID_KEY = "datavalue_run_id"
+#: Root attribute saying the run binds every recorded chunk to its run id (value: the format version
+#: of its record :data:`CHUNK_DIGEST_FILES`, ``datavalue.store._digest``); runs written before it have
+#: none and read with a logged note.
+CHUNK_DIGESTS_KEY = "datavalue_chunk_digests"
+#: The run's chunk digest record (``datavalue.store._digest``): per recorded array and chunk,
+#: ``crc32c(run_id || the chunk's crc32c trailer)``, written before the chunks of each commit, into
+#: the two files in turn (in place: the newest whole one counts). In the ``commit`` array's folder:
+#: it belongs to the commit, and zarr sees nothing new at the run's root.
+CHUNK_DIGEST_FILES = ("commit/digests.0", "commit/digests.1")
 #: Child run holding the no-update pass at the final weights (``datavalue.capture.FinalPass``).
 FINAL_RUN = "final"
 #: The top-level entries datavalue writes in a run directory: the run's arrays, the groups built

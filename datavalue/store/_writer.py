@@ -22,7 +22,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import crc32c
 import numpy as np
@@ -36,14 +36,18 @@ from datavalue.errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
+from datavalue.store._digest import FORMAT_VERSION as DIGEST_FORMAT
+from datavalue.store._digest import DigestWriter
 from datavalue.store._paths import refuse_links_leaving
 from datavalue.store._reader import (
     check_array_shapes,
+    check_chunk_digests,
     check_manifest,
     read_commit,
 )
 from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock, sweep_run
 from datavalue.store._schema import (
+    CHUNK_DIGESTS_KEY,
     FINAL_RUN,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
@@ -139,6 +143,11 @@ def foreign_entries(path: Path) -> list[str]:
     return sorted(out)
 
 
+def _encode(chunk: np.ndarray) -> memoryview:
+    """A chunk's bytes as the codec ``bytes(little)`` stores them (no copy on a little-endian machine)."""
+    return memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
+
+
 def _write_chunk(path: Path, chunk: np.ndarray) -> None:
     """Encode one chunk exactly as the codec chain ``bytes(little) -> crc32c`` does, write it atomically.
 
@@ -146,7 +155,12 @@ def _write_chunk(path: Path, chunk: np.ndarray) -> None:
     checks, read-modify-write); the writer keeps each array's tail chunk in memory and writes whole
     chunks itself. Readers use zarr unchanged (tests read everything back through zarr).
     """
-    data = memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
+    data = _encode(chunk)
+    _write_bytes(path, data, crc32c.crc32c(data))
+
+
+def _write_bytes(path: Path, data: memoryview, crc: int) -> None:
+    """Write a chunk's encoded bytes ``data`` and its crc32c ``crc`` to ``path`` atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
         f = open(tmp, "wb")  # noqa: SIM115
@@ -156,7 +170,7 @@ def _write_chunk(path: Path, chunk: np.ndarray) -> None:
     try:
         with f:  # the array's buffer, then its checksum: no bytes copies
             f.write(data)
-            f.write(crc32c.crc32c(data).to_bytes(4, "little"))
+            f.write(crc.to_bytes(4, "little"))
         os.replace(tmp, path)
     except BaseException:  # a full disk: the chunk keeps its last whole version, no temporary is left
         with contextlib.suppress(OSError):
@@ -174,6 +188,16 @@ def write_chunk(directory: Path, i: int, piece: np.ndarray, chunk_rows: int, *, 
     _write_chunk(directory.joinpath("c", str(i), *(["0"] * (piece.ndim - 1))), piece)
 
 
+class _Staged(NamedTuple):
+    """A chunk encoded and checksummed, to be written after the run's digest record names it."""
+
+    name: str  # the array
+    i: int  # the chunk
+    path: Path
+    data: memoryview
+    crc: int
+
+
 class _AppendArray:
     """Appends rows to a zarr array along axis 0, keeping the last (partial) chunk in memory.
 
@@ -181,10 +205,16 @@ class _AppendArray:
     each commit copies the new rows into it and writes it out as is (a chunk that the new rows fill
     entirely is written straight from them), so a commit costs no concatenation of the tail, no
     padded copy and no copy of the new tail (issue 20).
+
+    :meth:`append` only *stages* the chunks (encoded, crc32c computed once): the writer records
+    their digests (``datavalue.store._digest``) before it writes them. A commit that completes the
+    buffered chunk and starts the next one needs the completed chunk's bytes until they are
+    written, so the new tail goes into a second buffer (two per array, swapped; allocated on first use).
     """
 
     def __init__(self, root: Path, arr: zarr.Array, length: int) -> None:
         self.root, self.arr, self.length = root, arr, int(length)
+        self.name = root.name
         self.rows_per_chunk = int(arr.chunks[0])
         self.chunk_shape = tuple(int(c) for c in arr.chunks)
         if tuple(arr.shape[1:]) != self.chunk_shape[1:]:
@@ -192,6 +222,8 @@ class _AppendArray:
         # rows not written yet carry a marker, so that an older copy of a chunk is told from data
         self.pad = unwritten_value(arr.dtype) if root.name in MARKED_ARRAYS else 0
         self.buf: np.ndarray | None = None  # the tail chunk: its first length % rows_per_chunk rows are data
+        self._spare: np.ndarray | None = None  # the other buffer (see the class docstring)
+        self._suffix = ("0",) * (len(self.chunk_shape) - 1)
         start = (self.length // self.rows_per_chunk) * self.rows_per_chunk
         if self.length > start:
             self._fresh()[: self.length - start] = np.asarray(arr[start : self.length])
@@ -202,32 +234,48 @@ class _AppendArray:
         n = self.length % self.rows_per_chunk
         return self.buf[:n] if self.buf is not None else np.zeros((0, *self.chunk_shape[1:]), self.arr.dtype)
 
-    def _fresh(self) -> np.ndarray:
-        """The tail buffer, all pad (allocated once, refilled when a new chunk starts in it)."""
+    def _fresh(self, *, staged: bool = False) -> np.ndarray:
+        """The tail buffer, all pad (allocated once, refilled when a new chunk starts in it); ``staged``:
+        the current buffer holds a chunk not written yet, so the other buffer takes the new tail."""
+        if staged:
+            self.buf, self._spare = self._spare, self.buf
         if self.buf is None:
             self.buf = np.full(self.chunk_shape, self.pad, dtype=self.arr.dtype)
         else:
             self.buf.fill(self.pad)
         return self.buf
 
-    def append(self, data: np.ndarray) -> None:
+    def _stage(self, i: int, chunk: np.ndarray) -> _Staged:
+        data = _encode(chunk)
+        return _Staged(self.name, i, self.root.joinpath("c", str(i), *self._suffix), data, crc32c.crc32c(data))
+
+    def append(self, data: np.ndarray, staged: list[_Staged] | None = None) -> None:
+        """Append ``data`` (rows), adding the chunks to write to ``staged`` (in chunk order); without
+        ``staged``, write them at once."""
+        if staged is None:
+            staged = []
+            self.append(data, staged)
+            for s in staged:
+                _write_bytes(s.path, s.data, s.crc)
+            return
         if len(data) == 0:
             return
         data = np.asarray(data).reshape(-1, *self.chunk_shape[1:])
         new_len = self.length + len(data)
         _grow(self.arr, new_len)  # metadata first, so the chunk grid covers the new chunks
-        C, pos = self.rows_per_chunk, 0
+        C, pos, buffered = self.rows_per_chunk, 0, False
         while pos < len(data):
             i, off = divmod(self.length, C)
             n = min(C - off, len(data) - pos)
             piece = data[pos : pos + n]
-            if off == 0 and n == C and piece.dtype == self.arr.dtype:  # a whole chunk: straight from the rows
-                write_chunk(self.root, i, piece, C)
-            else:
-                buf = self.buf if off else self._fresh()  # a chunk's first rows: all pad behind them
+            if off == 0 and n == C:  # a whole chunk: straight from the rows (converted once if need be)
+                staged.append(self._stage(i, piece if piece.dtype == self.arr.dtype else piece.astype(self.arr.dtype)))
+            else:  # only the first piece continues the buffer, only the last starts a new chunk in it
+                buf = self.buf if off else self._fresh(staged=buffered)  # a chunk's first rows: all pad behind them
                 assert buf is not None
                 buf[off : off + n] = piece  # converts to the array's dtype, as astype does
-                write_chunk(self.root, i, buf, C)
+                staged.append(self._stage(i, buf))
+                buffered = True
             pos += n
             self.length += n
 
@@ -310,6 +358,8 @@ class RunWriter:
             raise ValueError(f"mode must be 'create', 'overwrite' or 'resume', got {mode!r}")
         self._locks: list[LockFile] = []
         self._run_id: str | None = None
+        self._digests: DigestWriter | None = None  # None: a run written before chunks were bound to their run
+        self._on_disk: tuple[int, int, int, int] = (0, 0, 0, 0)  # the commit on disk
         self._lock_and_prepare(mode, manifest, chunk_rows, storage_dtype, fisher)
         self.manifest = manifest if mode != "resume" else self.manifest
         self._tails: dict[str, _AppendArray] = {}
@@ -389,7 +439,9 @@ class RunWriter:
             raise StoreNotFoundError(f"resume=True but {path} is {found}, not a datavalue run; check the path.")
 
     def _release(self) -> None:
-        """Release the writer lock(s), the run's own first."""
+        """Close the digest record's files; release the writer lock(s), the run's own first."""
+        if self._digests is not None:
+            self._digests.close()
         while self._locks:
             self._locks.pop().release()
 
@@ -397,7 +449,8 @@ class RunWriter:
         g = zarr.open_group(str(self.path), mode="a", zarr_format=3)  # "a": the directory holds our writer lock
         # one zarr.json write: the manifest and the digest binding its capture settings to the data
         self._run_id = uuid.uuid4().hex  # on the root and every array: an array copied from another run shows
-        g.attrs.update({MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest), RUN_ID_KEY: self._run_id})
+        g.attrs.update({MANIFEST_KEY: manifest, MANIFEST_DIGEST_KEY: manifest_digest(manifest), RUN_ID_KEY: self._run_id,
+                        CHUNK_DIGESTS_KEY: DIGEST_FORMAT})
         # every chunk is written, even one equal to the fill value: no per-chunk comparison
         cfg = {"write_empty_chunks": True}
         ours = {RUN_ID_KEY: self._run_id}
@@ -418,9 +471,13 @@ class RunWriter:
                            compressors=small_codecs(), fill_value=0, config=cfg, attributes=ours)
         g.create_array("commit", shape=(4,), chunks=(4,), dtype="int64", compressors=small_codecs(), fill_value=0, config=cfg, attributes=ours)
         self._group = g
+        # every recorded chunk bound to the run's id: the record of the zero commit, then that commit
+        self._digests = DigestWriter(self.path, self._run_id)
+        self._digests.write(None, (0, 0, 0, 0))
         # an explicit zero commit before any data chunk: a missing commit/c/0 beside data is then damage,
         # never a first step in flight (store._reader.read_commit)
         self._commit_chunk(np.zeros(4, dtype=np.int64))
+        self._on_disk = (0, 0, 0, 0)
         self.steps = self.rows = self.fisher_rows = self.generation = 0
 
     def _open_existing(self, manifest: dict[str, Any]) -> None:
@@ -447,6 +504,12 @@ class RunWriter:
         self.steps, self.rows, self.fisher_rows, self.generation = read_commit(g, self.path)
         # an array metadata file older than the commit: appending would resize from the wrong length
         check_array_shapes(g, self.path, steps=self.steps, rows=self.rows, fisher_rows=self.fisher_rows)
+        # every committed chunk this run's (the tails are read back and rewritten: never bless another's);
+        # the record continues from the digests of the chunks as they are on disk
+        found, bound = check_chunk_digests(g, self.path, steps=self.steps, rows=self.rows, fisher_rows=self.fisher_rows)
+        self._on_disk = (self.steps, self.rows, self.fisher_rows, self.generation)
+        if bound is not None and self._run_id:
+            self._digests = DigestWriter(self.path, self._run_id, bound, seq=0 if found is None else found.seq + 1)
         self.generation += 1
         logger.info("resuming %s after %d committed steps (%d rows)", self.path, self.steps, self.rows)
 
@@ -560,16 +623,27 @@ class RunWriter:
             appends["fisher"] = np.concatenate(fis)
             appends["fisher_ptr"] = self.fisher_rows + np.cumsum([len(f) for f in fis])
             f1 = self.fisher_rows + len(appends["fisher"])
-        self._optional_step_arrays(blocks, appends)
+        staged: list[_Staged] = []
+        self._optional_step_arrays(blocks, appends, staged)
         for name, data in appends.items():
-            self._tail(name).append(data)
-        # data chunks first ...
-        self._commit_chunk(np.array([t1, r1, f1, self.generation], dtype=np.int64))  # ... then visibility
+            self._tail(name).append(data, staged)
+        after = (t1, r1, f1, self.generation)
+        if self._digests is not None:  # the chunks' digests first, bound to the run (datavalue.store._digest) ...
+            for c in staged:
+                self._digests.stage(c.name, c.i, c.crc)
+            self._digests.write(self._on_disk, after)
+        for c in staged:  # ... then the data chunks ...
+            _write_bytes(c.path, c.data, c.crc)
+        self._commit_chunk(np.array(after, dtype=np.int64))  # ... then visibility
         self.steps, self.rows, self.fisher_rows = t1, r1, f1
+        self._on_disk = after
+        if self._digests is not None:
+            self._digests.committed()
 
-    def _optional_step_arrays(self, blocks: list[StepBlock], appends: dict[str, np.ndarray]) -> None:
+    def _optional_step_arrays(self, blocks: list[StepBlock], appends: dict[str, np.ndarray], staged: list[_Staged]) -> None:
         """Per-step optional arrays (``StepBlock.extra``): created on first use (earlier steps NaN,
-        ``first_step`` attribute), NaN for steps that lack them."""
+        ``first_step`` attribute), NaN for steps that lack them; the NaN chunks of the earlier steps
+        are added to ``staged``."""
         names = {n for b in blocks for n in (b.extra or {})}
         if self._optional is None:  # which optional arrays the run has: looked up once (each lookup is a
             self._optional = {n for n in OPTIONAL_STEP_ARRAYS if n in self._group}  # zarr store round trip)
@@ -591,8 +665,12 @@ class RunWriter:
                                                attributes={"first_step": int(self.steps)}
                                                | ({RUN_ID_KEY: self._run_id} if self._run_id else {}))
                 self._optional.add(name)
-                if self.steps:  # earlier steps: NaN (fill value), written out so the chunks exist
-                    arr[: self.steps] = np.nan
+                # earlier steps: NaN (fill value), written out so that the chunks exist: the whole chunks
+                # here, the partial one by the append (its tail reads the fill value)
+                if self.steps >= rows:
+                    nan = np.full((rows, *width), np.nan, dtype=dt)
+                    tail = _AppendArray(self.path / name, arr, 0)
+                    staged.extend(tail._stage(i, nan) for i in range(self.steps // rows))
             data = []
             for b in blocks:
                 v = (b.extra or {}).get(name)

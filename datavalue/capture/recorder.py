@@ -335,11 +335,16 @@ class Recorder:
         logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
 
     def _resumed_state(self, resume: bool) -> str | None:
-        if not resume or self._dist.rank != 0:
+        """On resume: the optimizer state the run's last step left, in words (rank 0 reads the run; every rank
+        learns whether there is one, so that all refuse a fresh optimizer's first update together)."""
+        if not resume:
             return None
         from datavalue.capture._resume import resumed_optimizer_state
 
-        return resumed_optimizer_state(self.path, self.n_steps)
+        said = resumed_optimizer_state(self.path, self.n_steps) if self._dist.rank == 0 else None
+        if self._dist.broadcast_int(int(said is not None)) and said is None:
+            said = "optimizer state (see rank 0)"
+        return said
 
     def _make_engine(self, model: nn.Module, **kw: Any) -> Engine:
         """The capture engine (a subclass may reproduce a recorded one instead)."""

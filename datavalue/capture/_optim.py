@@ -570,7 +570,15 @@ class UnrecordedGradients:
       clipping after the block scales it by a coefficient the step did not record);
     * per-group ``lr``, ``momentum`` or ``weight_decay`` changed since the step was recorded (a
       scheduler stepped before the optimizer, a manual ``param_groups`` edit);
-    * an update with no recorded step (``optimizer.step()`` twice for one block).
+    * an update with no recorded step (``optimizer.step()`` twice for one block);
+    * a captured parameter whose optimizer state (momentum buffer, Adam moments) is gone since the previous
+      update, or, on resume, an optimizer holding no state where the run's last step left some (fifth probe);
+    * a recorded layer in none of the optimizer's param groups that moved since its block started (a second
+      optimizer steps it).
+
+    After each verified update a step post-hook takes the weights' fingerprint (the probe's reduction of the
+    weights, one pass over them); :meth:`before_block` refuses the next block while the weights differ from it
+    (an edit after ``optimizer.step()``: max-norm, clamping, an EMA copied back, or a second optimizer).
 
     A block starting while the previous step's update never ran (``optimizer.step()`` skipped) is
     refused by :meth:`before_block`, unless that step's rows were non-finite (a ``GradScaler``

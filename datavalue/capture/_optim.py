@@ -406,8 +406,15 @@ class GradientProbe:
 
     def of_gradient(self, named: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``Q S g`` of a full gradient ``{name: tensor}`` (every captured parameter's)."""
+        return torch.cat(self.of_blocks(named))
+
+    def of_blocks(self, named: Mapping[str, torch.Tensor], only: Any = None) -> list[torch.Tensor]:
+        """:meth:`of_gradient` block by block (``only``: the indices of the blocks wanted, default all); also
+        the fingerprint of the weights themselves (``{name: parameter}``), read in one pass."""
         out = []
-        for kind, params, axis, u, u_b, right, right_b in self.plan:
+        for i, (kind, params, axis, u, u_b, right, right_b) in enumerate(self.plan):
+            if only is not None and i not in only:
+                continue
             if kind == "dense":
                 ts = [named[q].reshape(-1) for q in params]
                 v = torch.cat(ts) if len(ts) > 1 else ts[0]
@@ -431,7 +438,76 @@ class GradientProbe:
                 out.append(torch.cat([y, yb.reshape(1)]))
             else:
                 out.append(torch.addmv(right_b * yb, right, y))
-        return torch.cat(out)
+        return out
+
+
+def gradient_tolerances(params: Any) -> tuple[float, float]:
+    """``(rtol, atol)`` of the gradient check for parameters of these dtypes (see :data:`GRADIENT_RTOL`)."""
+    u = max((torch.finfo(q.dtype).eps for q in params if q.dtype.is_floating_point), default=0.0)
+    return max(GRADIENT_RTOL, 4 * u), max(GRADIENT_ATOL, u / 4)
+
+
+def _residual(full: torch.Tensor, raw: torch.Tensor) -> tuple[float, float, float, float]:
+    """``(coef, resid, |full|, |raw|^2)``: the best multiple ``coef`` of ``raw`` in ``full`` and what is left."""
+    rr = float(raw @ raw)
+    nf = float(full.norm())
+    coef = float(full @ raw) / rr if rr > 0 else 0.0
+    return coef, float((full - coef * raw).norm()), nf, rr
+
+
+#: The likely causes of a gradient that the captured rows do not hold, most likely first.
+NOT_PER_EXAMPLE = (
+    "a loss term that is not a sum of per-example losses, whose gradient reaches .grad but no example's row (an L2 "
+    "penalty such as `lam * sum(p.pow(2).sum())`: use the optimizer's weight_decay=, which the run records; another "
+    "regulariser or auxiliary loss of the parameters: move it out of the recorded loss)"
+)
+
+
+class BlockGradientCheck:
+    """Without ``optimizer=``: the gradient a recorded block adds to ``.grad`` must be the sum of the
+    captured rows (both reduced by a :class:`GradientProbe`), else a part of the update is recorded
+    nowhere (an L2 penalty in the loss). Costs one probe of ``.grad`` at the block's end, and one at its
+    start when ``.grad`` is not empty then (``zero_grad(set_to_none=False)``, or accumulation)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.probe = GradientProbe(engine)
+        named = dict(engine.model.named_parameters())
+        self._captured = {q: named[q] for b in engine.blocks for q in b.params if q in named}
+        self.rtol, self.atol = gradient_tolerances(self._captured.values())
+
+    def snapshot(self) -> torch.Tensor | None:
+        """The probe of ``.grad`` now (``None``: no captured parameter holds a gradient)."""
+        grads = {n: q.grad for n, q in self._captured.items()}
+        if all(g is None for g in grads.values()):
+            return None
+        with torch.no_grad():
+            grads = {n: g if g is not None else torch.zeros_like(self._captured[n]) for n, g in grads.items()}
+            return self.probe.of_gradient(grads).to(torch.float64)
+
+    def check(self, before: torch.Tensor | None, rows: torch.Tensor, step: int) -> None:
+        """Refuse the block (step ``step``) when ``.grad`` grew by more than the rows' sum ``rows`` ``(b, k)``."""
+        with torch.no_grad():
+            red = self.probe.reduce(rows.detach())
+            raw = red.sum(0).to(torch.float64)
+            if not bool(torch.isfinite(raw).all()):
+                return  # non-finite rows are the pipeline's to flag
+            after = self.snapshot()
+            full = torch.zeros_like(raw) if after is None else after.to(raw.device)
+            if before is not None:
+                full = full - before.to(raw.device)
+            if not bool(torch.isfinite(full).all()):
+                return
+            scale = float(red.to(torch.float64).norm(dim=-1).sum())
+        coef, resid, nf, rr = _residual(full, raw)
+        if resid > self.rtol * nf + self.atol * abs(coef) * scale:
+            raise RecorderError(
+                f"step {step}: the gradient this block's backward added to .grad is not the sum of the examples' "
+                f"captured gradients: after removing its multiple {coef:.6g} of their sum, {resid / max(nf, 1e-300):.3g} "
+                f"of its norm is left (more than rounding), so the run would miss that part of the update. Likely "
+                f"causes, in order: (1) {NOT_PER_EXAMPLE}; (2) .grad edited inside the block other than by scaling "
+                "(clipping is a scaling and is fine). Nothing was written for this step. Fix the loss (or the edit) "
+                "and record the step again; with Recorder(..., optimizer=opt) the update itself is checked too."
+            )
 
 
 @dataclasses.dataclass
@@ -459,6 +535,24 @@ def _steps(n: int) -> str:
     return f"{n} step{'' if n == 1 else 's'}"
 
 
+#: Relative change of a block's weights fingerprint (the :class:`GradientProbe` reduction of its weights,
+#: in the capture dtype) above which the weights count as moved between two points where nothing may move
+#: them; the same tensors reduced twice agree exactly (the rounding of one reduction is ~1e-7 in float32).
+WEIGHTS_RTOL = 1e-6
+
+
+def _another_optimizer(names: list[str], when: str) -> str:
+    return (f"the weights of {names[:3]}{' ...' if len(names) > 3 else ''} changed {when}, but their parameters "
+            "are in none of the param groups of the optimizer given to the Recorder: another optimizer steps them, "
+            "with an update the run does not record")
+
+
+#: The fix of :func:`_another_optimizer`.
+ONE_OPTIMIZER = ("pass one optimizer with param groups (e.g. torch.optim.SGD([{'params': a.parameters()}, "
+                 "{'params': b.parameters(), 'lr': 0.5}])), or record only the given optimizer's layers with "
+                 "layers=[...]")
+
+
 class UnrecordedGradients:
     """Refuse an optimizer update that differs from the step the run records.
 
@@ -476,7 +570,15 @@ class UnrecordedGradients:
       clipping after the block scales it by a coefficient the step did not record);
     * per-group ``lr``, ``momentum`` or ``weight_decay`` changed since the step was recorded (a
       scheduler stepped before the optimizer, a manual ``param_groups`` edit);
-    * an update with no recorded step (``optimizer.step()`` twice for one block).
+    * an update with no recorded step (``optimizer.step()`` twice for one block);
+    * a captured parameter whose optimizer state (momentum buffer, Adam moments) is gone since the previous
+      update, or, on resume, an optimizer holding no state where the run's last step left some (fifth probe);
+    * a recorded layer in none of the optimizer's param groups that moved since its block started (a second
+      optimizer steps it).
+
+    After each verified update a step post-hook takes the weights' fingerprint (the probe's reduction of the
+    weights, one pass over them); :meth:`before_block` refuses the next block while the weights differ from it
+    (an edit after ``optimizer.step()``: max-norm, clamping, an EMA copied back, or a second optimizer).
 
     A block starting while the previous step's update never ran (``optimizer.step()`` skipped) is
     refused by :meth:`before_block`, unless that step's rows were non-finite (a ``GradScaler``
@@ -492,7 +594,7 @@ class UnrecordedGradients:
     """
 
     def __init__(self, engine: Engine, optimizer: Any, *, release: Any = None, drop: Any = None,
-                 compare_gradients: bool = True) -> None:
+                 compare_gradients: bool = True, resumed_state: str | None = None) -> None:
         self.engine = engine
         self.optimizer = unwrap_optimizer(optimizer)
         self.unrecorded: set[str] = set()
@@ -504,11 +606,26 @@ class UnrecordedGradients:
         named = dict(engine.model.named_parameters())
         self._trainable = [p for p in named.values() if p.requires_grad]
         self._captured = {q: named[q] for b in engine.blocks for q in b.params if q in named}
-        u = max((torch.finfo(q.dtype).eps for q in self._captured.values() if q.dtype.is_floating_point), default=0.0)
-        self.rtol, self.atol = max(GRADIENT_RTOL, 4 * u), max(GRADIENT_ATOL, u / 4)
+        self.rtol, self.atol = gradient_tolerances(self._captured.values())
+        # the weights' fingerprint (the probe's reduction of the weights themselves, block by block): taken
+        # after each verified update and compared when the next block starts (edits after optimizer.step())
+        self._weights_probe = self.probe if self.probe is not None else GradientProbe(engine)
+        self._block_names = [b.name for b in engine.blocks]
+        in_groups = {id(q) for g in self.optimizer.param_groups for q in g["params"]}
+        #: blocks whose parameters are all trainable and in none of the optimizer's groups: they must not move
+        self._orphans = [i for i, b in enumerate(engine.blocks)
+                         if all(q in named and named[q].requires_grad and id(named[q]) not in in_groups for q in b.params)]
+        self._after_update: list[torch.Tensor] | None = None
+        self._orphans_at_block: list[torch.Tensor] | None = None
+        self._segments: dict[tuple[int, ...], torch.Tensor] = {}
+        #: the captured parameters holding optimizer state after the last update (state lost: P5-12)
+        self._stateful: list[str] = []
+        #: on resume, the optimizer state the run's last recorded step left (checked at the first update)
+        self._resumed_state = resumed_state
         self._handles = [p.register_post_accumulate_grad_hook(lambda _p, n=name: self._on_accumulate(n))
                          for name, p in named.items() if p.requires_grad]
         self._handles.append(self.optimizer.register_step_pre_hook(self._on_step))
+        self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
 
     def _on_accumulate(self, name: str) -> None:
         if self.engine.sink is None:
@@ -540,9 +657,11 @@ class UnrecordedGradients:
         return None if p is None or p.applied else p.step
 
     def before_block(self) -> None:
-        """A new recorded block starts: the previous step's update must have run."""
+        """A new recorded block starts: the previous step's update must have run, and the weights must be the
+        ones it left."""
         p = self.pending
         if p is None or p.applied:
+            self._check_weights_unchanged(p)
             return
         self.pending = None
         if p.nonfinite:  # an AMP GradScaler skips the update of a step with non-finite gradients
@@ -566,6 +685,101 @@ class UnrecordedGradients:
             return None
         self._drop(p.step)
         return p.step
+
+    # ------------------------------------------------------------------ the weights between updates
+    def _fingerprint(self, only: Any = None) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return self._weights_probe.of_blocks({n: q.detach() for n, q in self._captured.items()}, only=only)
+
+    def _moved(self, before: list[torch.Tensor], now: list[torch.Tensor]) -> list[int]:
+        """Indices of the fingerprints that differ beyond :data:`WEIGHTS_RTOL` of their norm."""
+        if not before:
+            return []
+        with torch.no_grad():  # vectorised over blocks, one device-to-host copy of 3 x blocks norms
+            a, b = torch.cat(before).to(torch.float64), torch.cat(now).to(torch.float64)
+            key = tuple(t.numel() for t in before)
+            seg = self._segments.get(key)
+            if seg is None or seg.device != a.device:
+                seg = torch.repeat_interleave(torch.arange(len(key)), torch.tensor(key)).to(a.device)
+                self._segments[key] = seg
+            sums = torch.zeros(3, len(key), dtype=torch.float64, device=a.device)
+            for row, x in enumerate(((a - b).square(), a.square(), b.square())):
+                sums[row].index_add_(0, seg, x)
+            norms = to_numpy(sums.sqrt())
+        d, top = norms[0], np.maximum(norms[1], norms[2])
+        return [int(i) for i in np.flatnonzero((d > WEIGHTS_RTOL * top) | ~np.isfinite(d))]
+
+    def _check_weights_unchanged(self, p: PendingStep | None) -> None:
+        """A block starts after a verified update: refuse it when the weights moved since that update."""
+        if self._after_update is None:
+            if self._orphans and self._orphans_at_block is None:
+                self._orphans_at_block = self._fingerprint(self._orphans)
+            return
+        now = self._fingerprint()
+        moved = self._moved(self._after_update, now)
+        if not moved:
+            self._after_update = None
+            self._orphans_at_block = [now[i] for i in self._orphans] if self._orphans else None
+            return
+        # kept until the weights are back: a retry from the edited weights is refused too
+        names = [self._block_names[i] for i in moved]
+        kept = (f"The run keeps its {_steps(p.step + 1)}; this block was not recorded (nor is any other until the "
+                "weights are the ones the last update left). ") if p is not None else ""
+        if all(i in self._orphans for i in moved):
+            raise RecorderStateError(f"{_another_optimizer(names, 'after the last optimizer.step()')}. {kept}Fix: "
+                                     f"{ONE_OPTIMIZER}.")
+        raise RecorderStateError(
+            f"the weights of {names[:3]}{' ...' if len(names) > 3 else ''} changed between the last optimizer.step() "
+            "and this block (weight clipping or a max-norm constraint, an EMA copied back, an edit through .data, "
+            "or another optimizer stepping these parameters?). The run records only the optimizer's updates, so "
+            f"every later step would model weights that were never trained. {kept}Fix: leave the weights to the "
+            "optimizer while recording (an EMA: evaluate a copy instead of copying it back); to keep such an edit, "
+            "record only the layers it does not touch (layers=[...]) or do it before recording starts (a new run)."
+        )
+
+    def moved_since_update(self) -> list[str]:
+        """The blocks whose weights moved since the last verified update (``[]``: none, or no update yet)."""
+        if self._after_update is None:
+            return []
+        return [self._block_names[i] for i in self._moved(self._after_update, self._fingerprint())]
+
+    def _after_step(self, opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG002
+        """Optimizer step post-hook: the weights' fingerprint and which parameters hold state, after the update."""
+        p = self.pending
+        if p is None or not p.applied:
+            return
+        self._after_update = self._fingerprint()
+        self._orphans_at_block = None
+        state = self.optimizer.state
+        self._stateful = [n for n, q in self._captured.items() if state.get(q)]  # .get: no insert (defaultdict)
+
+    def _check_state(self, p: PendingStep) -> None:
+        """Refuse an update whose optimizer lost the state the previous update left (P5-12)."""
+        state = self.optimizer.state
+        if self._resumed_state is not None:
+            expected, self._resumed_state = self._resumed_state, None
+            groups = self.optimizer.param_groups
+            if type(self.optimizer).__name__ == "SGD" and not any(g.get("momentum") for g in groups):
+                return  # SGD without momentum now: no buffer is read, nothing restarts
+            with_grad = [n for n, q in self._captured.items() if q.grad is not None]
+            if with_grad and not any(state.get(self._captured[n]) for n in with_grad):
+                self._refuse(p, f"the optimizer holds no state for the recorded parameters, but the run was resumed "
+                             f"after step {p.step - 1}, whose update left {expected}: the optimizer's state was not "
+                             "restored from the checkpoint (a fresh optimizer), so this update would restart it while the "
+                             "run models it as carried on",
+                             "load the optimizer's state with the weights (optimizer.load_state_dict(checkpoint["
+                             "'optimizer']) before the first resumed step); to restart the optimizer on purpose (a warm "
+                             "restart), record the rest as a new run (another path)")
+            return
+        lost = [n for n in self._stateful if not state.get(self._captured[n])]
+        if lost:
+            self._stateful = []
+            self._refuse(p, f"the optimizer's state of {len(lost)} recorded parameter(s) ({lost[:3]}"
+                         f"{' ...' if len(lost) > 3 else ''}: momentum buffers, Adam moments and step counts) is gone "
+                         "since the previous update (optimizer.state cleared, or the optimizer reset for a warm "
+                         "restart), so this update restarts it while the run models it as carried on",
+                         "keep the optimizer's state while recording (no opt.state.clear()); to restart the optimizer "
+                         "on purpose, close this Recorder and record the rest as a new run (another path)")
 
     def _on_step(self, opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG002
         p = self.pending
@@ -605,6 +819,12 @@ class UnrecordedGradients:
                          "momentum or weight decay before the recorded block")
         if p.raw is not None:
             self._check_gradient(p)
+        if self._orphans and self._orphans_at_block is not None:
+            moved = self._moved(self._orphans_at_block, self._fingerprint(self._orphans))
+            if moved:
+                self._refuse(p, _another_optimizer([self._block_names[self._orphans[i]] for i in moved],
+                                                   "since this step's block started"), ONE_OPTIMIZER)
+        self._check_state(p)
         p.applied = True
         self._release(p.step)
 
@@ -617,20 +837,19 @@ class UnrecordedGradients:
             raw = p.raw.to(device=full.device, dtype=torch.float64)
             if not bool(torch.isfinite(full).all()):  # the optimizer (or a GradScaler) meets a non-finite gradient
                 return
-            rr = float(raw @ raw)
-            nf = float(full.norm())
+            coef, resid, nf, rr = _residual(full, raw)
             if nf == 0.0 and rr == 0.0:
                 return
-            coef = float(full @ raw) / rr if rr > 0 else 0.0
-            resid = float((full - coef * raw).norm())
         # the rounding of the per-example rows (each off by ~ulp of its own norm) bounds both tolerances
         slack = self.atol * p.scale / max(rr**0.5, 1e-300)
         if resid > self.rtol * nf + self.atol * abs(coef) * p.scale:
             self._refuse(p, f"the gradient this update applies is not the one the step recorded: after removing its "
                          f"multiple {coef:.6g} of the recorded gradient, {resid / max(nf, 1e-300):.3g} of its norm is "
-                         "left (more than rounding). optimizer.zero_grad() was probably not called before the block (the "
-                         "previous step's gradient is still in .grad), or .grad was edited after the block",
-                         "call optimizer.zero_grad() after every optimizer.step(), and change gradients only inside the "
+                         f"left (more than rounding). Likely causes, in order: (1) {NOT_PER_EXAMPLE}; (2) if the loss holds only "
+                         "per-example terms, optimizer.zero_grad() was probably not called before the block (the "
+                         "previous step's gradient is still in .grad); (3) .grad was edited after the block",
+                         "keep only per-example losses in the recorded loss (weight decay in the optimizer), call "
+                         "optimizer.zero_grad() after every optimizer.step(), and change gradients only inside the "
                          "recorded block")
         if abs(coef - p.clip) > abs(p.clip) * (self.rtol + slack):
             if coef < p.clip:

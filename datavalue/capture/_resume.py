@@ -126,3 +126,30 @@ def check_resume_weights(path: str | os.PathLike[str], model: nn.Module, steps: 
             "or record a new run (another path)."
         )
     return "unchecked"
+
+
+def resumed_optimizer_state(path: str | os.PathLike[str], steps: int) -> str | None:
+    """What the optimizer's state held after the run's last committed step (``steps - 1``), in words, or
+    ``None`` when the update kept none: ``"a momentum buffer (momentum 0.9)"`` for SGD with momentum,
+    ``"Adam moments and a step count (3)"`` for Adam/AdamW. A resumed recorder refuses a first update whose
+    optimizer holds no state at all for the recorded parameters (a fresh optimizer: the checkpoint's state
+    was not loaded). Other optimizers are not checked."""
+    if steps <= 0:
+        return None
+    from datavalue.store import open_run
+
+    run = open_run(path)
+    kind = (run.optimizer or {}).get("kind")
+    if kind in ("adam", "adamw"):
+        count = ""
+        if run.has_adam_state and len(run.adam_step) >= steps:
+            count = f" ({int(run.adam_step[steps - 1])})"
+        return f"Adam moments and a step count{count}"
+    if kind == "sgd":
+        hp = run.param_groups if getattr(run, "has_param_groups", False) else None
+        mom = float(run.momentum[steps - 1])
+        if hp is not None and math.isfinite(float(hp["momentum"][steps - 1].max())):
+            mom = max(mom, float(hp["momentum"][steps - 1].max()))
+        return f"a momentum buffer (momentum {mom:g})" if mom != 0 else None
+    return None
+

@@ -35,6 +35,7 @@ from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine, to_numpy
 from datavalue.capture._fisher import _inverse_cdf, _logits_of
 from datavalue.capture._optim import (
+    BlockGradientCheck,
     UnrecordedGradients,
     is_adam,
     step_fields,
@@ -326,11 +327,26 @@ class Recorder:
         # every step is held back from the writer until its optimizer update is seen to apply what it records
         self._unrecorded = UnrecordedGradients(
             self.engine, optimizer, release=lambda _step: self._sink.release(), drop=self._drop_held,
-            compare_gradients=self._dist.world == 1) if optimizer is not None else None
+            compare_gradients=self._dist.world == 1, resumed_state=self._resumed_state(resume),
+        ) if optimizer is not None else None
+        # without optimizer=: each block's gradient must be its rows' (a parameter-only loss term is not)
+        self._block_check = BlockGradientCheck(self.engine) if optimizer is None and self._dist.world == 1 else None
         self._sqrt_d_before: torch.Tensor | None = None
         self._resume_weights = bool(resume)  # checked before the first block (datavalue.capture._resume)
         _ATTACHED[model] = self
         logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
+
+    def _resumed_state(self, resume: bool) -> str | None:
+        """On resume: the optimizer state the run's last step left, in words (rank 0 reads the run; every rank
+        learns whether there is one, so that all refuse a fresh optimizer's first update together)."""
+        if not resume:
+            return None
+        from datavalue.capture._resume import resumed_optimizer_state
+
+        said = resumed_optimizer_state(self.path, self.n_steps) if self._dist.rank == 0 else None
+        if self._dist.broadcast_int(int(said is not None)) and said is None:
+            said = "optimizer state (see rank 0)"
+        return said
 
     def _make_engine(self, model: nn.Module, **kw: Any) -> Engine:
         """The capture engine (a subclass may reproduce a recorded one instead)."""
@@ -416,9 +432,12 @@ class Recorder:
                 hessian = sketched_hessian(self.model, hessian_loss, self.engine)
         handle = StepHandle(self.n_steps, clip_coef)
         w_final = weights / self._dist.world  # DDP averages the ranks' gradients
+        before = self._block_check.snapshot() if self._block_check is not None else None
         with self._capture(ids, w_final, handle, fisher_mask) as captured:
             yield handle
         rows, fisher = captured
+        if self._block_check is not None:
+            self._block_check.check(before, rows, self.n_steps)
         g = rows / torch.as_tensor(weights, dtype=rows.dtype, device=rows.device).unsqueeze(1)  # captured: grad of w*l
         self._commit(ids, w_final, g, fisher, lr=lr, epoch=epoch, clip_coef=handle.clip_coef, hessian=hessian, raw=rows)
 
@@ -451,9 +470,16 @@ class Recorder:
         elif self.loss_reduction == "token_mean":
             raise RecorderError('loss_reduction="token_mean" needs rec.microbatch(..., tokens=per-example token counts).')
         handle = StepHandle(self.n_steps, None)
+        before = self._block_check.snapshot() if self._block_check is not None else None
         with self._capture(ids, None, handle, fisher_mask) as captured:
             yield
         rows, fisher = captured
+        if self._block_check is not None:
+            try:
+                self._block_check.check(before, rows, self.n_steps)
+            except RecorderError:
+                self._micro.clear()  # the step's other micro-batches cannot be committed without this one
+                raise
         self._micro.append((ids, tokens, rows, fisher))
 
     def commit_step(
@@ -742,6 +768,11 @@ class Recorder:
         self.closed = True
         self.engine.detach()
         if getattr(self, "_unrecorded", None) is not None:
+            moved = self._unrecorded.moved_since_update()
+            if moved:  # the steps are written; the weights the model ends with are not the run's
+                logger.warning("%s: the weights of %s changed after the last optimizer.step() (weight clipping, an EMA "
+                               "copied back?); the run's last step does not lead to the model's final weights",
+                               self.path, moved[:3])
             self._unrecorded.remove()
             dropped = self._unrecorded.finish()
             if dropped is not None:  # the model never took that update: the run ends before it

@@ -265,6 +265,11 @@ def _make_plan(
         raise NonFiniteError(
             f"{run.path}: the recorded lr of step {bad} is {lr[bad]}; pass lr= to rec.step() or optimizer=."
         )
+    weight_decay = np.asarray(run.weight_decay, dtype=np.float64)[:T]
+    if _maximize(run, opt):
+        # torch's maximize=True steps with -grad: theta' = theta - lr (-g + wd theta) (momentum alike) is the
+        # descent step with (-lr, -wd) (the velocity changes sign with it), so the recursion takes both negated
+        lr, weight_decay = -lr, -weight_decay
     spans = _resolve_blocks(
         run, blocks, curvature=curvature, adam=handling in ("adam", "adamw"), momentum_mode=bool(np.any(momentum != 0)),
         dtype=dtype,
@@ -280,7 +285,7 @@ def _make_plan(
         else None,
         lr=lr,
         grad_scale=np.asarray(run.grad_scale, dtype=np.float64)[:T],
-        weight_decay=np.asarray(run.weight_decay, dtype=np.float64)[:T],
+        weight_decay=weight_decay,
         momentum=momentum,
         fresh=fresh,
         dampening=float(opt.get("dampening", 0.0) or 0.0),
@@ -292,7 +297,26 @@ def _make_plan(
         adam=_adam_info(run, opt, handling, second_moment) if handling in ("adam", "adamw") else None,
         groups=parse_groups(run, spans, handling=handling, block_mode=blocks),
     )
+    if plan.groups is not None and _maximize(run, opt):
+        raise EmbeddingError(
+            f"{run.path}: the run was trained with maximize=True (gradient ascent) and param groups whose lr, momentum "
+            "or weight decay differ; the SGD build models maximize=True only when every group shares them. Give the "
+            "groups the same hyperparameters, or validate with datavalue.replay_influence (which models maximize)."
+        )
     return plan, handling
+
+
+def _maximize(run: Any, opt: dict[str, Any]) -> bool:
+    """Whether the recorded SGD stepped with ``maximize=True`` (gradient ascent); refused when the param
+    groups disagree (one operator per block needs one sign)."""
+    flags = {bool(g.get("maximize", False)) for g in opt.get("groups") or []} or {bool(opt.get("maximize", False))}
+    if len(flags) > 1:
+        raise EmbeddingError(
+            f"{run.path}: some param groups of the recorded optimizer step with maximize=True (gradient ascent) and "
+            "some without; the build models one sign per run. Train every group with the same maximize, or use "
+            "datavalue.replay_influence (which models each group's)."
+        )
+    return flags.pop()
 
 
 def _adam_info(run: Any, opt: dict[str, Any], handling: str, second_moment: bool) -> dict[str, Any]:

@@ -1,0 +1,169 @@
+"""Fifth probe (issue 22): an array's ``zarr.json`` must describe its chunks as datavalue wrote them
+(P5-02, P5-03); a run path that cannot be created (P5-30); a damaged run archive (P5-08).
+
+Every edit below keeps each chunk's crc32c valid (the chunk bytes are unchanged): before the checks
+the run opened and read as zeros (separator) or as other numbers (byte order, same-width dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datavalue.errors import StoreCorruptError, StoreError, StoreExistsError
+from datavalue.store import (
+    RunWriter,
+    StepBlock,
+    archive_run,
+    create_array,
+    open_array,
+    open_array_writable,
+    open_run,
+)
+
+K = 3
+
+
+def _write(path: Path, steps: int = 3, *, storage_dtype: str = "float32") -> Path:
+    w = RunWriter(path, {"projection": {"blocks": []}}, k=K, chunk_rows=4, storage_dtype=storage_dtype, background=False)
+    rng = np.random.default_rng(0)
+    for t in range(steps):
+        w.submit(StepBlock(step=t, sample_id=np.arange(5) + 5 * t, weight=np.full(5, 0.2),
+                           grads=rng.standard_normal((5, K)) + 1.0, flags=np.zeros(5, np.uint8), lr=0.1))
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    path = _write(tmp_path_factory.mktemp("p5") / "base.zarr")
+    arr = create_array(path, "embeddings/fisher/values", shape=(15, K), dtype="float32", chunks=(4, K),
+                       attrs={"datavalue_embeddings": {"storage_dtype": "float32"}})
+    arr[:] = np.arange(15 * K, dtype=np.float32).reshape(15, K) + 1
+    inf = create_array(path, "influence/fisher/values", shape=(15, K), dtype="float32", chunks=(4, K))
+    inf[:] = 1.0
+    return path
+
+
+@pytest.fixture()
+def run(base, tmp_path) -> Path:
+    path = tmp_path / "r.zarr"
+    shutil.copytree(base, path)
+    return path
+
+
+def _edit(path: Path, fn) -> None:
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _sep(d):
+    d["chunk_key_encoding"]["configuration"]["separator"] = "."
+
+
+def _big(d):
+    d["codecs"][0]["configuration"]["endian"] = "big"
+
+
+def _dtype(new):
+    return lambda d: d.update(data_type=new)
+
+
+def _no_crc(d):
+    d["codecs"] = d["codecs"][:1]
+
+
+def _fill(d):
+    d["fill_value"] = 1.0
+
+
+RECORDED_EDITS = [
+    ("grads", _sep, "separator '.', expected 'default' with separator '/'"),  # P5-02: read as zeros before
+    ("grads", _big, "endian 'big', expected 'little'"),
+    ("grads", _dtype("int32"), "data_type 'int32', expected 'float32'"),
+    ("grads", _no_crc, r"codecs \['bytes'\], expected \['bytes', 'crc32c'\]"),
+    ("grads", _fill, "fill_value 1.0, expected 0.0"),
+    ("lr", _big, "endian 'big'"),
+    ("lr", _dtype("int64"), "data_type 'int64', expected 'float64'"),
+    ("weight", _big, "endian 'big'"),
+    ("weight", _dtype("uint64"), "data_type 'uint64', expected 'float64'"),
+    ("sample_id", _dtype("float64"), "data_type 'float64', expected 'int64'"),
+    ("sample_id", _sep, "separator '.'"),
+    ("step_ptr", _big, "endian 'big'"),
+    ("flags", _dtype("int8"), "data_type 'int8', expected 'uint8'"),
+    ("commit", _sep, "separator '.'"),  # read as fill: a run of 0 steps, which resume=True would overwrite
+    ("commit", _dtype("float64"), "data_type 'float64', expected 'int64'"),
+]
+
+
+@pytest.mark.parametrize("name,edit,says", RECORDED_EDITS, ids=[f"{n}-{e.__name__}-{i}" for i, (n, e, _) in enumerate(RECORDED_EDITS)])
+def test_open_run_refuses_edited_array_metadata(run, name, edit, says):
+    assert open_run(run).n_steps == 3  # the copy opens before the edit
+    _edit(run / name / "zarr.json", edit)
+    with pytest.raises(StoreCorruptError, match=f"{name}/zarr.json does not describe the array") as err:
+        open_run(run)
+    assert err.match(says) and err.match("Restore the run")
+    # a resume appends through the same metadata: refused too, nothing written
+    with pytest.raises(StoreCorruptError, match=f"{name}/zarr.json"):
+        RunWriter(run, {"projection": {"blocks": []}}, k=K, mode="resume", storage_dtype="float32", background=False)
+
+
+def test_unedited_runs_open_and_read_the_same(base):
+    """The checks accept what the writer writes: every dtype of storage, Fisher rows, optional arrays."""
+    run = open_run(base)
+    np.testing.assert_array_equal(np.asarray(run.array("grads")[: run.n_rows]), run.read("grads"))
+    assert run.read("grads").any() and run.n_steps == 3
+
+
+@pytest.mark.parametrize("storage_dtype", ["float16", "float32", "float64"])
+def test_every_storage_dtype_and_optional_arrays_pass(tmp_path, storage_dtype):
+    path = tmp_path / "r.zarr"
+    w = RunWriter(path, {"projection": {"blocks": []}}, k=K, chunk_rows=4, storage_dtype=storage_dtype,
+                  background=False, fisher=True)
+    for t in range(2):
+        w.submit(StepBlock(step=t, sample_id=np.arange(2) + 2 * t, weight=np.full(2, 0.5), grads=np.ones((2, K)),
+                           flags=np.zeros(2, np.uint8), lr=0.1, fisher=np.ones((1, K)),
+                           extra={"adam_m": np.ones(K), "adam_v": np.ones(K), "adam_step": 1.0,
+                                  "group_lr": np.array([0.1, 0.2]), "group_momentum": np.zeros(2),
+                                  "group_weight_decay": np.zeros(2)}))
+    w.close()
+    run = open_run(path)
+    for name in ("grads", "fisher", "adam_m", "adam_v", "adam_step", "group_lr", "fisher_ptr"):
+        assert run.array(name).shape[0] >= 2
+    assert run.has_adam_state and run.has_param_groups
+
+
+def test_optional_array_fill_value_is_checked(tmp_path):
+    path = tmp_path / "r.zarr"
+    w = RunWriter(path, {"projection": {"blocks": []}}, k=K, chunk_rows=4, background=False)
+    w.submit(StepBlock(step=0, sample_id=np.arange(2), weight=np.full(2, 0.5), grads=np.ones((2, K)),
+                       flags=np.zeros(2, np.uint8), lr=0.1, extra={"adam_step": 1.0}))
+    w.close()
+    _edit(path / "adam_step" / "zarr.json", lambda d: d.update(fill_value=0.0))
+    with pytest.raises(StoreCorruptError, match="adam_step/zarr.json .*fill_value 0.0, expected nan"):
+        open_run(path)
+
+
+DERIVED_EDITS = [
+    ("embeddings/fisher/values", _big, "endian 'big'"),  # read as ~1e38 before
+    ("embeddings/fisher/values", _dtype("int32"), "data_type 'int32', expected 'float32'"),
+    ("embeddings/fisher/values", _sep, "separator '.'"),
+    ("influence/fisher/values", _dtype("int32"), "data_type 'int32', expected 'float32'"),
+    ("influence/fisher/values", _big, "endian 'big'"),
+]
+
+
+@pytest.mark.parametrize("name,edit,says", DERIVED_EDITS, ids=[f"{i}" for i in range(len(DERIVED_EDITS))])
+def test_derived_arrays_are_checked_where_opened(run, name, edit, says):
+    _edit(run / name / "zarr.json", edit)
+    r = open_run(run)  # the run itself is intact
+    for opener in (lambda: r.array(name), lambda: open_array(run, name), lambda: open_array_writable(run, name)):
+        with pytest.raises(StoreCorruptError, match=f"{name}/zarr.json does not describe") as err:
+            opener()
+        assert err.match(says) and err.match("rebuild the array with overwrite=True")

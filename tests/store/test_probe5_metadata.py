@@ -167,3 +167,49 @@ def test_derived_arrays_are_checked_where_opened(run, name, edit, says):
         with pytest.raises(StoreCorruptError, match=f"{name}/zarr.json does not describe") as err:
             opener()
         assert err.match(says) and err.match("rebuild the array with overwrite=True")
+
+
+# ----------------------------------------------------------------------------- P5-30: run paths
+def _writer(path, **kw):
+    return RunWriter(path, {"projection": {"blocks": []}}, k=K, chunk_rows=4, background=False, **kw)
+
+
+def test_run_under_a_regular_file_is_one_clear_refusal(tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    with pytest.raises(StoreError, match=r"cannot create the run at .*afile.txt/x.zarr: .*afile.txt is a regular "
+                                         "file, so nothing can be created under it") as err:
+        _writer(afile / "x.zarr")
+    assert isinstance(err.value, OSError)  # what was raised before (NotADirectoryError) is still caught
+    assert afile.read_text() == "x"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_run_in_proc_is_one_clear_refusal():
+    with pytest.raises(StoreError, match="cannot create the run at /proc/x.zarr: the system refused to create it in /proc"):
+        _writer(Path("/proc/x.zarr"))
+
+
+def test_existing_non_run_does_not_suggest_resume(tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    with pytest.raises(StoreExistsError, match="already exists and is a regular file, not a datavalue run") as err:
+        _writer(afile)
+    assert "resume=True" not in str(err.value)
+    run = _write(tmp_path / "r.zarr")  # a run: resume=True is the advice
+    with pytest.raises(StoreExistsError, match="Pass resume=True"):
+        _writer(run)
+
+
+def test_archive_path_that_cannot_be_created(base, tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    with pytest.raises(StoreError, match=r"cannot create the archive at .*afile.txt/a.zip: .*is a regular file") as err:
+        archive_run(base, afile / "a.zip")
+    assert isinstance(err.value, OSError)
+    if Path("/proc/self").is_dir():
+        with pytest.raises(StoreError, match="cannot create the archive at /proc/a.zip") as err:
+            archive_run(base, "/proc/a.zip")
+        assert ".partial" not in str(err.value)  # never the internal temporary's name
+    out = archive_run(base, tmp_path / "new" / "dir" / "a.zip")  # missing directories are created
+    assert open_run(out).n_steps == 3

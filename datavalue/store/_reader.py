@@ -47,6 +47,7 @@ from datavalue.store._schema import (
     manifest_problems,
     unwritten_value,
 )
+from datavalue.store._ziparchive import open_zip
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
         if isinstance(location, (str, os.PathLike)) and os.fspath(location).endswith(".zip") and "://" not in os.fspath(location):
             if not Path(location).is_file():
                 raise StoreNotFoundError(f"no run archive at {location}.")
-            store = zarr.storage.ZipStore(os.fspath(location), mode="r")
+            store = open_zip(location)  # damaged entries: StoreCorruptError; duplicate names refused
         elif isinstance(location, (str, os.PathLike)):
             store = zarr.storage.FsspecStore.from_url(os.fspath(location), read_only=True)
         else:

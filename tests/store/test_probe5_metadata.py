@@ -213,3 +213,58 @@ def test_archive_path_that_cannot_be_created(base, tmp_path):
         assert ".partial" not in str(err.value)  # never the internal temporary's name
     out = archive_run(base, tmp_path / "new" / "dir" / "a.zip")  # missing directories are created
     assert open_run(out).n_steps == 3
+
+
+# ----------------------------------------------------------------------------- P5-08: damaged archives
+@pytest.fixture()
+def archive(base, tmp_path) -> Path:
+    return archive_run(base, tmp_path / "r.zip")
+
+
+def _data_offset(z: Path, name: str) -> int:
+    """Where entry ``name``'s stored bytes start (its local header's own name and extra lengths)."""
+    with zipfile.ZipFile(z) as zf:
+        off = zf.getinfo(name).header_offset
+    head = z.read_bytes()[off : off + 30]
+    return off + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
+
+
+def test_healthy_archive_reads_like_the_directory(base, archive):
+    np.testing.assert_array_equal(np.asarray(open_array(archive, "grads")[:15]), open_run(base).read("grads"))
+    np.testing.assert_array_equal(np.asarray(open_array(archive, "embeddings/fisher/values")[:]),
+                                  np.asarray(open_array(base, "embeddings/fisher/values")[:]))
+
+
+@pytest.mark.parametrize("name", ["grads/c/0/0", "embeddings/fisher/values/c/1/0"])
+def test_flipped_byte_in_an_archive_is_store_corrupt(archive, name):
+    """A transfer error: the zip's own CRC-32 fails (raw zipfile.BadZipFile before)."""
+    raw = bytearray(archive.read_bytes())
+    raw[_data_offset(archive, name) + 5] ^= 0x40
+    archive.write_bytes(bytes(raw))
+    array = name.split("/c/")[0]
+    with pytest.raises(StoreCorruptError, match=f"entry {name} of the run archive is damaged .*Restore the archive"):
+        np.asarray(open_array(archive, array)[:])
+
+
+def test_chunk_failing_its_crc32c_in_an_archive_is_store_corrupt(archive, tmp_path):
+    """The zip's CRC-32 recomputed over edited chunk bytes: the chunk's own crc32c fails (zarr's raw
+    ValueError 'Stored and computed checksum do not match' before)."""
+    edited = tmp_path / "edited.zip"
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(edited, "w") as dst:
+        for info in src.infolist():
+            data = bytearray(src.read(info))
+            if info.filename == "grads/c/0/0":
+                data[5] ^= 0x40
+            dst.writestr(info.filename, bytes(data))
+    with pytest.raises(StoreCorruptError, match="chunk grads/c/0/0 of the run archive is corrupt \\(crc32c"):
+        np.asarray(open_array(edited, "grads")[:])
+
+
+def test_archive_with_duplicate_entries_is_refused_on_open(archive):
+    import warnings
+
+    with warnings.catch_warnings(), zipfile.ZipFile(archive, "a") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name
+        zf.writestr("grads/c/0/0", b"\x00" * 16)
+    with pytest.raises(StoreCorruptError, match=r"holds 1 entry twice \('grads/c/0/0'\).*Restore the archive"):
+        open_run(archive)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
 
 from datavalue.errors import StoreCorruptError
 from datavalue.store._schema import MANIFEST_KEY, OPTIONAL_STEP_ARRAYS, ROW_ARRAYS, STEP_ARRAYS
@@ -110,9 +111,8 @@ def array_problems(arr: Any, name: str, manifest: dict[str, Any] | None = None) 
                    f"{name}/c/0{'/0' * max(0, len(arr.shape) - 1)}...: with another key, zarr reads each chunk as "
                    "missing, that is as the fill value)")
     codecs = list(meta.codecs)
-    names = tuple(_codec_name(c) for c in codecs)
-    if names != CODEC_CHAIN:
-        out.append(f"codecs {list(names)}, expected {list(CODEC_CHAIN)}")
+    if not (len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], Crc32cCodec)):
+        out.append(f"codecs {[_codec_name(c) for c in codecs]}, expected {list(CODEC_CHAIN)}")
     elif dtype.itemsize > 1:
         endian = getattr(getattr(codecs[0], "endian", None), "value", getattr(codecs[0], "endian", None))
         if endian != "little":

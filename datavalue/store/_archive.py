@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 from datavalue._files import atomic_write, inside_run_problem
 from datavalue.errors import StoreError, StoreExistsError
 from datavalue.store._paths import is_local, refuse_links_leaving
 from datavalue.store._reader import Run
+from datavalue.store._runpath import creation_error, is_own_temporary
 
 
 class _ArchivePathError(StoreError, ValueError):
@@ -31,8 +33,6 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
             is a remote or in-memory store (copy it to a local directory first); nothing is written.
         StoreExistsError: ``out`` exists and ``overwrite`` is False, or ``out`` is a directory.
     """
-    import zipfile
-
     if not isinstance(path, (str, os.PathLike)) or "://" in os.fspath(path):
         raise StoreError(f"{path!r} is a remote or in-memory store; archive_run packs a local run directory (or "
                          "copies a local .zip archive). Copy the run to a local directory first.")
@@ -56,12 +56,26 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
         raise StoreExistsError(f"{dst} is a directory; give the path of the .zip file to write.")
     if dst.exists() and not overwrite:
         raise StoreExistsError(f"{dst} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)  # missing directories are created, as by every writer of outputs
+    except OSError as exc:  # under a regular file, read-only: say where and why
+        raise creation_error(dst, exc, "the archive") from exc
+    try:
+        _write_archive(src, dst, is_archive)
+    except OSError as exc:  # /proc, a read-only file system: the temporary beside dst could not be written
+        if isinstance(exc, StoreError) or not is_own_temporary(exc, dst):
+            raise
+        raise creation_error(dst, exc, "the archive") from exc
+    return dst
+
+
+def _write_archive(src: Path, dst: Path, is_archive: bool) -> None:
+    """Write the archive ``dst`` of ``src`` through a temporary beside it (a byte copy of an archive)."""
     if is_archive:  # already one file in the archive format: a faithful copy, never a re-pack
         with atomic_write(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
-        return dst
+        return
     with atomic_write(dst) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for f in sorted(src.rglob("*")):
             if f.is_file() and not f.name.endswith(".partial") and f.name != "writer.lock":  # no lock in an archive
                 zf.write(f, f.relative_to(src).as_posix())
-    return dst

@@ -34,6 +34,7 @@ from datavalue.store._digest import (
     local_get,
     read_trailer,
 )
+from datavalue.store._metacheck import check_array
 from datavalue.store._paths import (
     check_inside_run,
     is_local,
@@ -55,6 +56,7 @@ from datavalue.store._schema import (
     manifest_problems,
     unwritten_value,
 )
+from datavalue.store._ziparchive import open_zip
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
         if isinstance(location, (str, os.PathLike)) and os.fspath(location).endswith(".zip") and "://" not in os.fspath(location):
             if not Path(location).is_file():
                 raise StoreNotFoundError(f"no run archive at {location}.")
-            store = zarr.storage.ZipStore(os.fspath(location), mode="r")
+            store = open_zip(location)  # damaged entries: StoreCorruptError; duplicate names refused
         elif isinstance(location, (str, os.PathLike)):
             store = zarr.storage.FsspecStore.from_url(os.fspath(location), read_only=True)
         else:
@@ -180,8 +182,9 @@ def read_commit(group: zarr.Group, location: Any) -> tuple[int, int, int, int]:
         StoreCorruptError: the commit is missing although data chunks exist, or it does not decode.
     """
     if _key_exists(group, location, ("commit", "c", "0")):
+        commit = check_array(group["commit"], "commit", location, group.attrs)  # edited metadata: not 0 steps
         try:
-            return tuple(int(x) for x in np.asarray(group["commit"][:]))  # type: ignore[return-value]
+            return tuple(int(x) for x in np.asarray(commit[:]))  # type: ignore[return-value]
         except Exception as exc:
             raise StoreCorruptError(
                 f"{location}: chunk commit/c/0 (the run's commit counter) is corrupt: {exc}. Restore the run from a copy."
@@ -232,6 +235,7 @@ def check_array_shapes(group: zarr.Group, location: Any, *, steps: int, rows: in
             arr = group[name]
         except KeyError:
             continue
+        check_array(arr, name, location, group.attrs)  # zarr.json as the writer wrote it (codecs, keys, dtype)
         if run_id is not None and arr.attrs.get(RUN_ID_KEY) != run_id:
             found = arr.attrs.get(RUN_ID_KEY)
             raise StoreCorruptError(
@@ -743,7 +747,7 @@ class Run:
             (4096, 512)
         """
         try:
-            return self._group[name]
+            return check_array(self._group[name], name, self.path, self._group.attrs)
         except KeyError as exc:
             raise StoreNotFoundError(f"{self.path} has no array {name!r}") from exc
 
@@ -915,7 +919,7 @@ def open_array(path: str | os.PathLike[str], name: str) -> zarr.Array:
     """Open a derived array of a run read-only."""
     g = _open_group(path, "r")
     try:
-        return g[name]
+        return check_array(g[name], name, path, g.attrs)
     except KeyError as exc:
         raise StoreNotFoundError(f"{path} has no array {name!r}") from exc
 
@@ -932,7 +936,7 @@ def open_array_writable(path: str | os.PathLike[str], name: str) -> zarr.Array:
     check_inside_run(path, name)
     g = _open_group(path, "r+")
     try:
-        return g[name]
+        return check_array(g[name], name, path, g.attrs)
     except KeyError as exc:
         raise StoreNotFoundError(f"{path} has no array {name!r}") from exc
 

@@ -46,6 +46,7 @@ from datavalue.store._reader import (
     read_commit,
 )
 from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock, sweep_run
+from datavalue.store._runpath import creation_error
 from datavalue.store._schema import (
     CHUNK_DIGESTS_KEY,
     FINAL_RUN,
@@ -389,9 +390,11 @@ class RunWriter:
         if exists and self.path.is_dir():
             refuse_if_locked(self.path, "a recorder")  # a live writer: say so, whatever else is wrong
         if mode == "create" and exists:
+            found = _what_is(self.path)  # resume=True is advice only for a run (never for /dev/null)
             raise StoreExistsError(
                 f"{self.path} already exists. Pass resume=True to continue that run after its last "
-                "committed step, or overwrite=True to replace it."
+                "committed step, or overwrite=True to replace it." if found == "run" else
+                f"{self.path} already exists and is {found}, not a datavalue run; choose another path for the run."
             )
         if mode == "resume" and not exists:
             raise StoreNotFoundError(f"resume=True but there is no run at {self.path}; drop resume=True to start one.")
@@ -402,7 +405,10 @@ class RunWriter:
             if self.path.name == FINAL_RUN and _is_run(self.path.parent):  # a child run: the parent is written too
                 self._locks.append(run_lock(self.path.parent, f"a recorder writing {FINAL_RUN}/"))
                 self._locks[-1].acquire()
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # under a regular file, in /proc, read-only: say where and why
+                raise creation_error(self.path, exc, "the run") from exc
             self._locks.append(run_lock(self.path, "a recorder"))
             self._locks[-1].acquire()
             if mode == "resume":

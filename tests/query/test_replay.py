@@ -262,6 +262,9 @@ def test_results_in_the_run_read_like_a_query(tmp_path):
     # a run recorded further no longer matches the stored replay
     model = c.ref.final_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    from datavalue.capture import checkpoint_steps, read_checkpoint
+
+    read_checkpoint(c.path, checkpoint_steps(c.path)[-1]).load_into(model, opt)  # resume with the optimizer's state
     with datavalue.Recorder(c.path, model, proj_dim=None, optimizer=opt, checkpoint_every=3, storage_dtype="float64",
                             resume=True) as rec:
         with rec.step(sample_ids=[0, 1]):

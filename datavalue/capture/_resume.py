@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datavalue.errors import StoreCorruptError, StoreMismatchError
+from datavalue.errors import StoreMismatchError
 
 #: The run's member holding the digests (a zarr v3 group; attributes only).
 WEIGHTS_DIGEST = "weights_digest"
@@ -62,9 +62,8 @@ def read_digests(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as exc:
-        raise StoreMismatchError(f"{meta} is not readable JSON ({exc}); restore the run from a whole copy of its "
-                                 f"directory (a run from before the digests: delete {meta.parent} to resume without the "
-                                 "weights check).") from exc
+        raise StoreMismatchError(f"{meta} is not readable JSON ({exc}); delete {meta.parent} to resume without the "
+                                 "weights check.") from exc
     hist = ((doc.get("attributes") or {}).get(DIGEST_KEY) or {}).get("history") or []
     return [h for h in hist if isinstance(h, dict) and "steps" in h and isinstance(h.get("tensors"), dict)]
 
@@ -95,16 +94,6 @@ def differing(recorded: Mapping[str, list[float]], now: Mapping[str, list[float]
     return out
 
 
-def _written_with_digests(path: str | os.PathLike[str]) -> bool:
-    """Whether the run was created by a version that writes the initial weights digest: every such version
-    also binds the run's chunks to it (the root attribute ``datavalue_chunk_digests``)."""
-    try:
-        doc = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool((doc.get("attributes") or {}).get("datavalue_chunk_digests"))
-
-
 def check_resume_weights(path: str | os.PathLike[str], model: nn.Module, steps: int) -> str:
     """Refuse to resume a run of ``steps`` committed steps with weights it did not reach.
 
@@ -114,13 +103,6 @@ def check_resume_weights(path: str | os.PathLike[str], model: nn.Module, steps: 
     """
     hist = read_digests(path)
     if not hist:
-        if _written_with_digests(path):
-            raise StoreCorruptError(
-                f"{path}: cannot resume: the run's weights digest ({WEIGHTS_DIGEST}/zarr.json, written when the run was "
-                "created and at every flush) is missing or holds no digest, so the model's weights cannot be checked "
-                "against the ones the run reached. The run was damaged or edited after it was written. Restore it from a "
-                "whole copy of its directory, or record the rest as a new run (another path)."
-            )
         return "no digest"
     now = weights_digest(model)
     at = {int(h["steps"]): h["tensors"] for h in hist}

@@ -333,12 +333,6 @@ class Recorder:
         self._block_check = BlockGradientCheck(self.engine) if optimizer is None and self._dist.world == 1 else None
         self._sqrt_d_before: torch.Tensor | None = None
         self._resume_weights = bool(resume)  # checked before the first block (datavalue.capture._resume)
-        if optimizer is not None and not resume and self._dist.rank == 0:
-            # the digest of the initial weights: from now on every run with optimizer= holds one, so a resume
-            # that finds none (the member deleted) is damage, not a run from before the digests (P5-21)
-            from datavalue.capture._resume import record_digest, weights_digest
-
-            record_digest(self.path, 0, weights_digest(self.model))
         _ATTACHED[model] = self
         logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
 

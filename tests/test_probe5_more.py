@@ -232,3 +232,35 @@ def test_p5_04_a_score_that_overflows_is_refused(plain_run, tmp_path):
     a = datavalue.Attributor(run, model, kind="tracin", progress=False)
     with pytest.raises(E.NonFiniteError, match=r"step 1, row 6: its score overflowed.*lr of step 1"):
         a.scores(_loss)
+
+
+# ---------------------------------------------------------------- P5-05: what a query loss_fn must be
+def _nograd(m: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return F.cross_entropy(m(X[:3]), Y[:3], reduction="none")
+
+
+@pytest.mark.parametrize("loss_fn, match", [
+    (lambda m: torch.stack([F.cross_entropy(m(X[i : i + 1]), Y[i : i + 1]) for i in range(3)]),
+     r"ran the model 3 times \(batches of 1, 1, 1\).*one forward"),
+    (lambda m: F.cross_entropy(m(X[:0]), Y[:0], reduction="none"), r"returned no losses \(an empty test batch\)"),
+    (_nograd, r"do not require grad \(computed under torch.no_grad\(\)"),
+    (lambda m: F.cross_entropy(m(X[:3]), Y[:3], reduction="none").detach(), r"do not require grad.*\.detach\(\)ed"),
+    (lambda m: F.cross_entropy(_model(seed=1)(X[:3]), Y[:3], reduction="none"), r"never ran the model it was given"),
+], ids=["forward-per-point", "empty", "no_grad", "detach", "another-model"])
+def test_p5_05_a_query_loss_fn_gets_a_query_error_saying_what_it_must_be(plain_run, loss_fn, match):
+    run, model = plain_run
+    a = datavalue.Attributor(run, model, kind="grad_dot", progress=False)
+    with pytest.raises(E.QueryError, match=match) as info:
+        a.scores(loss_fn)
+    assert "must run one forward pass of the model over all m test points" in str(info.value)
+    assert "sample_ids" not in str(info.value).split("(Raised:")[0]
+
+
+def test_p5_05_a_query_inside_no_grad_and_a_good_loss_fn_still_work(plain_run):
+    run, model = plain_run
+    a = datavalue.Attributor(run, model, kind="grad_dot", progress=False)
+    S = a.scores(_loss)
+    with torch.no_grad():  # the caller's context: the query computes its losses with autograd on
+        np.testing.assert_allclose(a.scores(_loss), S, rtol=1e-6, atol=0)
+    assert not model._forward_pre_hooks  # the hook that watched the forwards is gone

@@ -33,6 +33,7 @@ from datavalue.capture import engine_for_run, per_sample_gradients, unwrap_model
 from datavalue.errors import NonFiniteError, QueryError
 from datavalue.query import _stream
 from datavalue.query._groups import Grouping, grouping, parse_by, parse_steps
+from datavalue.query._lossfn import query_gradients
 from datavalue.query._results import (
     TopK,
     dataset_values,
@@ -190,7 +191,8 @@ class Attributor:
             raise QueryError("this Attributor has no model; pass Attributor(path, model) to query with a loss function, "
                              "or pass test gradients (m, k) directly.")
         try:
-            return per_sample_gradients(self.model, loss_fn, self.run, engine=self._engine)
+            return query_gradients(self.model, loss_fn, lambda checked: per_sample_gradients(
+                self.model, checked, self.run, engine=self._engine))  # QueryErrors stating what a loss_fn must be
         except RuntimeError as exc:
             if "dtype" not in str(exc) and "scalar type" not in str(exc).lower():
                 raise

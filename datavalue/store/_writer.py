@@ -211,6 +211,7 @@ def _foreign_chunks(directory: Path, rel: str) -> list[str]:
             out.append(r)
     return out
 
+
 def refuse_foreign_below(path: Any, name: str) -> None:
     """Raise :class:`StoreExistsError` when the member ``name`` of the run at ``path`` (e.g.
     ``'embeddings/empirical_fisher'``, which an ``overwrite=True`` build is about to delete) holds
@@ -222,9 +223,9 @@ def refuse_foreign_below(path: Any, name: str) -> None:
     foreign = foreign_below(Path(root), name)
     if foreign:
         raise StoreExistsError(
-            f"{Path(root) / name} holds {_entries(foreign)} datavalue did not write: {_shown(foreign)}. overwrite=True "
-            "replaces only what datavalue wrote, so nothing was deleted: move those entries out of the run directory, "
-            "then retry."
+            f"{Path(root) / name} holds {_entries(foreign)} datavalue did not write: {_shown(foreign)} (in {root}). "
+            "overwrite=True replaces only what datavalue wrote, so nothing was deleted: move those entries out of the "
+            "run directory, then retry."
         )
 
 

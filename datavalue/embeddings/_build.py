@@ -51,7 +51,7 @@ from datavalue.embeddings._plan import (
 )
 from datavalue.embeddings._stream import _pad_op, _run_segments
 from datavalue.errors import EmbeddingError, StoreExistsError
-from datavalue.store import writes_run
+from datavalue.store import check_step_values, refuse_foreign_below, writes_run
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +442,7 @@ def build_embeddings(
      adam_second_moment, blocks) = (getattr(cfg, k) for k in options)
     run = open_run(path)
     refuse_final_pass(run, "build_embeddings")
+    check_step_values(run, error=EmbeddingError)  # lr, gradient scales, row weights: as the recorder requires
     requested_curvature = curvature
     curvature = _parse_curvature(run, curvature)
     dtype = _parse_dtype(dtype)
@@ -459,6 +460,8 @@ def build_embeddings(
             f"{path} already holds {base}/values. Pass overwrite=True to rebuild it, or extend_embeddings() to add "
             "steps recorded since."
         )
+    if overwrite:  # a user's file inside the build is never deleted with it
+        refuse_foreign_below(path, base)
     plan, handling = _make_plan(
         run, curvature, dtype, chunk_rows, explode_threshold, clipping, optimizer, adam_second_moment, blocks
     )

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from datavalue.errors import EmbeddingError, StoreNotFoundError
-from datavalue.store import writes_run
+from datavalue.store import refuse_foreign_below, writes_run
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +258,7 @@ def build_influence(
     if run.has_array(name) and not overwrite:
         raise EmbeddingError(f"{run.path} already has {name}; pass overwrite=True to rebuild it.")
     if overwrite and run.has_array(name):
+        refuse_foreign_below(run.path, base)  # a user's file inside the build is never deleted with it
         delete_path(run.path, base)
     meta: dict[str, Any] = {"curvature": curvature, "damping": float(damping), "damping_abs": float(damping_abs),
                             "structure": structure, "n_rows": int(n), "normaliser": S, "run_steps": run.final_pass_steps,

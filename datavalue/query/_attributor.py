@@ -33,6 +33,7 @@ from datavalue.capture import engine_for_run, per_sample_gradients, unwrap_model
 from datavalue.errors import NonFiniteError, QueryError
 from datavalue.query import _stream
 from datavalue.query._groups import Grouping, grouping, parse_by, parse_steps
+from datavalue.query._lossfn import query_gradients
 from datavalue.query._results import (
     TopK,
     dataset_values,
@@ -42,7 +43,7 @@ from datavalue.query._results import (
     write_parquet,
 )
 from datavalue.query._source import Source, resolve_source
-from datavalue.store import Run, fast_rows, open_run, stale_final_pass
+from datavalue.store import RowCheck, Run, check_step_values, fast_rows, open_run, stale_final_pass
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,10 @@ class Attributor:
         self.chunk_rows = _parse_chunk_rows(chunk_rows, self.source.array)
         # streamed queries read the chunk files directly when the layout is the run's plain one
         self._rows = fast_rows(self.source.array, required_rows=self.n_rows)  # a chunk deleted since: an error, not zeros
+        # the recorded values tracin / grad_dot score with, checked as the recorder checks them (P5-04)
+        if self.kind == "tracin":
+            check_step_values(self.run, error=QueryError)
+        self._row_check = RowCheck(str(self.path), "grads", self.run.step_ptr) if self.kind in ("tracin", "grad_dot") else None
         self.progress = bool(progress)
 
     def __repr__(self) -> str:
@@ -186,7 +191,8 @@ class Attributor:
             raise QueryError("this Attributor has no model; pass Attributor(path, model) to query with a loss function, "
                              "or pass test gradients (m, k) directly.")
         try:
-            return per_sample_gradients(self.model, loss_fn, self.run, engine=self._engine)
+            return query_gradients(self.model, loss_fn, lambda checked: per_sample_gradients(
+                self.model, checked, self.run, engine=self._engine))  # QueryErrors stating what a loss_fn must be
         except RuntimeError as exc:
             if "dtype" not in str(exc) and "scalar type" not in str(exc).lower():
                 raise
@@ -308,13 +314,14 @@ class Attributor:
 
     def _lazy_scores(self, q: np.ndarray, g: Grouping) -> da.Array:
         """``(rows, m)`` lazy scores over ``da.from_zarr`` (for ``lazy=True`` results)."""
-        return _stream.score_rows(self._weighted(q), self._embeddings(g.start, g.stop), self._row_scale(g.start, g.stop))
+        return _stream.score_rows(self._weighted(q), self._embeddings(g.start, g.stop), self._row_scale(g.start, g.stop),
+                                  check=self._row_check, start=g.start)
 
     def _chunks(self, q: np.ndarray, g: Grouping) -> _stream.ChunkTasks:
         """Independent per-chunk score tasks over the selected rows (eager, streamed queries)."""
         q = self._weighted(q)
         return _stream.ChunkTasks(self._rows, q, g.start, g.stop, chunk_rows=self.chunk_rows,
-                                  row_scale=self._row_scale(g.start, g.stop), client=self.client)
+                                  row_scale=self._row_scale(g.start, g.stop), client=self.client, check=self._row_check)
 
     # ------------------------------------------------------------------ queries
     def scores(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -39,6 +40,7 @@ from dask.delayed import Delayed, delayed
 from tqdm.auto import tqdm
 
 from datavalue import _blas
+from datavalue.store import RowCheck, refuse_nonfinite_scores
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,15 @@ def _dot_scaled(e: np.ndarray, qt: np.ndarray, s: np.ndarray) -> np.ndarray:
     return out
 
 
-def score_rows(q: np.ndarray, emb: da.Array, row_scale: np.ndarray | None = None) -> da.Array:
+def _checked(e: np.ndarray, qt: np.ndarray, pos: np.ndarray, *scale: np.ndarray, check: RowCheck) -> np.ndarray:
+    """:func:`_dot` / :func:`_dot_scaled` of one block (rows ``pos``), refusing a non-finite score (its row named)."""
+    out = _dot_scaled(e, qt, scale[0]) if scale else _dot(e, qt)
+    refuse_nonfinite_scores(check, e, out, int(pos[0]) if pos.size else 0)
+    return out
+
+
+def score_rows(q: np.ndarray, emb: da.Array, row_scale: np.ndarray | None = None, *,
+               check: RowCheck | None = None, start: int = 0) -> da.Array:
     """Lazy scores with occurrences as rows, ``(R, m)``: ``out[r, i] = emb[r] . q[i] * row_scale[r]``.
 
     Occurrence-major blocks make every per-chunk reduction work on contiguous rows; the user-facing
@@ -77,6 +87,8 @@ def score_rows(q: np.ndarray, emb: da.Array, row_scale: np.ndarray | None = None
         q: ``(m, k)`` test gradients.
         emb: ``(R, k)`` dask array chunked by rows.
         row_scale: optional ``(R,)`` per-row factor (TracIn's ``lr * grad_scale * weight``).
+        check: refuse a block with a non-finite score, naming its row
+            (:func:`datavalue.store.refuse_nonfinite_scores`; ``emb``'s first row is row ``start``).
 
     Returns:
         ``(R, m)`` dask array chunked like ``emb``'s rows, one chunk along ``m``.
@@ -85,6 +97,13 @@ def score_rows(q: np.ndarray, emb: da.Array, row_scale: np.ndarray | None = None
     emb = emb.rechunk({1: -1})
     qt = np.ascontiguousarray(np.asarray(q, dtype=dt).T)
     qd = da.from_array(qt, chunks=qt.shape)
+    if check is not None:  # each block is told its rows
+        pos = da.arange(start, start + emb.shape[0], chunks=(emb.chunks[0],), dtype=np.int64)
+        args: list[Any] = [pos, "i"]
+        if row_scale is not None:
+            args += [da.from_array(np.asarray(row_scale, dtype=np.float64), chunks=(emb.chunks[0],)), "i"]
+        return da.blockwise(functools.partial(_checked, check=check), "ij", emb, "ik", qd, "kj", *args, dtype=dt,
+                            concatenate=True)
     if row_scale is None:
         return da.blockwise(_dot, "ij", emb, "ik", qd, "kj", dtype=dt, concatenate=True)
     sd = da.from_array(np.asarray(row_scale, dtype=np.float64), chunks=(emb.chunks[0],))
@@ -100,18 +119,23 @@ def dask_blocks(rows: da.Array) -> Blocks:
     return [(blocks[j, 0], int(edges[j]), int(edges[j + 1])) for j in range(blocks.shape[0])]
 
 
-def _read_scores(array: Any, qt: np.ndarray, a: int, b: int, scale: np.ndarray | None) -> np.ndarray:
-    """Rows ``a:b`` of the embeddings times ``qt`` ``(k, m)``: a score block ``(b - a, m)``."""
-    out = _dot(np.asarray(array[a:b]), qt)
+def _read_scores(array: Any, qt: np.ndarray, a: int, b: int, scale: np.ndarray | None,
+                 check: RowCheck | None = None) -> np.ndarray:
+    """Rows ``a:b`` of the embeddings times ``qt`` ``(k, m)``: a score block ``(b - a, m)``; with
+    ``check``, a non-finite score is refused, its row named."""
+    rows = np.asarray(array[a:b])
+    out = _dot(rows, qt)
     if scale is not None:
         out *= scale.astype(out.dtype, copy=False)[:, None]
+    if check is not None:
+        refuse_nonfinite_scores(check, rows, out, a)
     return out
 
 
 def _chunk_apply(array: Any, qt: np.ndarray, a: int, b: int, scale: np.ndarray | None,
-                 reduce: Callable[..., Any] | None, *args: Any) -> Any:
+                 reduce: Callable[..., Any] | None, *args: Any, check: RowCheck | None = None) -> Any:
     """One fused task: read and score a chunk, then reduce the block at once (it never leaves the worker)."""
-    block = _read_scores(array, qt, a, b, scale)
+    block = _read_scores(array, qt, a, b, scale, check)
     return block if reduce is None else reduce(block, *args)
 
 
@@ -138,7 +162,9 @@ class ChunkTasks(Sequence[Delayed]):
         client: Any = None,
         reduce: Callable[..., Any] | None = None,
         extra: Callable[[int, int], tuple[Any, ...]] | None = None,
+        check: RowCheck | None = None,
     ) -> None:
+        self._check = check  # refuse a non-finite score, naming its row (datavalue.store.refuse_nonfinite_scores)
         self.dtype = compute_dtype(array.dtype)
         self.m = int(q.shape[0])
         qt = np.ascontiguousarray(np.asarray(q, dtype=self.dtype).T)
@@ -171,7 +197,7 @@ class ChunkTasks(Sequence[Delayed]):
         scale = None if self._scale is None else self._scale[a:b]
         extra = self._extra(a, b) if self._extra is not None else ()
         return delayed(_chunk_apply)(self._array, self._q, self._start + a, self._start + b, scale, self._reduce,
-                                     *extra, dask_key_name=f"datavalue-chunk-{self._token}-{j}")
+                                     *extra, check=self._check, dask_key_name=f"datavalue-chunk-{self._token}-{j}")
 
 
 def tree_reduce(parts: Sequence[Any], combine: Callable[..., Any], *, fan_in: int = FAN_IN, **kwargs: Any) -> Any:

@@ -63,8 +63,12 @@ from datavalue.store._schema import StepBlock as StepBlock
 from datavalue.store._schema import fingerprint_params as fingerprint_params
 from datavalue.store._schema import manifest_digest as manifest_digest
 from datavalue.store._schema import package_versions as package_versions
+from datavalue.store._values import RowCheck as RowCheck
+from datavalue.store._values import check_step_values as check_step_values
+from datavalue.store._values import refuse_nonfinite_scores as refuse_nonfinite_scores
 from datavalue.store._writer import RunWriter as RunWriter
 from datavalue.store._writer import _what_is as what_is
+from datavalue.store._writer import refuse_foreign_below as refuse_foreign_below
 from datavalue.store._writer import write_chunk as write_chunk
 
 __all__ = [
@@ -79,10 +83,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "STEP_ARRAYS",
     "ChunkFileRows",
+    "RowCheck",
     "Run",
     "RunWriter",
     "StepBlock",
     "archive_run",
+    "check_step_values",
     "chunk_dir",
     "create_array",
     "delete_path",
@@ -94,6 +100,8 @@ __all__ = [
     "open_array_writable",
     "open_run",
     "package_versions",
+    "refuse_foreign_below",
+    "refuse_nonfinite_scores",
     "refuse_inside_run",
     "stale_final_pass",
     "what_is",

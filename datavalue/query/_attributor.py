@@ -266,7 +266,23 @@ class Attributor:
         if self.kind != "tracin":
             return None
         run, steps = self.run, self.run.row_step[start:stop]
-        return run.lr[steps] * run.grad_scale[steps] * run.weight[start:stop]
+        scale = run.lr[steps] * run.grad_scale[steps] * run.weight[start:stop]
+        return -scale if self._ascent else scale
+
+    @functools.cached_property
+    def _ascent(self) -> bool:
+        """Whether the run stepped with ``maximize=True`` (gradient ascent: a step moved the weights along
+        ``+lr g``, so TracIn's "loss lowered by the step" takes the other sign); refused when the param
+        groups disagree."""
+        opt = self.run.optimizer or {}
+        flags = {bool(g.get("maximize", False)) for g in opt.get("groups") or []} or {bool(opt.get("maximize", False))}
+        if len(flags) > 1:
+            raise QueryError(
+                f"{self.path}: some param groups of the recorded optimizer stepped with maximize=True (gradient ascent) "
+                "and some without; kind='tracin' takes one sign per run. Use datavalue.replay_influence, which models "
+                "each group's."
+            )
+        return flags.pop()
 
     @functools.cached_property
     def _column_scale(self) -> np.ndarray | None:

@@ -128,6 +128,16 @@ def _head_rows(head_text: str | None) -> int | None:
     return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
 
 
+
+def _refuse_damaged_row(what: str, recorded: int | None, kept: int, fix: str) -> None:
+    """A torn last line that the head file counts as a row was whole when written and damaged later (no
+    interrupted append leaves that): refuse, ``what`` naming the line and the head file."""
+    if recorded is not None and recorded > kept:
+        raise LedgerError(
+            f"{what} records {recorded} rows and only {kept} come before it: the line was a whole row when it was "
+            f"written and was damaged later, which no interrupted append does. {fix}"
+        )
+
 def _rows_before(raw: bytes, cut: int) -> int:
     """How many rows the ledger bytes before ``cut`` hold (non-blank lines after the header)."""
     return max(0, sum(1 for line in raw[:cut].splitlines() if line.strip()) - 1)
@@ -376,15 +386,10 @@ class RoyaltyLedger:
         torn = self._torn_tail(raw)
         if torn is not None:
             lineno, cut = torn
-            recorded = _head_rows(head_text) if self._check_anchor else None
-            kept = _rows_before(raw, cut)
-            if recorded is not None and recorded > kept:
-                raise LedgerError(
-                    f"{self.path}:{lineno} is not a ledger row: the last line is torn (cut short or not JSON), "
-                    f"but the head file {self.head_path.name} records {recorded} rows and only {kept} come before "
-                    "it: the line was a whole row when it was written and was damaged later, which no interrupted "
-                    "append does. Restore the ledger from backup (RoyaltyLedger.recover would leave it truncated)."
-                )
+            _refuse_damaged_row(
+                f"{self.path}:{lineno} is not a ledger row: the last line is torn (cut short or not JSON), but the head "
+                f"file {self.head_path.name}", _head_rows(head_text) if self._check_anchor else None, _rows_before(raw, cut),
+                "Restore the ledger from backup (RoyaltyLedger.recover would leave it truncated).")
             holder = self._read_lock()
             busy = (
                 f" (a writer, pid {holder.get('pid')} on {holder.get('host')!r}, holds the lock: "
@@ -527,15 +532,10 @@ class RoyaltyLedger:
                                path, raw.count(b"\n") + 1)  # fmt: skip
             return None
         lineno, cut = torn
-        recorded = _head_rows(head_text)
-        kept = _rows_before(raw, cut)
-        if recorded is not None and recorded > kept:
-            raise LedgerError(
-                f"{path}:{lineno} is torn (cut short or not JSON), but the head file {_anchor.head_path(path).name} "
-                f"records {recorded} rows and only {kept} come before it: the line was a whole row when it was "
-                "written and was damaged later, which no interrupted append does. Moving it aside would leave the "
-                "ledger truncated, so nothing was moved. Restore the ledger from backup."
-            )
+        _refuse_damaged_row(
+            f"{path}:{lineno} is torn (cut short or not JSON), but the head file {_anchor.head_path(path).name}",
+            _head_rows(head_text), _rows_before(raw, cut),
+            "Moving it aside would leave the ledger truncated, so nothing was moved. Restore the ledger from backup.")
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         aside = _anchor.sidecar(_anchor.real(path), f".torn-{stamp}")
         with open(aside, "xb") as f:

@@ -3,6 +3,7 @@
 The table ``CASES`` is the single source of the rows of docs/errors.md (checked below).
 """
 
+import contextlib
 import json
 import re
 from decimal import Decimal
@@ -358,12 +359,20 @@ def _sgd_run(tmp_path, model, steps=1, **kw):
     return rec, opt
 
 
-def c_zero_grad_forgotten(tmp_path):
+@contextlib.contextmanager
+def _second_block(tmp_path, **step_kw):
+    """A run with one correct step, open, and step 1's block recorded (ids 6..11, ``step_kw`` to
+    ``rec.step``): yields ``(rec, model, opt)`` for what the case does next; closes the run after."""
     model = _model()
     rec, opt = _sgd_run(tmp_path, model)
     with rec:
-        with rec.step(sample_ids=range(6, 12)):
+        with rec.step(sample_ids=range(6, 12), **step_kw):
             F.cross_entropy(model(X), Y).backward()
+        yield rec, model, opt
+
+
+def c_zero_grad_forgotten(tmp_path):
+    with _second_block(tmp_path) as (rec, model, opt):
         opt.step()  # no opt.zero_grad() before this block: step 0's gradient is still in .grad
         with rec.step(sample_ids=range(12, 18)):
             F.cross_entropy(model(2 * X), Y).backward()
@@ -371,11 +380,7 @@ def c_zero_grad_forgotten(tmp_path):
 
 
 def c_clip_not_told(tmp_path):
-    model = _model()
-    rec, opt = _sgd_run(tmp_path, model)
-    with rec:
-        with rec.step(sample_ids=range(6, 12)):
-            F.cross_entropy(model(X), Y).backward()
+    with _second_block(tmp_path) as (rec, model, opt):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
         opt.step()
 
@@ -392,31 +397,19 @@ def c_scheduler_before_step(tmp_path):
 
 
 def c_explicit_lr_unused(tmp_path):
-    model = _model()
-    rec, opt = _sgd_run(tmp_path, model)
-    with rec:
-        with rec.step(sample_ids=range(6, 12), lr=0.5):
-            F.cross_entropy(model(X), Y).backward()
+    with _second_block(tmp_path, lr=0.5) as (rec, model, opt):
         opt.step()
 
 
 def c_optimizer_step_skipped(tmp_path):
-    model = _model()
-    rec, opt = _sgd_run(tmp_path, model)
-    with rec:
-        with rec.step(sample_ids=range(6, 12)):
-            F.cross_entropy(model(X), Y).backward()
+    with _second_block(tmp_path) as (rec, model, opt):
         opt.zero_grad()
         with rec.step(sample_ids=range(12, 18)):
             F.cross_entropy(model(X), Y).backward()
 
 
 def c_optimizer_step_twice(tmp_path):
-    model = _model()
-    rec, opt = _sgd_run(tmp_path, model)
-    with rec:
-        with rec.step(sample_ids=range(6, 12)):
-            F.cross_entropy(model(X), Y).backward()
+    with _second_block(tmp_path) as (rec, model, opt):
         opt.step()
         opt.step()
 

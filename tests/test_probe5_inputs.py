@@ -28,38 +28,13 @@ from datavalue import errors as E
 from datavalue.capture import FinalPass
 from datavalue.embeddings import build_influence
 from datavalue.store import open_run
-
-X = torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
-Y = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(1))
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
-def _record(path: Path, model: torch.nn.Module | None = None, steps: int = 4, **kw) -> torch.nn.Module:
-    model = _model() if model is None else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kw.setdefault("proj_dim", None)
-    with datavalue.Recorder(path, model, optimizer=opt, **kw) as rec:
-        for t in range(steps):
-            ids = np.arange(6 * t, 6 * t + 6)
-            with rec.step(sample_ids=ids):
-                F.cross_entropy(model(X[ids]), Y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-    return getattr(model, "module", model)
-
-
-def _loss(m: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(m(X[:3]), Y[:3], reduction="none")
+from tests._helpers_tiny_run import X, Y, record_tiny_run, tiny_mlp, tiny_query_loss
 
 
 # ---------------------------------------------------------------- P5-15: an aborted FinalPass
 def test_p5_15_aborted_final_pass_is_refused(tmp_path):
     run = tmp_path / "r.zarr"
-    model = _record(run)
+    model = record_tiny_run(run)
     with pytest.raises(RuntimeError, match="loader failed"), FinalPass(run, model) as fp:
         for t in range(4):
             if t == 2:
@@ -76,7 +51,7 @@ def test_p5_15_aborted_final_pass_is_refused(tmp_path):
 
 def test_p5_15_whole_pass_builds_and_a_subset_is_reported(tmp_path, caplog):
     run = tmp_path / "r.zarr"
-    model = _record(run)
+    model = record_tiny_run(run)
     with FinalPass(run, model) as fp:  # half of the training samples: allowed, but reported
         for t in range(2):
             ids = np.arange(6 * t, 6 * t + 6)
@@ -86,13 +61,13 @@ def test_p5_15_whole_pass_builds_and_a_subset_is_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="datavalue"):
         build_influence(run, progress=False)
     assert "covers 12 of the 24 distinct samples" in caplog.text
-    S = datavalue.Attributor(run, model, kind="influence", progress=False).scores(_loss)
+    S = datavalue.Attributor(run, model, kind="influence", progress=False).scores(tiny_query_loss)
     assert S.shape == (3, 12)
 
 
 def test_p5_15_pass_closed_without_with_is_complete(tmp_path):
     run = tmp_path / "r.zarr"
-    model = _record(run)
+    model = record_tiny_run(run)
     fp = FinalPass(run, model)
     with fp.batch(np.arange(24)):
         F.cross_entropy(model(X), Y).backward()
@@ -103,7 +78,7 @@ def test_p5_15_pass_closed_without_with_is_complete(tmp_path):
 # ---------------------------------------------------------------- P5-22: DataParallel / torch.compile
 @pytest.mark.parametrize("wrap", ["dp", "compile"])
 def test_p5_22_wrapped_model_is_recorded_unwrapped(tmp_path, wrap):
-    inner = _model()
+    inner = tiny_mlp()
     if wrap == "compile":
         pytest.importorskip("torch._dynamo")
         wrapped = torch.compile(inner, backend="eager")
@@ -121,8 +96,8 @@ def test_p5_22_wrapped_model_is_recorded_unwrapped(tmp_path, wrap):
     assert [b["name"] for b in open_run(run).blocks] == ["0.weight", "2.weight"]
     assert datavalue.inspect(wrapped, proj_dim=None)[0]["name"] == "0.weight"
     datavalue.build_embeddings(run, progress=False)
-    a = datavalue.Attributor(run, inner, progress=False).scores(_loss)
-    b = datavalue.Attributor(run, wrapped, progress=False).scores(_loss)
+    a = datavalue.Attributor(run, inner, progress=False).scores(tiny_query_loss)
+    b = datavalue.Attributor(run, wrapped, progress=False).scores(tiny_query_loss)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
     with FinalPass(run, wrapped) as fp, fp.batch(np.arange(12)):
         F.cross_entropy(inner(X[:12]), Y[:12]).backward()
@@ -141,20 +116,20 @@ class _Holder(torch.nn.Module):
 
 
 def test_p5_22_run_recorded_with_a_prefix_says_how_to_query(tmp_path):
-    inner = _model()
+    inner = tiny_mlp()
     run = tmp_path / "old.zarr"
-    _record(run, _Holder(inner))
+    record_tiny_run(run, _Holder(inner))
     assert open_run(run).blocks[0]["name"] == "module.0.weight"
     datavalue.build_embeddings(run, progress=False)
     with pytest.raises(E.ModelMismatchError, match=r"prefix 'module\.'.*Attributor\(run, torch\.nn\.DataParallel\(model\)\)"):
         datavalue.Attributor(run, inner, progress=False)
-    S = datavalue.Attributor(run, torch.nn.DataParallel(inner), progress=False).scores(_loss)  # as the message says
+    S = datavalue.Attributor(run, torch.nn.DataParallel(inner), progress=False).scores(tiny_query_loss)  # as the message says
     assert S.shape == (3, 24) and np.isfinite(S).all()
 
 
 # ---------------------------------------------------------------- P5-23: float16 storage range
 def _record_scaled(path: Path, scale: float, **kw) -> None:
-    model = _model()
+    model = tiny_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-12)
     with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, storage_dtype="float16", **kw) as rec:
         for t in range(2):
@@ -192,8 +167,8 @@ def test_p5_07_archive_ledger_and_cache_refuse_a_path_inside_a_run(tmp_path, cap
     from datavalue.store import archive_run
 
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
-    _record(a, steps=1)
-    _record(b, steps=1)
+    record_tiny_run(a, steps=1)
+    record_tiny_run(b, steps=1)
     before = sorted(p.name for p in b.iterdir())
     with pytest.raises(E.StoreError, match="inside the datavalue run .*b.zarr.*nothing was written"):
         archive_run(a, b / "a.zip")
@@ -213,19 +188,19 @@ def test_p5_07_archive_ledger_and_cache_refuse_a_path_inside_a_run(tmp_path, cap
 # ---------------------------------------------------------------- P5-16: a model not at the final weights
 def test_p5_16_query_with_other_weights_warns(tmp_path, caplog):
     run = tmp_path / "r.zarr"
-    model = _record(run)
+    model = record_tiny_run(run)
     datavalue.build_embeddings(run, progress=False)
     with caplog.at_level(logging.WARNING, logger="datavalue"):
-        datavalue.Attributor(run, model, progress=False).scores(_loss)
+        datavalue.Attributor(run, model, progress=False).scores(tiny_query_loss)
     assert "load_state_dict" not in caplog.text  # the trained weights: no warning
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="datavalue"):
-        S = datavalue.Attributor(run, _model(seed=5), progress=False).scores(_loss)  # forgot load_state_dict
+        S = datavalue.Attributor(run, tiny_mlp(seed=5), progress=False).scores(tiny_query_loss)  # forgot load_state_dict
     assert S.shape == (3, 24)  # still answered: other weights are allowed
     assert "not the ones" in caplog.text and "model.load_state_dict(" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="datavalue"):
-        datavalue.Attributor(run, _model(seed=5), kind="grad_dot", progress=False)
+        datavalue.Attributor(run, tiny_mlp(seed=5), kind="grad_dot", progress=False)
     assert "load_state_dict" not in caplog.text  # raw-gradient kinds are not defined at the final weights
 
 
@@ -240,7 +215,7 @@ def test_p5_20_fisher_on_a_one_output_model_is_refused(tmp_path):
             F.mse_loss(reg(X[:6]), Y[:6, None].float()).backward()
     rec.close()
     run = tmp_path / "ok.zarr"  # two or more classes: recorded as before, non-zero Fisher rows
-    model = _record(run, curvature="fisher")
+    model = record_tiny_run(run, curvature="fisher")
     fisher = np.asarray(open_run(run).read("fisher", 0, open_run(run).n_fisher_rows))
     assert fisher.shape[0] == 24 * 3 and fisher.any(1).all()  # exact expectation: one row per class
     assert model is not None
@@ -248,7 +223,7 @@ def test_p5_20_fisher_on_a_one_output_model_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- P5-17: input conversions, one rule
 def _one_step(path: Path, *, lr=None, tokens=None, reduction="mean", micro=False, proj_dim=None) -> None:
-    model = _model()
+    model = tiny_mlp()
     opt = None if lr is not None else torch.optim.SGD(model.parameters(), lr=0.1)
     rec = datavalue.Recorder(path, model, proj_dim=proj_dim, optimizer=opt, loss_reduction=reduction)
     try:
@@ -288,7 +263,7 @@ def test_p5_17_tokens_are_whole_counts(tmp_path, tokens, match, micro):
 @pytest.mark.parametrize("proj_dim", [32.0, np.float64(32.0)])
 def test_p5_17_float_proj_dim_is_refused_like_the_dict_form(tmp_path, proj_dim):
     with pytest.raises(E.RecorderError, match=r"proj_dim must be a positive int.*got (np\.float64\()?32\.0"):
-        datavalue.Recorder(tmp_path / "r.zarr", _model(), proj_dim=proj_dim)
+        datavalue.Recorder(tmp_path / "r.zarr", tiny_mlp(), proj_dim=proj_dim)
     assert not (tmp_path / "r.zarr").exists()
 
 
@@ -317,7 +292,7 @@ def test_p5_24_batchnorm_in_eval_mode_records(tmp_path, caplog):
     model[1].eval()  # frozen running statistics: per-example gradients exist
     assert "note" not in datavalue.inspect(model, proj_dim=None)[1]
     with caplog.at_level(logging.WARNING, logger="datavalue"):
-        _record(tmp_path / "r.zarr", model, steps=2)
+        record_tiny_run(tmp_path / "r.zarr", model, steps=2)
     assert "will fail" not in caplog.text
     assert open_run(tmp_path / "r.zarr").n_rows == 12
 
@@ -327,7 +302,7 @@ def test_p5_24_batchnorm_in_eval_mode_records(tmp_path, caplog):
 def one_epoch(tmp_path_factory):
     """24 occurrences of 24 distinct samples, recorded in an order other than the sorted ids."""
     run = tmp_path_factory.mktemp("p5_06") / "r.zarr"
-    model = _model()
+    model = tiny_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     perm = np.random.default_rng(0).permutation(24)
     with datavalue.Recorder(run, model, proj_dim=None, optimizer=opt) as rec:
@@ -344,8 +319,8 @@ def one_epoch(tmp_path_factory):
 def test_p5_06_scores_under_another_by_are_refused(one_epoch, tmp_path):
     run, model = one_epoch
     a = datavalue.Attributor(run, model, progress=False)
-    S_occ = a.scores(_loss)
-    S_smp = a.scores(_loss, by="sample")
+    S_occ = a.scores(tiny_query_loss)
+    S_smp = a.scores(tiny_query_loss, by="sample")
     with pytest.raises(E.QueryError, match="computed with by=None .* labelled with by='sample'"):
         a.save_parquet(np.asarray(S_occ), tmp_path / "x.parquet", by="sample")
     with pytest.raises(E.QueryError, match="computed with by='sample'"):
@@ -361,14 +336,14 @@ def test_p5_06_scores_under_another_by_are_refused(one_epoch, tmp_path):
 def test_p5_06_bare_array_of_unknown_provenance_is_refused_only_when_ambiguous(one_epoch, tmp_path):
     run, model = one_epoch
     a = datavalue.Attributor(run, model, progress=False)
-    S = a.scores(_loss) * 2.0  # new values: provenance unknown
+    S = a.scores(tiny_query_loss) * 2.0  # new values: provenance unknown
     with pytest.raises(E.QueryError, match="cannot tell whether these 24-column scores are per occurrence or per sample"):
         a.frame(S, by="sample")
     sorted_run = tmp_path / "sorted.zarr"  # ids recorded in sorted order: both labellings agree, nothing refused
-    m2 = _record(sorted_run)
+    m2 = record_tiny_run(sorted_run)
     datavalue.build_embeddings(sorted_run, progress=False)
     b = datavalue.Attributor(sorted_run, m2, progress=False)
-    assert b.frame(b.scores(_loss) * 2.0, by="sample").shape[0] == 24
+    assert b.frame(b.scores(tiny_query_loss) * 2.0, by="sample").shape[0] == 24
 
 
 # ---------------------------------------------------------------- P5-14: a path inside a run as RUN
@@ -376,7 +351,7 @@ def test_p5_14_cli_run_argument_inside_a_run(tmp_path, capsys):
     from datavalue.cli import main
 
     run = tmp_path / "r.zarr"
-    model = _record(run, steps=1)
+    model = record_tiny_run(run, steps=1)
     for cmd, path, what in (("info", run / "grads", "an array inside"), ("build", run / "zarr.json", "metadata file"),
                             ("info", run / "weights_digest", "a group inside")):
         assert main([cmd, str(path)]) == 2

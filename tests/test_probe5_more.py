@@ -23,37 +23,12 @@ from datavalue import errors as E
 from datavalue.capture import FinalPass
 from datavalue.embeddings import build_influence
 from datavalue.store import open_run
-
-X = torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
-Y = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(1))
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
-def _record(path: Path, model: torch.nn.Module | None = None, steps: int = 4, **kw) -> torch.nn.Module:
-    model = _model() if model is None else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kw.setdefault("proj_dim", None)
-    with datavalue.Recorder(path, model, optimizer=opt, **kw) as rec:
-        for t in range(steps):
-            ids = np.arange(6 * t, 6 * t + 6)
-            with rec.step(sample_ids=ids):
-                F.cross_entropy(model(X[ids]), Y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-    return model
+from tests._helpers_tiny_run import X, Y, record_tiny_run, tiny_mlp, tiny_query_loss
 
 
 def _final_pass(run: Path, model: torch.nn.Module, **kw) -> None:
     with FinalPass(run, model, **kw) as fp, fp.batch(np.arange(24)):
         F.cross_entropy(model(X), Y).backward()
-
-
-def _loss(m: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(m(X[:3]), Y[:3], reduction="none")
 
 
 def _tree(path: Path) -> list[tuple[str, int]]:
@@ -64,7 +39,7 @@ def _tree(path: Path) -> list[tuple[str, int]]:
 def built_run(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A run with everything the tests below put a user's file into: embeddings, a final pass, an influence build."""
     run = tmp_path_factory.mktemp("p5_18") / "r.zarr"
-    model = _record(run, checkpoint_every=2)
+    model = record_tiny_run(run, checkpoint_every=2)
     datavalue.build_embeddings(run, progress=False)
     _final_pass(run, model)
     build_influence(run, progress=False)
@@ -82,7 +57,7 @@ def test_p5_18_recorder_overwrite_refuses_a_user_file_inside_a_member(built_run,
         before = _tree(run)
         with pytest.raises(E.StoreExistsError, match=rf"1 entry datavalue did not write: '{member}/NOTES.txt'.*"
                                                      "nothing was deleted"):
-            datavalue.Recorder(run, _model(), proj_dim=None, overwrite=True)
+            datavalue.Recorder(run, tiny_mlp(), proj_dim=None, overwrite=True)
         assert _tree(run) == before and note.read_text() == "my notes on this run"  # nothing deleted or added
     finally:
         note.unlink()
@@ -97,7 +72,7 @@ def test_p5_18_recorder_overwrite_names_a_user_directory_and_a_link_inside_a_mem
     try:
         with pytest.raises(E.StoreExistsError, match=r"2 entries datavalue did not write: "
                                                      r"'embeddings/checkpoint-500/model.safetensors', 'grads/c/elsewhere'"):
-            datavalue.Recorder(run, _model(), proj_dim=None, overwrite=True)
+            datavalue.Recorder(run, tiny_mlp(), proj_dim=None, overwrite=True)
         assert (mine / "model.safetensors").read_text() == "weights"
     finally:
         (mine / "model.safetensors").unlink()
@@ -136,11 +111,11 @@ def test_p5_18_build_overwrite_refuses_a_user_file_inside_the_build(built_run):
 
 def test_p5_18_overwrite_still_replaces_everything_datavalue_writes(tmp_path):
     run = tmp_path / "r.zarr"
-    model = _record(run, checkpoint_every=2, proj_dim=8)
+    model = record_tiny_run(run, checkpoint_every=2, proj_dim=8)
     datavalue.build_embeddings(run, progress=False)
     _final_pass(run, model)
     build_influence(run, progress=False)
-    datavalue.replay_influence(run, _model(), lambda ids: (X[ids], Y[ids]), _loss,
+    datavalue.replay_influence(run, tiny_mlp(), lambda ids: (X[ids], Y[ids]), tiny_query_loss,
                                loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
     (run / "grads" / "c" / "0" / ".0.999999999.1.partial").write_bytes(b"")  # a dead writer's temporaries
     (run / "embeddings" / ".zarr.json.999999999.ab12.partial").write_bytes(b"")
@@ -152,7 +127,7 @@ def test_p5_18_overwrite_still_replaces_everything_datavalue_writes(tmp_path):
     build_influence(run, overwrite=True, progress=False)
     datavalue.build_embeddings(run, overwrite=True, progress=False)
     _final_pass(run, model, overwrite=True)
-    _record(run, overwrite=True, steps=1)
+    record_tiny_run(run, overwrite=True, steps=1)
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["commit", "epoch", "flags", "grad_scale", "grads", "lr", "momentum", "sample_id", "step_ptr", "weight",
          "weight_decay", "weights_digest", "zarr.json"])
@@ -189,7 +164,7 @@ def _set(run: Path, name: str, index: int, value: float) -> None:
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     run = tmp_path_factory.mktemp("p5_04") / "base.zarr"
-    return run, _record(run, proj_dim=8)
+    return run, record_tiny_run(run, proj_dim=8)
 
 
 @pytest.mark.parametrize("name, index, value, match", [
@@ -202,7 +177,7 @@ def plain_run(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 def test_p5_04_tracin_and_build_refuse_a_value_the_recorder_refuses(plain_run, tmp_path, name, index, value, match):
     base, model = plain_run
     run = _pre_digest_copy(base, tmp_path / "r.zarr")
-    datavalue.Attributor(run, model, kind="tracin", progress=False).scores(_loss)  # the copy itself is fine
+    datavalue.Attributor(run, model, kind="tracin", progress=False).scores(tiny_query_loss)  # the copy itself is fine
     _set(run, name, index, value)
     with pytest.raises(E.QueryError, match=match):
         datavalue.Attributor(run, model, kind="tracin", progress=False)
@@ -217,8 +192,8 @@ def test_p5_04_a_nan_gradient_row_is_refused_by_tracin_and_grad_dot(plain_run, t
     run = _pre_digest_copy(base, tmp_path / "r.zarr")
     _set(run, "grads", 13, np.nan)
     a = datavalue.Attributor(run, model, kind=kind, progress=False)
-    call = {"scores": lambda: a.scores(_loss), "lazy": lambda: np.asarray(a.scores(_loss, lazy=True)),
-            "by_sample": lambda: a.scores(_loss, by="sample"), "top_k": lambda: a.top_k(_loss, k=2)}[how]
+    call = {"scores": lambda: a.scores(tiny_query_loss), "lazy": lambda: np.asarray(a.scores(tiny_query_loss, lazy=True)),
+            "by_sample": lambda: a.scores(tiny_query_loss, by="sample"), "top_k": lambda: a.top_k(tiny_query_loss, k=2)}[how]
     with pytest.raises(E.NonFiniteError, match=r"step 2, row 13: non-finite values in grads.*nothing was scored"):
         call()
     with pytest.raises(E.NonFiniteError, match=r"step 2, row 13: non-finite gradient"):  # the build, as before
@@ -231,7 +206,7 @@ def test_p5_04_a_score_that_overflows_is_refused(plain_run, tmp_path):
     _set(run, "lr", 1, 1e300)  # finite, as rec.step(lr=1e300) is: accepted, but its scores overflow float32
     a = datavalue.Attributor(run, model, kind="tracin", progress=False)
     with pytest.raises(E.NonFiniteError, match=r"step 1, row 6: its score overflowed.*lr of step 1"):
-        a.scores(_loss)
+        a.scores(tiny_query_loss)
 
 
 # ---------------------------------------------------------------- P5-05: what a query loss_fn must be
@@ -246,7 +221,7 @@ def _nograd(m: torch.nn.Module) -> torch.Tensor:
     (lambda m: F.cross_entropy(m(X[:0]), Y[:0], reduction="none"), r"returned no losses \(an empty test batch\)"),
     (_nograd, r"do not require grad \(computed under torch.no_grad\(\)"),
     (lambda m: F.cross_entropy(m(X[:3]), Y[:3], reduction="none").detach(), r"do not require grad.*\.detach\(\)ed"),
-    (lambda m: F.cross_entropy(_model(seed=1)(X[:3]), Y[:3], reduction="none"), r"never ran the model it was given"),
+    (lambda m: F.cross_entropy(tiny_mlp(seed=1)(X[:3]), Y[:3], reduction="none"), r"never ran the model it was given"),
 ], ids=["forward-per-point", "empty", "no_grad", "detach", "another-model"])
 def test_p5_05_a_query_loss_fn_gets_a_query_error_saying_what_it_must_be(plain_run, loss_fn, match):
     run, model = plain_run
@@ -260,7 +235,7 @@ def test_p5_05_a_query_loss_fn_gets_a_query_error_saying_what_it_must_be(plain_r
 def test_p5_05_a_query_inside_no_grad_and_a_good_loss_fn_still_work(plain_run):
     run, model = plain_run
     a = datavalue.Attributor(run, model, kind="grad_dot", progress=False)
-    S = a.scores(_loss)
+    S = a.scores(tiny_query_loss)
     with torch.no_grad():  # the caller's context: the query computes its losses with autograd on
-        np.testing.assert_allclose(a.scores(_loss), S, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(a.scores(tiny_query_loss), S, rtol=1e-6, atol=0)
     assert not model._forward_pre_hooks  # the hook that watched the forwards is gone

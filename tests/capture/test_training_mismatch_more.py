@@ -325,21 +325,48 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _resume_first_block(path, model, opt):
+def _holding(state):
+    """A fresh model holding ``state`` (a checkpoint loaded, or the same weights in another module)."""
+    model = _model()
+    model.load_state_dict(state)
+    return model
+
+
+def _recorded(path, n):
+    """``(model, opt)`` after recording ``n`` steps (SGD, lr 0.1) into a new run at ``path``."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
+        _steps(rec, model, opt, n)
+    return model, opt
+
+
+def _recorded_with_a_checkpoint(path):
+    """``(model, opt, checkpoint)``: 4 steps recorded, the checkpoint saved the documented way (flush,
+    then save) after step 2."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
+        _steps(rec, model, opt, 2)
+        rec.flush()
+        ckpt = _state(model)
+        _steps(rec, model, opt, 2)
+    return model, opt, ckpt
+
+
+def _resume_first_block(path, model, opt=None):
+    """Resume the run with ``model`` and record one step; ``opt`` defaults to a new SGD (lr 0.1)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if opt is None else opt
     with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, resume=True) as rec:
         _steps(rec, model, opt, 1)
 
 
 def test_resuming_with_a_fresh_initialisation_is_refused(tmp_path):
     path = tmp_path / "f.zarr"
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
-        _steps(rec, model, opt, 3)
-    fresh = _model()
+    model, opt = _recorded(path, 3)
     with pytest.raises(StoreMismatchError, match=r"not the ones the run reached after its 3 steps \(they differ in "
                        r"\['0\.bias', '0\.weight', '2\.bias'\] \.\.\.; a fresh initialisation"):
-        _resume_first_block(path, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+        _resume_first_block(path, _model())
     assert open_run(path).n_steps == 3
     _resume_first_block(path, model, opt)  # the weights the run reached: fine
     assert open_run(path).n_steps == 4
@@ -347,30 +374,18 @@ def test_resuming_with_a_fresh_initialisation_is_refused(tmp_path):
 
 def test_resuming_from_a_checkpoint_older_than_the_run_is_refused(tmp_path):
     path = tmp_path / "c.zarr"
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
-        _steps(rec, model, opt, 2)
-        rec.flush()
-        ckpt = _state(model)  # the documented pattern: flush, then save the checkpoint
-        _steps(rec, model, opt, 2)
-    old = _model()
-    old.load_state_dict(ckpt)
+    _, _, ckpt = _recorded_with_a_checkpoint(path)
     with pytest.raises(StoreMismatchError, match=r"the model holds the weights the run had after step 2, and the run "
                        r"has 4 steps: resuming would record steps 2\.\.3 a second time"):
-        _resume_first_block(path, old, torch.optim.SGD(old.parameters(), lr=0.1))
+        _resume_first_block(path, _holding(ckpt))
     assert open_run(path).n_steps == 4
 
 
 def test_one_training_step_past_the_run_is_refused_and_the_same_weights_in_another_module_pass(tmp_path):
     path = tmp_path / "o.zarr"
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
-        _steps(rec, model, opt, 2)
-    copy = _model()
-    copy.load_state_dict(_state(model))  # the same weights, another module (as after moving devices)
-    _resume_first_block(path, copy, torch.optim.SGD(copy.parameters(), lr=0.1))
+    model, _ = _recorded(path, 2)
+    copy = _holding(_state(model))  # the same weights, another module (as after moving devices)
+    _resume_first_block(path, copy)
     # one unrecorded step with a small lr on the weights the run reached
     small = torch.optim.SGD(copy.parameters(), lr=1e-4)
     _loss(copy, 5).backward()
@@ -401,26 +416,17 @@ def test_a_run_killed_after_its_last_flush_resumes_unchecked_unless_the_weights_
     import shutil
 
     path = tmp_path / "k.zarr"
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
-        _steps(rec, model, opt, 2)
-        rec.flush()
-        at2 = _state(model)
-        _steps(rec, model, opt, 2)
+    model, opt, at2 = _recorded_with_a_checkpoint(path)
     meta = path / "weights_digest" / "zarr.json"  # as a kill after the flush at step 2 leaves it
     doc = json.loads(meta.read_text())
     doc["attributes"]["datavalue_weights"]["history"] = [h for h in doc["attributes"]["datavalue_weights"]["history"]
                                                          if h["steps"] == 2]
     meta.write_text(json.dumps(doc))
-    old = _model()
-    old.load_state_dict(at2)
     with pytest.raises(StoreMismatchError, match=r"after step 2, and the run has 4 steps"):
-        _resume_first_block(path, old, torch.optim.SGD(old.parameters(), lr=0.1))
+        _resume_first_block(path, _holding(at2))
     _resume_first_block(path, model, opt)  # the weights after step 4: no digest says otherwise
     shutil.rmtree(path / "weights_digest")  # a run from before the digests opens and resumes unchecked
-    fresh = _model()
-    _resume_first_block(path, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+    _resume_first_block(path, _model())
     assert open_run(path).n_steps == 6
 
 

@@ -16,6 +16,12 @@ def glove_utilities(scale: float = 1.0) -> np.ndarray:
     return scale * games.GloveGame(n=3, left={0}, right={1, 2}).utilities()
 
 
+def _value_row(led, output_id, result, *, owners, revenue=Decimal("10.00"), timestamp="2025-03-01", **kw):
+    """Record a value-only row (``result=``, no utilities) whose content is its id, with an empty prompt."""
+    return led.record(output_id=output_id, content=output_id.encode(), prompt="", revenue=revenue, owners=owners,
+                      result=result, timestamp=timestamp, **kw)
+
+
 @pytest.fixture
 def ledger(tmp_path):
     led = shapley.RoyaltyLedger(tmp_path / "ledger.jsonl")
@@ -151,24 +157,8 @@ def test_statement_share_then_sum(ledger):
 def test_statement_average_then_share_is_a_different_named_rule(tmp_path):
     led = shapley.RoyaltyLedger(tmp_path / "l.jsonl")
     # Owner x is strongly positive on one output, negative on another; clipping is not linear.
-    led.record(
-        output_id="a",
-        content=b"a",
-        prompt="",
-        revenue=Decimal("10.00"),
-        owners=["x", "y"],
-        result=[3.0, 1.0],
-        timestamp="2025-03-01",
-    )
-    led.record(
-        output_id="b",
-        content=b"b",
-        prompt="",
-        revenue=Decimal("10.00"),
-        owners=["x", "y"],
-        result=[-2.0, 1.0],
-        timestamp="2025-03-02",
-    )
+    _value_row(led, "a", [3.0, 1.0], owners=["x", "y"])
+    _value_row(led, "b", [-2.0, 1.0], owners=["x", "y"], timestamp="2025-03-02")
     sts = led.statement(None, aggregation="share-then-sum")
     ats = led.statement(None, aggregation="average-then-share")
     assert sts.amount_of("x") == Decimal("7.50") and sts.amount_of("y") == Decimal("12.50")
@@ -181,25 +171,8 @@ def test_statement_average_then_share_is_a_different_named_rule(tmp_path):
 
 def test_average_then_share_refuses_mixed_policies(tmp_path):
     led = shapley.RoyaltyLedger(tmp_path / "l.jsonl")
-    led.record(
-        output_id="a",
-        content=b"a",
-        prompt="",
-        revenue=1,
-        owners=["x"],
-        result=[1.0],
-        timestamp="2025-03-01",
-    )
-    led.record(
-        output_id="b",
-        content=b"b",
-        prompt="",
-        revenue=1,
-        owners=["x"],
-        result=[1.0],
-        timestamp="2025-03-01",
-        policy="equal-v1",
-    )
+    _value_row(led, "a", [1.0], owners=["x"], revenue=1)
+    _value_row(led, "b", [1.0], owners=["x"], revenue=1, policy="equal-v1")
     with pytest.raises(shapley.LedgerError, match="one policy"):
         led.statement(None, aggregation="average-then-share")
 

@@ -101,31 +101,6 @@ def dattri_attributor(model, factorization="none", proj_dim=None):
     return DVEmbAttributor(task, proj_dim=proj_dim, factorization_type=factorization)
 
 
-def train(model, x, y, *, B, epochs, lr, rec=None, dattri=None, seed=1):
-    """Plain SGD, mean loss; optionally recorded by our Recorder and/or dattri's cache_gradients."""
-    import torch
-    import torch.nn.functional as F
-
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    for ep in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for s in range(0, n - B + 1, B):
-            idx = perm[s:s + B]
-            if dattri is not None:
-                dattri.cache_gradients(ep, (x[idx], y[idx]), idx, lr)
-            if rec is not None:
-                with rec.step(sample_ids=idx, epoch=ep):
-                    F.cross_entropy(model(x[idx]), y[idx]).backward()
-            else:
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            opt.zero_grad()
-    if rec is not None:
-        rec.close()
-
-
 def our_scores(path, model, xt, yt, epochs_of_rows=False):
     """(n_train, n_test) all-epoch scores, and per-epoch dict, from our run."""
     import numpy as np
@@ -180,22 +155,9 @@ def section_a(quick):
     tmp = tempfile.mkdtemp()
     try:
         path = os.path.join(tmp, "a.zarr")
-        opt_lr = lr
-        import torch.nn.functional as F
-
-        opt = torch.optim.SGD(model.parameters(), lr=opt_lr)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
         rec = datavalue.Recorder(path, model, proj_dim=None, optimizer=opt, storage_dtype="float64")
-        g = torch.Generator().manual_seed(1)
-        for ep in range(E):
-            perm = torch.randperm(n, generator=g)
-            for s in range(0, n, B):
-                idx = perm[s:s + B]
-                att.cache_gradients(ep, (x[idx], y[idx]), idx, opt_lr)
-                with rec.step(sample_ids=idx, epoch=ep):
-                    F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-                opt.zero_grad()
-        rec.close()
+        _train_with(model, opt, x, y, B, E, lr, rec=rec, att=att)  # n % B == 0: every sample, every epoch
         datavalue.build_embeddings(path, curvature="empirical_fisher", dtype="float64", storage_dtype="float64",
                                    progress=False)
         ours, ours_ep = our_scores(path, model, xt, yt, epochs_of_rows=True)

@@ -47,11 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="MOD:FN",
                    help="function returning loss_fn(model) -> (m,) per-example losses, or a tuple (x, y) for "
                         "per-example cross-entropy")
-    p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--top-k", type=int, default=10, dest="top_k",
-                   help="how many helpful and harmful per test point (default 10; 0 writes every score)")
-    p.add_argument("--by", choices=("sample", "occurrence", "step"), default="sample",
-                   help="rank samples (all epochs summed, default), single occurrences, or steps")
+    _add_output_args(p)
     p.add_argument("--curvature", default=None, help="embedding build to use (default: fisher, else empirical_fisher)")
     p.add_argument("--kind", choices=("dvemb", "grad_dot", "tracin"), default=None,
                    help="dvemb: built embeddings (default); tracin / grad_dot: raw recorded gradients")
@@ -61,6 +57,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide progress bars")
     p.set_defaults(func=run)
     return p
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """``--out``, ``--top-k`` and ``--by``, the same for ``query`` and ``replay``."""
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--top-k", type=int, default=10, dest="top_k",
+                   help="how many helpful and harmful per test point (default 10; 0 writes every score)")
+    p.add_argument("--by", choices=("sample", "occurrence", "step"), default="sample",
+                   help="rank samples (all epochs summed, default), single occurrences, or steps")
+
+
+def _check_output_args(args: argparse.Namespace) -> Path:
+    """Refuse, before any work, what ``query`` and ``replay`` both refuse: an ``--out`` that cannot be
+    written (:func:`check_out_writable`), lies inside the run, is not named as Parquet or exists without
+    ``--overwrite``, and a negative ``--top-k``. Returns ``--out`` as a path."""
+    out = check_out_writable(args.out, QueryError)
+    if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
+        raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
+                         "Choose a path outside it.")
+    check_parquet_name(out)
+    if out.exists() and not args.overwrite:
+        raise StoreExistsError(f"{out} already exists; pass --overwrite to replace it.")
+    if args.top_k < 0:
+        raise QueryError(f"--top-k must be >= 0, got {args.top_k}.")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,15 +96,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from datavalue.query import Attributor, load_loss, load_model
 
-    out = check_out_writable(args.out, QueryError)
-    if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
-        raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
-                         "Choose a path outside it.")
-    check_parquet_name(out)
-    if out.exists() and not args.overwrite:
-        raise StoreExistsError(f"{out} already exists; pass --overwrite to replace it.")
-    if args.top_k < 0:
-        raise QueryError(f"--top-k must be >= 0, got {args.top_k}.")
+    out = _check_output_args(args)
     model = load_model(args.model)
     loss_fn = load_loss(args.data)
     by = None if args.by == "occurrence" else args.by
@@ -154,11 +167,7 @@ def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "(b,) per-example losses; or a tuple (x, y) indexed by sample id, scored with cross-entropy")
     p.add_argument("--data", required=True, metavar="MOD:FN",
                    help="function returning the query: loss_fn(model) -> (m,) losses, or a tuple (x, y)")
-    p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--top-k", type=int, default=10, dest="top_k",
-                   help="how many helpful and harmful per test point (default 10; 0 writes every score)")
-    p.add_argument("--by", choices=("sample", "occurrence", "step"), default="sample",
-                   help="rank samples (all epochs summed, default), single occurrences, or steps")
+    _add_output_args(p)
     p.add_argument("--name", default="default", help="store the scores as replay/NAME in the run (default 'default')")
     p.add_argument("--steps", default=None, metavar="T0:T1", help="only occurrences of steps T0 <= t < T1")
     p.add_argument("--overwrite", action="store_true", help="replace --out and a stored replay of the same name")
@@ -217,15 +226,7 @@ def check_out_writable(path: str, error: Any) -> Path:
 def _run_replay(args: argparse.Namespace) -> int:
     from datavalue.query import load_loss, load_model, replay_influence, resolve_callable
 
-    out = check_out_writable(args.out, QueryError)  # before the replay runs and is stored in the run
-    if Path(args.run).exists() and out.resolve().is_relative_to(Path(args.run).resolve()):
-        raise StoreError(f"--out {out} lies inside the run {args.run}; writing there would change the run. "
-                         "Choose a path outside it.")
-    check_parquet_name(out)
-    if out.exists() and not args.overwrite:
-        raise StoreExistsError(f"{out} already exists; pass --overwrite to replace it.")
-    if args.top_k < 0:
-        raise QueryError(f"--top-k must be >= 0, got {args.top_k}.")
+    out = _check_output_args(args)  # before the replay runs and is stored in the run
     model = load_model(args.model)
     batches, loss_fn = _train_spec(resolve_callable(args.train, "--train")(), args.train)
     query = load_loss(args.data)

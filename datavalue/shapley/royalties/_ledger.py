@@ -32,7 +32,9 @@ a row). A whole last row missing only its newline is a row (the next append writ
 A crash between the row and the head leaves one row after the head (accepted with a warning, the
 next append re-anchors it); more rows after the head are refused until
 :meth:`RoyaltyLedger.reanchor` accepts them. One ``output_id`` is paid once.
-The lock, the head file and the MAC live in ``_anchor.py``; this module keeps the rows and the chain.
+The lock, the head file and the MAC live in ``_anchor.py``; the torn-line checks, ``recover``, the
+orphaned-head check and setting a head aside for ``reanchor`` in ``_recovery.py``; this module keeps the
+rows and the chain.
 
 Format: version 1 throughout. A keyed ledger's header has ``"mac": "hmac-sha256"`` and its rows
 an extra ``"mac"`` field (not part of ``row_hash``). A ledger created with a head file says
@@ -77,7 +79,7 @@ from datavalue.shapley._errors import (
 from datavalue.shapley._validation import parse_values
 from datavalue.shapley.estimators._exact import exact_from_utilities
 from datavalue.shapley.estimators._result import ShapleyResult
-from datavalue.shapley.royalties import _anchor
+from datavalue.shapley.royalties import _anchor, _recovery
 from datavalue.shapley.royalties._records import GenerationRecord, Period, parse_timestamp
 from datavalue.shapley.royalties._split import (
     CENT,
@@ -109,38 +111,6 @@ class _Scan:
 def _hash_content(content: bytes | str) -> str:
     data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _json_object(line: bytes) -> bool:
-    """Whether ``line`` is one whole JSON object (a ledger line's shape)."""
-    try:
-        return isinstance(json.loads(line), dict)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return False
-
-
-def _head_rows(head_text: str | None) -> int | None:
-    """The row count a head file's text records (``None``: no head, or not one this can read)."""
-    try:
-        rows = json.loads(head_text)["rows"] if head_text is not None else None
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return None
-    return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
-
-
-
-def _refuse_damaged_row(what: str, recorded: int | None, kept: int, fix: str) -> None:
-    """A torn last line that the head file counts as a row was whole when written and damaged later (no
-    interrupted append leaves that): refuse, ``what`` naming the line and the head file."""
-    if recorded is not None and recorded > kept:
-        raise LedgerError(
-            f"{what} records {recorded} rows and only {kept} come before it: the line was a whole row when it was "
-            f"written and was damaged later, which no interrupted append does. {fix}"
-        )
-
-def _rows_before(raw: bytes, cut: int) -> int:
-    """How many rows the ledger bytes before ``cut`` hold (non-blank lines after the header)."""
-    return max(0, sum(1 for line in raw[:cut].splitlines() if line.strip()) - 1)
 
 
 def _parse_owners(owners: object) -> tuple[str, ...]:
@@ -254,7 +224,7 @@ class RoyaltyLedger:
             inside = inside_run_problem(self.path, "a new royalty ledger (with its head and lock files)")
             if inside is not None:
                 raise OutputPathError(inside)
-            self._refuse_orphan_head()
+            _recovery.refuse_orphan_head(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             header = {
                 "schema": _SCHEMA,
@@ -271,26 +241,6 @@ class RoyaltyLedger:
             self._size = self.path.stat().st_size
         else:
             raise LedgerNotFoundError(f"ledger {self.path} does not exist.")
-
-    def _refuse_orphan_head(self) -> None:
-        """Refuse to start a new ledger where a head file says rows were written: the ledger was
-        deleted, emptied or moved, and a fresh head would hide that for good."""
-        text = self._read_head_text()
-        if text is None:
-            return
-        try:
-            rows = int(json.loads(text)["rows"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            rows = -1
-        if rows == 0:
-            return  # a creation cut short before the header was written: nothing was recorded
-        said = f"records {rows} rows" if rows > 0 else "is not a ledger head file"
-        raise LedgerError(
-            f"ledger {self.path} is {'empty' if self.path.exists() else 'missing'}, but its head file "
-            f"{self.head_path} {said}: the ledger was deleted, emptied or moved, and starting a new one "
-            "here would hide that. Restore the ledger from backup (or open it where it now is); to "
-            "start a new ledger at this path, move the head file away first."
-        )
 
     # ------------------------------------------------------------------ reading
     @staticmethod
@@ -333,31 +283,6 @@ class RoyaltyLedger:
             return header
         raise LedgerError(f"{self.path} is empty.")
 
-    @staticmethod
-    def _torn_tail(raw: bytes) -> tuple[int, int] | None:
-        """``(line number, byte offset)`` of a torn final line, or ``None``.
-
-        Torn: bytes after the last newline that are not a JSON object (a crash mid-write), or a
-        last line that is not JSON. Only the final line can be torn; a bad line before it is a
-        damaged ledger. A last line that is a whole JSON object missing only its newline (a write
-        cut one byte short, an editor that strips the final newline) is no torn line: no proper
-        prefix of a row's JSON parses, and the chain and the head check it as the row it is; the
-        next append (or :meth:`recover`) writes the newline.
-        """
-        body = raw if raw.endswith(b"\n") else raw[: raw.rfind(b"\n") + 1]
-        if len(body) < len(raw):
-            if _json_object(raw[len(body) :]):
-                return None
-            return body.count(b"\n") + 1, len(body)
-        start = raw.rfind(b"\n", 0, len(raw) - 1) + 1
-        if start == 0:
-            return None  # the header is the only line: not a torn row
-        try:
-            json.loads(raw[start:])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return raw.count(b"\n"), start
-        return None
-
     #: how often a read starts again when other handles appended between its reading the head
     #: file and the rows (more rows after the head than one interrupted append leaves)
     _RESCANS = 5
@@ -383,27 +308,7 @@ class RoyaltyLedger:
     def _scan_once(self, head_text: str | None) -> _Scan:
         """One read of the ledger against the head file's text ``head_text`` (read before it)."""
         raw = self.path.read_bytes()
-        torn = self._torn_tail(raw)
-        if torn is not None:
-            lineno, cut = torn
-            _refuse_damaged_row(
-                f"{self.path}:{lineno} is not a ledger row: the last line is torn (cut short or not JSON), but the head "
-                f"file {self.head_path.name}", _head_rows(head_text) if self._check_anchor else None, _rows_before(raw, cut),
-                "Restore the ledger from backup (RoyaltyLedger.recover would leave it truncated).")
-            holder = self._read_lock()
-            busy = (
-                f" (a writer, pid {holder.get('pid')} on {holder.get('host')!r}, holds the lock: "
-                "the line may still be being written; retry first)"
-                if holder is not None
-                else ""
-            )
-            raise LedgerError(
-                f"{self.path}:{lineno} is not a ledger row: the last line is torn (cut short or "
-                f"not JSON), as a crash during an append leaves it{busy}. Every row before it is "
-                f"intact. RoyaltyLedger.recover({str(self.path)!r}) (or RoyaltyLedger(path, "
-                "repair=True)) moves the torn tail to <ledger>.torn-<time> and keeps them; if "
-                "no append was interrupted, restore from backup instead."
-            )
+        _recovery.refuse_torn_tail(self.path, raw, head_text=head_text if self._check_anchor else None)
         header = self._read_header()
         prev = self._header_hash(header)
         rows: list[GenerationRecord] = []
@@ -518,41 +423,7 @@ class RoyaltyLedger:
         Raises:
             LedgerError: the head file records the torn line as a row (restore from backup).
         """
-        path = Path(path)
-        head_text = _anchor.read_head_text(path)  # before the rows, as every read (see _scan)
-        raw = path.read_bytes()
-        torn = cls._torn_tail(raw)
-        if torn is None:
-            if raw and not raw.endswith(b"\n"):
-                with open(path, "ab") as f:
-                    f.write(b"\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                logger.warning("ledger %s: its last line %d is whole but had no final newline; added the newline",
-                               path, raw.count(b"\n") + 1)  # fmt: skip
-            return None
-        lineno, cut = torn
-        _refuse_damaged_row(
-            f"{path}:{lineno} is torn (cut short or not JSON), but the head file {_anchor.head_path(path).name}",
-            _head_rows(head_text), _rows_before(raw, cut),
-            "Moving it aside would leave the ledger truncated, so nothing was moved. Restore the ledger from backup.")
-        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        aside = _anchor.sidecar(_anchor.real(path), f".torn-{stamp}")
-        with open(aside, "xb") as f:
-            f.write(raw[cut:])
-            f.flush()
-            os.fsync(f.fileno())
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-            os.fsync(f.fileno())
-        logger.warning(
-            "ledger %s: moved the torn line %d (%d bytes) to %s",
-            path,
-            lineno,
-            len(raw) - cut,
-            aside,
-        )
-        return aside
+        return _recovery.recover(Path(path))
 
     @classmethod
     def reanchor(
@@ -565,10 +436,7 @@ class RoyaltyLedger:
         what an attacker who rewrote the file would do, which the key (kept elsewhere) stops.
         """
         path = Path(path)
-        head = _anchor.head_path(path)
-        old = _anchor.sidecar(head, f".replaced-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S%fZ}")
-        if head.exists():
-            os.replace(head, old)
+        _recovery.set_head_aside(path)
         led = cls.__new__(cls)
         led._check_anchor = False  # the head is what we are about to write
         led.__init__(path, create=False, key=key)  # type: ignore[misc]
@@ -789,9 +657,6 @@ class RoyaltyLedger:
     def _locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold ``<ledger>.lock`` (O_CREAT | O_EXCL, naming pid and host) for one append."""
         return _anchor.hold_lock(self.path, timeout=self.lock_timeout)
-
-    def _read_lock(self) -> dict[str, Any] | None:
-        return _anchor.read_lock(self.path)
 
     def close(self) -> None:
         """End appends through this handle (reading still works).

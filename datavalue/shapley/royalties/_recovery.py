@@ -1,0 +1,193 @@
+"""Recovering a royalty ledger's file: a torn last line, a head file without its ledger, re-anchoring.
+
+:class:`~datavalue.shapley.royalties.RoyaltyLedger` (``_ledger.py``) reads and appends rows and keeps
+the hash chain; ``_anchor.py`` owns the head file, the lock and the MAC. This module decides about,
+and repairs, what an interrupted append, a lost file or a restore from backup leaves behind:
+
+* a torn last line (:func:`torn_tail`): bytes after the last newline that are not a JSON object, or
+  a last line that is not JSON, as a crash mid-append leaves it. Every read refuses it
+  (:func:`refuse_torn_tail`, naming the line and a writer that holds the lock);
+  :func:`recover` (``RoyaltyLedger.recover``) moves it aside to ``<ledger>.torn-<time>``. A torn
+  line that the head file counts as a row was whole when written and damaged later: both refuse it,
+  since moving it aside would leave the ledger truncated;
+* a head file that records rows where the ledger is missing or empty (:func:`refuse_orphan_head`):
+  starting a new ledger over it would hide that rows were written;
+* re-anchoring (``RoyaltyLedger.reanchor``): the old head file is set aside
+  (:func:`set_head_aside`) before the head is written again from the rows as they are.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+from pathlib import Path
+
+from datavalue.shapley._errors import LedgerError
+from datavalue.shapley.royalties import _anchor
+
+__all__ = ["recover", "refuse_orphan_head", "refuse_torn_tail", "set_head_aside", "torn_tail"]
+
+logger = logging.getLogger(__name__)
+
+
+def _json_object(line: bytes) -> bool:
+    """Whether ``line`` is one whole JSON object (a ledger line's shape)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+
+
+def _head_rows(head_text: str | None) -> int | None:
+    """The row count a head file's text records (``None``: no head, or not one this can read)."""
+    try:
+        rows = json.loads(head_text)["rows"] if head_text is not None else None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
+
+
+def _refuse_damaged_row(what: str, recorded: int | None, kept: int, fix: str) -> None:
+    """A torn last line that the head file counts as a row was whole when written and damaged later (no
+    interrupted append leaves that): refuse, ``what`` naming the line and the head file."""
+    if recorded is not None and recorded > kept:
+        raise LedgerError(
+            f"{what} records {recorded} rows and only {kept} come before it: the line was a whole row when it was "
+            f"written and was damaged later, which no interrupted append does. {fix}"
+        )
+
+
+def _rows_before(raw: bytes, cut: int) -> int:
+    """How many rows the ledger bytes before ``cut`` hold (non-blank lines after the header)."""
+    return max(0, sum(1 for line in raw[:cut].splitlines() if line.strip()) - 1)
+
+
+def torn_tail(raw: bytes) -> tuple[int, int] | None:
+    """``(line number, byte offset)`` of a torn final line in the ledger bytes ``raw``, or ``None``.
+
+    Torn: bytes after the last newline that are not a JSON object (a crash mid-write), or a
+    last line that is not JSON. Only the final line can be torn; a bad line before it is a
+    damaged ledger. A last line that is a whole JSON object missing only its newline (a write
+    cut one byte short, an editor that strips the final newline) is no torn line: no proper
+    prefix of a row's JSON parses, and the chain and the head check it as the row it is; the
+    next append (or :func:`recover`) writes the newline.
+    """
+    body = raw if raw.endswith(b"\n") else raw[: raw.rfind(b"\n") + 1]
+    if len(body) < len(raw):
+        if _json_object(raw[len(body) :]):
+            return None
+        return body.count(b"\n") + 1, len(body)
+    start = raw.rfind(b"\n", 0, len(raw) - 1) + 1
+    if start == 0:
+        return None  # the header is the only line: not a torn row
+    try:
+        json.loads(raw[start:])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return raw.count(b"\n"), start
+    return None
+
+
+def refuse_torn_tail(path: Path, raw: bytes, *, head_text: str | None) -> None:
+    """Refuse the ledger ``path`` read as ``raw`` when its last line is torn.
+
+    ``head_text`` is the head file's text read before ``raw`` (``None``: not consulted, as when
+    re-anchoring); a torn line it counts as a row is refused as damaged, not as a crash's leftover.
+
+    Raises:
+        LedgerError: the last line is torn (say how to recover), or damaged after it was written.
+    """
+    torn = torn_tail(raw)
+    if torn is None:
+        return
+    lineno, cut = torn
+    _refuse_damaged_row(
+        f"{path}:{lineno} is not a ledger row: the last line is torn (cut short or not JSON), but the head "
+        f"file {_anchor.head_path(path).name}", _head_rows(head_text), _rows_before(raw, cut),
+        "Restore the ledger from backup (RoyaltyLedger.recover would leave it truncated).")
+    holder = _anchor.read_lock(path)
+    busy = (
+        f" (a writer, pid {holder.get('pid')} on {holder.get('host')!r}, holds the lock: "
+        "the line may still be being written; retry first)"
+        if holder is not None
+        else ""
+    )
+    raise LedgerError(
+        f"{path}:{lineno} is not a ledger row: the last line is torn (cut short or "
+        f"not JSON), as a crash during an append leaves it{busy}. Every row before it is "
+        f"intact. RoyaltyLedger.recover({str(path)!r}) (or RoyaltyLedger(path, "
+        "repair=True)) moves the torn tail to <ledger>.torn-<time> and keeps them; if "
+        "no append was interrupted, restore from backup instead."
+    )
+
+
+def refuse_orphan_head(path: Path) -> None:
+    """Refuse to start a new ledger at ``path`` where a head file says rows were written: the ledger
+    was deleted, emptied or moved, and a fresh head would hide that for good."""
+    text = _anchor.read_head_text(path)
+    if text is None:
+        return
+    try:
+        rows = int(json.loads(text)["rows"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        rows = -1
+    if rows == 0:
+        return  # a creation cut short before the header was written: nothing was recorded
+    said = f"records {rows} rows" if rows > 0 else "is not a ledger head file"
+    raise LedgerError(
+        f"ledger {path} is {'empty' if path.exists() else 'missing'}, but its head file "
+        f"{_anchor.head_path(path)} {said}: the ledger was deleted, emptied or moved, and starting a new one "
+        "here would hide that. Restore the ledger from backup (or open it where it now is); to "
+        "start a new ledger at this path, move the head file away first."
+    )
+
+
+def recover(path: Path) -> Path | None:
+    """The body of :meth:`RoyaltyLedger.recover` (see there): move a torn final line aside, or add a
+    whole last line's missing newline. Returns the file holding the torn bytes, or ``None``."""
+    head_text = _anchor.read_head_text(path)  # before the rows, as every read (RoyaltyLedger._scan)
+    raw = path.read_bytes()
+    torn = torn_tail(raw)
+    if torn is None:
+        if raw and not raw.endswith(b"\n"):
+            with open(path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            logger.warning("ledger %s: its last line %d is whole but had no final newline; added the newline",
+                           path, raw.count(b"\n") + 1)  # fmt: skip
+        return None
+    lineno, cut = torn
+    _refuse_damaged_row(
+        f"{path}:{lineno} is torn (cut short or not JSON), but the head file {_anchor.head_path(path).name}",
+        _head_rows(head_text), _rows_before(raw, cut),
+        "Moving it aside would leave the ledger truncated, so nothing was moved. Restore the ledger from backup.")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    aside = _anchor.sidecar(_anchor.real(path), f".torn-{stamp}")
+    with open(aside, "xb") as f:
+        f.write(raw[cut:])
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+        os.fsync(f.fileno())
+    logger.warning(
+        "ledger %s: moved the torn line %d (%d bytes) to %s",
+        path,
+        lineno,
+        len(raw) - cut,
+        aside,
+    )
+    return aside
+
+
+def set_head_aside(path: Path) -> Path | None:
+    """Move the ledger's head file (if any) to ``<ledger>.head.replaced-<UTC time>`` before it is
+    re-anchored; returns where it went, or ``None`` when there was none."""
+    head = _anchor.head_path(path)
+    old = _anchor.sidecar(head, f".replaced-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S%fZ}")
+    if not head.exists():
+        return None
+    os.replace(head, old)
+    return old

@@ -1,4 +1,4 @@
-"""A tiny classifier and a short recorded SGD run, shared by the fifth probe's tests.
+"""A tiny classifier and a short recorded SGD run, shared by the fourth and fifth probes' tests.
 
 ``X`` (24, 4) float32 and ``Y`` (24,) in {0, 1, 2} come from their own seeded generators, so they are
 the same whichever test module imports them first. :func:`tiny_mlp` is a 4-5-3 tanh MLP seeded
@@ -27,10 +27,11 @@ def tiny_mlp(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
 
 
-def record_tiny_run(path: Path, model: torch.nn.Module | None = None, steps: int = 4, **kw) -> torch.nn.Module:
-    """Record ``steps`` SGD steps of ``model`` (default :func:`tiny_mlp`) on samples ``6t .. 6t+5`` into
-    ``path``; ``kw`` goes to :class:`datavalue.Recorder`. Returns the trained model (the ``.module``
-    of a wrapper that has one)."""
+def record_tiny_run(path: Path, model: torch.nn.Module | None = None, steps: int = 4, *, x: torch.Tensor = X,
+                    y: torch.Tensor = Y, **kw) -> torch.nn.Module:
+    """Record ``steps`` SGD steps of ``model`` (default :func:`tiny_mlp`) on samples ``6t .. 6t+5`` of
+    ``(x, y)`` into ``path``; ``kw`` goes to :class:`datavalue.Recorder`. Returns the trained model (the
+    ``.module`` of a wrapper that has one)."""
     model = tiny_mlp() if model is None else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     kw.setdefault("proj_dim", None)
@@ -38,7 +39,7 @@ def record_tiny_run(path: Path, model: torch.nn.Module | None = None, steps: int
         for t in range(steps):
             ids = np.arange(6 * t, 6 * t + 6)
             with rec.step(sample_ids=ids):
-                F.cross_entropy(model(X[ids]), Y[ids]).backward()
+                F.cross_entropy(model(x[ids]), y[ids]).backward()
             opt.step()
             opt.zero_grad()
     return getattr(model, "module", model)

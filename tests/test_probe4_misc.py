@@ -30,28 +30,19 @@ from datavalue.cli import main
 from datavalue.embeddings import build_influence
 from datavalue.query._groups import parse_steps
 from datavalue.store import archive_run, open_run
+from tests._helpers_tiny_run import Y, record_tiny_run, tiny_mlp
 from tests.query.test_replay_cli_errors import case  # noqa: F401  (a module fixture)
 
 X = torch.randn(24, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-Y = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(1))
 
 
 def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    return tiny_mlp().double()
 
 
 def _record(path: Path, steps: int = 4) -> torch.nn.Module:
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with datavalue.Recorder(path, model, proj_dim=None, storage_dtype="float64", optimizer=opt) as rec:
-        for t in range(steps):
-            ids = np.arange(6 * t, 6 * t + 6)
-            with rec.step(sample_ids=ids):
-                F.cross_entropy(model(X[ids]), Y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-    return model
+    """The tiny run in float64: model, inputs and storage."""
+    return record_tiny_run(path, _model(), steps, x=X, storage_dtype="float64")
 
 
 @pytest.fixture(scope="module")

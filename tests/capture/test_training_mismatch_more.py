@@ -12,6 +12,7 @@ float32 residuals measured below 5e-7, the broken cases here are 0.1 or more).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -206,10 +207,12 @@ def test_an_explicit_lr_the_optimizer_does_not_use_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 4. skipped or doubled updates
-def test_a_skipped_optimizer_step_is_refused_at_the_next_block(tmp_path):
+@contextlib.contextmanager
+def _step_1_awaiting_its_update(path):
+    """A run at ``path`` with step 0 recorded and applied and step 1's block recorded, its
+    ``optimizer.step()`` not run yet: yields ``(rec, model, opt)``; closes the recorder after."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    path = tmp_path / "k.zarr"
     with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
         with rec.step(sample_ids=range(8)):
             _loss(model).backward()
@@ -217,6 +220,12 @@ def test_a_skipped_optimizer_step_is_refused_at_the_next_block(tmp_path):
         opt.zero_grad()
         with rec.step(sample_ids=range(8, 16)):
             _loss(model, 1).backward()
+        yield rec, model, opt
+
+
+def test_a_skipped_optimizer_step_is_refused_at_the_next_block(tmp_path):
+    path = tmp_path / "k.zarr"
+    with _step_1_awaiting_its_update(path) as (rec, model, opt):
         opt.zero_grad()  # no opt.step(): the update the run holds never happened
         with pytest.raises(RecorderStateError, match=r"step 1 was recorded but optimizer\.step\(\) never ran after it.*"
                            r"Step 1 was not written"):
@@ -262,17 +271,9 @@ def test_an_optimizer_step_twice_for_one_block_is_refused(tmp_path):
 
 
 def test_close_drops_a_last_step_whose_update_never_ran(tmp_path, caplog):
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "e.zarr"
-    with caplog.at_level(logging.WARNING, logger="datavalue"):
-        with datavalue.Recorder(path, model, proj_dim=None, optimizer=opt) as rec:
-            with rec.step(sample_ids=range(8)):
-                _loss(model).backward()
-            opt.step()
-            opt.zero_grad()
-            with rec.step(sample_ids=range(8, 16)):
-                _loss(model, 1).backward()
+    with caplog.at_level(logging.WARNING, logger="datavalue"), _step_1_awaiting_its_update(path):
+        pass  # closed with step 1's update never run
     assert open_run(path).n_steps == 1
     assert "step 1 was recorded but optimizer.step() never ran" in caplog.text
 

@@ -97,16 +97,20 @@ def instrument() -> None:
     G = _optim.UnrecordedGradients
     G._on_step = _timed("optimizer pre-hook (update = recorded step)", G._on_step)
     G._check_gradient = _timed("  of which: gradient check (sketch of .grad)", G._check_gradient)
+    G.before_block = _timed("block start: weights unchanged since the update", G.before_block)
+    G._after_step = _timed("optimizer post-hook (weights fingerprint)", G._after_step)
+    R = _recorder.Recorder
+    R._on_model_output = _timed('curvature="fisher" pass (pseudo-gradients)', R._on_model_output)
 
 
 def per_layer() -> None:
     """A timer per captured module around its gradient hook (``--per-layer``)."""
     orig = _engine.Engine._on_grad
 
-    def on_grad(self, entry, args, kwargs, grad):
+    def on_grad(self, entry, args, kwargs, grad, *rest):
         t = CLOCK()
         try:
-            return orig(self, entry, args, kwargs, grad)
+            return orig(self, entry, args, kwargs, grad, *rest)
         finally:
             TIMES[f"  {entry.name} ({entry.rule.name})"] += CLOCK() - t
 
@@ -149,6 +153,12 @@ def _unrecorded_on(rec, opt) -> None:
                                                      drop=rec._drop_held, compare_gradients=rec._dist.world == 1)
 
 
+def rec_kwargs(args) -> dict:
+    """The ``Recorder`` options of ``--fisher`` (``none``, ``sampled``: one sampled label per example, ``exact``)."""
+    return {"none": {}, "sampled": dict(curvature="fisher", fisher_max_classes=1, fisher_samples=1),
+            "exact": dict(curvature="fisher", fisher_max_classes=16)}[args.fisher]
+
+
 def breakdown(args) -> None:
     instrument()
     (name, model, loss_fn, b), opt = make_case(args.model, args.optimizer)
@@ -157,7 +167,7 @@ def breakdown(args) -> None:
     pmodel = copy.deepcopy(model)
     popt = type(opt)(pmodel.parameters(), lr=1e-3)
     with tempfile.TemporaryDirectory() as d:
-        rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=args.proj, optimizer=opt)
+        rec = datavalue.Recorder(os.path.join(d, "r.zarr"), model, proj_dim=args.proj, optimizer=opt, **rec_kwargs(args))
         print(f"{name}, {args.optimizer}, proj_dim {args.proj}: k={rec.proj_dim} in {len(rec.blocks)} blocks, "
               f"Adam moments stored: {rec.record_optimizer_state}, "
               f"{sum(p.requires_grad for p in model.parameters())} trainable parameters")
@@ -269,6 +279,8 @@ def main() -> None:
     ap.add_argument("--ab-unrecorded", action="store_true",
                     help="add an arm of recorded steps without the UnrecordedGradients hooks (see the docstring)")
     ap.add_argument("--per-layer", action="store_true", help="also time each captured module's gradient hook")
+    ap.add_argument("--fisher", choices=("none", "sampled", "exact"), default="none",
+                    help='record curvature="fisher" rows: sampled labels or the exact class expectation')
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="see CLOCK")
     args = ap.parse_args()
     global CLOCK

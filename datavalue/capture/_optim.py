@@ -617,7 +617,7 @@ class UnrecordedGradients:
                          if all(q in named and named[q].requires_grad and id(named[q]) not in in_groups for q in b.params)]
         self._after_update: list[torch.Tensor] | None = None
         self._orphans_at_block: list[torch.Tensor] | None = None
-        self._segments: dict[tuple[int, ...], torch.Tensor] = {}
+        self._segments: dict[tuple[int, ...], np.ndarray] = {}  # fingerprint sizes -> segment starts
         #: the captured parameters holding optimizer state after the last update (state lost: P5-12)
         self._stateful: list[str] = []
         #: on resume, the optimizer state the run's last recorded step left (checked at the first update)
@@ -695,18 +695,17 @@ class UnrecordedGradients:
         """Indices of the fingerprints that differ beyond :data:`WEIGHTS_RTOL` of their norm."""
         if not before:
             return []
-        with torch.no_grad():  # vectorised over blocks, one device-to-host copy of 3 x blocks norms
-            a, b = torch.cat(before).to(torch.float64), torch.cat(now).to(torch.float64)
-            key = tuple(t.numel() for t in before)
-            seg = self._segments.get(key)
-            if seg is None or seg.device != a.device:
-                seg = torch.repeat_interleave(torch.arange(len(key)), torch.tensor(key)).to(a.device)
-                self._segments[key] = seg
-            sums = torch.zeros(3, len(key), dtype=torch.float64, device=a.device)
-            for row, x in enumerate(((a - b).square(), a.square(), b.square())):
-                sums[row].index_add_(0, seg, x)
-            norms = to_numpy(sums.sqrt())
-        d, top = norms[0], np.maximum(norms[1], norms[2])
+        key = tuple(t.numel() for t in before)
+        starts = self._segments.get(key)
+        if starts is None:
+            if min(key) < 1:
+                raise RecorderError(f"internal: an empty weights fingerprint among {key}.")
+            starts = np.concatenate([[0], np.cumsum(key)[:-1]]).astype(np.intp)
+            self._segments[key] = starts
+        with torch.no_grad():  # one device-to-host copy; the segment norms on the host (a few hundred numbers)
+            a, b = to_numpy(torch.stack([torch.cat(before), torch.cat(now)]).to(torch.float64))
+        d = np.sqrt(np.add.reduceat(np.square(a - b), starts))
+        top = np.sqrt(np.maximum(np.add.reduceat(np.square(a), starts), np.add.reduceat(np.square(b), starts)))
         return [int(i) for i in np.flatnonzero((d > WEIGHTS_RTOL * top) | ~np.isfinite(d))]
 
     def _check_weights_unchanged(self, p: PendingStep | None) -> None:

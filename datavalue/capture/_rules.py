@@ -42,12 +42,15 @@ class BlockDraft:
     bias_axis: int = 1  # kron: bias appended as a last column (1, Linear) or a last row (0, HF Conv1D)
 
 
-#: A side whose sketch has fewer rows than this is applied as ``P @ X^T`` rather than ``X @ P^T``
-#: (the same numbers up to float rounding). CPU sgemm kernels are tiled for an output width of 16
-#: floats (AVX-512): a narrow ``(n, dim) @ (dim, 8)`` ran 3-4x slower than ``(8, dim) @ (dim, n)`` on
-#: this project's CPU (``(1024, 512) @ (512, 8)``: 0.78 ms against 0.19 ms; GPT-2's tied LM head
-#: ``(1024, 2048) @ (2048, 8)``: 2.9 ms against 0.8 ms), while from 16 rows on neither orientation
-#: wins consistently. See docs/results/capture.md (issue 20).
+#: A side whose sketch's row count is not a multiple of this is applied as ``P @ X^T`` rather than
+#: ``X @ P^T`` (the same numbers up to float rounding). CPU sgemm kernels are tiled for an output width
+#: of 16 floats (AVX-512): ``X @ P^T`` pays for a whole tile per started 16 columns, so a narrow or
+#: ragged output ran slower than ``P @ X^T`` on this project's CPU, and a multiple of 16 faster:
+#: ``(1024, 512) @ (512, k)`` against ``(k, 512) @ (512, 1024)``, thread time, one thread: k = 8 4.0x
+#: slower, 12 1.7x, **16 0.98x**, 17 1.39x, 20 1.29x, 24 1.21x, 31 1.80x, **32 1.04x**, 33 1.16x,
+#: **48 1.06x**, **64 1.00x**, 65 1.18x; the same pattern for inner sizes 128 to 2,048 and 128 or
+#: 1,024 rows (GPT-2's tied LM head ``(1024, 2048) @ (2048, 8)``: 2.9 ms against 0.8 ms; its sides at
+#: proj_dim 4096 have 16 and 17 rows). See docs/results/capture.md (issue 20).
 NARROW = 16
 
 
@@ -55,14 +58,14 @@ def _project(x: torch.Tensor, P: torch.Tensor, P_t: torch.Tensor) -> torch.Tenso
     """``x @ P^T`` over the last axis, ``(..., dim) -> (..., k)``; the result may be a transposed
     view (``P @ x^T``, see :data:`NARROW`)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.mm(P, x2.t()).t() if P.shape[0] < NARROW else torch.mm(x2, P_t)
+    y = torch.mm(P, x2.t()).t() if P.shape[0] % NARROW else torch.mm(x2, P_t)
     return y.reshape(*x.shape[:-1], P.shape[0])
 
 
 def _project_affine(x: torch.Tensor, P: torch.Tensor, P_t: torch.Tensor) -> torch.Tensor:
     """``[x, 1] @ P^T`` (a constant 1 appended to the last axis) without materialising ``[x, 1]``."""
     x2 = x.reshape(-1, x.shape[-1])
-    if P.shape[0] < NARROW:
+    if P.shape[0] % NARROW:
         y = torch.addmm(P[:, -1:], P[:, :-1], x2.t()).t()
     else:
         y = torch.addmm(P_t[-1], x2, P_t[:-1])

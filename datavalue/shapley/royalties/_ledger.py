@@ -202,9 +202,7 @@ class RoyaltyLedger:
                 f"(e.g. {self.path / 'ledger.jsonl'})."
             )
         if self.path.exists() and self.path.stat().st_size > 0:
-            if repair:
-                self.recover(self.path)
-            header = self._read_header()
+            header = self._read_header()  # the header, currency and key first: a refusal moves nothing
             self.currency = header["currency"]
             if currency is not None and currency != self.currency:
                 raise LedgerError(
@@ -219,6 +217,8 @@ class RoyaltyLedger:
                     "keyed ledger. If it was created with a key, its header was rewritten: "
                     "restore from backup."
                 )
+            if repair:
+                self._repair()
             self._adopt(self._scan())
         elif create:
             inside = inside_run_problem(self.path, "a new royalty ledger (with its head and lock files)")
@@ -259,7 +259,7 @@ class RoyaltyLedger:
         return _anchor.lock_path(self.path)
 
     def _lines(self) -> Iterator[tuple[int, str]]:
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding="utf-8", errors="replace") as f:  # not UTF-8: "not a royalty ledger"
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     yield lineno, line
@@ -305,9 +305,10 @@ class RoyaltyLedger:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _scan_once(self, head_text: str | None) -> _Scan:
-        """One read of the ledger against the head file's text ``head_text`` (read before it)."""
-        raw = self.path.read_bytes()
+    def _scan_once(self, head_text: str | None, raw: bytes | None = None) -> _Scan:
+        """One read of the ledger against the head file's text ``head_text`` (read before it);
+        ``raw``: check these bytes instead of the file's (what a repair would leave)."""
+        raw = self.path.read_bytes() if raw is None else raw
         _recovery.refuse_torn_tail(self.path, raw, head_text=head_text if self._check_anchor else None)
         header = self._read_header()
         prev = self._header_hash(header)
@@ -363,6 +364,8 @@ class RoyaltyLedger:
             logger.warning(msg, self.path, *args)
 
     def _read_head_text(self) -> str | None:
+        if not self._check_anchor:
+            return None  # re-anchoring: the head is neither read nor compared (it may be unreadable)
         return _anchor.read_head_text(self.path)
 
     def _check_head(
@@ -411,39 +414,75 @@ class RoyaltyLedger:
 
     # ------------------------------------------------------------------ recovery
     @classmethod
-    def recover(cls, path: str | os.PathLike[str]) -> Path | None:
+    def recover(cls, path: str | os.PathLike[str], *, lock_timeout: float = 10.0) -> Path | None:
         """Move a torn final line to ``<ledger>.torn-<UTC time>``; keep every complete row.
 
         Returns the file holding the torn bytes, or ``None`` when the last line was whole (a whole
         last line missing only its newline gets the newline, with a warning). Nothing is dropped
         silently: the torn bytes are kept beside the ledger and logged. A line the head file
         records as a row (damaged after it was written) is never moved aside: that would leave
-        the ledger truncated. Hold no other handle that is appending while recovering.
+        the ledger truncated. It holds ``<ledger>.lock`` (waiting up to ``lock_timeout`` seconds),
+        so it never moves a line a live writer is still writing. A refusal changes no file.
 
         Raises:
-            LedgerError: the head file records the torn line as a row (restore from backup).
+            LedgerNotFoundError: there is no ledger at ``path``.
+            LedgerError: the file is not a royalty ledger (no ledger header on its first line), the head
+                file records the torn line as a row (restore from backup), or another writer holds the lock.
         """
-        return _recovery.recover(Path(path))
+        return _recovery.recover(Path(path), lock_timeout=lock_timeout)
+
+    def _repair(self) -> None:
+        """``repair=True``: check the ledger as :meth:`recover` would leave it, then recover it, so a
+        ledger refused for another reason (a damaged row, rows missing against the head) keeps its
+        torn line where it was."""
+        for attempt in range(self._RESCANS):
+            head_text = self._read_head_text()
+            raw = self.path.read_bytes()
+            kept = _recovery.bytes_kept(self.path, raw, head_text=head_text)
+            try:
+                self._scan_once(head_text, raw=raw[:kept])
+                break
+            except _anchor.BeyondHeadError:
+                if attempt + 1 == self._RESCANS or self._read_head_text() == head_text:
+                    raise
+        self.recover(self.path, lock_timeout=self.lock_timeout)
 
     @classmethod
     def reanchor(
-        cls, path: str | os.PathLike[str], *, key: bytes | str | None = None
+        cls, path: str | os.PathLike[str], *, key: bytes | str | None = None, lock_timeout: float = 10.0
     ) -> RoyaltyLedger:
         """Rewrite the head file from the ledger as it is now (after checking it by hand).
 
         For a ledger restored from backup, or one whose head file was lost. It makes the
         current rows the anchored truth, so use it only on a ledger you trust: this is exactly
         what an attacker who rewrote the file would do, which the key (kept elsewhere) stops.
+
+        The ledger is read and checked (header, chain, with ``key=`` every MAC; the head file is
+        neither read nor compared) and ``<ledger>.lock`` taken (waiting up to ``lock_timeout``
+        seconds) before anything is written; then the old head is copied to
+        ``<ledger>.head.replaced-<UTC time>`` and the new one replaces it atomically. A refusal (no
+        ledger, not a ledger, a torn last line, a damaged row, a wrong key, another writer's lock)
+        changes no file.
+
+        Raises:
+            LedgerNotFoundError: there is no ledger at ``path``.
+            LedgerError: the ledger cannot be read as it is (see above), or another writer holds the lock.
         """
         path = Path(path)
-        _recovery.set_head_aside(path)
         led = cls.__new__(cls)
-        led._check_anchor = False  # the head is what we are about to write
-        led.__init__(path, create=False, key=key)  # type: ignore[misc]
-        led._check_anchor = True
+        led._check_anchor = False  # the head is what we are about to write: not read, not compared
+        led.__init__(path, create=False, key=key, lock_timeout=lock_timeout)  # type: ignore[misc]
         with led._locked():
             led._catch_up()  # rows appended since it was read are anchored too
-            led._write_head()
+            aside = _recovery.copy_head_aside(path)
+            try:
+                led._write_head()
+            except BaseException:  # the old head is still in place: drop its copy, change nothing
+                if aside is not None:
+                    with contextlib.suppress(OSError):
+                        aside.unlink()
+                raise
+        led._check_anchor = True
         logger.warning("ledger %s re-anchored at %d rows", path, led._count)
         return led
 

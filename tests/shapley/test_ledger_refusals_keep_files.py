@@ -139,6 +139,14 @@ def test_reanchor_rewrites_an_unreadable_head(ledger):
     assert [p.read_bytes() for p in kept] == [b"\xff\xfe not a head"]
 
 
+def test_reanchor_refused_on_a_head_it_cannot_read_keeps_the_files(ledger):
+    head = ledger.with_name(ledger.name + ".head")
+    os.remove(head)
+    head.mkdir()  # not a file: it cannot be copied aside (before: moved aside, and a new head written)
+    _refused_keeps_files(ledger.parent, lambda: shapley.RoyaltyLedger.reanchor(ledger),
+                         match=r"cannot read the head file .*nothing was changed")  # fmt: skip
+
+
 # ---------------------------------------------------------------- recover, repair=True
 def test_recover_refuses_a_file_that_is_not_a_ledger(tmp_path):
     notes = tmp_path / "notes.txt"

@@ -237,7 +237,7 @@ def test_a_record_refused_under_the_lock_keeps_the_files(ledger):
 def test_a_refused_royalties_command_keeps_the_files(ledger, damage, capsys):
     damage(ledger)
     before = _snapshot(ledger.parent)
-    out = ledger.parent / "report.html"
+    out = ledger.parent / "reports" / "report.html"  # a refusal creates no directory either
     assert royalties_main(["royalties", str(ledger), "--period", "2025-01-01:2025-02-01", "--out", str(out)]) == 2
     assert "error" in capsys.readouterr().err
     assert _snapshot(ledger.parent) == before

@@ -155,6 +155,13 @@ def test_recover_refuses_a_file_that_is_not_a_ledger(tmp_path):
     _refused_keeps_files(tmp_path, lambda: shapley.RoyaltyLedger(notes, repair=True), match="not a royalty ledger")
 
 
+def test_a_file_that_is_not_utf8_is_not_a_ledger(tmp_path):
+    blob = tmp_path / "blob.jsonl"
+    blob.write_bytes(b"\xff\xfe binary\n")  # before: a raw UnicodeDecodeError on open
+    _refused_keeps_files(tmp_path, lambda: shapley.RoyaltyLedger(blob), match="not a royalty ledger")
+    _refused_keeps_files(tmp_path, lambda: shapley.RoyaltyLedger.recover(blob), match="not a royalty ledger")
+
+
 def test_recover_refuses_a_missing_ledger(tmp_path):
     _refused_keeps_files(tmp_path, lambda: shapley.RoyaltyLedger.recover(tmp_path / "gone.jsonl"),
                          error=shapley.LedgerNotFoundError, match="does not exist")  # fmt: skip

@@ -7,7 +7,7 @@
 * ``_ledger``: :class:`RoyaltyLedger`, the append-only, hash-chained JSON-lines file (record,
   replay, verify, statement); ``_anchor``: its head file, lock and MAC; ``_recovery``: a torn last
   line (refused on read, moved aside by ``recover``), a head file left without its ledger, and
-  setting the old head aside for ``reanchor``.
+  keeping the old head aside for ``reanchor``; ``_record_checks``: the checks of ``record``'s inputs.
 * ``_statement``: :class:`PeriodStatement` per owner for a period (share-then-sum or
   average-then-share), reconciled to the cent.
 * ``_owners``: :class:`OwnerRegistry`, works to owners, merging shell owners.

@@ -33,8 +33,8 @@ A crash between the row and the head leaves one row after the head (accepted wit
 next append re-anchors it); more rows after the head are refused until
 :meth:`RoyaltyLedger.reanchor` accepts them. One ``output_id`` is paid once.
 The lock, the head file and the MAC live in ``_anchor.py``; the torn-line checks, ``recover``, the
-orphaned-head check and setting a head aside for ``reanchor`` in ``_recovery.py``; this module keeps the
-rows and the chain.
+orphaned-head check and keeping a head aside for ``reanchor`` in ``_recovery.py``; the checks of
+``record``'s inputs in ``_record_checks.py``; this module keeps the rows and the chain.
 
 Format: version 1 throughout. A keyed ledger's header has ``"mac": "hmac-sha256"`` and its rows
 an extra ``"mac"`` field (not part of ``row_hash``). A ledger created with a head file says
@@ -60,7 +60,7 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -69,23 +69,18 @@ import numpy as np
 
 from datavalue._files import inside_run_problem
 from datavalue.shapley._errors import (
-    InvalidGameError,
-    InvalidPoolError,
     LedgerError,
     LedgerNotFoundError,
     OutputPathError,
     ReplayMismatchError,
 )
-from datavalue.shapley._validation import parse_values
 from datavalue.shapley.estimators._exact import exact_from_utilities
 from datavalue.shapley.estimators._result import ShapleyResult
-from datavalue.shapley.royalties import _anchor, _recovery
+from datavalue.shapley.royalties import _anchor, _record_checks, _recovery
 from datavalue.shapley.royalties._records import GenerationRecord, Period, parse_timestamp
 from datavalue.shapley.royalties._split import (
-    CENT,
     RoyaltySplit,
     get_policy,
-    parse_money,
     split_royalties,
 )
 from datavalue.shapley.royalties._statement import PeriodStatement, build_statement
@@ -111,29 +106,6 @@ class _Scan:
 def _hash_content(content: bytes | str) -> str:
     data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _parse_owners(owners: object) -> tuple[str, ...]:
-    """Owner ids as given, one per player: a list (or tuple, array) of non-empty strings.
-
-    Nothing is converted: ``None`` would be paid as an owner named ``'None'`` and a string
-    ``'abc'`` would be split into the owners ``'a'``, ``'b'``, ``'c'``.
-    """
-    if isinstance(owners, str | bytes | Mapping | set | frozenset) or not isinstance(owners, Iterable):
-        raise InvalidGameError(
-            f"owners must be a list of owner ids (strings), one per player; got {owners!r} of type "
-            f"{type(owners).__name__} (a string would be split into letters, a set has no order). Pass e.g. owners=['ann', 'bob', 'cy']."
-        )
-    out = []
-    for i, o in enumerate(owners):
-        if not isinstance(o, str) or not o:
-            raise InvalidGameError(
-                f"owners[{i}] must be a non-empty string (an owner id); got {o!r} of type "
-                f"{type(o).__name__} in {list(owners)!r}. Nothing is converted: pass each owner's id "
-                "as a string."
-            )
-        out.append(str(o))
-    return tuple(out)
 
 
 class RoyaltyLedger:
@@ -202,9 +174,7 @@ class RoyaltyLedger:
                 f"(e.g. {self.path / 'ledger.jsonl'})."
             )
         if self.path.exists() and self.path.stat().st_size > 0:
-            if repair:
-                self.recover(self.path)
-            header = self._read_header()
+            header = self._read_header()  # the header, currency and key first: a refusal moves nothing
             self.currency = header["currency"]
             if currency is not None and currency != self.currency:
                 raise LedgerError(
@@ -219,6 +189,8 @@ class RoyaltyLedger:
                     "keyed ledger. If it was created with a key, its header was rewritten: "
                     "restore from backup."
                 )
+            if repair:
+                self._repair()
             self._adopt(self._scan())
         elif create:
             inside = inside_run_problem(self.path, "a new royalty ledger (with its head and lock files)")
@@ -259,7 +231,7 @@ class RoyaltyLedger:
         return _anchor.lock_path(self.path)
 
     def _lines(self) -> Iterator[tuple[int, str]]:
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding="utf-8", errors="replace") as f:  # not UTF-8: "not a royalty ledger"
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     yield lineno, line
@@ -305,9 +277,10 @@ class RoyaltyLedger:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _scan_once(self, head_text: str | None) -> _Scan:
-        """One read of the ledger against the head file's text ``head_text`` (read before it)."""
-        raw = self.path.read_bytes()
+    def _scan_once(self, head_text: str | None, raw: bytes | None = None) -> _Scan:
+        """One read of the ledger against the head file's text ``head_text`` (read before it);
+        ``raw``: check these bytes instead of the file's (what a repair would leave)."""
+        raw = self.path.read_bytes() if raw is None else raw
         _recovery.refuse_torn_tail(self.path, raw, head_text=head_text if self._check_anchor else None)
         header = self._read_header()
         prev = self._header_hash(header)
@@ -363,6 +336,8 @@ class RoyaltyLedger:
             logger.warning(msg, self.path, *args)
 
     def _read_head_text(self) -> str | None:
+        if not self._check_anchor:
+            return None  # re-anchoring: the head is neither read nor compared (it may be unreadable)
         return _anchor.read_head_text(self.path)
 
     def _check_head(
@@ -411,39 +386,75 @@ class RoyaltyLedger:
 
     # ------------------------------------------------------------------ recovery
     @classmethod
-    def recover(cls, path: str | os.PathLike[str]) -> Path | None:
+    def recover(cls, path: str | os.PathLike[str], *, lock_timeout: float = 10.0) -> Path | None:
         """Move a torn final line to ``<ledger>.torn-<UTC time>``; keep every complete row.
 
         Returns the file holding the torn bytes, or ``None`` when the last line was whole (a whole
         last line missing only its newline gets the newline, with a warning). Nothing is dropped
         silently: the torn bytes are kept beside the ledger and logged. A line the head file
         records as a row (damaged after it was written) is never moved aside: that would leave
-        the ledger truncated. Hold no other handle that is appending while recovering.
+        the ledger truncated. It holds ``<ledger>.lock`` (waiting up to ``lock_timeout`` seconds),
+        so it never moves a line a live writer is still writing. A refusal changes no file.
 
         Raises:
-            LedgerError: the head file records the torn line as a row (restore from backup).
+            LedgerNotFoundError: there is no ledger at ``path``.
+            LedgerError: the file is not a royalty ledger (no ledger header on its first line), the head
+                file records the torn line as a row (restore from backup), or another writer holds the lock.
         """
-        return _recovery.recover(Path(path))
+        return _recovery.recover(Path(path), lock_timeout=lock_timeout)
+
+    def _repair(self) -> None:
+        """``repair=True``: check the ledger as :meth:`recover` would leave it, then recover it, so a
+        ledger refused for another reason (a damaged row, rows missing against the head) keeps its
+        torn line where it was."""
+        for attempt in range(self._RESCANS):
+            head_text = self._read_head_text()
+            raw = self.path.read_bytes()
+            kept = _recovery.bytes_kept(self.path, raw, head_text=head_text)
+            try:
+                self._scan_once(head_text, raw=raw[:kept])
+                break
+            except _anchor.BeyondHeadError:
+                if attempt + 1 == self._RESCANS or self._read_head_text() == head_text:
+                    raise
+        self.recover(self.path, lock_timeout=self.lock_timeout)
 
     @classmethod
     def reanchor(
-        cls, path: str | os.PathLike[str], *, key: bytes | str | None = None
+        cls, path: str | os.PathLike[str], *, key: bytes | str | None = None, lock_timeout: float = 10.0
     ) -> RoyaltyLedger:
         """Rewrite the head file from the ledger as it is now (after checking it by hand).
 
         For a ledger restored from backup, or one whose head file was lost. It makes the
         current rows the anchored truth, so use it only on a ledger you trust: this is exactly
         what an attacker who rewrote the file would do, which the key (kept elsewhere) stops.
+
+        The ledger is read and checked (header, chain, with ``key=`` every MAC; the head file is
+        neither read nor compared) and ``<ledger>.lock`` taken (waiting up to ``lock_timeout``
+        seconds) before anything is written; then the old head is copied to
+        ``<ledger>.head.replaced-<UTC time>`` and the new one replaces it atomically. A refusal (no
+        ledger, not a ledger, a torn last line, a damaged row, a wrong key, another writer's lock)
+        changes no file.
+
+        Raises:
+            LedgerNotFoundError: there is no ledger at ``path``.
+            LedgerError: the ledger cannot be read as it is (see above), or another writer holds the lock.
         """
         path = Path(path)
-        _recovery.set_head_aside(path)
         led = cls.__new__(cls)
-        led._check_anchor = False  # the head is what we are about to write
-        led.__init__(path, create=False, key=key)  # type: ignore[misc]
-        led._check_anchor = True
+        led._check_anchor = False  # the head is what we are about to write: not read, not compared
+        led.__init__(path, create=False, key=key, lock_timeout=lock_timeout)  # type: ignore[misc]
         with led._locked():
             led._catch_up()  # rows appended since it was read are anchored too
-            led._write_head()
+            aside = _recovery.copy_head_aside(path)
+            try:
+                led._write_head()
+            except BaseException:  # the old head is still in place: drop its copy, change nothing
+                if aside is not None:
+                    with contextlib.suppress(OSError):
+                        aside.unlink()
+                raise
+        led._check_anchor = True
         logger.warning("ledger %s re-anchored at %d rows", path, led._count)
         return led
 
@@ -489,12 +500,7 @@ class RoyaltyLedger:
             model_fingerprint: identifies the generating model.
             run_fingerprint: identifies the training run / coalition models / store.
         """
-        if not isinstance(output_id, str) or not output_id:
-            raise InvalidGameError(
-                f"output_id must be a non-empty str (the generated output's id; nothing is converted, so 5 and "
-                f"'5' are never taken for one output); got {output_id!r} of type {type(output_id).__name__}. "
-                f"Pass the id as text, e.g. output_id={str(output_id) if isinstance(output_id, int) else 'gen-1'!r}."
-            )
+        output_id = _record_checks.parse_output_id(output_id)
         if self._closed:
             raise LedgerError(f"this handle on {self.path} is closed; open a new RoyaltyLedger.")
         if self._key is None and self._keyed:
@@ -502,46 +508,17 @@ class RoyaltyLedger:
                 f"{self.path} is a keyed ledger (every row carries an HMAC); pass key= to append."
             )
         self._refuse_duplicate(output_id)  # early, before the split; checked again when locked
-        owners = _parse_owners(owners)
-        if len(set(owners)) != len(owners) or not owners:
-            raise InvalidGameError(f"owners must be distinct and non-empty; got {list(owners)}.")
-        if (content is None) == (output_hash is None):
-            raise InvalidGameError("pass exactly one of content= (hashed here) or output_hash=.")
-        u = None if utilities is None else parse_values(utilities, name="utilities")
-        if result is None and u is None:
-            raise InvalidGameError("pass result= (values) and/or utilities= for the split.")
-        if isinstance(result, ShapleyResult):
-            values, stderr, method = result.values, result.stderr, result.method
-        elif result is not None:
-            values = parse_values(result)
-            stderr, method = np.zeros(values.size), "given"
-        else:
-            values = exact_from_utilities(u)
-            stderr, method = np.zeros(values.size), "exact"
-        if u is not None and u.size != 1 << values.size:
-            raise InvalidGameError(
-                f"utilities must have 2**n = {1 << values.size} entries for {values.size} "
-                f"owners; got {u.size}."
-            )
-        if values.size != len(owners):
-            raise InvalidGameError(f"{values.size} values for {len(owners)} owners.")
-        if result is not None and u is not None:  # the stored utilities must reproduce the row
-            exact = exact_from_utilities(u)
-            if not np.allclose(values, exact, rtol=1e-9, atol=1e-12):
-                raise InvalidGameError(
-                    f"result= gives the values {np.asarray(values).tolist()}, but the utilities= given "
-                    f"with it have the Shapley values {exact.tolist()}; the row would pay by one and "
-                    "store the other, so its utilities would no longer reproduce its amounts. Pass "
-                    "utilities= alone (exact values, replayable), or result= alone (an estimate), or "
-                    "both only when they agree."
-                )
-        revenue_d = parse_money(revenue, name="revenue")
-        rate = parse_money(royalty_rate, name="royalty_rate", quantum=Decimal("1E-12"))
-        if rate > 1:
-            raise InvalidPoolError(f"royalty_rate must be in [0, 1]; got {rate}.")
-        with decimal.localcontext() as ctx:
-            ctx.prec = 80
-            pool = (revenue_d * rate).quantize(CENT, rounding=decimal.ROUND_HALF_EVEN)
+        row = _record_checks.parse_row_inputs(
+            owners=owners,
+            result=result,
+            utilities=utilities,
+            content=content,
+            output_hash=output_hash,
+            revenue=revenue,
+            royalty_rate=royalty_rate,
+        )
+        owners, values, stderr, method, u = row.owners, row.values, row.stderr, row.method, row.utilities
+        revenue_d, rate, pool = row.revenue, row.royalty_rate, row.pool
         pol = get_policy(policy)
         split: RoyaltySplit = split_royalties(values, pool=pool, policy=pol)
         rec = GenerationRecord(

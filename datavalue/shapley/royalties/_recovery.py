@@ -12,22 +12,36 @@ and repairs, what an interrupted append, a lost file or a restore from backup le
   since moving it aside would leave the ledger truncated;
 * a head file that records rows where the ledger is missing or empty (:func:`refuse_orphan_head`):
   starting a new ledger over it would hide that rows were written;
-* re-anchoring (``RoyaltyLedger.reanchor``): the old head file is set aside
-  (:func:`set_head_aside`) before the head is written again from the rows as they are.
+* re-anchoring (``RoyaltyLedger.reanchor``): once the ledger was read and checked and the lock taken,
+  the old head file is copied aside (:func:`copy_head_aside`) and the head written again from the rows
+  as they are.
+
+A refusal changes no file: ``recover`` checks that the file is a ledger (:func:`refuse_not_a_ledger`)
+and takes the ledger's lock before it moves anything; ``RoyaltyLedger(path, repair=True)`` first checks
+the rows that :func:`bytes_kept` says recovering keeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 from pathlib import Path
 
-from datavalue.shapley._errors import LedgerError
+from datavalue.shapley._errors import LedgerError, LedgerNotFoundError
 from datavalue.shapley.royalties import _anchor
 
-__all__ = ["recover", "refuse_orphan_head", "refuse_torn_tail", "set_head_aside", "torn_tail"]
+__all__ = [
+    "bytes_kept",
+    "copy_head_aside",
+    "recover",
+    "refuse_not_a_ledger",
+    "refuse_orphan_head",
+    "refuse_torn_tail",
+    "torn_tail",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +157,68 @@ def refuse_orphan_head(path: Path) -> None:
     )
 
 
-def recover(path: Path) -> Path | None:
-    """The body of :meth:`RoyaltyLedger.recover` (see there): move a torn final line aside, or add a
-    whole last line's missing newline. Returns the file holding the torn bytes, or ``None``."""
-    head_text = _anchor.read_head_text(path)  # before the rows, as every read (RoyaltyLedger._scan)
-    raw = path.read_bytes()
+def refuse_not_a_ledger(path: Path, raw: bytes) -> None:
+    """Refuse to repair ``path`` (read as ``raw``) unless its first line is a ledger's header: the
+    ledger's rule for a torn last line would cut the last line off any other file (a CSV, notes).
+
+    A file whose only line is cut short and starts like a JSON object is let through (a header cut
+    short when the ledger was created; recovering moves it aside).
+    """
+    lines = raw.split(b"\n")
+    whole = [ln for ln in lines[:-1] if ln.strip()]  # lines a newline ends
+    first = whole[0] if whole else lines[-1].strip()
+    if not first:
+        return  # empty: nothing to recover
+    try:
+        header = json.loads(first)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        if not whole and first.startswith(b"{"):
+            return  # the header itself was cut short
+        header = None
+    if not isinstance(header, dict) or header.get("schema") != _anchor.LEDGER_SCHEMA:
+        raise LedgerError(
+            f"{path} is not a royalty ledger (expected a header with schema {_anchor.LEDGER_SCHEMA!r} on line 1), "
+            "so there is no torn ledger line to move aside; nothing was changed. Pass the ledger's file."
+        )
+
+
+def bytes_kept(path: Path, raw: bytes, *, head_text: str | None) -> int:
+    """How many leading bytes of the ledger ``path`` (read as ``raw``, after the head file's text
+    ``head_text``) :func:`recover` keeps: all of them, or those before a torn last line.
+
+    Raises:
+        LedgerError: the head file records the torn line as a row (recovering would truncate the ledger).
+    """
     torn = torn_tail(raw)
     if torn is None:
+        return len(raw)
+    lineno, cut = torn
+    _refuse_damaged_row(
+        f"{path}:{lineno} is torn (cut short or not JSON), but the head file {_anchor.head_path(path).name}",
+        _head_rows(head_text), _rows_before(raw, cut),
+        "Moving it aside would leave the ledger truncated, so nothing was moved. Restore the ledger from backup.")
+    return cut
+
+
+def recover(path: Path, *, lock_timeout: float = 10.0) -> Path | None:
+    """The body of :meth:`RoyaltyLedger.recover` (see there): move a torn final line aside, or add a
+    whole last line's missing newline, holding the ledger's lock. Returns the file holding the torn
+    bytes, or ``None``. Every refusal comes before the first change."""
+    if path.is_dir():
+        raise LedgerError(f"{path} is a directory; a royalty ledger is one JSON-lines file. Pass the ledger's file.")
+    if not path.exists():
+        raise LedgerNotFoundError(f"ledger {path} does not exist; there is nothing to recover.")
+    refuse_not_a_ledger(path, path.read_bytes())
+    with _anchor.hold_lock(path, timeout=lock_timeout):  # never cut a line a live writer is writing
+        return _recover_locked(path)
+
+
+def _recover_locked(path: Path) -> Path | None:
+    head_text = _anchor.read_head_text(path)  # before the rows, as every read (RoyaltyLedger._scan)
+    raw = path.read_bytes()
+    refuse_not_a_ledger(path, raw)
+    cut = bytes_kept(path, raw, head_text=head_text)
+    if cut == len(raw):
         if raw and not raw.endswith(b"\n"):
             with open(path, "ab") as f:
                 f.write(b"\n")
@@ -158,11 +227,7 @@ def recover(path: Path) -> Path | None:
             logger.warning("ledger %s: its last line %d is whole but had no final newline; added the newline",
                            path, raw.count(b"\n") + 1)  # fmt: skip
         return None
-    lineno, cut = torn
-    _refuse_damaged_row(
-        f"{path}:{lineno} is torn (cut short or not JSON), but the head file {_anchor.head_path(path).name}",
-        _head_rows(head_text), _rows_before(raw, cut),
-        "Moving it aside would leave the ledger truncated, so nothing was moved. Restore the ledger from backup.")
+    lineno = raw.count(b"\n", 0, cut) + 1
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     aside = _anchor.sidecar(_anchor.real(path), f".torn-{stamp}")
     with open(aside, "xb") as f:
@@ -182,12 +247,33 @@ def recover(path: Path) -> Path | None:
     return aside
 
 
-def set_head_aside(path: Path) -> Path | None:
-    """Move the ledger's head file (if any) to ``<ledger>.head.replaced-<UTC time>`` before it is
-    re-anchored; returns where it went, or ``None`` when there was none."""
+def copy_head_aside(path: Path) -> Path | None:
+    """Copy the ledger's head file (if any) to ``<ledger>.head.replaced-<UTC time>`` before it is
+    re-anchored (the head stays in place until the new one replaces it atomically); returns the
+    copy, or ``None`` when there was no head.
+
+    Raises:
+        LedgerError: the head file cannot be read (nothing was written).
+    """
     head = _anchor.head_path(path)
     old = _anchor.sidecar(head, f".replaced-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S%fZ}")
-    if not head.exists():
+    try:
+        data = head.read_bytes()
+    except FileNotFoundError:
         return None
-    os.replace(head, old)
+    except OSError as exc:
+        raise LedgerError(
+            f"cannot read the head file {head} to keep it as {old.name} ({exc.strerror or exc}); nothing was "
+            "changed. Make it readable (or move it away yourself), then re-anchor."
+        ) from None
+    f = open(old, "xb")  # noqa: SIM115 (a name that exists is never ours to remove below)
+    try:
+        with f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, an interrupt: no half copy left beside the ledger
+        with contextlib.suppress(OSError):
+            old.unlink()
+        raise
     return old

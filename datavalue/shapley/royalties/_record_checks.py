@@ -1,0 +1,138 @@
+"""The checks of one royalty ledger row's inputs, before anything is split or written.
+
+:meth:`RoyaltyLedger.record <datavalue.shapley.royalties.RoyaltyLedger.record>` (``_ledger.py``) appends
+one row per generated output. This module parses what its caller passed (the output id, the owners, the
+values or the coalition utilities, the content or its hash, the revenue and the royalty rate) and
+refuses what cannot be paid as given, each message saying what was expected, what came and how to fix
+it. Nothing here reads or writes the ledger: the checks that need it (a closed handle, a keyed ledger
+without its key, an output id already paid) stay in ``_ledger.py``, in the order ``record`` runs them:
+:func:`parse_output_id` first, then those, then :func:`parse_row_inputs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+
+import numpy as np
+
+from datavalue.shapley._errors import InvalidGameError, InvalidPoolError
+from datavalue.shapley._validation import parse_values
+from datavalue.shapley.estimators._exact import exact_from_utilities
+from datavalue.shapley.estimators._result import ShapleyResult
+from datavalue.shapley.royalties._split import CENT, parse_money
+
+__all__ = ["RowInputs", "parse_output_id", "parse_owners", "parse_row_inputs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowInputs:
+    """One row's inputs as :func:`parse_row_inputs` accepted them."""
+
+    owners: tuple[str, ...]
+    values: np.ndarray  # (n,) float: what the split pays by
+    stderr: np.ndarray  # (n,) float
+    method: str  # the estimator's name, "given" (plain values) or "exact" (from the utilities)
+    utilities: np.ndarray | None  # (2**n,) float, stored so the row replays
+    revenue: Decimal
+    royalty_rate: Decimal
+    pool: Decimal  # revenue * royalty_rate, rounded half-even to the cent
+
+
+def parse_output_id(output_id: object) -> str:
+    """The generated output's id: a non-empty ``str`` (nothing is converted)."""
+    if not isinstance(output_id, str) or not output_id:
+        raise InvalidGameError(
+            f"output_id must be a non-empty str (the generated output's id; nothing is converted, so 5 and "
+            f"'5' are never taken for one output); got {output_id!r} of type {type(output_id).__name__}. "
+            f"Pass the id as text, e.g. output_id={str(output_id) if isinstance(output_id, int) else 'gen-1'!r}."
+        )
+    return output_id
+
+
+def parse_owners(owners: object) -> tuple[str, ...]:
+    """Owner ids as given, one per player: a list (or tuple, array) of non-empty strings.
+
+    Nothing is converted: ``None`` would be paid as an owner named ``'None'`` and a string
+    ``'abc'`` would be split into the owners ``'a'``, ``'b'``, ``'c'``.
+    """
+    if isinstance(owners, str | bytes | Mapping | set | frozenset) or not isinstance(owners, Iterable):
+        raise InvalidGameError(
+            f"owners must be a list of owner ids (strings), one per player; got {owners!r} of type "
+            f"{type(owners).__name__} (a string would be split into letters, a set has no order). Pass e.g. owners=['ann', 'bob', 'cy']."
+        )
+    out = []
+    for i, o in enumerate(owners):
+        if not isinstance(o, str) or not o:
+            raise InvalidGameError(
+                f"owners[{i}] must be a non-empty string (an owner id); got {o!r} of type "
+                f"{type(o).__name__} in {list(owners)!r}. Nothing is converted: pass each owner's id "
+                "as a string."
+            )
+        out.append(str(o))
+    return tuple(out)
+
+
+def parse_row_inputs(
+    *,
+    owners: object,
+    result: ShapleyResult | Sequence[float] | np.ndarray | None,
+    utilities: Sequence[float] | np.ndarray | None,
+    content: bytes | str | None,
+    output_hash: str | None,
+    revenue: Decimal | int | str,
+    royalty_rate: Decimal | int | str,
+) -> RowInputs:
+    """Check a row's owners, values, content and money (see :meth:`RoyaltyLedger.record` for each).
+
+    Raises:
+        InvalidGameError: owners not distinct strings, not exactly one of ``content``/``output_hash``,
+            no values, values and owners or utilities of different sizes, ``result`` disagreeing with
+            ``utilities``.
+        InvalidValuesError: values or utilities that are not finite numbers.
+        InvalidPoolError: revenue or rate not money on their grid, a rate above 1.
+    """
+    owners = parse_owners(owners)
+    if len(set(owners)) != len(owners) or not owners:
+        raise InvalidGameError(f"owners must be distinct and non-empty; got {list(owners)}.")
+    if (content is None) == (output_hash is None):
+        raise InvalidGameError("pass exactly one of content= (hashed here) or output_hash=.")
+    u = None if utilities is None else parse_values(utilities, name="utilities")
+    if result is None and u is None:
+        raise InvalidGameError("pass result= (values) and/or utilities= for the split.")
+    if isinstance(result, ShapleyResult):
+        values, stderr, method = result.values, result.stderr, result.method
+    elif result is not None:
+        values = parse_values(result)
+        stderr, method = np.zeros(values.size), "given"
+    else:
+        values = exact_from_utilities(u)
+        stderr, method = np.zeros(values.size), "exact"
+    if u is not None and u.size != 1 << values.size:
+        raise InvalidGameError(
+            f"utilities must have 2**n = {1 << values.size} entries for {values.size} "
+            f"owners; got {u.size}."
+        )
+    if values.size != len(owners):
+        raise InvalidGameError(f"{values.size} values for {len(owners)} owners.")
+    if result is not None and u is not None:  # the stored utilities must reproduce the row
+        exact = exact_from_utilities(u)
+        if not np.allclose(values, exact, rtol=1e-9, atol=1e-12):
+            raise InvalidGameError(
+                f"result= gives the values {np.asarray(values).tolist()}, but the utilities= given "
+                f"with it have the Shapley values {exact.tolist()}; the row would pay by one and "
+                "store the other, so its utilities would no longer reproduce its amounts. Pass "
+                "utilities= alone (exact values, replayable), or result= alone (an estimate), or "
+                "both only when they agree."
+            )
+    revenue_d = parse_money(revenue, name="revenue")
+    rate = parse_money(royalty_rate, name="royalty_rate", quantum=Decimal("1E-12"))
+    if rate > 1:
+        raise InvalidPoolError(f"royalty_rate must be in [0, 1]; got {rate}.")
+    with decimal.localcontext() as ctx:
+        ctx.prec = 80
+        pool = (revenue_d * rate).quantize(CENT, rounding=decimal.ROUND_HALF_EVEN)
+    return RowInputs(owners=owners, values=values, stderr=stderr, method=method, utilities=u,
+                     revenue=revenue_d, royalty_rate=rate, pool=pool)  # fmt: skip

@@ -1,6 +1,8 @@
 """Sixth probe, JAX recorder: mixed-dtype leaves (P6-06), colliding leaf names (P6-09), the step's memory
 estimate and ``max_memory=`` (P6-07), the resume message (P6-11), ``epoch=`` as a jax scalar (P6-14)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -172,3 +174,16 @@ def test_p6_14_epoch_takes_a_jax_integer_scalar(tmp_path):
         with pytest.raises(RecorderError, match="epoch must be a non-negative int"):
             r.step(params, jnp.ones((2, 3)), sample_ids=[0, 1], lr=0.1, epoch=jnp.int32(-1))
     assert datavalue.open_run(tmp_path / "e.zarr").epoch.tolist() == [3, 4]
+
+
+def test_errors_doc_lists_these_tests():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "errors.md").read_text()
+    section = doc[doc.index("### JAX recorder (sixth probe)"):]
+    end = section.find("\n## ", 3)
+    end2 = section.find("\n### ", 3)
+    section = section[:min(e for e in (end, end2, len(section)) if e >= 0)]
+    here = {name for name in globals() if name.startswith("test_") and name != "test_errors_doc_lists_these_tests"}
+    listed = set(re.findall(r"`(test_[a-z0-9_]+)`", section))
+    assert here == listed, here ^ listed

@@ -8,7 +8,8 @@ Per-sample gradients come from ``jax.vmap(jax.grad(per_example_loss))`` inside o
 function that also projects them; :meth:`JaxRecorder.step` returns the batch gradient (the
 weighted sum of the per-sample ones), so the training step needs no second backward.
 
-Parameter conventions (a flat or nested dict; nested keys are joined with ``"."``):
+Parameter conventions (a flat or nested dict; nested keys are joined with ``"."``, and two leaves that
+would get one name are refused):
 
 * ``"<layer>.weight"`` of shape ``(out, in)`` with optional ``"<layer>.bias"`` ``(out,)``: a
   Kronecker block ``(out) x (in + 1)``, exactly like ``torch.nn.Linear``.
@@ -40,6 +41,7 @@ jax is imported only here; ``import datavalue`` never imports it.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,6 +53,7 @@ import numpy as np
 from datavalue.capture._optim_resume import optimizer_resume_diff
 from datavalue.capture._pipeline import (
     LOSS_REDUCTIONS,
+    StepMemory,
     StepSink,
     parse_clip_coef,
     parse_epoch,
@@ -74,15 +77,33 @@ __all__ = ["JaxRecorder", "flatten_params", "plan_blocks"]
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> flat ``{"a.b.c": array}`` in insertion order."""
+    """Nested dict -> flat ``{"a.b.c": array}`` in insertion order.
+
+    Nested keys are joined with ``"."``, so ``{"a.b": x}`` and ``{"a": {"b": y}}`` would both be named
+    ``"a.b"``: a tree in which two leaves get one name is refused (``RecorderError``), since the two
+    would otherwise share one value in the loss and one gradient.
+    """
     out: dict[str, Any] = {}
-    for k, v in params.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, name + "."))
-        else:
-            out[name] = v
+    where: dict[str, tuple[Any, ...]] = {}
+    _flatten_into(params, prefix, (), out, where)
     return out
+
+
+def _flatten_into(params: Mapping[str, Any], prefix: str, path: tuple[Any, ...], out: dict[str, Any],
+                  where: dict[str, tuple[Any, ...]]) -> None:
+    for k, v in params.items():
+        name, here = f"{prefix}{k}", (*path, k)
+        if isinstance(v, Mapping):
+            _flatten_into(v, name + ".", here, out, where)
+            continue
+        if name in where:
+            show = lambda keys: "params" + "".join(f"[{key!r}]" for key in keys)  # noqa: E731
+            raise RecorderError(
+                f"params has two leaves named {name!r}: {show(where[name])} and {show(here)}. The JaxRecorder names a "
+                "leaf by its keys joined with '.', so these two would share one name (one value in the loss, one "
+                "gradient, one block of the run). Rename one of the keys (e.g. without '.'), then record.")
+        where[name] = here
+        out[name] = v
 
 
 def _unflatten_like(params: Mapping[str, Any], flat: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -201,6 +222,117 @@ def _check_resume_optimizer(path: Any, opt: Mapping[str, Any]) -> None:
             f"with ({recorded!r}), or record the rest as a new run (another path).")
 
 
+#: The writer's durability bound in steps (``StepSink(commit_every=)``), also the memory bound's.
+_COMMIT_EVERY = 32
+
+
+def _jax_scalar(value: Any) -> Any:
+    """A 0-d integer jax (or numpy) array as a numpy integer, anything else as given: ``epoch=`` takes
+    ``jnp.int32(0)`` as ``lr=`` and ``sample_ids=`` take jax values (P6-14)."""
+    if hasattr(value, "__array__") and not isinstance(value, np.generic) and not hasattr(value, "detach"):
+        arr = np.asarray(value)
+        if arr.shape == () and np.issubdtype(arr.dtype, np.integer):
+            return arr[()]
+    return value
+
+
+class _JaxStepMemory(StepMemory):
+    """:class:`StepMemory`'s host buffers, plus what the jitted step holds for ``c`` examples at a time
+    (``c`` = the batch, or ``vmap_chunk``; ``P`` parameters, ``P_b`` their bytes, ``s`` the capture
+    dtype's size):
+
+    * the per-sample gradients of ``jax.vmap(jax.grad(...))``: ``c P_b``;
+    * their block matrices in the capture dtype and the sketches' intermediates:
+      ``c (P s + sum over kron blocks of k_rows cols s)``;
+    * the batch gradient: ``P_b`` plus its sums in at least float32, ``P w``.
+
+    On the CPU backend these are host memory and count against the available memory; on an
+    accelerator they are device memory, counted only against an explicit ``max_memory=``.
+    """
+
+    def set_device(self, blocks: list[dict[str, Any]], leaf_bytes: Mapping[str, int], wsize: int,
+                   vmap_chunk: int | None) -> None:
+        self.P_bytes = int(sum(leaf_bytes.values()))
+        self.inter = sum(b["k_rows"] * b["shape"][1] for b in blocks if b["kind"] == "kron" and b["k_rows"] < b["shape"][0])
+        self.wsize, self.vmap_chunk = int(wsize), vmap_chunk
+
+    def device_parts(self, b: int) -> dict[str, int]:
+        c = max(1, min(int(b), self.vmap_chunk or int(b)))
+        return {f"per-sample gradients of {c} examples (jax.vmap)": c * self.P_bytes,
+                "their block matrices and sketches": c * (self.P + self.inter) * self.s,
+                "the batch gradient": self.P_bytes + self.P * self.wsize}
+
+    def check(self, b: int) -> None:
+        if b <= self.checked:
+            return
+        from datavalue._memory import check_memory
+
+        host, device = self.parts(b), self.device_parts(b)
+        counted = {**host, **device} if self.max_memory is not None or jax.default_backend() == "cpu" else host
+        big = dict(sorted(counted.items(), key=lambda kv: -kv[1])[:3])
+        chunk = (f"a smaller vmap_chunk= (now {self.vmap_chunk})" if self.vmap_chunk else
+                 "JaxRecorder(..., vmap_chunk=N) (N examples per jax.vmap call: N x P per-sample gradients at a time, "
+                 "the same rows and batch gradient)")
+        check_memory(sum(counted.values()), what=f"recording a step of {b} examples", parts=big, error=RecorderError,
+                     max_memory=self.max_memory,
+                     fixes=f"pass {chunk}, smaller batches, a smaller proj_dim (k) or a smaller chunk_rows=")
+        self.checked = b
+
+
+def _canon(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, default=str)
+
+
+def _settings_diff(recorded: Mapping[str, Any], now: Mapping[str, Any], storage_dtype: str) -> list[str]:
+    """What differs between a recorded run's manifest and this JaxRecorder's, field by field, in the
+    PyTorch Recorder's words (``seed: recorded 0, now 1``)."""
+    out = []
+    rp, np_ = recorded.get("projection") or {}, now.get("projection") or {}
+    for key, default in (("proj_dim", None), ("seed", 0), ("sketch", "gaussian"), ("layers", None)):
+        a, b = rp.get(key, default), np_.get(key, default)
+        if _canon(a) != _canon(b):
+            out.append(f"{key}: recorded {a!r}, now {b!r}")
+    ra = ((recorded.get("model_fingerprint") or {}).get("params")) or {}
+    na = ((now.get("model_fingerprint") or {}).get("params")) or {}
+    gone, new = [n for n in ra if n not in na], [n for n in na if n not in ra]
+    if gone:
+        out.append(f"parameters in the run, not in params now: {gone[:5]}")
+    if new:
+        out.append(f"parameters in params now, not in the run: {new[:5]}")
+    out += [f"parameter {n!r} shape: recorded {list(ra[n])}, now {list(na[n])}" for n in ra
+            if n in na and list(ra[n]) != list(na[n])][:5]
+    if not out:  # the same settings and parameters plan the same blocks; anything else is named here
+        rb, nb = rp.get("blocks") or [], np_.get("blocks") or []
+        if len(rb) != len(nb):
+            out.append(f"blocks: recorded {len(rb)}, now {len(nb)}")
+        for i, (a, b) in enumerate(zip(rb, nb)):
+            out += [f"block {i} ({a.get('name')!r}) {key}: recorded {a.get(key)!r}, now {b.get(key)!r}"
+                    for key in sorted(set(a) | set(b)) if _canon(a.get(key)) != _canon(b.get(key))][:3]
+    for key, a, b in (("loss_reduction", recorded.get("loss_reduction", "mean"), now.get("loss_reduction")),
+                      ("storage_dtype", recorded.get("storage_dtype", "float32"), storage_dtype)):
+        if a != b:
+            out.append(f"{key}: recorded {a!r}, now {b!r}")
+    return out
+
+
+def _check_resume_settings(path: Any, manifest: Mapping[str, Any], storage_dtype: str) -> None:
+    """Refuse to resume a run recorded with other settings, naming each that differs (P6-11)."""
+    from datavalue.store import open_run
+
+    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
+        return
+    try:
+        recorded = open_run(path).manifest
+    except Exception:  # no readable run: the writer says what is wrong
+        return
+    diff = _settings_diff(recorded, manifest, storage_dtype)
+    if diff:
+        raise StoreMismatchError(
+            f"{path}: cannot resume: this JaxRecorder's settings (projection, parameters, loss reduction, storage) "
+            f"differ from the run's: {'; '.join(diff)}. Re-create the JaxRecorder with the recorded settings "
+            "(datavalue.store.open_run(path).manifest['projection'] holds them), or pass overwrite=True to start over.")
+
+
 class JaxRecorder:
     """Records a JAX training loop into a datavalue run.
 
@@ -214,6 +346,20 @@ class JaxRecorder:
             recorded into the run (optax transforms are opaque, so say what the update does), or
             ``None`` (plain SGD). Only SGD is recordable: an Adam-aware build needs the moments,
             which the JaxRecorder does not capture.
+        max_memory: bytes (or ``"8 GiB"``) a step may take; before each larger batch the recorder
+            estimates the step (the ``b x P`` per-sample gradients ``jax.vmap`` materialises, their
+            block matrices, the batch gradient, and the PyTorch Recorder's host buffers) and refuses
+            one above it (default: 90% of the available memory, on the CPU backend; on an
+            accelerator the jax parts are device memory and count only against ``max_memory=``).
+            docs/capture.md, "Host memory per step".
+        vmap_chunk: examples per ``jax.vmap`` call (default: the whole batch): a step of ``b``
+            examples runs ``ceil(b / vmap_chunk)`` calls, holding ``vmap_chunk x P`` per-sample
+            gradients at a time; the rows and the batch gradient are the same (up to rounding).
+
+    Leaves are named by their keys joined with ``"."``; a tree in which two leaves get one name
+    (``{"a.b": x, "a": {"b": y}}``) is refused. Leaves may differ in dtype: the rows are captured in
+    the leaves' promoted dtype (``capture_dtype``), the example weights and the batch gradient's sums
+    in at least float32, and each leaf's gradient is returned in that leaf's dtype.
     """
 
     def __init__(
@@ -232,6 +378,8 @@ class JaxRecorder:
         on_nonfinite: str = "raise",
         chunk_rows: int | None = None,
         sketch: str | None = None,
+        max_memory: int | str | None = None,
+        vmap_chunk: int | None = None,
     ) -> None:
         if loss_reduction not in LOSS_REDUCTIONS:
             raise RecorderError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
@@ -239,21 +387,40 @@ class JaxRecorder:
             raise RecorderError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
         seed = parse_seed(seed)
         opt = _parse_optimizer(optimizer)
+        if vmap_chunk is not None and (isinstance(vmap_chunk, (bool, np.bool_)) or not isinstance(
+                vmap_chunk, (int, np.integer)) or vmap_chunk < 1):
+            raise RecorderError(f"vmap_chunk must be a positive int (examples per jax.vmap call) or None (the whole "
+                                f"batch at once), got {vmap_chunk!r} ({type(vmap_chunk).__name__}).")
+        self.vmap_chunk = None if vmap_chunk is None else int(vmap_chunk)
         if not isinstance(params, Mapping):
             raise RecorderError(f"params must be a (nested) dict of arrays, got {type(params).__name__}.")
         flat = flatten_params(params)
         if not flat:
             raise RecorderError("params is empty; nothing to record.")
         self._shapes = {n: tuple(np.shape(p)) for n, p in flat.items()}
+        self._dtypes = {n: jnp.asarray(p).dtype for n, p in flat.items()}
+        # the capture dtype is the leaves' promoted one (float16 + float32 -> float32), never the first
+        # leaf's; the example weights and the batch gradient's sums are at least float32 (P6-06)
+        dtype = jnp.result_type(*self._dtypes.values())
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.dtype(jnp.float32)
+        wdtype = jnp.result_type(dtype, jnp.float32)
+        self._wdtype = wdtype
         self.blocks = plan_blocks(flat, proj_dim)
         kind = resolve_sketch(path, sketch, resume)
         if resume:
             _check_resume_optimizer(path, opt)
+        self._memory = _JaxStepMemory(  # before the run is opened: a bad max_memory= leaves nothing behind
+            k=self.blocks[-1]["stop"], P=sum(int(np.prod(s, dtype=np.int64)) for s in self._shapes.values()),
+            chunk_rows=chunk_rows or 0, capture_itemsize=jnp.dtype(dtype).itemsize,
+            storage_itemsize=np.dtype(storage_dtype).itemsize if storage_dtype in ("float16", "float32", "float64")
+            else 4, max_memory=max_memory, commit_every=_COMMIT_EVERY)
+        self._memory.set_device(self.blocks, {n: int(np.prod(s, dtype=np.int64)) * self._dtypes[n].itemsize
+                                              for n, s in self._shapes.items()}, wdtype.itemsize, self.vmap_chunk)
         self.k = self.blocks[-1]["stop"]
         self.loss_reduction = loss_reduction
         self.on_nonfinite = on_nonfinite
         self._params_template = params
-        dtype = jnp.asarray(next(iter(flat.values()))).dtype
         mats = []
         for b in self.blocks:
             if b["kind"] == "kron":
@@ -272,7 +439,7 @@ class JaxRecorder:
             g = jax.vmap(jax.grad(loss_one), in_axes=(None,) + (0,) * len(batch))(params_flat, *batch)
             cols = []
             for blk, (r, c) in zip(blocks, mats):
-                m = _block_matrix(blk, g)
+                m = _block_matrix(blk, g).astype(dtype)
                 if blk["kind"] == "kron":
                     if r is not None:
                         m = jnp.einsum("kr,brc->bkc", r, m)
@@ -281,7 +448,9 @@ class JaxRecorder:
                 else:
                     m = m if r is None else m @ r.T
                 cols.append(m.reshape(m.shape[0], -1))
-            mean_grad = jax.tree_util.tree_map(lambda x: jnp.tensordot(weights, x, axes=1), g)
+            # summed in at least float32 (the leaf's dtype is restored once, in step())
+            mean_grad = jax.tree_util.tree_map(
+                lambda x: jnp.tensordot(weights, x.astype(jnp.result_type(x.dtype, wdtype)), axes=1), g)
             return jnp.concatenate(cols, 1), mean_grad
 
         self._per_sample = jax.jit(per_sample)
@@ -299,10 +468,13 @@ class JaxRecorder:
             "capture_dtype": str(dtype),
             "optimizer": opt,
         }
+        if resume:
+            _check_resume_settings(path, manifest, storage_dtype)
         mode = "resume" if resume else ("overwrite" if overwrite else "create")
         self._sink = StepSink(path, manifest, k=self.k, mode=mode, chunk_rows=chunk_rows, storage_dtype=storage_dtype,
-                              on_nonfinite=on_nonfinite)
+                              on_nonfinite=on_nonfinite, commit_every=_COMMIT_EVERY)
         self.writer = self._sink.writer
+        self._memory.chunk_rows = self._sink.chunk_rows  # the run's own (resume: as recorded)
         self.path = self.writer.path
         self.closed = False
 
@@ -319,7 +491,8 @@ class JaxRecorder:
             *batch: arrays with the batch dimension first, passed to ``per_example_loss`` per example.
             sample_ids: one int id per example.
             lr: the learning rate of this step (a finite non-negative number).
-            epoch: the epoch this step belongs to (a non-negative int; stored as -1 if not given).
+            epoch: the epoch this step belongs to (a non-negative int, or a 0-d integer jax array; stored as -1
+                if not given).
             clip_coef: the step's gradient clipping coefficient ``min(1, max_norm/norm)`` in ``(0, 1]``.
 
         Returns:
@@ -329,15 +502,28 @@ class JaxRecorder:
         if self.closed:
             raise RecorderStateError("this JaxRecorder is closed; open a new one with resume=True to record more steps.")
         ids = parse_sample_ids(sample_ids)
-        lr, epoch, clip_coef = parse_lr(lr), parse_epoch(epoch), parse_clip_coef(clip_coef)
+        lr, epoch, clip_coef = parse_lr(lr), parse_epoch(_jax_scalar(epoch)), parse_clip_coef(clip_coef)
         b = ids.size
         for arr in batch:
             if np.shape(arr)[0] != b:
                 raise RecorderError(f"a batch array has {np.shape(arr)[0]} examples but sample_ids has {b}; pass one id per example.")
         w = step_weights(self.loss_reduction, b, np.asarray(tokens) if tokens is not None else None)
         flat = self._check_params(params)
-        rows, grad_flat = self._per_sample(flat, jnp.asarray(w, dtype=jnp.asarray(next(iter(flat.values()))).dtype), *batch)
-        self._sink.submit(ids, w, np.asarray(rows), lr=lr, epoch=epoch, grad_scale=clip_coef,
+        self._memory.check(b)  # before anything of the step is allocated
+        wj = jnp.asarray(w, dtype=self._wdtype)
+        c = b if self.vmap_chunk is None else min(b, self.vmap_chunk)
+        if c >= b:
+            rows, grad_flat = self._per_sample(flat, wj, *batch)
+            rows = np.asarray(rows)
+        else:  # ceil(b / c) vmapped calls: c x P per-sample gradients at a time, the same rows and sum
+            parts, grad_flat = [], None
+            for i in range(0, b, c):
+                r, g = self._per_sample(flat, wj[i:i + c], *(arr[i:i + c] for arr in batch))
+                parts.append(np.asarray(r))
+                grad_flat = g if grad_flat is None else jax.tree_util.tree_map(jnp.add, grad_flat, g)
+            rows = np.concatenate(parts, 0)
+        grad_flat = {n: g.astype(self._dtypes[n]) for n, g in grad_flat.items()}  # each leaf's own dtype
+        self._sink.submit(ids, w, rows, lr=lr, epoch=epoch, grad_scale=clip_coef,
                           momentum=self._momentum, weight_decay=self._weight_decay)
         return _unflatten_like(self._params_template, grad_flat)
 

@@ -397,26 +397,35 @@ class Engine:
             self._pseudo = False
 
 
+#: unit roundoff (``finfo.eps``) per floating dtype, cached (the hooks ask for it at every call)
+_EPS: dict[torch.dtype, float] = {}
+
+
+def _eps(dtype: torch.dtype) -> float:
+    e = _EPS.get(dtype)
+    if e is None:
+        e = _EPS[dtype] = float(torch.finfo(dtype).eps)
+    return e
+
+
 def _to_compute_dtype(grad: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype):
     """``(grad, args, kwargs, eps)`` with every floating tensor less precise than ``dtype`` (the sketches') cast
     to it, and ``eps`` the largest unit roundoff among the floating tensors as they came (the compute precision
     of the layer's forward and backward: bfloat16's or float16's under ``torch.autocast``)."""
     if not dtype.is_floating_point:
         return grad, args, kwargs, 0.0
-    target = torch.finfo(dtype).eps
-    eps = [0.0]
+    tensors = [grad, *(a for a in args if torch.is_tensor(a)), *(v for v in kwargs.values() if torch.is_tensor(v))]
+    if all(t.dtype == dtype or not t.dtype.is_floating_point for t in tensors):  # the usual case: nothing to cast
+        return grad, args, kwargs, _eps(dtype)
+    target = _eps(dtype)
+    eps = max(_eps(t.dtype) for t in tensors if t.dtype.is_floating_point)
 
     def up(t: Any) -> Any:
-        if not (torch.is_tensor(t) and t.dtype.is_floating_point):
-            return t
-        e = torch.finfo(t.dtype).eps
-        eps[0] = max(eps[0], e)
-        return t.to(dtype) if t.dtype != dtype and e >= target else t
+        if torch.is_tensor(t) and t.dtype.is_floating_point and t.dtype != dtype and _eps(t.dtype) >= target:
+            return t.to(dtype)
+        return t
 
-    grad = up(grad)
-    args = tuple(up(a) for a in args)
-    kwargs = {k: up(v) for k, v in kwargs.items()}
-    return grad, args, kwargs, eps[0]
+    return up(grad), tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}, eps
 
 
 def _autocast_off(device_type: str):

@@ -13,7 +13,9 @@ model does not accept unless ``TrainingArguments(remove_unused_columns=False)``;
 removes the id column from the model's inputs before the forward. Weights: with ``labels`` the
 stepped loss is the token mean over the whole optimizer step (transformers' ``num_items_in_batch``
 semantics), so ``w(z) = tokens(z) / tokens(step)`` with tokens counted as the Trainer does
-(shifted labels != -100); without labels, a plain mean over examples.
+(shifted labels != -100); without labels, a plain mean over examples. With ``compute_loss_func=`` or
+``label_smoothing_factor`` the Trainer pops the labels before the forward: they are read in its
+``compute_loss`` (a ``compute_loss_func`` is taken to reduce as the model does: token sum / num_items).
 
 Example::
 

@@ -9,6 +9,7 @@ the module's rule. Nothing is written onto the user's modules or parameters.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -140,6 +141,10 @@ class Engine:
         self._replaying = False
         self._pseudo = False  # inside grad_wrt_outputs (Fisher pseudo-gradients, test gradients)
         self._backward_seen = False  # a user backward reached a captured module in this block
+        #: the unit roundoff of the least precise floating tensor the hooks saw in this block (activations
+        #: and output gradients): above the weights' under ``torch.autocast`` (bfloat16/float16 compute), where
+        #: the gradient checks take their tolerance from it (``_optim.gradient_tolerances``)
+        self.compute_eps = 0.0
         self._root_hook: Callable[[torch.Tensor], None] | None = None
 
     # ------------------------------------------------------------------ planning
@@ -324,10 +329,15 @@ class Engine:
                 f"module {entry.name or '<root>'} saw a batch of {grad.shape[0]} examples but sample_ids has {b}; "
                 "pass exactly one id per example (batch dimension first)."
             )
+        # under torch.autocast the activations and output gradients come in bfloat16/float16 while the sketches
+        # hold the weights' dtype: the rules compute in the sketches' dtype (the lower-precision tensors cast up,
+        # autocast off for the rules' own GEMMs), and the gradient checks widen their tolerance to that precision
+        grad, args, kwargs, eps = _to_compute_dtype(grad.detach(), args, kwargs, self.dtype)
+        self.compute_eps = max(self.compute_eps, eps)
         self._replaying = True
         try:
-            with torch.no_grad():
-                contrib = entry.rule.per_sample(entry.module, args, kwargs, grad.detach(), self.sketches, entry.drafts)
+            with torch.no_grad(), _autocast_off(grad.device.type):
+                contrib = entry.rule.per_sample(entry.module, args, kwargs, grad, self.sketches, entry.drafts)
         finally:
             self._replaying = False
         for key, v in contrib.items():
@@ -346,6 +356,7 @@ class Engine:
         self.n_forward_events = 0
         self._seen_batch = 0
         self._backward_seen = False
+        self.compute_eps = 0.0
 
     def end(self) -> dict[str, torch.Tensor]:
         sink, self.sink = self.sink or {}, None
@@ -384,6 +395,47 @@ class Engine:
             torch.autograd.grad(scalar_or_tensor, targets, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
         finally:
             self._pseudo = False
+
+
+#: unit roundoff (``finfo.eps``) per floating dtype, cached (the hooks ask for it at every call)
+_EPS: dict[torch.dtype, float] = {}
+
+
+def _eps(dtype: torch.dtype) -> float:
+    e = _EPS.get(dtype)
+    if e is None:
+        e = _EPS[dtype] = float(torch.finfo(dtype).eps)
+    return e
+
+
+def _to_compute_dtype(grad: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype):
+    """``(grad, args, kwargs, eps)`` with every floating tensor less precise than ``dtype`` (the sketches') cast
+    to it, and ``eps`` the largest unit roundoff among the floating tensors as they came (the compute precision
+    of the layer's forward and backward: bfloat16's or float16's under ``torch.autocast``)."""
+    if not dtype.is_floating_point:
+        return grad, args, kwargs, 0.0
+    tensors = [grad, *(a for a in args if torch.is_tensor(a)), *(v for v in kwargs.values() if torch.is_tensor(v))]
+    if all(t.dtype == dtype or not t.dtype.is_floating_point for t in tensors):  # the usual case: nothing to cast
+        return grad, args, kwargs, _eps(dtype)
+    target = _eps(dtype)
+    eps = max(_eps(t.dtype) for t in tensors if t.dtype.is_floating_point)
+
+    def up(t: Any) -> Any:
+        if torch.is_tensor(t) and t.dtype.is_floating_point and t.dtype != dtype and _eps(t.dtype) >= target:
+            return t.to(dtype)
+        return t
+
+    return up(grad), tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}, eps
+
+
+def _autocast_off(device_type: str):
+    """A context that disables ``torch.autocast`` for ``device_type`` when it is on (a backward called inside the
+    autocast block), else a no-op."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        on = False
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
 def _inside_backward() -> bool:

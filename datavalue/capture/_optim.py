@@ -441,10 +441,27 @@ class GradientProbe:
         return out
 
 
-def gradient_tolerances(params: Any) -> tuple[float, float]:
-    """``(rtol, atol)`` of the gradient check for parameters of these dtypes (see :data:`GRADIENT_RTOL`)."""
+def gradient_tolerances(params: Any, compute_eps: float = 0.0) -> tuple[float, float]:
+    """``(rtol, atol)`` of the gradient check for parameters of these dtypes (see :data:`GRADIENT_RTOL`), or for
+    the compute precision ``compute_eps`` the engine's hooks saw when it is coarser (``torch.autocast``: the
+    activations and output gradients in bfloat16 or float16, so ``.grad`` carries their rounding whatever the
+    weights' dtype; measured 2.7e-3 with bfloat16 autocast, within ``4 u = 3.1e-2``)."""
     u = max((torch.finfo(q.dtype).eps for q in params if q.dtype.is_floating_point), default=0.0)
+    u = max(u, float(compute_eps))
     return max(GRADIENT_RTOL, 4 * u), max(GRADIENT_ATOL, u / 4)
+
+
+def _loss_scale(ratio: float, tol: float, compute_eps: float, params: Any) -> float | None:
+    """The loss scale ``S`` when ``ratio`` (the applied gradient over the recorded one) is ``1/S`` for a power of two
+    ``S >= 2`` and the step ran in a coarser precision than the weights' (``torch.autocast``) or ``S >= 256``: the
+    signature of a ``torch.amp.GradScaler`` that unscaled ``.grad`` after the rows were captured; else ``None``."""
+    if not (0.0 < ratio < 0.75):
+        return None
+    n = round(-math.log2(ratio))
+    if n < 1 or abs(ratio * 2.0**n - 1.0) > tol:
+        return None
+    weights_eps = max((torch.finfo(q.dtype).eps for q in params if q.dtype.is_floating_point), default=0.0)
+    return 2.0**n if (compute_eps > weights_eps or n >= 8) else None
 
 
 def _residual(full: torch.Tensor, raw: torch.Tensor) -> tuple[float, float, float, float]:
@@ -471,6 +488,7 @@ class BlockGradientCheck:
 
     def __init__(self, engine: Engine) -> None:
         self.probe = GradientProbe(engine)
+        self.engine = engine
         named = dict(engine.model.named_parameters())
         self._captured = {q: named[q] for b in engine.blocks for q in b.params if q in named}
         self.rtol, self.atol = gradient_tolerances(self._captured.values())
@@ -499,7 +517,8 @@ class BlockGradientCheck:
                 return
             scale = float(red.to(torch.float64).norm(dim=-1).sum())
         coef, resid, nf, rr = _residual(full, raw)
-        if resid > self.rtol * nf + self.atol * abs(coef) * scale:
+        rtol, atol = gradient_tolerances(self._captured.values(), self.engine.compute_eps)
+        if resid > rtol * nf + atol * abs(coef) * scale:
             raise RecorderError(
                 f"step {step}: the gradient this block's backward added to .grad is not the sum of the examples' "
                 f"captured gradients: after removing its multiple {coef:.6g} of their sum, {resid / max(nf, 1e-300):.3g} "
@@ -840,8 +859,10 @@ class UnrecordedGradients:
             if nf == 0.0 and rr == 0.0:
                 return
         # the rounding of the per-example rows (each off by ~ulp of its own norm) bounds both tolerances
-        slack = self.atol * p.scale / max(rr**0.5, 1e-300)
-        if resid > self.rtol * nf + self.atol * abs(coef) * p.scale:
+        # under torch.autocast the engine saw a coarser compute precision than the weights' in this step's hooks
+        rtol, atol = gradient_tolerances(self._captured.values(), self.engine.compute_eps)
+        slack = atol * p.scale / max(rr**0.5, 1e-300)
+        if resid > rtol * nf + atol * abs(coef) * p.scale:
             self._refuse(p, f"the gradient this update applies is not the one the step recorded: after removing its "
                          f"multiple {coef:.6g} of the recorded gradient, {resid / max(nf, 1e-300):.3g} of its norm is "
                          f"left (more than rounding). Likely causes, in order: (1) {NOT_PER_EXAMPLE}; (2) if the loss holds only "
@@ -850,7 +871,16 @@ class UnrecordedGradients:
                          "keep only per-example losses in the recorded loss (weight decay in the optimizer), call "
                          "optimizer.zero_grad() after every optimizer.step(), and change gradients only inside the "
                          "recorded block")
-        if abs(coef - p.clip) > abs(p.clip) * (self.rtol + slack):
+        if abs(coef - p.clip) > abs(p.clip) * (rtol + slack):
+            scaler = _loss_scale(coef / p.clip, rtol + slack, self.engine.compute_eps, self._captured.values())
+            if scaler is not None:
+                self._refuse(p, f"the gradient is 1/{scaler:g} of the one the step recorded, exactly a power of two: a "
+                             "torch.amp.GradScaler unscaled .grad after the block (scaler.step or scaler.unscale_), while "
+                             f"the recorded rows are the gradients of the scaled loss ({scaler:g} times each example's). "
+                             "Recording a GradScaler's scaled loss is not supported",
+                             "train under torch.autocast(device, dtype=torch.bfloat16) without a GradScaler (bfloat16 "
+                             "has float32's range and needs no loss scaling; autocast runs are recorded, docs/capture.md), "
+                             "or in float32")
             if coef < p.clip:
                 what = (f"the gradient was scaled by {coef / p.clip:.6g} after the step recorded clip_coef={p.clip:.6g} "
                         "(gradient clipping, or another scaling of .grad, that the recorder was not told)")

@@ -13,7 +13,9 @@ model does not accept unless ``TrainingArguments(remove_unused_columns=False)``;
 removes the id column from the model's inputs before the forward. Weights: with ``labels`` the
 stepped loss is the token mean over the whole optimizer step (transformers' ``num_items_in_batch``
 semantics), so ``w(z) = tokens(z) / tokens(step)`` with tokens counted as the Trainer does
-(shifted labels != -100); without labels, a plain mean over examples.
+(shifted labels != -100); without labels, a plain mean over examples. With ``compute_loss_func=`` or
+``label_smoothing_factor`` the Trainer pops the labels before the forward: they are read in its
+``compute_loss`` (a ``compute_loss_func`` is taken to reduce as the model does: token sum / num_items).
 
 Example::
 
@@ -110,6 +112,7 @@ class DataValueCallback(TrainerCallback):
         self._current: tuple[np.ndarray, Any] | None = None
         self._args = None
         self.uses_num_items = False
+        self._warned_custom_loss = False
         self._trained = False
 
     # -------------------------------------------------------------- lifecycle
@@ -171,6 +174,23 @@ class DataValueCallback(TrainerCallback):
         self._end_micro(ok=True)
         ids = parse_sample_ids(ids)
         labels = kwargs.get("labels")
+        n_items = kwargs.get("num_items_in_batch")
+        if labels is None:
+            # with compute_loss_func= or label_smoothing_factor the Trainer pops the labels before the forward and
+            # computes the loss from them itself: read them (and its token count) in its compute_loss (P6-08)
+            popped = _popped_labels()
+            if popped is not None:
+                labels, popped_items, custom = popped
+                n_items = popped_items if n_items is None else n_items
+                if custom and not self._warned_custom_loss:
+                    self._warned_custom_loss = True
+                    logger.warning(
+                        "%s: the Trainer has a compute_loss_func; each example's weight is recorded as its label-token "
+                        "count over num_items_in_batch (the model's own loss: a token sum divided by num_items_in_batch). "
+                        "A compute_loss_func that reduces otherwise (a mean of per-example means, per-example weights) "
+                        "makes the stored rows and weights wrong although the gradient check passes; record such a "
+                        "loss in a plain loop with datavalue.Recorder (rec.microbatch(ids), then rec.commit_step(weights=...)).",
+                        self.path)
         fisher_mask = None
         if labels is not None and torch.is_tensor(labels) and labels.dim() >= 1:
             tokens, positions = _label_tokens(labels, self.shift_labels)
@@ -178,7 +198,6 @@ class DataValueCallback(TrainerCallback):
                 fisher_mask = positions
         else:
             tokens = np.ones(ids.size)
-        n_items = kwargs.get("num_items_in_batch")
         self.uses_num_items = self.uses_num_items or n_items is not None
         # the stepped loss divides by the Trainer's own count (it may count unshifted labels: use it, not ours)
         self._n_items = float(n_items.sum() if torch.is_tensor(n_items) else n_items) if n_items is not None else None
@@ -221,6 +240,30 @@ class DataValueCallback(TrainerCallback):
         clip = "auto" if (args.max_grad_norm is not None and args.max_grad_norm > 0) else None
         epoch = int(state.epoch) if state.epoch is not None else None
         rec.commit_step(weights=w, clip_coef=clip, epoch=epoch)
+
+
+def _popped_labels() -> tuple[torch.Tensor, Any, bool] | None:
+    """``(labels, num_items_in_batch, has compute_loss_func)`` of the ``Trainer.compute_loss`` call this forward runs in, when it popped
+    the labels from the inputs (it does with ``compute_loss_func=`` or ``label_smoothing_factor``, then passes them
+    to that loss and not to the model), else ``None``. Read from the calling frame of transformers' own
+    ``Trainer.compute_loss`` (a subclass's override that calls ``super().compute_loss`` is found too)."""
+    import sys
+
+    from transformers import Trainer
+
+    code = getattr(Trainer.compute_loss, "__code__", None)
+    f = sys._getframe(1)
+    for _ in range(64):
+        if f is None:
+            return None
+        if f.f_code is code:
+            labels = f.f_locals.get("labels")
+            if torch.is_tensor(labels) and labels.dim() >= 1:
+                trainer = f.f_locals.get("self")
+                return labels, f.f_locals.get("num_items_in_batch"), getattr(trainer, "compute_loss_func", None) is not None
+            return None
+        f = f.f_back
+    return None
 
 
 def _shifts_labels(model: Any) -> bool:

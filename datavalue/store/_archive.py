@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
 from datavalue._files import atomic_write, inside_run_problem
-from datavalue.errors import StoreError, StoreExistsError
+from datavalue.errors import StoreCorruptError, StoreError, StoreExistsError
+from datavalue.store._digest import local_get, newest_record, read_commit_bytes
 from datavalue.store._paths import is_local, refuse_links_leaving
-from datavalue.store._reader import Run
+from datavalue.store._reader import COMMITTED_ARRAYS, Run
+from datavalue.store._runlock import live_holder
 from datavalue.store._runpath import creation_error, is_own_temporary
+from datavalue.store._schema import CHUNK_DIGEST_FILES, committed_length
+from datavalue.store._ziparchive import open_zip
+
+#: The run's commit counter chunk (``docs/store-format.md``).
+COMMIT_CHUNK = "commit/c/0"
 
 
 class _ArchivePathError(StoreError, ValueError):
@@ -75,7 +84,143 @@ def _write_archive(src: Path, dst: Path, is_archive: bool) -> None:
         with atomic_write(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
         return
-    with atomic_write(dst) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for f in sorted(src.rglob("*")):
-            if f.is_file() and not f.name.endswith(".partial") and f.name != "writer.lock":  # no lock in an archive
-                zf.write(f, f.relative_to(src).as_posix())
+    _pack_directory(src, dst)
+
+
+#: How many snapshots :func:`_pack_directory` takes of a run that a recorder keeps committing to.
+ATTEMPTS = 8
+
+
+def _pack_directory(src: Path, dst: Path) -> None:
+    """Pack a consistent snapshot of the run directory ``src`` into ``dst`` and verify it.
+
+    A recorder in another process may be writing the run (``docs/store-format.md``, "Archives of a
+    live run"). Each attempt reads the ``commit`` chunk and the chunk digest record as a pair first,
+    then at once each committed array's tail chunk (the only committed chunk a later commit
+    rewrites), then lists the run and packs the rest: every chunk the commit covers exists by then,
+    and chunks past the commit (uncommitted rows) are left out. The archive is then opened as a run
+    (every committed chunk against the packed record) before it replaces ``dst``; a tail chunk the
+    recorder rewrote in between fails that check, and the attempt is repeated with the newer commit.
+
+    Raises:
+        StoreError: the run changed under every one of :data:`ATTEMPTS` snapshots (a recorder
+            committing faster than the run can be read), or the packed archive does not open as a run
+            although the run did not change (the message carries the reader's error); ``dst`` is not
+            written.
+    """
+    shapes = _chunk_shapes(src)
+    problem: StoreCorruptError | None = None
+    pair: Pair | None = None
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            time.sleep(min(0.02 * 2**attempt, 1.0))
+        try:
+            with atomic_write(dst) as tmp:
+                pair = _pack_snapshot(src, tmp, shapes)
+                _verify(tmp)
+            return
+        except StoreCorruptError as exc:
+            problem = exc
+            if _read_pair(src) == pair:  # the run did not move: the run itself is the problem
+                raise StoreError(
+                    f"the archive of {src} did not open as the run it packs, although the run did not change while "
+                    f"it was packed, so none was written: {exc}"
+                ) from exc
+    raise StoreError(
+        f"{src} changed under each of {ATTEMPTS} snapshots taken to archive it (a recorder is committing to it"
+        f"{_writer_note(src)}), so no consistent archive could be taken and none was written (last check: {problem}). "
+        "Archive the run after rec.flush() or rec.close(), or with fewer commits per second (commit_every=)."
+    ) from problem
+
+
+def _chunk_shapes(src: Path) -> dict[str, tuple[int, int]]:
+    """``{array: (rows per chunk, dimensions)}`` of the run's committed arrays present in ``src``."""
+    out = {}
+    for name in COMMITTED_ARRAYS:
+        try:
+            meta = json.loads((src / name / "zarr.json").read_bytes())
+            shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            out[name] = (int(shape[0]), len(shape))
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue  # absent (not recorded in this run), or damaged: the check of the archive names it
+    return out
+
+
+Pair = tuple[bytes | None, tuple[bytes | None, ...]]
+
+
+def _read_pair(src: Path) -> Pair:
+    """Raw bytes of the ``commit`` chunk and the two digest record files, read as a consistent pair
+    (commit first, then the record: a recorder writes them in the other order; again while the
+    record is neither the commit's nor the next one's, as :func:`load_pair` does)."""
+    get = local_get(src)
+    pair: Pair = (None, ())
+    for _ in range(4):
+        commit = get(COMMIT_CHUNK)
+        records = tuple(get(name) for name in CHUNK_DIGEST_FILES)
+        pair = (commit, records)
+        try:
+            record = newest_record(dict(zip(CHUNK_DIGEST_FILES, records, strict=True)).get, src)
+        except StoreCorruptError:
+            continue
+        if record is None or read_commit_bytes(commit) in (record.after, record.before):
+            break
+    return pair
+
+
+def _pack_snapshot(src: Path, tmp: Path, shapes: dict[str, tuple[int, int]]) -> Pair:
+    """Pack one snapshot of ``src`` into the zip ``tmp``; returns the ``(commit, records)`` it packed."""
+    pair = _read_pair(src)
+    commit_raw, records = pair
+    commit = read_commit_bytes(commit_raw)
+    n_chunks: dict[str, int] = {}
+    fixed = {COMMIT_CHUNK: commit_raw, **dict(zip(CHUNK_DIGEST_FILES, records, strict=True))}
+    steps, rows, fisher_rows, _ = commit or (0, 0, 0, 0)
+    for name, (per_chunk, ndim) in shapes.items() if commit is not None else ():  # no commit: nothing is left out
+        n = committed_length(name, steps=steps, rows=rows, fisher_rows=fisher_rows)
+        n_chunks[name] = -(-n // per_chunk)
+        if n > 0:  # the tail chunk, read right after the commit: the next commit rewrites it
+            key = f"{name}/c/{n_chunks[name] - 1}" + "/0" * (ndim - 1)
+            fixed[key] = local_get(src)(key)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, raw in fixed.items():
+            if raw is not None:
+                zf.writestr(_entry(key), raw)
+        for f in sorted(src.rglob("*")):  # listed after the commit was read: every chunk it covers exists
+            rel = f.relative_to(src).as_posix()
+            if rel in fixed or not f.is_file() or f.name.endswith(".partial") or f.name == "writer.lock":
+                continue  # no lock, no temporary in an archive
+            parts = rel.split("/")
+            if len(parts) >= 3 and parts[0] in n_chunks and parts[1] == "c" and parts[2].isdigit() \
+                    and int(parts[2]) >= n_chunks[parts[0]]:
+                continue  # a chunk past the commit: rows no reader of this snapshot may see
+            try:
+                zf.write(f, rel)
+            except FileNotFoundError:  # removed since the listing (a temporary renamed into place)
+                continue
+    return pair
+
+
+def _entry(key: str) -> zipfile.ZipInfo:
+    """A zip entry for ``key`` as ``ZipFile.write`` would make it for a regular file (mode 0644)."""
+    info = zipfile.ZipInfo(key, date_time=time.localtime(time.time())[:6])
+    info.external_attr = 0o100644 << 16
+    info.compress_type = zipfile.ZIP_STORED
+    return info
+
+
+def _verify(tmp: Path) -> None:
+    """Open the packed archive ``tmp`` as a run: its commit, every committed chunk against its digest
+    record, every array's shape (:class:`~datavalue.store._reader.Run`)."""
+    store = open_zip(tmp)
+    try:
+        Run(store)  # type: ignore[arg-type]  # Run reads a zarr Store object too (_reader._normalise)
+    finally:
+        store.close()
+
+
+def _writer_note(src: Path) -> str:
+    """``", pid P holds its writer.lock"`` when a live process holds the run's writer lock, else ``""``."""
+    holder = live_holder(src)
+    pid = holder.get("pid") if holder else None
+    return f", pid {pid} holds its writer.lock" if pid is not None else ""

@@ -261,7 +261,7 @@ def test_archive_refuses_a_run_that_keeps_moving(tmp_path, monkeypatch):
         commit, records = real(src)
         return (commit + bytes([next(calls) % 256]), records)  # a new pair at every read
 
-    def failing(tmp):
+    def failing(src, snap):
         raise StoreCorruptError("chunk grads/c/2/0 is not this run's")
 
     monkeypatch.setattr(_archive, "_read_pair", moving)
@@ -279,7 +279,7 @@ def test_archive_that_does_not_open_although_the_run_stood_still(tmp_path, monke
     retried, not written), with the reader's message."""
     run = _closed_run(tmp_path / "r.zarr")
 
-    def failing(tmp):
+    def failing(src, snap):
         raise StoreCorruptError("chunk grads/c/2/0 is corrupt")
 
     monkeypatch.setattr(_archive, "_verify", failing)
@@ -287,3 +287,52 @@ def test_archive_that_does_not_open_although_the_run_stood_still(tmp_path, monke
     with pytest.raises(StoreError, match="did not change while it was packed.*grads/c/2/0 is corrupt"):
         datavalue.store.archive_run(run, out)
     assert not out.exists()
+
+
+def test_a_snapshot_whose_tail_chunk_moved_is_taken_again(tmp_path, monkeypatch):
+    """The race, made deterministic: the first snapshot reads the commit and digest record of step 2,
+    then finds the tail chunks as step 4 rewrote them (a recorder committing in between). The check
+    refuses that snapshot (the packed record does not know those chunks' new checksums) and the
+    second snapshot, of step 4, is packed; the archive opens and holds all 4 steps."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    run = tmp_path / "r.zarr"
+    rec = datavalue.Recorder(run, m, proj_dim=None, chunk_rows=8, optimizer=opt)
+    try:
+        for t in range(4):
+            with rec.step(sample_ids=[3 * t, 3 * t + 1, 3 * t + 2]):
+                torch.nn.functional.cross_entropy(m(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+            opt.step()
+            opt.zero_grad()
+            if t == 1:
+                rec.flush()
+                old = _archive._read_pair(run)  # 6 rows: chunk 0 of 8 rows is the tail
+        rec.flush()
+    finally:
+        rec.close()
+    pairs = iter([old])
+    real_read, real_verify = _archive._read_pair, _archive._verify
+    checks = []
+
+    def read(src):
+        return next(pairs, None) or real_read(src)
+
+    def verify(src, snap):
+        try:
+            real_verify(src, snap)
+        except StoreCorruptError as exc:
+            checks.append(str(exc))
+            raise
+        checks.append("ok")
+
+    monkeypatch.setattr(_archive, "_read_pair", read)
+    monkeypatch.setattr(_archive, "_verify", verify)
+    out = datavalue.store.archive_run(run, tmp_path / "a.zip")
+    assert len(checks) == 2 and "changed after the commit the snapshot packs was read" in checks[0], checks
+    assert checks[1] == "ok"
+    rz = datavalue.open_run(out)
+    assert rz.n_steps == 4 and rz.n_rows == 12

@@ -40,11 +40,18 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
     always the same run. Refuses a run with a symbolic link that leads outside it (the archive would
     pack the link's target, files that are not the run's).
 
+    A run that a recorder (in this or another process) is writing is packed as a consistent
+    snapshot of its committed prefix, checked against its chunk digest record before ``out`` is
+    replaced; a snapshot that the recorder's next commit overtook is taken again (up to
+    :data:`ATTEMPTS` times; ``docs/store-format.md``, "Archives of a live run").
+
     Raises:
         StoreError: such a link exists (the message lists them), ``out`` lies inside the run (or
             any other datavalue run: :func:`datavalue._files.inside_run`) or is the archive itself, ``out`` does not end in ``.zip`` (also a ``ValueError``), or ``path``
             is a remote or in-memory store (copy it to a local directory first); nothing is written.
         StoreExistsError: ``out`` exists and ``overwrite`` is False, or ``out`` is a directory.
+        StoreError: a live run changed under every snapshot, or a snapshot failed its check although
+            the run did not change; nothing is written.
     """
     if not isinstance(path, (str, os.PathLike)) or "://" in os.fspath(path):
         raise StoreError(f"{path!r} is a remote or in-memory store; archive_run packs a local run directory (or "
@@ -119,6 +126,7 @@ def _pack_directory(src: Path, dst: Path) -> None:
     for attempt in range(ATTEMPTS):
         if attempt:
             time.sleep(min(0.02 * 2**attempt, 1.0))
+        snap = None
         try:
             with atomic_write(dst) as tmp:
                 snap = _pack_snapshot(src, tmp, shapes)
@@ -147,7 +155,7 @@ def _chunk_shapes(src: Path) -> dict[str, tuple[int, int]]:
             shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
             out[name] = (int(shape[0]), len(shape))
         except (OSError, ValueError, KeyError, TypeError, IndexError):
-            continue  # absent (not recorded in this run), or damaged: the check of the archive names it
+            continue  # not recorded in this run (a damaged one: Run(path) has refused the run already)
     return out
 
 

@@ -14,7 +14,14 @@ Usage::
 
     datavalue royalties LEDGER --period START:END --out report.html [--format html|json|csv]
                         [--overwrite] [--aggregation share-then-sum|average-then-share]
-                        [--registry owners.json]
+                        [--registry owners.json] [--key-file PATH | env DATAVALUE_LEDGER_KEY]
+                        [--unverified]
+
+A keyed ledger (``RoyaltyLedger(path, key=...)``) is read with its key, so that every row's and the
+head's MAC is checked: from ``--key-file PATH`` (the file's bytes, one trailing newline removed) or
+the environment variable ``DATAVALUE_LEDGER_KEY`` (its text); never from a plain argument, which
+would land in the shell history. Without the key a keyed ledger is refused (exit 2), unless
+``--unverified`` is given (the report is written, and stdout and stderr say its MACs were not checked).
 
 Exit codes: 0 written, 2 an error (message on stderr; e.g. --out is the ledger itself) or a usage
 error (argparse).
@@ -29,7 +36,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "check_out_path", "run"]
+__all__ = ["KEY_ENV", "add_parser", "check_out_path", "run"]
+
+#: Environment variable holding a keyed ledger's key (text); ``--key-file`` takes precedence.
+KEY_ENV = "DATAVALUE_LEDGER_KEY"
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +55,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         usage=(
             "datavalue royalties LEDGER --period START:END --out report.html "
-            "[--format html|json|csv] [--overwrite]"
+            "[--format html|json|csv] [--overwrite] [--key-file PATH] [--unverified]"
+        ),
+        epilog=(
+            f"A keyed ledger is read with its key, from --key-file or the environment variable {KEY_ENV}, and every "
+            "MAC is checked; without it the command refuses the ledger unless --unverified is given."
         ),
     )
     p.add_argument("ledger", metavar="LEDGER", help="path of the ledger (.jsonl)")
@@ -73,6 +87,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--registry", default=None, metavar="JSON", help="owner registry (merges shell owners)"
     )
+    p.add_argument(
+        "--key-file",
+        default=None,
+        metavar="PATH",
+        help=f"file holding the key of a keyed ledger (its bytes, one trailing newline removed); else ${KEY_ENV}",
+    )
+    p.add_argument(
+        "--unverified",
+        action="store_true",
+        help="read a keyed ledger without its key: MACs are not checked (rows removed from its end go unnoticed)",
+    )
     p.set_defaults(handler=run)
     return p
 
@@ -95,7 +120,21 @@ def run(args: argparse.Namespace) -> int:
                 "another --out."
             )
         period = shapley.Period.parse(args.period)
-        ledger = shapley.RoyaltyLedger(args.ledger, create=False)
+        key, source = _ledger_key(getattr(args, "key_file", None))
+        try:
+            ledger = shapley.RoyaltyLedger(args.ledger, create=False, key=key)
+        except shapley.LedgerError as exc:
+            if key is None:
+                raise
+            raise shapley.LedgerError(f"{exc} (The key was taken from {source}.)") from exc
+        unverified = ledger.keyed and key is None
+        if unverified and not getattr(args, "unverified", False):
+            raise shapley.LedgerError(
+                f"{args.ledger} is a keyed ledger (every row and its head carry an HMAC), but no key was given, so "
+                "rows removed from its end or rewritten would go unnoticed and nothing was written. Pass --key-file "
+                f"PATH (a file holding the key) or set the environment variable {KEY_ENV}; to write the report without "
+                "checking the MACs, pass --unverified."
+            )
         registry = shapley.OwnerRegistry.load(args.registry) if args.registry else None
         statement = ledger.statement(period, aggregation=args.aggregation, registry=registry)
         try:
@@ -110,9 +149,40 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {fmt} statement for {statement.n_generations} outputs, "
         f"{len(statement.owners)} owners, paid {statement.paid_total} {statement.currency} "
-        f"to {out}"
+        f"to {out}" + (" (keyed ledger read WITHOUT its key: MACs not checked, --unverified)" if unverified else "")
     )
+    if unverified:
+        print(f"datavalue royalties: warning: {args.ledger} is keyed and was read without its key (--unverified): "
+              "the report's rows were not checked against their MACs.", file=sys.stderr)
     return 0
+
+
+def _ledger_key(key_file: str | None) -> tuple[bytes | None, str]:
+    """The ledger key and where it came from: ``--key-file`` (the file's bytes, one trailing
+    newline removed), else the environment variable :data:`KEY_ENV`, else ``(None, "")``."""
+    from datavalue import shapley
+
+    if key_file is not None:
+        try:
+            data = Path(key_file).read_bytes()
+        except OSError as exc:
+            raise shapley.ShapleyError(
+                f"cannot read --key-file {key_file}: {exc.strerror or exc}; give the path of a readable file holding "
+                "the ledger's key."
+            ) from exc
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+        if not data:
+            raise shapley.ShapleyError(f"--key-file {key_file} is empty; it must hold the ledger's key.")
+        return data, f"--key-file {key_file}"
+    text = os.environ.get(KEY_ENV)
+    if text is None:
+        return None, ""
+    if not text:
+        raise shapley.ShapleyError(
+            f"the environment variable {KEY_ENV} is set but empty; set it to the ledger's key, or unset it to read an "
+            "unkeyed ledger."
+        )
+    return text.encode("utf-8"), f"the environment variable {KEY_ENV}"
 
 
 def check_out_path(path: str | os.PathLike[str], error: Any, *, flag: str = "--out") -> Path:

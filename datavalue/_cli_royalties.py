@@ -13,6 +13,7 @@ A thin layer over :class:`datavalue.shapley.RoyaltyLedger` and
 Usage::
 
     datavalue royalties LEDGER --period START:END --out report.html [--format html|json|csv]
+    datavalue royalties LEDGER --period START:END --out - --format json     # to standard output
                         [--overwrite] [--aggregation share-then-sum|average-then-share]
                         [--registry owners.json] [--key-file PATH | env DATAVALUE_LEDGER_KEY]
                         [--unverified]
@@ -70,7 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="half-open period [START, END) as ISO dates or datetimes, e.g. "
         "2025-01-01:2025-02-01; either side may be empty",
     )
-    p.add_argument("--out", required=True, metavar="PATH", help="report file to write")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="report file to write; '-' writes it to standard output (needs --format)")
     p.add_argument(
         "--format",
         choices=("html", "json", "csv"),
@@ -106,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``datavalue royalties``; returns the process exit code."""
     from datavalue import shapley
 
+    if args.out == "-":
+        return _run_to_stdout(args)
     try:
         out = check_out_path(args.out, shapley.ShapleyError)
         _refuse_input_as_output(out, ledger=args.ledger, registry=args.registry)
@@ -120,21 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 "another --out."
             )
         period = shapley.Period.parse(args.period)
-        key, source = _ledger_key(getattr(args, "key_file", None))
-        try:
-            ledger = shapley.RoyaltyLedger(args.ledger, create=False, key=key)
-        except shapley.LedgerError as exc:
-            if key is None:
-                raise
-            raise shapley.LedgerError(f"{exc} (The key was taken from {source}.)") from exc
-        unverified = ledger.keyed and key is None
-        if unverified and not getattr(args, "unverified", False):
-            raise shapley.LedgerError(
-                f"{args.ledger} is a keyed ledger (every row and its head carry an HMAC), but no key was given, so "
-                "rows removed from its end or rewritten would go unnoticed and nothing was written. Pass --key-file "
-                f"PATH (a file holding the key) or set the environment variable {KEY_ENV}; to write the report without "
-                "checking the MACs, pass --unverified."
-            )
+        ledger, unverified = _open_ledger(args)
         registry = shapley.OwnerRegistry.load(args.registry) if args.registry else None
         statement = ledger.statement(period, aggregation=args.aggregation, registry=registry)
         try:
@@ -154,6 +144,72 @@ def run(args: argparse.Namespace) -> int:
     if unverified:
         print(f"datavalue royalties: warning: {args.ledger} is keyed and was read without its key (--unverified): "
               "the report's rows were not checked against their MACs.", file=sys.stderr)
+    return 0
+
+
+def _open_ledger(args: argparse.Namespace) -> tuple[Any, bool]:
+    """The ledger ``args`` names, read with its key (``--key-file`` / :data:`KEY_ENV`); refuses a keyed
+    ledger read without its key unless ``--unverified``. Returns ``(ledger, unverified)``."""
+    from datavalue import shapley
+
+    key, source = _ledger_key(getattr(args, "key_file", None))
+    try:
+        ledger = shapley.RoyaltyLedger(args.ledger, create=False, key=key)
+    except shapley.LedgerError as exc:
+        if key is None:
+            raise
+        raise shapley.LedgerError(f"{exc} (The key was taken from {source}.)") from exc
+    unverified = ledger.keyed and key is None
+    if unverified and not getattr(args, "unverified", False):
+        raise shapley.LedgerError(
+            f"{args.ledger} is a keyed ledger (every row and its head carry an HMAC), but no key was given, so "
+            "rows removed from its end or rewritten would go unnoticed and nothing was written. Pass --key-file "
+            f"PATH (a file holding the key) or set the environment variable {KEY_ENV}; to write the report without "
+            "checking the MACs, pass --unverified."
+        )
+    return ledger, unverified
+
+
+def _run_to_stdout(args: argparse.Namespace) -> int:
+    """``--out -``: the statement on standard output (``--format`` required, no suffix to read it
+    from); the summary line goes to standard error. The report is written by the same writer, into a
+    private temporary directory, then copied to stdout byte for byte."""
+    import tempfile
+
+    from datavalue import shapley
+
+    try:
+        if args.format is None:
+            raise shapley.ShapleyError(
+                "--out - writes the statement to standard output, which has no file extension to take the format "
+                "from; pass --format html, json or csv."
+            )
+        if args.overwrite:
+            raise shapley.ShapleyError("--overwrite has no meaning with --out - (standard output); drop it.")
+        period = shapley.Period.parse(args.period)
+        ledger, unverified = _open_ledger(args)
+        registry = shapley.OwnerRegistry.load(args.registry) if args.registry else None
+        statement = ledger.statement(period, aggregation=args.aggregation, registry=registry)
+        with tempfile.TemporaryDirectory(prefix="datavalue-royalties-") as tmp:
+            path = Path(tmp) / f"statement.{args.format}"
+            shapley.write_report(statement, path, format=args.format)
+            data = path.read_bytes()
+    except shapley.ShapleyError as exc:
+        print(f"datavalue royalties: error: {exc}", file=sys.stderr)
+        return 2
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is not None:
+        sys.stdout.flush()
+        stream.write(data)
+        stream.flush()
+    else:  # a text-only stdout (e.g. redirected in a test)
+        sys.stdout.write(data.decode("utf-8"))
+    print(
+        f"wrote {args.format} statement for {statement.n_generations} outputs, "
+        f"{len(statement.owners)} owners, paid {statement.paid_total} {statement.currency} to standard output"
+        + (" (keyed ledger read WITHOUT its key: MACs not checked, --unverified)" if unverified else ""),
+        file=sys.stderr,
+    )
     return 0
 
 

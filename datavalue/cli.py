@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -195,11 +196,14 @@ def check_run_argument(path: Any, command: str) -> None:
 
     from datavalue._files import inside_run
     from datavalue.errors import StoreNotFoundError
-    from datavalue.store import what_is
+    from datavalue.store import run_location, what_is
 
-    if not isinstance(path, str) or not path or "://" in path:
+    if not isinstance(path, str) or not path:
         return
-    p = Path(path)
+    loc = run_location(path)  # a file:// URL: the local path it names; '::' refused (RunPathError)
+    if "://" in loc:
+        return
+    p = Path(loc)
     if not (p.exists() or p.is_symlink()) or what_is(p) == "run":
         return
     outer = inside_run(p)
@@ -223,9 +227,35 @@ def check_run_argument(path: Any, command: str) -> None:
     )
 
 
+#: Options whose value may start with ``-`` (a negative step, e.g. ``--steps -1:``): argparse reads
+#: such a value as another option ("expected one argument"), so it is joined to the option first.
+_NEGATIVE_VALUE_OPTIONS = ("--steps",)
+_STEP_WINDOW = re.compile(r"^-?\d*:-?\d*$")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``["--steps", "-1:"]`` becomes ``["--steps=-1:"]`` (a step window with a negative end), as the
+    user meant; anything else is left to argparse. Tokens after ``--`` are never touched."""
+    out: list[str] = []
+    it = iter(range(len(argv)))
+    args = list(argv)
+    for i in it:
+        tok = args[i]
+        if tok == "--":
+            out.extend(args[i:])
+            break
+        if tok in _NEGATIVE_VALUE_OPTIONS and i + 1 < len(args) and args[i + 1].startswith("-") \
+                and _STEP_WINDOW.match(args[i + 1]):
+            out.append(f"{tok}={args[i + 1]}")
+            next(it, None)
+            continue
+        out.append(tok)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if hasattr(args, "run"):  # every command with a RUN argument

@@ -61,6 +61,7 @@ from datavalue.capture._run_setup import (
     unwrap_model,
 )
 from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
+from datavalue.store import run_dir_path
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class Recorder:
         if not isinstance(path, (str, os.PathLike)):
             raise RecorderError(f"path must be the run's directory, a str or os.PathLike (e.g. 'runs/exp1.zarr'), got "
                                 f"{path!r} ({type(path).__name__}).")
-        path = os.path.abspath(path)  # once: a later os.chdir must not move the run, its lock or its checkpoints
+        path = os.fspath(run_dir_path(path))  # absolute, once (a later os.chdir must not move the run); file:// URLs
         cfg = dataclasses.replace(cfg, fisher_max_classes=cfg.resolved_fisher_max_classes(  # None: by size / the run's
             sum(p.numel() for p in model.parameters() if p.requires_grad), _recorded_fisher_max_classes(path, resume)))
         (proj_dim, seed, sketch, layers, loss_reduction, storage_dtype, on_nonfinite, chunk_rows, hessian_max_dim) = (

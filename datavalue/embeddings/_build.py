@@ -51,7 +51,12 @@ from datavalue.embeddings._plan import (
 )
 from datavalue.embeddings._stream import _pad_op, _run_segments
 from datavalue.errors import EmbeddingError, StoreExistsError
-from datavalue.store import check_step_values, refuse_foreign_below, writes_run
+from datavalue.store import (
+    check_step_values,
+    check_workers_see_run,
+    refuse_foreign_below,
+    writes_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -441,6 +446,8 @@ def build_embeddings(
     (curvature, dtype, segments, chunk_rows, storage_dtype, velocity, clipping, explode_threshold, optimizer,
      adam_second_moment, blocks) = (getattr(cfg, k) for k in options)
     run = open_run(path)
+    path = run.path  # absolute (a file:// URL: its local path): what the tasks open, on any worker
+    check_workers_see_run(client, path, run.run_id, "build_embeddings(client=)'s segment tasks")
     refuse_final_pass(run, "build_embeddings")
     check_step_values(run, error=EmbeddingError)  # lr, gradient scales, row weights: as the recorder requires
     requested_curvature = curvature

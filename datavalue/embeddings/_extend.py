@@ -46,7 +46,7 @@ from datavalue.embeddings._metadata import (
 from datavalue.embeddings._plan import _digest, _make_plan, _parse_curvature, _Plan, _split
 from datavalue.embeddings._stream import _execute, _run_segments, _task, _write_pieces
 from datavalue.errors import EmbeddingError, StoreExistsError
-from datavalue.store import writes_run
+from datavalue.store import check_workers_see_run, writes_run
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def embeddings_at(
     device = parse_device(device)
     check_client(client)
     run = open_run(path)
+    path = run.path  # absolute (a file:// URL: its local path): what the tasks open, on any worker
+    check_workers_see_run(client, path, run.run_id, "embeddings_at(client=)'s tasks")
     refuse_final_pass(run, "embeddings_at")
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)
@@ -186,6 +188,8 @@ def extend_embeddings(
     device = parse_device(device)
     check_client(client)
     run = open_run(path)
+    path = run.path  # absolute (a file:// URL: its local path): what the tasks open, on any worker
+    check_workers_see_run(client, path, run.run_id, "extend_embeddings(client=)'s tasks")
     refuse_final_pass(run, "extend_embeddings")
     curvature = _parse_curvature(run, curvature)
     meta = _read_attrs(path, curvature)

@@ -78,9 +78,9 @@ class InfluenceInfo:
 
 
 def _final_run(path: str | os.PathLike[str]):
-    from datavalue.store import FINAL_RUN, open_run
+    from datavalue.store import FINAL_RUN, open_run, run_location
 
-    target = Path(path) / FINAL_RUN
+    target = Path(run_location(path)) / FINAL_RUN  # absolute; a file:// URL is the local path it names
     try:
         return open_run(target)
     except StoreNotFoundError as exc:

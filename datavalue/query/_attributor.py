@@ -43,7 +43,15 @@ from datavalue.query._results import (
     write_parquet,
 )
 from datavalue.query._source import Source, resolve_source
-from datavalue.store import RowCheck, Run, check_step_values, fast_rows, open_run, stale_final_pass
+from datavalue.store import (
+    RowCheck,
+    Run,
+    check_step_values,
+    check_workers_see_run,
+    fast_rows,
+    open_run,
+    stale_final_pass,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +131,8 @@ class Attributor:
             if off is not None:
                 logger.warning("%s", off)
         self.client = client
+        # the tasks read the run by its absolute path (Run.path); every worker must see this very run there
+        check_workers_see_run(client, self.run.path, self.run.run_id, "Attributor(client=)'s scoring tasks")
         self.chunk_rows = _parse_chunk_rows(chunk_rows, self.source.array)
         # streamed queries read the chunk files directly when the layout is the run's plain one
         self._rows = fast_rows(self.source.array, required_rows=self.n_rows)  # a chunk deleted since: an error, not zeros

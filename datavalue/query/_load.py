@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import zlib
@@ -57,8 +58,25 @@ def resolve_callable(spec: str, option: str = "function") -> Callable[..., Any]:
 
 
 def as_loss_fn(data: Any, spec: str = "--data") -> Callable[[Any], Any]:
-    """A loss function as is, or ``(x, y)`` turned into per-example cross-entropy."""
+    """A loss function as is, or ``(x, y)`` turned into per-example cross-entropy. A model, or a
+    callable that cannot take the model as its one argument, is refused (P6-12)."""
+    if isinstance(data, nn.Module):
+        raise QueryError(
+            f"--data {spec} returned a torch.nn.Module ({type(data).__name__}), not the query: it must return "
+            "loss_fn(model) -> (m,) per-example losses, or a tuple (x, y) of test inputs and labels (the model "
+            "comes from --model)."
+        )
     if callable(data):
+        try:
+            inspect.signature(data).bind(None)
+        except TypeError:
+            raise QueryError(
+                f"--data {spec} returned {getattr(data, '__qualname__', type(data).__name__)}, which cannot be called "
+                "with one argument: it must return loss_fn(model) -> (m,) per-example losses (one argument, the "
+                "model), or a tuple (x, y)."
+            ) from None
+        except ValueError:  # no signature to read (a builtin): called as is
+            pass
         return data
     if isinstance(data, Sequence) and len(data) == 2:
         x, y = (torch.as_tensor(v) for v in data)

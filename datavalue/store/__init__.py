@@ -39,6 +39,7 @@ from datavalue.store._chunkfiles import ChunkFileRows as ChunkFileRows
 from datavalue.store._chunkfiles import chunk_dir as chunk_dir
 from datavalue.store._chunkfiles import fast_rows as fast_rows
 from datavalue.store._chunkfiles import write_all as write_all
+from datavalue.store._paths import check_workers_see_run as check_workers_see_run
 from datavalue.store._paths import refuse_inside_run as refuse_inside_run
 from datavalue.store._reader import Run as Run
 from datavalue.store._reader import create_array as create_array
@@ -50,6 +51,9 @@ from datavalue.store._reader import stale_final_pass as stale_final_pass
 from datavalue.store._runlock import LOCK_FILE as LOCK_FILE
 from datavalue.store._runlock import lock_run as lock_run
 from datavalue.store._runlock import writes_run as writes_run
+from datavalue.store._runpath import RunPathError as RunPathError
+from datavalue.store._runpath import run_dir_path as run_dir_path
+from datavalue.store._runpath import run_location as run_location
 from datavalue.store._schema import FINAL_PASS_INTEGRATION as FINAL_PASS_INTEGRATION
 from datavalue.store._schema import FINAL_RUN as FINAL_RUN
 from datavalue.store._schema import FLAG_NONFINITE as FLAG_NONFINITE

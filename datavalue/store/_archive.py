@@ -15,7 +15,7 @@ from datavalue.store._digest import ChunkDigests, local_get, newest_record, read
 from datavalue.store._paths import is_local, refuse_links_leaving
 from datavalue.store._reader import COMMITTED_ARRAYS, Run
 from datavalue.store._runlock import live_holder
-from datavalue.store._runpath import creation_error, is_own_temporary
+from datavalue.store._runpath import creation_error, is_own_temporary, run_dir_path, run_location
 from datavalue.store._schema import (
     CHUNK_DIGEST_FILES,
     CHUNK_DIGESTS_KEY,
@@ -53,6 +53,8 @@ def archive_run(path: str | os.PathLike[str], out: str | os.PathLike[str], *, ov
         StoreError: a live run changed under every snapshot, or a snapshot failed its check although
             the run did not change; nothing is written.
     """
+    path = run_location(path)  # file:// URLs are local paths; '::' refused (datavalue.store._runpath)
+    out = run_dir_path(out, "archive_run's OUT (the .zip it writes)", "Write the archive to a local path and copy it.")
     if not isinstance(path, (str, os.PathLike)) or "://" in os.fspath(path):
         raise StoreError(f"{path!r} is a remote or in-memory store; archive_run packs a local run directory (or "
                          "copies a local .zip archive). Copy the run to a local directory first.")

@@ -9,14 +9,18 @@ from typing import Any
 
 from datavalue._files import inside_run
 from datavalue.errors import StoreError
+from datavalue.store._runpath import run_location
 
 
 def is_local(location: Any) -> bool:
-    """Whether a run location is a plain local directory (writable, crash-safe)."""
+    """Whether a run location is a plain local directory (writable, crash-safe): no URL, and no name
+    ending in ``.zip`` unless a directory of that name exists (a run recorded as ``run.zip``)."""
     if not isinstance(location, (str, os.PathLike)):
         return False
     s = os.fspath(location)
-    return "://" not in s and not s.endswith(".zip")
+    if "://" in s:
+        return False
+    return not s.endswith(".zip") or os.path.isdir(s)  # a directory is a run directory whatever its name
 
 
 # ------------------------------------------------------------------ staying inside the run
@@ -34,7 +38,8 @@ def _outside(root: Path, target: Path) -> str | None:
 def check_inside_run(path: str | os.PathLike[str], name: str) -> None:
     """Raise :class:`StoreError` when the run member ``name`` (e.g. ``embeddings/fisher``) resolves
     outside the run directory ``path``, through a symbolic link or ``..``; archives, URLs and
-    store objects have no links to follow and pass."""
+    store objects have no links to follow and pass (a ``file://`` URL is the local path it names)."""
+    path = run_location(path)
     if not is_local(path):
         return
     where = _outside(Path(path), Path(path) / name)
@@ -116,3 +121,56 @@ def refuse_links_leaving(root: Path, why: str, *, again: str = "run again") -> N
             f"{src} holds symbolic links that lead outside the run ({shown}{more}); {why}. Replace each link "
             f"with the real files (or remove it) and {again}."
         )
+
+
+# ------------------------------------------------------------------ dask workers see the same run
+def _worker_sees(path: str, archive: bool) -> tuple[str, str | None]:
+    """On a dask worker: ``("ok", run id)`` when ``path`` holds a run (an archive that exists:
+    ``("archive", None)``), else ``("missing", why)``. Reads one small JSON file; imports nothing heavy."""
+    import json
+
+    from datavalue.store._schema import RUN_ID_KEY
+
+    try:
+        if archive:
+            return ("archive", None) if os.path.isfile(path) else ("missing", "no such file")
+        with open(os.path.join(path, "zarr.json"), "rb") as f:
+            attrs = json.load(f).get("attributes", {})
+    except (OSError, ValueError) as exc:
+        return ("missing", getattr(exc, "strerror", None) or str(exc))
+    rid = attrs.get(RUN_ID_KEY) if isinstance(attrs, dict) else None
+    return ("ok", rid if isinstance(rid, str) else None)
+
+
+def check_workers_see_run(client: Any, location: Any, run_id: str | None, what: str = "the tasks") -> None:
+    """Refuse to send tasks to a ``dask.distributed`` ``client`` whose workers do not see the run at
+    ``location`` (an absolute local path: :func:`~datavalue.store._runpath.run_location`), or see
+    another run there (another run id). Asks every worker once (``client.run``: one small file read
+    each); a local scheduler, a URL or a Store object pass unchecked.
+
+    Raises:
+        StoreNotFoundError: a worker cannot read the run at that path.
+        StoreMismatchError: a worker reads another run (another run id) at that path.
+    """
+    from datavalue.errors import StoreMismatchError, StoreNotFoundError
+
+    if client is None or isinstance(client, str) or not (hasattr(client, "run") and hasattr(client, "scheduler")):
+        return
+    if not isinstance(location, (str, os.PathLike)) or "://" in os.fspath(location):
+        return
+    path = os.fspath(location)
+    seen = client.run(_worker_sees, path, not is_local(path))
+    for worker, (state, detail) in sorted(seen.items()):
+        if state == "missing":
+            raise StoreNotFoundError(
+                f"dask worker {worker} cannot read the run at {path} ({detail}); {what} read the run on the workers, so "
+                "every worker needs it at the same absolute path: a filesystem shared with this client (NFS, Lustre) "
+                "mounted at the same place (docs/distributed.md, 'Where runs live'). Nothing was computed."
+            )
+        if state == "ok" and run_id is not None and detail != run_id:  # an archive: its id is inside the zip
+            raise StoreMismatchError(
+                f"dask worker {worker} reads another run at {path} (run id {detail!r}; the client opened {run_id!r}): "
+                "the workers' filesystem holds a different run at that path, and its results would be that run's. "
+                "Give every worker the same run at the same absolute path (a shared filesystem, docs/distributed.md). "
+                "Nothing was computed."
+            )

@@ -40,6 +40,7 @@ from datavalue.store._paths import (
     is_local,
     refuse_reading_links,
 )
+from datavalue.store._runpath import run_location
 from datavalue.store._schema import (
     CAPTURE_KEYS,
     CHUNK_DIGESTS_KEY,
@@ -72,7 +73,9 @@ def _our_major() -> str:
 
 
 def _normalise(location: Any) -> Any:
-    """Local directories become ``Path``; archives and URLs stay strings; Store objects pass through."""
+    """Local directories become absolute ``Path`` s; archives and URLs stay strings; Store objects pass
+    through (:func:`~datavalue.store._runpath.run_location`)."""
+    location = run_location(location)
     if is_local(location):
         return Path(location)
     return os.fspath(location) if isinstance(location, os.PathLike) else location
@@ -80,6 +83,7 @@ def _normalise(location: Any) -> Any:
 
 def _open_group(location: Any, mode: str) -> zarr.Group:
     """Open a run's root group from a directory, a ``.zip`` archive, an fsspec URL or a zarr Store."""
+    location = run_location(location)  # file:// URLs, relative paths, '::' (datavalue.store._runpath)
     if is_local(location):
         path = Path(location)
         if not (path / "zarr.json").exists():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from datavalue.errors import StoreError
 
@@ -51,3 +52,82 @@ def is_own_temporary(exc: OSError, path: Path) -> bool:
         return False
     p = Path(name)
     return p == path or (p.parent == path.parent and p.name.startswith(f".{path.name}.") and p.name.endswith(".partial"))
+
+
+# ------------------------------------------------------------------ parsing a run location
+# One reading of a run location for every reader and writer: ``file://`` URLs are the local path
+# they name (as zarr and fsspec read them), other URLs stay URLs (read-only, through fsspec), a local
+# path is made absolute once (dask workers, and a later ``os.chdir``, must find the same run), and a
+# local name holding ``::`` (fsspec's URL chaining, which zarr would apply to it) is refused.
+def _file_url_path(s: str) -> str | None:
+    """The local path a ``file://`` URL names (``None`` for anything else)."""
+    if s[:7].lower() != "file://":
+        return None
+    rest = s[7:]
+    if rest[:10].lower() == "localhost/":
+        rest = rest[9:]
+    if not rest.startswith("/"):
+        raise RunPathError(
+            f"{s!r} names a file on host {rest.split('/', 1)[0]!r}; a file:// URL must name a local absolute path "
+            "(file:///abs/run.zarr, three slashes). Pass the local path, or mount the other host's directory here."
+        )
+    return rest
+
+
+def _refuse_chained(s: str) -> None:
+    if "::" in s:
+        raise RunPathError(
+            f"the run path {s!r} contains '::', which zarr reads as fsspec's URL chaining (e.g. "
+            "'simplecache::s3://bucket/run.zarr'), not as part of a file name; choose a name without '::' "
+            "(rename the directory if it exists). Nothing was read or written."
+        )
+
+
+def run_location(location: Any) -> Any:
+    """Where a reader finds a run: a local directory or ``.zip`` archive as an absolute path (a
+    ``file://`` URL as the local path it names), another URL as given, a zarr Store object as is.
+
+    A directory is read as a run directory whatever its name (also ``run.zip``); a name ending in
+    ``.zip`` that is no directory is an archive.
+
+    Raises:
+        RunPathError: a local name containing ``::``, or a ``file://`` URL naming another host.
+    """
+    if not isinstance(location, (str, os.PathLike)):
+        return location
+    s = os.fspath(location)
+    if not isinstance(s, str):
+        return location
+    local = _file_url_path(s)
+    if local is None and "://" in s:
+        return s  # s3://, gs://, https://, chained URLs: fsspec reads them
+    if local is None:
+        _refuse_chained(s)
+        local = s
+    else:
+        _refuse_chained(local)
+    return os.path.abspath(local)
+
+
+def run_dir_path(path: Any, what: str = "recording", fix: str | None = None) -> Path:
+    """Where a writer (``Recorder``, ``JaxRecorder``, ``FinalPass``) creates or resumes a run, or
+    ``archive_run`` writes its ``.zip``: an absolute local path. A ``file://`` URL is the local path it
+    names; ``what`` and ``fix`` word the refusal of another URL.
+
+    Raises:
+        RunPathError: any other URL (recording needs a local directory), a name containing ``::``,
+            or a ``file://`` URL naming another host.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise RunPathError(f"a run path must be a str or os.PathLike naming a local directory, got {type(path).__name__}.")
+    s = os.fspath(path)
+    local = _file_url_path(s)
+    if local is None and "://" in s:
+        raise RunPathError(
+            f"{what} needs a local path (docs/distributed.md, 'Where runs live'); got the URL {s!r}. "
+            + (fix or "Record into a local path (file:///abs/run.zarr is accepted as that path) and copy the finished "
+               "run to remote storage; readers open it there read-only.")
+        )
+    local = s if local is None else local
+    _refuse_chained(local)
+    return Path(os.path.abspath(local))

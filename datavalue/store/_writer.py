@@ -46,7 +46,7 @@ from datavalue.store._reader import (
     read_commit,
 )
 from datavalue.store._runlock import LOCK_FILE, only_the_lock, refuse_if_locked, run_lock, sweep_run
-from datavalue.store._runpath import creation_error
+from datavalue.store._runpath import creation_error, run_dir_path
 from datavalue.store._schema import (
     CHUNK_DIGEST_FILES,
     CHUNK_DIGESTS_KEY,
@@ -438,7 +438,7 @@ class RunWriter:
         commit_interval: float = 10.0,
         commit_every: int = 32,
     ) -> None:
-        self.path = Path(os.path.abspath(path))  # once: a later os.chdir must not move the run or its lock
+        self.path = run_dir_path(path)  # absolute, once: a later os.chdir must not move the run or its lock
         self.commit_interval = float(commit_interval)
         if isinstance(commit_every, bool) or not isinstance(commit_every, (int, np.integer)) or commit_every < 1:
             raise ValueError(f"commit_every must be a positive int (steps), got {commit_every!r}.")

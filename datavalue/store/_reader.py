@@ -44,7 +44,10 @@ from datavalue.store._schema import (
     CAPTURE_KEYS,
     CHUNK_DIGESTS_KEY,
     FINAL_PASS_INTEGRATION,
+    FINAL_RUN,
     GROUP_STEP_ARRAYS,
+    LINEAGE_KEY,
+    LINEAGE_STAMP_KEY,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     MARKED_ARRAYS,
@@ -52,6 +55,7 @@ from datavalue.store._schema import (
     RUN_ID_KEY,
     SCHEMA_VERSION,
     committed_length,
+    lineage_stamp,
     manifest_digest,
     manifest_problems,
     unwritten_value,
@@ -421,6 +425,18 @@ class Run:
         ``None`` for a run written before run ids."""
         found = self._group.attrs.get(RUN_ID_KEY)
         return str(found) if found is not None else None
+
+    @property
+    def lineage(self) -> list[list[Any]]:
+        """The run's resume history ``[[first_step, session_id], ...]`` (root attribute
+        :data:`LINEAGE_KEY`): one entry per resume; empty for a run never resumed (or written before
+        the history was kept)."""
+        return [[int(a), str(b)] for a, b in list(self._group.attrs.get(LINEAGE_KEY) or [])]
+
+    def lineage_stamp(self) -> list[Any]:
+        """``[n, sha256]`` of the run's whole history: what derived data built now record
+        (:data:`LINEAGE_STAMP_KEY`) and :meth:`foreign_derived` checks."""
+        return lineage_stamp(self.lineage)
 
     def foreign_derived(self, name: str, *, fix: str) -> str | None:
         """Why the derived array or group ``name`` is another run's (it carries another run id), or
@@ -828,11 +844,46 @@ def foreign_derived(run: Run, name: str, *, fix: str) -> str | None:
         logger.info("%s/%s carries no run id (written before derived data carried one); its run id is not checked",
                     run.path, name)
         return None
-    if found == run_id:
+    if found != run_id:
+        return (
+            f"{run.path}/{name} was written for another run (run id {found!r}; this run's is {run_id!r}): it was "
+            f"copied in from another run, so its values describe other training. {fix}"
+        )
+    return forked_derived(run, name, fix=fix)
+
+
+def forked_derived(run: Run, name: str, *, fix: str, stamp: Any = None) -> str | None:
+    """Why the derived data ``name`` (or the :data:`LINEAGE_STAMP_KEY` value ``stamp``) was built on
+    another fork of ``run``'s history, or None.
+
+    Two copies of one run (``cp -r a.zarr b.zarr``) share the run id; resumed separately, each
+    appends its own entry to its history (:data:`LINEAGE_KEY`). Derived data record the history they
+    were built after; the run's history must still start with it (a run resumed and trained further
+    since only appends). Derived data without the stamp (written before it existed) are read with a
+    warning, unchecked.
+    """
+    if stamp is None:
+        try:
+            stamp = run._group[name].attrs.get(LINEAGE_STAMP_KEY)
+        except KeyError:
+            return None
+    if stamp is None:
+        logger.warning("%s/%s records no resume history (written before datavalue kept one): whether it was built "
+                       "on this copy of the run is not checked (a copied-and-resumed fork would pass)", run.path, name)
+        return None
+    try:
+        n, digest = int(stamp[0]), str(stamp[1])
+    except (TypeError, ValueError, IndexError):
+        return (f"{run.path}/{name}: its {LINEAGE_STAMP_KEY} attribute is {stamp!r}, expected [n, sha256]; it was "
+                f"edited or damaged, so which copy of the run it was built on is unknown. {fix}")
+    history = run.lineage
+    if n <= len(history) and lineage_stamp(history, n) == [n, digest]:
         return None
     return (
-        f"{run.path}/{name} was written for another run (run id {found!r}; this run's is {run_id!r}): it was copied "
-        f"in from another run, so its values describe other training. {fix}"
+        f"{run.path}/{name} was built on another copy of this run: it has the run's id, but it was written after "
+        f"{n} resume(s) whose history this run does not share (the run has {len(history)} resume(s), "
+        f"{LINEAGE_KEY}). The run directory was copied (a fork) and both copies were resumed on different data, or "
+        f"the run was restored from an older copy and resumed: its values describe the other copy's training. {fix}"
     )
 
 
@@ -851,6 +902,14 @@ def stale_final_pass(parent: Run, final: Run) -> str | None:
             f"this run's final weights (FinalPass({str(parent.path)!r}, model, overwrite=True)) and rebuild with "
             f"datavalue.embeddings.build_influence({str(parent.path)!r}, overwrite=True)."
         )
+    if final.is_final_pass and parent_id is not None and bound is not None:
+        # the same run id: a copy of the run (a fork) resumed elsewhere has another history
+        forked = forked_derived(parent, FINAL_RUN, stamp=(final.manifest.get("integration") or {}).get("run_lineage"),
+                                fix=f"Record the pass at this run's final weights (FinalPass({str(parent.path)!r}, "
+                                    f"model, overwrite=True)) and rebuild with datavalue.embeddings.build_influence("
+                                    f"{str(parent.path)!r}, overwrite=True).")
+        if forked is not None:
+            return forked
     if final.is_final_pass and parent_id is not None and bound is None:
         logger.info("%s records no training-run id (written before it was stored); its run is not checked", final.path)
     if final.is_final_pass and final.final_pass_steps is None:
@@ -909,10 +968,26 @@ def create_array(
     # (Run.require_chunks): zarr skips chunks equal to the fill value unless told otherwise
     arr = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=float_codecs(),
                          fill_value=0, overwrite=True, config={"write_empty_chunks": True})
-    run_id = g.attrs.get(RUN_ID_KEY)  # binds the derived array to this run (foreign_derived)
-    if attrs or run_id is not None:
-        arr.attrs.update({**(attrs or {}), **({RUN_ID_KEY: run_id} if run_id is not None else {})})
+    arr.attrs.update({**(attrs or {}), **_binding(g)})
     return arr
+
+
+def _binding(g: zarr.Group) -> dict[str, Any]:
+    """The attributes that bind a derived array to the run and to its history (foreign_derived)."""
+    run_id = g.attrs.get(RUN_ID_KEY)
+    if run_id is None:
+        return {}
+    return {RUN_ID_KEY: run_id, LINEAGE_STAMP_KEY: lineage_stamp(g.attrs.get(LINEAGE_KEY))}
+
+
+def rebind_array(path: str | os.PathLike[str], name: str) -> None:
+    """Re-stamp the derived array ``name`` with the run's id and its history as it is now: a build
+    brought up to date with steps recorded since (``extend_embeddings``) now describes them too."""
+    check_inside_run(path, name)
+    g = _open_group(path, "r+")
+    binding = _binding(g)
+    if binding:
+        g[name].attrs.update(binding)
 
 
 def open_array(path: str | os.PathLike[str], name: str) -> zarr.Array:

@@ -311,3 +311,117 @@ def test_p5_31_a_closed_recorder_leaves_the_exit_hook(tmp_path):
     assert id(rec) in recorder_module._OPEN
     rec.close()
     assert id(rec) not in recorder_module._OPEN
+
+
+# ---------------------------------------------------------------- derived members: links and a user's files
+def _momentum_run(path: Path, steps: int = 4) -> _Trainer:
+    t = _Trainer()
+    t.opt = torch.optim.SGD(t.model.parameters(), lr=0.1, momentum=0.9)
+    t.record(path, [range(6 * s, 6 * s + 6) for s in range(steps)], resume=False)
+    return t
+
+
+#: a user's file inside the member (or a link below it) is refused by the write; a link out of the run is
+#: refused already by the open of the run (datavalue.store.open_run)
+REFUSED = "did not write|leads outside the run"
+
+
+def _plant(run: Path, where: str, kind: str, outside: Path) -> Path:
+    """A user's file (``kind="file"``) or a link out of the run (``"link"``) at ``run/where``."""
+    target = run / where
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        target.write_text("my notes")
+    else:
+        outside.mkdir(exist_ok=True)
+        (outside / "keep.txt").write_text("outside the run")
+        if target.is_dir():
+            shutil.rmtree(target)
+        target.symlink_to(outside, target_is_directory=True)
+    return target
+
+
+def _untouched(target: Path, kind: str, outside: Path) -> None:
+    if kind == "file":
+        assert target.read_text() == "my notes"
+    else:
+        assert target.is_symlink()
+        assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_derived_build_overwrite_never_deletes_a_users_file_or_follows_a_link(tmp_path, kind):
+    """build_embeddings(overwrite=True): the velocity member and the transfer operators included."""
+    run = tmp_path / "r.zarr"
+    _momentum_run(run)
+    datavalue.build_embeddings(run, progress=False)
+    for where in ("embeddings/empirical_fisher/v_values/c/NOTES", "embeddings/empirical_fisher/ops/block000/c/x"):
+        target = _plant(run, where, kind, tmp_path / "outside")
+        with pytest.raises(E.StoreError, match=REFUSED):
+            datavalue.build_embeddings(run, progress=False, overwrite=True)
+        _untouched(target, kind, tmp_path / "outside")
+        target.unlink() if kind == "file" or target.is_symlink() else None
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_derived_extend_never_deletes_a_users_file_or_writes_through_a_link(tmp_path, kind):
+    """Refused before anything changes (the build stays as it was, whole); extends once they are gone."""
+    run = tmp_path / "r.zarr"
+    t = _momentum_run(run, steps=2)
+    datavalue.build_embeddings(run, progress=False)
+    t.record(run, [range(30, 36), range(36, 42)], resume=True)
+    before = (run / "embeddings/empirical_fisher/values/zarr.json").read_text()
+    for where in ("embeddings/empirical_fisher/values/c/NOTES", "embeddings/empirical_fisher/v_values/c/NOTES",
+                  "embeddings/empirical_fisher/ops/block000/NOTES"):
+        target = _plant(run, where, kind, tmp_path / "outside")
+        with pytest.raises(E.StoreError, match=REFUSED):
+            extend_embeddings(run, progress=False)
+        _untouched(target, kind, tmp_path / "outside")
+        assert (run / "embeddings/empirical_fisher/values/zarr.json").read_text() == before
+        target.unlink()
+    assert extend_embeddings(run, progress=False).n_steps == 4
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_derived_embeddings_at_overwrite_never_deletes_a_users_file_or_follows_a_link(tmp_path, kind):
+    run = tmp_path / "r.zarr"
+    _momentum_run(run)
+    datavalue.build_embeddings(run, progress=False, segments=2)
+    embeddings_at(run, 2, progress=False)
+    target = _plant(run, "embeddings/empirical_fisher/at/2/values/c/NOTES", kind, tmp_path / "outside")
+    with pytest.raises(E.StoreError, match=REFUSED):
+        embeddings_at(run, 2, progress=False, overwrite=True)
+    _untouched(target, kind, tmp_path / "outside")
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_derived_influence_overwrite_never_deletes_a_users_file_or_follows_a_link(tmp_path, kind):
+    run = tmp_path / "r.zarr"
+    t = _momentum_run(run)
+    _final_pass(run, t.model)
+    build_influence(run, progress=False)
+    name = open_run(run / "final").subgroups("influence")[0] if hasattr(open_run(run), "subgroups") else "fisher"
+    target = _plant(run, f"final/influence/{name}/values/c/NOTES", kind, tmp_path / "outside")
+    with pytest.raises(E.StoreError, match=REFUSED):
+        build_influence(run, progress=False, overwrite=True)
+    _untouched(target, kind, tmp_path / "outside")
+
+
+# ---------------------------------------------------------------- TracIn: param groups disagreeing on maximize
+def test_tracin_refuses_a_run_whose_param_groups_disagree_on_maximize(tmp_path):
+    """commit c8ae4e0 refused it without a test: one group steps with gradient ascent, one with descent;
+    kind='tracin' takes one sign per run, so it must refuse rather than pick one."""
+    run = tmp_path / "mixed.zarr"
+    model = _model()
+    first, last = model[0], model[2]
+    opt = torch.optim.SGD([{"params": first.parameters(), "maximize": True}, {"params": last.parameters()}], lr=0.1)
+    with datavalue.Recorder(run, model, optimizer=opt, proj_dim=None) as rec:
+        for s in range(2):
+            ids = np.arange(6 * s, 6 * s + 6)
+            with rec.step(sample_ids=ids):
+                F.cross_entropy(model(X[ids]), Y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+    assert [g.get("maximize") for g in open_run(run).optimizer["groups"]] == [True, False]
+    with pytest.raises(E.QueryError, match="maximize=True .* and some without"):
+        datavalue.Attributor(run, model, kind="tracin", progress=False).scores(_loss)

@@ -46,7 +46,7 @@ from datavalue.embeddings._metadata import (
 from datavalue.embeddings._plan import _digest, _make_plan, _parse_curvature, _Plan, _split
 from datavalue.embeddings._stream import _execute, _run_segments, _task, _write_pieces
 from datavalue.errors import EmbeddingError, StoreExistsError
-from datavalue.store import rebind_array, writes_run
+from datavalue.store import rebind_array, refuse_foreign_below, writes_run
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ def extend_embeddings(
     k = int(run.proj_dim)
     chunk = int(values.chunks[0])
     check_chunk_memory(path, chunk, k, meta["storage_dtype"], 1 + int(vel), chunk, limit)  # before anything changes
+    refuse_foreign_below(path, base)  # its operators are rewritten: never with a user's file (or a link) in the build
     meta["complete"] = False
     values.attrs[ATTRS_KEY] = meta
     values.resize((R1, k))

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 from datavalue.errors import (
     StoreCorruptError,
+    StoreError,
     StoreExistsError,
     StoreMismatchError,
     StoreNotFoundError,
@@ -964,6 +965,11 @@ def create_array(
         exists = False
     if exists and not overwrite:
         raise StoreExistsError(f"{path}/{name} already exists; pass overwrite=True to rebuild it.")
+    if is_local(path) and (Path(path) / name).exists():
+        from datavalue.store._writer import refuse_foreign_below
+
+        # zarr's overwrite deletes the node's whole folder: never a user's file or a link in it
+        refuse_foreign_below(path, name)
     # every chunk is written, even an all-zero one, so that a missing chunk is always damage
     # (Run.require_chunks): zarr skips chunks equal to the fill value unless told otherwise
     arr = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=float_codecs(),
@@ -1009,11 +1015,38 @@ def open_array_writable(path: str | os.PathLike[str], name: str) -> zarr.Array:
         StoreError: ``name`` leads outside the run (a symbolic link); nothing is opened.
     """
     check_inside_run(path, name)
+    refuse_links_below(path, name)  # rows written into the array never go through a link
     g = _open_group(path, "r+")
     try:
         return check_array(g[name], name, path, g.attrs)
     except KeyError as exc:
         raise StoreNotFoundError(f"{path} has no array {name!r}") from exc
+
+
+def refuse_links_below(path: str | os.PathLike[str], name: str) -> None:
+    """Raise :class:`StoreError` when the member ``name`` of the local run ``path`` holds a symbolic
+    link anywhere below it (datavalue writes none): writing its chunks would follow it, possibly out
+    of the run. The walk follows no link."""
+    if not is_local(path):
+        return
+    found, todo = [], [os.path.join(os.fspath(path), *name.split("/"))]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as it:
+                entries = list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            if e.is_symlink():
+                found.append(os.path.relpath(e.path, os.fspath(path)))
+            elif e.is_dir():
+                todo.append(e.path)
+    if found:
+        raise StoreError(
+            f"{Path(path) / name} holds {len(found)} symbolic link(s) datavalue did not write: "
+            f"{', '.join(repr(f) for f in sorted(found)[:10])} (in {path}); writing its rows would follow them, so "
+            "nothing was written. Replace each link with the real file or directory (or remove it), then retry."
+        )
 
 
 def delete_path(path: str | os.PathLike[str], name: str) -> None:

@@ -425,3 +425,28 @@ def test_tracin_refuses_a_run_whose_param_groups_disagree_on_maximize(tmp_path):
     assert [g.get("maximize") for g in open_run(run).optimizer["groups"]] == [True, False]
     with pytest.raises(E.QueryError, match="maximize=True .* and some without"):
         datavalue.Attributor(run, model, kind="tracin", progress=False).scores(_loss)
+
+
+def test_p5_31_closing_a_writer_whose_thread_is_gone_commits_the_queue_without_hanging(tmp_path):
+    """The exit hook must not hang on a writer thread that is not running (stopped by the interpreter, or a
+    forked copy): close() writes the queued steps on the calling thread."""
+    from datavalue.store import RunWriter, StepBlock
+
+    def block(t: int) -> StepBlock:
+        rng = np.random.default_rng(t)
+        return StepBlock(step=t, sample_id=np.arange(3) + 10 * t, weight=np.full(3, 1 / 3),
+                         grads=rng.standard_normal((3, 4)), flags=np.zeros(3, np.uint8), lr=0.1, epoch=0,
+                         grad_scale=1.0, momentum=0.0, weight_decay=0.0)
+
+    w = RunWriter(tmp_path / "r.zarr", {"projection": {"blocks": []}}, k=4, chunk_rows=4, background=True)
+    w.submit(block(0))
+    w.flush()
+    from datavalue.store import _writer
+
+    w._queue.put(_writer._STOP)  # the thread ends (the run stays open)
+    w._thread.join(timeout=30)
+    assert not w._thread.is_alive()
+    for t in (1, 2, 3):  # queued after the thread ended, as in a process whose writer thread is gone
+        w._queue.put(block(t))
+    w.close()
+    assert open_run(tmp_path / "r.zarr").n_steps == 4

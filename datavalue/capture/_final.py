@@ -134,7 +134,9 @@ class FinalPass(Recorder):
                                       # set True by a clean close() only: a pass cut short (an exception
                                       # in the with-block, kill -9) stays False and builds refuse it
                                       "complete": False,
-                                      **({"run_id": parent.run_id} if parent.run_id else {})})  # and to this run
+                                      **({"run_id": parent.run_id,  # and to this run
+                                          # and to this copy of it (a fork resumed elsewhere has another history)
+                                          "run_lineage": parent.lineage_stamp()} if parent.run_id else {})})
         self._fisher_sum = True
         self._fisher_gen = torch.Generator(device="cpu").manual_seed(int(seed) + 104729)
 
@@ -201,9 +203,18 @@ class FinalPass(Recorder):
     def __del__(self) -> None:  # never marks complete: a pass not closed explicitly is unfinished
         try:
             if not self.closed:
-                Recorder.close(self)
+                self._close_unclosed("when it was garbage-collected", warn_empty=False)
         except Exception:
             pass
+
+    def _close_for_exit(self) -> None:
+        """Never closed (the script ended, or the pass was collected): its batches are committed, and the pass
+        stays unfinished (builds refuse it): whether the loop over the data ended is unknown."""
+        try:
+            self._sink.flush()
+            self._mark(complete=False, aborted="never closed: the script ended without fp.close()")
+        finally:
+            Recorder.close(self)
 
     def step(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ARG002
         raise RecorderStateError("a FinalPass records no optimizer steps: use `with fp.batch(ids, tokens=...): ...`.")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datavalue.errors import StoreMismatchError
+from datavalue.errors import StoreCorruptError, StoreMismatchError
 
 #: The run's member holding the digests (a zarr v3 group; attributes only).
 WEIGHTS_DIGEST = "weights_digest"
@@ -94,14 +94,31 @@ def differing(recorded: Mapping[str, list[float]], now: Mapping[str, list[float]
     return out
 
 
-def check_resume_weights(path: str | os.PathLike[str], model: nn.Module, steps: int) -> str:
+def check_resume_weights(path: str | os.PathLike[str], model: nn.Module, steps: int, *, marked: bool = False) -> str:
     """Refuse to resume a run of ``steps`` committed steps with weights it did not reach.
 
-    Returns what was checked (``"matched"``, ``"no digest"``: a run from before the digests, or
-    ``"unchecked"``: the run was not flushed at ``steps``, e.g. killed after its last flush, and the
-    weights match no earlier flush either).
+    ``marked``: the run says it wrote its digests (root attribute ``datavalue_weights_digest``, set
+    by :meth:`datavalue.store.RunWriter.mark_weights_digest` after the first one): then a missing
+    ``weights_digest`` member, or one without its attributes, is damage, not an older run.
+
+    Returns what was checked (``"matched"``, ``"no digest"``: a run from before the digests, or one
+    recorded without ``optimizer=``, or ``"unchecked"``: the run was not flushed at ``steps``, e.g.
+    killed after its last flush, and the weights match no earlier flush either).
+
+    Raises:
+        StoreMismatchError: the model holds other weights than the run reached.
+        StoreCorruptError: ``marked`` and the digests are gone (the member deleted or its attributes emptied).
     """
     hist = read_digests(path)
+    if not hist and marked and steps > 0:
+        member = Path(path) / WEIGHTS_DIGEST
+        found = "is missing" if not (member / "zarr.json").exists() else f"holds no '{DIGEST_KEY}' attribute"
+        raise StoreCorruptError(
+            f"{path}: cannot resume: the run's weights digest ({member}) {found}, although the run wrote it (root "
+            f"attribute datavalue_weights_digest), so whether the model holds the weights the run reached after its "
+            f"{steps} steps cannot be checked, and other weights would splice another trajectory onto it. Restore "
+            f"{WEIGHTS_DIGEST}/ from a whole copy of the run, or record the rest as a new run (another path)."
+        )
     if not hist:
         return "no digest"
     now = weights_digest(model)

@@ -60,7 +60,12 @@ from datavalue.capture._run_setup import (
     base_manifest,
     unwrap_model,
 )
-from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
+from datavalue.errors import (
+    RecorderError,
+    RecorderStateError,
+    StoreCorruptError,
+    StoreMismatchError,
+)
 from datavalue.store import run_dir_path
 
 logger = logging.getLogger(__name__)
@@ -335,6 +340,9 @@ class Recorder:
         self._sqrt_d_before: torch.Tensor | None = None
         self._resume_weights = bool(resume)  # checked before the first block (datavalue.capture._resume)
         _ATTACHED[model] = self
+        # a script that ends without close(): the interpreter's exit commits what this recorder holds (a weak
+        # set: the hook keeps nothing alive; close() takes it out; not in a forked child)
+        _register_at_exit(self)
         logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
 
     def _resumed_state(self, resume: bool) -> str | None:
@@ -626,13 +634,18 @@ class Recorder:
         err = None
         if self._dist.rank == 0:
             try:
-                what = check_resume_weights(self.path, self.model, self.n_steps)
-            except StoreMismatchError as exc:
+                marked = self.writer is not None and self.writer.keeps_weights_digest
+                what = check_resume_weights(self.path, self.model, self.n_steps, marked=marked)
+            except (StoreMismatchError, StoreCorruptError) as exc:
                 err = exc
             else:
                 if what == "unchecked":
                     logger.info("%s: resuming after %d steps; the run was not flushed at that step (killed after its "
                                 "last flush?), so the model's weights could not be checked", self.path, self.n_steps)
+                elif what == "no digest" and self.n_steps > 0:
+                    logger.warning("%s: resuming after %d steps; the run holds no weights digest (recorded without "
+                                   "optimizer=, or by a datavalue version before it was kept), so whether the model "
+                                   "holds the weights the run reached cannot be checked", self.path, self.n_steps)
         ok = self._dist.broadcast_int(0 if err is None else -1)
         if err is not None:
             raise err
@@ -649,6 +662,8 @@ class Recorder:
 
         held = self._sink.held is not None
         record_digest(self.path, self.n_steps - int(held), weights_digest(self.model))
+        if self.writer is not None:  # after the member: a run that says so and lacks it was damaged
+            self.writer.mark_weights_digest()
 
     def _drop_held(self, step: int) -> None:
         """A held step was refused (its update differs from the record, or never ran): forget it."""
@@ -763,10 +778,14 @@ class Recorder:
         self._record_weights()
 
     def close(self) -> None:
-        """Flush pending steps, detach hooks. Idempotent."""
+        """Flush pending steps, detach hooks. Idempotent.
+
+        A recorder its script never closes is closed when the interpreter exits normally (or when it is
+        garbage-collected), with a warning: see "Durability" in the README."""
         if self.closed:
             return
         self.closed = True
+        _OPEN.pop(id(self), None)
         self.engine.detach()
         if getattr(self, "_unrecorded", None) is not None:
             moved = self._unrecorded.moved_since_update()
@@ -820,6 +839,74 @@ class Recorder:
     def __del__(self) -> None:  # best effort: never lose queued steps
         try:
             if not self.closed:
-                self.close()
+                self._close_unclosed("when it was garbage-collected", warn_empty=False)
         except Exception:
             pass
+
+    def _close_for_exit(self) -> None:
+        """How a recorder its script never closed is closed (:meth:`_close_unclosed`)."""
+        self.close()
+
+    def _close_unclosed(self, when: str, *, warn_empty: bool = True) -> None:
+        """Close a recorder that was never closed (at the interpreter's exit, or when collected) and say
+        so on stderr, with how many steps this commit saved."""
+        writer = self.writer
+        before = writer.steps if writer is not None else 0
+        self._close_for_exit()
+        if writer is None:
+            return
+        saved = writer.steps - before
+        if saved or warn_empty:
+            import warnings
+
+            warnings.warn(
+                f"{type(self).__name__}({str(self.path)!r}) was never closed: committed {saved} steps {when} (the run "
+                f"has {writer.steps}); call rec.close() (or use `with {type(self).__name__}(...) as rec:`): a kill "
+                "loses what a recorder holds uncommitted.", RuntimeWarning, stacklevel=2)
+
+
+#: The open recorders: ``id -> (weak reference, pid of the process that opened it)``. Weak: the exit hook
+#: keeps no recorder alive (one collected was closed by its ``__del__``).
+_OPEN: dict[int, tuple[weakref.ref[Recorder], int]] = {}
+_HOOKED: list[bool] = []
+#: Seconds the exit hook waits for a recorder's writer thread to commit (then it gives up and says so).
+EXIT_TIMEOUT = 300.0
+
+
+def _register_at_exit(rec: Recorder) -> None:
+    """Add ``rec`` to the recorders the exit hook closes; install the hook once per process.
+
+    The hook runs with the interpreter's thread-exit hooks (``threading._register_atexit``, as
+    ``concurrent.futures`` does), before those shut down the thread pools zarr writes through; plain
+    ``atexit`` runs too late for that. Registered after zarr imported ``concurrent.futures``, it runs
+    before its shutdown (they run in reverse order)."""
+    _OPEN[id(rec)] = (weakref.ref(rec), os.getpid())
+    if not _HOOKED:
+        import threading
+
+        try:
+            threading._register_atexit(_close_all_at_exit)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # not in this Python, or already shutting down
+            import atexit
+
+            atexit.register(_close_all_at_exit)
+        _HOOKED.append(True)
+
+
+def _close_all_at_exit() -> None:
+    """At a normal interpreter exit: commit and close every recorder its script never closed, with a
+    warning. Nothing in a forked child (the parent's recorders are not its own)."""
+    import sys
+
+    for key, (ref, pid) in list(_OPEN.items()):
+        _OPEN.pop(key, None)
+        rec = ref()
+        if rec is None or rec.closed or os.getpid() != pid:
+            continue
+        try:
+            if rec.writer is not None:  # a writer thread that is stuck must not hang the exit
+                rec.writer.close_timeout = EXIT_TIMEOUT
+            rec._close_unclosed("at exit")
+        except Exception as exc:  # at exit nobody can catch it: say what was lost
+            print(f"datavalue: {type(rec).__name__}({str(rec.path)!r}) was never closed and could not be committed "
+                  f"at exit: {exc!r}", file=sys.stderr)

@@ -46,7 +46,7 @@ from datavalue.embeddings._metadata import (
 from datavalue.embeddings._plan import _digest, _make_plan, _parse_curvature, _Plan, _split
 from datavalue.embeddings._stream import _execute, _run_segments, _task, _write_pieces
 from datavalue.errors import EmbeddingError, StoreExistsError
-from datavalue.store import check_workers_see_run, writes_run
+from datavalue.store import check_workers_see_run, rebind_array, refuse_foreign_below, writes_run
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,7 @@ def extend_embeddings(
     k = int(run.proj_dim)
     chunk = int(values.chunks[0])
     check_chunk_memory(path, chunk, k, meta["storage_dtype"], 1 + int(vel), chunk, limit)  # before anything changes
+    refuse_foreign_below(path, base)  # its operators are rewritten: never with a user's file (or a link) in the build
     meta["complete"] = False
     values.attrs[ATTRS_KEY] = meta
     values.resize((R1, k))
@@ -299,6 +300,10 @@ def extend_embeddings(
         complete=True,
     )
     values.attrs[ATTRS_KEY] = meta
+    # the build now describes the steps recorded since: bound to the run's history as it is now, so that
+    # a copy of the run resumed elsewhere (a fork) refuses it (datavalue.store.Run.foreign_derived)
+    for name in [f"{base}/values"] + ([f"{base}/v_values"] if vel else []):
+        rebind_array(path, name)
     _warn_expansive(path, res)
     return _info_from_meta(path, curvature, meta, time.perf_counter() - t_start, handling=handling)
 

@@ -47,6 +47,7 @@ from datavalue.store._reader import delete_path as delete_path
 from datavalue.store._reader import open_array as open_array
 from datavalue.store._reader import open_array_writable as open_array_writable
 from datavalue.store._reader import open_run as open_run
+from datavalue.store._reader import rebind_array as rebind_array
 from datavalue.store._reader import stale_final_pass as stale_final_pass
 from datavalue.store._runlock import LOCK_FILE as LOCK_FILE
 from datavalue.store._runlock import lock_run as lock_run
@@ -104,6 +105,7 @@ __all__ = [
     "open_array_writable",
     "open_run",
     "package_versions",
+    "rebind_array",
     "refuse_foreign_below",
     "refuse_nonfinite_scores",
     "refuse_inside_run",

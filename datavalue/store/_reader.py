@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 from datavalue.errors import (
     StoreCorruptError,
+    StoreError,
     StoreExistsError,
     StoreMismatchError,
     StoreNotFoundError,
@@ -45,7 +46,10 @@ from datavalue.store._schema import (
     CAPTURE_KEYS,
     CHUNK_DIGESTS_KEY,
     FINAL_PASS_INTEGRATION,
+    FINAL_RUN,
     GROUP_STEP_ARRAYS,
+    LINEAGE_KEY,
+    LINEAGE_STAMP_KEY,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     MARKED_ARRAYS,
@@ -53,6 +57,7 @@ from datavalue.store._schema import (
     RUN_ID_KEY,
     SCHEMA_VERSION,
     committed_length,
+    lineage_stamp,
     manifest_digest,
     manifest_problems,
     unwritten_value,
@@ -425,6 +430,18 @@ class Run:
         ``None`` for a run written before run ids."""
         found = self._group.attrs.get(RUN_ID_KEY)
         return str(found) if found is not None else None
+
+    @property
+    def lineage(self) -> list[list[Any]]:
+        """The run's resume history ``[[first_step, session_id], ...]`` (root attribute
+        :data:`LINEAGE_KEY`): one entry per resume; empty for a run never resumed (or written before
+        the history was kept)."""
+        return [[int(a), str(b)] for a, b in list(self._group.attrs.get(LINEAGE_KEY) or [])]
+
+    def lineage_stamp(self) -> list[Any]:
+        """``[n, sha256]`` of the run's whole history: what derived data built now record
+        (:data:`LINEAGE_STAMP_KEY`) and :meth:`foreign_derived` checks."""
+        return lineage_stamp(self.lineage)
 
     def foreign_derived(self, name: str, *, fix: str) -> str | None:
         """Why the derived array or group ``name`` is another run's (it carries another run id), or
@@ -832,11 +849,46 @@ def foreign_derived(run: Run, name: str, *, fix: str) -> str | None:
         logger.info("%s/%s carries no run id (written before derived data carried one); its run id is not checked",
                     run.path, name)
         return None
-    if found == run_id:
+    if found != run_id:
+        return (
+            f"{run.path}/{name} was written for another run (run id {found!r}; this run's is {run_id!r}): it was "
+            f"copied in from another run, so its values describe other training. {fix}"
+        )
+    return forked_derived(run, name, fix=fix)
+
+
+def forked_derived(run: Run, name: str, *, fix: str, stamp: Any = None) -> str | None:
+    """Why the derived data ``name`` (or the :data:`LINEAGE_STAMP_KEY` value ``stamp``) was built on
+    another fork of ``run``'s history, or None.
+
+    Two copies of one run (``cp -r a.zarr b.zarr``) share the run id; resumed separately, each
+    appends its own entry to its history (:data:`LINEAGE_KEY`). Derived data record the history they
+    were built after; the run's history must still start with it (a run resumed and trained further
+    since only appends). Derived data without the stamp (written before it existed) are read with a
+    warning, unchecked.
+    """
+    if stamp is None:
+        try:
+            stamp = run._group[name].attrs.get(LINEAGE_STAMP_KEY)
+        except KeyError:
+            return None
+    if stamp is None:
+        logger.warning("%s/%s records no resume history (written before datavalue kept one): whether it was built "
+                       "on this copy of the run is not checked (a copied-and-resumed fork would pass)", run.path, name)
+        return None
+    try:
+        n, digest = int(stamp[0]), str(stamp[1])
+    except (TypeError, ValueError, IndexError):
+        return (f"{run.path}/{name}: its {LINEAGE_STAMP_KEY} attribute is {stamp!r}, expected [n, sha256]; it was "
+                f"edited or damaged, so which copy of the run it was built on is unknown. {fix}")
+    history = run.lineage
+    if n <= len(history) and lineage_stamp(history, n) == [n, digest]:
         return None
     return (
-        f"{run.path}/{name} was written for another run (run id {found!r}; this run's is {run_id!r}): it was copied "
-        f"in from another run, so its values describe other training. {fix}"
+        f"{run.path}/{name} was built on another copy of this run: it has the run's id, but it was written after "
+        f"{n} resume(s) whose history this run does not share (the run has {len(history)} resume(s), "
+        f"{LINEAGE_KEY}). The run directory was copied (a fork) and both copies were resumed on different data, or "
+        f"the run was restored from an older copy and resumed: its values describe the other copy's training. {fix}"
     )
 
 
@@ -855,6 +907,14 @@ def stale_final_pass(parent: Run, final: Run) -> str | None:
             f"this run's final weights (FinalPass({str(parent.path)!r}, model, overwrite=True)) and rebuild with "
             f"datavalue.embeddings.build_influence({str(parent.path)!r}, overwrite=True)."
         )
+    if final.is_final_pass and parent_id is not None and bound is not None:
+        # the same run id: a copy of the run (a fork) resumed elsewhere has another history
+        forked = forked_derived(parent, FINAL_RUN, stamp=(final.manifest.get("integration") or {}).get("run_lineage"),
+                                fix=f"Record the pass at this run's final weights (FinalPass({str(parent.path)!r}, "
+                                    f"model, overwrite=True)) and rebuild with datavalue.embeddings.build_influence("
+                                    f"{str(parent.path)!r}, overwrite=True).")
+        if forked is not None:
+            return forked
     if final.is_final_pass and parent_id is not None and bound is None:
         logger.info("%s records no training-run id (written before it was stored); its run is not checked", final.path)
     if final.is_final_pass and final.final_pass_steps is None:
@@ -909,14 +969,35 @@ def create_array(
         exists = False
     if exists and not overwrite:
         raise StoreExistsError(f"{path}/{name} already exists; pass overwrite=True to rebuild it.")
+    if is_local(path) and (Path(path) / name).exists():
+        from datavalue.store._writer import refuse_foreign_below
+
+        # zarr's overwrite deletes the node's whole folder: never a user's file or a link in it
+        refuse_foreign_below(path, name)
     # every chunk is written, even an all-zero one, so that a missing chunk is always damage
     # (Run.require_chunks): zarr skips chunks equal to the fill value unless told otherwise
     arr = g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=float_codecs(),
                          fill_value=0, overwrite=True, config={"write_empty_chunks": True})
-    run_id = g.attrs.get(RUN_ID_KEY)  # binds the derived array to this run (foreign_derived)
-    if attrs or run_id is not None:
-        arr.attrs.update({**(attrs or {}), **({RUN_ID_KEY: run_id} if run_id is not None else {})})
+    arr.attrs.update({**(attrs or {}), **_binding(g)})
     return arr
+
+
+def _binding(g: zarr.Group) -> dict[str, Any]:
+    """The attributes that bind a derived array to the run and to its history (foreign_derived)."""
+    run_id = g.attrs.get(RUN_ID_KEY)
+    if run_id is None:
+        return {}
+    return {RUN_ID_KEY: run_id, LINEAGE_STAMP_KEY: lineage_stamp(g.attrs.get(LINEAGE_KEY))}
+
+
+def rebind_array(path: str | os.PathLike[str], name: str) -> None:
+    """Re-stamp the derived array ``name`` with the run's id and its history as it is now: a build
+    brought up to date with steps recorded since (``extend_embeddings``) now describes them too."""
+    check_inside_run(path, name)
+    g = _open_group(path, "r+")
+    binding = _binding(g)
+    if binding:
+        g[name].attrs.update(binding)
 
 
 def open_array(path: str | os.PathLike[str], name: str) -> zarr.Array:
@@ -938,11 +1019,38 @@ def open_array_writable(path: str | os.PathLike[str], name: str) -> zarr.Array:
         StoreError: ``name`` leads outside the run (a symbolic link); nothing is opened.
     """
     check_inside_run(path, name)
+    refuse_links_below(path, name)  # rows written into the array never go through a link
     g = _open_group(path, "r+")
     try:
         return check_array(g[name], name, path, g.attrs)
     except KeyError as exc:
         raise StoreNotFoundError(f"{path} has no array {name!r}") from exc
+
+
+def refuse_links_below(path: str | os.PathLike[str], name: str) -> None:
+    """Raise :class:`StoreError` when the member ``name`` of the local run ``path`` holds a symbolic
+    link anywhere below it (datavalue writes none): writing its chunks would follow it, possibly out
+    of the run. The walk follows no link."""
+    if not is_local(path):
+        return
+    found, todo = [], [os.path.join(os.fspath(path), *name.split("/"))]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as it:
+                entries = list(it)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            if e.is_symlink():
+                found.append(os.path.relpath(e.path, os.fspath(path)))
+            elif e.is_dir():
+                todo.append(e.path)
+    if found:
+        raise StoreError(
+            f"{Path(path) / name} holds {len(found)} symbolic link(s) datavalue did not write: "
+            f"{', '.join(repr(f) for f in sorted(found)[:10])} (in {path}); writing its rows would follow them, so "
+            "nothing was written. Replace each link with the real file or directory (or remove it), then retry."
+        )
 
 
 def delete_path(path: str | os.PathLike[str], name: str) -> None:

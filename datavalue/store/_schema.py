@@ -74,6 +74,29 @@ RUN_ID_KEY = "datavalue_run_id"
 #: of its record :data:`CHUNK_DIGEST_FILES`, ``datavalue.store._digest``); runs written before it have
 #: none and read with a logged note.
 CHUNK_DIGESTS_KEY = "datavalue_chunk_digests"
+#: Root attribute: the run's resume history, ``[[first_step, session_id], ...]``, one entry appended
+#: (before any data) each time a recorder resumes the run (``session_id``: a fresh random id). Two
+#: copies of a run (``cp -r``) resumed separately get different entries: their histories fork.
+#: Runs created before it have none (an empty history).
+LINEAGE_KEY = "datavalue_lineage"
+#: Attribute on every derived array (:func:`datavalue.store.create_array`): ``[n, sha256]`` of the
+#: first ``n`` entries of the run's :data:`LINEAGE_KEY` when it was written. The run's history must
+#: still start with those entries (it may have grown: resumed and extended since); otherwise the
+#: array was built on another fork of the run (``datavalue.store.Run.foreign_derived``).
+LINEAGE_STAMP_KEY = "datavalue_lineage_stamp"
+#: Root attribute set (to 1) once the recorder has written the run's ``weights_digest`` member (the
+#: weights after its committed steps, checked by ``Recorder(..., resume=True)``): a run that has it and
+#: lacks the member (or its attributes) was damaged, and its weights can no longer be checked. Runs
+#: written before it, or recorded without ``optimizer=`` (no digest), have none.
+WEIGHTS_DIGEST_KEY = "datavalue_weights_digest"
+
+
+def lineage_stamp(lineage: Any, n: int | None = None) -> list[Any]:
+    """``[n, sha256]`` of the first ``n`` entries (default all) of a run's :data:`LINEAGE_KEY`."""
+    entries = [[int(a), str(b)] for a, b in list(lineage or [])]
+    n = len(entries) if n is None else int(n)
+    text = json.dumps(entries[:n], separators=(",", ":"))
+    return [n, hashlib.sha256(text.encode("ascii")).hexdigest()]
 #: The run's chunk digest record (``datavalue.store._digest``): per recorded array and chunk,
 #: ``crc32c(run_id || the chunk's crc32c trailer)``, written before the chunks of each commit, into
 #: the two files in turn (in place: the newest whole one counts). In the ``commit`` array's folder:

@@ -51,6 +51,7 @@ from datavalue.store._schema import (
     CHUNK_DIGEST_FILES,
     CHUNK_DIGESTS_KEY,
     FINAL_RUN,
+    LINEAGE_KEY,
     MANIFEST_DIGEST_KEY,
     MANIFEST_KEY,
     MARKED_ARRAYS,
@@ -60,6 +61,7 @@ from datavalue.store._schema import (
     RUN_MEMBERS,
     SCHEMA_VERSION,
     STEP_ARRAYS,
+    WEIGHTS_DIGEST_KEY,
     StepBlock,
     committed_length,
     diff_manifests,
@@ -462,6 +464,9 @@ class RunWriter:
         self._error: BaseException | None = None
         self._optional: set[str] | None = None  # optional per-step arrays present (see _optional_step_arrays)
         self._closed = False
+        #: seconds close() waits for the background writer (None: as long as it takes; the exit hook of an
+        #: unclosed recorder sets a limit)
+        self.close_timeout: float | None = None
         self._submitted = self.steps  # steps handed to submit (committed: self.steps)
         self._committed = threading.Condition()
         self._queue: queue.Queue | None = None
@@ -611,6 +616,10 @@ class RunWriter:
         if bound is not None and self._run_id:
             self._digests = DigestWriter(self.path, self._run_id, bound, seq=0 if found is None else found.seq + 1)
         self.generation += 1
+        # this session's entry in the run's history, before any data: a copy of the run resumed elsewhere
+        # gets another, and data derived on one copy are then refused by the other (Run.foreign_derived)
+        lineage = [list(e) for e in (g.attrs.get(LINEAGE_KEY) or [])]
+        g.attrs.update({LINEAGE_KEY: [*lineage, [int(self.steps), uuid.uuid4().hex]]})
         logger.info("resuming %s after %d committed steps (%d rows)", self.path, self.steps, self.rows)
 
     @property
@@ -821,17 +830,49 @@ class RunWriter:
         self._closed = True
         try:
             if self._queue is not None and self._thread is not None:
-                self._queue.put(_STOP)
-                self._thread.join()
+                if self._thread.is_alive():
+                    self._queue.put(_STOP)
+                    self._thread.join(self.close_timeout)
+                    if self._thread.is_alive():
+                        raise RecorderStateError(
+                            f"{self.path}: the background writer did not finish within {self.close_timeout:g} s; the "
+                            f"steps after the run's last commit ({self.steps} steps) may be lost.")
+                else:  # the thread is gone (stopped by the interpreter, or this is a forked copy): write here
+                    self._drain()
             self._raise_pending()
         finally:
             self._release()
+
+    def _drain(self) -> None:
+        """Commit the steps still queued, on the calling thread (the writer thread is not running)."""
+        assert self._queue is not None
+        blocks = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, StepBlock):
+                blocks.append(item)
+        if blocks and self._error is None:
+            self._write(blocks)
 
     def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def keeps_weights_digest(self) -> bool:
+        """Whether the run says its ``weights_digest`` member was written (root attribute
+        :data:`~datavalue.store._schema.WEIGHTS_DIGEST_KEY`): then a missing member is damage."""
+        return bool(self._group.attrs.get(WEIGHTS_DIGEST_KEY))
+
+    def mark_weights_digest(self) -> None:
+        """Say, once, that the run's ``weights_digest`` member exists (call after writing it)."""
+        if not self.keeps_weights_digest:
+            self._group.attrs.update({WEIGHTS_DIGEST_KEY: 1})
 
     def update_manifest(self, **entries: Any) -> None:
         """Merge ``entries`` into the manifest on disk (e.g. the optimizer once it is known)."""

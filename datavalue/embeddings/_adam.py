@@ -208,7 +208,7 @@ def adam_step_back(
         e_t(z)   = -c w (P g_t(z) - (u . g_t(z)) P u)       (``u . g_t(z)``: ``clip_ug``, over all blocks)
         R_theta <- decay R_theta + (P - P u u^T) c H + lam P
 
-    ``None`` treats ``c`` as a constant (docs/math.md, sections 5 and 7).
+    ``None`` treats ``c`` as a constant (docs/math.md, sections 5 and 10).
 
     Args: as :func:`step_back` (``clip_u``, ``clip_ug`` too); ``coef`` from :func:`adam_coefficients`
     (this block's columns).

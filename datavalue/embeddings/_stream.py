@@ -152,7 +152,7 @@ def _clip_direction(plan: _Plan, t: int, r0: int, r1: int, G_host: np.ndarray, w
     """A clipped step's direction ``u = g_hat / ||g_hat||`` (``g_hat = w @ G`` from the stored rows over
     all blocks) and the rows' ``G @ u``, or ``(None, None)``: the step is not clipped (``grad_scale[t] == 1``),
     has no rows or a zero gradient, or ``clipping="constant"``. The clipped step is ``c g_hat`` with
-    ``c = max_norm / ||g_hat||``: both scans keep ``d c`` with it (docs/math.md, sections 5 and 7)."""
+    ``c = max_norm / ||g_hat||``: both scans keep ``d c`` with it (docs/math.md, sections 5 and 10)."""
     if not (plan.clipping == "direction" and plan.grad_scale[t] < 1.0 and r1 > r0):
         return None, None
     G64 = np.asarray(G_host, dtype=np.float64)

@@ -185,6 +185,8 @@ def adam_step_back(
     *,
     curv: Curv = "empirical_fisher",
     grad_scale: float = 1.0,
+    clip_u: np.ndarray | None = None,
+    clip_ug: np.ndarray | None = None,
     embed: bool = True,
 ) -> tuple[AdamBlockState, np.ndarray | None]:
     """One step of the Adam-aware backward recursion for one block (pure).
@@ -198,7 +200,18 @@ def adam_step_back(
         R_m     <- b1 (R_m - R_theta diag(p))
         R_v     <- b2 (R_v + R_theta diag(q))           (R_theta, R_m, R_v: before the update)
 
-    Args: as :func:`step_back`; ``coef`` from :func:`adam_coefficients` (this block's columns).
+    On a clipped step with ``clip_u`` (this block's part of ``u = g_hat / ||g_hat||``, ``g_hat = sum_z w g``
+    over all blocks) the clip's dependence on the batch is kept as in the SGD recursion: the gradient the
+    optimizer used is ``c g_hat`` with ``c = max_norm / ||g_hat||``, so ``d g = c (I - u u^T) d g_hat`` and
+    ``P`` is replaced by ``P (I - u u^T)`` (block-diagonally) in both the injection and the curvature term:
+
+        e_t(z)   = -c w (P g_t(z) - (u . g_t(z)) P u)       (``u . g_t(z)``: ``clip_ug``, over all blocks)
+        R_theta <- decay R_theta + (P - P u u^T) c H + lam P
+
+    ``None`` treats ``c`` as a constant (docs/math.md, sections 5 and 10).
+
+    Args: as :func:`step_back` (``clip_u``, ``clip_ug`` too); ``coef`` from :func:`adam_coefficients`
+    (this block's columns).
 
     Returns:
         ``(new_state, E)``, ``E`` the ``(b, n)`` embeddings (``delta theta_T`` rows). Sign:
@@ -218,9 +231,20 @@ def adam_step_back(
         s = s - xp.asarray(coef.q, dtype=dtype) * xp.asarray(coef.r, dtype=dtype)
     need_gp = embed or (isinstance(curv, str) and G.shape[0] > 0)
     GP = _adam_xpT(G, state, coef, s) if need_gp else None
-    E = GP * (-c * w)[:, None] if embed and GP is not None else None
+    u = Pu = None
+    if clip_u is not None:  # P u as a row: u P^T (n,)
+        u = xp.asarray(clip_u, dtype=dtype)
+        Pu = _adam_xpT(u[None, :], state, coef, s)[0]
+    E = None
+    if embed and GP is not None:
+        if Pu is not None:
+            assert u is not None
+            ug = G @ u if clip_ug is None else xp.asarray(clip_ug, dtype=dtype)
+            E = (GP - xp.outer(ug, Pu)) * (-c * w)[:, None]
+        else:
+            E = GP * (-c * w)[:, None]
 
-    # P A = c (F P^T)^T F + lam P
+    # P A = c (F P'^T)^T F + lam P, P' = P (I - u u^T) on a clipped step with clip_u (else P)
     PA = xp.zeros((n, k), dtype)
     if isinstance(curv, str):
         if curv != "empirical_fisher":
@@ -228,13 +252,21 @@ def adam_step_back(
         if G.shape[0]:
             sw = xp.sqrt(w)
             assert GP is not None
-            PA += c * ((GP * sw[:, None]).T @ (G * sw[:, None]))
+            FP = GP if Pu is None else GP - xp.outer(G @ u, Pu)
+            PA += c * ((FP * sw[:, None]).T @ (G * sw[:, None]))
     elif isinstance(curv, CurvMatrix):
-        PA += c * _adam_xpT(xp.asarray(curv.H, dtype=dtype), state, coef, s).T
+        H = xp.asarray(curv.H, dtype=dtype)
+        HP = _adam_xpT(H, state, coef, s)
+        if Pu is not None:
+            HP = HP - xp.outer(H @ u, Pu)
+        PA += c * HP.T
     elif curv is not None:
         F = xp.asarray(curv, dtype=dtype)
         if F.shape[0]:
-            PA += c * (_adam_xpT(F, state, coef, s).T @ F)
+            FP = _adam_xpT(F, state, coef, s)
+            if Pu is not None:
+                FP = FP - xp.outer(F @ u, Pu)
+            PA += c * (FP.T @ F)
     if coef.lam != 0.0:
         P = state.M * s[None, :]
         xp.add_diag(P, -s)

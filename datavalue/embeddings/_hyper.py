@@ -342,8 +342,10 @@ def adam_coefficients(
 def adam_step_back(
     plan: Any, i: int, t: int, state: core.AdamBlockState, G: np.ndarray, w: np.ndarray,
     coef_all: core.AdamStepCoef, *, curv: Any, grad_scale: float, embed: bool,
+    clip_u: np.ndarray | None = None, clip_ug: np.ndarray | None = None,
 ) -> tuple[core.AdamBlockState, np.ndarray | None]:
-    """Block ``i``'s Adam-aware step ``t`` with its columns of ``coef_all`` and its groups' decay."""
+    """Block ``i``'s Adam-aware step ``t`` with its columns of ``coef_all`` and its groups' decay
+    (``clip_u``/``clip_ug``: the clipped step's direction, as for :func:`step_back`)."""
     a, b = plan.blocks[i]
     coef = core.AdamStepCoef(
         p=coef_all.p[a:b],
@@ -352,16 +354,19 @@ def adam_step_back(
         b1=coef_all.b1, b2=coef_all.b2, decay=coef_all.decay, lam=coef_all.lam,
     )
     if plan.groups is None:
-        return core.adam_step_back(state, G, w, coef, curv=curv, grad_scale=grad_scale, embed=embed)
+        return core.adam_step_back(state, G, w, coef, curv=curv, grad_scale=grad_scale, embed=embed, clip_u=clip_u,
+                                  clip_ug=clip_ug)
     lr, wd = plan.groups.block_values(i, t)
     decoupled = bool(plan.adam["decoupled"])
     if np.ndim(lr) == 0 and np.ndim(wd) == 0:
         lr, wd = float(lr), float(wd)
         coef = dataclasses.replace(coef, decay=1.0 - lr * wd if decoupled else 1.0, lam=0.0 if decoupled else wd)
-        return core.adam_step_back(state, G, w, coef, curv=curv, grad_scale=grad_scale, embed=embed)
+        return core.adam_step_back(state, G, w, coef, curv=curv, grad_scale=grad_scale, embed=embed, clip_u=clip_u,
+                                  clip_ug=clip_ug)
     k = state.k
     lr_c, wd_c = np.broadcast_to(lr, (k,)), np.broadcast_to(wd, (k,))
-    new, E = core.adam_step_back(state, G, w, coef, curv=curv, grad_scale=grad_scale, embed=embed)
+    new, E = core.adam_step_back(state, G, w, coef, curv=curv, grad_scale=grad_scale, embed=embed, clip_u=clip_u,
+                                  clip_ug=clip_ug)
     M_old, M2 = state.M, new.M  # adam_step_back is pure: state is the state before the step
     xp = namespace(M_old)  # numpy vectors move to the torch backend's device
     cols = np.flatnonzero(wd_c != 0.0)

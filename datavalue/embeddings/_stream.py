@@ -104,16 +104,7 @@ def _scan_steps(
         if not xp.is_numpy:
             w = w_dev
         F_all = _step_curvature(plan, curv, t)
-        u = ug = None
-        if plan.clipping == "direction" and plan.grad_scale[t] < 1.0 and r1 > r0:
-            # the clipped step is c * g_hat with c = max_norm / ||g_hat||: keep d c (docs/math.md, 5)
-            G64 = np.asarray(G_host, dtype=np.float64)
-            w64 = np.asarray(w_host, dtype=np.float64)
-            g_hat = w64 @ G64
-            norm = float(np.linalg.norm(g_hat))
-            if norm > 0:
-                u = g_hat / norm
-                ug = G64 @ u
+        u, ug = _clip_direction(plan, t, r0, r1, G_host, w_host)
         thetas, vels = [], []
 
         def one(i: int, t: int = t, G_all: np.ndarray = G_all, w: np.ndarray = w, F_all: Any = F_all,
@@ -154,6 +145,23 @@ def _scan_steps(
         "expansive": expansive[:20],
     }
 
+
+
+def _clip_direction(plan: _Plan, t: int, r0: int, r1: int, G_host: np.ndarray, w_host: np.ndarray,
+                    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A clipped step's direction ``u = g_hat / ||g_hat||`` (``g_hat = w @ G`` from the stored rows over
+    all blocks) and the rows' ``G @ u``, or ``(None, None)``: the step is not clipped (``grad_scale[t] == 1``),
+    has no rows or a zero gradient, or ``clipping="constant"``. The clipped step is ``c g_hat`` with
+    ``c = max_norm / ||g_hat||``: both scans keep ``d c`` with it (docs/math.md, sections 5 and 10)."""
+    if not (plan.clipping == "direction" and plan.grad_scale[t] < 1.0 and r1 > r0):
+        return None, None
+    G64 = np.asarray(G_host, dtype=np.float64)
+    g_hat = np.asarray(w_host, dtype=np.float64) @ G64
+    norm = float(np.linalg.norm(g_hat))
+    if norm <= 0:
+        return None, None
+    u = g_hat / norm
+    return u, G64 @ u
 
 
 #: Narrow blocks run concurrently (one group of blocks per GEMM thread) when a step's recursion over them
@@ -392,13 +400,16 @@ def _scan_adam(
             unit_preconditioner=bool(info.get("whitened", False)),
         )
         F_all = _step_curvature(plan, curv, t)
+        u, ug = _clip_direction(plan, t, r0, r1, G_host, w_host)
+        if info.get("whitened", False):
+            u = ug = None  # whitened rows (precondition="adam") are not the clipped gradient's coordinates
         if not xp.is_numpy:
             w = w_dev
         thetas = []
         for i, (a, b) in enumerate(plan.blocks):
             states[i], E = _hyper.adam_step_back(
                 plan, i, t, states[i], G_all[:, a:b], w, coef_all, curv=_block_curv(plan, F_all, a, b),
-                grad_scale=c, embed=embed,
+                grad_scale=c, embed=embed, clip_u=None if u is None else u[a:b], clip_ug=ug,
             )
             max_op = max(max_op, _watch(plan, states[i], i, t, lo, hi, expansive))
             if embed:

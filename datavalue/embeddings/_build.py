@@ -363,10 +363,13 @@ def build_embeddings(
             dependence of the coefficient ``max_norm / ||g_hat||`` on the weights and on the
             removed example, with ``g_hat`` the step's gradient summed from the stored rows (exact
             when every parameter is recorded unprojected, approximate under a sketch or when
-            some parameters are not recorded); ``"constant"`` treats it as a fixed factor.
+            some parameters are not recorded); ``"constant"`` treats it as a fixed factor. Both the
+            SGD and the Adam-aware scans keep the direction; runs recorded with
+            ``precondition="adam"`` (whitened rows) keep the coefficient only (``docs/math.md``
+            sections 5 and 10).
         explode_threshold: warn when an operator entry exceeds this (expansive steps).
         optimizer: how to model the optimizer: ``"adamw"``/``"adam"`` (Adam-aware: the linearised
-            dynamics of weights, first and second moments, ``docs/math.md`` section 7; needs the
+            dynamics of weights, first and second moments, ``docs/math.md`` section 10; needs the
             moments recorded by ``Recorder(..., optimizer=opt)``, ``record_optimizer_state``),
             ``"sgd"`` (SGD runs), ``"sgd-proxy"`` (an Adam run treated as SGD, the paper's proxy).
             Default: from the recorded optimizer (Adam-aware when the moments are there, else the

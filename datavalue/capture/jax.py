@@ -71,7 +71,7 @@ from datavalue.capture._projection import (
     split_budget,
 )
 from datavalue.errors import RecorderError, RecorderStateError, StoreMismatchError
-from datavalue.store import fingerprint_params, package_versions
+from datavalue.store import fingerprint_params, package_versions, run_dir_path
 
 __all__ = ["JaxRecorder", "flatten_params", "plan_blocks"]
 
@@ -407,7 +407,17 @@ class JaxRecorder:
         wdtype = jnp.result_type(dtype, jnp.float32)
         self._wdtype = wdtype
         self.blocks = plan_blocks(flat, proj_dim)
-        kind = resolve_sketch(path, sketch, resume)
+        if not isinstance(path, (str, os.PathLike)):
+            raise RecorderError(f"path must be the run's directory, a str or os.PathLike (e.g. 'runs/exp1.zarr'), got "
+                                f"{path!r} ({type(path).__name__}).")
+        # the run's location as every reader reads it (file:// URLs, '::' refused), before the resume checks read it
+        path = os.fspath(run_dir_path(path))
+        try:
+            kind = resolve_sketch(path, sketch, resume)
+        except RecorderError:
+            raise
+        except ValueError as exc:  # an unknown sketch kind: the same error class as every other bad argument
+            raise RecorderError(f"{exc}; leave sketch= unset for the default.") from exc
         if resume:
             _check_resume_optimizer(path, opt)
         self._memory = _JaxStepMemory(  # before the run is opened: a bad max_memory= leaves nothing behind

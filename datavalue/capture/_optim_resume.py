@@ -1,10 +1,13 @@
-"""Which optimizer settings a resumed run must share with the recorded one (torch-free, so that the
-PyTorch and JAX recorders refuse the same resumes with the same words)."""
+"""Which optimizer settings a resumed run must share with the recorded one, and how a recorder reads the
+run it resumes (torch-free, so that the PyTorch and JAX recorders refuse the same resumes with the same words)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
+
+from datavalue.errors import StoreMismatchError
 
 #: Per-group settings recorded once in the manifest (``optimizer["groups"]``; ``lr``, ``momentum`` and
 #: ``weight_decay`` there are the values when recording starts); the per-step ones go to the
@@ -37,3 +40,33 @@ def optimizer_resume_diff(recorded: Mapping[str, Any] | None, now: Mapping[str, 
 
 def _norm(v: Any) -> Any:
     return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def recorded_manifest(path: Any) -> dict[str, Any] | None:
+    """The manifest of the run a recorder resumes at ``path``, or ``None`` when there is nothing to check
+    it against: an archive (read-only) or no readable run, of which the writer says what is wrong."""
+    if not os.path.isdir(path):
+        return None
+    from datavalue.store import open_run
+
+    try:
+        return open_run(path).manifest
+    except Exception:
+        return None
+
+
+def refuse_other_optimizer(path: Any, recorded: Mapping[str, Any] | None, now: Mapping[str, Any], *,
+                           resume_with: str) -> None:
+    """Refuse to resume the run at ``path`` (its manifest's ``optimizer`` entry ``recorded``) with the
+    optimizer described by ``now``: a build models one optimizer over the whole run. ``resume_with`` names
+    what to resume with instead.
+
+    Raises:
+        StoreMismatchError: naming every setting that differs (:func:`optimizer_resume_diff`).
+    """
+    diff = optimizer_resume_diff(recorded, now)
+    if diff:
+        raise StoreMismatchError(
+            f"{path}: cannot resume with another optimizer: {'; '.join(diff)}. A build models one optimizer over the "
+            f"whole run, so these settings are the run's. Resume with {resume_with}, or record the rest as a new run "
+            "(another path).")

@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
-import os
 from typing import Any
 
 from torch import nn
 
 from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine, trainable_fingerprint
-from datavalue.capture._optim import optimizer_config, optimizer_resume_diff
+from datavalue.capture._optim import optimizer_config
+from datavalue.capture._optim_resume import recorded_manifest, refuse_other_optimizer
 from datavalue.errors import StoreMismatchError
 from datavalue.store import fingerprint_params, package_versions
 
@@ -76,27 +76,19 @@ _DEFAULTS["curvature"] = None
 
 def _recorded_fisher_max_classes(path: Any, resume: bool) -> int | None:
     """The ``fisher_max_classes`` of the run being resumed (``None``: not resuming, or no readable run)."""
-    if not resume:
+    manifest = recorded_manifest(path) if resume else None
+    if manifest is None:
         return None
-    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
-        return None
-    from datavalue.store import open_run
-
     try:
-        return CaptureConfig.from_manifest(open_run(path).manifest).fisher_max_classes
+        return CaptureConfig.from_manifest(manifest).fisher_max_classes
     except Exception:  # no readable run: the writer says what is wrong
         return None
 
 
 def _check_resume_config(path: Any, cfg: CaptureConfig, optimizer: Any = None) -> None:
     """Refuse to resume a run recorded with another capture config (field by field) or optimizer."""
-    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
-        return
-    from datavalue.store import open_run
-
-    try:
-        manifest = open_run(path).manifest
-    except Exception:  # no readable run: the writer says what is wrong
+    manifest = recorded_manifest(path)
+    if manifest is None:
         return
     diff = cfg.resume_diff(CaptureConfig.from_manifest(manifest))
     if diff:
@@ -106,13 +98,8 @@ def _check_resume_config(path: Any, cfg: CaptureConfig, optimizer: Any = None) -
             "(config=CaptureConfig.from_manifest(datavalue.store.open_run(path).manifest)), or pass overwrite=True to "
             "start over."
         )
-    diff = optimizer_resume_diff(manifest.get("optimizer"), optimizer_config(optimizer))
-    if diff:
-        raise StoreMismatchError(
-            f"{path}: cannot resume with another optimizer: {'; '.join(diff)}. A build models one optimizer over the "
-            "whole run, so these settings are the run's. Resume with the optimizer the run was recorded with (same "
-            "class and settings; its state from your checkpoint), or record the rest as a new run (another path)."
-        )
+    refuse_other_optimizer(path, manifest.get("optimizer"), optimizer_config(optimizer), resume_with=(
+        "the optimizer the run was recorded with (same class and settings; its state from your checkpoint)"))
 
 
 def base_manifest(engine: Engine, model: nn.Module, *, loss_reduction: str, optimizer: Any,

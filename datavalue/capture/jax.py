@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datavalue.capture._optim_resume import optimizer_resume_diff
+from datavalue.capture._optim_resume import recorded_manifest, refuse_other_optimizer
 from datavalue.capture._pipeline import (
     LOSS_REDUCTIONS,
     StepMemory,
@@ -206,20 +206,12 @@ def _parse_optimizer(optimizer: Any) -> dict[str, Any]:
 def _check_resume_optimizer(path: Any, opt: Mapping[str, Any]) -> None:
     """Refuse to resume a run recorded with another optimizer (the PyTorch Recorder's rule and words:
     a build models one optimizer over the whole run)."""
-    from datavalue.store import open_run
-
-    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
+    manifest = recorded_manifest(path)
+    if manifest is None:
         return
-    try:
-        recorded = open_run(path).manifest.get("optimizer")
-    except Exception:  # no readable run: the writer says what is wrong
-        return
-    diff = optimizer_resume_diff(recorded, opt)
-    if diff:
-        raise StoreMismatchError(
-            f"{path}: cannot resume with another optimizer: {'; '.join(diff)}. A build models one optimizer over the "
-            "whole run, so these settings are the run's. Resume with the optimizer= description the run was recorded "
-            f"with ({recorded!r}), or record the rest as a new run (another path).")
+    recorded = manifest.get("optimizer")
+    refuse_other_optimizer(path, recorded, opt,
+                           resume_with=f"the optimizer= description the run was recorded with ({recorded!r})")
 
 
 #: The writer's durability bound in steps (``StepSink(commit_every=)``), also the memory bound's.
@@ -317,13 +309,8 @@ def _settings_diff(recorded: Mapping[str, Any], now: Mapping[str, Any], storage_
 
 def _check_resume_settings(path: Any, manifest: Mapping[str, Any], storage_dtype: str) -> None:
     """Refuse to resume a run recorded with other settings, naming each that differs (P6-11)."""
-    from datavalue.store import open_run
-
-    if not os.path.isdir(path):  # an archive (read-only) or no run: the writer says what is wrong
-        return
-    try:
-        recorded = open_run(path).manifest
-    except Exception:  # no readable run: the writer says what is wrong
+    recorded = recorded_manifest(path)
+    if recorded is None:
         return
     diff = _settings_diff(recorded, manifest, storage_dtype)
     if diff:

@@ -33,6 +33,8 @@ from torch import nn
 
 from datavalue.capture._config import CaptureConfig
 from datavalue.capture._engine import Engine, to_numpy
+from datavalue.capture._exit import _OPEN, ClosesAtExit, _register_at_exit
+from datavalue.capture._exit import EXIT_TIMEOUT as EXIT_TIMEOUT  # importable from here, as before
 from datavalue.capture._fisher import _inverse_cdf, _logits_of
 from datavalue.capture._optim import (
     BlockGradientCheck,
@@ -53,6 +55,7 @@ from datavalue.capture._pipeline import (
     step_weights,
 )
 from datavalue.capture._projection import resolve_sketch
+from datavalue.capture._resume_checks import ResumeChecks
 from datavalue.capture._run_setup import (
     _DEFAULTS,
     _check_resume_config,
@@ -63,8 +66,6 @@ from datavalue.capture._run_setup import (
 from datavalue.errors import (
     RecorderError,
     RecorderStateError,
-    StoreCorruptError,
-    StoreMismatchError,
 )
 from datavalue.store import run_dir_path
 
@@ -92,7 +93,7 @@ class StepHandle:
         self._clip_coef = parse_clip_coef(value)
 
 
-class Recorder:
+class Recorder(ClosesAtExit, ResumeChecks):
     """Records, at every optimizer step, each example's (projected) gradient and the step's lr.
 
     Args:
@@ -344,18 +345,6 @@ class Recorder:
         # set: the hook keeps nothing alive; close() takes it out; not in a forked child)
         _register_at_exit(self)
         logger.info("recording %s: %d blocks, k=%d, starting at step %d", self.path, len(self.layout.blocks), self.layout.k, self.n_steps)
-
-    def _resumed_state(self, resume: bool) -> str | None:
-        """On resume: the optimizer state the run's last step left, in words (rank 0 reads the run; every rank
-        learns whether there is one, so that all refuse a fresh optimizer's first update together)."""
-        if not resume:
-            return None
-        from datavalue.capture._resume import resumed_optimizer_state
-
-        said = resumed_optimizer_state(self.path, self.n_steps) if self._dist.rank == 0 else None
-        if self._dist.broadcast_int(int(said is not None)) and said is None:
-            said = "optimizer state (see rank 0)"
-        return said
 
     def _make_engine(self, model: nn.Module, **kw: Any) -> Engine:
         """The capture engine (a subclass may reproduce a recorded one instead)."""
@@ -628,43 +617,6 @@ class Recorder:
         if self._resume_weights:
             self._check_resume_weights()
 
-    def _check_resume_weights(self) -> None:
-        from datavalue.capture._resume import check_resume_weights
-
-        err = None
-        if self._dist.rank == 0:
-            try:
-                marked = self.writer is not None and self.writer.keeps_weights_digest
-                what = check_resume_weights(self.path, self.model, self.n_steps, marked=marked)
-            except (StoreMismatchError, StoreCorruptError) as exc:
-                err = exc
-            else:
-                if what == "unchecked":
-                    logger.info("%s: resuming after %d steps; the run was not flushed at that step (killed after its "
-                                "last flush?), so the model's weights could not be checked", self.path, self.n_steps)
-                elif what == "no digest" and self.n_steps > 0:
-                    logger.warning("%s: resuming after %d steps; the run holds no weights digest (recorded without "
-                                   "optimizer=, or by a datavalue version before it was kept), so whether the model "
-                                   "holds the weights the run reached cannot be checked", self.path, self.n_steps)
-        ok = self._dist.broadcast_int(0 if err is None else -1)
-        if err is not None:
-            raise err
-        if ok < 0:
-            raise RecorderStateError("rank 0 refused to resume the run with these weights (see its error); this rank stops too.")
-        self._resume_weights = False
-
-    def _record_weights(self) -> None:
-        """After a flush: the digest of the weights after the run's committed steps (with ``optimizer=``,
-        when the last written step's update has run; a step waiting for its update is not written)."""
-        if self.optimizer is None or self._dist.rank != 0 or self._resume_weights:
-            return  # (a resumed recorder that has not checked the weights has nothing new to vouch for)
-        from datavalue.capture._resume import record_digest, weights_digest
-
-        held = self._sink.held is not None
-        record_digest(self.path, self.n_steps - int(held), weights_digest(self.model))
-        if self.writer is not None:  # after the member: a run that says so and lacks it was damaged
-            self.writer.mark_weights_digest()
-
     def _drop_held(self, step: int) -> None:
         """A held step was refused (its update differs from the record, or never ran): forget it."""
         self._sink.drop()
@@ -835,78 +787,3 @@ class Recorder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-    def __del__(self) -> None:  # best effort: never lose queued steps
-        try:
-            if not self.closed:
-                self._close_unclosed("when it was garbage-collected", warn_empty=False)
-        except Exception:
-            pass
-
-    def _close_for_exit(self) -> None:
-        """How a recorder its script never closed is closed (:meth:`_close_unclosed`)."""
-        self.close()
-
-    def _close_unclosed(self, when: str, *, warn_empty: bool = True) -> None:
-        """Close a recorder that was never closed (at the interpreter's exit, or when collected) and say
-        so on stderr, with how many steps this commit saved."""
-        writer = self.writer
-        before = writer.steps if writer is not None else 0
-        self._close_for_exit()
-        if writer is None:
-            return
-        saved = writer.steps - before
-        if saved or warn_empty:
-            import warnings
-
-            warnings.warn(
-                f"{type(self).__name__}({str(self.path)!r}) was never closed: committed {saved} steps {when} (the run "
-                f"has {writer.steps}); call rec.close() (or use `with {type(self).__name__}(...) as rec:`): a kill "
-                "loses what a recorder holds uncommitted.", RuntimeWarning, stacklevel=2)
-
-
-#: The open recorders: ``id -> (weak reference, pid of the process that opened it)``. Weak: the exit hook
-#: keeps no recorder alive (one collected was closed by its ``__del__``).
-_OPEN: dict[int, tuple[weakref.ref[Recorder], int]] = {}
-_HOOKED: list[bool] = []
-#: Seconds the exit hook waits for a recorder's writer thread to commit (then it gives up and says so).
-EXIT_TIMEOUT = 300.0
-
-
-def _register_at_exit(rec: Recorder) -> None:
-    """Add ``rec`` to the recorders the exit hook closes; install the hook once per process.
-
-    The hook runs with the interpreter's thread-exit hooks (``threading._register_atexit``, as
-    ``concurrent.futures`` does), before those shut down the thread pools zarr writes through; plain
-    ``atexit`` runs too late for that. Registered after zarr imported ``concurrent.futures``, it runs
-    before its shutdown (they run in reverse order)."""
-    _OPEN[id(rec)] = (weakref.ref(rec), os.getpid())
-    if not _HOOKED:
-        import threading
-
-        try:
-            threading._register_atexit(_close_all_at_exit)  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):  # not in this Python, or already shutting down
-            import atexit
-
-            atexit.register(_close_all_at_exit)
-        _HOOKED.append(True)
-
-
-def _close_all_at_exit() -> None:
-    """At a normal interpreter exit: commit and close every recorder its script never closed, with a
-    warning. Nothing in a forked child (the parent's recorders are not its own)."""
-    import sys
-
-    for key, (ref, pid) in list(_OPEN.items()):
-        _OPEN.pop(key, None)
-        rec = ref()
-        if rec is None or rec.closed or os.getpid() != pid:
-            continue
-        try:
-            if rec.writer is not None:  # a writer thread that is stuck must not hang the exit
-                rec.writer.close_timeout = EXIT_TIMEOUT
-            rec._close_unclosed("at exit")
-        except Exception as exc:  # at exit nobody can catch it: say what was lost
-            print(f"datavalue: {type(rec).__name__}({str(rec.path)!r}) was never closed and could not be committed "
-                  f"at exit: {exc!r}", file=sys.stderr)

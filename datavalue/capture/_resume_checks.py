@@ -1,0 +1,84 @@
+"""What a resumed :class:`~datavalue.capture.Recorder` checks, and what every flush vouches for.
+
+The run's side of these checks (the weights digest, the optimizer state the last step left) is
+``datavalue.capture._resume``; :class:`ResumeChecks` is the recorder's side: it asks rank 0, tells
+every rank the answer so that all refuse together, and stores the digest after a flush.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from datavalue.errors import RecorderStateError, StoreCorruptError, StoreMismatchError
+
+# the Recorder's own logger: what these checks say keeps the source it had when they were Recorder code
+logger = logging.getLogger("datavalue.capture.recorder")
+
+
+class ResumeChecks:
+    """The resume checks of a recorder.
+
+    The recorder provides ``path``, ``model``, ``optimizer``, ``writer``, ``n_steps``, ``_dist`` (its
+    ``DistInfo``), ``_sink`` (its ``StepSink``) and ``_resume_weights`` (``True`` until the weights of a
+    resumed run were checked, before its first block).
+    """
+
+    path: Path
+    model: Any
+    optimizer: Any
+    writer: Any
+    n_steps: int
+    _dist: Any
+    _sink: Any
+    _resume_weights: bool
+
+    def _resumed_state(self, resume: bool) -> str | None:
+        """On resume: the optimizer state the run's last step left, in words (rank 0 reads the run; every rank
+        learns whether there is one, so that all refuse a fresh optimizer's first update together)."""
+        if not resume:
+            return None
+        from datavalue.capture._resume import resumed_optimizer_state
+
+        said = resumed_optimizer_state(self.path, self.n_steps) if self._dist.rank == 0 else None
+        if self._dist.broadcast_int(int(said is not None)) and said is None:
+            said = "optimizer state (see rank 0)"
+        return said
+
+    def _check_resume_weights(self) -> None:
+        from datavalue.capture._resume import check_resume_weights
+
+        err = None
+        if self._dist.rank == 0:
+            try:
+                marked = self.writer is not None and self.writer.keeps_weights_digest
+                what = check_resume_weights(self.path, self.model, self.n_steps, marked=marked)
+            except (StoreMismatchError, StoreCorruptError) as exc:
+                err = exc
+            else:
+                if what == "unchecked":
+                    logger.info("%s: resuming after %d steps; the run was not flushed at that step (killed after its "
+                                "last flush?), so the model's weights could not be checked", self.path, self.n_steps)
+                elif what == "no digest" and self.n_steps > 0:
+                    logger.warning("%s: resuming after %d steps; the run holds no weights digest (recorded without "
+                                   "optimizer=, or by a datavalue version before it was kept), so whether the model "
+                                   "holds the weights the run reached cannot be checked", self.path, self.n_steps)
+        ok = self._dist.broadcast_int(0 if err is None else -1)
+        if err is not None:
+            raise err
+        if ok < 0:
+            raise RecorderStateError("rank 0 refused to resume the run with these weights (see its error); this rank stops too.")
+        self._resume_weights = False
+
+    def _record_weights(self) -> None:
+        """After a flush: the digest of the weights after the run's committed steps (with ``optimizer=``,
+        when the last written step's update has run; a step waiting for its update is not written)."""
+        if self.optimizer is None or self._dist.rank != 0 or self._resume_weights:
+            return  # (a resumed recorder that has not checked the weights has nothing new to vouch for)
+        from datavalue.capture._resume import record_digest, weights_digest
+
+        held = self._sink.held is not None
+        record_digest(self.path, self.n_steps - int(held), weights_digest(self.model))
+        if self.writer is not None:  # after the member: a run that says so and lacks it was damaged
+            self.writer.mark_weights_digest()

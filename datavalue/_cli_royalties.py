@@ -172,9 +172,9 @@ def _open_ledger(args: argparse.Namespace) -> tuple[Any, bool]:
 
 def _run_to_stdout(args: argparse.Namespace) -> int:
     """``--out -``: the statement on standard output (``--format`` required, no suffix to read it
-    from); the summary line goes to standard error. The report is written by the same writer, into a
-    private temporary directory, then copied to stdout byte for byte."""
-    import tempfile
+    from); the summary line goes to standard error. The report writer writes the text to stdout, in
+    UTF-8 whatever the locale's encoding, as it writes a report file."""
+    import io
 
     from datavalue import shapley
 
@@ -190,20 +190,20 @@ def _run_to_stdout(args: argparse.Namespace) -> int:
         ledger, unverified = _open_ledger(args)
         registry = shapley.OwnerRegistry.load(args.registry) if args.registry else None
         statement = ledger.statement(period, aggregation=args.aggregation, registry=registry)
-        with tempfile.TemporaryDirectory(prefix="datavalue-royalties-") as tmp:
-            path = Path(tmp) / f"statement.{args.format}"
-            shapley.write_report(statement, path, format=args.format)
-            data = path.read_bytes()
+        stream = getattr(sys.stdout, "buffer", None)
+        if stream is None:  # a text-only stdout (e.g. redirected in a test)
+            shapley.write_report(statement, sys.stdout, format=args.format)
+        else:
+            sys.stdout.flush()
+            out = io.TextIOWrapper(stream, encoding="utf-8")
+            try:
+                shapley.write_report(statement, out, format=args.format)
+                out.flush()
+            finally:
+                out.detach()  # stdout's own buffer stays open
     except shapley.ShapleyError as exc:
         print(f"datavalue royalties: error: {exc}", file=sys.stderr)
         return 2
-    stream = getattr(sys.stdout, "buffer", None)
-    if stream is not None:
-        sys.stdout.flush()
-        stream.write(data)
-        stream.flush()
-    else:  # a text-only stdout (e.g. redirected in a test)
-        sys.stdout.write(data.decode("utf-8"))
     print(
         f"wrote {args.format} statement for {statement.n_generations} outputs, "
         f"{len(statement.owners)} owners, paid {statement.paid_total} {statement.currency} to standard output"

@@ -85,14 +85,7 @@ def test_p5_22_wrapped_model_is_recorded_unwrapped(tmp_path, wrap):
     else:
         wrapped = torch.nn.DataParallel(inner)
     run = tmp_path / "r.zarr"
-    opt = torch.optim.SGD(inner.parameters(), lr=0.1)
-    with datavalue.Recorder(run, wrapped, proj_dim=None, optimizer=opt) as rec:
-        for t in range(2):
-            ids = np.arange(6 * t, 6 * t + 6)
-            with rec.step(sample_ids=ids):
-                F.cross_entropy(wrapped(X[ids]), Y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
+    record_tiny_run(run, wrapped, steps=2)  # the wrapper's parameters are the inner model's
     assert [b["name"] for b in open_run(run).blocks] == ["0.weight", "2.weight"]
     assert datavalue.inspect(wrapped, proj_dim=None)[0]["name"] == "0.weight"
     datavalue.build_embeddings(run, progress=False)

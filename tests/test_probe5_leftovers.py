@@ -28,22 +28,18 @@ from datavalue import errors as E
 from datavalue.capture import FinalPass
 from datavalue.embeddings import build_influence, check_build, embeddings_at, extend_embeddings
 from datavalue.store import open_run
+from tests._helpers_tiny_run import tiny_mlp
 
 X = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(1))
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
 class _Trainer:
     """A model and its optimizer, recorded into ``path`` step by step (resumed after the first call)."""
 
     def __init__(self, seed: int = 0) -> None:
-        self.model = _model(seed)
+        self.model = tiny_mlp(seed)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
 
     def copy(self) -> _Trainer:
@@ -412,19 +408,13 @@ def test_tracin_refuses_a_run_whose_param_groups_disagree_on_maximize(tmp_path):
     """commit c8ae4e0 refused it without a test: one group steps with gradient ascent, one with descent;
     kind='tracin' takes one sign per run, so it must refuse rather than pick one."""
     run = tmp_path / "mixed.zarr"
-    model = _model()
-    first, last = model[0], model[2]
-    opt = torch.optim.SGD([{"params": first.parameters(), "maximize": True}, {"params": last.parameters()}], lr=0.1)
-    with datavalue.Recorder(run, model, optimizer=opt, proj_dim=None) as rec:
-        for s in range(2):
-            ids = np.arange(6 * s, 6 * s + 6)
-            with rec.step(sample_ids=ids):
-                F.cross_entropy(model(X[ids]), Y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
+    t = _Trainer()
+    first, last = t.model[0], t.model[2]
+    t.opt = torch.optim.SGD([{"params": first.parameters(), "maximize": True}, {"params": last.parameters()}], lr=0.1)
+    t.record(run, [range(0, 6), range(6, 12)], resume=False)
     assert [g.get("maximize") for g in open_run(run).optimizer["groups"]] == [True, False]
     with pytest.raises(E.QueryError, match="maximize=True .* and some without"):
-        datavalue.Attributor(run, model, kind="tracin", progress=False).scores(_loss)
+        datavalue.Attributor(run, t.model, kind="tracin", progress=False).scores(_loss)
 
 
 def test_p5_31_closing_a_writer_whose_thread_is_gone_commits_the_queue_without_hanging(tmp_path):

@@ -4,13 +4,20 @@ Statistical checks use the estimators' own standard errors: an estimate passes w
 ``|estimate - truth| <= Z * stderr + ABS_TOL`` with ``Z = 4`` (a 4-sigma band: false alarms have
 probability ~6e-5 per comparison under normality). Hypothesis runs derandomized, so every test is
 deterministic; seeds of the estimators are drawn from the examples.
+
+The royalty-ledger tests share :func:`ledger_row` (one paid output) and :func:`two_row_ledger`.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
+from pathlib import Path
+
 import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+from datavalue import shapley
 
 Z = 4.0
 ABS_TOL = 1e-9
@@ -71,3 +78,21 @@ def tables(draw, min_n: int = 2, max_n: int = 5):
         )
     )
     return np.array(values)
+
+
+def ledger_row(led, output_id, *, revenue="10.00", **kw):
+    """Record one paid output ``output_id`` in the ledger ``led``: owners ann and bob with equal results,
+    ``revenue`` (a decimal string), on 2025-01-10; ``kw`` goes to ``RoyaltyLedger.record``."""
+    return led.record(output_id=output_id, content=output_id, prompt="p", revenue=Decimal(revenue),
+                      owners=["ann", "bob"], result=[1.0, 1.0], timestamp="2025-01-10", **kw)  # fmt: skip
+
+
+def two_row_ledger(directory: Path) -> Path:
+    """A closed ledger ``directory / "ledger.jsonl"`` (and its head file) with two rows: g1 paid 10.00,
+    g2 paid 5.00."""
+    path = directory / "ledger.jsonl"
+    led = shapley.RoyaltyLedger(path)
+    ledger_row(led, "g1", revenue="10.00")
+    ledger_row(led, "g2", revenue="5.00")
+    led.close()
+    return path

@@ -19,10 +19,7 @@ import pytest
 from datavalue import shapley
 from datavalue._cli_royalties import main as royalties_main
 
-
-def _row(led, output_id, *, revenue="10.00", **kw):
-    return led.record(output_id=output_id, content=output_id, prompt="p", revenue=Decimal(revenue),
-                      owners=["ann", "bob"], result=[1.0, 1.0], timestamp="2025-01-10", **kw)  # fmt: skip
+from ._helpers import ledger_row, two_row_ledger
 
 
 def _snapshot(directory):
@@ -44,12 +41,7 @@ def _snapshot(directory):
 
 @pytest.fixture
 def ledger(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    led = shapley.RoyaltyLedger(path)
-    _row(led, "g1", revenue="10.00")
-    _row(led, "g2", revenue="5.00")
-    led.close()
-    return path
+    return two_row_ledger(tmp_path)
 
 
 def _tear(path):
@@ -104,7 +96,7 @@ def test_reanchor_refused_on_a_missing_ledger_keeps_the_head(ledger):
 def test_reanchor_refused_on_a_wrong_key_keeps_the_files(tmp_path):
     path = tmp_path / "l.jsonl"
     with shapley.RoyaltyLedger(path, key=b"right") as led:
-        _row(led, "g1")
+        ledger_row(led, "g1")
     _refused_keeps_files(tmp_path, lambda: shapley.RoyaltyLedger.reanchor(path, key=b"wrong"), match="MAC")
 
 
@@ -234,10 +226,10 @@ def test_a_refused_record_keeps_the_files(ledger, kw, match):
 def test_a_record_refused_under_the_lock_keeps_the_files(ledger):
     led = shapley.RoyaltyLedger(ledger)
     _tear(ledger)  # another writer crashed after this handle read the ledger
-    _refused_keeps_files(ledger.parent, lambda: _row(led, "g3"), match="torn")
+    _refused_keeps_files(ledger.parent, lambda: ledger_row(led, "g3"), match="torn")
     _foreign_lock(ledger)
     led.lock_timeout = 0.1
-    _refused_keeps_files(ledger.parent, lambda: _row(led, "g3"), match="some-other-host")
+    _refused_keeps_files(ledger.parent, lambda: ledger_row(led, "g3"), match="some-other-host")
 
 
 @pytest.mark.parametrize("damage", [_tear, _damage_first_row])

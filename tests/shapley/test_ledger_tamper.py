@@ -14,20 +14,12 @@ import pytest
 
 from datavalue import shapley
 
-
-def _row(led, output_id, *, revenue="10.00", **kw):
-    return led.record(output_id=output_id, content=output_id, prompt="p", revenue=Decimal(revenue),
-                      owners=["ann", "bob"], result=[1.0, 1.0], timestamp="2025-01-10", **kw)  # fmt: skip
+from ._helpers import ledger_row, two_row_ledger
 
 
 @pytest.fixture
 def two_rows(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    led = shapley.RoyaltyLedger(path)
-    _row(led, "g1", revenue="10.00")
-    _row(led, "g2", revenue="5.00")
-    led.close()
-    return path
+    return two_row_ledger(tmp_path)
 
 
 def _drop_last_row(path):
@@ -63,8 +55,8 @@ def test_a_ledger_without_head_still_verifies_with_a_warning(tmp_path, caplog):
                                "created": "2024-01-01T00:00:00+00:00"}) + "\n")
     with caplog.at_level(logging.WARNING):
         led = shapley.RoyaltyLedger(old)
-        _row(led, "g1")
-        _row(led, "g2", revenue="5.00")
+        ledger_row(led, "g1")
+        ledger_row(led, "g2", revenue="5.00")
     os.remove(old.with_name(old.name + ".head"))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -76,8 +68,8 @@ def test_keyed_ledger_detects_a_rewritten_chain_and_head(tmp_path):
     key = b"kept-elsewhere"
     path = tmp_path / "l.jsonl"
     with shapley.RoyaltyLedger(path, key=key) as led:
-        _row(led, "g1")
-        _row(led, "g2")
+        ledger_row(led, "g1")
+        ledger_row(led, "g2")
     assert shapley.RoyaltyLedger(path, key=key).verify() == 2
     # An attacker without the key deletes the last row and rewrites the head to match.
     _drop_last_row(path)
@@ -92,17 +84,17 @@ def test_keyed_ledger_detects_a_rewritten_chain_and_head(tmp_path):
 def test_keyed_ledger_refuses_appends_without_the_key(tmp_path):
     path = tmp_path / "l.jsonl"
     with shapley.RoyaltyLedger(path, key=b"k") as led:
-        _row(led, "g1")
+        ledger_row(led, "g1")
     led = shapley.RoyaltyLedger(path)
     with pytest.raises(shapley.LedgerError, match="key"):
-        _row(led, "g2")
+        ledger_row(led, "g2")
 
 
 # ---------------------------------------------------------------- duplicates
 def test_the_same_output_cannot_be_paid_twice(two_rows):
     led = shapley.RoyaltyLedger(two_rows)
     with pytest.raises(shapley.LedgerError, match="'g1' is already recorded"):
-        _row(led, "g1")
+        ledger_row(led, "g1")
     assert shapley.RoyaltyLedger(two_rows).verify() == 2
 
 
@@ -127,7 +119,7 @@ def test_recover_moves_the_torn_tail_aside_and_keeps_complete_rows(two_rows):
     assert moved.name.startswith("ledger.jsonl.torn-") and moved.read_bytes() == tail
     led = shapley.RoyaltyLedger(two_rows)
     assert [r.output_id for r in led.records()] == ["g1", "g2"]
-    _row(led, "g3")  # the lost output can be recorded again
+    ledger_row(led, "g3")  # the lost output can be recorded again
     assert shapley.RoyaltyLedger(two_rows).verify() == 3
 
 
@@ -151,13 +143,13 @@ def test_two_ledger_objects_appending_keep_the_file_readable(tmp_path):
     path = tmp_path / "l.jsonl"
     a = shapley.RoyaltyLedger(path)
     b = shapley.RoyaltyLedger(path)
-    _row(a, "g1")
-    _row(b, "g2")
-    _row(a, "g3")
+    ledger_row(a, "g1")
+    ledger_row(b, "g2")
+    ledger_row(a, "g3")
     assert [r.output_id for r in shapley.RoyaltyLedger(path).records()] == ["g1", "g2", "g3"]
     assert shapley.RoyaltyLedger(path).verify() == 3
     with pytest.raises(shapley.LedgerError, match="already recorded"):
-        _row(b, "g3")
+        ledger_row(b, "g3")
 
 
 def test_a_live_lock_names_its_holder(tmp_path):
@@ -168,7 +160,7 @@ def test_a_live_lock_names_its_holder(tmp_path):
         lock = path.with_name(path.name + ".lock")
         lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
         with pytest.raises(shapley.LedgerError, match=rf"locked by pid {holder.pid}"):
-            _row(led, "g1")
+            ledger_row(led, "g1")
     finally:
         holder.kill()
         holder.wait()
@@ -182,7 +174,7 @@ def test_a_stale_lock_on_this_host_is_taken_over(tmp_path, caplog):
     lock = path.with_name(path.name + ".lock")
     lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     with caplog.at_level(logging.WARNING):
-        _row(led, "g1")
+        ledger_row(led, "g1")
     assert "stale" in caplog.text and not lock.exists()
     assert led.verify() == 1
 
@@ -193,7 +185,7 @@ def test_a_lock_from_another_host_is_never_taken_silently(tmp_path):
     lock = path.with_name(path.name + ".lock")
     lock.write_text(json.dumps({"pid": 1, "host": "some-other-host"}))
     with pytest.raises(shapley.LedgerError, match="some-other-host"):
-        _row(led, "g1")
+        ledger_row(led, "g1")
     assert lock.exists()
 
 
@@ -225,8 +217,8 @@ def test_a_replaced_last_row_fails_against_the_head(two_rows, tmp_path):
     # Same header, a different valid second row: the chain holds, the head does not.
     other.write_bytes(two_rows.read_bytes().splitlines(keepends=True)[0])
     led = shapley.RoyaltyLedger.reanchor(other)  # the copied header says it has a head: give it one
-    _row(led, "g1", revenue="10.00")
-    _row(led, "g2", revenue="1.00")
+    ledger_row(led, "g1", revenue="10.00")
+    ledger_row(led, "g2", revenue="1.00")
     lines = two_rows.read_bytes().splitlines(keepends=True)
     forged = other.read_bytes().splitlines(keepends=True)
     assert lines[1] == forged[1]  # same header, same first row
@@ -238,7 +230,7 @@ def test_a_replaced_last_row_fails_against_the_head(two_rows, tmp_path):
 def test_keyed_ledger_without_its_head_and_key_mismatches(tmp_path):
     path = tmp_path / "l.jsonl"
     with shapley.RoyaltyLedger(path, key="k") as led:
-        _row(led, "g1")
+        ledger_row(led, "g1")
     os.remove(path.with_name(path.name + ".head"))
     with pytest.raises(shapley.LedgerError, match="no head file"):
         shapley.RoyaltyLedger(path, key="k")
@@ -253,4 +245,4 @@ def test_a_handle_whose_file_was_replaced_refuses_to_append(two_rows):
     lines = two_rows.read_text().splitlines()
     two_rows.write_text(lines[0] + "\n" + lines[2] + "\n" + lines[1] + "\n")  # reordered
     with pytest.raises(shapley.LedgerError):
-        _row(led, "g3")
+        ledger_row(led, "g3")

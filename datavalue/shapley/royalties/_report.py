@@ -4,7 +4,8 @@ All three render a :class:`PeriodStatement`. The HTML page is self-contained (in
 inline SVG, no scripts, no external assets): a summary with the reconciliation, the owner
 table, a bar chart of owner shares, a per-output stacked breakdown and each owner's summed value
 with a +-2 standard error bar. Writers refuse to replace an existing file unless
-``overwrite=True``; the format is inferred from the extension when not given.
+``overwrite=True``; the format is inferred from the extension when not given. :func:`write_report`
+also writes to an open text stream (``sys.stdout``, ``io.StringIO``), with the format given.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from decimal import Decimal
 from html import escape
 from pathlib import Path
+from typing import TextIO, overload
 
 from datavalue.shapley._errors import InvalidGameError, OutputPathError
 from datavalue.shapley.royalties._outpath import check_output_path, write_text_output
@@ -230,18 +232,37 @@ def infer_format(path: str | os.PathLike[str], *, format: str | None = None) -> 
     return _EXTENSIONS[ext]
 
 
+@overload
+def write_report(statement: PeriodStatement, path: str | os.PathLike[str], *, format: str | None = None,  # noqa: A002
+                 overwrite: bool = False) -> Path: ...
+@overload
+def write_report(statement: PeriodStatement, path: TextIO, *, format: str | None = None,  # noqa: A002
+                 overwrite: bool = False) -> None: ...
 def write_report(
     statement: PeriodStatement,
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | TextIO,
     *,
     format: str | None = None,  # noqa: A002
     overwrite: bool = False,
-) -> Path:
+) -> Path | None:
     """Write a statement to ``path`` (format from the extension unless given; a given format must
-    agree with a known extension: :func:`infer_format`).
+    agree with a known extension: :func:`infer_format`), or to an open text stream.
 
     The text goes to a temporary beside ``path`` and is moved into place, so a failed write leaves
-    no partial file and, with ``overwrite=True``, the previous file as it was.
+    no partial file and, with ``overwrite=True``, the previous file as it was. Returns the path.
+
+    A text stream (anything with ``write(str)``: ``sys.stdout``, ``io.StringIO``, a file opened with
+    ``open(..., "w")``) gets the same text in one ``write`` (``format`` is required: a stream has no
+    extension; ``overwrite`` is not used); the stream is left open. Returns ``None``.
+
+    Example:
+        >>> import io
+        >>> from datavalue.shapley.royalties._records import Period
+        >>> from datavalue.shapley.royalties._statement import build_statement
+        >>> buf = io.StringIO()
+        >>> write_report(build_statement([], period=Period()), buf, format="csv")
+        >>> buf.getvalue().split(",")[0]
+        'period_start'
 
     Raises:
         OutputExistsError: ``path`` exists and ``overwrite`` is false, or ``path`` is a directory.
@@ -250,8 +271,17 @@ def write_report(
             the write (its reason is given).
         LedgerError: ``path`` is a royalty ledger or one of a ledger's own files (its head file,
             lock, torn-line or replaced-head files), whatever ``overwrite`` says.
+        InvalidGameError: a stream and no ``format``, or a ``format`` not in :data:`FORMATS`.
         Nothing is written in any of these cases.
     """
+    if not isinstance(path, (str, os.PathLike)) and callable(getattr(path, "write", None)):
+        if format is None:
+            raise InvalidGameError(
+                f"write_report to a stream ({type(path).__name__}) needs format='html' | 'json' | 'csv': a stream has "
+                "no file extension to take the format from. Nothing was written."
+            )
+        path.write(render_report(statement, format))  # rendered whole first: a refusal writes nothing
+        return None
     p = check_output_path(path, what="the report", overwrite=overwrite)
     fmt = infer_format(p, format=format)
     text = render_report(statement, fmt)

@@ -200,16 +200,10 @@ class FinalPass(Recorder):
         finally:
             Recorder.close(self)
 
-    def __del__(self) -> None:  # never marks complete: a pass not closed explicitly is unfinished
-        try:
-            if not self.closed:
-                self._close_unclosed("when it was garbage-collected", warn_empty=False)
-        except Exception:
-            pass
-
     def _close_for_exit(self) -> None:
-        """Never closed (the script ended, or the pass was collected): its batches are committed, and the pass
-        stays unfinished (builds refuse it): whether the loop over the data ended is unknown."""
+        """Never closed (the script ended, or the pass was collected: ``ClosesAtExit.__del__``): its batches are
+        committed, and the pass stays unfinished (builds refuse it): whether the loop over the data ended is
+        unknown. A pass not closed explicitly is never marked complete."""
         try:
             self._sink.flush()
             self._mark(complete=False, aborted="never closed: the script ended without fp.close()")

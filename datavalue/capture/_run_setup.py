@@ -81,7 +81,7 @@ def _recorded_fisher_max_classes(path: Any, resume: bool) -> int | None:
         return None
     try:
         return CaptureConfig.from_manifest(manifest).fisher_max_classes
-    except Exception:  # no readable run: the writer says what is wrong
+    except Exception:  # no readable capture config: the writer says what is wrong
         return None
 
 

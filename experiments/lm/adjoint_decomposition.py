@@ -51,9 +51,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
 import common as C  # noqa: E402
-import run as R  # noqa: E402
 
-from datavalue.testing import AdamConfig, Batch, spearman_per_test, train_reference  # noqa: E402
+from datavalue.testing import spearman_per_test  # noqa: E402
 
 #: variant -> (curvature, clip direction on, second moment on[, "block": AdamW's coefficients from the moments'
 #: means over each parameter tensor, as the sketched builds keep them])
@@ -86,25 +85,13 @@ def main() -> None:
     def log(*a):
         print(f"[{time.time() - t0:6.0f}s]", *a, flush=True)
 
-    # ------------------------------------------------------------ the study's small AdamW LM (run.py)
-    name, arch, opt_cfg, n_train, B, T, _ = {s[0]: s for s in R.FULL["loo"]}["small-adamw"]
-    data = R.Data(R.FULL["L"])
-    test_lines = data.lines[: R.FULL["n_test"]][: args.n_query]
-    tr, te = data.enc(data.lines[100: 100 + n_train]), data.enc(test_lines)
-    X, Y = tr["input_ids"], tr["labels"]
-    conf = C.make_config(data.V, data.L, **arch)
-    conf._attn_implementation = "eager"  # double backward on CPU
-    factory = C.make_factory(conf, seed=0, double=True)
-    batch_ids = C.epoch_batches(np.arange(n_train), B, T, np.random.default_rng(1))
-    batches = [Batch(b, X[b], (Y[b], float(C.n_tokens(Y[b]).sum()))) for b in batch_ids]
-    lrs = C.lr_schedule(T, opt_cfg)
-    rcfg = AdamConfig(kind="adamw", betas=opt_cfg["betas"], eps=opt_cfg["eps"], weight_decay=opt_cfg["wd"],
-                      max_grad_norm=opt_cfg["clip"], reduction="sum")
-    Xte, Yte = torch.as_tensor(te["input_ids"]), torch.as_tensor(te["labels"])
+    study = C.Study("small-adamw", n_query=args.n_query, eager=True)  # the study's small AdamW LM (run.py)
+    name, opt_cfg, B, T, test_lines = study.name, study.opt_cfg, study.B, study.T, study.test_lines
+    X, Y, factory, batches, lrs = study.X, study.Y, study.factory, study.batches, study.lrs
+    Xte, Yte = torch.as_tensor(study.Xte), torch.as_tensor(study.Yte)
     model = factory()
     opt = C.make_optimizer(model, opt_cfg)
-    ref = train_reference(factory, batches, np.stack([lrs, lrs], 1), C.step_loss_fn, config=rcfg, model=model,
-                          optimizer=opt, snapshot_every=1, verify=False)
+    ref = study.train(model=model, optimizer=opt, snapshot_every=1, verify=False)
     final_opt = opt.state_dict()
     log(f"{name}: trained {T} steps, {len(test_lines)} query lines")
 

@@ -4,7 +4,12 @@
 ``clipping="constant"`` (the Adam-aware build before: the clip coefficient only) and ``"direction"`` (the default:
 the clipped step's dependence on the batch gradient's direction kept), per block and/or with ``blocks="full"``, and
 scored through the study's attribution helper against the study's exported exact LOO (60 removals x 30 lines).
-Public API only (``datavalue``, ``datavalue.testing``) plus the study's own modules.
+Public API only (``datavalue``, ``datavalue.testing``) plus the study's own modules, except ``--fisher-draws``
+(other sampled Fisher labels: the recorder's private label generator reseeded, ``common.Study.record``).
+
+``--fisher-draws 3 --blocks layer,full --clipping direction`` is the session-11 check of ``blocks="full"`` under
+AdamW (``AUTO_FULL_KEPT``'s LM evidence, docs/results/lm.md); ``--fisher-samples 8`` the same with 8 labels per
+position. Without the export the exact LOO is computed (about 75 s) and saved there.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 nice -n 10 python experiments/lm/clip_direction.py --k 5420 --blocks auto,full \
         --study-export runs/lm/small-adamw/export
@@ -38,6 +43,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--k", type=int, default=5420, help="proj_dim (5420: 5%% of P)")
 ap.add_argument("--blocks", default="auto,full", help="comma-separated: auto (the default), layer and/or full")
 ap.add_argument("--clipping", default="constant,direction", help="comma-separated: constant and/or direction")
+ap.add_argument("--fisher-draws", type=int, default=1,
+                help="recordings with other sampled Fisher labels (draw 0: the recorder's own; same sketch)")
+ap.add_argument("--fisher-samples", type=int, default=1, help="Recorder(fisher_samples=): labels per position")
 ap.add_argument("--study-export", default=str(HERE.parents[1] / "runs/lm/small-adamw/export"))
 ap.add_argument("--work", default=None, help="where the run and the json go (default: a temporary directory)")
 args = ap.parse_args()
@@ -46,29 +54,33 @@ K, BLOCKS = args.k, args.blocks.split(",")
 work = args.work or tempfile.mkdtemp(prefix="clip_direction-")
 t00 = time.time()
 S = C.Study("small-adamw")
-path = os.path.join(work, f"lm_{K}.zarr")
-ref, model, kept = S.record(path, K, curvature="fisher")
-print(f"P={S.P} K={kept} clipped steps {(ref.grad_scales < 1).sum()}/{S.T}", flush=True)
-removals, truth = S.truth(ref, args.study_export)  # the study's exact LOO (float64 run, exported by run.py)
-rows = S.rows(ref, removals)
-print("truth", truth.shape, flush=True)
-ne = S.cfg["n_early"]
-def rho(est):
-    return {"all": spearman_per_test(est, truth), "early": spearman_per_test(est[:ne], truth[:ne]),
-            "late": spearman_per_test(est[ne:], truth[ne:])}
-ctx = S.ctx(path, model)
 out = {}
-for blocks in BLOCKS:
-    for clipping in args.clipping.split(","):
-        t0 = time.time()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            info = build_embeddings(path, overwrite=True, progress=False, clipping=clipping,
-                                    **({} if blocks == "auto" else {"blocks": blocks}))
-        s = M._attr(ctx, curvature=info.curvature)
-        r = rho(s[:, rows].T)
-        out[f"{blocks} {clipping}"] = r
-        print(f"blocks={blocks:5} ({len(info.blocks)} blocks, {info.curvature}) clipping={clipping:9} "
-              f"all {r['all']:+.3f} early {r['early']:+.3f} late {r['late']:+.3f}  build {info.seconds:.0f}s total {time.time()-t0:.0f}s", flush=True)
+for draw in range(args.fisher_draws):
+    path = os.path.join(work, f"lm_{K}.zarr")
+    ref, model, kept = S.record(path, K, curvature="fisher", fisher_draw=draw, fisher_samples=args.fisher_samples)
+    print(f"P={S.P} K={kept} clipped steps {(ref.grad_scales < 1).sum()}/{S.T}; Fisher draw {draw}, "
+          f"{args.fisher_samples} label(s) per position", flush=True)
+    removals, truth = S.truth(ref, args.study_export)  # the study's exact LOO (float64 run, exported by run.py)
+    rows = S.rows(ref, removals)
+    ne = S.cfg["n_early"]
+
+    def rho(est, truth=truth, ne=ne):
+        return {"all": spearman_per_test(est, truth), "early": spearman_per_test(est[:ne], truth[:ne]),
+                "late": spearman_per_test(est[ne:], truth[ne:])}
+
+    ctx = S.ctx(path, model)
+    for blocks in BLOCKS:
+        for clipping in args.clipping.split(","):
+            t0 = time.time()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info = build_embeddings(path, overwrite=True, progress=False, clipping=clipping,
+                                        **({} if blocks == "auto" else {"blocks": blocks}))
+            s = M._attr(ctx, curvature=info.curvature)
+            r = rho(s[:, rows].T)
+            out[f"draw {draw} {blocks} {clipping}"] = r
+            print(f"draw {draw} blocks={blocks:5} ({len(info.blocks)} blocks, {info.curvature}) clipping={clipping:9} "
+                  f"all {r['all']:+.3f} early {r['early']:+.3f} late {r['late']:+.3f}  build {info.seconds:.0f}s "
+                  f"total {time.time() - t0:.0f}s", flush=True)
 json.dump(out, open(os.path.join(work, f"lm_{K}.json"), "w"), indent=1)
 print(f"wall {time.time() - t00:.0f}s")

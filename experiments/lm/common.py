@@ -229,9 +229,10 @@ class Study:
                 fisher_mask=label_mask(b.targets[0]) if rec.fisher else None)
         return train_reference(self.factory, self.batches, self.lrs2, step_loss_fn, config=self.rcfg, **kw)
 
-    def record(self, path, k: int | None, *, curvature: str | None = "fisher", **rec_kw):
+    def record(self, path, k: int | None, *, curvature: str | None = "fisher", fisher_draw: int = 0, **rec_kw):
         """A ``Recorder(path, model, proj_dim=k, optimizer=opt, loss_reduction="token_mean")`` recording of the run;
-        returns ``(ref, model, proj_dim)``."""
+        returns ``(ref, model, proj_dim)``. ``fisher_draw`` > 0: other sampled Fisher labels, same sketch (reseeds the
+        recorder's label generator, a private attribute: there is no public option for it)."""
         import datavalue
 
         model = self.factory()
@@ -239,6 +240,8 @@ class Study:
         verify = rec_kw.pop("verify", True)
         with datavalue.Recorder(path, model, proj_dim=k, seed=0, optimizer=opt, loss_reduction="token_mean",
                                 curvature=curvature, overwrite=True, **rec_kw) as rec:
+            if fisher_draw:
+                rec._fisher_gen.manual_seed(1000 + int(fisher_draw))
             ref = self.train(rec, model=model, optimizer=opt, verify=verify)
         return ref, model, int(rec.proj_dim)
 

@@ -292,3 +292,60 @@ class Study:
             meta.parent.mkdir(parents=True, exist_ok=True)
             meta.write_text(json.dumps({"study": "loo", "loo_removals": rem, "loo_truth": truth.T.tolist()}))
         return rem, truth
+
+    def replay_inputs(self, order=None):
+        """What the adjoint passes (``adjoint_decomposition``, ``sketch_decomposition``) read from the float64 reference
+        run (a snapshot before every step), flat over the coordinates: per step ``t`` AdamW's moments after it
+        (``Mm``, ``Vv``, ``(T, P)``), the per-sample gradients of the stepped loss at its weights (``per[t]``,
+        ``(B, P)``), the clipped batch gradient the optimizer used (``G``), and the held-out lines' gradients at the
+        final weights (``gte``). Coordinates in the optimizer's order, or permuted by ``order(work, names, sizes) ->
+        perm``. Returns a namespace with those and ``ref``, ``model``, ``opt``, ``final_opt``, ``names``, ``sizes``,
+        ``tp`` (the parameters of ``work``, the model the gradients are taken on), ``wd`` (per coordinate), ``P``,
+        ``flat``/``unflat`` (tensors <-> flat vectors) and ``grad_of`` (loss -> flat gradient)."""
+        import types
+
+        model = self.factory()
+        opt = make_optimizer(model, self.opt_cfg)
+        ref = self.train(model=model, optimizer=opt, snapshot_every=1, verify=False)
+        final_opt = opt.state_dict()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        names = [name_of[id(p)] for p in params]
+        wd = np.concatenate([np.full(p.numel(), g["weight_decay"]) for g in opt.param_groups for p in g["params"]])
+        P = wd.size
+        work = self.factory()
+        wp = dict(work.named_parameters())
+        tp = [wp[n] for n in names]
+        sizes = [p.numel() for p in tp]
+        perm = np.arange(P) if order is None else np.asarray(order(work, names, sizes))
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(P)
+
+        def flat(gs):
+            return np.concatenate([g.reshape(-1).numpy() for g in gs])[perm]
+
+        def unflat(v):
+            v = v[inv]
+            return [torch.as_tensor(x).view(p.shape) for x, p in zip(np.split(v, np.cumsum(sizes)[:-1]), tp)]
+
+        def grad_of(loss):
+            return flat(torch.autograd.grad(loss, tp))
+
+        def flat_state(sd, key):
+            return np.concatenate([sd["state"][i][key].reshape(-1).numpy() for i in range(len(params))])[perm]
+
+        T, X, Y = self.T, torch.as_tensor(self.X), torch.as_tensor(self.Y)
+        Mm, Vv, G, per = np.zeros((T, P)), np.zeros((T, P)), np.zeros((T, P)), {}
+        for t in range(T):
+            sd = ref.snapshots[t + 1].optim if t + 1 < T else final_opt
+            Mm[t], Vv[t] = flat_state(sd, "exp_avg"), flat_state(sd, "exp_avg_sq")
+            work.load_state_dict(ref.snapshots[t].model)
+            b = self.batches[t]
+            per[t] = np.stack([grad_of(step_loss_fn(work, X[[s]], (Y[[s]], b.targets[1]))[0]) for s in b.sample_ids])
+            G[t] = ref.grad_scales[t] * per[t].sum(0)
+        work.load_state_dict(ref.final_state)
+        Xte, Yte = torch.as_tensor(self.Xte), torch.as_tensor(self.Yte)
+        gte = np.stack([grad_of(token_ce(work, Xte[[j]], Yte[[j]])[0]) for j in range(len(self.test_lines))])
+        return types.SimpleNamespace(ref=ref, model=model, opt=opt, final_opt=final_opt, names=names, sizes=sizes,
+                                     work=work, tp=tp, wd=wd[perm], P=P, perm=perm, flat=flat, unflat=unflat,
+                                     grad_of=grad_of, Mm=Mm, Vv=Vv, G=G, per=per, gte=gte)

@@ -251,59 +251,22 @@ def main() -> None:
     study = C.Study("small-adamw", n_query=args.n_query, eager=True)  # the study's small AdamW LM (run.py)
     name, opt_cfg, B, T, test_lines = study.name, study.opt_cfg, study.B, study.T, study.test_lines
     X, Y, factory, batches, lrs, rcfg = study.X, study.Y, study.factory, study.batches, study.lrs, study.rcfg
-    Xte, Yte = torch.as_tensor(study.Xte), torch.as_tensor(study.Yte)
-    model = factory()
-    opt = C.make_optimizer(model, opt_cfg)
-    ref = study.train(model=model, optimizer=opt, snapshot_every=1, verify=False)
-    final_opt = opt.state_dict()
+    # the run, its moments and gradients, coordinates in the recorded blocks' order
+    R = study.replay_inputs(order=lambda work, names, sizes: np.concatenate(
+        [b["idx"] for b in recorded_blocks(work, names, sizes)]))
     log(f"{name}: trained {T} steps, {len(test_lines)} query lines")
-
-    params = [p for g in opt.param_groups for p in g["params"]]
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for p in params]
-    wd = np.concatenate([np.full(p.numel(), g["weight_decay"]) for g in opt.param_groups for p in g["params"]])
-    P = wd.size
+    ref, names, sizes, work, tp, P = R.ref, R.names, R.sizes, R.work, R.tp, R.P
+    flat, unflat, wd, Mm, Vv, G, per, gte = R.flat, R.unflat, R.wd, R.Mm, R.Vv, R.G, R.per, R.gte
     b1, b2 = opt_cfg["betas"]
     eps = opt_cfg["eps"]
-    work = factory()
-    wp = dict(work.named_parameters())
-    tp = [wp[n] for n in names]
-    sizes = [p.numel() for p in tp]
     blocks = recorded_blocks(work, names, sizes)
-    perm = np.concatenate([b["idx"] for b in blocks])  # optimizer order -> block order
+    perm = R.perm  # optimizer order -> block order
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(P)
     nb = len(blocks)
     bsz = np.array([b["idx"].size for b in blocks])
     bcut = np.cumsum([0] + list(bsz))
     bspans = list(zip(bcut[:-1], bcut[1:]))
-
-    def flat(gs):  # gradients in block order
-        return np.concatenate([g.reshape(-1).numpy() for g in gs])[perm]
-
-    inv = np.empty_like(perm)
-    inv[perm] = np.arange(P)
-
-    def unflat(v):  # block order -> tensors
-        v = v[inv]
-        return [torch.as_tensor(x).view(p.shape) for x, p in zip(np.split(v, np.cumsum(sizes)[:-1]), tp)]
-
-    def grad_of(loss):
-        return flat(torch.autograd.grad(loss, tp))
-
-    def flat_state(sd, key):
-        return np.concatenate([sd["state"][i][key].reshape(-1).numpy() for i in range(len(params))])[perm]
-
-    wd = wd[perm]
-    Mm, Vv, G, per = np.zeros((T, P)), np.zeros((T, P)), np.zeros((T, P)), {}
-    for t in range(T):
-        sd = ref.snapshots[t + 1].optim if t + 1 < T else final_opt
-        Mm[t], Vv[t] = flat_state(sd, "exp_avg"), flat_state(sd, "exp_avg_sq")
-        work.load_state_dict(ref.snapshots[t].model)
-        b = batches[t]
-        per[t] = np.stack([grad_of(C.step_loss_fn(work, torch.as_tensor(X[[s]]), (torch.as_tensor(Y[[s]]), b.targets[1]))[0])
-                           for s in b.sample_ids])
-        G[t] = ref.grad_scales[t] * per[t].sum(0)
-    work.load_state_dict(ref.final_state)
-    gte = np.stack([grad_of(C.token_ce(work, Xte[[j]], Yte[[j]])[0]) for j in range(len(test_lines))])
     log(f"per-sample gradients of {T * B} occurrences; {nb} recorded blocks")
 
     # ------------------------------------------------------------ AdamW's coefficients

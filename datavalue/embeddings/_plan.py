@@ -178,9 +178,9 @@ def _resolve_blocks(
 #:   Fisher draws: at 1% of P full 0.41 / 0.09 against per layer 0.44 / 0.13; at 5% of P full 0.54 /
 #:   0.10 against 0.55 / 0.18 (the draws spread the full operator by 0.2: 0.40 to 0.62, per layer 0.52
 #:   to 0.57). With 8 Fisher labels per position (``Recorder(fisher_samples=8)``) the full operator
-#:   wins the late removals (0.78 against 0.58 at 5%, 0.47 against 0.45 at 1%) but still loses the
-#:   early ones (all removals 0.06 against 0.17 at 5%), and at 5% its state (0.70 GB) is over
-#:   :data:`AUTO_FULL_BYTES` anyway;
+#:   wins the late removals (0.77 against 0.57 at 5%, three draws; 0.47 against 0.45 at 1%) but still
+#:   loses the early ones (all removals 0.06 against 0.16 at 5%), and at 5% its state (0.70 GB) is
+#:   over :data:`AUTO_FULL_BYTES` anyway;
 #: - at 1,018 of 3,322 dims (31%) and with exact gradients the full operator was better everywhere
 #:   (docs/results/loo_fidelity.md).
 AUTO_FULL_KEPT = 0.25

@@ -389,7 +389,11 @@ def build_embeddings(
             (memory ``k^2``, flops ``B k^2`` per step). Cross-layer true-Fisher curvature matters
             at larger learning rates (docs/results/loo_fidelity.md, costs in
             docs/results/defaults.md); the empirical Fisher did better per layer, and so did the
-            true Fisher under a heavy sketch (docs/results/poison.md).
+            true Fisher under a heavy sketch (docs/results/poison.md; on the AdamW LM of
+            docs/results/lm.md at 1% and 5% of P too). Under a sketch the full operator is
+            sensitive to the Fisher's sampled labels (the recorded draw moved it by 0.2 there);
+            record with ``Recorder(..., fisher_samples=8)`` before building ``"full"`` with
+            sampled labels.
         config: a :class:`~datavalue.embeddings.BuildConfig` holding the options above (then
             leave those keywords at their defaults). Either way the validated config is stored in
             the build's metadata (``build_config``) and :func:`extend_embeddings` reuses it.

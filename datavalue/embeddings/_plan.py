@@ -140,7 +140,8 @@ def _resolve_blocks(
     Fisher beat the per-layer one with exact gradients and moderate sketches, while the full
     *empirical* Fisher scored lower than its per-layer form on the digits MLP (0.886 vs 0.929 at
     lr 0.07); with ``"none"`` the operator stays the identity and blocks do not matter. Under heavy
-    compression (a sketch keeping under :data:`AUTO_FULL_KEPT` of the dimensions) it stays per layer."""
+    compression (a sketch keeping under :data:`AUTO_FULL_KEPT` of the dimensions) it stays per layer,
+    for SGD and Adam/AdamW runs alike (the evidence, both optimizers, is at :data:`AUTO_FULL_KEPT`)."""
     spans = _blocks(run)
     k = spans[-1][1]
     if not isinstance(blocks, str):
@@ -167,9 +168,21 @@ def _resolve_blocks(
 
 #: ``blocks="auto"`` takes the full operator only while the sketch keeps at least this fraction of
 #: the recorded parameters' dimensions. Under heavy compression the cross-layer operator measured
-#: worse: a 256-dim sketch of a 50,890-parameter MLP (docs/results/poison.md, exact-LOO check) gave
-#: Spearman 0.20 with one full operator against 0.38 per layer; at 1,018 of 3,322 dims (31%) and with
-#: exact gradients the full operator was better everywhere (docs/results/loo_fidelity.md).
+#: worse, with SGD and with AdamW (Spearman against exact trajectory LOO):
+#:
+#: - SGD, a 241-column sketch (0.5%) of a 50,890-parameter MLP with the exact 10-class Fisher
+#:   (docs/results/poison.md, exact-LOO check): 0.17 with one full operator against 0.33 per layer
+#:   (0.20 against 0.38 when this threshold was set);
+#: - AdamW, the small GPT-2 LM of docs/results/lm.md (P = 108,416, token-mean loss, one sampled Fisher
+#:   label per position, the default ``clipping="direction"``), late / all removals, mean of three
+#:   Fisher draws: at 1% of P full 0.41 / 0.09 against per layer 0.44 / 0.13; at 5% of P full 0.54 /
+#:   0.10 against 0.55 / 0.18 (the draws spread the full operator by 0.2: 0.40 to 0.62, per layer 0.52
+#:   to 0.57). With 8 Fisher labels per position (``Recorder(fisher_samples=8)``) the full operator
+#:   wins the late removals (0.77 against 0.57 at 5%, three draws; 0.47 against 0.45 at 1%) but still
+#:   loses the early ones (all removals 0.06 against 0.16 at 5%), and at 5% its state (0.70 GB) is
+#:   over :data:`AUTO_FULL_BYTES` anyway;
+#: - at 1,018 of 3,322 dims (31%) and with exact gradients the full operator was better everywhere
+#:   (docs/results/loo_fidelity.md).
 AUTO_FULL_KEPT = 0.25
 
 

@@ -51,9 +51,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 
 import common as C  # noqa: E402
-import run as R  # noqa: E402
 
-from datavalue.testing import AdamConfig, Batch, spearman_per_test, train_reference  # noqa: E402
+from datavalue.testing import spearman_per_test  # noqa: E402
 
 #: variant -> (curvature, clip direction on, second moment on[, "block": AdamW's coefficients from the moments'
 #: means over each parameter tensor, as the sketched builds keep them])
@@ -86,68 +85,17 @@ def main() -> None:
     def log(*a):
         print(f"[{time.time() - t0:6.0f}s]", *a, flush=True)
 
-    # ------------------------------------------------------------ the study's small AdamW LM (run.py)
-    name, arch, opt_cfg, n_train, B, T, _ = {s[0]: s for s in R.FULL["loo"]}["small-adamw"]
-    data = R.Data(R.FULL["L"])
-    test_lines = data.lines[: R.FULL["n_test"]][: args.n_query]
-    tr, te = data.enc(data.lines[100: 100 + n_train]), data.enc(test_lines)
-    X, Y = tr["input_ids"], tr["labels"]
-    conf = C.make_config(data.V, data.L, **arch)
-    conf._attn_implementation = "eager"  # double backward on CPU
-    factory = C.make_factory(conf, seed=0, double=True)
-    batch_ids = C.epoch_batches(np.arange(n_train), B, T, np.random.default_rng(1))
-    batches = [Batch(b, X[b], (Y[b], float(C.n_tokens(Y[b]).sum()))) for b in batch_ids]
-    lrs = C.lr_schedule(T, opt_cfg)
-    rcfg = AdamConfig(kind="adamw", betas=opt_cfg["betas"], eps=opt_cfg["eps"], weight_decay=opt_cfg["wd"],
-                      max_grad_norm=opt_cfg["clip"], reduction="sum")
-    Xte, Yte = torch.as_tensor(te["input_ids"]), torch.as_tensor(te["labels"])
-    model = factory()
-    opt = C.make_optimizer(model, opt_cfg)
-    ref = train_reference(factory, batches, np.stack([lrs, lrs], 1), C.step_loss_fn, config=rcfg, model=model,
-                          optimizer=opt, snapshot_every=1, verify=False)
-    final_opt = opt.state_dict()
+    study = C.Study("small-adamw", n_query=args.n_query, eager=True)  # the study's small AdamW LM (run.py)
+    name, opt_cfg, B, T, test_lines = study.name, study.opt_cfg, study.B, study.T, study.test_lines
+    X, Y, batches, lrs = study.X, study.Y, study.batches, study.lrs
+    R = study.replay_inputs()  # the run, its moments and gradients, in the optimizer's order
     log(f"{name}: trained {T} steps, {len(test_lines)} query lines")
-
-    # ------------------------------------------------- flat per-coordinate state, in the optimizer's order
-    params = [p for g in opt.param_groups for p in g["params"]]
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for p in params]
-    wd = np.concatenate([np.full(p.numel(), g["weight_decay"]) for g in opt.param_groups for p in g["params"]])
-    P = wd.size
+    ref, sizes, work, tp, P = R.ref, R.sizes, R.work, R.tp, R.P
+    flat, unflat, wd, Mm, Vv, G, per, gte = R.flat, R.unflat, R.wd, R.Mm, R.Vv, R.G, R.per, R.gte
     b1, b2 = opt_cfg["betas"]
     eps = opt_cfg["eps"]
-
-    def flat_state(sd, key):
-        return np.concatenate([sd["state"][i][key].reshape(-1).numpy() for i in range(len(params))])
-
-    work = factory()
-    wp = dict(work.named_parameters())
-    tp = [wp[n] for n in names]
-    sizes = [p.numel() for p in tp]
-
-    def flat(gs):
-        return np.concatenate([g.reshape(-1).numpy() for g in gs])
-
-    def unflat(v):
-        return [torch.as_tensor(x).view(p.shape) for x, p in zip(np.split(v, np.cumsum(sizes)[:-1]), tp)]
-
-    def grad_of(loss):
-        return flat(torch.autograd.grad(loss, tp))
-
-    Mm, Vv, G, per = np.zeros((T, P)), np.zeros((T, P)), np.zeros((T, P)), {}
-    worst = 0.0
-    for t in range(T):
-        sd = ref.snapshots[t + 1].optim if t + 1 < T else final_opt
-        Mm[t], Vv[t] = flat_state(sd, "exp_avg"), flat_state(sd, "exp_avg_sq")
-        work.load_state_dict(ref.snapshots[t].model)
-        b = batches[t]
-        per[t] = np.stack([grad_of(C.step_loss_fn(work, torch.as_tensor(X[[s]]), (torch.as_tensor(Y[[s]]), b.targets[1]))[0])
-                           for s in b.sample_ids])
-        G[t] = ref.grad_scales[t] * per[t].sum(0)
-        if t:  # the moments recorded by torch are reproduced from the per-sample gradients
-            worst = max(worst, np.abs(Mm[t] - b1 * Mm[t - 1] - (1 - b1) * G[t]).max() / np.abs(Mm[t]).max())
-    work.load_state_dict(ref.final_state)
-    gte = np.stack([grad_of(C.token_ce(work, Xte[[j]], Yte[[j]])[0]) for j in range(len(test_lines))])
+    # the moments recorded by torch are reproduced from the per-sample gradients
+    worst = max(np.abs(Mm[t] - b1 * Mm[t - 1] - (1 - b1) * G[t]).max() / np.abs(Mm[t]).max() for t in range(1, T))
     log(f"per-sample gradients of {T * B} occurrences, {len(test_lines)} test gradients; first moment check {worst:.1e}")
 
     s_ = np.arange(T)
@@ -158,7 +106,7 @@ def main() -> None:
     q_co = lrs[:, None] * (Mm / bc1[:, None]) / den**2 / (2 * np.maximum(np.sqrt(vhat), 1e-300) * bc2[:, None])
     decay = 1 - lrs[:, None] * wd[None]
     # the same coefficients from each parameter tensor's mean moments (what a sketched build keeps)
-    cuts = np.cumsum([0] + [p.numel() for p in params])
+    cuts = np.cumsum([0] + sizes)
     Mb, Vb = np.empty_like(Mm), np.empty_like(Vv)
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         Mb[:, lo:hi] = Mm[:, lo:hi].mean(1, keepdims=True)

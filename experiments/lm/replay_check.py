@@ -42,7 +42,7 @@ import run as R  # noqa: E402
 
 import datavalue  # noqa: E402
 from datavalue import open_run  # noqa: E402
-from datavalue.testing import AdamConfig, Batch, spearman_per_test, train_reference, trajectory_loo  # noqa: E402
+from datavalue.testing import spearman_per_test, train_reference, trajectory_loo  # noqa: E402
 
 
 def main() -> None:
@@ -74,29 +74,14 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(out, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
     # ------------------------------------------------------------------ the study's small AdamW LM
-    spec = {s[0]: s for s in R.FULL["loo"]}[f"{args.size}-adamw"]
-    name, arch, opt_cfg, n_train, B, T, _ = spec
+    study = C.Study(f"{args.size}-adamw", n_query=args.n_query, eager=True)
+    name, arch, opt_cfg, n_train, B, T = study.name, study.arch, study.opt_cfg, study.n_train, study.B, study.T
     args.out = args.out or str(HERE / f"replay_check_{args.size}.json")
     args.study_export = args.study_export or f"/work/main/runs/lm/{name}/export"
     if args.ks is None:
         args.ks = "exact,1084,5420,16384" if args.size == "small" else "22500,112500"
-    data = R.Data(R.FULL["L"])
-    test_lines = data.lines[: R.FULL["n_test"]][: args.n_query]
-    train_lines = data.lines[100: 100 + n_train]
-    tr, te = data.enc(train_lines), data.enc(test_lines)
-    X, Y = tr["input_ids"], tr["labels"]
-    conf = C.make_config(data.V, data.L, **arch)
-    conf._attn_implementation = "eager"  # double backward on CPU
-    factory = C.make_factory(conf, seed=0, double=True)
-    P = C.n_params(factory())
-    batch_ids = C.epoch_batches(np.arange(n_train), B, T, np.random.default_rng(1))
-    batches = [Batch(b, X[b], (Y[b], float(C.n_tokens(Y[b]).sum()))) for b in batch_ids]
-    lrs = C.lr_schedule(T, opt_cfg)
-    lrs2 = np.stack([lrs, lrs], 1)
-    rcfg = AdamConfig(kind="adamw", betas=opt_cfg["betas"], eps=opt_cfg["eps"], weight_decay=opt_cfg["wd"],
-                      max_grad_norm=opt_cfg["clip"], reduction="sum")
-    Xte, Yte = te["input_ids"], te["labels"]
-    test_loss = lambda m: C.token_ce(m, Xte, Yte)  # noqa: E731
+    test_lines, X, Y, factory, P = study.test_lines, study.X, study.Y, study.factory, study.P
+    batch_ids, batches, lrs2, rcfg, test_loss = study.batch_ids, study.batches, study.lrs2, study.rcfg, study.test_loss
     out.update(P=P, T=T, batch=B, n_train=n_train, n_query=len(test_lines), opt=opt_cfg, arch=arch,
                checkpoint_every=args.checkpoint_every)
     log(f"{name}: P={P}, T={T}, batch {B}, {n_train} lines, {len(test_lines)} query lines")

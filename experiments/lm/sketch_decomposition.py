@@ -62,10 +62,9 @@ sys.path.insert(0, str(HERE))
 
 import adjoint_decomposition as AD  # noqa: E402
 import common as C  # noqa: E402
-import run as R  # noqa: E402
 
 from datavalue.capture import projection_matrix, split_budget  # noqa: E402
-from datavalue.testing import AdamConfig, Batch, spearman_per_test, train_reference  # noqa: E402
+from datavalue.testing import spearman_per_test, train_reference  # noqa: E402
 
 KS = (1084, 5420, 16384)  # run.py's sketch sizes for this run (1%, 5%, 15% of P)
 SIDE_ROWS, SIDE_COLS, SIDE_DENSE = 0, 1, 2  # datavalue.capture's sketch sides (rows, cols, dense)
@@ -249,74 +248,25 @@ def main() -> None:
     def log(*a):
         print(f"[{time.time() - t0:6.0f}s]", *a, flush=True)
 
-    # ------------------------------------------------------------ the study's small AdamW LM (as adjoint_decomposition)
-    name, arch, opt_cfg, n_train, B, T, _ = {s[0]: s for s in R.FULL["loo"]}["small-adamw"]
-    data = R.Data(R.FULL["L"])
-    test_lines = data.lines[: R.FULL["n_test"]][: args.n_query]
-    tr, te = data.enc(data.lines[100: 100 + n_train]), data.enc(test_lines)
-    X, Y = tr["input_ids"], tr["labels"]
-    conf = C.make_config(data.V, data.L, **arch)
-    conf._attn_implementation = "eager"
-    factory = C.make_factory(conf, seed=0, double=True)
-    batch_ids = C.epoch_batches(np.arange(n_train), B, T, np.random.default_rng(1))
-    batches = [Batch(b, X[b], (Y[b], float(C.n_tokens(Y[b]).sum()))) for b in batch_ids]
-    lrs = C.lr_schedule(T, opt_cfg)
-    rcfg = AdamConfig(kind="adamw", betas=opt_cfg["betas"], eps=opt_cfg["eps"], weight_decay=opt_cfg["wd"],
-                      max_grad_norm=opt_cfg["clip"], reduction="sum")
-    Xte, Yte = torch.as_tensor(te["input_ids"]), torch.as_tensor(te["labels"])
-    model = factory()
-    opt = C.make_optimizer(model, opt_cfg)
-    ref = train_reference(factory, batches, np.stack([lrs, lrs], 1), C.step_loss_fn, config=rcfg, model=model,
-                          optimizer=opt, snapshot_every=1, verify=False)
-    final_opt = opt.state_dict()
+    study = C.Study("small-adamw", n_query=args.n_query, eager=True)  # the study's small AdamW LM (run.py)
+    name, opt_cfg, B, T, test_lines = study.name, study.opt_cfg, study.B, study.T, study.test_lines
+    X, Y, factory, batches, lrs, rcfg = study.X, study.Y, study.factory, study.batches, study.lrs, study.rcfg
+    # the run, its moments and gradients, coordinates in the recorded blocks' order
+    R = study.replay_inputs(order=lambda work, names, sizes: np.concatenate(
+        [b["idx"] for b in recorded_blocks(work, names, sizes)]))
     log(f"{name}: trained {T} steps, {len(test_lines)} query lines")
-
-    params = [p for g in opt.param_groups for p in g["params"]]
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for p in params]
-    wd = np.concatenate([np.full(p.numel(), g["weight_decay"]) for g in opt.param_groups for p in g["params"]])
-    P = wd.size
+    ref, names, sizes, work, tp, P = R.ref, R.names, R.sizes, R.work, R.tp, R.P
+    flat, unflat, wd, Mm, Vv, G, per, gte = R.flat, R.unflat, R.wd, R.Mm, R.Vv, R.G, R.per, R.gte
     b1, b2 = opt_cfg["betas"]
     eps = opt_cfg["eps"]
-    work = factory()
-    wp = dict(work.named_parameters())
-    tp = [wp[n] for n in names]
-    sizes = [p.numel() for p in tp]
     blocks = recorded_blocks(work, names, sizes)
-    perm = np.concatenate([b["idx"] for b in blocks])  # optimizer order -> block order
+    perm = R.perm  # optimizer order -> block order
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(P)
     nb = len(blocks)
     bsz = np.array([b["idx"].size for b in blocks])
     bcut = np.cumsum([0] + list(bsz))
     bspans = list(zip(bcut[:-1], bcut[1:]))
-
-    def flat(gs):  # gradients in block order
-        return np.concatenate([g.reshape(-1).numpy() for g in gs])[perm]
-
-    inv = np.empty_like(perm)
-    inv[perm] = np.arange(P)
-
-    def unflat(v):  # block order -> tensors
-        v = v[inv]
-        return [torch.as_tensor(x).view(p.shape) for x, p in zip(np.split(v, np.cumsum(sizes)[:-1]), tp)]
-
-    def grad_of(loss):
-        return flat(torch.autograd.grad(loss, tp))
-
-    def flat_state(sd, key):
-        return np.concatenate([sd["state"][i][key].reshape(-1).numpy() for i in range(len(params))])[perm]
-
-    wd = wd[perm]
-    Mm, Vv, G, per = np.zeros((T, P)), np.zeros((T, P)), np.zeros((T, P)), {}
-    for t in range(T):
-        sd = ref.snapshots[t + 1].optim if t + 1 < T else final_opt
-        Mm[t], Vv[t] = flat_state(sd, "exp_avg"), flat_state(sd, "exp_avg_sq")
-        work.load_state_dict(ref.snapshots[t].model)
-        b = batches[t]
-        per[t] = np.stack([grad_of(C.step_loss_fn(work, torch.as_tensor(X[[s]]), (torch.as_tensor(Y[[s]]), b.targets[1]))[0])
-                           for s in b.sample_ids])
-        G[t] = ref.grad_scales[t] * per[t].sum(0)
-    work.load_state_dict(ref.final_state)
-    gte = np.stack([grad_of(C.token_ce(work, Xte[[j]], Yte[[j]])[0]) for j in range(len(test_lines))])
     log(f"per-sample gradients of {T * B} occurrences; {nb} recorded blocks")
 
     # ------------------------------------------------------------ AdamW's coefficients
@@ -385,6 +335,8 @@ def main() -> None:
         passes[f"S4 {f}"] = Pass(S(gte * sqD[-1]), b1, b2, T)
         passes[f"S5 {f}"] = Pass(Sg, b1, b2, T)
         passes[f"S5-layer {f}"] = Pass(Sg, b1, b2, T)
+        passes[f"S1-nov {f}"] = Pass(Sg, b1, b2, T)
+        passes[f"S1-full-nov {f}"] = Pass(Sg, b1, b2, T)
         for base in ("B0", "B3"):
             s0[f"S0 {base} {f}"] = [None] * T
 
@@ -423,6 +375,8 @@ def main() -> None:
             Sper, Sf = S(ps), S(fseq)
             passes[f"S1 {f}"].step(s, pk, qk, rk, dk, c, Sper, Sf, S.spans, None)
             passes[f"S1-full {f}"].step(s, pk, qk, rk, dk, c, Sper, Sf, None, None)
+            passes[f"S1-nov {f}"].step(s, pk, None, None, dk, c, Sper, Sf, S.spans, None)
+            passes[f"S1-full-nov {f}"].step(s, pk, None, None, dk, c, Sper, Sf, None, None)
             SG = S(G[s])[0]
             passes[f"S5 {f}"].step(s, pk, qk, rk, dk, c, Sper, Sf, None, SG / np.linalg.norm(SG))
             passes[f"S5-layer {f}"].step(s, pk, qk, rk, dk, c, Sper, Sf, S.spans, SG / np.linalg.norm(SG))
@@ -501,6 +455,8 @@ WHAT = {
     "S0 B3": "B3's exact adjoint, only the final dot product through the sketch",
     "S1": "B3 carried in the Kronecker sketch (the product's build)",
     "S1-full": "S1 with the cross-block curvature (`blocks=\"full\"`)",
+    "S1-nov": "S1 without the second-moment term (what the product's build keeps under a sketch)",
+    "S1-full-nov": "S1-full without the second-moment term (the product's `blocks=\"full\"` build)",
     "S1-prop": "S1 with the budget split in proportion to the blocks' sizes (`proj_dim` as a dict)",
     "S2": "S1 with a dense orthogonal sketch per block (same per-block budget)",
     "S3": "S1 with the per-token Fisher rows (sketched)",
@@ -541,7 +497,7 @@ def report(out: dict) -> str:
     for k in ("B0", "B1", "B2", "B3", "B1-layer", "B3-tok", "W0"):
         if k in sc:
             L.append(f"| {k} | {WHAT[k]} | {both(sc[k])} |" + " |" * len(fr))
-    for k in ("S0 B0", "S0 B3", "S1", "S1-full", "S1-prop", "S2", "S3", "S4", "S5-layer", "S5"):
+    for k in ("S0 B0", "S0 B3", "S1", "S1-full", "S1-nov", "S1-full-nov", "S1-prop", "S2", "S3", "S4", "S5-layer", "S5"):
         cells = [both(sc.get(f"{k} {f}")) for f in fr]
         if any(cells):
             L.append(f"| {k} | {WHAT[k]} | | " + " | ".join(cells) + " |")

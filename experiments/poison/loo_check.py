@@ -33,11 +33,15 @@ from datavalue.testing import Batch, train_reference, trajectory_loo  # noqa: E4
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full-blocks", action="store_true",
+                    help="also the true Fisher with one operator over all columns (blocks='full'), as AUTO_FULL_KEPT's check")
+    ap.add_argument("--work", default=None, help="where the run and loo_check.md go (default: experiments/poison/work)")
+    ap.add_argument("--no-influence-fn", action="store_true", help="skip the GGN+CG influence function (the slow row)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = dict(P.FULL, n_train=1000, epochs=6, n_query=50, cg_iters=50)
     n_each = 10 if args.quick else 25
-    work = HERE / ("work-quick" if args.quick else "work")
+    work = Path(args.work) if args.work else HERE / ("work-quick" if args.quick else "work")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = P.make_data(cfg)
@@ -80,10 +84,19 @@ def main():
         ids = np.asarray(attr.labels(by="sample"))
         s = S[np.searchsorted(ids, chosen)]
         rows.append((name, spearmanr(s, loo)[0], roc_auc_score(lab, s), float(np.mean(s[lab])), float(np.mean(s[~lab]))))
-    S, _ = P.influence_function_scores(model.float(), cfg, data, np.arange(len(X)), query)
-    s = S[chosen]
-    rows.append(("influence_fn (GGN+CG)", spearmanr(s, loo)[0], roc_auc_score(lab, s), float(np.mean(s[lab])),
-                 float(np.mean(s[~lab]))))
+    if args.full_blocks:  # the same Fisher build with one operator over all columns (replaces the per-layer one)
+        for blocks in ("layer", "full"):
+            info = build_embeddings(path, curvature="fisher", blocks=blocks, progress=False, overwrite=True)
+            attr = Attributor(path, model, progress=False, curvature="fisher")
+            S = attr.scores(test_loss, by="sample").sum(0)
+            s = S[np.searchsorted(np.asarray(attr.labels(by="sample")), chosen)]
+            rows.append((f"dvemb:fisher blocks={blocks} ({len(info.blocks)} operators)", spearmanr(s, loo)[0],
+                         roc_auc_score(lab, s), float(np.mean(s[lab])), float(np.mean(s[~lab]))))
+    if not args.no_influence_fn:
+        S, _ = P.influence_function_scores(model.float(), cfg, data, np.arange(len(X)), query)
+        s = S[chosen]
+        rows.append(("influence_fn (GGN+CG)", spearmanr(s, loo)[0], roc_auc_score(lab, s), float(np.mean(s[lab])),
+                     float(np.mean(s[~lab]))))
     lines = [f"LOO check: {cfg['n_train']} train ({int(data['is_p'].sum())} poisoned), {cfg['epochs']} epochs, "
              f"{len(batches)} steps, float64; ASR {asr:.3f}; {n_each} poisoned + {n_each} clean images removed "
              "(every epoch) one at a time; query = summed target CE on triggered held-out images.", "",

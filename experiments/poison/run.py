@@ -354,8 +354,10 @@ def write_md(path, cfg, data, all_res, evals, wall, cmd, figname, n_steps):
           "- Curvature under a heavy sketch: here 241 dims keep 0.5% of the 50,890 parameters' dimensions, and the "
           "curvature options rank the poison worse than `none` (AUC above; Spearman with exact LOO below). With one "
           "full operator for the true Fisher (`blocks=\"full\"`) the LOO check fell further, from 0.381 to 0.202 (run "
-          "2026-11-22, session 2), so `blocks=\"auto\"` stays per layer when a sketch keeps under a quarter of the "
-          "dimensions (docs/math.md, section 4). A sketch far smaller than the per-step curvature's rank (320 Fisher "
+          "2026-11-22, session 2; with the current build 0.332 per layer against 0.171 full, AUC 0.573 against 0.514 on "
+          "the 25 + 25 removed images: `python experiments/poison/loo_check.py --full-blocks --no-influence-fn`, "
+          "2026-12-02), so `blocks=\"auto\"` stays per layer when a sketch keeps under a quarter of the dimensions "
+          "(docs/math.md, section 4; the AdamW LM at 1% and 5% of P agrees, docs/results/lm.md). A sketch far smaller than the per-step curvature's rank (320 Fisher "
           "rows per step) piles its trace onto few dimensions and over-damps. For detection work on heavily compressed "
           "runs, `curvature=\"none\"` (or a larger `proj_dim`) ranks best here.",
           ""]

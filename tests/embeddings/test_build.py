@@ -299,3 +299,28 @@ def test_auto_blocks_stay_per_layer_under_a_heavy_sketch():
     assert _resolve_blocks(heavy, "auto", **kw) == ((0, 121), (121, 241))
     assert _resolve_blocks(heavy, "full", **kw) == ((0, 241),)  # an explicit choice is kept
     assert _resolve_blocks(light, "auto", **dict(kw, curvature="empirical_fisher")) == ((0, 100), (100, 170))
+
+
+def test_auto_blocks_under_adam_follow_the_same_kept_fraction_rule():
+    """AdamW runs get the same ``blocks="auto"`` rule as SGD (session 11, docs/results/lm.md): on the small AdamW LM
+    the full true-Fisher operator was no better than per layer at 1% and 5% of P (mean of three Fisher draws), so a
+    sketch keeping under ``AUTO_FULL_KEPT`` stays per layer; a light sketch whose Adam state (``3k`` columns) fits
+    ``AUTO_FULL_BYTES`` gets one operator, and one whose state does not fit stays per layer."""
+    from types import SimpleNamespace
+
+    from datavalue.embeddings._plan import AUTO_FULL_BYTES, _resolve_blocks
+
+    def run(shapes, ks):
+        edges = np.cumsum([0, *ks])
+        blocks = [{"start": int(a), "stop": int(b), "shape": s} for a, b, s in zip(edges[:-1], edges[1:], shapes)]
+        return SimpleNamespace(blocks=blocks, proj_dim=int(edges[-1]), path="r.zarr")
+
+    kw = dict(curvature="fisher", adam=True, momentum_mode=False, dtype="float64")
+    light = run([[16, 20], [10, 17]], [100, 70])  # 35% kept, state (3 x 170)^2 x 8 bytes: full
+    lm_1pct = run([[82, 64], [64, 192], [192]], [361, 361, 309])  # 1,031 of 21,824 dims (4.7%): per layer
+    assert _resolve_blocks(light, "auto", **kw) == ((0, 170),)
+    assert _resolve_blocks(lm_1pct, "auto", **kw) == ((0, 361), (361, 722), (722, 1031))
+    wide = run([[1000, 2], [1000, 2]], [1000, 1000])  # half the dims kept; (3 x 2,000)^2 x 8 = 288 MB of Adam state
+    assert (3 * 2000) ** 2 * 8 > AUTO_FULL_BYTES >= 2000**2 * 8
+    assert _resolve_blocks(wide, "auto", **kw) == ((0, 1000), (1000, 2000))  # over the cap: per layer
+    assert _resolve_blocks(wide, "auto", **dict(kw, adam=False)) == ((0, 2000),)  # SGD's k^2 state fits: full

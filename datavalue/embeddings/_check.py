@@ -20,7 +20,7 @@ from datavalue.errors import EmbeddingError, StoreError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_build", "refuse_final_pass", "refuse_foreign"]
+__all__ = ["check_build", "refuse_final_pass", "refuse_foreign", "require_build_chunks"]
 
 
 def refuse_final_pass(run: Any, what: str) -> None:
@@ -94,13 +94,11 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
     rebuild = f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}, overwrite=True)"
     refuse_foreign(run, array, rebuild, meta)
     if "checkpoint_step" in meta:  # embeddings_at(): rows of the steps before the checkpoint
-        T = int(meta["checkpoint_step"])
-        if 0 <= T <= run.n_steps:
-            run.require_chunks(array, int(run.step_ptr[T]))
+        require_build_chunks(run, array, meta)
         return meta
     if "run_digest" not in meta or "n_steps" not in meta or "n_rows" not in meta:
         logger.info("%s/%s has no run digest (an older build); its provenance is not checked", run.path, array)
-        run.require_chunks(array, min(int(run.n_rows), int(run.array(array).shape[0])))
+        require_build_chunks(run, array, meta)
         return meta
     T, R = int(meta["n_steps"]), int(meta["n_rows"])
     if (T, R) != (int(run.n_steps), int(run.n_rows)):
@@ -127,5 +125,24 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
             "clipping, weight decay or momentum differ): the build was made from another run (copied in) or from "
             f"a recording since overwritten. Rebuild with {rebuild}."
         )
-    run.require_chunks(array, R)
+    require_build_chunks(run, array, meta)
     return meta
+
+
+def require_build_chunks(run: Any, array: str, meta: dict[str, Any]) -> None:
+    """:func:`check_build`'s presence check alone (a listing, no provenance): every chunk of the values
+    ``array`` inside the rows the build ``meta`` covers exists. ``datavalue info`` runs it on each
+    finished build.
+
+    Raises:
+        StoreCorruptError: a chunk is missing (the message names it).
+    """
+    if "checkpoint_step" in meta:  # embeddings_at(): rows of the steps before the checkpoint
+        T = int(meta["checkpoint_step"])
+        if 0 <= T <= run.n_steps:
+            run.require_chunks(array, int(run.step_ptr[T]))
+        return
+    if "n_rows" in meta:
+        run.require_chunks(array, int(meta["n_rows"]))
+    else:  # an older build: the run's rows it holds
+        run.require_chunks(array, min(int(run.n_rows), int(run.array(array).shape[0])))

@@ -166,6 +166,7 @@ class RoyaltyLedger:
         self._count = 0
         self._size = 0
         self._ids: set[str] = set()
+        self._last_time: _dt.datetime | None = None  # the latest row timestamp (record() refuses earlier ones)
         self._warned: set[str] = set()
         self._closed = False
         if self.path.is_dir():
@@ -368,6 +369,7 @@ class RoyaltyLedger:
         self._count = len(rows)
         self._size = scan.size
         self._ids = {r.output_id for r in rows}
+        self._last_time = max((r.timestamp for r in rows), default=None)  # a back-dated row is never the bound
         if len(self._ids) < len(rows):
             self._warn_once(
                 "dupes",
@@ -481,6 +483,7 @@ class RoyaltyLedger:
         timestamp: _dt.datetime | str | None = None,
         model_fingerprint: str = "",
         run_fingerprint: str = "",
+        allow_backdated: bool = False,
     ) -> GenerationRecord:
         """Split one output's pool and append the row.
 
@@ -502,9 +505,13 @@ class RoyaltyLedger:
             output_hash: a precomputed content hash instead of ``content``.
             royalty_rate: the owners' contractual share rho in ``[0, 1]``.
             policy: royalty policy id.
-            timestamp: when the output was sold (defaults to now, UTC).
+            timestamp: when the output was sold (defaults to now, UTC). Refused when earlier than the
+                ledger's last row (it would change periods whose statements may be issued) or later
+                than now plus 5 minutes (``_record_checks.FUTURE_SKEW``), unless ``allow_backdated``.
             model_fingerprint: identifies the generating model.
             run_fingerprint: identifies the training run / coalition models / store.
+            allow_backdated: accept a timestamp before the last row's or ahead of the clock (a
+                deliberate correction of a closed period: re-issue its statements).
         """
         output_id = _record_checks.parse_output_id(output_id)
         if self._closed:
@@ -532,9 +539,7 @@ class RoyaltyLedger:
             output_id=output_id,
             output_hash=output_hash if output_hash is not None else _hash_content(content),  # type: ignore[arg-type]
             prompt=str(prompt),
-            timestamp=parse_timestamp(
-                timestamp if timestamp is not None else _dt.datetime.now(_dt.UTC)
-            ),
+            timestamp=_dt.datetime.now(_dt.UTC) if timestamp is None else parse_timestamp(timestamp),
             revenue=revenue_d,
             royalty_rate=rate,
             pool=pool,
@@ -556,7 +561,10 @@ class RoyaltyLedger:
         with self._locked():
             self._catch_up()
             self._refuse_duplicate(output_id)
-            rec = dataclasses.replace(rec, seq=self._count, prev_hash=self._head)
+            when = _record_checks.check_timestamp(None if timestamp is None else rec.timestamp, self._last_time,
+                                                  now=_dt.datetime.now(_dt.UTC), allow_backdated=allow_backdated,
+                                                  path=self.path)
+            rec = dataclasses.replace(rec, seq=self._count, prev_hash=self._head, timestamp=when)
             rec = dataclasses.replace(rec, row_hash=rec.compute_hash())
             self._append(rec)
         if rec.no_positive:
@@ -586,6 +594,7 @@ class RoyaltyLedger:
         self._count += 1
         self._size += len(line.encode("utf-8"))
         self._ids.add(rec.output_id)
+        self._last_time = max(rec.timestamp, self._last_time or rec.timestamp)
         self._write_head()
 
     def _ends_with_newline(self) -> bool:

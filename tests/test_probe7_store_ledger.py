@@ -102,6 +102,20 @@ def test_p7_01_an_unshared_record_is_still_written_in_place(tmp_path):
     assert not list(run.rglob("*.partial"))
 
 
+def test_p7_01_a_hard_link_snapshot_of_a_ledger_keeps_its_rows(tmp_path):
+    """The same class in the ledger: an append through a shared inode grew the snapshot's ledger past
+    its own head file, which then refused to open ("rows beyond its head file")."""
+    live, snap = tmp_path / "live", tmp_path / "snap"
+    led = shapley.RoyaltyLedger(live / "l.jsonl")
+    _row(led, "a", "2025-01-10")
+    _snapshot(live, snap)
+    _row(led, "b", "2025-01-11")
+    assert led.verify() == 2 and os.stat(live / "l.jsonl").st_nlink == 1
+    copy = shapley.RoyaltyLedger(snap / "l.jsonl")
+    assert copy.verify() == 1 and [r.output_id for r in copy.records()] == ["a"]
+    assert not list(live.glob(".*.partial"))
+
+
 # ------------------------------------------------------------------ P7-03: a read-only run
 def _unwritable(monkeypatch, directory: Path, code: int) -> None:
     """Writes of the lock module under ``directory`` fail with ``code`` (EROFS: a read-only mount,
@@ -150,6 +164,18 @@ def test_p7_03_a_ledger_in_a_read_only_directory_is_a_ledger_error(tmp_path, mon
     _unwritable(monkeypatch, tmp_path, errno.EROFS)
     with pytest.raises(shapley.LedgerError, match="read-only file system"):
         led.record(output_id="a", content="a", prompt="p", revenue=Decimal("1.00"), owners=["ann"], result=[1.0])
+
+
+def test_p7_03_a_new_ledger_in_a_read_only_directory_is_a_ledger_error(tmp_path, monkeypatch):
+    from datavalue.shapley.royalties import _anchor
+
+    def write_atomic(path, text):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path) + ".tmp-1")
+
+    monkeypatch.setattr(_anchor, "write_atomic", write_atomic)
+    with pytest.raises(shapley.LedgerError, match="cannot create the ledger .*read-only file system"):
+        shapley.RoyaltyLedger(tmp_path / "new.jsonl")  # before the fix: the builtin OSError naming the temporary
+    assert not (tmp_path / "new.jsonl").exists()
 
 
 def test_p7_03_cli_any_other_read_only_write_is_one_line_exit_2(tmp_path, monkeypatch, capsys):

@@ -55,11 +55,13 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import decimal
+import errno
 import hashlib
 import hmac
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -67,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from datavalue._files import inside_run_problem
+from datavalue._files import atomic_write, inside_run_problem
 from datavalue.shapley._errors import (
     LedgerError,
     LedgerNotFoundError,
@@ -101,6 +103,16 @@ class _Scan:
     rows: list[GenerationRecord]
     macs: list[str | None]
     size: int  # bytes up to the end of the last complete row
+
+
+def _refuse_unwritable(path: Path, exc: OSError) -> None:
+    """Raise :class:`LedgerError` for a new ledger whose directory cannot be written (read-only file
+    system, no permission); other errors are the caller's to re-raise."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "is on a read-only file system" if exc.errno == errno.EROFS else "cannot be written by this user"
+        raise LedgerError(
+            f"cannot create the ledger {path}: its directory {path.parent} {why}. A ledger is created with its "
+            "head file beside it and appended to in place: create it in a writable directory.") from exc
 
 
 def _hash_content(content: bytes | str) -> str:
@@ -198,7 +210,11 @@ class RoyaltyLedger:
             if inside is not None:
                 raise OutputPathError(inside)
             _recovery.refuse_orphan_head(self.path)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                _refuse_unwritable(self.path, exc)
+                raise
             header = {
                 "schema": _SCHEMA,
                 "version": _VERSION,
@@ -209,7 +225,11 @@ class RoyaltyLedger:
             if self._key is not None:
                 header["mac"] = _anchor.MAC
             self._head = self._header_hash(header)
-            self._write_head()  # first: a crash before the header leaves a 0-row head, never a headless ledger
+            try:
+                self._write_head()  # first: a crash before the header leaves a 0-row head, never a headless ledger
+            except OSError as exc:
+                _refuse_unwritable(self.path, exc)
+                raise
             self.path.write_text(json.dumps(header, sort_keys=True) + "\n", encoding="utf-8")
             self._size = self.path.stat().st_size
         else:
@@ -586,6 +606,7 @@ class RoyaltyLedger:
         line = json.dumps(row, sort_keys=True) + "\n"
         if not self._ends_with_newline():
             line = "\n" + line  # the last row (or the header) lost only its newline: end it first
+        self._unshare()
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -596,6 +617,16 @@ class RoyaltyLedger:
         self._ids.add(rec.output_id)
         self._last_time = max(rec.timestamp, self._last_time or rec.timestamp)
         self._write_head()
+
+    def _unshare(self) -> None:
+        """Give the ledger its own inode before appending when another directory shares it (a
+        hard-link snapshot, ``cp -al``): a copy renamed over it, so the snapshot keeps its rows and
+        stays consistent with its own head file. Call with the lock held."""
+        target = _anchor.real(self.path)
+        if os.stat(target).st_nlink > 1:
+            with atomic_write(target) as tmp:
+                shutil.copyfile(target, tmp)
+                shutil.copymode(target, tmp)
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

@@ -82,9 +82,7 @@ def _builds(run: Any, path: str, names: Sequence[str]) -> dict[str, dict]:
     """Each build's stored metadata (its choice of curvature and blocks, steps, completeness); a
     finished build whose values miss a chunk it covers gets ``"damaged"`` (the check_build presence
     check, a listing)."""
-    from datavalue.embeddings import build_metadata
-    from datavalue.embeddings._check import require_build_chunks
-    from datavalue.embeddings._metadata import _base
+    from datavalue.embeddings import build_metadata, require_build_chunks
     from datavalue.errors import DataValueError, StoreCorruptError
 
     out = {}
@@ -96,7 +94,7 @@ def _builds(run: Any, path: str, names: Sequence[str]) -> dict[str, dict]:
             continue
         if out[name].get("complete"):  # an unfinished build says so already
             try:
-                require_build_chunks(run, f"{_base(name)}/values", out[name])
+                require_build_chunks(run, name)
             except StoreCorruptError as exc:
                 out[name]["damaged"] = str(exc)
     return out

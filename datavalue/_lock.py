@@ -19,6 +19,9 @@ The protocol:
   process dies, so it can never go stale itself), the lock is read again and, if it still names
   the same dead holder, atomically replaced (``os.replace``) by ours: no moment without a lock,
   and two processes taking over at once cannot both win;
+* **a directory that cannot be written** (a read-only file system, ``EROFS``; no write permission,
+  ``EACCES``/``EPERM``): the lock cannot be created, so the caller's ``read_only_error`` is raised
+  saying so and what to do (``read_only_hint``), not the raw ``OSError`` naming a lock temporary;
 * **another host's lock** is never taken over automatically (its pid means nothing here): the
   error says to check that host and delete the file;
 * a pid reused by a new process (containers restart pids from 1) does not keep a dead holder
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import logging
 import os
@@ -45,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: tokens of the locks this process holds (a lock naming our pid without one of these is stale)
 _HELD: set[str] = set()
 _HELD_GUARD = threading.Lock()
+
+#: errors of a directory that cannot be written: read-only file system, no permission
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _start_tick(pid: int) -> int | None:
@@ -139,6 +146,9 @@ class LockFile:
         error: the exception class raised when the lock is held by someone else.
         busy_hint: what to do when a live process on this host holds it (end of the message).
         purpose: what the holder is doing (``"Recorder"``, ``"build_embeddings"``), stored in the lock.
+        read_only_error: the exception class raised when the lock's directory cannot be written
+            (read-only file system, no permission); default ``error``.
+        read_only_hint: what to do then (end of that message).
 
     Example:
         >>> import tempfile, pathlib
@@ -151,9 +161,11 @@ class LockFile:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, subject: str, error: type[Exception],
-                 busy_hint: str, purpose: str | None = None) -> None:
+                 busy_hint: str, purpose: str | None = None, read_only_error: type[Exception] | None = None,
+                 read_only_hint: str = "Give a path on a writable file system.") -> None:
         self.path = Path(os.path.abspath(path))  # once: release after an os.chdir removes this lock
         self.subject, self.error, self.busy_hint, self.purpose = subject, error, busy_hint, purpose
+        self.read_only_error, self.read_only_hint = read_only_error or error, read_only_hint
         self._me: dict[str, Any] | None = None
         self._pid = os.getpid()
 
@@ -231,11 +243,11 @@ class LockFile:
         changed = 0  # times the lock changed hands under us (released, or another process took it over)
         try:
             while True:
-                if self._create(me):
+                if self._unwritable(self._create, me):
                     break
                 holder = read_holder(self.path)
                 if holder is not None and holder_state(holder) == "dead":
-                    if self._take_over(holder, me):
+                    if self._unwritable(self._take_over, holder, me):
                         break
                     holder = None  # someone else took it over first: look again, so the error names them
                 if holder is None and changed < 8:  # released or replaced between our two system calls
@@ -249,6 +261,19 @@ class LockFile:
                 _HELD.discard(me["token"])
             raise
         self._me, self._pid = me, os.getpid()
+
+    def _unwritable(self, step: Any, *args: Any) -> bool:
+        """``step(*args)``, with a directory that cannot be written turned into ``read_only_error``."""
+        try:
+            return bool(step(*args))
+        except OSError as exc:
+            if exc.errno not in _UNWRITABLE:
+                raise
+            why = ("is on a read-only file system" if exc.errno == errno.EROFS
+                   else "cannot be written by this user (permission denied)")
+            raise self.read_only_error(
+                f"{self.subject} {why}: its writer lock {self.path.name} cannot be created in {self.path.parent}. "
+                f"{self.read_only_hint}") from exc
 
     def release(self) -> None:
         """Remove the lock if this object holds it (never someone else's). Idempotent."""

@@ -7,6 +7,7 @@ Writing commands refuse to overwrite without ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -33,13 +34,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     run = open_run(args.run)
     info = run.info()
-    info["builds"] = _builds(args.run, info["embeddings"])
+    info["builds"] = _builds(run, args.run, info["embeddings"])
+    damaged = {name: meta["damaged"] for name, meta in info["builds"].items() if "damaged" in meta}
     info["checkpoints"] = sorted(int(s) for s in run.subgroups("checkpoints")
                                  if s.isdigit() and run.has_array(f"checkpoints/{s}/meta"))
     info["replays"] = [n for n in run.subgroups("replay") if run.has_array(f"replay/{n}/scores")]
     if args.json:
         print(json.dumps(info, indent=2, default=str))
-        return 0
+        return _report_damaged(damaged)
     print(f"run            {info['path']}  (schema v{info['schema_version']})")
     print(f"steps          {info['steps']}")
     print(f"occurrences    {info['occurrences']}")
@@ -66,20 +68,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("blocks:")
     for name, rule, k in info["blocks"]:
         print(f"  {name:36s} {rule:22s} k={k}")
-    return 0
+    return _report_damaged(damaged)
 
 
-def _builds(run: str, names: Sequence[str]) -> dict[str, dict]:
-    """Each build's stored metadata (its choice of curvature and blocks, steps, completeness)."""
-    from datavalue.embeddings import build_metadata
-    from datavalue.errors import DataValueError
+def _report_damaged(damaged: dict[str, str]) -> int:
+    """Exit 1 naming each damaged build on stderr (after the report), else 0."""
+    for name, why in damaged.items():
+        print(f"datavalue info: build {name!r} is damaged: {why}", file=sys.stderr)
+    return 1 if damaged else 0
+
+
+def _builds(run: Any, path: str, names: Sequence[str]) -> dict[str, dict]:
+    """Each build's stored metadata (its choice of curvature and blocks, steps, completeness); a
+    finished build whose values miss a chunk it covers gets ``"damaged"`` (the check_build presence
+    check, a listing)."""
+    from datavalue.embeddings import build_metadata, require_build_chunks
+    from datavalue.errors import DataValueError, StoreCorruptError
 
     out = {}
     for name in names:
         try:
-            out[name] = build_metadata(run, name)
+            out[name] = build_metadata(path, name)
         except DataValueError as exc:  # e.g. a group left without values by an interrupted build
             out[name] = {"error": str(exc)}
+            continue
+        if out[name].get("complete"):  # an unfinished build says so already
+            try:
+                require_build_chunks(run, name)
+            except StoreCorruptError as exc:
+                out[name]["damaged"] = str(exc)
     return out
 
 
@@ -87,6 +104,8 @@ def _build_lines(meta: dict) -> list[str]:
     if "error" in meta:
         return [meta["error"]]
     state = "complete" if meta.get("complete") else "UNFINISHED (rebuild with --overwrite)"
+    if "damaged" in meta:
+        state = "DAMAGED: a chunk is missing (see below; rebuild with --overwrite)"
     choice = meta["choice"]
     head = f"{meta.get('n_steps', '?')} steps, {state}"
     if "blocks_reason" not in choice:  # built before the choice was recorded
@@ -267,7 +286,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, DataValueError):
             print(f"datavalue: error: {exc}", file=sys.stderr)
             return 2
+        if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES):  # a write no check foresaw
+            print(f"datavalue: error: {_unwritable_message(exc)}", file=sys.stderr)
+            return 2
         raise
+
+
+def _unwritable_message(exc: OSError) -> str:
+    """One line for a read-only file system or a refused permission that no datavalue check named."""
+    what = f"{exc.filename}" if exc.filename else "a path this command uses"
+    if exc.errno == errno.EROFS:
+        return (f"{what} is on a read-only file system, and this command writes there: run it on a writable copy "
+                "(copy the run to a writable place) or give a writable path.")
+    return (f"{what}: permission denied for this user ({exc.strerror}): get access to it, or run the command on a "
+            "copy you can write.")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from datavalue.embeddings._build import BuildInfo as BuildInfo
 from datavalue.embeddings._build import build_embeddings as build_embeddings
 from datavalue.embeddings._check import check_build as check_build
 from datavalue.embeddings._check import refuse_foreign as refuse_foreign
+from datavalue.embeddings._check import require_build_chunks as require_build_chunks
 from datavalue.embeddings._config import BuildConfig as BuildConfig
 from datavalue.embeddings._core import BlockState as BlockState
 from datavalue.embeddings._core import StepCoef as StepCoef
@@ -50,6 +51,7 @@ __all__ = [
     "init_state",
     "operator",
     "refuse_foreign",
+    "require_build_chunks",
     "step_back",
     "step_coefficients",
     "stored_config",

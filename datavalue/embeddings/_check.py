@@ -20,7 +20,7 @@ from datavalue.errors import EmbeddingError, StoreError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_build", "refuse_final_pass", "refuse_foreign"]
+__all__ = ["check_build", "refuse_final_pass", "refuse_foreign", "require_build_chunks"]
 
 
 def refuse_final_pass(run: Any, what: str) -> None:
@@ -94,13 +94,11 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
     rebuild = f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}, overwrite=True)"
     refuse_foreign(run, array, rebuild, meta)
     if "checkpoint_step" in meta:  # embeddings_at(): rows of the steps before the checkpoint
-        T = int(meta["checkpoint_step"])
-        if 0 <= T <= run.n_steps:
-            run.require_chunks(array, int(run.step_ptr[T]))
+        _require_chunks(run, array, meta)
         return meta
     if "run_digest" not in meta or "n_steps" not in meta or "n_rows" not in meta:
         logger.info("%s/%s has no run digest (an older build); its provenance is not checked", run.path, array)
-        run.require_chunks(array, min(int(run.n_rows), int(run.array(array).shape[0])))
+        _require_chunks(run, array, meta)
         return meta
     T, R = int(meta["n_steps"]), int(meta["n_rows"])
     if (T, R) != (int(run.n_steps), int(run.n_rows)):
@@ -127,5 +125,40 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
             "clipping, weight decay or momentum differ): the build was made from another run (copied in) or from "
             f"a recording since overwritten. Rebuild with {rebuild}."
         )
-    run.require_chunks(array, R)
+    _require_chunks(run, array, meta)
     return meta
+
+
+def require_build_chunks(run: Any, curvature: str | None = None, *, array: str | None = None) -> None:
+    """:func:`check_build`'s presence check alone (a listing; no provenance): every chunk of the
+    build's values inside the rows it covers exists. ``datavalue info`` runs it on each finished build.
+
+    Args:
+        run: an open run (:func:`datavalue.store.open_run`).
+        curvature: which build (``embeddings/<curvature>/values``); or
+        array: the values array's path inside the run.
+
+    Raises:
+        StoreCorruptError: a chunk is missing (the message names it and the rows it holds).
+
+    Example:
+        >>> require_build_chunks(open_run("runs/x.zarr"), "fisher")  # doctest: +SKIP
+    """
+    if array is None:
+        if curvature is None:
+            raise EmbeddingError("require_build_chunks: pass curvature= (the build's name) or array=.")
+        array = f"{_base(curvature)}/values"
+    _require_chunks(run, array, dict(run.array(array).attrs.get(ATTRS_KEY, {})))
+
+
+def _require_chunks(run: Any, array: str, meta: dict[str, Any]) -> None:
+    """The presence check of the values ``array`` of the build ``meta`` (see :func:`require_build_chunks`)."""
+    if "checkpoint_step" in meta:  # embeddings_at(): rows of the steps before the checkpoint
+        T = int(meta["checkpoint_step"])
+        if 0 <= T <= run.n_steps:
+            run.require_chunks(array, int(run.step_ptr[T]))
+        return
+    if "n_rows" in meta:
+        run.require_chunks(array, int(meta["n_rows"]))
+    else:  # an older build: the run's rows it holds
+        run.require_chunks(array, min(int(run.n_rows), int(run.array(array).shape[0])))

@@ -14,7 +14,11 @@ write) *before* its chunks, and says which commit it leads to (``after``) and fr
 into two files in turn, overwritten in place (an atomic file replace cost 200-500 us on ext4 here, a
 ``pwrite`` 1-10 us); each carries a sequence number and its crc32c, and a reader takes the newest
 whole one: a write torn by a kill leaves the other, which is the record of the commit on disk (the
-torn one's chunks were not written yet). A reader pairs the record with the ``commit`` on disk:
+torn one's chunks were not written yet). A file another directory shares (a hard-link snapshot,
+``cp -al run backup``: ``st_nlink > 1``, one ``fstat`` per write) is never written in place: that
+write goes to a temporary and is renamed over it (atomic, as every other file of the run), which
+gives the run its own inode and leaves the snapshot's record as it was. A reader pairs the record
+with the ``commit`` on disk:
 
 * commit == ``after``: the commit completed; only the new digests are accepted;
 * commit == ``before``: killed between the record and the commit: a rewritten chunk may be either
@@ -43,6 +47,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from datavalue._files import atomic_write
 from datavalue.errors import StoreCorruptError
 from datavalue.store._schema import CHUNK_DIGEST_FILES
 
@@ -143,17 +148,39 @@ class DigestWriter:
         parts[0] = _MAGIC + struct.pack("<II", FORMAT_VERSION, size)
         body = b"".join(parts)
         slot = self.seq % 2
+        path = self.root.joinpath(*CHUNK_DIGEST_FILES[slot].split("/"))
         fd = self._fds[slot]
         if fd is None:
-            path = self.root.joinpath(*CHUNK_DIGEST_FILES[slot].split("/"))
             fd = self._fds[slot] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         data = body + crc32c.crc32c(body).to_bytes(4, "little")
-        if os.pwrite(fd, data, 0) != len(data):
-            raise OSError(f"short write of the chunk digest record {CHUNK_DIGEST_FILES[slot]} (disk full?)")
-        if self._sizes[slot] > len(data):  # a shorter record (after a resume): drop the older bytes past it
-            os.ftruncate(fd, len(data))
+        if os.fstat(fd).st_nlink > 1:  # shared with a hard-link snapshot: never change its inode
+            self._replace(slot, path, data)
+        else:
+            if os.pwrite(fd, data, 0) != len(data):
+                raise OSError(f"short write of the chunk digest record {CHUNK_DIGEST_FILES[slot]} (disk full?)")
+            if self._sizes[slot] > len(data):  # a shorter record (after a resume): drop the older bytes past it
+                os.ftruncate(fd, len(data))
         self._sizes[slot] = len(data)
         self.seq += 1
+
+    def _replace(self, slot: int, path: Path, data: bytes) -> None:
+        """Write ``data`` as the whole file ``path`` through a temporary renamed over it
+        (:func:`datavalue._files.atomic_write`: a kill leaves a temporary the next writer sweeps,
+        a full disk the last whole version), and keep the new file open for the next writes: the
+        inode another directory links to keeps its bytes."""
+        fd = None
+        try:
+            with atomic_write(path) as tmp:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                if os.write(fd, data) != len(data):
+                    raise OSError(f"short write of the chunk digest record {path.name} (disk full?)")
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        old, self._fds[slot] = self._fds[slot], fd
+        if old is not None:
+            os.close(old)
 
     def committed(self) -> None:
         """The commit of the last record landed: forget its previous digests (the next record keeps only

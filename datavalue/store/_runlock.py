@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from datavalue._files import sweep_partials
 from datavalue._lock import LockFile, holder_state, read_holder
-from datavalue.errors import StoreLockedError
+from datavalue.errors import StoreLockedError, StoreReadOnlyError
 
 #: name of the lock file inside a run directory
 LOCK_FILE = "writer.lock"
@@ -43,6 +43,10 @@ def run_lock(path: str | os.PathLike[str], purpose: str) -> LockFile:
         path / LOCK_FILE, subject=f"run {path}", error=StoreLockedError, purpose=purpose,
         busy_hint="One writer per run: close that writer (rec.close(), or leave its `with` block) or wait "
         "for it to finish, then retry. Reading the run (open_run, Attributor) needs no lock.",
+        read_only_error=StoreReadOnlyError, read_only_hint=(
+            f"Building embeddings, resuming a recorder or a replay writes into the run ({purpose} does): copy the "
+            f"run to a writable place (cp -r {path} /writable/place/) and run it there, or get write access. "
+            "Reading it where it is (open_run, Attributor, datavalue query) works."),
     )
 
 

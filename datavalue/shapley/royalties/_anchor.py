@@ -273,7 +273,9 @@ def lock_path(ledger: Path) -> Path:
 def hold_lock(ledger: Path, *, timeout: float) -> Iterator[None]:
     """Hold ``<ledger>.lock`` (created atomically, naming pid and host) for one append."""
     lock = LockFile(lock_path(ledger), subject=f"ledger {ledger}", error=LedgerError,
-                    busy_hint="It is appending: retry later, or raise lock_timeout.")
+                    busy_hint="It is appending: retry later, or raise lock_timeout.",
+                    read_only_hint="Appending writes the ledger, its head and its lock in that directory: copy them "
+                    "to a writable place and append there. Reading it where it is (statement, verify) works.")
     lock.acquire(timeout)
     try:
         yield

@@ -55,11 +55,13 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import decimal
+import errno
 import hashlib
 import hmac
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -67,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from datavalue._files import inside_run_problem
+from datavalue._files import atomic_write, inside_run_problem
 from datavalue.shapley._errors import (
     LedgerError,
     LedgerNotFoundError,
@@ -101,6 +103,16 @@ class _Scan:
     rows: list[GenerationRecord]
     macs: list[str | None]
     size: int  # bytes up to the end of the last complete row
+
+
+def _refuse_unwritable(path: Path, exc: OSError) -> None:
+    """Raise :class:`LedgerError` for a new ledger whose directory cannot be written (read-only file
+    system, no permission); other errors are the caller's to re-raise."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "is on a read-only file system" if exc.errno == errno.EROFS else "cannot be written by this user"
+        raise LedgerError(
+            f"cannot create the ledger {path}: its directory {path.parent} {why}. A ledger is created with its "
+            "head file beside it and appended to in place: create it in a writable directory.") from exc
 
 
 def _hash_content(content: bytes | str) -> str:
@@ -166,6 +178,7 @@ class RoyaltyLedger:
         self._count = 0
         self._size = 0
         self._ids: set[str] = set()
+        self._last_time: _dt.datetime | None = None  # the latest row timestamp (record() refuses earlier ones)
         self._warned: set[str] = set()
         self._closed = False
         if self.path.is_dir():
@@ -197,7 +210,11 @@ class RoyaltyLedger:
             if inside is not None:
                 raise OutputPathError(inside)
             _recovery.refuse_orphan_head(self.path)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                _refuse_unwritable(self.path, exc)
+                raise
             header = {
                 "schema": _SCHEMA,
                 "version": _VERSION,
@@ -208,7 +225,11 @@ class RoyaltyLedger:
             if self._key is not None:
                 header["mac"] = _anchor.MAC
             self._head = self._header_hash(header)
-            self._write_head()  # first: a crash before the header leaves a 0-row head, never a headless ledger
+            try:
+                self._write_head()  # first: a crash before the header leaves a 0-row head, never a headless ledger
+            except OSError as exc:
+                _refuse_unwritable(self.path, exc)
+                raise
             self.path.write_text(json.dumps(header, sort_keys=True) + "\n", encoding="utf-8")
             self._size = self.path.stat().st_size
         else:
@@ -368,6 +389,7 @@ class RoyaltyLedger:
         self._count = len(rows)
         self._size = scan.size
         self._ids = {r.output_id for r in rows}
+        self._last_time = max((r.timestamp for r in rows), default=None)  # a back-dated row is never the bound
         if len(self._ids) < len(rows):
             self._warn_once(
                 "dupes",
@@ -481,6 +503,7 @@ class RoyaltyLedger:
         timestamp: _dt.datetime | str | None = None,
         model_fingerprint: str = "",
         run_fingerprint: str = "",
+        allow_backdated: bool = False,
     ) -> GenerationRecord:
         """Split one output's pool and append the row.
 
@@ -502,9 +525,13 @@ class RoyaltyLedger:
             output_hash: a precomputed content hash instead of ``content``.
             royalty_rate: the owners' contractual share rho in ``[0, 1]``.
             policy: royalty policy id.
-            timestamp: when the output was sold (defaults to now, UTC).
+            timestamp: when the output was sold (defaults to now, UTC). Refused when earlier than the
+                ledger's last row (it would change periods whose statements may be issued) or later
+                than now plus 5 minutes (``_record_checks.FUTURE_SKEW``), unless ``allow_backdated``.
             model_fingerprint: identifies the generating model.
             run_fingerprint: identifies the training run / coalition models / store.
+            allow_backdated: accept a timestamp before the last row's or ahead of the clock (a
+                deliberate correction of a closed period: re-issue its statements).
         """
         output_id = _record_checks.parse_output_id(output_id)
         if self._closed:
@@ -532,9 +559,7 @@ class RoyaltyLedger:
             output_id=output_id,
             output_hash=output_hash if output_hash is not None else _hash_content(content),  # type: ignore[arg-type]
             prompt=str(prompt),
-            timestamp=parse_timestamp(
-                timestamp if timestamp is not None else _dt.datetime.now(_dt.UTC)
-            ),
+            timestamp=_dt.datetime.now(_dt.UTC) if timestamp is None else parse_timestamp(timestamp),
             revenue=revenue_d,
             royalty_rate=rate,
             pool=pool,
@@ -556,7 +581,10 @@ class RoyaltyLedger:
         with self._locked():
             self._catch_up()
             self._refuse_duplicate(output_id)
-            rec = dataclasses.replace(rec, seq=self._count, prev_hash=self._head)
+            when = _record_checks.check_timestamp(None if timestamp is None else rec.timestamp, self._last_time,
+                                                  now=_dt.datetime.now(_dt.UTC), allow_backdated=allow_backdated,
+                                                  path=self.path)
+            rec = dataclasses.replace(rec, seq=self._count, prev_hash=self._head, timestamp=when)
             rec = dataclasses.replace(rec, row_hash=rec.compute_hash())
             self._append(rec)
         if rec.no_positive:
@@ -578,6 +606,7 @@ class RoyaltyLedger:
         line = json.dumps(row, sort_keys=True) + "\n"
         if not self._ends_with_newline():
             line = "\n" + line  # the last row (or the header) lost only its newline: end it first
+        self._unshare()
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -586,7 +615,18 @@ class RoyaltyLedger:
         self._count += 1
         self._size += len(line.encode("utf-8"))
         self._ids.add(rec.output_id)
+        self._last_time = max(rec.timestamp, self._last_time or rec.timestamp)
         self._write_head()
+
+    def _unshare(self) -> None:
+        """Give the ledger its own inode before appending when another directory shares it (a
+        hard-link snapshot, ``cp -al``): a copy renamed over it, so the snapshot keeps its rows and
+        stays consistent with its own head file. Call with the lock held."""
+        target = _anchor.real(self.path)
+        if os.stat(target).st_nlink > 1:
+            with atomic_write(target) as tmp:
+                shutil.copyfile(target, tmp)
+                shutil.copymode(target, tmp)
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

@@ -6,25 +6,27 @@ values or the coalition utilities, the content or its hash, the revenue and the 
 refuses what cannot be paid as given, each message saying what was expected, what came and how to fix
 it. Nothing here reads or writes the ledger: the checks that need it (a closed handle, a keyed ledger
 without its key, an output id already paid) stay in ``_ledger.py``, in the order ``record`` runs them:
-:func:`parse_output_id` first, then those, then :func:`parse_row_inputs`.
+:func:`parse_output_id` first, then those, then :func:`parse_row_inputs`; :func:`check_timestamp`
+runs under the ledger's lock, given the last row's timestamp.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import decimal
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 
 import numpy as np
 
-from datavalue.shapley._errors import InvalidGameError, InvalidPoolError
+from datavalue.shapley._errors import InvalidGameError, InvalidPoolError, LedgerError
 from datavalue.shapley._validation import parse_values
 from datavalue.shapley.estimators._exact import exact_from_utilities
 from datavalue.shapley.estimators._result import ShapleyResult
 from datavalue.shapley.royalties._split import CENT, parse_money
 
-__all__ = ["RowInputs", "parse_output_id", "parse_owners", "parse_row_inputs"]
+__all__ = ["FUTURE_SKEW", "RowInputs", "check_timestamp", "parse_output_id", "parse_owners", "parse_row_inputs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,48 @@ class RowInputs:
     revenue: Decimal
     royalty_rate: Decimal
     pool: Decimal  # revenue * royalty_rate, rounded half-even to the cent
+
+
+#: how far past this host's clock a row's timestamp may lie (clocks of the hosts that append differ)
+FUTURE_SKEW = _dt.timedelta(minutes=5)
+
+
+def check_timestamp(timestamp: _dt.datetime | None, last: _dt.datetime | None, *, now: _dt.datetime,
+                    allow_backdated: bool, path: object) -> _dt.datetime:
+    """The row's timestamp (``None``: ``now``), refused when it would change the past.
+
+    A row dated before the ledger's last row (``last``) falls into periods whose statements may
+    already be issued and paid: it would change them. A row dated past ``now + FUTURE_SKEW`` would
+    land in a period not yet closed. Both are refused unless ``allow_backdated`` (a correction, made
+    on purpose, that re-issues those statements). The default timestamp (``now``) is never
+    refused for a clock up to ``FUTURE_SKEW`` behind the last row's writer: it takes ``last``.
+
+    Raises:
+        LedgerError: the timestamp is earlier than ``last`` or later than ``now + FUTURE_SKEW``.
+    """
+    if timestamp is None:
+        if last is None or last <= now:
+            return now
+        if last - now <= FUTURE_SKEW and not allow_backdated:  # another writer's clock is a little ahead
+            return last
+        timestamp = now
+    if allow_backdated:
+        return timestamp
+    if last is not None and timestamp < last:
+        raise LedgerError(
+            f"timestamp {timestamp.isoformat()} is earlier than the last row of {path} "
+            f"({last.isoformat()}): a back-dated row would change the statements of periods already issued "
+            f"(and paid). Record sales in time order; to correct a closed period on purpose, pass "
+            "allow_backdated=True and re-issue its statements."
+        )
+    if timestamp > now + FUTURE_SKEW:
+        raise LedgerError(
+            f"timestamp {timestamp.isoformat()} is later than now ({now.isoformat(timespec='seconds')}) plus "
+            f"{int(FUTURE_SKEW.total_seconds() // 60)} minutes: a sale is recorded when it happened, and a row "
+            "dated ahead would land in a period not yet closed (and refuse every row dated before it). Pass "
+            "the sale's real time (or none: now), or allow_backdated=True for a deliberate correction."
+        )
+    return timestamp
 
 
 def parse_output_id(output_id: object) -> str:

@@ -278,7 +278,8 @@ class Attributor:
 
     def _require_same_run(self, what: str) -> None:
         """Refuse when the run at the path is no longer the one this Attributor opened (P7-02)."""
-        _identity.refuse_changed(self._stamp, self._read_stamp(), self.n_rows, what)
+        _identity.refuse_changed(self._stamp, self._read_stamp(), self.n_rows, what, source="this Attributor opened",
+                                 labels=False)
 
     def _embeddings(self, start: int, stop: int) -> da.Array:
         """Rows ``start:stop`` as a dask array whose chunk reads check the run's identity and every chunk's
@@ -354,7 +355,7 @@ class Attributor:
         return q if scale is None else q * scale[None, :]
 
     def _lazy_scores(self, q: np.ndarray, g: Grouping) -> da.Array:
-        """``(rows, m)`` lazy scores over ``da.from_zarr`` (for ``lazy=True`` results)."""
+        """``(rows, m)`` lazy scores over the checked chunk reads of :meth:`_embeddings` (``lazy=True`` results)."""
         return _stream.score_rows(self._weighted(q), self._embeddings(g.start, g.stop), self._row_scale(g.start, g.stop),
                                   check=self._row_check, start=g.start)
 

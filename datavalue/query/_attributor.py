@@ -172,8 +172,10 @@ class Attributor:
     def occurrences(self) -> pd.DataFrame:
         """``(R,)`` table aligned with the columns of ``scores(..., by=None)``.
 
-        Columns ``step, epoch, sample_id, weight, lr, grad_scale``; the index is the row.
+        Columns ``step, epoch, sample_id, weight, lr, grad_scale``; the index is the row. Refused once
+        the run at the path is another run (P7-02), as :meth:`labels`.
         """
+        self._require_same_run("occurrences")
         return self._details(np.arange(self.n_rows))
 
     def _details(self, rows: np.ndarray) -> pd.DataFrame:
@@ -195,6 +197,7 @@ class Attributor:
         ``by=None``: global row indices (index into :attr:`occurrences`); ``"sample"``: sample ids
         (sorted); ``"owner"``: owners; ``"step"``: step indices.
         """
+        self._require_same_run("labels")
         return self._grouping(by, owners, unowned, steps).labels
 
     # ------------------------------------------------------------------ test gradients

@@ -58,7 +58,8 @@ def test_p7_02_scores_of_a_replaced_run_are_refused_by_frame_save_parquet_to_dat
     out = tmp_path / "s.parquet"
     for call in (lambda: attr.frame(S), lambda: attr.save_parquet(S, out),
                  lambda: attr.to_dataset(S_sample, ds, by="sample"), lambda: lazy.compute(),
-                 lambda: lazy_sample.compute(), lambda: attr.scores(tiny_query_loss), lambda: attr.top_k(tiny_query_loss)):
+                 lambda: lazy_sample.compute(), lambda: attr.scores(tiny_query_loss), lambda: attr.top_k(tiny_query_loss),
+                 lambda: attr.labels(by="sample"), lambda: attr.occurrences):
         with pytest.raises(QueryError, match="is another run now .*Open a new Attributor"):
             call()
     assert not out.exists()

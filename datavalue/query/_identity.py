@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -136,22 +137,25 @@ def refuse_changed(then: RunStamp, now: RunStamp, rows: int, what: str, *, sourc
 # Attributor opened before the run was replaced is refused by one opened after it too
 _ISSUED: list[tuple[weakref.ref[Any], RunStamp, int]] = []
 _ISSUED_MAX = 64
+_ISSUED_LOCK = threading.Lock()  # queries from several threads
 
 
 def remember(out: Any, stamp: RunStamp, rows: int) -> None:
     """Note that ``out`` was computed at ``stamp`` over the first ``rows`` rows."""
-    live = [e for e in _ISSUED if e[0]() is not None][-(_ISSUED_MAX - 1) :]
     try:
-        live.append((weakref.ref(out), stamp, rows))
+        entry = (weakref.ref(out), stamp, rows)
     except TypeError:  # not weak-referenceable
-        pass
-    _ISSUED[:] = live
+        return
+    with _ISSUED_LOCK:
+        _ISSUED[:] = [*[e for e in _ISSUED if e[0]() is not None][-(_ISSUED_MAX - 1) :], entry]
 
 
 def stamps_of(scores: Any, path: str) -> list[tuple[RunStamp, int]]:
     """The stamps of the issued arrays of the run at ``path`` that ``scores`` is (or is a view of)."""
     found = []
-    for ref, stamp, rows in _ISSUED:
+    with _ISSUED_LOCK:
+        issued = list(_ISSUED)
+    for ref, stamp, rows in issued:
         got = ref()
         if got is not None and stamp.path == path and (got is scores or np.may_share_memory(got, scores)):
             found.append((stamp, rows))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import nn
 from datavalue._memory import check_memory, parse_max_memory
 from datavalue.capture import engine_for_run, per_sample_gradients, unwrap_model, weights_mismatch
 from datavalue.errors import NonFiniteError, QueryError
-from datavalue.query import _stream
+from datavalue.query import _identity, _stream
 from datavalue.query._groups import Grouping, grouping, parse_by, parse_steps
 from datavalue.query._lossfn import query_gradients
 from datavalue.query._results import (
@@ -136,6 +137,8 @@ class Attributor:
         self.chunk_rows = _parse_chunk_rows(chunk_rows, self.source.array)
         # streamed queries read the chunk files directly when the layout is the run's plain one
         self._rows = fast_rows(self.source.array, required_rows=self.n_rows)  # a chunk deleted since: an error, not zeros
+        # the run and build the scores come from: labels and lazy reads refuse another one at the path (P7-02)
+        self._stamp = self._read_stamp()
         # the recorded values tracin / grad_dot score with, checked as the recorder checks them (P5-04)
         if self.kind == "tracin":
             check_step_values(self.run, error=QueryError)
@@ -169,8 +172,10 @@ class Attributor:
     def occurrences(self) -> pd.DataFrame:
         """``(R,)`` table aligned with the columns of ``scores(..., by=None)``.
 
-        Columns ``step, epoch, sample_id, weight, lr, grad_scale``; the index is the row.
+        Columns ``step, epoch, sample_id, weight, lr, grad_scale``; the index is the row. Refused once
+        the run at the path is another run (P7-02), as :meth:`labels`.
         """
+        self._require_same_run("occurrences")
         return self._details(np.arange(self.n_rows))
 
     def _details(self, rows: np.ndarray) -> pd.DataFrame:
@@ -192,6 +197,7 @@ class Attributor:
         ``by=None``: global row indices (index into :attr:`occurrences`); ``"sample"``: sample ids
         (sorted); ``"owner"``: owners; ``"step"``: step indices.
         """
+        self._require_same_run("labels")
         return self._grouping(by, owners, unowned, steps).labels
 
     # ------------------------------------------------------------------ test gradients
@@ -253,24 +259,37 @@ class Attributor:
         item = np.result_type(self.source.array.dtype, np.float32).itemsize  # rows as read and scored
         # chunks being read (one per thread, two windows) and the per-chunk results of two windows in flight
         reads = min(2 * _stream.n_threads(self.client), n_chunks) * chunk * k * item
-        # what each chunk's task returns: its top and bottom, its groups' sums, or its scores
-        partial = {None: 4 * 16 * m * top, "groups": m * 8 * min(chunk, g.n_columns)}.get(result, chunk * m * 8)
+        # what each chunk's task returns: its top and bottom (at most the chunk's rows), its groups' sums, or its scores
+        partial = {None: 4 * 16 * m * min(top, chunk), "groups": m * 8 * min(chunk, g.n_columns)}.get(result, chunk * m * 8)
         window = _stream._window(self.client, partial)
         parts = {"test gradients": m * k * 8, "streamed chunks": reads + min(2 * window, n_chunks) * partial}
         if result == "occurrences":
             parts[f"the ({m}, {rows}) score matrix"] = m * rows * item
         elif result == "groups":
             parts[f"the ({m}, {g.n_columns}) sums by {g.by}"] = 2 * m * g.n_columns * 8
-        check_memory(
-            sum(parts.values()), what="this query", parts=parts, error=QueryError, max_memory=self.max_memory,
-            fixes="query fewer test points per call, a step window (steps=), aggregates (by='sample', 'owner', 'step') "
-                  "or top_k() instead of every occurrence's score, lazy=True (a dask array), or a smaller chunk_rows=",
-        )
+        if top:  # top_k() was refused: not "use top_k()"; nor lazy=, which it has not
+            fixes = "query fewer test points per call, a step window (steps=), a smaller k, or a smaller chunk_rows="
+        else:
+            fixes = ("query fewer test points per call, a step window (steps=), aggregates (by='sample', 'owner', 'step') "
+                     "or top_k() instead of every occurrence's score, lazy=True (a dask array), or a smaller chunk_rows=")
+        check_memory(sum(parts.values()), what="this query", parts=parts, error=QueryError, max_memory=self.max_memory,
+                     fixes=fixes)
 
     # ------------------------------------------------------------------ lazy pieces
+    def _read_stamp(self) -> _identity.RunStamp:
+        return _identity.read_stamp(self.source.array.store, str(self.path), self.source.array_name)
+
+    def _require_same_run(self, what: str) -> None:
+        """Refuse when the run at the path is no longer the one this Attributor opened (P7-02)."""
+        _identity.refuse_changed(self._stamp, self._read_stamp(), self.n_rows, what, source="this Attributor opened",
+                                 labels=False)
+
     def _embeddings(self, start: int, stop: int) -> da.Array:
-        arr = self.source.array
-        return da.from_zarr(arr, chunks=(self.chunk_rows, arr.shape[1]))[start:stop]
+        """Rows ``start:stop`` as a dask array whose chunk reads check the run's identity and every chunk's
+        presence and checksum, as eager queries do (P7-05: a deleted chunk read as zeros)."""
+        rows = _identity.CheckedRows(self._rows, self.source.array.store, self._stamp, self.n_rows)
+        return da.from_array(rows, chunks=(self.chunk_rows, rows.shape[1]), asarray=False, fancy=False, lock=False,
+                             name=f"datavalue-rows-{uuid.uuid4().hex}", meta=np.empty((0, 0), rows.dtype))[start:stop]
 
     def _row_scale(self, start: int, stop: int) -> np.ndarray | None:
         if self.kind != "tracin":
@@ -339,7 +358,7 @@ class Attributor:
         return q if scale is None else q * scale[None, :]
 
     def _lazy_scores(self, q: np.ndarray, g: Grouping) -> da.Array:
-        """``(rows, m)`` lazy scores over ``da.from_zarr`` (for ``lazy=True`` results)."""
+        """``(rows, m)`` lazy scores over the checked chunk reads of :meth:`_embeddings` (``lazy=True`` results)."""
         return _stream.score_rows(self._weighted(q), self._embeddings(g.start, g.stop), self._row_scale(g.start, g.stop),
                                   check=self._row_check, start=g.start)
 
@@ -382,6 +401,7 @@ class Attributor:
         """
         q = self._query(query)
         g = self._grouping(by, owners, unowned, steps)
+        self._require_same_run("scores")
         if lazy:
             rows = self._lazy_scores(q, g)
             if g.by is None:
@@ -399,6 +419,7 @@ class Attributor:
     _ISSUED_MAX = 16
 
     def _remember(self, out: Any, g: Grouping) -> Any:
+        _identity.remember(out, self._stamp, self.n_rows)
         issued = [e for e in getattr(self, "_issued", []) if e[0]() is not None][-(self._ISSUED_MAX - 1):]
         try:
             issued.append((weakref.ref(out), g.by, g.start, g.stop, g.n_columns))
@@ -457,7 +478,9 @@ class Attributor:
         g = self._grouping(by, owners, unowned, steps)
         if g.n_columns == 0:
             raise QueryError("the selection has no columns (empty step window or every sample dropped).")
-        self._check_memory(q.shape[0], g, None if g.by is None else "groups", top=int(k))
+        self._require_same_run("top_k")
+        k = min(int(k), g.n_columns)  # k above the columns: all of them, ranked (P7-04: before the estimate)
+        self._check_memory(q.shape[0], g, None if g.by is None else "groups", top=k)
         if g.by is None:
             chunks = self._chunks(q, g).with_reduce(_stream.topk_chunk, lambda a, b: (a, int(k)))
             part = _stream.stream_reduce(chunks, _stream.combine_top_k, client=self.client, progress=self.progress,
@@ -512,7 +535,7 @@ class Attributor:
         rows carry ``row, step, epoch, sample_id, weight, lr, grad_scale``.
         """
         g = self._grouping(by, owners, unowned, steps)
-        scores = self._check_columns(scores, g)
+        scores = self._check_columns(scores, g, "frame / save_parquet")
         details = self._details(g.labels) if g.by is None else None
         if g.by == "step":
             details = pd.DataFrame({"epoch": self.run.epoch[g.labels], "lr": self.run.lr[g.labels]})
@@ -559,7 +582,7 @@ class Attributor:
         if by not in (None, "sample"):
             raise QueryError(f"to_dataset matches rows by sample id; pass scores by='sample' (or by=None), not {by!r}.")
         g = self._grouping(by, None, "raise", steps)
-        scores = self._check_columns(scores, g)
+        scores = self._check_columns(scores, g, "to_dataset")
         if by is None:  # occurrences -> samples
             gs = self._grouping("sample", None, "raise", steps)
             summed = np.zeros((scores.shape[0], gs.n_columns))
@@ -586,7 +609,12 @@ class Attributor:
     def _check_provenance(self, scores: np.ndarray, g: Grouping) -> None:
         _check_provenance_of(self, scores, g)
 
-    def _check_columns(self, scores: Any, g: Grouping) -> np.ndarray:
+    def _check_columns(self, scores: Any, g: Grouping, what: str) -> np.ndarray:
+        now = self._read_stamp()  # the run at the path now: this Attributor's, and the scores' (P7-02)
+        _identity.refuse_changed(self._stamp, now, self.n_rows, what)
+        if not isinstance(scores, da.Array):  # a lazy array checks at compute
+            for then, rows in _identity.stamps_of(scores, str(self.path)):
+                _identity.refuse_changed(then, now, rows, what)
         scores = np.asarray(scores)
         if scores.ndim == 1:
             scores = scores[None, :]

@@ -6,7 +6,7 @@ score block is ``E[a:b] @ q.T`` ``(rows, m)``: occurrences as rows, so that per-
 read contiguous rows (the user-facing scores are the transpose).
 
 - :class:`ChunkTasks`: one independent read-score-reduce task per chunk (eager queries).
-  :func:`score_rows` is the same as one lazy dask array ``(R, m)`` over ``da.from_zarr``
+  :func:`score_rows` is the same as one lazy dask array ``(R, m)`` over the embeddings' dask array
   (``lazy=True`` results) and :func:`dask_blocks` cuts any such array into blocks.
 - :func:`segment_chunk` turns a score block into a *sparse partial* (the groups present in the
   chunk and their sums); :func:`combine_segments` merges partials, going dense once a partial

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datavalue.store import RunWriter, open_run
-from datavalue.store import _swap
+from datavalue.store import RunWriter, _swap, open_run
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

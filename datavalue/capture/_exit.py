@@ -1,10 +1,11 @@
 """A recorder its script never closes is closed when the interpreter exits (or when it is collected).
 
 :class:`ClosesAtExit` is the part of :class:`~datavalue.capture.Recorder` (and so of
-:class:`~datavalue.capture.FinalPass`) that does it: the recorder adds itself to :data:`_OPEN` with
-:func:`_register_at_exit` when it opens and takes itself out in ``close()``; at a normal exit
-:func:`_close_all_at_exit` commits what each one still holds, through :meth:`ClosesAtExit._close_for_exit`
-(a subclass says how it closes then: ``FinalPass`` marks itself unfinished), and warns. See
+:class:`~datavalue.capture.FinalPass`) and of :class:`~datavalue.capture.jax.JaxRecorder` that
+does it: the recorder adds itself to :data:`_OPEN` with :func:`_register_at_exit` when it opens
+and takes itself out in ``close()``; at a normal exit :func:`_close_all_at_exit` commits what each
+one still holds, through :meth:`ClosesAtExit._close_for_exit` (a subclass says how it closes then:
+``FinalPass`` marks itself unfinished), and warns. See
 "Durability" in the README.
 """
 

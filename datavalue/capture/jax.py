@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datavalue.capture._exit import _OPEN, ClosesAtExit, _register_at_exit
 from datavalue.capture._optim_resume import recorded_manifest, refuse_other_optimizer
 from datavalue.capture._pipeline import (
     LOSS_REDUCTIONS,
@@ -320,7 +321,7 @@ def _check_resume_settings(path: Any, manifest: Mapping[str, Any], storage_dtype
             "(datavalue.store.open_run(path).manifest['projection'] holds them), or pass overwrite=True to start over.")
 
 
-class JaxRecorder:
+class JaxRecorder(ClosesAtExit):
     """Records a JAX training loop into a datavalue run.
 
     Args:
@@ -474,6 +475,9 @@ class JaxRecorder:
         self._memory.chunk_rows = self._sink.chunk_rows  # the run's own (resume: as recorded)
         self.path = self.writer.path
         self.closed = False
+        # a script that ends without close(): the interpreter's exit commits what this recorder holds, as for
+        # the PyTorch Recorder (datavalue.capture._exit; close() takes it out; not in a forked child)
+        _register_at_exit(self)
 
     @property
     def n_steps(self) -> int:
@@ -545,9 +549,13 @@ class JaxRecorder:
         self._sink.flush()
 
     def close(self) -> None:
-        """Flush pending steps. Idempotent."""
+        """Flush pending steps. Idempotent.
+
+        A recorder its script never closes is closed when the interpreter exits normally (or when it is
+        garbage-collected), with a warning: see "Durability" in the README."""
         if not self.closed:
             self.closed = True
+            _OPEN.pop(id(self), None)
             self._sink.close()
 
     def __enter__(self) -> JaxRecorder:

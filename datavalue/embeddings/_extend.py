@@ -46,7 +46,13 @@ from datavalue.embeddings._metadata import (
 from datavalue.embeddings._plan import _digest, _make_plan, _parse_curvature, _Plan, _split
 from datavalue.embeddings._stream import _execute, _run_segments, _task, _write_pieces
 from datavalue.errors import EmbeddingError, StoreExistsError
-from datavalue.store import check_workers_see_run, fast_rows, rebind_array, refuse_foreign_below, writes_run
+from datavalue.store import (
+    check_workers_see_run,
+    fast_rows,
+    rebind_array,
+    refuse_foreign_below,
+    writes_run,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,15 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from datavalue.embeddings import build_embeddings, check_build, extend_embeddings, require_build_chunks
+from datavalue.embeddings import (
+    build_embeddings,
+    check_build,
+    extend_embeddings,
+    require_build_chunks,
+)
 from datavalue.errors import EmbeddingError, StoreCorruptError
 from datavalue.store import open_run
 
@@ -70,8 +76,6 @@ def test_p7_06_extend_refuses_a_missing_or_damaged_chunk_and_leaves_the_build_as
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_p7_06_an_intact_build_still_extends_to_the_rebuild(tmp_path, setting):
-    import numpy as np
-
     path, steps = _resumed(tmp_path, setting)
     info = extend_embeddings(path, "empirical_fisher", progress=False)
     assert info.n_steps == 20

@@ -206,5 +206,5 @@ def require_intact_rows(run: Any, name: str, n: int, what: str, fix: str) -> Non
                 raise StoreCorruptError(f"{run.path}: chunk {name}/c/{i}/0 (entries {c0}..{min(n, c0 + C) - 1}) is "
                                         f"corrupt ({exc}).") from exc
     except StoreCorruptError as exc:
-        raise StoreCorruptError(f"{what}: {str(exc).rstrip()} Nothing was read into or written to the build; "
+        raise StoreCorruptError(f"{what}: {str(exc).rstrip()} Nothing was written: the build is as it was; "
                                 f"{fix}") from exc

@@ -16,11 +16,11 @@ from typing import Any
 
 from datavalue.embeddings._metadata import ATTRS_KEY, _base, _replay_optimizer, _stored_blocks
 from datavalue.embeddings._plan import _digest, _make_plan
-from datavalue.errors import EmbeddingError, StoreError
+from datavalue.errors import EmbeddingError, StoreCorruptError, StoreError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_build", "refuse_final_pass", "refuse_foreign", "require_build_chunks"]
+__all__ = ["check_build", "refuse_final_pass", "refuse_foreign", "require_build_chunks", "require_intact_rows"]
 
 
 def refuse_final_pass(run: Any, what: str) -> None:
@@ -69,8 +69,9 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
     """Check that a stored build was made from ``run`` as it is now, and that its chunks are present.
 
     Args:
-        run: an open run (:func:`datavalue.store.open_run`).
-        curvature: which build (``embeddings/<curvature>/values``); or
+        run: the run: its path, or an open run (:func:`datavalue.store.open_run`), as
+            :func:`~datavalue.embeddings.build_embeddings` takes it.
+        curvature: which build (``embeddings/<curvature>/values``); default: the run's only build; or
         array: the values array's path inside the run (e.g. an explicit ``embeddings=`` of a query).
 
     Returns:
@@ -78,17 +79,16 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
 
     Raises:
         EmbeddingError: the build's ``n_steps`` / ``n_rows`` / ``run_digest`` do not match the run
-            (copied from another run, or the run was re-recorded or resumed after the build).
+            (copied from another run, or the run was re-recorded or resumed after the build); no
+            ``curvature=`` and the run holds no build or several (the message names them); the run
+            has no build ``curvature``.
         StoreCorruptError: a chunk of the values inside the rows the build covers is missing.
 
     Example:
-        >>> check_build(open_run("runs/x.zarr"), "fisher")["n_rows"]  # doctest: +SKIP
+        >>> check_build("runs/x.zarr", "fisher")["n_rows"]  # doctest: +SKIP
         1200
     """
-    if array is None:
-        if curvature is None:
-            raise ValueError("pass curvature= or array=.")
-        array = f"{_base(curvature)}/values"
+    run, array = _resolve(run, curvature, array, "check_build")
     meta = dict(run.array(array).attrs.get(ATTRS_KEY, {}))
     curvature = curvature or meta.get("curvature")
     rebuild = f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}, overwrite=True)"
@@ -134,20 +134,16 @@ def require_build_chunks(run: Any, curvature: str | None = None, *, array: str |
     build's values inside the rows it covers exists. ``datavalue info`` runs it on each finished build.
 
     Args:
-        run: an open run (:func:`datavalue.store.open_run`).
-        curvature: which build (``embeddings/<curvature>/values``); or
-        array: the values array's path inside the run.
+        run, curvature, array: as in :func:`check_build`.
 
     Raises:
         StoreCorruptError: a chunk is missing (the message names it and the rows it holds).
+        EmbeddingError: as in :func:`check_build`, when the build cannot be named.
 
     Example:
-        >>> require_build_chunks(open_run("runs/x.zarr"), "fisher")  # doctest: +SKIP
+        >>> require_build_chunks("runs/x.zarr", "fisher")  # doctest: +SKIP
     """
-    if array is None:
-        if curvature is None:
-            raise EmbeddingError("require_build_chunks: pass curvature= (the build's name) or array=.")
-        array = f"{_base(curvature)}/values"
+    run, array = _resolve(run, curvature, array, "require_build_chunks")
     _require_chunks(run, array, dict(run.array(array).attrs.get(ATTRS_KEY, {})))
 
 
@@ -162,3 +158,53 @@ def _require_chunks(run: Any, array: str, meta: dict[str, Any]) -> None:
         run.require_chunks(array, int(meta["n_rows"]))
     else:  # an older build: the run's rows it holds
         run.require_chunks(array, min(int(run.n_rows), int(run.array(array).shape[0])))
+
+
+def _resolve(run: Any, curvature: str | None, array: str | None, what: str) -> tuple[Any, str]:
+    """``(open run, values array)`` of :func:`check_build`'s arguments: ``run`` a path or a ``Run``; the
+    build ``curvature``, else ``array``, else the run's only build."""
+    from datavalue.store import Run, open_run
+
+    run = run if isinstance(run, Run) else open_run(run)
+    if array is not None:
+        return run, array
+    builds = tuple(c for c in run.subgroups("embeddings") if run.has_array(f"{_base(c)}/values"))
+    held = f"it holds {', '.join(map(repr, builds))}" if builds else "it holds none"
+    if curvature is not None:
+        if curvature not in builds:
+            raise EmbeddingError(f"{what}: {run.path} has no build {curvature!r} ({held}). Build it with "
+                                 f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}).")
+        return run, f"{_base(curvature)}/values"
+    if len(builds) == 1:
+        return run, f"{_base(builds[0])}/values"
+    if not builds:
+        raise EmbeddingError(f"{what}: {run.path} holds no embedding build: build one with "
+                             f"datavalue.build_embeddings({str(run.path)!r}), or pass array= (the values array's path).")
+    raise EmbeddingError(f"{what}: {run.path} holds {len(builds)} builds ({', '.join(map(repr, builds))}): pass "
+                         f"curvature= to say which (e.g. {what}({str(run.path)!r}, curvature={builds[0]!r})).")
+
+
+def require_intact_rows(run: Any, name: str, n: int, what: str, fix: str) -> None:
+    """Presence and integrity of rows ``0:n`` of the run's array ``name``, before ``what`` reads and
+    rewrites them in place (:func:`~datavalue.embeddings.extend_embeddings` maps every old row of a
+    build): every chunk is there and its crc32c matches. One read of the rows, a chunk at a time.
+
+    Raises:
+        StoreCorruptError: naming the chunk, that nothing was written, and ``fix``.
+    """
+    from datavalue.store import fast_rows
+
+    try:
+        run.require_chunks(name, n)
+        arr = run.array(name)
+        rows = fast_rows(arr, required_rows=n)  # the chunk files, checksums verified; else zarr's reader
+        C = int(arr.chunks[0])
+        for i, c0 in enumerate(range(0, n, C)):
+            try:
+                rows[c0 : min(n, c0 + C)]
+            except ValueError as exc:  # zarr's checksum mismatch (the fallback reader)
+                raise StoreCorruptError(f"{run.path}: chunk {name}/c/{i}/0 (entries {c0}..{min(n, c0 + C) - 1}) is "
+                                        f"corrupt ({exc}).") from exc
+    except StoreCorruptError as exc:
+        raise StoreCorruptError(f"{what}: {str(exc).rstrip()} Nothing was written: the build is as it was; "
+                                f"{fix}") from exc

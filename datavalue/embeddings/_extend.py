@@ -34,7 +34,7 @@ from datavalue.embeddings._build import (
     check_chunk_memory,
     check_client,
 )
-from datavalue.embeddings._check import refuse_final_pass, refuse_foreign
+from datavalue.embeddings._check import refuse_final_pass, refuse_foreign, require_intact_rows
 from datavalue.embeddings._metadata import (
     ATTRS_KEY,
     _base,
@@ -46,7 +46,13 @@ from datavalue.embeddings._metadata import (
 from datavalue.embeddings._plan import _digest, _make_plan, _parse_curvature, _Plan, _split
 from datavalue.embeddings._stream import _execute, _run_segments, _task, _write_pieces
 from datavalue.errors import EmbeddingError, StoreExistsError
-from datavalue.store import check_workers_see_run, rebind_array, refuse_foreign_below, writes_run
+from datavalue.store import (
+    check_workers_see_run,
+    fast_rows,
+    rebind_array,
+    refuse_foreign_below,
+    writes_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +237,9 @@ def extend_embeddings(
     k = int(run.proj_dim)
     chunk = int(values.chunks[0])
     check_chunk_memory(path, chunk, k, meta["storage_dtype"], 1 + int(vel), chunk, limit)  # before anything changes
+    for name in [f"{base}/values"] + ([f"{base}/v_values"] if had_vel else []):  # the rows mapped in place below:
+        require_intact_rows(run, name, R0, "extend_embeddings",  # a deleted chunk would map as zeros
+                            f"rebuild it with build_embeddings({str(path)!r}, {curvature!r}, overwrite=True).")
     refuse_foreign_below(path, base)  # its operators are rewritten: never with a user's file (or a link) in the build
     meta["complete"] = False
     values.attrs[ATTRS_KEY] = meta
@@ -269,8 +278,8 @@ def extend_embeddings(
     )
     maps = res["start"]  # per block: (n, w) operator at the old end T0
     # old rows: one map per block, chunk-parallel; the chunk shared with new rows goes via the driver
-    old_in = [open_array(path, f"{base}/values")] + (
-        [open_array(path, f"{base}/v_values")] if had_vel else []
+    old_in = [fast_rows(open_array(path, f"{base}/values"), required_rows=R0)] + (  # checked reads
+        [fast_rows(open_array(path, f"{base}/v_values"), required_rows=R0)] if had_vel else []
     )
     fns = [
         _task(_map_rows, plan, maps, old_in, outputs, c0, min(c0 + chunk, R0), chunk, vel)

@@ -14,8 +14,6 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +26,11 @@ from datavalue import errors as E
 from datavalue.capture import FinalPass
 from datavalue.embeddings import build_influence, check_build, embeddings_at, extend_embeddings
 from datavalue.store import open_run
+from tests._helpers_child import run_child
 from tests._helpers_tiny_run import tiny_mlp
 
 X = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(1))
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _Trainer:
@@ -257,13 +255,7 @@ print("child done", flush=True)
 
 
 def _child(tmp_path: Path, mode: str) -> tuple[Path, subprocess.CompletedProcess]:
-    script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(_CHILD))
-    run = tmp_path / f"{mode}.zarr"
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(script), str(run), mode], capture_output=True, text=True, timeout=300,
-                       env=env, cwd=tmp_path)
-    return run, r
+    return run_child(tmp_path, _CHILD, mode)
 
 
 @pytest.mark.parametrize("mode", ["exit", "del", "raise"])

@@ -9,19 +9,17 @@ nothing is committed before the end) and ends without ``rec.close()``: plainly, 
 from __future__ import annotations
 
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from datavalue.store import open_run
+from tests._helpers_child import run_child
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-REPO = Path(__file__).resolve().parents[2]
 
 _CHILD = """
 import os, sys
@@ -63,13 +61,7 @@ print("child done", flush=True)
 
 
 def _child(tmp_path: Path, mode: str) -> tuple[Path, subprocess.CompletedProcess]:
-    script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(_CHILD))
-    run = tmp_path / f"{mode}.zarr"
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, str(script), str(run), mode], capture_output=True, text=True,
-                       timeout=300, env=env, cwd=tmp_path)
-    return run, r
+    return run_child(tmp_path, _CHILD, mode, JAX_PLATFORMS="cpu")
 
 
 @pytest.mark.parametrize("mode", ["exit", "del", "raise"])

@@ -45,6 +45,10 @@ def parse_sample_ids(sample_ids: Any) -> np.ndarray:
     """Validate ids (tensor, array, list or range of ints) into a 1-d int64 array without duplicates."""
     if hasattr(sample_ids, "detach") and hasattr(sample_ids, "cpu"):  # a torch tensor, without importing torch
         sample_ids = _tensor_to_numpy("sample_ids", sample_ids)
+    if isinstance(sample_ids, range) and len(sample_ids) and all(
+            -(2**63) < v < 2**63 for v in (sample_ids[0], sample_ids[-1])):
+        # distinct ints by construction: no per-id Python checks (0.5 ms a step of 128 ids, issue 20)
+        return np.arange(sample_ids.start, sample_ids.stop, sample_ids.step, dtype=np.int64)
     if isinstance(sample_ids, (list, tuple, range)):
         vals = list(sample_ids)
         bools = [v for v in vals if isinstance(v, (bool, np.bool_))]

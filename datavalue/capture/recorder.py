@@ -254,6 +254,8 @@ class Recorder(ClosesAtExit, ResumeChecks):
         self.hessian = cfg.hessian
         self.fisher_max_classes = cfg.fisher_max_classes
         self.fisher_samples = cfg.fisher_samples
+        # the Adam moments' block means: float64 sums only where they are stored in float64 (issue 20)
+        self._precise_moments = np.dtype(storage_dtype) == np.float64
         adam = is_adam(optimizer)
         if record_optimizer_state and not adam:
             raise RecorderError("record_optimizer_state=True needs optimizer= a torch.optim.Adam or AdamW.")
@@ -642,7 +644,7 @@ class Recorder(ClosesAtExit, ResumeChecks):
                 fisher = self._whitener.sketch(fisher.to(torch.float64) * sqrt_d).to(g.dtype)
             self._sqrt_d = sqrt_d
         fields = step_fields(self.optimizer, self.model, self.layout, record_state=self.record_optimizer_state, lr=lr,
-                             step=self.n_steps)
+                             step=self.n_steps, precise=self._precise_moments)
         if self.checkpoint_every is not None and self.n_steps % self.checkpoint_every == 0:
             self._checkpoint(self.n_steps)  # before this step's update: the weights theta_t
         step = self._sink.submit(ids, w_final, g, fisher=fisher if self.fisher else None, hessian=hessian,

@@ -161,3 +161,67 @@ def test_adam_moments_unknown_exact_layout_uses_block_matrix():
     new, ref = adam_moments(opt, model, fake), _reference_adam_moments(opt, model, fake)
     np.testing.assert_array_equal(new["adam_m"], ref["adam_m"])
     np.testing.assert_array_equal(new["adam_v"], ref["adam_v"])
+
+
+def _block_mean_abs(opt, model, engine):
+    """Each projected block's mean ``|moment|`` in its columns (the scale of a float32 sum's rounding)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for j, key in enumerate(("exp_avg", "exp_avg_sq")):
+        named = {n: opt.state[p][key].detach().abs() if key in opt.state.get(p, {}) else torch.zeros_like(p)
+                 for n, p in params.items()}
+        out[("adam_m", "adam_v")[j]] = np.concatenate([
+            np.full(b.k, float(block_matrix(b.to_json(), named).to(torch.float64).mean())) for b in engine.blocks])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adam_moments_in_the_parameters_dtype_are_within_its_rounding(dtype):
+    """``precise=False`` (what a float32 recording uses, issue 20): each block's sum in the parameters' own
+    dtype. Against the float64 reference, within 1e-6 of the block's mean ``|moment|`` for float32 (the sum's
+    rounding, ~1e-8 measured; a sum that dropped a parameter or a block misses by > 1e-2); bit for bit in
+    float64 parameters, where the two sums are the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 5)).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 64, dtype=dtype), torch.randint(0, 5, (16,))
+    eng = Engine(model, proj_dim=40, seed=0)
+    for _ in range(4):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    fast, ref = adam_moments(opt, model, eng, precise=False), _reference_adam_moments(opt, model, eng)
+    scale = _block_mean_abs(opt, model, eng)
+    for key in ("adam_m", "adam_v"):
+        err = np.abs(fast[key] - ref[key]) / scale[key]
+        assert err.max() <= (1e-6 if dtype == torch.float32 else 1e-13), (key, err.max())
+        assert fast[key].dtype == np.float64
+
+
+@pytest.mark.parametrize(("storage", "rtol"), [("float64", 1e-13), ("float32", 1e-6)])
+def test_the_recorder_sums_the_moments_in_float64_only_for_float64_storage(tmp_path, storage, rtol):
+    """A recording stores the moments' block means within its storage's rounding of the float64 reference:
+    float64 storage keeps float64 sums (1e-13 of the block's mean |moment|), float32 storage the cheaper
+    sums (1e-6)."""
+    import datavalue
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 5))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 64), torch.randint(0, 5, (8,))
+    rec = datavalue.Recorder(tmp_path / "r.zarr", model, proj_dim=24, optimizer=opt, storage_dtype=storage)
+    refs, scales = [], []
+    for s in range(3):
+        with rec.step(range(8 * s, 8 * s + 8)):
+            F.cross_entropy(model(x), y).backward()
+        refs.append(_reference_adam_moments(opt, model, rec.layout))  # the state the step recorded (before the update)
+        scales.append(_block_mean_abs(opt, model, rec.layout) if s else None)
+        opt.step()
+        opt.zero_grad()
+    rec.close()
+    run = datavalue.open_run(tmp_path / "r.zarr")
+    for key in ("adam_m", "adam_v"):
+        stored = np.asarray(run.read(key), dtype=np.float64)
+        for s in (1, 2):  # step 0: no state yet (zeros)
+            err = np.abs(stored[s] - refs[s][key]) / scales[s][key]
+            assert err.max() <= rtol, (storage, key, s, err.max())

@@ -54,3 +54,23 @@ def test_the_store_marker_id_is_refused(ids):
     is told from data), so it cannot be a sample id."""
     with pytest.raises(RecorderError, match="reserved"):
         parse_sample_ids(ids)
+
+
+@pytest.mark.parametrize("r", [range(5), range(3, 40, 7), range(10, -3, -4), range(2**63 - 4, 2**63 - 1),
+                               range(-(2**63) + 1, -(2**63) + 5, 2), range(2**63 - 2, 2**63 + 1),
+                               range(-(2**63), -(2**63) + 3), range(7, 7), range(0, 2**64, 2**62)])
+def test_a_range_of_ids_parses_like_the_same_list(r):
+    """``range`` ids take a fast path (issue 20): the same ids, and the same refusals, as the list of them."""
+    from datavalue.errors import RecorderError
+
+    def parse(x):
+        try:
+            return parse_sample_ids(x)
+        except RecorderError as e:
+            return str(e)
+
+    fast, slow = parse(r), parse(list(r))
+    if isinstance(slow, str):
+        assert fast == slow
+    else:
+        assert fast.dtype == np.int64 and np.array_equal(fast, slow)

@@ -22,6 +22,9 @@ run's private attributes), so that the format has one place to change:
 - the direct chunk-file fast path: :func:`fast_rows` gives a :class:`ChunkFileRows` reader for a
   local array with the run's plain layout; :func:`write_chunk` / :func:`write_all` write chunk
   files with the store writer's encoder (:func:`chunk_dir` says whether an array qualifies);
+- checked reads of any array (a missing chunk inside what is required, or a damaged one, is a
+  ``StoreCorruptError`` naming it): :class:`CheckedArray`, :func:`read_checked`, :func:`checked_rows`
+  (the reader behind ``Run.grads`` / ``Run.fisher``);
 - schema names: :data:`SCHEMA_VERSION`; :data:`MANIFEST_KEY` (the root attribute holding the
   manifest); :data:`MANIFEST_DIGEST_KEY` (the root attribute holding :func:`manifest_digest` of the
   manifest's capture settings, written at creation and checked by :func:`open_run`); :data:`ROW_ARRAYS`, :data:`STEP_ARRAYS` and :data:`OPTIONAL_STEP_ARRAYS` (array name
@@ -35,6 +38,9 @@ Example:
 """
 
 from datavalue.store._archive import archive_run as archive_run
+from datavalue.store._checked import CheckedArray as CheckedArray
+from datavalue.store._checked import checked_rows as checked_rows
+from datavalue.store._checked import read_checked as read_checked
 from datavalue.store._chunkfiles import ChunkFileRows as ChunkFileRows
 from datavalue.store._chunkfiles import chunk_dir as chunk_dir
 from datavalue.store._chunkfiles import fast_rows as fast_rows
@@ -87,6 +93,7 @@ __all__ = [
     "ROW_ARRAYS",
     "SCHEMA_VERSION",
     "STEP_ARRAYS",
+    "CheckedArray",
     "ChunkFileRows",
     "RowCheck",
     "Run",
@@ -94,6 +101,7 @@ __all__ = [
     "StepBlock",
     "archive_run",
     "check_step_values",
+    "checked_rows",
     "chunk_dir",
     "create_array",
     "delete_path",
@@ -105,6 +113,7 @@ __all__ = [
     "open_array_writable",
     "open_run",
     "package_versions",
+    "read_checked",
     "rebind_array",
     "refuse_foreign_below",
     "refuse_nonfinite_scores",

@@ -273,12 +273,11 @@ class Run:
                     "Restore the run from a copy."
                 )
             return
-        C = int(arr.chunks[0])
-        suffix = ("0",) * (len(arr.shape) - 1)
-        for i in range(-(-int(n) // C)):
-            key = (str(i), *suffix)
-            if not self._chunk_exists(name, key):
-                raise StoreCorruptError(missing_chunk_message(self.path, f"{name}/c/{'/'.join(key)}", i * C, min(n, (i + 1) * C) - 1))
+        from datavalue.store._checked import first_missing_chunk
+
+        missing = first_missing_chunk(arr, int(n))  # every column chunk of every row chunk (P7 leftovers)
+        if missing is not None:
+            raise StoreCorruptError(missing_chunk_message(self.path, *missing))
 
     # ------------------------------------------------------------------ helpers
     def _chunk_exists(self, name: str, key: tuple[str, ...]) -> bool:
@@ -400,10 +399,9 @@ class Run:
 
     @property
     def grads(self) -> da.Array:
-        """``(R, k)`` lazy per-sample gradients (committed rows only)."""
-        import dask.array as da  # here, not at import: recording never needs dask (0.5 s to import)
-
-        return da.from_zarr(self._group["grads"])[: self.n_rows]
+        """``(R, k)`` lazy per-sample gradients (committed rows only; a chunk deleted or damaged since the
+        run was opened raises :class:`~datavalue.errors.StoreCorruptError` naming it when computed)."""
+        return self._checked_dask("grads", self.n_rows)
 
     @property
     def has_fisher(self) -> bool:
@@ -415,9 +413,19 @@ class Run:
             raise StoreNotFoundError(
                 f"{self.path} holds no Fisher pseudo-gradients; record with Recorder(..., curvature='fisher')."
             )
-        import dask.array as da
+        return self._checked_dask("fisher", self.n_fisher_rows)
 
-        return da.from_zarr(self._group["fisher"])[: self.n_fisher_rows]
+    def _checked_dask(self, name: str, n: int) -> da.Array:
+        """``name[:n]`` as a dask array read through the checked chunk reader: a chunk deleted or damaged
+        after open raises :class:`~datavalue.errors.StoreCorruptError` naming it when computed (zarr
+        would read zeros, or raise a bare ``ValueError``)."""
+        import dask.array as da  # here, not at import: recording never needs dask (0.5 s to import)
+
+        from datavalue.store._checked import checked_rows
+
+        arr = self._group[name]
+        reader = checked_rows(arr, int(n), location=self.path)
+        return da.from_array(reader, chunks=tuple(int(c) for c in arr.chunks), asarray=False, fancy=False)[:n]
 
     @functools.cached_property
     def fisher_ptr(self) -> np.ndarray:

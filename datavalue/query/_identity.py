@@ -20,20 +20,17 @@ import hashlib
 import json
 import threading
 import weakref
-from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
-import zarr
-from zarr.storage import LocalStore
 
 from datavalue.errors import QueryError
+from datavalue.store import read_run_attrs
 
 #: Attributes of a scored array that say which build it is (``build_embeddings``, ``build_influence``).
 BUILD_KEYS = ("datavalue_embeddings", "datavalue_influence")
 _RUN_ID_KEY = "datavalue_run_id"  # datavalue.store._schema.RUN_ID_KEY (documented in docs/store-format.md)
-_LINEAGE_KEY = "datavalue_lineage"
+_LINEAGE_KEY = "datavalue_lineage"  # read by datavalue.store.read_run_attrs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +69,7 @@ def read_stamp(store: Any, path: str, array: str) -> RunStamp:
         QueryError: the run or the array can no longer be read (replaced while it is read, deleted).
     """
     try:
-        attrs, commit, meta = _read_local(store, array) if isinstance(store, LocalStore) else _read_zarr(store, array)
+        attrs, commit, meta = read_run_attrs(store, array)
     except Exception as exc:  # noqa: BLE001 - any failure: the run is not the one the scores came from
         raise QueryError(
             f"{path}: cannot read the run these scores were computed from ({type(exc).__name__}: {exc}); it was "
@@ -85,24 +82,6 @@ def read_stamp(store: Any, path: str, array: str) -> RunStamp:
         str(path), array, None if attrs.get(_RUN_ID_KEY) is None else str(attrs.get(_RUN_ID_KEY)), int(commit[3]),
         int(commit[1]), tuple(tuple(e) for e in attrs.get(_LINEAGE_KEY) or []), digest, created,
     )
-
-
-def _read_local(store: Any, array: str) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
-    """The root attributes, the commit and the array's attributes of a run in a local directory, read
-    from the files (a tenth of zarr's cost: this runs once per chunk of a lazy compute)."""
-    root = Path(str(store.root))
-    raw = (root / "commit" / "c" / "0").read_bytes()  # [steps, rows, fisher_rows, generation] int64 + crc32c
-    if len(raw) != 36 or crc32c.crc32c(raw[:32]) != int.from_bytes(raw[32:], "little"):
-        raise ValueError("the commit chunk commit/c/0 is damaged")
-    attrs = json.loads((root / "zarr.json").read_bytes()).get("attributes") or {}
-    meta = json.loads((root / array / "zarr.json").read_bytes()).get("attributes") or {}
-    return attrs, np.frombuffer(raw[:32], "<i8"), meta
-
-
-def _read_zarr(store: Any, array: str) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
-    group = zarr.open_group(store=store, mode="r", zarr_format=3)
-    meta = zarr.open_array(store=store, path=array, mode="r", zarr_format=3).attrs.asdict()
-    return group.attrs.asdict(), np.asarray(group["commit"][:]), meta
 
 
 def changed(then: RunStamp, now: RunStamp, rows: int) -> str | None:

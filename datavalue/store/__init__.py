@@ -16,6 +16,8 @@ run's private attributes), so that the format has one place to change:
 - the final-weights pass (``<run>/final``, :data:`FINAL_RUN`): ``Run.is_final_pass``, its manifest's
   ``integration["name"]`` :data:`FINAL_PASS_INTEGRATION`; :func:`stale_final_pass` says why a pass
   no longer describes the run (the run trained further after it was recorded);
+- a run's identity read now (root attributes, commit, an array's attributes), for stamping scores:
+  :func:`read_run_attrs`;
 - one writer per run: :class:`RunWriter` holds ``<run>/writer.lock`` (:data:`LOCK_FILE`) while
   it is open; other writers into a run hold it with :func:`lock_run` (or the :func:`writes_run`
   decorator); a second writer gets :class:`~datavalue.errors.StoreLockedError` naming the holder;
@@ -55,6 +57,7 @@ from datavalue.store._reader import open_array_writable as open_array_writable
 from datavalue.store._reader import open_run as open_run
 from datavalue.store._reader import rebind_array as rebind_array
 from datavalue.store._reader import stale_final_pass as stale_final_pass
+from datavalue.store._runattrs import read_run_attrs as read_run_attrs
 from datavalue.store._runlock import LOCK_FILE as LOCK_FILE
 from datavalue.store._runlock import lock_run as lock_run
 from datavalue.store._runlock import writes_run as writes_run
@@ -114,6 +117,7 @@ __all__ = [
     "open_run",
     "package_versions",
     "read_checked",
+    "read_run_attrs",
     "rebind_array",
     "refuse_foreign_below",
     "refuse_nonfinite_scores",

@@ -173,13 +173,30 @@ def _store_ops(
         write_all(arr, data)
 
 
-def _load_ops(path: Any, curvature: str, plan: _Plan, K: int) -> list[list[np.ndarray]]:
-    from datavalue.store import open_array
+def _read_ops(path: Any, name: str) -> np.ndarray:
+    """The stored operators ``name`` (``embeddings/<c>/ops/block<l>``), every chunk checked: a deleted
+    chunk (it would read as a zero operator) or a damaged one is a ``StoreCorruptError`` naming it."""
+    from datavalue.errors import StoreCorruptError
+    from datavalue.store import open_array, read_checked
 
-    per_block = [
-        np.asarray(open_array(path, f"{_base(curvature)}/ops/block{i:03d}")[:])
-        for i in range(len(plan.blocks))
-    ]
+    try:
+        return read_checked(open_array(path, name), name, location=path)
+    except StoreCorruptError as exc:
+        raise StoreCorruptError(
+            f"{str(exc).rstrip()} (the build's stored transfer operators: rebuild it with "
+            f"build_embeddings({str(path)!r}, ..., overwrite=True))."
+        ) from exc
+
+
+def check_ops(path: Any, curvature: str, plan: _Plan) -> None:
+    """Every stored operator chunk of the ``curvature`` build is there and intact (before a writer
+    that reads them, :func:`~datavalue.embeddings.extend_embeddings`, changes anything)."""
+    for i in range(len(plan.blocks)):
+        _read_ops(path, f"{_base(curvature)}/ops/block{i:03d}")
+
+
+def _load_ops(path: Any, curvature: str, plan: _Plan, K: int) -> list[list[np.ndarray]]:
+    per_block = [_read_ops(path, f"{_base(curvature)}/ops/block{i:03d}") for i in range(len(plan.blocks))]
     out = []
     for s in range(K):
         ops = []

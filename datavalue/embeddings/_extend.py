@@ -240,6 +240,10 @@ def extend_embeddings(
     for name in [f"{base}/values"] + ([f"{base}/v_values"] if had_vel else []):  # the rows mapped in place below:
         require_intact_rows(run, name, R0, "extend_embeddings",  # a deleted chunk would map as zeros
                             f"rebuild it with build_embeddings({str(path)!r}, {curvature!r}, overwrite=True).")
+    if meta.get("ops_stored"):  # the stored operators are read and rewritten below: every chunk intact first
+        from datavalue.embeddings._build import check_ops
+
+        check_ops(path, curvature, plan)
     refuse_foreign_below(path, base)  # its operators are rewritten: never with a user's file (or a link) in the build
     meta["complete"] = False
     values.attrs[ATTRS_KEY] = meta

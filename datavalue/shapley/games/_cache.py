@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -107,6 +108,7 @@ class DiskCache:
         self._writer.acquire()
         try:
             if self.path.exists() and self.path.stat().st_size > 0:
+                self._unshare()  # a hard-link snapshot's file is never written (truncated, appended) in place
                 self._load()
             else:
                 self._create()
@@ -167,6 +169,20 @@ class DiskCache:
                 f"utility has fingerprint={self.fingerprint!r}. Reusing it would mix utilities of "
                 "different models: use a new cache_path, or pass the recorded fingerprint."
             )
+
+    def _unshare(self) -> bool:
+        """Give the cache file its own inode when another directory shares it (a hard-link snapshot,
+        ``cp -al``; ``st_nlink > 1``): a copy, fsynced, renamed over it (as the ledger does), so the
+        snapshot keeps its bytes. Returns whether it copied. Call with the writer's lock held."""
+        real = Path(os.path.realpath(self.path))
+        if os.stat(real).st_nlink <= 1:
+            return False
+        with atomic_write(real) as tmp:
+            shutil.copyfile(real, tmp)
+            shutil.copymode(real, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        return True
 
     def _move_torn_tail(self, raw: bytes) -> bytes:
         """Move bytes after the last newline (an append cut short) to ``<cache>.torn-<time>``."""
@@ -273,6 +289,9 @@ class DiskCache:
                         "cache_path for a different utility."
                     )
                 return
+            if os.fstat(self._fh.fileno()).st_nlink > 1 and self._unshare():  # snapshot taken while open
+                self._fh.close()
+                self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self._values[mask] = value
             self._fh.write(json.dumps({"mask": int(mask), "value": value}) + "\n")
             self._fh.flush()

@@ -28,8 +28,10 @@ import datetime as _dt
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
+from datavalue._files import atomic_write
 from datavalue.shapley._errors import LedgerError, LedgerNotFoundError
 from datavalue.shapley.royalties import _anchor
 
@@ -213,6 +215,24 @@ def recover(path: Path, *, lock_timeout: float = 10.0) -> Path | None:
         return _recover_locked(path)
 
 
+def _shared(path: Path) -> bool:
+    """Whether another directory shares the ledger's file (a hard-link snapshot: ``st_nlink > 1``)."""
+    return os.stat(_anchor.real(path)).st_nlink > 1
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Replace the ledger's file by ``data`` through a temporary (fsynced, then renamed over it, as
+    ``RoyaltyLedger._unshare`` does before an append): the file gets its own inode, and a snapshot
+    sharing the old one keeps its bytes. Call with the ledger's lock held."""
+    target = _anchor.real(path)
+    with atomic_write(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.copymode(target, tmp)
+
+
 def _recover_locked(path: Path) -> Path | None:
     head_text = _anchor.read_head_text(path)  # before the rows, as every read (RoyaltyLedger._scan)
     raw = path.read_bytes()
@@ -220,10 +240,13 @@ def _recover_locked(path: Path) -> Path | None:
     cut = bytes_kept(path, raw, head_text=head_text)
     if cut == len(raw):
         if raw and not raw.endswith(b"\n"):
-            with open(path, "ab") as f:
-                f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+            if _shared(path):
+                _rewrite(path, raw + b"\n")
+            else:
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
             logger.warning("ledger %s: its last line %d is whole but had no final newline; added the newline",
                            path, raw.count(b"\n") + 1)  # fmt: skip
         return None
@@ -234,9 +257,12 @@ def _recover_locked(path: Path) -> Path | None:
         f.write(raw[cut:])
         f.flush()
         os.fsync(f.fileno())
-    with open(path, "r+b") as f:
-        f.truncate(cut)
-        os.fsync(f.fileno())
+    if _shared(path):  # a hard-link snapshot (cp -al) shares the file: keep its bytes as they are
+        _rewrite(path, raw[:cut])
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            os.fsync(f.fileno())
     logger.warning(
         "ledger %s: moved the torn line %d (%d bytes) to %s",
         path,

@@ -22,8 +22,13 @@ import warnings
 import numpy as np
 import pytest
 
-from datavalue.embeddings import build_embeddings, build_metadata, embeddings_at, extend_embeddings
-from datavalue.embeddings import _stream
+from datavalue.embeddings import (
+    _stream,
+    build_embeddings,
+    build_metadata,
+    embeddings_at,
+    extend_embeddings,
+)
 from datavalue.errors import EmbeddingError
 from datavalue.store import open_array, open_run
 
@@ -199,3 +204,15 @@ def test_window_with_another_curvature_is_refused(sgd_run, curvature):
     with pytest.raises(EmbeddingError, match=rf"applies to curvature='fisher' only.*is '{curvature}'"):
         build_embeddings(path, curvature, progress=False, fisher_window=2)
     assert build_embeddings(path, curvature, progress=False, fisher_window=0).curvature == curvature
+
+
+def test_non_finite_rows_of_a_pooled_step_name_that_step(tmp_path):
+    from datavalue.errors import NonFiniteError
+
+    steps = make_steps(7, 6, fisher=True)
+    bad = steps[4].fisher.copy()
+    bad[1, 2] = np.nan
+    steps[4] = dataclasses.replace(steps[4], fisher=bad)
+    path = write_run(tmp_path / "run.zarr", steps, fisher=True)
+    with pytest.raises(NonFiniteError, match=r"step 4: non-finite Fisher .*pooled into steps 3\.\.5 by fisher_window=1"):
+        build_embeddings(path, "fisher", progress=False, fisher_window=1)

@@ -216,3 +216,16 @@ def test_non_finite_rows_of_a_pooled_step_name_that_step(tmp_path):
     path = write_run(tmp_path / "run.zarr", steps, fisher=True)
     with pytest.raises(NonFiniteError, match=r"step 4: non-finite Fisher .*pooled into steps 3\.\.5 by fisher_window=1"):
         build_embeddings(path, "fisher", progress=False, fisher_window=1)
+
+
+def test_a_pooled_build_passes_the_provenance_check_queries_run(sgd_run):
+    """The window is a build option, not the run's bookkeeping: ``run_digest`` (which ``check_build`` recomputes
+    from the run for every query) stays the run's, so a pooled build is queryable."""
+    from datavalue.embeddings import check_build
+
+    _, path = sgd_run
+    _values(path)
+    digest = build_metadata(path, "fisher")["run_digest"]
+    _values(path, fisher_window=3)
+    assert build_metadata(path, "fisher")["run_digest"] == digest
+    check_build(open_run(path), "fisher")

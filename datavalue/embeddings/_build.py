@@ -395,7 +395,8 @@ def build_embeddings(
             docs/results/lm.md at 1% and 5% of P too). Under a sketch the full operator is
             sensitive to the Fisher's sampled labels (the recorded draw moved it by 0.2 there);
             record with ``Recorder(..., fisher_samples=8)`` before building ``"full"`` with
-            sampled labels.
+            sampled labels, or pool the recorded Fisher over neighbouring steps with
+            ``fisher_window`` (below; about two thirds of the 8 labels' gain there, no re-recording).
         config: a :class:`~datavalue.embeddings.BuildConfig` holding the options above (then
             leave those keywords at their defaults). Either way the validated config is stored in
             the build's metadata (``build_config``) and :func:`extend_embeddings` reuses it.

@@ -41,6 +41,7 @@ from datavalue.embeddings._metadata import (
     _describe_spans,
     _replay_optimizer,
     _stored_blocks,
+    _stored_fisher_window,
     stored_config,
 )
 from datavalue.embeddings._plan import _digest, _make_plan, _parse_curvature, _Plan, _split
@@ -118,7 +119,7 @@ def embeddings_at(
     _refuse_adam(path, meta, "embeddings_at")
     plan, _ = _make_plan(
         run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
-        _replay_optimizer(meta), blocks=_stored_blocks(meta),
+        _replay_optimizer(meta), blocks=_stored_blocks(meta), fisher_window=_stored_fisher_window(meta),
     )
     plan = dataclasses.replace(plan, device=device)
     _check_memory(path, plan, len(meta["segments"]), limit)
@@ -204,6 +205,7 @@ def extend_embeddings(
     T0, R0 = int(meta["n_steps"]), int(meta["n_rows"])
     T1, R1 = int(run.n_steps), int(run.n_rows)
     _refuse_adam(path, meta, "extend_embeddings")
+    _refuse_fisher_window(path, meta, curvature)
     stored = stored_config(meta)
     plan, handling = _make_plan(
         run, curvature, stored.dtype, None, stored.explode_threshold, stored.clipping,
@@ -319,6 +321,19 @@ def extend_embeddings(
         rebind_array(path, name)
     _warn_expansive(path, res)
     return _info_from_meta(path, curvature, meta, time.perf_counter() - t_start, handling=handling)
+
+
+def _refuse_fisher_window(path: Any, meta: dict[str, Any], curvature: str) -> None:
+    """A build whose Fisher was pooled over neighbouring steps (``fisher_window = W > 0``) cannot be extended:
+    the new steps enter the pooled curvature of the old last ``W`` steps, so the old embeddings change, not
+    only their map to the new end."""
+    W = _stored_fisher_window(meta)
+    if W > 0:
+        raise EmbeddingError(
+            f"{path}: this {curvature!r} build pooled each step's Fisher over steps t-{W}..t+{W} (fisher_window={W}); "
+            f"steps recorded since change the pooled curvature of its last {W} steps, so it cannot be extended. "
+            f"Rebuild with build_embeddings({str(path)!r}, {curvature!r}, fisher_window={W}, overwrite=True)."
+        )
 
 
 def _refuse_adam(path: Any, meta: dict[str, Any], what: str) -> None:

@@ -122,6 +122,8 @@ def _choice(run: Any, requested_curvature: str | None, requested_blocks: Any, pl
         f"curvature: {plan.curvature} ({curv_reason}), blocks: {mode} -> {_describe_spans(plan.blocks)} "
         f"(operator state {_mib(nbytes)}; {blocks_reason})"
     )
+    if plan.fisher_window > 0:
+        summary += f"; Fisher pooled over steps t-{plan.fisher_window}..t+{plan.fisher_window} (fisher_window)"
     return {
         "curvature": plan.curvature,
         "curvature_reason": curv_reason,
@@ -199,6 +201,12 @@ def _stored_blocks(meta: dict[str, Any]) -> Any:
     must use the very blocks the build was made with (builds made before ``blocks`` existed were
     per layer)."""
     return meta.get("blocks") or "layer"
+
+
+def _stored_fisher_window(meta: dict[str, Any]) -> int:
+    """The ``fisher_window`` a stored build was made with (builds from before it existed: 0, each step's own
+    Fisher). Like the blocks, never today's default: a checkpoint must pool as the build did."""
+    return int(meta.get("fisher_window", 0) or 0)
 
 
 def _replay_optimizer(meta: dict[str, Any]) -> str | None:

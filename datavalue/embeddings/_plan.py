@@ -49,6 +49,9 @@ class _Plan:
     groups: Any = None
     #: where the recursion runs: ``None`` numpy, else a torch device string (``datavalue.embeddings._backend``)
     device: str | None = None
+    #: ``curvature="fisher"`` only: step ``t``'s Fisher is the mean of the recorded Fisher matrices of steps
+    #: ``max(0, t - W) .. min(T - 1, t + W)`` (their rows pooled, :class:`._streamio._PooledFisher`); 0: its own
+    fisher_window: int = 0
 
     @property
     def n_steps(self) -> int:
@@ -76,6 +79,29 @@ def _parse_curvature(run: Any, curvature: str | None) -> str:
             "curvature='empirical_fisher'."
         )
     return curvature
+
+
+def parse_fisher_window(fisher_window: Any, curvature: str) -> int:
+    """``fisher_window`` as an int ``W >= 0``; ``W > 0`` only with ``curvature="fisher"`` (it pools the
+    stored true-Fisher rows of neighbouring steps; the other curvatures store no rows to pool)."""
+    if isinstance(fisher_window, (bool, np.bool_)) or not isinstance(fisher_window, (int, np.integer)):
+        raise EmbeddingError(
+            f"fisher_window must be an int >= 0 (steps on each side whose recorded Fisher rows are pooled into a "
+            f"step's curvature; 0: each step its own), got {fisher_window!r} ({type(fisher_window).__name__}); "
+            "nothing is rounded."
+        )
+    W = int(fisher_window)
+    if W < 0:
+        raise EmbeddingError(
+            f"fisher_window must be >= 0 (0: each step's own Fisher, the default), got {W}."
+        )
+    if W > 0 and curvature != "fisher":
+        raise EmbeddingError(
+            f"fisher_window={W} applies to curvature='fisher' only (it pools the recorded true-Fisher rows of steps "
+            f"t-{W}..t+{W}); this build's curvature is {curvature!r}. Build with curvature='fisher' (a run recorded "
+            "with Recorder(..., curvature='fisher')), or leave fisher_window=0."
+        )
+    return W
 
 
 CLIPPING = ("direction", "constant")
@@ -256,6 +282,7 @@ def _make_plan(
     optimizer: str | None = None,
     second_moment: bool = True,
     blocks: Any = "layer",
+    fisher_window: int = 0,
 ) -> tuple[_Plan, str]:
     handling, opt = _optimizer_handling(run, optimizer)
     T = int(run.n_steps)
@@ -309,6 +336,7 @@ def _make_plan(
         clipping=_parse_clipping(clipping),
         adam=_adam_info(run, opt, handling, second_moment) if handling in ("adam", "adamw") else None,
         groups=parse_groups(run, spans, handling=handling, block_mode=blocks),
+        fisher_window=parse_fisher_window(fisher_window, curvature),
     )
     if plan.groups is not None and _maximize(run, opt):
         raise EmbeddingError(

@@ -24,7 +24,13 @@ from datavalue.embeddings import _core as core
 from datavalue.embeddings import _gemm, _hyper
 from datavalue.embeddings._backend import Backend, get_backend
 from datavalue.embeddings._plan import _Plan
-from datavalue.embeddings._streamio import _ChunkWriter, _OnDevice, _ReverseRows, _write_pieces
+from datavalue.embeddings._streamio import (
+    _ChunkWriter,
+    _OnDevice,
+    _PooledFisher,
+    _ReverseRows,
+    _write_pieces,
+)
 from datavalue.errors import EmbeddingError, NonFiniteError
 
 logger = logging.getLogger(__name__)
@@ -222,7 +228,7 @@ _WEIGHT_WINDOW = 1 << 16
 
 def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Sequence[Any] | None,
                   out_offset: int, n_out: int, out_chunk: int, owned: contextlib.ExitStack, xp: Backend,
-                  ) -> tuple[_OnDevice, _OnDevice, _OnDevice | None, _ChunkWriter | None]:
+                  ) -> tuple[_OnDevice, _OnDevice, _OnDevice | _PooledFisher | None, _ChunkWriter | None]:
     """Reverse readers of a step range's rows (gradients, weights, stored curvature), each window moved
     to ``xp``'s device once, and its output writer, each closed by ``owned`` (the writer's pending
     writes are dropped if the scan fails; a finished scan closes it first and keeps them)."""
@@ -231,7 +237,10 @@ def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Se
     # row weights are 4-8 bytes a row: read in long windows (each zarr read costs ~3 ms of Python)
     weights = owned.enter_context(_ReverseRows(run, "weight", r_lo, max(plan.window, _WEIGHT_WINDOW), chunk))
     curv = None  # the stored curvature: Fisher rows, or one k x k Hessian per step
-    if plan.curvature == "fisher":
+    if plan.curvature == "fisher" and plan.fisher_window > 0:  # rows pooled over neighbouring steps
+        assert plan.fisher_ptr is not None
+        pooled = owned.enter_context(_PooledFisher(run, plan, lo, hi, chunk, xp))
+    elif plan.curvature == "fisher":
         assert plan.fisher_ptr is not None
         curv = owned.enter_context(_ReverseRows(run, "fisher", int(plan.fisher_ptr[lo]), plan.window, chunk))
     elif plan.curvature == "hessian":
@@ -242,6 +251,8 @@ def _open_streams(run: Any, plan: Any, lo: int, hi: int, chunk: int, outputs: Se
         writer = _ChunkWriter(outputs, r_lo - out_offset, r_hi - out_offset, n_out, out_chunk, xp)
         owned.callback(writer.shutdown)
     dev = [None if r is None else _OnDevice(r, xp, plan.dtype) for r in (grads, weights, curv)]
+    if plan.curvature == "fisher" and plan.fisher_window > 0:
+        return dev[0], dev[1], pooled, writer
     return dev[0], dev[1], dev[2], writer
 
 
@@ -263,7 +274,8 @@ def _join(parts: list[np.ndarray], xp: Backend | None = None) -> np.ndarray:
 
 
 def _step_curvature(plan: _Plan, curv: Any, t: int) -> np.ndarray | None:
-    """Step ``t``'s stored true-Fisher pseudo-gradient rows, or its ``(k, k)`` Hessian for
+    """Step ``t``'s stored true-Fisher pseudo-gradient rows (pooled over ``t - W .. t + W`` with
+    ``plan.fisher_window = W``), or its ``(k, k)`` Hessian for
     ``curvature="hessian"`` (``None`` for other curvatures), checked."""
     if curv is None:
         return None
@@ -276,6 +288,8 @@ def _step_curvature(plan: _Plan, curv: Any, t: int) -> np.ndarray | None:
                 "with curvature='fisher' or 'empirical_fisher'."
             )
         return H[0]
+    if plan.fisher_window > 0:  # the rows of steps t-W..t+W, scaled to their mean Fisher (checked when read)
+        return curv.get(t)[1]
     assert plan.fisher_ptr is not None
     F_host, F_all = curv.get(int(plan.fisher_ptr[t]), int(plan.fisher_ptr[t + 1]))
     if not _all_finite(F_host):

@@ -107,6 +107,60 @@ class _OnDevice:
         return host, self._dev[r0 - self.rows.c0 : r1 - self.rows.c0]
 
 
+class _PooledFisher:
+    """Step ``t``'s true-Fisher rows pooled over the steps ``max(0, t - W) .. min(T - 1, t + W)``
+    (``W = plan.fisher_window``), each step's rows scaled by ``1 / sqrt(n_t)`` with ``n_t`` the number of
+    steps pooled, so the pooled rows' Gram is the mean of those steps' Fisher matrices (a step's own
+    rows already carry ``1 / sqrt(fisher_samples)``: their Gram is its Fisher).
+
+    Steps are requested in decreasing order (the scan runs backward); each step's rows are read once,
+    from one reverse reader over the steps ``max(0, lo - W) .. min(T, hi + W)`` (beyond the scan's own
+    range ``[lo, hi)``, so a segment pools as the whole scan does), checked, kept in float64 while a
+    later request may still pool them, then dropped. :meth:`get` gives the pooled rows on the host
+    and on ``xp``'s device, as :class:`_OnDevice` does. Why: one sampled label per position leaves a
+    step's ``k x k`` operator fitted from a few noisy rank-one terms (docs/results/lm.md)."""
+
+    def __init__(self, run: Any, plan: Any, lo: int, hi: int, chunk: int, xp: Backend) -> None:
+        self.plan, self.xp = plan, xp
+        self.W, self.T = int(plan.fisher_window), int(plan.n_steps)
+        self.ptr = plan.fisher_ptr
+        self.next = min(self.T - 1, int(hi) - 1 + self.W)  # the next (lower) step to read
+        self.rows = _ReverseRows(run, "fisher", int(self.ptr[max(0, int(lo) - self.W)]), plan.window, chunk)
+        self.cache: dict[int, np.ndarray] = {}
+
+    def __enter__(self) -> _PooledFisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.rows.close()
+
+    def get(self, t: int) -> tuple[np.ndarray, Any]:
+        from datavalue.errors import NonFiniteError
+
+        first, last = max(0, t - self.W), min(self.T - 1, t + self.W)
+        while self.next >= first:
+            s = self.next
+            F = np.array(self.rows.get(int(self.ptr[s]), int(self.ptr[s + 1])), dtype=np.float64)
+            if not np.isfinite(F).all():
+                raise NonFiniteError(
+                    f"{self.plan.path}: step {s}: non-finite Fisher pseudo-gradient rows in the store "
+                    f"(pooled into steps {max(0, s - self.W)}..{min(self.T - 1, s + self.W)} by fisher_window="
+                    f"{self.W})."
+                )
+            self.cache[s] = F
+            self.next -= 1
+        for s in [s for s in self.cache if s > last]:
+            del self.cache[s]
+        parts = [self.cache[s] for s in range(first, last + 1)]
+        host = np.concatenate(parts, axis=0) * (1.0 / np.sqrt(len(parts)))
+        if self.xp.is_numpy:
+            return host, host
+        return host, self.xp.asarray(host, self.plan.dtype)
+
+
 class _ChunkWriter:
     """Buffers output rows of one task by output chunk; writes the chunks the task owns entirely,
     returns the pieces of shared chunks (``(row0, values, v_values)``) for the driver. On the torch

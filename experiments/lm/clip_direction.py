@@ -7,6 +7,9 @@ scored through the study's attribution helper against the study's exported exact
 Public API only (``datavalue``, ``datavalue.testing``) plus the study's own modules, except ``--fisher-draws``
 (other sampled Fisher labels: the recorder's private label generator reseeded, ``common.Study.record``).
 
+``--fisher-window 0,2,4,8`` (session 12) builds each recording with the Fisher pooled over steps t-W..t+W
+(``build_embeddings(fisher_window=W)``); each result also carries its build time (``build_s``).
+
 ``--fisher-draws 3 --blocks layer,full --clipping direction`` is the session-11 check of ``blocks="full"`` under
 AdamW (``AUTO_FULL_KEPT``'s LM evidence, docs/results/lm.md); ``--fisher-samples 8`` the same with 8 labels per
 position. Without the export the exact LOO is computed (about 75 s) and saved there.
@@ -46,11 +49,14 @@ ap.add_argument("--clipping", default="constant,direction", help="comma-separate
 ap.add_argument("--fisher-draws", type=int, default=1,
                 help="recordings with other sampled Fisher labels (draw 0: the recorder's own; same sketch)")
 ap.add_argument("--fisher-samples", type=int, default=1, help="Recorder(fisher_samples=): labels per position")
+ap.add_argument("--fisher-window", default="0",
+                help="comma-separated build_embeddings(fisher_window=W): the Fisher pooled over steps t-W..t+W")
 ap.add_argument("--study-export", default=str(HERE.parents[1] / "runs/lm/small-adamw/export"))
 ap.add_argument("--work", default=None, help="where the run and the json go (default: a temporary directory)")
 args = ap.parse_args()
 torch.set_num_threads(1)
 K, BLOCKS = args.k, args.blocks.split(",")
+WINDOWS = [int(w) for w in args.fisher_window.split(",")]
 work = args.work or tempfile.mkdtemp(prefix="clip_direction-")
 t00 = time.time()
 S = C.Study("small-adamw")
@@ -71,16 +77,21 @@ for draw in range(args.fisher_draws):
     ctx = S.ctx(path, model)
     for blocks in BLOCKS:
         for clipping in args.clipping.split(","):
-            t0 = time.time()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                info = build_embeddings(path, overwrite=True, progress=False, clipping=clipping,
-                                        **({} if blocks == "auto" else {"blocks": blocks}))
-            s = M._attr(ctx, curvature=info.curvature)
-            r = rho(s[:, rows].T)
-            out[f"draw {draw} {blocks} {clipping}"] = r
-            print(f"draw {draw} blocks={blocks:5} ({len(info.blocks)} blocks, {info.curvature}) clipping={clipping:9} "
-                  f"all {r['all']:+.3f} early {r['early']:+.3f} late {r['late']:+.3f}  build {info.seconds:.0f}s "
-                  f"total {time.time() - t0:.0f}s", flush=True)
+            for W in WINDOWS:
+                t0 = time.time()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    info = build_embeddings(path, overwrite=True, progress=False, clipping=clipping,
+                                            **({} if blocks == "auto" else {"blocks": blocks}),
+                                            **({"fisher_window": W} if W else {}))
+                s = M._attr(ctx, curvature=info.curvature)
+                r = rho(s[:, rows].T)
+                r["build_s"] = info.seconds
+                key = f"draw {draw} {blocks} {clipping}" + (f" W={W}" if len(WINDOWS) > 1 or W else "")
+                out[key] = r
+                print(f"draw {draw} blocks={blocks:5} ({len(info.blocks)} blocks, {info.curvature}) "
+                      f"clipping={clipping:9} W={W} all {r['all']:+.3f} early {r['early']:+.3f} late {r['late']:+.3f}"
+                      f"  build {info.seconds:.0f}s total {time.time() - t0:.0f}s", flush=True)
+                json.dump(out, open(os.path.join(work, f"lm_{K}.json"), "w"), indent=1)  # kept as it goes
 json.dump(out, open(os.path.join(work, f"lm_{K}.json"), "w"), indent=1)
 print(f"wall {time.time() - t00:.0f}s")

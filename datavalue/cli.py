@@ -11,6 +11,7 @@ import errno
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -279,7 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if hasattr(args, "run"):  # every command with a RUN argument
             check_run_argument(args.run, args.command)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that closed early fails here, inside the handler below
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except Exception as exc:
         from datavalue.errors import DataValueError
 
@@ -290,6 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"datavalue: error: {_unwritable_message(exc)}", file=sys.stderr)
             return 2
         raise
+
+
+def _stdout_closed() -> int:
+    """The reader of standard output went away (``datavalue info RUN | head -3``): stop quietly, as
+    other command-line tools do, with the shell's status for SIGPIPE (141), and point standard output
+    at ``/dev/null`` so that the interpreter's own flush at exit does not print a traceback (P8-03)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (a test's capture)
+        pass
+    return 141
 
 
 def _unwritable_message(exc: OSError) -> str:

@@ -81,8 +81,8 @@ def _report_damaged(damaged: dict[str, str]) -> int:
 
 def _builds(run: Any, path: str, names: Sequence[str]) -> dict[str, dict]:
     """Each build's stored metadata (its choice of curvature and blocks, steps, completeness); a
-    finished build whose values miss a chunk it covers gets ``"damaged"`` (the check_build presence
-    check, a listing)."""
+    finished build whose values miss a chunk it covers, or hold one of another size, gets ``"damaged"``
+    (the check_build presence and size check: a listing and a ``stat`` per chunk, no read)."""
     from datavalue.embeddings import build_metadata, require_build_chunks
     from datavalue.errors import DataValueError, StoreCorruptError
 
@@ -106,7 +106,7 @@ def _build_lines(meta: dict) -> list[str]:
         return [meta["error"]]
     state = "complete" if meta.get("complete") else "UNFINISHED (rebuild with --overwrite)"
     if "damaged" in meta:
-        state = "DAMAGED: a chunk is missing (see below; rebuild with --overwrite)"
+        state = "DAMAGED: a chunk is missing or truncated (see below; rebuild with --overwrite)"
     choice = meta["choice"]
     head = f"{meta.get('n_steps', '?')} steps, {state}"
     if "blocks_reason" not in choice:  # built before the choice was recorded

@@ -39,3 +39,45 @@ def test_p8_03_info_into_a_closed_pipe_stops_quietly(run, extra):
     got = _cli_into_closed_pipe("info", str(run), *extra)
     assert "Traceback" not in got.stderr and "BrokenPipeError" not in got.stderr, got.stderr
     assert got.returncode == 141
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    import datavalue
+
+    path = tmp_path_factory.mktemp("p8_info") / "r.zarr"
+    record_tiny_run(path)
+    datavalue.build_embeddings(path, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "chunk_shape"])
+def test_p8_06_info_reports_a_truncated_build_chunk_as_damaged(built, tmp_path, damage, capsys):
+    """Was: ``datavalue info`` said ``4 steps, complete`` and exited 0, while every query refused the chunk."""
+    import json
+    import shutil
+
+    from datavalue.cli import main
+
+    run = tmp_path / "r.zarr"
+    shutil.copytree(built, run)
+    values = run / "embeddings" / "empirical_fisher" / "values"
+    if damage == "truncate":
+        with open(values / "c" / "0" / "0", "r+b") as f:
+            f.truncate(1000)
+    else:
+        meta = json.loads((values / "zarr.json").read_text())
+        meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 2**40
+        (values / "zarr.json").write_text(json.dumps(meta))
+    assert main(["info", str(run)]) == 1
+    out, err = capsys.readouterr()
+    assert "DAMAGED" in out and "is corrupt (truncated, or its metadata edited)" in err
+    assert main(["info", str(run), "--json"]) == 1
+    assert "is corrupt" in json.loads(capsys.readouterr().out)["builds"]["empirical_fisher"]["damaged"]
+
+
+def test_p8_06_info_on_an_intact_build_is_complete(built, capsys):
+    from datavalue.cli import main
+
+    assert main(["info", str(built)]) == 0
+    assert "complete" in capsys.readouterr().out

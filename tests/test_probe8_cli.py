@@ -81,3 +81,14 @@ def test_p8_06_info_on_an_intact_build_is_complete(built, capsys):
 
     assert main(["info", str(built)]) == 0
     assert "complete" in capsys.readouterr().out
+
+
+def test_p8_11_version_prints_the_version(capsys):
+    """Was: ``datavalue --version`` exited 2 with ``the following arguments are required: command``."""
+    import datavalue
+    from datavalue.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"datavalue {datavalue.__version__}"

@@ -153,10 +153,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from datavalue import __version__
+
     parser = argparse.ArgumentParser(prog="datavalue", description="Training-data attribution and valuation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    from datavalue import __version__  # (was: `datavalue --version` said "arguments are required: command"; P8-11)
-
+    # (was: `datavalue --version` said "the following arguments are required: command"; P8-11)
     parser.add_argument("--version", action="version", version=f"datavalue {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

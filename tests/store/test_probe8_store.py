@@ -101,3 +101,20 @@ def test_p8_01_a_run_written_before_the_bindings_still_opens(runs, tmp_path):
     for name in ("commit/digests.0", "commit/digests.1"):
         (run / name).unlink()
     assert open_run(run).n_steps == 4
+
+
+def test_p8_37_a_run_path_starting_with_tilde_is_not_created_literally(tmp_path, monkeypatch):
+    """Was: ``Recorder("~/runs/r.zarr", ...)`` created ``./~/runs/r.zarr`` in the current directory."""
+    import datavalue
+    from datavalue.store._runpath import RunPathError
+    from tests._helpers_tiny_run import tiny_mlp
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunPathError, match=r"starts with '~', which Python does not expand"):
+        datavalue.Recorder("~/p8_runs/r.zarr", tiny_mlp(), proj_dim=None)
+    with pytest.raises(RunPathError, match="expanduser"):
+        datavalue.store.archive_run(tmp_path / "nowhere.zarr", "~/p8_runs/r.zip")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "~").mkdir()  # a directory really named "~": used as it is
+    record_tiny_run(Path("~/r.zarr"), steps=1)
+    assert open_run(tmp_path / "~" / "r.zarr").n_steps == 1

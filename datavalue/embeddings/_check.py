@@ -169,15 +169,11 @@ def _require_chunk_sizes(run: Any, array: str, n: int) -> None:
     a truncated file, or metadata edited to another ``chunk_shape``, is refused as every query refuses it
     (P8-06: ``datavalue info`` said such a build was complete). Arrays outside the plain local layout are
     checked as they are read."""
-    from datavalue.store import fast_rows
-    from datavalue.store._chunkfiles import ChunkFileRows
+    from datavalue.store import ChunkFileRows, fast_rows
 
     rows = fast_rows(run.array(array), required_rows=n)
-    if not isinstance(rows, ChunkFileRows):
-        return
-    width = rows.shape[1] * rows.dtype.itemsize
-    for i in range(-(-n // rows.chunk_rows)):
-        rows._chunk_size(i, width)
+    if isinstance(rows, ChunkFileRows):
+        rows.check_sizes(n)
 
 
 def _resolve(run: Any, curvature: str | None, array: str | None, what: str) -> tuple[Any, str]:

@@ -106,7 +106,7 @@ def test_p8_01_a_run_written_before_the_bindings_still_opens(runs, tmp_path):
 def test_p8_37_a_run_path_starting_with_tilde_is_not_created_literally(tmp_path, monkeypatch):
     """Was: ``Recorder("~/runs/r.zarr", ...)`` created ``./~/runs/r.zarr`` in the current directory."""
     import datavalue
-    from datavalue.store._runpath import RunPathError
+    from datavalue.store import RunPathError
     from tests._helpers_tiny_run import tiny_mlp
 
     monkeypatch.chdir(tmp_path)

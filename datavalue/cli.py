@@ -11,6 +11,7 @@ import errno
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -80,8 +81,8 @@ def _report_damaged(damaged: dict[str, str]) -> int:
 
 def _builds(run: Any, path: str, names: Sequence[str]) -> dict[str, dict]:
     """Each build's stored metadata (its choice of curvature and blocks, steps, completeness); a
-    finished build whose values miss a chunk it covers gets ``"damaged"`` (the check_build presence
-    check, a listing)."""
+    finished build whose values miss a chunk it covers, or hold one of another size, gets ``"damaged"``
+    (the check_build presence and size check: a listing and a ``stat`` per chunk, no read)."""
     from datavalue.embeddings import build_metadata, require_build_chunks
     from datavalue.errors import DataValueError, StoreCorruptError
 
@@ -105,7 +106,7 @@ def _build_lines(meta: dict) -> list[str]:
         return [meta["error"]]
     state = "complete" if meta.get("complete") else "UNFINISHED (rebuild with --overwrite)"
     if "damaged" in meta:
-        state = "DAMAGED: a chunk is missing (see below; rebuild with --overwrite)"
+        state = "DAMAGED: a chunk is missing or truncated (see below; rebuild with --overwrite)"
     choice = meta["choice"]
     head = f"{meta.get('n_steps', '?')} steps, {state}"
     if "blocks_reason" not in choice:  # built before the choice was recorded
@@ -152,8 +153,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from datavalue import __version__
+
     parser = argparse.ArgumentParser(prog="datavalue", description="Training-data attribution and valuation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    # (was: `datavalue --version` said "the following arguments are required: command"; P8-11)
+    parser.add_argument("--version", action="version", version=f"datavalue {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="print a run's manifest, steps, occurrences, size")
@@ -279,7 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if hasattr(args, "run"):  # every command with a RUN argument
             check_run_argument(args.run, args.command)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that closed early fails here, inside the handler below
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except Exception as exc:
         from datavalue.errors import DataValueError
 
@@ -290,6 +299,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"datavalue: error: {_unwritable_message(exc)}", file=sys.stderr)
             return 2
         raise
+
+
+def _stdout_closed() -> int:
+    """The reader of standard output went away (``datavalue info RUN | head -3``): stop quietly, as
+    other command-line tools do, with the shell's status for SIGPIPE (141), and point standard output
+    at ``/dev/null`` so that the interpreter's own flush at exit does not print a traceback (P8-03)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (a test's capture)
+        pass
+    return 141
 
 
 def _unwritable_message(exc: OSError) -> str:

@@ -98,12 +98,19 @@ def _ids_named(exc, runs):
 
 
 def _strip_ids(path: Path) -> None:
-    """Make ``path`` a run written before run ids: no id on its root nor on any array."""
+    """Make ``path`` a run written before run ids: no id on its root nor on any array, and none of what
+    came after them (the chunk digest record)."""
+    from datavalue.store._schema import CHUNK_DIGEST_FILES, CHUNK_DIGESTS_KEY
+
     for meta in path.rglob("zarr.json"):
         doc = json.loads(meta.read_text())
-        if RUN_ID_KEY in doc.get("attributes", {}):
-            del doc["attributes"][RUN_ID_KEY]
+        if RUN_ID_KEY in doc.get("attributes", {}) or CHUNK_DIGESTS_KEY in doc.get("attributes", {}):
+            doc["attributes"].pop(RUN_ID_KEY, None)
+            doc["attributes"].pop(CHUNK_DIGESTS_KEY, None)
             meta.write_text(json.dumps(doc))
+    for root in [path, *(m.parent for m in path.rglob("zarr.json"))]:  # the run and a nested final pass
+        for name in CHUNK_DIGEST_FILES:
+            (root / name).unlink(missing_ok=True)
 
 
 def test_derived_arrays_carry_the_run_id(runs):

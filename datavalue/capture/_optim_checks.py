@@ -305,7 +305,8 @@ class UnrecordedGradients:
     """
 
     def __init__(self, engine: Engine, optimizer: Any, *, release: Any = None, drop: Any = None,
-                 compare_gradients: bool = True, resumed_state: str | None = None) -> None:
+                 compare_gradients: bool = True, resumed_state: str | None = None,
+                 resumed_count: int | None = None) -> None:
         self.engine = engine
         self.optimizer = unwrap_optimizer(optimizer)
         self.unrecorded: set[str] = set()
@@ -333,6 +334,8 @@ class UnrecordedGradients:
         self._stateful: list[str] = []
         #: on resume, the optimizer state the run's last recorded step left (checked at the first update)
         self._resumed_state = resumed_state
+        #: on resume of an Adam run, the step count its last recorded step left (checked at the first update)
+        self._resumed_count = resumed_count
         self._handles = [p.register_post_accumulate_grad_hook(lambda _p, n=name: self._on_accumulate(n))
                          for name, p in named.items() if p.requires_grad]
         self._handles.append(self.optimizer.register_step_pre_hook(self._on_step))
@@ -480,6 +483,18 @@ class UnrecordedGradients:
                              "load the optimizer's state with the weights (optimizer.load_state_dict(checkpoint["
                              "'optimizer']) before the first resumed step); to restart the optimizer on purpose (a warm "
                              "restart), record the rest as a new run (another path)")
+                return
+            count, self._resumed_count = self._resumed_count, None
+            if count is not None:
+                held = sorted({_state_count(state.get(self._captured[n])) for n in with_grad} - {None})
+                if held and held != [count]:
+                    self._refuse(p, f"the optimizer's state holds Adam step count(s) {held}, but the run was resumed "
+                                 f"after step {p.step - 1}, whose update left the count {count}: the state was restored "
+                                 "from another checkpoint than the weights (an older one?), so this update would use "
+                                 "other moments and bias corrections than the run models",
+                                 "load the optimizer's state saved with these weights (the checkpoint of the run's last "
+                                 "rec.flush()); to go on from other state on purpose, record the rest as a new run "
+                                 "(another path)")
             return
         lost = [n for n in self._stateful if not state.get(self._captured[n])]
         if lost:
@@ -599,3 +614,13 @@ class UnrecordedGradients:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _state_count(st: Any) -> int | None:
+    """The step count an Adam/AdamW parameter state holds (a tensor or a number), or ``None``."""
+    if not st or "step" not in st:
+        return None
+    try:
+        return int(float(st["step"]))
+    except (TypeError, ValueError, RuntimeError):
+        return None

@@ -145,6 +145,21 @@ def check_resume_weights(path: str | os.PathLike[str], model: nn.Module, steps: 
     return "unchecked"
 
 
+def resumed_adam_count(path: str | os.PathLike[str], steps: int) -> int | None:
+    """The Adam/AdamW step count the run's last committed step (``steps - 1``) left, or ``None`` (another
+    optimizer, no step, or a run that did not record it). A resumed recorder refuses a first update whose
+    optimizer holds another count: a state restored from another checkpoint than the weights' (P8-10)."""
+    if steps <= 0:
+        return None
+    from datavalue.store import open_run
+
+    run = open_run(path)
+    if (run.optimizer or {}).get("kind") not in ("adam", "adamw") or not run.has_adam_state \
+            or len(run.adam_step) < steps:
+        return None
+    return int(run.adam_step[steps - 1])
+
+
 def resumed_optimizer_state(path: str | os.PathLike[str], steps: int) -> str | None:
     """What the optimizer's state held after the run's last committed step (``steps - 1``), in words, or
     ``None`` when the update kept none: ``"a momentum buffer (momentum 0.9)"`` for SGD with momentum,

@@ -46,6 +46,17 @@ class ResumeChecks:
             said = "optimizer state (see rank 0)"
         return said
 
+    def _resumed_count(self, resume: bool) -> int | None:
+        """On resume: the Adam step count the run's last step left (rank 0 reads the run and tells every
+        rank), or ``None``; the first update refuses an optimizer state holding another count (P8-10)."""
+        if not resume:
+            return None
+        from datavalue.capture._resume import resumed_adam_count
+
+        count = resumed_adam_count(self.path, self.n_steps) if self._dist.rank == 0 else None
+        count = self._dist.broadcast_int(-1 if count is None else count)
+        return None if count < 0 else count
+
     def _check_resume_weights(self) -> None:
         from datavalue.capture._resume import check_resume_weights
 

@@ -130,14 +130,16 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
 
 
 def require_build_chunks(run: Any, curvature: str | None = None, *, array: str | None = None) -> None:
-    """:func:`check_build`'s presence check alone (a listing; no provenance): every chunk of the
-    build's values inside the rows it covers exists. ``datavalue info`` runs it on each finished build.
+    """:func:`check_build`'s presence check alone (a listing and a ``stat`` per chunk; no provenance): every
+    chunk of the build's values inside the rows it covers exists and holds one whole chunk (checksums are
+    checked when the rows are read). ``datavalue info`` runs it on each finished build.
 
     Args:
         run, curvature, array: as in :func:`check_build`.
 
     Raises:
-        StoreCorruptError: a chunk is missing (the message names it and the rows it holds).
+        StoreCorruptError: a chunk is missing (the message names it and the rows it holds), or its file
+            is not one chunk's size (truncated, or the metadata's ``chunk_shape`` edited).
         EmbeddingError: as in :func:`check_build`, when the build cannot be named.
 
     Example:
@@ -155,9 +157,23 @@ def _require_chunks(run: Any, array: str, meta: dict[str, Any]) -> None:
             run.require_chunks(array, int(run.step_ptr[T]))
         return
     if "n_rows" in meta:
-        run.require_chunks(array, int(meta["n_rows"]))
+        n = int(meta["n_rows"])
     else:  # an older build: the run's rows it holds
-        run.require_chunks(array, min(int(run.n_rows), int(run.array(array).shape[0])))
+        n = min(int(run.n_rows), int(run.array(array).shape[0]))
+    run.require_chunks(array, n)
+    _require_chunk_sizes(run, array, n)
+
+
+def _require_chunk_sizes(run: Any, array: str, n: int) -> None:
+    """Every chunk file of ``array`` covering rows ``0:n`` holds one whole chunk (a ``stat`` each, no read):
+    a truncated file, or metadata edited to another ``chunk_shape``, is refused as every query refuses it
+    (P8-06: ``datavalue info`` said such a build was complete). Arrays outside the plain local layout are
+    checked as they are read."""
+    from datavalue.store import ChunkFileRows, fast_rows
+
+    rows = fast_rows(run.array(array), required_rows=n)
+    if isinstance(rows, ChunkFileRows):
+        rows.check_sizes(n)
 
 
 def _resolve(run: Any, curvature: str | None, array: str | None, what: str) -> tuple[Any, str]:

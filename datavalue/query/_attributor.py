@@ -240,7 +240,9 @@ class Attributor:
                     f"got {describe(q)} of dtype {q.dtype}."
                 )
         if q.shape[0] == 0:
-            raise QueryError("the query has no test points (loss_fn returned an empty tensor).")
+            given = ("loss_fn returned an empty tensor" if callable(query) and not isinstance(query, (np.ndarray, torch.Tensor))
+                     else f"the test gradients given have shape {tuple(q.shape)}")
+            raise QueryError(f"the query has no test points ({given}). Pass at least one test point.")
         if not np.isfinite(q).all():
             bad = np.flatnonzero(~np.isfinite(q).all(1))[:5].tolist()
             raise NonFiniteError(f"test gradients of test points {bad} contain NaN/Inf; check those losses.")
@@ -399,6 +401,8 @@ class Attributor:
             ``(m, n_columns)``: float32 for occurrences (float64 embeddings stay float64), float64
             for aggregates. Column labels: :meth:`labels` with the same arguments.
         """
+        if not isinstance(lazy, (bool, np.bool_)):  # lazy="no" is truthy: a dask array the caller did not ask for
+            raise QueryError(f"lazy must be True or False, got {lazy!r} ({type(lazy).__name__}).")
         q = self._query(query)
         g = self._grouping(by, owners, unowned, steps)
         self._require_same_run("scores")

@@ -82,6 +82,17 @@ class ChunkFileRows:
                 dest[:] = full[lo - i * C : hi - i * C]
         return out
 
+    def check_sizes(self, n: int) -> None:
+        """Refuse a chunk file covering rows ``0:n`` whose size is not one chunk's (truncated, or the
+        metadata's ``chunk_shape`` edited): a ``stat`` each, no read (``datavalue info``; P8-06). A missing
+        one is left to :meth:`datavalue.store.Run.require_chunks`.
+
+        Raises:
+            StoreCorruptError: naming the chunk, its size and the size its metadata says."""
+        width = self.shape[1] * self.dtype.itemsize
+        for i in range(-(-int(n) // self.chunk_rows)):
+            self._chunk_size(i, width)
+
     def _chunk_size(self, i: int, width: int) -> int | None:
         """The size of chunk ``i``'s file, or None when it is missing; refuses a file whose size is not
         one chunk's (``chunk_rows * width`` bytes and the 4-byte checksum) *before* a chunk-sized

@@ -130,4 +130,28 @@ def run_dir_path(path: Any, what: str = "recording", fix: str | None = None) -> 
         )
     local = s if local is None else local
     _refuse_chained(local)
+    refuse_unexpanded_home(local, what)
     return Path(os.path.abspath(local))
+
+
+def refuse_unexpanded_home(path: str, what: str) -> None:
+    """Refuse to create ``~/...`` (or ``~user/...``) literally: Python does not expand ``~``, so the path
+    names a directory called ``~`` in the current directory, not the home directory (P8-37: a run was
+    created at ``./~/run.zarr``, where a later ``rm -rf ~`` typed to clean it up would delete the home
+    directory). One that exists already (made on purpose) is used as it is.
+
+    Raises:
+        RunPathError: naming the expanded path to pass instead.
+    """
+    if not path.startswith("~") or os.path.lexists(path):
+        return
+    head = path.split("/", 1)[0]
+    if os.path.lexists(head):  # a directory really called "~" (or "~name") made on purpose
+        return
+    expanded = os.path.expanduser(path)
+    raise RunPathError(
+        f"{what}: {path!r} starts with '~', which Python does not expand: it would create a directory named "
+        f"{head!r} in the current directory ({os.getcwd()}), not under the home directory. Pass "
+        f"os.path.expanduser({path!r}) ({expanded!r}), or './{path}' for a directory really named {head!r}. "
+        "Nothing was written."
+    )

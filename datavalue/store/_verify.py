@@ -255,6 +255,46 @@ def _marker_entry(raw: bytes, dtype: Any, shape: tuple[int, ...], start: int, st
     return int(found[0]) if found.size else None
 
 
+def _refuse_dropped_bindings(group: zarr.Group, location: Any, run_id: Any) -> None:
+    """Refuse a run whose root attributes lost what binds its data (P8-01, P8-02).
+
+    Runs written before the manifest digest, the run id or the chunk digest record open with a logged
+    note and fewer checks. Those came in that order: a run with a run id always had a manifest digest;
+    a run whose recorded arrays carry a run id had one on its root; a run whose digest record files
+    exist was written with the root attributes that say so. Without this check, deleting an attribute
+    from ``zarr.json`` (by hand, or a tool that rewrites it) turned the checks off: an edited
+    ``loss_reduction`` or ``projection.seed`` was read silently, chunk files from another run accepted.
+    """
+    attrs = group.attrs
+    fix = "Restore zarr.json from a copy of the run, or re-record it."
+    if run_id is None:
+        stamped = None
+        for name in ("grads", "sample_id", "step_ptr"):
+            try:
+                stamped = group[name].attrs.get(RUN_ID_KEY)
+            except KeyError:
+                continue
+            if stamped is not None:
+                break
+        if stamped is not None:
+            raise StoreCorruptError(
+                f"{location}: the run's zarr.json has no run id (root attribute '{RUN_ID_KEY}'), but its recorded "
+                f"arrays carry one ({stamped!r}): the attribute was removed, and without it neither the arrays nor the "
+                f"chunks would be checked against the run. {fix}")
+    elif attrs.get(MANIFEST_DIGEST_KEY) is None:
+        raise StoreCorruptError(
+            f"{location}: the run has a run id ('{RUN_ID_KEY}') but no manifest digest (root attribute "
+            f"'{MANIFEST_DIGEST_KEY}'): every run written with a run id stores the digest, so zarr.json was edited "
+            f"and its manifest (projection, loss_reduction) can no longer be checked against the recorded data. {fix}")
+    missing = [k for k in (CHUNK_DIGESTS_KEY, RUN_ID_KEY) if attrs.get(k) is None]
+    if missing and any(_key_exists(group, location, ("commit", f"digests.{i}")) for i in (0, 1)):
+        raise StoreCorruptError(
+            f"{location}: the run holds a chunk digest record ({RECORD}) but its zarr.json lacks the root "
+            f"attribute(s) {', '.join(map(repr, missing))} the writer stores with it: zarr.json was edited, and "
+            f"without them no chunk would be checked against the run (a chunk file from another run would be read "
+            f"as this run's). {fix}")
+
+
 def check_chunk_digests(group: zarr.Group, location: Any, *, steps: int, rows: int,
                         fisher_rows: int) -> tuple[ChunkDigests | None, dict[str, np.ndarray] | None]:
     """Check every committed chunk of every recorded array against the run's chunk digest record
@@ -270,6 +310,7 @@ def check_chunk_digests(group: zarr.Group, location: Any, *, steps: int, rows: i
             is missing, another run's or not the commit's.
     """
     run_id = group.attrs.get(RUN_ID_KEY)
+    _refuse_dropped_bindings(group, location, run_id)
     if group.attrs.get(CHUNK_DIGESTS_KEY) is None or run_id is None:
         logger.info("%s has no chunk digest record (written before chunks were bound to their run); its chunks are "
                     "not checked against the run id", location)

@@ -38,10 +38,18 @@ def _edit(path, fn):
 
 
 def _drop_digest(path):
-    meta_file = path / "zarr.json"
-    meta = json.loads(meta_file.read_text())
-    del meta["attributes"][MANIFEST_DIGEST_KEY]
-    meta_file.write_text(json.dumps(meta))
+    """Make ``path`` look written before the manifest digest: no digest, and none of what came after it
+    (the run id on the root and the arrays, the chunk digest record). A run that keeps those but lost
+    its digest was edited: ``tests/store/test_probe8_store.py`` (P8-01)."""
+    from datavalue.store._schema import CHUNK_DIGEST_FILES, CHUNK_DIGESTS_KEY, RUN_ID_KEY
+
+    for meta_file in path.rglob("zarr.json"):
+        meta = json.loads(meta_file.read_text())
+        for key in (MANIFEST_DIGEST_KEY, RUN_ID_KEY, CHUNK_DIGESTS_KEY):
+            meta.get("attributes", {}).pop(key, None)
+        meta_file.write_text(json.dumps(meta))
+    for name in CHUNK_DIGEST_FILES:
+        (path / name).unlink(missing_ok=True)
 
 
 def test_digest_written_and_clean_run_opens(tmp_path):

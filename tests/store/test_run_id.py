@@ -74,7 +74,13 @@ def test_runs_written_before_run_ids_are_not_checked(tmp_path):
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     _record(a, 0)
     _record(b, 1)
-    doc = json.loads((a / "zarr.json").read_text())
-    del doc["attributes"][RUN_ID_KEY]  # as an older version wrote it
-    (a / "zarr.json").write_text(json.dumps(doc))
+    from datavalue.store._schema import CHUNK_DIGEST_FILES, CHUNK_DIGESTS_KEY
+
+    for meta_file in a.rglob("zarr.json"):  # as an older version wrote it: no run id anywhere, no chunk digests
+        doc = json.loads(meta_file.read_text())
+        for key in (RUN_ID_KEY, CHUNK_DIGESTS_KEY):
+            doc.get("attributes", {}).pop(key, None)
+        meta_file.write_text(json.dumps(doc))
+    for name in CHUNK_DIGEST_FILES:
+        (a / name).unlink()
     assert open_run(a).n_steps == 3

@@ -170,7 +170,8 @@ class RoyaltyLedger:
         repair: bool = False,
         lock_timeout: float = 10.0,
     ) -> None:
-        self.path = Path(path)
+        # absolute now: a relative path must keep naming this ledger after os.chdir (P8-07); links are kept
+        self.path = Path(os.path.abspath(os.fspath(path)))
         self.currency = currency or "USD"
         self.lock_timeout = float(lock_timeout)
         self._key = _anchor.parse_key(key)

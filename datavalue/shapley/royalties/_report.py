@@ -10,12 +10,13 @@ also writes to an open text stream (``sys.stdout``, ``io.StringIO``), with the f
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from decimal import Decimal
 from html import escape
 from pathlib import Path
-from typing import TextIO, overload
+from typing import Any, TextIO, overload
 
 from datavalue.shapley._errors import InvalidGameError, OutputPathError
 from datavalue.shapley.royalties._outpath import check_output_path, write_text_output
@@ -232,6 +233,27 @@ def infer_format(path: str | os.PathLike[str], *, format: str | None = None) -> 
     return _EXTENSIONS[ext]
 
 
+def _write_stream(stream: Any, text: str) -> None:
+    """Write ``text`` to an open stream in one call: a text stream takes it as is, a binary one (``BytesIO``,
+    ``sys.stdout.buffer``, a file opened ``"wb"``) its UTF-8 bytes, the bytes a file would hold. A closed
+    stream, or one not open for writing, is refused before anything is written (P8-08: was a raw
+    ``TypeError`` / ``ValueError`` / ``io.UnsupportedOperation``)."""
+    name = type(stream).__name__
+    if getattr(stream, "closed", False):
+        raise OutputPathError(f"write_report: the stream ({name}) is closed; open it again (or pass another). "
+                              "Nothing was written.")
+    writable = getattr(stream, "writable", None)
+    try:
+        ok = writable() if callable(writable) else True
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise OutputPathError(f"write_report: the stream ({name}) is not open for writing (mode "
+                              f"{getattr(stream, 'mode', '?')!r}); open it with 'w'. Nothing was written.")
+    binary = isinstance(stream, (io.RawIOBase, io.BufferedIOBase)) or "b" in str(getattr(stream, "mode", ""))
+    stream.write(text.encode("utf-8") if binary else text)
+
+
 @overload
 def write_report(statement: PeriodStatement, path: str | os.PathLike[str], *, format: str | None = None,  # noqa: A002
                  overwrite: bool = False) -> Path: ...
@@ -253,7 +275,9 @@ def write_report(
 
     A text stream (anything with ``write(str)``: ``sys.stdout``, ``io.StringIO``, a file opened with
     ``open(..., "w")``) gets the same text in one ``write`` (``format`` is required: a stream has no
-    extension; ``overwrite`` is not used); the stream is left open. Returns ``None``.
+    extension; ``overwrite`` is not used); the stream is left open. Returns ``None``. A binary stream
+    (``io.BytesIO``, ``sys.stdout.buffer``) gets the text's UTF-8 bytes. The path ``"-"`` is refused:
+    it is standard output only on the command line.
 
     Example:
         >>> import io
@@ -272,6 +296,7 @@ def write_report(
         LedgerError: ``path`` is a royalty ledger or one of a ledger's own files (its head file,
             lock, torn-line or replaced-head files), whatever ``overwrite`` says.
         InvalidGameError: a stream and no ``format``, or a ``format`` not in :data:`FORMATS`.
+        OutputPathError (too): the path ``"-"``; a stream that is closed or not open for writing.
         Nothing is written in any of these cases.
     """
     if not isinstance(path, (str, os.PathLike)) and callable(getattr(path, "write", None)):
@@ -280,8 +305,15 @@ def write_report(
                 f"write_report to a stream ({type(path).__name__}) needs format='html' | 'json' | 'csv': a stream has "
                 "no file extension to take the format from. Nothing was written."
             )
-        path.write(render_report(statement, format))  # rendered whole first: a refusal writes nothing
+        text = render_report(statement, format)  # rendered whole first: a refusal writes nothing
+        _write_stream(path, text)
         return None
+    if isinstance(path, str) and path == "-":  # the CLI's "standard output", not a file named "-" (P8-09)
+        raise OutputPathError(
+            "write_report(st, '-') would write a file named '-' in the current directory; '-' means standard "
+            "output only on the command line (datavalue royalties --out -). To write to standard output, pass the "
+            "stream: write_report(st, sys.stdout, format='csv'); for a file named '-', pass './-'. Nothing was written."
+        )
     p = check_output_path(path, what="the report", overwrite=overwrite)
     fmt = infer_format(p, format=format)
     text = render_report(statement, fmt)

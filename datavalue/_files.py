@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +170,18 @@ def inside_run_problem(path: str | os.PathLike[str], what: str) -> str | None:
         "rebuilding the run's member that holds it may delete it), so nothing was written. Choose a path outside "
         "the run."
     )
+
+
+def unshare(path: str | os.PathLike[str]) -> bool:
+    """Give the file at ``path`` (links resolved) its own inode when another directory shares it (a
+    hard-link snapshot, ``cp -al``; ``st_nlink > 1``): a copy, fsynced, renamed over it, so the
+    snapshot keeps its bytes when the file is then written in place. Returns whether it copied."""
+    real = Path(os.path.realpath(path))
+    if os.stat(real).st_nlink <= 1:
+        return False
+    with atomic_write(real) as tmp:
+        shutil.copyfile(real, tmp)
+        shutil.copymode(real, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    return True

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from datavalue.embeddings._backend import Backend, get_backend
-from datavalue.errors import EmbeddingError, StoreNotFoundError
+from datavalue.errors import EmbeddingError, NonFiniteError, StoreNotFoundError
 from datavalue.store import ChunkFileRows, chunk_dir, fast_rows, write_chunk
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,6 @@ class _PooledFisher:
         self.rows.close()
 
     def get(self, t: int) -> tuple[np.ndarray, Any]:
-        from datavalue.errors import NonFiniteError
-
         first, last = max(0, t - self.W), min(self.T - 1, t + self.W)
         while self.next >= first:
             s = self.next

@@ -40,13 +40,12 @@ import json
 import logging
 import math
 import os
-import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from datavalue._files import atomic_write, inside_run_problem
+from datavalue._files import atomic_write, inside_run_problem, unshare
 from datavalue._lock import LockFile
 from datavalue.shapley._errors import CacheMismatchError, OutputPathError, UtilityError
 
@@ -174,15 +173,7 @@ class DiskCache:
         """Give the cache file its own inode when another directory shares it (a hard-link snapshot,
         ``cp -al``; ``st_nlink > 1``): a copy, fsynced, renamed over it (as the ledger does), so the
         snapshot keeps its bytes. Returns whether it copied. Call with the writer's lock held."""
-        real = Path(os.path.realpath(self.path))
-        if os.stat(real).st_nlink <= 1:
-            return False
-        with atomic_write(real) as tmp:
-            shutil.copyfile(real, tmp)
-            shutil.copymode(real, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        return True
+        return unshare(self.path)
 
     def _move_torn_tail(self, raw: bytes) -> bytes:
         """Move bytes after the last newline (an append cut short) to ``<cache>.torn-<time>``."""

@@ -61,7 +61,6 @@ import hmac
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -69,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from datavalue._files import atomic_write, inside_run_problem
+from datavalue._files import inside_run_problem, unshare
 from datavalue.shapley._errors import (
     LedgerError,
     LedgerNotFoundError,
@@ -623,11 +622,7 @@ class RoyaltyLedger:
         """Give the ledger its own inode before appending when another directory shares it (a
         hard-link snapshot, ``cp -al``): a copy renamed over it, so the snapshot keeps its rows and
         stays consistent with its own head file. Call with the lock held."""
-        target = _anchor.real(self.path)
-        if os.stat(target).st_nlink > 1:
-            with atomic_write(target) as tmp:
-                shutil.copyfile(target, tmp)
-                shutil.copymode(target, tmp)
+        unshare(_anchor.real(self.path))
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

@@ -109,6 +109,8 @@ def _build_lines(meta: dict) -> list[str]:
         state = "DAMAGED: a chunk is missing or truncated (see below; rebuild with --overwrite)"
     choice = meta["choice"]
     head = f"{meta.get('n_steps', '?')} steps, {state}"
+    if meta.get("curvature") == "fisher":  # the Fisher pooled over t-W..t+W (0: each step's own)
+        head += f", fisher_window={meta.get('fisher_window', 0)}"
     if "blocks_reason" not in choice:  # built before the choice was recorded
         return [head, choice["summary"]]
     return [
@@ -121,11 +123,22 @@ def _build_lines(meta: dict) -> list[str]:
 def cmd_build(args: argparse.Namespace) -> int:
     from datavalue.embeddings import build_embeddings
 
+    window = {} if args.fisher_window is None else {"fisher_window": args.fisher_window}
     out = build_embeddings(args.run, curvature=args.curvature, segments=args.segments, overwrite=args.overwrite,
-                           dtype=args.dtype, blocks=args.blocks)
+                           dtype=args.dtype, blocks=args.blocks, **window)
     print(f"embeddings built in {out.seconds:.1f} s: {out.array}, {out.n_rows} rows, {out.n_steps} steps")
     print(out.choice)
     return 0
+
+
+def _fisher_window(text: str) -> int | str:
+    """``--fisher-window``: ``auto`` or a decimal int (its range is checked by the build, with the library's message)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0 or 'auto', got {text!r}") from None
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
@@ -176,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): one operator over all columns for the true Fisher and the exact Hessian "
                         "while it fits 256 MiB and the sketch keeps >= 1/4 of the dimensions, else one per layer "
                         "block; layer: one per layer block (the paper's form); full: one over all columns")
+    p.add_argument("--fisher-window", default=None, type=_fisher_window, metavar="W",
+                   help="curvature fisher: pool step t's recorded Fisher over steps t-W..t+W (an int >= 0, or auto: "
+                        "see datavalue.build_embeddings; default: the library's)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_build)
 

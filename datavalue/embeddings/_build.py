@@ -347,7 +347,7 @@ def build_embeddings(
     config: BuildConfig | None = None,
     device: Any = None,
     max_memory: int | str | None = None,
-    fisher_window: int = 0,
+    fisher_window: int | str = 0,
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 
@@ -472,7 +472,7 @@ def build_embeddings(
     options = dict(curvature=curvature, dtype=dtype, segments=segments, chunk_rows=chunk_rows,
                    storage_dtype=storage_dtype, velocity=velocity, clipping=clipping,
                    explode_threshold=explode_threshold, optimizer=optimizer, adam_second_moment=adam_second_moment,
-                   blocks=blocks)
+                   blocks=blocks, fisher_window=fisher_window)
     if config is not None:
         if not isinstance(config, BuildConfig):
             raise EmbeddingError(f"config must be a datavalue.embeddings.BuildConfig, got {type(config).__name__}.")
@@ -484,7 +484,7 @@ def build_embeddings(
     else:
         cfg = BuildConfig(**options)
     (curvature, dtype, segments, chunk_rows, storage_dtype, velocity, clipping, explode_threshold, optimizer,
-     adam_second_moment, blocks) = (getattr(cfg, k) for k in options)
+     adam_second_moment, blocks, fisher_window) = (getattr(cfg, k) for k in options)
     run = open_run(path)
     path = run.path  # absolute (a file:// URL: its local path): what the tasks open, on any worker
     check_workers_see_run(client, path, run.run_id, "build_embeddings(client=)'s segment tasks")
@@ -518,7 +518,7 @@ def build_embeddings(
         if velocity:
             raise EmbeddingError("velocity=True is for SGD momentum runs; Adam-aware builds store delta theta only.")
     plan = dataclasses.replace(plan, device=device)
-    choice = _choice(run, requested_curvature, blocks, plan)
+    choice = _choice(run, requested_curvature, blocks, plan, requested_window=fisher_window)
     logger.info("%s: building embeddings with %s", path, choice["summary"])
     _check_memory(path, plan, segments, limit)
     vel = plan.adam is None and plan.momentum_mode and (

@@ -14,7 +14,14 @@ import logging
 import warnings
 from typing import Any
 
-from datavalue.embeddings._metadata import ATTRS_KEY, _base, _replay_optimizer, _stored_blocks
+from datavalue.embeddings._metadata import (
+    ATTRS_KEY,
+    _base,
+    _replay_optimizer,
+    _stored_blocks,
+    _stored_fisher_window,
+    rebuild_call,
+)
 from datavalue.embeddings._plan import _digest, _make_plan
 from datavalue.errors import EmbeddingError, StoreCorruptError, StoreError
 
@@ -91,7 +98,7 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
     run, array = _resolve(run, curvature, array, "check_build")
     meta = dict(run.array(array).attrs.get(ATTRS_KEY, {}))
     curvature = curvature or meta.get("curvature")
-    rebuild = f"datavalue.build_embeddings({str(run.path)!r}, curvature={curvature!r}, overwrite=True)"
+    rebuild = rebuild_call(run.path, curvature, meta, prefix="datavalue.")
     refuse_foreign(run, array, rebuild, meta)
     if "checkpoint_step" in meta:  # embeddings_at(): rows of the steps before the checkpoint
         _require_chunks(run, array, meta)
@@ -108,12 +115,13 @@ def check_build(run: Any, curvature: str | None = None, *, array: str | None = N
             f"re-recorded or extended since). Rebuild with {rebuild}, or extend it with "
             "datavalue.embeddings.extend_embeddings when the run only grew."
         )
+    window = _stored_fisher_window(meta, f"{run.path}/{array}")  # the plan the build was made with, not W = 0
     try:
         with warnings.catch_warnings():  # the sgd-proxy warning was given when the build was made
             warnings.simplefilter("ignore")
             plan, _ = _make_plan(run, str(meta.get("curvature", curvature)), "float64", None, 0.0,
                                  optimizer=meta.get("optimizer") if meta.get("optimizer") in ("adam", "adamw")
-                                 else _replay_optimizer(meta), blocks=_stored_blocks(meta))
+                                 else _replay_optimizer(meta), blocks=_stored_blocks(meta), fisher_window=window)
     except (EmbeddingError, StoreError) as exc:
         raise EmbeddingError(
             f"{run.path}/{array} cannot have been built from this run ({exc}); it was copied from another run or "

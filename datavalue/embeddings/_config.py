@@ -36,6 +36,23 @@ CLIPPING = ("direction", "constant")
 OPTIMIZERS = (None, "sgd", "adam", "adamw", "sgd-proxy")
 
 
+def check_fisher_window(value: Any) -> int | str:
+    """``fisher_window`` as given: an int ``>= 0`` (never a bool, nothing rounded) or ``"auto"``; which
+    curvature it applies to and what ``"auto"`` becomes are decided by the build
+    (:func:`datavalue.embeddings._plan.parse_fisher_window`)."""
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise EmbeddingError(
+            f"fisher_window must be an int >= 0 (steps on each side whose recorded Fisher rows are pooled into a "
+            f"step's curvature; 0: each step its own) or 'auto', got {value!r} ({type(value).__name__}); "
+            "nothing is rounded."
+        )
+    if int(value) < 0:
+        raise EmbeddingError(f"fisher_window must be >= 0 (0: each step's own Fisher) or 'auto', got {int(value)}.")
+    return int(value)
+
+
 def _int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -83,6 +100,9 @@ class BuildConfig:
         "help": "'sgd', 'adam'/'adamw' (Adam-aware) or 'sgd-proxy'; None: from the run's optimizer"})
     adam_second_moment: bool = field(default=True, metadata={
         "help": "Adam-aware builds: carry the second moment's dependence on the removed gradient"})
+    fisher_window: int | str = field(default=0, metadata={
+        "help": "curvature='fisher': step t's Fisher pooled over steps t-W..t+W (an int W >= 0; 0: its own; 'auto': "
+                "see build_embeddings)"})
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -104,6 +124,7 @@ class BuildConfig:
         put("optimizer", _choice("optimizer", self.optimizer, OPTIMIZERS))
         if not isinstance(self.adam_second_moment, bool):
             raise EmbeddingError(f"adam_second_moment must be True or False, got {self.adam_second_moment!r}.")
+        put("fisher_window", check_fisher_window(self.fisher_window))
 
     @staticmethod
     def help(name: str | None = None) -> str:

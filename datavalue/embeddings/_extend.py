@@ -119,7 +119,7 @@ def embeddings_at(
     _refuse_adam(path, meta, "embeddings_at")
     plan, _ = _make_plan(
         run, curvature, meta["dtype"], None, 1e6, meta.get("clipping", "direction"),
-        _replay_optimizer(meta), blocks=_stored_blocks(meta), fisher_window=_stored_fisher_window(meta),
+        _replay_optimizer(meta), blocks=_stored_blocks(meta), fisher_window=_stored_fisher_window(meta, path),
     )
     plan = dataclasses.replace(plan, device=device)
     _check_memory(path, plan, len(meta["segments"]), limit)

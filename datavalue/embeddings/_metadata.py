@@ -110,7 +110,8 @@ def _blocks_reason(run: Any, requested: Any, plan: _Plan, factor: int) -> str:
     return "per layer"
 
 
-def _choice(run: Any, requested_curvature: str | None, requested_blocks: Any, plan: _Plan) -> dict[str, Any]:
+def _choice(run: Any, requested_curvature: str | None, requested_blocks: Any, plan: _Plan,
+            requested_window: int | str = 0) -> dict[str, Any]:
     """The build's choice of curvature and blocks with the reasons, for the log, the metadata and
     :class:`BuildInfo`."""
     factor = _state_factor(plan.adam is not None, plan.momentum_mode)
@@ -123,7 +124,10 @@ def _choice(run: Any, requested_curvature: str | None, requested_blocks: Any, pl
         f"(operator state {_mib(nbytes)}; {blocks_reason})"
     )
     if plan.fisher_window > 0:
-        summary += f"; Fisher pooled over steps t-{plan.fisher_window}..t+{plan.fisher_window} (fisher_window)"
+        summary += f"; Fisher pooled over steps t-{plan.fisher_window}..t+{plan.fisher_window} (fisher_window"
+        summary += "='auto': one operator over all columns)" if requested_window == "auto" else ")"
+    elif requested_window == "auto" and plan.curvature == "fisher":
+        summary += "; each step's own Fisher (fisher_window='auto' pools only a single operator over all columns)"
     return {
         "curvature": plan.curvature,
         "curvature_reason": curv_reason,
@@ -203,10 +207,37 @@ def _stored_blocks(meta: dict[str, Any]) -> Any:
     return meta.get("blocks") or "layer"
 
 
-def _stored_fisher_window(meta: dict[str, Any]) -> int:
-    """The ``fisher_window`` a stored build was made with (builds from before it existed: 0, each step's own
-    Fisher). Like the blocks, never today's default: a checkpoint must pool as the build did."""
-    return int(meta.get("fisher_window", 0) or 0)
+def _stored_fisher_window(meta: dict[str, Any], where: Any = "this build") -> int:
+    """The ``fisher_window`` a stored build was made with, as the int it resolved to (builds from before it
+    existed: 0, each step's own Fisher). Like the blocks, never today's default: a checkpoint, an extension and
+    :func:`~datavalue.embeddings.check_build` must pool as the build did.
+
+    Raises:
+        EmbeddingError: the stored value is not an int ``>= 0`` (metadata edited or damaged), or is ``> 0`` on a
+            build whose curvature is not ``"fisher"``; naming ``where`` and the rebuild.
+    """
+    W = meta.get("fisher_window", 0)
+    W = 0 if W is None else W
+    curvature = meta.get("curvature")
+    if isinstance(W, bool) or not isinstance(W, int) or W < 0 or (W > 0 and curvature != "fisher"):
+        raise EmbeddingError(
+            f"{where}: the build's stored fisher_window is {W!r}"
+            + (f" on a {curvature!r} build" if isinstance(W, int) and not isinstance(W, bool) and W > 0 else "")
+            + ", which no build stores (an int >= 0, > 0 only for curvature='fisher'): its metadata was edited or "
+            f"damaged. Rebuild it with build_embeddings(run, {curvature!r}, fisher_window=..., overwrite=True)."
+        )
+    return W
+
+
+def rebuild_call(path: Any, curvature: str | None, meta: dict[str, Any], prefix: str = "") -> str:
+    """The call that rebuilds the build ``meta`` describes with its own Fisher window (a hint in error messages:
+    a rebuild without it would pool differently, or not at all)."""
+    try:
+        W = _stored_fisher_window(meta)
+    except EmbeddingError:
+        W = 0
+    window = f", fisher_window={W}" if W > 0 else ""
+    return f"{prefix}build_embeddings({str(path)!r}, curvature={curvature!r}{window}, overwrite=True)"
 
 
 def _replay_optimizer(meta: dict[str, Any]) -> str | None:

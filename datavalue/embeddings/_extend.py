@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from datavalue._blas import one_blas_thread
 from datavalue._memory import parse_max_memory
 from datavalue.embeddings._backend import parse_device
 from datavalue.embeddings._build import (
@@ -42,10 +43,13 @@ from datavalue.embeddings._metadata import (
     _replay_optimizer,
     _stored_blocks,
     _stored_fisher_window,
+    rebuild_call,
     stored_config,
 )
 from datavalue.embeddings._plan import _digest, _make_plan, _parse_curvature, _Plan, _split
-from datavalue.embeddings._stream import _execute, _run_segments, _task, _write_pieces
+from datavalue.embeddings._pooledtail import pooled_tail
+from datavalue.embeddings._sgd import chain
+from datavalue.embeddings._stream import _execute, _run_segments, _scan, _task, _write_pieces
 from datavalue.errors import EmbeddingError, StoreExistsError
 from datavalue.store import (
     check_workers_see_run,
@@ -205,18 +209,18 @@ def extend_embeddings(
     T0, R0 = int(meta["n_steps"]), int(meta["n_rows"])
     T1, R1 = int(run.n_steps), int(run.n_rows)
     _refuse_adam(path, meta, "extend_embeddings")
-    _refuse_fisher_window(path, meta, curvature)
     stored = stored_config(meta)
+    rebuild = rebuild_call(path, curvature, meta)
     plan, handling = _make_plan(
         run, curvature, stored.dtype, None, stored.explode_threshold, stored.clipping,
-        _replay_optimizer(meta), blocks=_stored_blocks(meta),
+        _replay_optimizer(meta), blocks=_stored_blocks(meta), fisher_window=_stored_fisher_window(meta, path),
     )
     plan = dataclasses.replace(plan, device=device)
     _check_memory(path, plan, segments, limit)
     if T1 < T0 or int(plan.step_ptr[T0]) != R0 or _digest(plan, T0) != meta["run_digest"]:
         raise EmbeddingError(
             f"{path}: the first {T0} steps differ from the ones the build was made from (the run was overwritten or "
-            f"truncated). Rebuild with build_embeddings({str(path)!r}, {curvature!r}, overwrite=True)."
+            f"truncated). Rebuild with {rebuild}."
         )
     base = _base(curvature)
     values = open_array_writable(path, f"{base}/values")
@@ -233,19 +237,24 @@ def extend_embeddings(
         # the first new step carries velocity built up by the old steps
         raise EmbeddingError(
             f"{path}: step {T0} carries momentum from the old steps, so extending needs their velocity part "
-            f"(v_values), which this build did not keep (velocity=False). Rebuild with "
-            f"build_embeddings({str(path)!r}, {curvature!r}, overwrite=True)."
+            f"(v_values), which this build did not keep (velocity=False). Rebuild with {rebuild}."
         )
     k = int(run.proj_dim)
     chunk = int(values.chunks[0])
     check_chunk_memory(path, chunk, k, meta["storage_dtype"], 1 + int(vel), chunk, limit)  # before anything changes
     for name in [f"{base}/values"] + ([f"{base}/v_values"] if had_vel else []):  # the rows mapped in place below:
         require_intact_rows(run, name, R0, "extend_embeddings",  # a deleted chunk would map as zeros
-                            f"rebuild it with build_embeddings({str(path)!r}, {curvature!r}, overwrite=True).")
+                            f"rebuild it with {rebuild}.")
     if meta.get("ops_stored"):  # the stored operators are read and rewritten below: every chunk intact first
         from datavalue.embeddings._build import check_ops
 
         check_ops(path, curvature, plan)
+    tail = None
+    if plan.fisher_window > 0:  # the new steps change the pooled Fisher of the old last W steps (read-only here)
+        old_segments = [tuple(b) for b in meta["segments"]]
+        tail = pooled_tail(path, plan, T0, old_segments,
+                           _load_ops(path, curvature, plan, len(old_segments)) if meta.get("ops_stored") else None,
+                           velocity_kept=had_vel)
     refuse_foreign_below(path, base)  # its operators are rewritten: never with a user's file (or a link) in the build
     meta["complete"] = False
     values.attrs[ATTRS_KEY] = meta
@@ -283,20 +292,35 @@ def extend_embeddings(
         desc=f"extend ({curvature})",
     )
     maps = res["start"]  # per block: (n, w) operator at the old end T0
+    pieces = []
+    R_map = R0  # old rows mapped by one operator per block; with a pooled tail, those before it
+    if tail is not None:  # the tail's rows again with the new windows, from the new steps' operator at T0
+        R_map = int(plan.step_ptr[tail.start])
+        with one_blas_thread():
+            tres = _scan(plan, tail.start, T0, maps, transfer=False, velocity=vel, outputs=outputs, out_offset=0,
+                         n_out=R1, out_chunk=chunk)
+        pieces.extend(tres["pieces"])
+        res["max_op"] = max(res["max_op"], tres["max_op"])
+        res["expansive"] = sorted(set(res["expansive"]) | set(tres["expansive"]))
+        if tail.swap is not None:
+            maps = [chain(m, X, b - a) for m, X, (a, b) in zip(maps, tail.swap, plan.blocks, strict=True)]
     # old rows: one map per block, chunk-parallel; the chunk shared with new rows goes via the driver
     old_in = [fast_rows(open_array(path, f"{base}/values"), required_rows=R0)] + (  # checked reads
         [fast_rows(open_array(path, f"{base}/v_values"), required_rows=R0)] if had_vel else []
     )
     fns = [
-        _task(_map_rows, plan, maps, old_in, outputs, c0, min(c0 + chunk, R0), chunk, vel)
-        for c0 in range(0, R0, chunk)
+        _task(_map_rows, plan, maps, old_in, outputs, c0, min(c0 + chunk, R_map), chunk, vel)
+        for c0 in range(0, R_map, chunk)
     ]
-    pieces = []
     for p in _execute(fns, client, None):
         pieces.extend(p)
     _write_pieces(outputs, pieces, chunk)
     if any(op is not None for op in res["ops"]):
-        if meta.get("ops_stored"):
+        if meta.get("ops_stored") and tail is not None and tail.seg_ops:  # the segments reaching into the tail
+            old_ops = _load_ops(path, curvature, plan, len(meta["segments"]))
+            old_ops = [tail.seg_ops.get(s, ops) for s, ops in enumerate(old_ops)]
+            _store_ops(path, curvature, plan, old_ops + res["ops"])
+        elif meta.get("ops_stored"):
             _store_ops(path, curvature, plan, res["ops"], append_to=len(meta["segments"]))
     else:
         meta["ops_stored"] = False
@@ -321,19 +345,6 @@ def extend_embeddings(
         rebind_array(path, name)
     _warn_expansive(path, res)
     return _info_from_meta(path, curvature, meta, time.perf_counter() - t_start, handling=handling)
-
-
-def _refuse_fisher_window(path: Any, meta: dict[str, Any], curvature: str) -> None:
-    """A build whose Fisher was pooled over neighbouring steps (``fisher_window = W > 0``) cannot be extended:
-    the new steps enter the pooled curvature of the old last ``W`` steps, so the old embeddings change, not
-    only their map to the new end."""
-    W = _stored_fisher_window(meta)
-    if W > 0:
-        raise EmbeddingError(
-            f"{path}: this {curvature!r} build pooled each step's Fisher over steps t-{W}..t+{W} (fisher_window={W}); "
-            f"steps recorded since change the pooled curvature of its last {W} steps, so it cannot be extended. "
-            f"Rebuild with build_embeddings({str(path)!r}, {curvature!r}, fisher_window={W}, overwrite=True)."
-        )
 
 
 def _refuse_adam(path: Any, meta: dict[str, Any], what: str) -> None:

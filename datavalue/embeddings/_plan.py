@@ -53,6 +53,9 @@ class _Plan:
     #: ``curvature="fisher"`` only: step ``t``'s Fisher is the mean of the recorded Fisher matrices of steps
     #: ``max(0, t - W) .. min(T - 1, t + W)`` (their rows pooled, :class:`._streamio._PooledFisher`); 0: its own
     fisher_window: int = 0
+    #: the pooled windows end at step ``fisher_end - 1`` (0: the run's last step, ``n_steps - 1``): an extension
+    #: replays the old build's last steps with the windows that build had (``_extend._PooledTail``)
+    fisher_end: int = 0
 
     @property
     def n_steps(self) -> int:

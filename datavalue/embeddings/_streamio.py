@@ -109,7 +109,7 @@ class _OnDevice:
 
 class _PooledFisher:
     """Step ``t``'s true-Fisher rows pooled over the steps ``max(0, t - W) .. min(T - 1, t + W)``
-    (``W = plan.fisher_window``), each step's rows scaled by ``1 / sqrt(n_t)`` with ``n_t`` the number of
+    (``W = plan.fisher_window``; ``T = plan.fisher_end`` when set), each step's rows scaled by ``1 / sqrt(n_t)`` with ``n_t`` the number of
     steps pooled, so the pooled rows' Gram is the mean of those steps' Fisher matrices (a step's own
     rows already carry ``1 / sqrt(fisher_samples)``: their Gram is its Fisher).
 
@@ -122,7 +122,7 @@ class _PooledFisher:
 
     def __init__(self, run: Any, plan: Any, lo: int, hi: int, chunk: int, xp: Backend) -> None:
         self.plan, self.xp = plan, xp
-        self.W, self.T = int(plan.fisher_window), int(plan.n_steps)
+        self.W, self.T = int(plan.fisher_window), int(plan.fisher_end or plan.n_steps)
         self.ptr = plan.fisher_ptr
         self.next = min(self.T - 1, int(hi) - 1 + self.W)  # the next (lower) step to read
         self.rows = _ReverseRows(run, "fisher", int(self.ptr[max(0, int(lo) - self.W)]), plan.window, chunk)

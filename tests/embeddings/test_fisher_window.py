@@ -171,14 +171,18 @@ def test_metadata_and_checkpoints_keep_the_window(tmp_path, sgd_run):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
 
 
-def test_extension_of_a_pooled_build_is_refused(tmp_path):
+def test_extension_of_a_pooled_build_is_exact(tmp_path):
+    """Refused until session 13; now the old tail's pooled curvature is recomputed (more cases:
+    tests/embeddings/test_fisherwin2_extend.py)."""
     path = tmp_path / "run.zarr"
     steps = make_steps(5, 6, fisher=True)
     write_run(path, steps[:4], fisher=True)
     _values(path, fisher_window=1)
     write_run(path, steps[4:], fisher=True, mode="resume")
-    with pytest.raises(EmbeddingError, match=r"fisher_window=1.*cannot be extended.*overwrite=True"):
-        extend_embeddings(path, "fisher", progress=False)
+    extend_embeddings(path, "fisher", progress=False)
+    got = np.asarray(open_array(path, "embeddings/fisher/values")[:])
+    want = _values(write_run(tmp_path / "whole.zarr", steps, fisher=True), fisher_window=1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())  # float32 storage
 
 
 @pytest.mark.parametrize(

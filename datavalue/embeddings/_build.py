@@ -347,7 +347,7 @@ def build_embeddings(
     config: BuildConfig | None = None,
     device: Any = None,
     max_memory: int | str | None = None,
-    fisher_window: int | str = 0,
+    fisher_window: int | str = "auto",
 ) -> BuildInfo:
     """Data value embeddings of every recorded occurrence, w.r.t. the final weights.
 

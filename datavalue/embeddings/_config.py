@@ -100,9 +100,9 @@ class BuildConfig:
         "help": "'sgd', 'adam'/'adamw' (Adam-aware) or 'sgd-proxy'; None: from the run's optimizer"})
     adam_second_moment: bool = field(default=True, metadata={
         "help": "Adam-aware builds: carry the second moment's dependence on the removed gradient"})
-    fisher_window: int | str = field(default=0, metadata={
-        "help": "curvature='fisher': step t's Fisher pooled over steps t-W..t+W (an int W >= 0; 0: its own; 'auto': "
-                "see build_embeddings)"})
+    fisher_window: int | str = field(default="auto", metadata={
+        "help": "curvature='fisher': step t's Fisher pooled over steps t-W..t+W (an int W >= 0; 0: its own); 'auto': "
+                "4 for sampled Fisher labels under one operator over all columns, else 0"})
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:

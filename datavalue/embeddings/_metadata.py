@@ -125,9 +125,11 @@ def _choice(run: Any, requested_curvature: str | None, requested_blocks: Any, pl
     )
     if plan.fisher_window > 0:
         summary += f"; Fisher pooled over steps t-{plan.fisher_window}..t+{plan.fisher_window} (fisher_window"
-        summary += "='auto': one operator over all columns)" if requested_window == "auto" else ")"
+        summary += "='auto': sampled Fisher labels, one operator over all columns)" if requested_window == "auto" \
+            else ")"
     elif requested_window == "auto" and plan.curvature == "fisher":
-        summary += "; each step's own Fisher (fisher_window='auto' pools only a single operator over all columns)"
+        summary += ("; each step's own Fisher (fisher_window='auto' pools sampled Fisher labels under one operator "
+                    "over all columns only)")
     return {
         "curvature": plan.curvature,
         "curvature_reason": curv_reason,
@@ -193,7 +195,10 @@ def stored_config(meta: dict[str, Any]) -> BuildConfig:
     """The :class:`BuildConfig` a build was made with (builds from before ``build_config`` was
     stored: from their own metadata keys)."""
     if meta.get("build_config"):
-        return BuildConfig.from_json(meta["build_config"])
+        cfg = dict(meta["build_config"])
+        # builds from before fisher_window was a config field: the window they had (0), not today's default
+        cfg.setdefault("fisher_window", meta.get("fisher_window", 0) or 0)
+        return BuildConfig.from_json(cfg)
     return BuildConfig(curvature=meta.get("curvature"), dtype=meta.get("dtype", "float64"),
                        storage_dtype=meta.get("storage_dtype", "float32"), clipping=meta.get("clipping", "direction"),
                        blocks=meta.get("block_mode", "layer") if meta.get("block_mode") in ("auto", "layer", "full")

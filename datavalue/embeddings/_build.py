@@ -433,17 +433,23 @@ def build_embeddings(
             read or deleted, and the build is refused (``EmbeddingError``, with the estimate and the
             cheaper options) when they exceed it. ``None`` (default): 90% of the available memory
             (``DATAVALUE_MEMORY_CHECK=0`` turns that automatic check off).
-        fisher_window: ``curvature="fisher"`` only: an int ``W >= 0``. With ``W > 0`` step ``t``'s
-            curvature is the mean of the recorded Fisher matrices of steps ``max(0, t - W) ..
-            min(T - 1, t + W)`` (their stored rows pooled, each step's scaled by ``1 / sqrt(n_t)``,
-            ``n_t`` the steps pooled), which averages out the noise of the sampled labels (one
-            label per position leaves each step's Fisher a few rank-one terms) at no recording cost,
-            assuming the weights move little over ``2W + 1`` steps. ``0`` (default): each step's own
-            Fisher, bit-identical to a build without the argument. Costs ``2W + 1`` times the
-            Fisher rows' flops per step. Stored in the build's metadata (``fisher_window``);
-            :func:`embeddings_at` reuses it and :func:`extend_embeddings` refuses a ``W > 0`` build
-            (new steps would change the pooled curvature of the old last ``W`` steps: rebuild).
-            Measured on the AdamW LM of ``docs/results/lm.md`` (section 1, ``fisher_window``).
+        fisher_window: ``curvature="fisher"`` only: an int ``W >= 0`` or ``"auto"``. With ``W > 0``
+            step ``t``'s curvature is the mean of the recorded Fisher matrices of steps
+            ``max(0, t - W) .. min(T - 1, t + W)`` (their stored rows pooled, each step's scaled by
+            ``1 / sqrt(n_t)``, ``n_t`` the steps pooled), which averages out the noise of the
+            sampled labels (one label per position leaves each step's Fisher a few rank-one terms)
+            at no recording cost, assuming the weights move little over ``2W + 1`` steps. ``0``:
+            each step's own Fisher. ``"auto"`` (default): ``4`` when the Fisher rows are sampled
+            labels (``Recorder(fisher_samples=S)``: ``S`` rows per occurrence) and the build has one
+            operator over all columns, else ``0`` (per block the pooling moved the LM's scores by
+            0.01; an exact class expectation has no label noise). Costs ``2W + 1`` times the Fisher
+            rows' flops per step (the LM's full build at 5%: 50 s at ``W = 0``, 132 s at 4). Stored
+            in the build's metadata as the int it resolved to (``fisher_window``; the request in
+            ``build_config``); :func:`embeddings_at`, :func:`check_build` and
+            :func:`extend_embeddings` reuse it. An extension recomputes the old last ``W`` steps,
+            whose pooled curvature the new steps change, and carries the older rows over
+            (``datavalue.embeddings._pooledtail``): equal to a rebuild to rounding. Measured on the
+            AdamW LM of ``docs/results/lm.md`` (section 1, ``fisher_window``).
 
     Returns:
         :class:`BuildInfo`.
@@ -452,8 +458,8 @@ def build_embeddings(
         CurvatureUnavailableError: ``"fisher"`` or ``"hessian"`` on a run that did not record it.
         EmbeddingError: a ``path`` that is neither a path nor a ``Run``; a ``client`` that is not a ``dask.distributed.Client``, a ``chunk_rows`` whose
             output chunks cannot fit in memory (checked before ``overwrite=True`` deletes anything).
-            A ``fisher_window`` that is not an int ``>= 0`` (or a bool), or ``> 0`` with a curvature
-            other than ``"fisher"``.
+            A ``fisher_window`` that is neither an int ``>= 0`` (a bool is refused) nor ``"auto"``, or
+            ``> 0`` with a curvature other than ``"fisher"``.
         StoreExistsError: the build exists and ``overwrite`` is False.
         NonFiniteError: NaN/Inf in the gradients, curvature or operator (with the step index).
 

@@ -186,7 +186,10 @@ def extend_embeddings(
     ``[e_new, v_new] = R @ [e_old, v_old]``: one ``k x k`` map per block for plain SGD, ``2k x 2k``
     when momentum carries velocity across the old end. That needs the old build's ``v_values``
     (kept by default for momentum runs); without them, if the first new step carries velocity,
-    this raises and asks for a rebuild. Equal to a full rebuild up to rounding. ``device``: where the
+    this raises and asks for a rebuild. A build whose Fisher was pooled (``fisher_window = W > 0``) has its
+    old last ``W`` steps recomputed with the windows the new steps complete, and its older rows carried over
+    that change (:mod:`datavalue.embeddings._pooledtail`; refused, nothing written, if that is not exact).
+    Equal to a full rebuild up to rounding. ``device``: where the
     new steps' recursion runs, as in :func:`build_embeddings` (the stored config's dtype is kept). ``max_memory``: as in :func:`build_embeddings`.
 
     Returns:

@@ -134,10 +134,11 @@ def pooled_tail(path: Any, plan: _Plan, T0: int, segments: list[tuple[int, int]]
     if a > 0:
         swap = solve(product(P_old, 0, len(pieces) - 1), product(P_new, 0, len(pieces) - 1),
                      f"the transfer operator of steps {a}..{T0 - 1}")
-        if not velocity_kept:
+        if not velocity_kept:  # old rows' velocity read as 0: right only if X takes none of it into delta theta
+            # (the velocity columns of R_new(T0) are zero here: extend_embeddings refused a step T0 carrying momentum)
             for i, (lo, hi) in enumerate(plan.blocks):
                 k = hi - lo
-                if swap[i].shape[1] > k and np.abs(swap[i][:, k:]).max() > RESIDUAL_TOL * np.abs(swap[i]).max():
+                if swap[i].shape[1] > k and np.abs(swap[i][:k, k:]).max() > RESIDUAL_TOL * np.abs(swap[i]).max():
                     raise EmbeddingError(
                         f"{path}: extending this fisher_window={W} build recomputes its last {T0 - a} steps, and "
                         f"momentum carries the old rows' velocity into them, which this build did not keep "

@@ -8,7 +8,8 @@ Public API only (``datavalue``, ``datavalue.testing``) plus the study's own modu
 (other sampled Fisher labels: the recorder's private label generator reseeded, ``common.Study.record``).
 
 ``--fisher-window 0,2,4,8`` (session 12) builds each recording with the Fisher pooled over steps t-W..t+W
-(``build_embeddings(fisher_window=W)``); each result also carries its build time (``build_s``).
+(``build_embeddings(fisher_window=W)``, passed even for ``W = 0``: since session 13 the default ``"auto"`` pools
+``W = 4`` for these sampled labels under ``blocks="full"``); each result also carries its build time (``build_s``).
 
 ``--fisher-draws 3 --blocks layer,full --clipping direction`` is the session-11 check of ``blocks="full"`` under
 AdamW (``AUTO_FULL_KEPT``'s LM evidence, docs/results/lm.md); ``--fisher-samples 8`` the same with 8 labels per
@@ -83,7 +84,7 @@ for draw in range(args.fisher_draws):
                     warnings.simplefilter("ignore")
                     info = build_embeddings(path, overwrite=True, progress=False, clipping=clipping,
                                             **({} if blocks == "auto" else {"blocks": blocks}),
-                                            **({"fisher_window": W} if W else {}))
+                                            fisher_window=W)  # always: the default ("auto") pools 4 under "full"
                 s = M._attr(ctx, curvature=info.curvature)
                 r = rho(s[:, rows].T)
                 r["build_s"] = info.seconds

@@ -171,3 +171,23 @@ def test_adam_aware_pooled_build_keeps_the_adam_refusal(tmp_path):
     build_embeddings(path, "fisher", fisher_window=2, progress=False, overwrite=True)
     with pytest.raises(EmbeddingError, match="not implemented for Adam-aware builds"):
         extend_embeddings(path, "fisher", progress=False)
+
+
+def test_momentum_tail_without_velocity_is_refused(tmp_path):
+    """Momentum in the old tail, none from the old end on, ``velocity=False``: the first new step carries no
+    velocity (the plain extension's check passes), but the tail's changed curvature needs the old rows' velocity,
+    which was not kept: refused, nothing written. With the same steps and ``W = 0`` the extension runs."""
+    old = make_steps(3, 9, fisher=True, momentum=0.5)
+    new = make_steps(4, 4, t0=9, fisher=True, momentum=0.0)
+    for W in (2, 0):
+        path = write_run(tmp_path / f"w{W}.zarr", old, fisher=True)
+        build_embeddings(path, "fisher", blocks="full", fisher_window=W, velocity=False, progress=False)
+        before, meta = _values(path), build_metadata(path, "fisher")
+        write_run(path, new, fisher=True, mode="resume")
+        if W:
+            with pytest.raises(EmbeddingError, match=r"momentum carries the old rows' velocity.*velocity=False.*"
+                                                     r"Nothing was written"):
+                extend_embeddings(path, "fisher", progress=False)
+            assert np.array_equal(_values(path), before) and build_metadata(path, "fisher") == meta
+        else:
+            extend_embeddings(path, "fisher", progress=False)

@@ -109,14 +109,15 @@ def _build_lines(meta: dict) -> list[str]:
         state = "DAMAGED: a chunk is missing or truncated (see below; rebuild with --overwrite)"
     choice = meta["choice"]
     head = f"{meta.get('n_steps', '?')} steps, {state}"
-    if meta.get("curvature") == "fisher":  # the Fisher pooled over t-W..t+W (0: each step's own)
-        head += f", fisher_window={meta.get('fisher_window', 0)}"
+    # the Fisher pooled over steps t-W..t+W (0: each step's own): a line of its own, so W = 0 shows too
+    window = [f"fisher_window: {meta.get('fisher_window', 0)}"] if meta.get("curvature") == "fisher" else []
     if "blocks_reason" not in choice:  # built before the choice was recorded
-        return [head, choice["summary"]]
+        return [head, choice["summary"], *window]
     return [
         head,
         f"curvature: {choice['curvature']} ({choice['curvature_reason']})",
         choice["summary"][choice["summary"].index("blocks: "):],
+        *window,
     ]
 
 

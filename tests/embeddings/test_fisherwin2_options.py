@@ -196,7 +196,7 @@ def test_cli_build_takes_the_window_and_info_shows_it(tmp_path, capsys):
     assert build_metadata(path, "fisher")["fisher_window"] == 3
     assert "t-3..t+3" in capsys.readouterr().out
     assert main(["info", str(path)]) == 0
-    assert "fisher_window=3" in capsys.readouterr().out
+    assert "\n    fisher_window: 3\n" in capsys.readouterr().out
     assert main(["build", str(path), "--curvature", "fisher", "--fisher-window", "auto", "--overwrite"]) == 0
     assert build_metadata(path, "fisher")["build_config"]["fisher_window"] == "auto"
 

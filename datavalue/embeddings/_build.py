@@ -93,6 +93,8 @@ class BuildInfo:
         blocks: the ``(start, stop)`` column spans that got one operator each.
         choice: which curvature and blocks the build used and why (also logged at INFO and
             stored in the build's metadata, shown by ``datavalue info``).
+        fisher_window: the ``W`` the Fisher was pooled over (steps ``t - W .. t + W``; 0: each step's
+            own, and for every other curvature), the int ``fisher_window="auto"`` resolved to.
     """
 
     path: str
@@ -109,6 +111,7 @@ class BuildInfo:
     seconds: float
     blocks: tuple[tuple[int, int], ...] = ()
     choice: str = ""
+    fisher_window: int = 0
 
 
 # ---------------------------------------------------------------------- the plan
@@ -623,6 +626,7 @@ def build_embeddings(
         seconds=time.perf_counter() - t_start,
         blocks=plan.blocks,
         choice=choice["summary"],
+        fisher_window=plan.fisher_window,
     )
 
 

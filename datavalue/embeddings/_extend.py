@@ -412,4 +412,5 @@ def _info_from_meta(
         seconds=seconds,
         blocks=tuple(tuple(b) for b in meta.get("blocks", [])),
         choice=str(meta.get("choice", {}).get("summary", "")),
+        fisher_window=int(meta.get("fisher_window", 0) or 0),
     )

@@ -64,7 +64,7 @@ def _extend_vs_scratch(tmp_path, setting, W, *, blocks="full", segments=1, devic
 @pytest.mark.parametrize("W", [1, 3])
 def test_extend_of_a_pooled_build_equals_a_rebuild(tmp_path, setting, blocks, W):
     info, got, want, grown, _ = _extend_vs_scratch(tmp_path, setting, W, blocks=blocks)
-    assert info.n_steps == 15
+    assert info.n_steps == 15 and info.fisher_window == W
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
     meta = build_metadata(grown, "fisher")
     assert meta["fisher_window"] == W and meta["extended"][-1]["from_step"] == 9

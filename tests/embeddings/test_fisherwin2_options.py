@@ -110,7 +110,7 @@ def test_config_of_an_older_build_keeps_its_window():
 def test_auto_pools_sampled_labels_under_one_operator(tmp_path):
     path = _record(tmp_path / "sampled.zarr", fisher_max_classes=4)
     info = build_embeddings(path, "fisher", progress=False)  # the default: fisher_window="auto", blocks="auto"
-    assert len(info.blocks) == 1
+    assert len(info.blocks) == 1 and info.fisher_window == 4
     meta = build_metadata(path, "fisher")
     assert meta["fisher_window"] == 4 and meta["build_config"]["fisher_window"] == "auto"
     assert "t-4..t+4 (fisher_window='auto'" in info.choice

@@ -191,3 +191,10 @@ def test_momentum_tail_without_velocity_is_refused(tmp_path):
             assert np.array_equal(_values(path), before) and build_metadata(path, "fisher") == meta
         else:
             extend_embeddings(path, "fisher", progress=False)
+
+
+@pytest.mark.parametrize(("W", "T1", "segments"), [(3, 10, 1), (5, 11, 3)])
+def test_fewer_new_steps_than_the_window(tmp_path, W, T1, segments):
+    """One or two new steps under a window of 3 or 5: the new steps' own windows reach into the old ones too."""
+    _, got, want, _, _ = _extend_vs_scratch(tmp_path, "momentum", W, segments=segments, T1=T1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())

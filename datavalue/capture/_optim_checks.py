@@ -115,7 +115,7 @@ class UnrecordedGradients:
 
     def __init__(self, engine: Engine, optimizer: Any, *, release: Any = None, drop: Any = None,
                  compare_gradients: bool = True, resumed_state: str | None = None,
-                 resumed_count: int | None = None) -> None:
+                 resumed_count: int | None = None, on_resume_refused: Any = None) -> None:
         self.engine = engine
         self.optimizer = unwrap_optimizer(optimizer)
         self.unrecorded: set[str] = set()
@@ -145,6 +145,8 @@ class UnrecordedGradients:
         self._resumed_state = resumed_state
         #: on resume of an Adam run, the step count its last recorded step left (checked at the first update)
         self._resumed_count = resumed_count
+        #: called when the first update refuses the resumed state (the recorder closes itself), before the error
+        self._on_resume_refused = on_resume_refused
         self._handles = [p.register_post_accumulate_grad_hook(lambda _p, n=name: self._on_accumulate(n))
                          for name, p in named.items() if p.requires_grad]
         self._handles.append(self.optimizer.register_step_pre_hook(self._on_step))
@@ -285,7 +287,7 @@ class UnrecordedGradients:
                 return  # SGD without momentum now: no buffer is read, nothing restarts
             with_grad = [n for n, q in self._captured.items() if q.grad is not None]
             if with_grad and not any(state.get(self._captured[n]) for n in with_grad):
-                self._refuse(p, f"the optimizer holds no state for the recorded parameters, but the run was resumed "
+                self._refuse_resume(p, f"the optimizer holds no state for the recorded parameters, but the run was resumed "
                              f"after step {p.step - 1}, whose update left {expected}: the optimizer's state was not "
                              "restored from the checkpoint (a fresh optimizer), so this update would restart it while the "
                              "run models it as carried on",
@@ -297,7 +299,7 @@ class UnrecordedGradients:
             if count is not None:
                 held = sorted({_state_count(state.get(self._captured[n])) for n in with_grad} - {None})
                 if held and held != [count]:
-                    self._refuse(p, f"the optimizer's state holds Adam step count(s) {held}, but the run was resumed "
+                    self._refuse_resume(p, f"the optimizer's state holds Adam step count(s) {held}, but the run was resumed "
                                  f"after step {p.step - 1}, whose update left the count {count}: the state was restored "
                                  "from another checkpoint than the weights (an older one?), so this update would use "
                                  "other moments and bias corrections than the run models",
@@ -409,6 +411,18 @@ class UnrecordedGradients:
                         ".grad was scaled after the block")
                 fix = "call optimizer.zero_grad() after every optimizer.step(), and change gradients only inside the block"
             self._refuse(p, what, fix)
+
+    def _refuse_resume(self, p: PendingStep, what: str, fix: str) -> None:
+        """:meth:`_refuse` at a resumed run's first update: the recorder closes itself first (nothing of it stays
+        registered, its lock is released; ``ResumeChecks._abandon_resume``), and the error says so."""
+        try:
+            self._refuse(p, what, fix)
+        except RecorderError as exc:
+            if self._on_resume_refused is not None:
+                self._on_resume_refused()
+                exc.args = (f"{exc} This Recorder was closed (its lock released): fix the optimizer's state, then "
+                            "create a new Recorder(..., resume=True).",)
+            raise
 
     def _refuse(self, p: PendingStep | None, what: str, fix: str) -> None:
         if p is not None and not p.applied:

@@ -219,6 +219,11 @@ def _ledger_key(key_file: str | None) -> tuple[bytes | None, str]:
     from datavalue import shapley
 
     if key_file is not None:
+        from datavalue._files import unexpanded_home_problem
+
+        home = unexpanded_home_problem(key_file, "--key-file", creating=False)
+        if home is not None:
+            raise shapley.ShapleyError(home)
         try:
             data = Path(key_file).read_bytes()
         except OSError as exc:
@@ -247,6 +252,11 @@ def check_out_path(path: str | os.PathLike[str], error: Any, *, flag: str = "--o
     missing directories are created by the writer). Shared by every writing command; it lives here
     because this module may import only the standard library, ``datavalue.shapley`` and
     ``datavalue.errors`` (tests/shapley/test_reports_cli.py)."""
+    from datavalue._files import unexpanded_home_problem
+
+    home = unexpanded_home_problem(path, flag)
+    if home is not None:  # a quoted '~/r.html' reaches us unexpanded; Python does not expand it (issue 22)
+        raise error(home)
     out = Path(path)
     if out.is_dir():
         raise error(f"{flag} {out} is a directory; give the path of a file to write (a new name inside it, for example).")

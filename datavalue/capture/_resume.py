@@ -88,9 +88,9 @@ def optimizer_state_digest(model: nn.Module, optimizer: Any) -> dict[str, list[f
             st = state.get(p)  # .get: no insert (optimizer.state is a defaultdict)
             for key, v in (st or {}).items():
                 if torch.is_tensor(v) and not v.is_complex() and v.numel() > 0:
-                    w = v.detach()
+                    w = v.detach() if v.is_floating_point() else v.detach().to(torch.float64)  # an integer step
                     out[f"{name}/{key}"] = [float(w.numel()), float(torch.sum(w, dtype=torch.float64)),
-                                            float(torch.sum(w.to(torch.float64) ** 2))]
+                                            float(torch.linalg.vector_norm(w, dtype=torch.float64) ** 2)]
                 elif isinstance(v, int | float) and not isinstance(v, bool):
                     out[f"{name}/{key}"] = [1.0, float(v), float(v) ** 2]
     return out

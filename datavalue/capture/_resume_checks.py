@@ -8,6 +8,7 @@ every rank the answer so that all refuse together, and stores the digest after a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,7 @@ class ResumeChecks:
     _sink: Any
     _resume_weights: bool
     checkpoint_every: int | None
-
-    def close(self) -> None: ...  # the recorder's
+    close: Callable[[], None]
 
     def _resumed_state(self, resume: bool) -> str | None:
         """On resume: the optimizer state the run's last step left, in words (rank 0 reads the run; every rank
@@ -81,7 +81,10 @@ class ResumeChecks:
         new ``Recorder(..., resume=True)`` once the weights or state are fixed (issue 22)."""
         self._resume_weights = True  # _record_weights vouches for nothing
         self.checkpoint_every = None  # close() would rewrite the run's last checkpoint from them
-        self.close()
+        try:
+            self.close()
+        except Exception as exc:  # the refusal is what the caller must see; this is logged
+            logger.warning("%s: closing the recorder after its resume was refused failed: %r", self.path, exc)
 
     def _check_resume_weights(self) -> None:
         from datavalue.capture._resume import check_resume_optimizer, check_resume_weights

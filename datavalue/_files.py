@@ -7,7 +7,9 @@ digits). On any error the temporary is removed; a ``kill -9`` can still leave on
 
 :func:`inside_run` says whether a path lies inside a datavalue run: the one rule by which every
 writer of user-facing outputs (reports, registries, Parquet results, archives, new ledgers and
-utility caches: :func:`inside_run_problem`) refuses to write into a run.
+utility caches: :func:`inside_run_problem`) refuses to write into a run. :func:`unexpanded_home_problem`
+says why a path starting with ``~`` (which Python does not expand) is not used as given (the royalty
+ledger, its reports and registries, the CLI's ``--out``; runs have the same rule in ``store._runpath``).
 
 Standard library only: the shapley package uses it too.
 """

@@ -201,3 +201,12 @@ def test_p8left_a_refused_resume_leaves_no_exit_hook_warning(tmp_path, mode):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("refused:"), out.stdout + out.stderr
     assert out.stderr == "", out.stderr  # was: "RuntimeWarning: Recorder('...') was never closed: committed 0 steps at exit"
+
+
+def test_p8left_a_state_saved_and_loaded_from_disk_resumes(adam_run, tmp_path):
+    """The usual checkpoint path (torch.save, then torch.load(weights_only=True)) gives the recorded state back."""
+    path, snaps = adam_run
+    torch.save({"model": snaps[3][0], "optimizer": snaps[3][1]}, tmp_path / "ckpt.pt")
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    _resume(path, tmp_path / "r.zarr", ck["model"], ck["optimizer"])
+    assert open_run(tmp_path / "r.zarr").n_steps == 4

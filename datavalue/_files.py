@@ -189,13 +189,15 @@ def unshare(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def unexpanded_home_problem(path: str | os.PathLike[str], what: str, *, creating: bool = True) -> str | None:
+def unexpanded_home_problem(path: str | os.PathLike[str], what: str, *, creating: bool = True,
+                            cli: bool = False) -> str | None:
     """Why ``path`` may not be used for ``what`` (``"the report"``), or ``None``: it starts with ``~`` (or
     ``~user``), which Python does not expand, so it names a directory called ``~`` in the current
     directory, not the home directory (the rule ``Recorder("~/r.zarr")`` follows, P8-37; issue 22 found
     ledgers and reports still created at ``./~/...``). A path that exists as given, or whose ``~`` directory
     exists (made on purpose), is used as it is. ``creating``: the file would be created (else it is read, and
-    the message says that the file is looked for there).
+    the message says that the file is looked for there). ``cli``: the path came from the command line (a quoted
+    ``'~/...'``): the fix then says to let the shell expand it.
 
     Example:
         >>> unexpanded_home_problem("~/no-such-dir-xyz/ledger.jsonl", "the ledger").split(":")[0]
@@ -215,5 +217,7 @@ def unexpanded_home_problem(path: str | os.PathLike[str], what: str, *, creating
     else:
         said = f"it names a file under a directory named {head!r} in the current directory ({os.getcwd()}), which does not exist"
         done = "Nothing was read."
-    return (f"{what} {s!r} starts with '~', which Python does not expand: {said}. Pass os.path.expanduser({s!r}) "
-            f"({expanded!r}), or './{s}' for a directory really named {head!r}. {done}")
+    fix = (f"write it without quotes (the shell expands ~) or as {expanded!r}" if cli
+           else f"Pass os.path.expanduser({s!r}) ({expanded!r})")
+    return (f"{what} {s!r} starts with '~', which Python does not expand: {said}. {fix[0].upper()}{fix[1:]}, or "
+            f"'./{s}' for a directory really named {head!r}. {done}")

@@ -88,9 +88,13 @@ def test_p8left_the_royalties_cli_refuses_tilde_paths(home, tmp_path, capsys):
     assert _cli_royalties.main(["royalties", ledger, "--period", ":", "--out", "~/r.csv"]) == 2
     assert "--out '~/r.csv' starts with '~'" in capsys.readouterr().err
     assert _cli_royalties.main(["royalties", "~/l.jsonl", "--period", ":", "--out", "r.csv"]) == 2
-    assert "the ledger '~/l.jsonl' starts with '~'" in capsys.readouterr().err
+    assert "LEDGER '~/l.jsonl' starts with '~', which Python does not expand: it names a file under a directory " \
+           "named '~' in the current directory" in capsys.readouterr().err
+    assert _cli_royalties.main(["royalties", ledger, "--period", ":", "--out", "r.csv", "--registry", "~/o.json"]) == 2
+    assert "--registry '~/o.json' starts with '~'" in capsys.readouterr().err
     assert _cli_royalties.main(["royalties", ledger, "--period", ":", "--out", "r.csv", "--key-file", "~/k"]) == 2
-    assert "--key-file '~/k' starts with '~'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--key-file '~/k' starts with '~'" in err and "Write it without quotes (the shell expands ~)" in err
     assert not (home / "~").exists() and not (home / "r.csv").exists()
 
 

@@ -111,6 +111,10 @@ class UnrecordedGradients:
             (forget it).
         compare_gradients: whether the gradient check runs (off under several ranks: ``.grad`` is the
             average over ranks, the rows are this rank's).
+        resumed_state, resumed_count: on resume, the optimizer state (in words) and the Adam step count the
+            run's last step left, checked at the first update.
+        on_resume_refused: called (no arguments) when that first update refuses the resumed state, before the
+            error is raised: the recorder closes itself (``ResumeChecks._abandon_resume``).
     """
 
     def __init__(self, engine: Engine, optimizer: Any, *, release: Any = None, drop: Any = None,

@@ -151,7 +151,12 @@ def _open_ledger(args: argparse.Namespace) -> tuple[Any, bool]:
     """The ledger ``args`` names, read with its key (``--key-file`` / :data:`KEY_ENV`); refuses a keyed
     ledger read without its key unless ``--unverified``. Returns ``(ledger, unverified)``."""
     from datavalue import shapley
+    from datavalue._files import unexpanded_home_problem
 
+    for what, given in (("LEDGER", args.ledger), ("--registry", getattr(args, "registry", None))):
+        home = None if given is None else unexpanded_home_problem(given, what, creating=False, cli=True)
+        if home is not None:  # a quoted '~/l.jsonl': said in the command line's words (issue 22)
+            raise shapley.LedgerNotFoundError(home)
     key, source = _ledger_key(getattr(args, "key_file", None))
     try:
         ledger = shapley.RoyaltyLedger(args.ledger, create=False, key=key)
@@ -219,6 +224,11 @@ def _ledger_key(key_file: str | None) -> tuple[bytes | None, str]:
     from datavalue import shapley
 
     if key_file is not None:
+        from datavalue._files import unexpanded_home_problem
+
+        home = unexpanded_home_problem(key_file, "--key-file", creating=False, cli=True)
+        if home is not None:
+            raise shapley.ShapleyError(home)
         try:
             data = Path(key_file).read_bytes()
         except OSError as exc:
@@ -247,6 +257,11 @@ def check_out_path(path: str | os.PathLike[str], error: Any, *, flag: str = "--o
     missing directories are created by the writer). Shared by every writing command; it lives here
     because this module may import only the standard library, ``datavalue.shapley`` and
     ``datavalue.errors`` (tests/shapley/test_reports_cli.py)."""
+    from datavalue._files import unexpanded_home_problem
+
+    home = unexpanded_home_problem(path, flag, cli=True)
+    if home is not None:  # a quoted '~/r.html' reaches us unexpanded; Python does not expand it (issue 22)
+        raise error(home)
     out = Path(path)
     if out.is_dir():
         raise error(f"{flag} {out} is a directory; give the path of a file to write (a new name inside it, for example).")

@@ -7,7 +7,9 @@ digits). On any error the temporary is removed; a ``kill -9`` can still leave on
 
 :func:`inside_run` says whether a path lies inside a datavalue run: the one rule by which every
 writer of user-facing outputs (reports, registries, Parquet results, archives, new ledgers and
-utility caches: :func:`inside_run_problem`) refuses to write into a run.
+utility caches: :func:`inside_run_problem`) refuses to write into a run. :func:`unexpanded_home_problem`
+says why a path starting with ``~`` (which Python does not expand) is not used as given (the royalty
+ledger, its reports and registries, the CLI's ``--out``; runs have the same rule in ``store._runpath``).
 
 Standard library only: the shapley package uses it too.
 """
@@ -185,3 +187,37 @@ def unshare(path: str | os.PathLike[str]) -> bool:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     return True
+
+
+def unexpanded_home_problem(path: str | os.PathLike[str], what: str, *, creating: bool = True,
+                            cli: bool = False) -> str | None:
+    """Why ``path`` may not be used for ``what`` (``"the report"``), or ``None``: it starts with ``~`` (or
+    ``~user``), which Python does not expand, so it names a directory called ``~`` in the current
+    directory, not the home directory (the rule ``Recorder("~/r.zarr")`` follows, P8-37; issue 22 found
+    ledgers and reports still created at ``./~/...``). A path that exists as given, or whose ``~`` directory
+    exists (made on purpose), is used as it is. ``creating``: the file would be created (else it is read, and
+    the message says that the file is looked for there). ``cli``: the path came from the command line (a quoted
+    ``'~/...'``): the fix then says to let the shell expand it.
+
+    Example:
+        >>> unexpanded_home_problem("~/no-such-dir-xyz/ledger.jsonl", "the ledger").split(":")[0]
+        "the ledger '~/no-such-dir-xyz/ledger.jsonl' starts with '~', which Python does not expand"
+    """
+    s = os.fspath(path)
+    if not isinstance(s, str) or not s.startswith("~") or os.path.lexists(s):
+        return None
+    head = s.split("/", 1)[0]
+    if os.path.lexists(head):  # a directory really called "~" (or "~name") made on purpose
+        return None
+    expanded = os.path.expanduser(s)
+    if creating:
+        said = (f"it would create a directory named {head!r} in the current directory ({os.getcwd()}), not write "
+                "under the home directory")
+        done = "Nothing was written."
+    else:
+        said = f"it names a file under a directory named {head!r} in the current directory ({os.getcwd()}), which does not exist"
+        done = "Nothing was read."
+    fix = (f"write it without quotes (the shell expands ~) or as {expanded!r}" if cli
+           else f"Pass os.path.expanduser({s!r}) ({expanded!r})")
+    return (f"{what} {s!r} starts with '~', which Python does not expand: {said}. {fix[0].upper()}{fix[1:]}, or "
+            f"'./{s}' for a directory really named {head!r}. {done}")

@@ -15,6 +15,13 @@ reduction kernel) differ by float64 rounding, at most ``log2(N) * 1.1e-16`` of `
 cascaded sum of ``N`` numbers (``4e-15`` for ``N = 10^9``); one training step moves a tensor's sum by
 about ``lr / rms(w)`` of ``sqrt(N * sum w^2)`` (``5e-5`` for Adam at ``lr = 1e-6`` on weights of rms
 0.02). ``1e-10`` sits between the two.
+
+The optimizer's state is bound the same way (issue 22, eighth probe's leftover): each flush's entry also
+holds :func:`optimizer_state_digest`, the same three numbers of every tensor in the optimizer's state
+(momentum buffers, Adam's moments, its step counts), and :func:`check_resume_optimizer` refuses a resumed
+optimizer whose state differs from the one recorded at the run's committed step count: moments edited,
+or taken from another run's checkpoint with the right step count, would otherwise be accepted (the step
+count alone was checked, P8-10). One pass over the state per flush and one per resume.
 """
 
 from __future__ import annotations
@@ -68,13 +75,45 @@ def read_digests(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [h for h in hist if isinstance(h, dict) and "steps" in h and isinstance(h.get("tensors"), dict)]
 
 
-def record_digest(path: str | os.PathLike[str], steps: int, digest: Mapping[str, list[float]]) -> None:
-    """Add the digest of the weights after ``steps`` committed steps (replacing any entry at or past it)."""
+def optimizer_state_digest(model: nn.Module, optimizer: Any) -> dict[str, list[float]]:
+    """``{"<parameter name>/<state key>": [numel, sum, sum of squares]}`` (float64) of every entry of the
+    optimizer's state for the model's parameters: tensors (momentum buffers, ``exp_avg``, ``exp_avg_sq``, Adam's
+    ``step``) and plain numbers (a ``step`` kept as a float). ``{}`` when the optimizer holds no state yet."""
+    from datavalue.capture._optim import unwrap_optimizer
+
+    state = unwrap_optimizer(optimizer).state
+    out: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            st = state.get(p)  # .get: no insert (optimizer.state is a defaultdict)
+            for key, v in (st or {}).items():
+                if torch.is_tensor(v) and not v.is_complex() and v.numel() > 0:
+                    w = v.detach() if v.is_floating_point() else v.detach().to(torch.float64)  # an integer step
+                    out[f"{name}/{key}"] = [float(w.numel()), float(torch.sum(w, dtype=torch.float64)),
+                                            float(torch.linalg.vector_norm(w, dtype=torch.float64) ** 2)]
+                elif isinstance(v, int | float) and not isinstance(v, bool):
+                    out[f"{name}/{key}"] = [1.0, float(v), float(v) ** 2]
+    return out
+
+
+def record_digest(path: str | os.PathLike[str], steps: int, digest: Mapping[str, list[float]], *,
+                  optimizer: Mapping[str, list[float]] | None = None) -> None:
+    """Add the digest of the weights after ``steps`` committed steps (replacing any entry at or past it), with
+    ``optimizer`` (:func:`optimizer_state_digest`) the state the optimizer held then; ``None``: keep the one an
+    entry at ``steps`` already holds (a resumed recorder whose optimizer state is not checked yet vouches for
+    nothing new)."""
+    old = [h for h in read_digests(path) if int(h["steps"]) == int(steps) and isinstance(h.get("optimizer"), dict)]
+    if optimizer is None and old:
+        optimizer = old[-1]["optimizer"]
     hist = [h for h in read_digests(path) if int(h["steps"]) < int(steps)]
-    hist = (hist + [{"steps": int(steps), "tensors": dict(digest)}])[-HISTORY:]
+    entry: dict[str, Any] = {"steps": int(steps), "tensors": dict(digest)}
+    if optimizer is not None:
+        entry["optimizer"] = dict(optimizer)
+    hist = (hist + [entry])[-HISTORY:]
     doc = {"zarr_format": 3, "node_type": "group", "attributes": {DIGEST_KEY: {
         "meaning": "per trainable tensor [numel, float64 sum, float64 sum of squares] of the weights after 'steps' "
-                   "committed steps, at each flush()/close() (checked by Recorder(..., resume=True))",
+                   "committed steps, at each flush()/close() (checked by Recorder(..., resume=True)); 'optimizer': "
+                   "the same of every entry of the optimizer's state then ('<parameter>/<state key>')",
         "history": hist}}}
     d = Path(path) / WEIGHTS_DIGEST
     d.mkdir(exist_ok=True)
@@ -143,6 +182,44 @@ def check_resume_weights(path: str | os.PathLike[str], model: nn.Module, steps: 
             "or record a new run (another path)."
         )
     return "unchecked"
+
+
+def check_resume_optimizer(path: str | os.PathLike[str], model: nn.Module, optimizer: Any, steps: int) -> str:
+    """Refuse to resume a run of ``steps`` committed steps with an optimizer state other than the one recorded at
+    ``steps`` (:func:`optimizer_state_digest` at the flush that left the run at ``steps``).
+
+    Returns what was checked: ``"matched"``; ``"unchecked"`` (no state recorded at ``steps``: a run from before
+    the optimizer digests, one killed after its last flush, or recorded without ``optimizer=``); ``"deferred"``
+    (the optimizer holds no state at all, or another Adam step count than the run's last update left: the first
+    update refuses those, naming them, P5-12 and P8-10).
+
+    Raises:
+        StoreMismatchError: the state's tensors differ from the recorded ones (edited, or another run's).
+    """
+    recorded = [h["optimizer"] for h in read_digests(path) if int(h["steps"]) == int(steps)
+                and isinstance(h.get("optimizer"), dict)]
+    if optimizer is None or not recorded or steps <= 0:
+        return "unchecked"
+    now = optimizer_state_digest(model, optimizer)
+    diff = differing(recorded[-1], now)
+    if not diff:
+        return "matched"
+    counts = [n for n in diff if n.endswith("/step")]
+    if not now or (counts and resumed_adam_count(path, steps) is not None):
+        return "deferred"
+    missing = [n for n in diff if n not in now]
+    extra = [n for n in diff if n not in recorded[-1]]
+    changed = [n for n in diff if n in now and n in recorded[-1]]
+    said = "; ".join(f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}" for what, names in (
+        ("differ:", changed), ("recorded but missing now:", missing), ("not recorded:", extra)) if names)
+    raise StoreMismatchError(
+        f"{path}: cannot resume: the optimizer's state is not the one the run's training held after its {steps} "
+        f"steps ({len(diff)} of its entries {said}; the moments or momentum buffers were edited, or restored from "
+        "another run's checkpoint). The run models the updates its own state makes, so every resumed step would "
+        "record an update the training did not make. Load the optimizer's state saved with these weights (the "
+        "checkpoint of the run's last rec.flush()) before creating the Recorder, or record the rest as a new run "
+        "(another path)."
+    )
 
 
 def resumed_adam_count(path: str | os.PathLike[str], steps: int) -> int | None:

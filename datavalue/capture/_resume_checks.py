@@ -8,6 +8,7 @@ every rank the answer so that all refuse together, and stores the digest after a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,20 @@ from datavalue.errors import RecorderStateError, StoreCorruptError, StoreMismatc
 # the Recorder's own logger: what these checks say keeps the source it had when they were Recorder code
 logger = logging.getLogger("datavalue.capture.recorder")
 
+#: What a refused resume adds to its error: the recorder closed itself (see ``ResumeChecks._abandon_resume``).
+CLOSED = ("This Recorder was closed (nothing written, its lock released): fix the weights or the optimizer's state, "
+          "then create a new Recorder(..., resume=True).")
+
 
 class ResumeChecks:
     """The resume checks of a recorder.
 
     The recorder provides ``path``, ``model``, ``optimizer``, ``writer``, ``n_steps``, ``_dist`` (its
-    ``DistInfo``), ``_sink`` (its ``StepSink``) and ``_resume_weights`` (``True`` until the weights of a
-    resumed run were checked, before its first block).
+    ``DistInfo``), ``_sink`` (its ``StepSink``), ``_resume_weights`` (``True`` until the weights of a
+    resumed run were checked, before its first block), ``checkpoint_every`` and ``close()``.
+
+    A refused resume (weights or optimizer state at the first block, the optimizer's state at the first
+    update) closes the recorder (:meth:`_abandon_resume`) before the error is raised.
     """
 
     path: Path
@@ -33,6 +41,8 @@ class ResumeChecks:
     _dist: Any
     _sink: Any
     _resume_weights: bool
+    checkpoint_every: int | None
+    close: Callable[[], None]
 
     def _resumed_state(self, resume: bool) -> str | None:
         """On resume: the optimizer state the run's last step left, in words (rank 0 reads the run; every rank
@@ -57,14 +67,35 @@ class ResumeChecks:
         count = self._dist.broadcast_int(-1 if count is None else count)
         return None if count < 0 else count
 
+    def _resume_expectations(self, resume: bool) -> dict[str, Any]:
+        """What the optimizer's first update after a resume must find (``UnrecordedGradients``'s keywords):
+        the state the run's last step left, its Adam step count, and what to do when that update refuses the
+        resume (:meth:`_abandon_resume`)."""
+        return {"resumed_state": self._resumed_state(resume), "resumed_count": self._resumed_count(resume),
+                "on_resume_refused": self._abandon_resume if resume else None}
+
+    def _abandon_resume(self) -> None:
+        """A resume check refused: close this recorder without vouching for anything (no weights or optimizer
+        digest, no checkpoint: they would record the refused weights or state as the run's), so that nothing of
+        it stays registered (no exit-hook warning), its writer lock is released and its model can be given to a
+        new ``Recorder(..., resume=True)`` once the weights or state are fixed (issue 22)."""
+        self._resume_weights = True  # _record_weights vouches for nothing
+        self.checkpoint_every = None  # close() would rewrite the run's last checkpoint from them
+        try:
+            self.close()
+        except Exception as exc:  # the refusal is what the caller must see; this is logged
+            logger.warning("%s: closing the recorder after its resume was refused failed: %r", self.path, exc)
+
     def _check_resume_weights(self) -> None:
-        from datavalue.capture._resume import check_resume_weights
+        from datavalue.capture._resume import check_resume_optimizer, check_resume_weights
 
         err = None
         if self._dist.rank == 0:
             try:
                 marked = self.writer is not None and self.writer.keeps_weights_digest
                 what = check_resume_weights(self.path, self.model, self.n_steps, marked=marked)
+                if what == "matched":  # the optimizer's state too, recorded at the same flush
+                    check_resume_optimizer(self.path, self.model, self.optimizer, self.n_steps)
             except (StoreMismatchError, StoreCorruptError) as exc:
                 err = exc
             else:
@@ -76,10 +107,14 @@ class ResumeChecks:
                                    "optimizer=, or by a datavalue version before it was kept), so whether the model "
                                    "holds the weights the run reached cannot be checked", self.path, self.n_steps)
         ok = self._dist.broadcast_int(0 if err is None else -1)
+        if ok < 0:
+            self._abandon_resume()
         if err is not None:
+            err.args = (f"{err} {CLOSED}",)
             raise err
         if ok < 0:
-            raise RecorderStateError("rank 0 refused to resume the run with these weights (see its error); this rank stops too.")
+            raise RecorderStateError(f"rank 0 refused to resume the run with these weights (see its error); this rank "
+                                     f"stops too. {CLOSED}")
         self._resume_weights = False
 
     def _record_weights(self) -> None:
@@ -87,9 +122,11 @@ class ResumeChecks:
         when the last written step's update has run; a step waiting for its update is not written)."""
         if self.optimizer is None or self._dist.rank != 0 or self._resume_weights:
             return  # (a resumed recorder that has not checked the weights has nothing new to vouch for)
-        from datavalue.capture._resume import record_digest, weights_digest
+        from datavalue.capture._resume import optimizer_state_digest, record_digest, weights_digest
 
         held = self._sink.held is not None
-        record_digest(self.path, self.n_steps - int(held), weights_digest(self.model))
+        # the optimizer's state: after the update of the last written step (a held step's has not run)
+        record_digest(self.path, self.n_steps - int(held), weights_digest(self.model),
+                      optimizer=optimizer_state_digest(self.model, self.optimizer))
         if self.writer is not None:  # after the member: a run that says so and lacks it was damaged
             self.writer.mark_weights_digest()

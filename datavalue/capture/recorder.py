@@ -336,8 +336,7 @@ class Recorder(ClosesAtExit, ResumeChecks):
         # every step is held back from the writer until its optimizer update is seen to apply what it records
         self._unrecorded = UnrecordedGradients(
             self.engine, optimizer, release=lambda _step: self._sink.release(), drop=self._drop_held,
-            compare_gradients=self._dist.world == 1, resumed_state=self._resumed_state(resume),
-            resumed_count=self._resumed_count(resume),
+            compare_gradients=self._dist.world == 1, **self._resume_expectations(resume),
         ) if optimizer is not None else None
         # without optimizer=: each block's gradient must be its rows' (a parameter-only loss term is not)
         self._block_check = BlockGradientCheck(self.engine) if optimizer is None and self._dist.world == 1 else None

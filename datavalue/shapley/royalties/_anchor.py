@@ -269,13 +269,32 @@ def lock_path(ledger: Path) -> Path:
     return sidecar(real(ledger), ".lock")
 
 
+#: What a writer holding the lock for each action does, and what to do when the lock cannot be taken:
+#: ``(busy hint, read-only hint)`` (issue 22: ``recover`` on a read-only directory said "Appending ...").
+_LOCK_HINTS = {
+    "append": ("It is appending: retry later, or raise lock_timeout.",
+               "Appending writes the ledger, its head and its lock in that directory: copy them to a writable place "
+               "and append there. Reading it where it is (statement, verify) works."),
+    "recover": ("It is appending (the torn line may still be being written): retry when it has finished, or raise "
+                "lock_timeout.",
+                "RoyaltyLedger.recover moves the torn last line to <ledger>.torn-<time> in that directory and "
+                "truncates the ledger in place, so nothing was changed: make the directory writable (or copy the "
+                "ledger and its head file to a writable place and recover the copy there). Reading the ledger needs "
+                "the torn line gone first."),
+    "reanchor": ("It is appending: retry when it has finished, or raise lock_timeout.",
+                 "RoyaltyLedger.reanchor keeps the old head file as <ledger>.head.replaced-<time> and writes a new "
+                 "head in that directory, so nothing was changed: make the directory writable (or copy the ledger "
+                 "and its head file to a writable place and re-anchor the copy there)."),
+}
+
+
 @contextlib.contextmanager
-def hold_lock(ledger: Path, *, timeout: float) -> Iterator[None]:
-    """Hold ``<ledger>.lock`` (created atomically, naming pid and host) for one append."""
+def hold_lock(ledger: Path, *, timeout: float, action: str = "append") -> Iterator[None]:
+    """Hold ``<ledger>.lock`` (created atomically, naming pid and host) for one ``action`` (``"append"``,
+    ``"recover"`` or ``"reanchor"``: what the messages say when the lock is busy or cannot be created)."""
+    busy, read_only = _LOCK_HINTS[action]
     lock = LockFile(lock_path(ledger), subject=f"ledger {ledger}", error=LedgerError,
-                    busy_hint="It is appending: retry later, or raise lock_timeout.",
-                    read_only_hint="Appending writes the ledger, its head and its lock in that directory: copy them "
-                    "to a writable place and append there. Reading it where it is (statement, verify) works.")
+                    busy_hint=busy, read_only_hint=read_only)
     lock.acquire(timeout)
     try:
         yield

@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from datavalue._files import inside_run_problem, unshare
+from datavalue._files import inside_run_problem, unexpanded_home_problem, unshare
 from datavalue.shapley._errors import (
     LedgerError,
     LedgerNotFoundError,
@@ -114,6 +114,15 @@ def _refuse_unwritable(path: Path, exc: OSError) -> None:
             "head file beside it and appended to in place: create it in a writable directory.") from exc
 
 
+def _refuse_home(path: str | os.PathLike[str], *, creating: bool) -> None:
+    """Refuse a ledger path starting with ``~`` that does not exist as given: Python does not expand it
+    (``RoyaltyLedger("~/l.jsonl")`` created ``./~/l.jsonl``; issue 22). ``creating``: the ledger would be
+    created there (:class:`OutputPathError`), else it is looked for (:class:`LedgerNotFoundError`)."""
+    home = unexpanded_home_problem(path, "the ledger", creating=creating)
+    if home is not None:
+        raise (OutputPathError if creating else LedgerNotFoundError)(home)
+
+
 def _hash_content(content: bytes | str) -> str:
     data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -139,7 +148,9 @@ class RoyaltyLedger:
             its chain is broken, rows are missing against the head file or more than one row
             follows it (see :meth:`reanchor`), a MAC is wrong.
         OutputPathError: a new ledger would be created inside a datavalue run
-            (:func:`datavalue._files.inside_run_problem`); nothing is written.
+            (:func:`datavalue._files.inside_run_problem`), or at a path starting with ``~`` (Python does not
+            expand it: :func:`datavalue._files.unexpanded_home_problem`); nothing is written.
+        LedgerNotFoundError: ``create=False`` and no ledger at ``path`` (one starting with ``~``: said so).
 
     Example:
         >>> import os, tempfile
@@ -169,8 +180,13 @@ class RoyaltyLedger:
         repair: bool = False,
         lock_timeout: float = 10.0,
     ) -> None:
+        _refuse_home(path, creating=create)
         # absolute now: a relative path must keep naming this ledger after os.chdir (P8-07); links are kept
         self.path = Path(os.path.abspath(os.fspath(path)))
+        if currency is not None:  # printed in every statement, report and CLI summary line
+            if not isinstance(currency, str) or not currency:
+                raise LedgerError(f"currency must be a currency code such as 'USD' (a non-empty str); got {currency!r}.")
+            _record_checks.check_id_text(currency, "currency", LedgerError)
         self.currency = currency or "USD"
         self.lock_timeout = float(lock_timeout)
         self._key = _anchor.parse_key(key)
@@ -429,6 +445,7 @@ class RoyaltyLedger:
             LedgerError: the file is not a royalty ledger (no ledger header on its first line), the head
                 file records the torn line as a row (restore from backup), or another writer holds the lock.
         """
+        _refuse_home(path, creating=False)
         return _recovery.recover(Path(path), lock_timeout=lock_timeout)
 
     def _repair(self) -> None:
@@ -472,7 +489,7 @@ class RoyaltyLedger:
         led = cls.__new__(cls)
         led._check_anchor = False  # the head is what we are about to write: not read, not compared
         led.__init__(path, create=False, key=key, lock_timeout=lock_timeout)  # type: ignore[misc]
-        with led._locked():
+        with led._locked(action="reanchor"):
             led._catch_up()  # rows appended since it was read are anchored too
             aside = _recovery.copy_head_aside(path)
             try:
@@ -570,8 +587,8 @@ class RoyaltyLedger:
             model_fingerprint=str(model_fingerprint),
             run_fingerprint=str(run_fingerprint),
             utilities=None if u is None else tuple(u.tolist()),
-            values=tuple(float(x) for x in values),
-            stderr=tuple(float(x) for x in stderr),
+            values=tuple(float(x) + 0.0 for x in values),  # + 0.0: a -0.0 is stored (and printed) as 0.0
+            stderr=tuple(float(x) + 0.0 for x in stderr),
             shares=split.shares,
             amounts=split.amounts,
             unallocated=split.unallocated,
@@ -673,9 +690,9 @@ class RoyaltyLedger:
             return self._header_hash(last)
         return last.get("row_hash")
 
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        """Hold ``<ledger>.lock`` (O_CREAT | O_EXCL, naming pid and host) for one append."""
-        return _anchor.hold_lock(self.path, timeout=self.lock_timeout)
+    def _locked(self, action: str = "append") -> contextlib.AbstractContextManager[None]:
+        """Hold ``<ledger>.lock`` (O_CREAT | O_EXCL, naming pid and host) for one append (or ``action``)."""
+        return _anchor.hold_lock(self.path, timeout=self.lock_timeout, action=action)
 
     def close(self) -> None:
         """End appends through this handle (reading still works).

@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from datavalue._files import atomic_write, inside_run
+from datavalue._files import atomic_write, inside_run, unexpanded_home_problem
 from datavalue.shapley._errors import LedgerError, OutputExistsError, OutputPathError, ShapleyError
 from datavalue.shapley.royalties._anchor import HEAD_SCHEMA, LEDGER_SCHEMA, owned_by
 
@@ -135,13 +135,17 @@ def check_output_path(
 
     Raises:
         OutputPathError: ``path`` lies inside a datavalue run, is a run archive (:func:`is_run_archive`,
-            whatever ``overwrite`` says), or lies under a regular file.
+            whatever ``overwrite`` says), or lies under a regular file, or starts with ``~`` (not expanded by
+            Python: :func:`datavalue._files.unexpanded_home_problem`).
         LedgerError: ``path`` is a royalty ledger or one of a ledger's own files (:func:`ledger_file_kind`).
         OutputExistsError: ``path`` is a directory, or exists and ``overwrite`` is false.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise OutputPathError(f"the path to write {what} to must be a str or os.PathLike; got "
                               f"{type(path).__name__} {path!r}.")
+    home = unexpanded_home_problem(path, what)
+    if home is not None:  # Python does not expand "~": it would create ./~/... (issue 22)
+        raise OutputPathError(home)
     p = Path(path)
     run = inside_run(p)
     if run is not None:

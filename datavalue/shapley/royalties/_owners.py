@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from datavalue._files import unexpanded_home_problem
 from datavalue.shapley._errors import (
     InvalidGameError,
     LedgerError,
@@ -29,6 +30,7 @@ from datavalue.shapley._errors import (
     UnknownOwnerError,
 )
 from datavalue.shapley.royalties._outpath import check_output_path, write_text_output
+from datavalue.shapley.royalties._record_checks import check_id_text
 
 __all__ = ["OwnerRegistry"]
 
@@ -70,11 +72,14 @@ class OwnerRegistry:
         """Register an owner id with an optional display name (re-adding updates the name)."""
         if not isinstance(owner, str) or not owner:
             raise InvalidGameError(f"owner ids must be non-empty strings; got {owner!r}.")
+        check_id_text(owner, "the owner id")
         if name is not None and not isinstance(name, str):
             raise InvalidGameError(
                 f"the display name of owner {owner!r} must be a string; got {name!r} of type "
                 f"{type(name).__name__}. Nothing is converted: pass name='...' or leave it out."
             )
+        if name is not None:
+            check_id_text(name, f"the display name of owner {owner!r}")
         self._names[owner] = name if name is not None else self._names.get(owner, owner)
 
     def assign(self, work: str, owner: str) -> None:
@@ -82,6 +87,7 @@ class OwnerRegistry:
         self._require(owner)
         if not isinstance(work, str) or not work:
             raise InvalidGameError(f"work ids must be non-empty strings; got {work!r}.")
+        check_id_text(work, "the work id")
         current = self._works.get(work)
         if current is not None and current != owner:
             raise InvalidGameError(
@@ -222,6 +228,9 @@ class OwnerRegistry:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> OwnerRegistry:
         """Read a registry written by :meth:`save`."""
+        home = unexpanded_home_problem(path, "the owner registry", creating=False)
+        if home is not None:  # Python does not expand "~" (issue 22)
+            raise LedgerNotFoundError(home)
         p = Path(path)
         if not p.exists():
             raise LedgerNotFoundError(f"owner registry {p} does not exist.")

@@ -26,7 +26,48 @@ from datavalue.shapley.estimators._exact import exact_from_utilities
 from datavalue.shapley.estimators._result import ShapleyResult
 from datavalue.shapley.royalties._split import CENT, parse_money
 
-__all__ = ["FUTURE_SKEW", "RowInputs", "check_timestamp", "parse_output_id", "parse_owners", "parse_row_inputs"]
+__all__ = ["FUTURE_SKEW", "RowInputs", "check_timestamp", "id_text_problem", "parse_output_id", "parse_owners",
+           "parse_row_inputs"]
+
+#: Characters no id may hold besides the control characters (``Cc``): line and paragraph separators, and the
+#: bidirectional embeddings, overrides and isolates, which make a statement show text in another order than
+#: it holds ("Trojan Source", CVE-2021-42574).
+_INVISIBLE = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def id_text_problem(text: str) -> str | None:
+    """What is wrong with ``text`` as an id or a name printed in statements and reports, or ``None``.
+
+    Refused (issue 22): blank or whitespace-only text (an owner nobody can see in a statement), leading or
+    trailing whitespace (``' ann'`` prints like ``'ann'`` but is paid as another owner), control characters
+    (``'a\\nb'`` breaks a statement's line and a CSV row into two for a naive reader; ``\\x1b`` drives a
+    terminal), line separators and bidirectional overrides (:data:`_INVISIBLE`).
+
+    Example:
+        >>> id_text_problem("ann"), id_text_problem(" ")
+        (None, 'it is blank (only whitespace)')
+    """
+    import unicodedata
+
+    if not text.strip():
+        return "it is blank (only whitespace)"
+    if text != text.strip():
+        return "it has leading or trailing whitespace (it would print like the id without it, but be another one)"
+    bad = sorted({ch for ch in text if ch in _INVISIBLE or unicodedata.category(ch) == "Cc"})
+    if bad:
+        shown = ", ".join(f"U+{ord(ch):04X}" for ch in bad)
+        return (f"it holds control or invisible characters ({shown}: a line break, a tab, a terminal escape or a "
+                "bidirectional override), which would break or disguise the lines of statements and reports")
+    return None
+
+
+def check_id_text(value: str, what: str, error: type[Exception] = InvalidGameError) -> str:
+    """``value`` (a non-empty ``str``) when :func:`id_text_problem` finds nothing, else ``error`` naming ``what``."""
+    problem = id_text_problem(value)
+    if problem is not None:
+        raise error(f"{what} {value!r} cannot be used: {problem}. Pass the id as plain text, e.g. 'ann' "
+                    "(strip it; no line breaks, tabs or control characters).")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +134,12 @@ def parse_output_id(output_id: object) -> str:
             f"'5' are never taken for one output); got {output_id!r} of type {type(output_id).__name__}. "
             f"Pass the id as text, e.g. output_id={str(output_id) if isinstance(output_id, int) else 'gen-1'!r}."
         )
-    return output_id
+    return check_id_text(output_id, "output_id")
 
 
 def parse_owners(owners: object) -> tuple[str, ...]:
-    """Owner ids as given, one per player: a list (or tuple, array) of non-empty strings.
+    """Owner ids as given, one per player: a list (or tuple, array) of non-empty strings, each plain text
+    (:func:`id_text_problem`: not blank, no surrounding whitespace, no control characters).
 
     Nothing is converted: ``None`` would be paid as an owner named ``'None'`` and a string
     ``'abc'`` would be split into the owners ``'a'``, ``'b'``, ``'c'``.
@@ -115,7 +157,7 @@ def parse_owners(owners: object) -> tuple[str, ...]:
                 f"{type(o).__name__} in {list(owners)!r}. Nothing is converted: pass each owner's id "
                 "as a string."
             )
-        out.append(str(o))
+        out.append(check_id_text(o, f"owners[{i}]"))
     return tuple(out)
 
 

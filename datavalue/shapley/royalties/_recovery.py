@@ -211,8 +211,18 @@ def recover(path: Path, *, lock_timeout: float = 10.0) -> Path | None:
     if not path.exists():
         raise LedgerNotFoundError(f"ledger {path} does not exist; there is nothing to recover.")
     refuse_not_a_ledger(path, path.read_bytes())
-    with _anchor.hold_lock(path, timeout=lock_timeout):  # never cut a line a live writer is writing
+    with _anchor.hold_lock(path, timeout=lock_timeout, action="recover"):  # never cut a line a live writer is writing
         return _recover_locked(path)
+
+
+def _cannot_recover(path: Path, step: str, exc: OSError, changed: str = "nothing was changed") -> LedgerError:
+    """The error for an OS refusal while recovering (a read-only ledger file, a full disk): what failed, that the
+    ledger is as it was, how to fix it (issue 22: the raw ``OSError`` came through)."""
+    return LedgerError(
+        f"cannot recover the ledger {path}: {step} failed ({exc.strerror or exc}); {changed}. Make the ledger and its "
+        "directory writable (or free space), or copy the ledger and its head file to a writable place and recover "
+        "the copy there."
+    )
 
 
 def _shared(path: Path) -> bool:
@@ -240,29 +250,46 @@ def _recover_locked(path: Path) -> Path | None:
     cut = bytes_kept(path, raw, head_text=head_text)
     if cut == len(raw):
         if raw and not raw.endswith(b"\n"):
-            if _shared(path):
-                _rewrite(path, raw + b"\n")
-            else:
-                with open(path, "ab") as f:
-                    f.write(b"\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+            try:
+                if _shared(path):
+                    _rewrite(path, raw + b"\n")
+                else:
+                    with open(path, "ab") as f:
+                        f.write(b"\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+            except OSError as exc:
+                raise _cannot_recover(path, "adding the last line's missing newline", exc) from exc
             logger.warning("ledger %s: its last line %d is whole but had no final newline; added the newline",
                            path, raw.count(b"\n") + 1)  # fmt: skip
         return None
     lineno = raw.count(b"\n", 0, cut) + 1
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     aside = _anchor.sidecar(_anchor.real(path), f".torn-{stamp}")
-    with open(aside, "xb") as f:
-        f.write(raw[cut:])
-        f.flush()
-        os.fsync(f.fileno())
-    if _shared(path):  # a hard-link snapshot (cp -al) shares the file: keep its bytes as they are
-        _rewrite(path, raw[:cut])
-    else:
-        with open(path, "r+b") as f:
-            f.truncate(cut)
+    made = False
+    try:
+        f = open(aside, "xb")  # noqa: SIM115 (a name that exists is never ours to remove below)
+        made = True
+        with f:
+            f.write(raw[cut:])
+            f.flush()
             os.fsync(f.fileno())
+    except OSError as exc:  # the directory is read-only, the disk full: the torn line stays where it was
+        if made:
+            with contextlib.suppress(OSError):
+                aside.unlink()
+        raise _cannot_recover(path, f"keeping the torn line {lineno} in {aside.name}", exc) from exc
+    try:
+        if _shared(path):  # a hard-link snapshot (cp -al) shares the file: keep its bytes as they are
+            _rewrite(path, raw[:cut])
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+                os.fsync(f.fileno())
+    except OSError as exc:  # the ledger file is read-only: it still holds the torn line, so drop the copy
+        with contextlib.suppress(OSError):
+            aside.unlink()
+        raise _cannot_recover(path, f"cutting the torn line {lineno} off the ledger", exc) from exc
     logger.warning(
         "ledger %s: moved the torn line %d (%d bytes) to %s",
         path,

@@ -237,7 +237,18 @@ def parse_money(amount: object, *, name: str = "pool", quantum: Decimal = CENT) 
             f"{name} must be a whole number of {q} (the currency quantum); got {d}. "
             f"Round it first, e.g. {name}.quantize(Decimal('{q}'), rounding=ROUND_HALF_EVEN)."
         )
-    return d
+    return unsigned_zero(d)
+
+
+def unsigned_zero(d: Decimal) -> Decimal:
+    """``d``, with a negative zero (``Decimal('-0.00')``, what ``'-0'`` or ``-0.0 * x`` gives) made ``0.00``:
+    money is never printed as ``-0.00`` (issue 22). Any other amount is returned as it is.
+
+    Example:
+        >>> unsigned_zero(Decimal("-0.00")), unsigned_zero(Decimal("-1.50"))
+        (Decimal('0.00'), Decimal('-1.50'))
+    """
+    return d.copy_abs() if d.is_zero() else d
 
 
 def _units(d: Decimal, q: Decimal) -> int | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from datavalue.shapley._errors import InvalidGameError, LedgerError
 from datavalue.shapley.royalties._records import GenerationRecord, Period
-from datavalue.shapley.royalties._split import exact_sum, split_royalties
+from datavalue.shapley.royalties._split import exact_sum, split_royalties, unsigned_zero
 
 __all__ = ["AGGREGATIONS", "GenerationLine", "OwnerLine", "PeriodStatement", "build_statement"]
 
@@ -192,10 +192,11 @@ def build_statement(
         amounts: dict[str, Decimal] = {}
         values: dict[str, float] = {}
         var: dict[str, float] = {}
+        # rows written before money and values were normalised may hold -0.00 / -0.0: never printed signed
         for owner, a, v, s in zip(rec.owners, rec.amounts, rec.values, rec.stderr, strict=True):
             key = _resolve(registry, owner)
-            amounts[key] = exact_sum([amounts.get(key, zero), a])
-            values[key] = values.get(key, 0.0) + v
+            amounts[key] = unsigned_zero(exact_sum([amounts.get(key, zero), a]))
+            values[key] = values.get(key, 0.0) + v + 0.0
             var[key] = (
                 var.get(key, 0.0) + s * s
             )  # shells of one owner: summed (bound if correlated)
@@ -204,11 +205,11 @@ def build_statement(
                 seq=rec.seq,
                 output_id=rec.output_id,
                 timestamp=rec.timestamp,
-                pool=rec.pool,
+                pool=unsigned_zero(rec.pool),
                 amounts=amounts,
                 values=values,
                 stderr={k: math.sqrt(x) for k, x in var.items()},
-                unallocated=rec.unallocated,
+                unallocated=unsigned_zero(rec.unallocated),
                 no_positive=rec.no_positive,
                 policy=rec.policy,
             )
@@ -216,7 +217,7 @@ def build_statement(
     owners = sorted({k for g in lines for k in g.amounts})
     pool_total = exact_sum([zero, *(g.pool for g in lines)])
     policies = tuple(sorted({g.policy for g in lines}))
-    value_sum = {o: sum(g.values.get(o, 0.0) for g in lines) for o in owners}
+    value_sum = {o: sum(g.values.get(o, 0.0) for g in lines) + 0.0 for o in owners}
     value_se = {o: math.sqrt(sum(g.stderr.get(o, 0.0) ** 2 for g in lines)) for o in owners}
     n_gen = {o: sum(o in g.amounts for g in lines) for o in owners}
     n_paid = {o: sum(g.amounts.get(o, zero) > 0 for g in lines) for o in owners}
@@ -241,7 +242,7 @@ def build_statement(
             # never overflows (revenue x value did for values near 1e308: P5-01); fsum keeps it exact-ish
             shares = [w / wsum for w in weights]
             mean = [
-                math.fsum(w * g.values.get(o, 0.0) for w, g in zip(shares, lines, strict=True)) for o in owners
+                math.fsum(w * g.values.get(o, 0.0) for w, g in zip(shares, lines, strict=True)) + 0.0 for o in owners
             ]
             if not all(math.isfinite(v) for v in mean):  # cannot happen for finite values; named if it does
                 big = sorted(lines, key=lambda g: -max((abs(v) for v in g.values.values()), default=0.0))[:3]

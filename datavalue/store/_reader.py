@@ -311,9 +311,25 @@ class Run:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of a row array (``grads``, ``fisher``, ...) as numpy, within the commit
-        (for an optional per-step array such as ``adam_v``: steps ``start:stop``)."""
+        (for an optional per-step array such as ``adam_v``: steps ``start:stop``).
+
+        ``start`` and ``stop`` count as a Python slice of the committed rows does: ``read("grads", -5)``
+        is the last five committed rows, ``read("grads", 0, -1)`` all but the last (P9-02: both were
+        taken as positions in the array's allocated length, which runs past the commit: no rows, or
+        thousands of rows never committed).
+
+        Raises:
+            StoreMismatchError: ``start`` or ``stop`` is not an int (a float, a bool).
+        """
         limit = self.n_steps if name in OPTIONAL_STEP_ARRAYS else (self.n_fisher_rows if name == "fisher" else self.n_rows)
-        stop = limit if stop is None else min(stop, limit)
+        for what, v in (("start", start), ("stop", stop)):
+            if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
+                raise StoreMismatchError(
+                    f"Run.read({name!r}, start, stop): {what} must be an int (a row position; negative counts from the "
+                    f"end of the {limit} committed entries, as in a Python slice), got {v!r} ({type(v).__name__}); "
+                    "nothing is rounded.")
+        start, stop, _ = slice(None if start is None else int(start), None if stop is None else int(stop)).indices(limit)
+        stop = max(start, stop)
         try:
             arr = self._group[name]
         except KeyError as exc:

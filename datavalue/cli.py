@@ -298,7 +298,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES):  # a write no check foresaw
             print(f"datavalue: error: {_unwritable_message(exc)}", file=sys.stderr)
             return 2
+        if isinstance(exc, OSError) and exc.errno in _FULL:  # a full disk (standard output too: `> /dev/full`)
+            print(f"datavalue: error: {_full_message(exc)}", file=sys.stderr)
+            _drop_unwritable_stdout()
+            return 1
         raise
+
+
+#: errno values of a write that found no room: the disk (or the user's quota) is full, or the file too big.
+_FULL = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n))
+
+
+def _full_message(exc: OSError) -> str:
+    """One line for a write that found no room (P9-03: was a raw ``OSError`` traceback)."""
+    what = f"writing {exc.filename}" if exc.filename else "writing the output (standard output or a file it writes)"
+    return (f"{what} failed: {exc.strerror or exc} (errno {exc.errno}). Free space on that file system (or write "
+            "the output elsewhere) and run the command again (with --overwrite where it wrote part of an output; "
+            "`datavalue info RUN` names a build left unfinished).")
+
+
+def _drop_unwritable_stdout() -> None:
+    """Point standard output at ``/dev/null`` when what it still buffers cannot be written, so that the
+    interpreter's flush at exit does not print a second traceback (``Exception ignored ...``)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        _stdout_closed()
 
 
 def _stdout_closed() -> int:

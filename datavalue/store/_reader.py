@@ -37,7 +37,7 @@ from datavalue.store._paths import (
     is_local,
     refuse_reading_links,
 )
-from datavalue.store._runpath import run_location
+from datavalue.store._runpath import RunPathError, run_location
 from datavalue.store._schema import (
     CHUNK_DIGESTS_KEY,
     FINAL_PASS_INTEGRATION,
@@ -107,8 +107,12 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
             store = open_zip(location)  # damaged entries: StoreCorruptError; duplicate names refused
         elif isinstance(location, (str, os.PathLike)):
             store = zarr.storage.FsspecStore.from_url(os.fspath(location), read_only=True)
-        else:
+        elif isinstance(location, zarr.abc.store.Store):
             store = location  # a zarr Store object (e.g. zarr.storage.MemoryStore in tests)
+        else:  # P9-06: was "cannot open the zarr group at 3: Unsupported type ..." as a StoreCorruptError
+            raise RunPathError(
+                f"a run location is a local path (str or os.PathLike), a URL or a zarr Store; got {type(location).__name__} "
+                f"{str(location)[:60]!r}.")
     try:
         return zarr.open_group(store, mode=mode, zarr_format=3)
     except FileNotFoundError as exc:
@@ -134,9 +138,15 @@ class Run:
         manifest = self._group.attrs.get(MANIFEST_KEY)
         if manifest is None:
             raise StoreMismatchError(f"{self.path} is a zarr group but not a datavalue run (no '{MANIFEST_KEY}' attrs).")
+        if not isinstance(manifest, dict):  # P9-07: was a raw ValueError from dict(manifest)
+            raise StoreCorruptError(
+                f"{self.path}: the run manifest (root attribute '{MANIFEST_KEY}' in zarr.json) is a "
+                f"{type(manifest).__name__} ({str(manifest)[:60]!r}), not the object the recorder writes: zarr.json was "
+                "edited or damaged. Restore zarr.json from a copy of the run, or re-record it.")
         self.manifest: dict[str, Any] = dict(manifest)
         version = self.manifest.get("schema_version")
-        wrote = str((self.manifest.get("versions") or {}).get("datavalue-engine", "unknown"))
+        versions = self.manifest.get("versions")
+        wrote = str((versions if isinstance(versions, dict) else {}).get("datavalue-engine", "unknown"))
         if wrote[:1].isdigit() and wrote.split(".")[0] != _our_major():
             raise StoreMismatchError(
                 f"{self.path} was written by datavalue-engine {wrote}; this is version {_our_version()} (another major "

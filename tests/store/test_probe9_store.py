@@ -130,3 +130,45 @@ def test_p9_05_an_intact_archive_reads_as_its_run(runs, tmp_path):
     archive = tmp_path / "a.zip"
     archive_run(runs[0], archive)
     np.testing.assert_array_equal(open_run(archive).grads.compute(), open_run(runs[0]).grads.compute())
+
+
+# ---------------------------------------------------------------- paths no file system holds (P9-06)
+def test_p9_06_a_nul_byte_in_a_run_path_is_a_clear_refusal(runs, tmp_path):
+    from datavalue.store._runpath import RunPathError
+
+    with pytest.raises(RunPathError, match="contains a NUL byte"):
+        record_tiny_run(tmp_path / "a\x00b.zarr")  # was: raw ValueError: embedded null byte
+    with pytest.raises(RunPathError, match="contains a NUL byte"):
+        archive_run(runs[0], tmp_path / "x\x00.zip")
+    with pytest.raises(RunPathError, match="contains a NUL byte"):
+        open_run(str(tmp_path / "a\x00b.zarr"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_p9_06_a_name_longer_than_the_file_system_takes_is_a_clear_refusal(runs, tmp_path):
+    from datavalue.store._runpath import RunPathError
+
+    long = tmp_path / ("x" * 300 + ".zarr")
+    with pytest.raises(RunPathError, match=r"is 305 bytes long; this file system takes at most \d+ bytes per name"):
+        record_tiny_run(long)  # was: raw OSError [Errno 36] File name too long
+    with pytest.raises(RunPathError, match="bytes per name"):
+        open_run(long)
+    with pytest.raises(RunPathError, match="bytes per name"):
+        archive_run(runs[0], tmp_path / ("y" * 300 + ".zip"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("location", [b"/tmp/r.zarr", 3, None])
+def test_p9_06_a_location_that_is_no_path_is_not_called_corrupt(location):
+    from datavalue.store._runpath import RunPathError
+
+    with pytest.raises(RunPathError, match="a run (path|location)"):  # was: "cannot open the zarr group" (corrupt)
+        open_run(location)
+
+
+def test_p9_07_a_manifest_that_is_not_an_object_is_a_store_error(runs, tmp_path):
+    run = tmp_path / "r.zarr"
+    shutil.copytree(runs[0], run)
+    _edit(run / "zarr.json", lambda a: a.__setitem__("datavalue", "edited"))
+    with pytest.raises(StoreCorruptError, match="run manifest .* is a str"):  # was: raw ValueError from dict()
+        open_run(run)

@@ -43,7 +43,18 @@ class CheckedZipStore(ZipStore):
     datavalue array ends its codec chain with ``crc32c``, checked on open by ``_metacheck``)."""
 
     def _sync_open(self) -> None:
-        super()._sync_open()
+        try:
+            super()._sync_open()
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:  # P9-10: was a raw BadZipFile
+            try:
+                size = f"{os.path.getsize(self.path):,} bytes"
+            except OSError:
+                size = "size unknown"
+            raise StoreCorruptError(
+                f"{self.path}: not a readable run archive ({size}; {type(exc).__name__}: {exc}): the file is cut short "
+                "(a copy or download that did not finish), damaged, or not a zip file. Expected a .zip that "
+                f"archive_run wrote. {_FIX}"
+            ) from exc
         names = collections.Counter(self._zf.namelist())
         dups = sorted(n for n, c in names.items() if c > 1)
         if dups:

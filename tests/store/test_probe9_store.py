@@ -172,3 +172,18 @@ def test_p9_07_a_manifest_that_is_not_an_object_is_a_store_error(runs, tmp_path)
     _edit(run / "zarr.json", lambda a: a.__setitem__("datavalue", "edited"))
     with pytest.raises(StoreCorruptError, match="run manifest .* is a str"):  # was: raw ValueError from dict()
         open_run(run)
+
+
+@pytest.mark.parametrize("cut", ["half", "tail", "empty", "garbage"])
+def test_p9_10_a_cut_short_archive_is_a_store_error(runs, tmp_path, cut):
+    archive = tmp_path / "a.zip"
+    archive_run(runs[0], archive)
+    raw = archive.read_bytes()
+    data = {"half": raw[: len(raw) // 2], "tail": raw[:-10], "empty": b"", "garbage": b"PK\x03\x04" + b"x" * 100}[cut]
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(data)
+    with pytest.raises(StoreCorruptError, match=r"bad.zip: not a readable run archive .* cut short"):
+        open_run(bad)  # was: raw zipfile.BadZipFile ("File is not a zip file"), a traceback in the CLI
+    with pytest.raises(StoreCorruptError, match="not a readable run archive"):
+        archive_run(bad, tmp_path / "copy.zip")
+    assert not (tmp_path / "copy.zip").exists()

@@ -90,15 +90,43 @@ def _builds(run: Any, path: str, names: Sequence[str]) -> dict[str, dict]:
     for name in names:
         try:
             out[name] = build_metadata(path, name)
+        except StoreCorruptError as exc:  # its metadata edited or damaged (P9-11): as damaged as a lost chunk
+            out[name] = {"error": str(exc), "damaged": str(exc)}
+            continue
         except DataValueError as exc:  # e.g. a group left without values by an interrupted build
             out[name] = {"error": str(exc)}
             continue
         if out[name].get("complete"):  # an unfinished build says so already
             try:
+                _require_run_steps(run, out[name])
                 require_build_chunks(run, name)
             except StoreCorruptError as exc:
                 out[name]["damaged"] = str(exc)
     return out
+
+
+def _require_run_steps(run: Any, meta: dict) -> None:
+    """Refuse a finished build whose recorded step and row counts no prefix of the run has (P9-11: an
+    edited ``n_steps`` showed as ``10**18 steps, complete``, exit 0, while every query refused the build).
+    A build of fewer steps than the run (recorded further since) is a prefix: extend it, not damaged."""
+    from datavalue.errors import StoreCorruptError
+
+    spans = meta.get("blocks")
+    if isinstance(spans, list) and spans and not isinstance(spans[0], str):
+        edges = [0] + [int(b) for a, b in spans]
+        if [int(a) for a, _ in spans] != edges[:-1] or edges[-1] != run.proj_dim:
+            raise StoreCorruptError(
+                f"the build's column blocks {spans!r:.80} do not tile the run's {run.proj_dim} gradient columns: its "
+                "metadata was edited, or it was copied from another run. Every query refuses it; rebuild with --overwrite.")
+    n_steps, n_rows = meta.get("n_steps"), meta.get("n_rows")
+    if not isinstance(n_steps, int) or "checkpoint_step" in meta:
+        return
+    if n_steps > run.n_steps or (isinstance(n_rows, int) and n_rows != int(run.step_ptr[n_steps])):
+        raise StoreCorruptError(
+            f"the build says it was made from {n_steps} steps ({n_rows} occurrences), but the run's first {n_steps} "
+            f"steps are not that (the run has {run.n_steps} steps, {run.n_rows} occurrences): its metadata was edited, "
+            "or it was copied from another run. Every query refuses it; rebuild with --overwrite."
+        )
 
 
 def _build_lines(meta: dict) -> list[str]:
@@ -106,7 +134,8 @@ def _build_lines(meta: dict) -> list[str]:
         return [meta["error"]]
     state = "complete" if meta.get("complete") else "UNFINISHED (rebuild with --overwrite)"
     if "damaged" in meta:
-        state = "DAMAGED: a chunk is missing or truncated (see below; rebuild with --overwrite)"
+        state = ("DAMAGED: a chunk is missing or truncated (see below; rebuild with --overwrite)" if "chunk" in meta["damaged"]
+                 else "DAMAGED: its metadata does not match the run (see below; rebuild with --overwrite)")
     choice = meta["choice"]
     head = f"{meta.get('n_steps', '?')} steps, {state}"
     if "blocks_reason" not in choice:  # built before the choice was recorded

@@ -53,3 +53,60 @@ def test_p9_03_a_full_disk_under_a_command_names_the_file(run, monkeypatch, caps
     assert cli.main() == 1
     err = capsys.readouterr().err
     assert "writing /data/out.parquet failed: No space left on device (errno 28)" in err
+
+
+# ---------------------------------------------------------------- edited build attributes (P9-11)
+_VALUES = Path("embeddings") / "empirical_fisher" / "values" / "zarr.json"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    import datavalue
+
+    path = tmp_path_factory.mktemp("p9_build") / "r.zarr"
+    record_tiny_run(path)
+    datavalue.build_embeddings(path, progress=False)
+    return path
+
+
+def _edited(built: Path, tmp_path: Path, key: str, value) -> Path:
+    import json
+    import shutil
+
+    run = tmp_path / "r.zarr"
+    shutil.copytree(built, run)
+    meta = json.loads((run / _VALUES).read_text())
+    if key == "*":
+        meta["attributes"]["datavalue_embeddings"] = value
+    else:
+        meta["attributes"]["datavalue_embeddings"][key] = value
+    (run / _VALUES).write_text(json.dumps(meta))
+    return run
+
+
+_BAD = [("n_rows", "x"), ("n_steps", -1), ("*", [1, 2]), ("choice", None), ("complete", "yes"), ("blocks", [[0, "a"]])]
+
+
+@pytest.mark.parametrize(("key", "value"), _BAD)
+def test_p9_11_edited_build_attributes_are_a_store_error_in_queries(built, tmp_path, key, value):
+    import datavalue
+    from datavalue.errors import StoreCorruptError
+    from tests._helpers_tiny_run import tiny_mlp, tiny_query_loss
+
+    run = _edited(built, tmp_path, key, value)
+    with pytest.raises(StoreCorruptError, match=r"build attributes .* are not as build_embeddings writes them"):
+        datavalue.Attributor(run, tiny_mlp(), progress=False).scores(tiny_query_loss)  # was: raw ValueError, ...
+
+
+@pytest.mark.parametrize(("key", "value"), [*_BAD, ("n_steps", 10**18), ("blocks", [[0, 10**12]])])
+def test_p9_11_info_calls_a_build_with_edited_attributes_damaged(built, tmp_path, key, value, capsys):
+    run = _edited(built, tmp_path, key, value)
+    assert cli.main(["info", str(run)]) == 1  # was: a traceback, or "complete" with exit 0
+    out, err = capsys.readouterr()
+    assert "steps, complete" not in out
+    assert "datavalue info: build 'empirical_fisher' is damaged" in err
+
+
+def test_p9_11_an_intact_build_and_one_of_fewer_steps_are_not_damaged(built, tmp_path, capsys):
+    assert cli.main(["info", str(built)]) == 0
+    assert "4 steps, complete" in capsys.readouterr().out

@@ -34,6 +34,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from datavalue.store import open_run
 
     run = open_run(args.run)
+    _check_recorded_sizes(run)
     info = run.info()
     info["builds"] = _builds(run, args.run, info["embeddings"])
     damaged = {name: meta["damaged"] for name, meta in info["builds"].items() if "damaged" in meta}
@@ -70,6 +71,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, rule, k in info["blocks"]:
         print(f"  {name:36s} {rule:22s} k={k}")
     return _report_damaged(damaged)
+
+
+def _check_recorded_sizes(run: Any) -> None:
+    """Refuse a run whose committed gradient (or Fisher) chunk file is not one chunk's size (truncated, or
+    bytes appended): ``open_run`` leaves such a chunk to the checksum of the first read, so ``info`` said
+    nothing (exit 0) while every build and query refused the run (P9-12). A ``stat`` per chunk, no read."""
+    from datavalue.store import ChunkFileRows, fast_rows
+
+    for name, n in (("grads", run.n_rows), ("fisher", run.n_fisher_rows if run.has_fisher else 0)):
+        rows = fast_rows(run.array(name), required_rows=n) if n else None
+        if isinstance(rows, ChunkFileRows):
+            rows.check_sizes(n)
 
 
 def _report_damaged(damaged: dict[str, str]) -> int:

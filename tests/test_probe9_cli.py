@@ -110,3 +110,17 @@ def test_p9_11_info_calls_a_build_with_edited_attributes_damaged(built, tmp_path
 def test_p9_11_an_intact_build_and_one_of_fewer_steps_are_not_damaged(built, tmp_path, capsys):
     assert cli.main(["info", str(built)]) == 0
     assert "4 steps, complete" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- a recorded chunk of the wrong size (P9-12)
+@pytest.mark.parametrize("how", ["appended", "truncated"])
+def test_p9_12_info_refuses_a_committed_gradient_chunk_of_the_wrong_size(run, tmp_path, capsys, how):
+    import shutil
+
+    copy = tmp_path / "r.zarr"
+    shutil.copytree(run, copy)
+    chunk = copy / "grads" / "c" / "0" / "0"
+    raw = chunk.read_bytes()
+    chunk.write_bytes(raw + b"\0" * 8 if how == "appended" else raw[:-100])
+    assert cli.main(["info", str(copy)]) == 2  # was: the report, exit 0, while every read refused the run
+    assert "chunk grads/c/0/0 is corrupt" in capsys.readouterr().err

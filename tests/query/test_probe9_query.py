@@ -44,3 +44,23 @@ def test_p9_04_large_test_gradients_inside_the_range_are_scored(attr):
     assert np.isfinite(s).all()
     ref = attr.scores(np.ones((2, 43))) * 1e30
     np.testing.assert_allclose(s, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_p9_13_a_damaged_commit_is_not_called_deleted_or_replaced(tmp_path):
+    """A byte of ``commit/c/0`` flipped after the Attributor opened the run: the lazy scores and
+    top_k said the run "was deleted or is being replaced" (query it again once it is in place)."""
+    from datavalue.errors import QueryError
+    from tests._helpers_tiny_run import tiny_query_loss
+
+    path = tmp_path / "r.zarr"
+    m = record_tiny_run(path)
+    datavalue.build_embeddings(path, progress=False)
+    a = datavalue.Attributor(path, m, progress=False)
+    lazy = a.scores(tiny_query_loss, lazy=True)
+    raw = bytearray((path / "commit" / "c" / "0").read_bytes())
+    raw[3] ^= 1
+    (path / "commit" / "c" / "0").write_bytes(bytes(raw))
+    for call in (lazy.compute, lambda: a.top_k(tiny_query_loss, k=2)):
+        with pytest.raises(QueryError, match=r"commit chunk commit/c/0 is damaged \(its crc32c does not match\)") as exc:
+            call()
+        assert "being replaced" not in str(exc.value)

@@ -187,3 +187,22 @@ def test_p9_10_a_cut_short_archive_is_a_store_error(runs, tmp_path, cut):
     with pytest.raises(StoreCorruptError, match="not a readable run archive"):
         archive_run(bad, tmp_path / "copy.zip")
     assert not (tmp_path / "copy.zip").exists()
+
+
+# ---------------------------------------------------------------- a lock file naming no process (P9-18)
+@pytest.mark.parametrize("pid", [-1, 0, True, "x", None])
+def test_p9_18_a_lock_naming_no_process_is_not_called_still_running(runs, tmp_path, pid):
+    """pid -1 or 0: ``os.kill(pid, 0)`` signals a process group, which always answers, so the lock was
+    "still running" forever; a str pid on this host was called "a lock from another host"."""
+    import socket
+
+    from datavalue.errors import StoreLockedError
+    from datavalue.store import lock_run
+
+    run = tmp_path / "r.zarr"
+    shutil.copytree(runs[0], run)
+    (run / "writer.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": "2026-01-01"}))
+    with pytest.raises(StoreLockedError, match="names no holder that can be checked") as exc, lock_run(run, "probe"):
+        pass
+    assert "still running" not in str(exc.value) and "another host" not in str(exc.value)
+    assert (run / "writer.lock").exists()  # never taken over: a person decides

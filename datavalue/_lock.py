@@ -87,11 +87,12 @@ def read_holder(lock: Path) -> dict[str, Any] | None:
 
 def holder_state(holder: dict[str, Any]) -> str:
     """``"alive"``, ``"dead"`` (a process of this host that is gone) or ``"foreign"`` (another host,
-    or a holder without a readable pid: never judged)."""
-    try:
-        pid = int(holder.get("pid"))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    or a holder without a checkable pid (:func:`checkable`): never judged). A pid of 0 or -1 is no
+    process: ``os.kill`` with it signals a whole group, which always answers, so such a lock read as
+    "still running" forever (P9-18)."""
+    if not checkable(holder):
         return "foreign"
+    pid = int(holder["pid"])
     if holder.get("host") != socket.gethostname():
         return "foreign"
     if pid == os.getpid():
@@ -103,6 +104,13 @@ def holder_state(holder: dict[str, Any]) -> str:
     if recorded is not None and now is not None and int(recorded) != now:
         return "dead"  # the pid was reused by a process started later
     return "alive"
+
+
+def checkable(holder: dict[str, Any]) -> bool:
+    """Whether ``holder`` names a process that can be asked about: a positive int pid and a host (a
+    lock file datavalue wrote; else it was damaged or edited)."""
+    pid = holder.get("pid")
+    return not isinstance(pid, bool) and isinstance(pid, int) and pid > 0 and isinstance(holder.get("host"), str)
 
 
 def describe(holder: dict[str, Any]) -> str:
@@ -296,6 +304,12 @@ class LockFile:
                 "running, delete the lock file."
             )
         state = holder_state(holder)
+        if not checkable(holder):
+            return (
+                f"{self.subject} is locked ({self.path} names no holder that can be checked: pid "
+                f"{holder.get('pid')!r:.40}, host {holder.get('host')!r:.40}; the lock file was damaged or edited). "
+                "If no writer is running, delete the lock file."
+            )
         if state == "foreign":
             return (
                 f"{self.subject} is locked by {describe(holder)} ({self.path}). A lock from another "

@@ -34,6 +34,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from datavalue.store import open_run
 
     run = open_run(args.run)
+    _check_recorded_sizes(run)
     info = run.info()
     info["builds"] = _builds(run, args.run, info["embeddings"])
     damaged = {name: meta["damaged"] for name, meta in info["builds"].items() if "damaged" in meta}
@@ -72,6 +73,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return _report_damaged(damaged)
 
 
+def _check_recorded_sizes(run: Any) -> None:
+    """Refuse a run whose committed gradient (or Fisher) chunk file is not one chunk's size (truncated, or
+    bytes appended): ``open_run`` leaves such a chunk to the checksum of the first read, so ``info`` said
+    nothing (exit 0) while every build and query refused the run (P9-12). A ``stat`` per chunk, no read."""
+    from datavalue.store import ChunkFileRows, fast_rows
+
+    for name, n in (("grads", run.n_rows), ("fisher", run.n_fisher_rows if run.has_fisher else 0)):
+        rows = fast_rows(run.array(name), required_rows=n) if n else None
+        if isinstance(rows, ChunkFileRows):
+            rows.check_sizes(n)
+
+
 def _report_damaged(damaged: dict[str, str]) -> int:
     """Exit 1 naming each damaged build on stderr (after the report), else 0."""
     for name, why in damaged.items():
@@ -90,15 +103,43 @@ def _builds(run: Any, path: str, names: Sequence[str]) -> dict[str, dict]:
     for name in names:
         try:
             out[name] = build_metadata(path, name)
+        except StoreCorruptError as exc:  # its metadata edited or damaged (P9-11): as damaged as a lost chunk
+            out[name] = {"error": str(exc), "damaged": str(exc)}
+            continue
         except DataValueError as exc:  # e.g. a group left without values by an interrupted build
             out[name] = {"error": str(exc)}
             continue
         if out[name].get("complete"):  # an unfinished build says so already
             try:
+                _require_run_steps(run, out[name])
                 require_build_chunks(run, name)
             except StoreCorruptError as exc:
                 out[name]["damaged"] = str(exc)
     return out
+
+
+def _require_run_steps(run: Any, meta: dict) -> None:
+    """Refuse a finished build whose recorded step and row counts no prefix of the run has (P9-11: an
+    edited ``n_steps`` showed as ``10**18 steps, complete``, exit 0, while every query refused the build).
+    A build of fewer steps than the run (recorded further since) is a prefix: extend it, not damaged."""
+    from datavalue.errors import StoreCorruptError
+
+    spans = meta.get("blocks")
+    if isinstance(spans, list) and spans and not isinstance(spans[0], str):
+        edges = [0] + [int(b) for a, b in spans]
+        if [int(a) for a, _ in spans] != edges[:-1] or edges[-1] != run.proj_dim:
+            raise StoreCorruptError(
+                f"the build's column blocks {spans!r:.80} do not tile the run's {run.proj_dim} gradient columns: its "
+                "metadata was edited, or it was copied from another run. Every query refuses it; rebuild with --overwrite.")
+    n_steps, n_rows = meta.get("n_steps"), meta.get("n_rows")
+    if not isinstance(n_steps, int) or "checkpoint_step" in meta:
+        return
+    if n_steps > run.n_steps or (isinstance(n_rows, int) and n_rows != int(run.step_ptr[n_steps])):
+        raise StoreCorruptError(
+            f"the build says it was made from {n_steps} steps ({n_rows} occurrences), but the run's first {n_steps} "
+            f"steps are not that (the run has {run.n_steps} steps, {run.n_rows} occurrences): its metadata was edited, "
+            "or it was copied from another run. Every query refuses it; rebuild with --overwrite."
+        )
 
 
 def _build_lines(meta: dict) -> list[str]:
@@ -106,7 +147,8 @@ def _build_lines(meta: dict) -> list[str]:
         return [meta["error"]]
     state = "complete" if meta.get("complete") else "UNFINISHED (rebuild with --overwrite)"
     if "damaged" in meta:
-        state = "DAMAGED: a chunk is missing or truncated (see below; rebuild with --overwrite)"
+        state = ("DAMAGED: a chunk is missing or truncated (see below; rebuild with --overwrite)" if "chunk" in meta["damaged"]
+                 else "DAMAGED: its metadata does not match the run (see below; rebuild with --overwrite)")
     choice = meta["choice"]
     head = f"{meta.get('n_steps', '?')} steps, {state}"
     # the Fisher pooled over steps t-W..t+W (0: each step's own): a line of its own, so W = 0 shows too
@@ -315,7 +357,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES):  # a write no check foresaw
             print(f"datavalue: error: {_unwritable_message(exc)}", file=sys.stderr)
             return 2
+        if isinstance(exc, OSError) and exc.errno in _FULL:  # a full disk (standard output too: `> /dev/full`)
+            print(f"datavalue: error: {_full_message(exc)}", file=sys.stderr)
+            _drop_unwritable_stdout()
+            return 1
         raise
+
+
+#: errno values of a write that found no room: the disk (or the user's quota) is full, or the file too big.
+_FULL = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, n))
+
+
+def _full_message(exc: OSError) -> str:
+    """One line for a write that found no room (P9-03: was a raw ``OSError`` traceback)."""
+    what = f"writing {exc.filename}" if exc.filename else "writing the output (standard output or a file it writes)"
+    return (f"{what} failed: {exc.strerror or exc} (errno {exc.errno}). Free space on that file system (or write "
+            "the output elsewhere) and run the command again (with --overwrite where it wrote part of an output; "
+            "`datavalue info RUN` names a build left unfinished).")
+
+
+def _drop_unwritable_stdout() -> None:
+    """Point standard output at ``/dev/null`` when what it still buffers cannot be written, so that the
+    interpreter's flush at exit does not print a second traceback (``Exception ignored ...``)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        _stdout_closed()
 
 
 def _stdout_closed() -> int:

@@ -246,6 +246,17 @@ class Attributor:
         if not np.isfinite(q).all():
             bad = np.flatnonzero(~np.isfinite(q).all(1))[:5].tolist()
             raise NonFiniteError(f"test gradients of test points {bad} contain NaN/Inf; check those losses.")
+        dt = _stream.compute_dtype(self._rows.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # scored in dt: a float64 value past its range is inf there
+            fits = np.isfinite(np.asarray(self._weighted(q), dtype=dt)).all(1)
+        if not fits.all():  # P9-04: was scored as inf and NaN, silently
+            bad = np.flatnonzero(~fits)[:5].tolist()
+            big = float(np.abs(q[bad[0]]).max())
+            raise NonFiniteError(
+                f"test gradients of test points {bad} are finite but too large for {dt} (largest entry {big:.3g}; "
+                f"{dt} holds up to {float(np.finfo(dt).max):.3g}), the dtype the run's {self._rows.dtype} rows are "
+                "scored in: their scores would be inf or NaN. Check those losses (a loss scaled by a huge factor?), "
+                "or scale the test gradients down and the scores back up.")
         return q
 
     def _check_memory(self, m: int, g: Grouping, result: str | None, top: int = 0) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from datavalue.errors import QueryError
+from datavalue.errors import QueryError, StoreCorruptError
 from datavalue.store import read_run_attrs
 
 #: Attributes of a scored array that say which build it is (``build_embeddings``, ``build_influence``).
@@ -70,6 +70,8 @@ def read_stamp(store: Any, path: str, array: str) -> RunStamp:
     """
     try:
         attrs, commit, meta = read_run_attrs(store, array)
+    except StoreCorruptError as exc:  # P9-13: was called "deleted or is being replaced"
+        raise QueryError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - any failure: the run is not the one the scores came from
         raise QueryError(
             f"{path}: cannot read the run these scores were computed from ({type(exc).__name__}: {exc}); it was "

@@ -67,7 +67,8 @@ def expected_dtype(name: str, arr: Any, manifest: dict[str, Any] | None) -> str 
     if kind is not None:  # as the writer creates them (RunWriter._optional_step_arrays)
         return "float64" if storage == "float64" or kind in ("scalar", "group") else "float32"
     if name.startswith("embeddings/") and name.endswith("/values"):
-        recorded = (arr.attrs.get(_EMBEDDINGS_ATTRS) or {}).get("storage_dtype")
+        attrs = arr.attrs.get(_EMBEDDINGS_ATTRS)
+        recorded = attrs.get("storage_dtype") if isinstance(attrs, dict) else None
         if isinstance(recorded, str):
             return recorded
     for pattern, dtype in DERIVED_DTYPES:
@@ -140,6 +141,45 @@ def array_problems(arr: Any, name: str, manifest: dict[str, Any] | None = None) 
     return out
 
 
+#: a build's attributes that readers take as numbers, flags or tables, with what each must be
+_BUILD_INTS = ("n_steps", "n_rows", "format_version", "fisher_window", "run_generation", "checkpoint_step")
+_BUILD_BOOLS = ("complete", "velocity", "momentum_mode", "ops_stored")
+_BUILD_DICTS = ("choice", "build_config", "optimizer_manifest")
+_BUILD_SPANS = ("blocks", "segments")
+
+
+def build_attr_problems(arr: Any) -> list[str]:
+    """What in a build's attributes (``datavalue_embeddings`` on ``embeddings/<c>/values``) is not of the
+    kind ``build_embeddings`` writes (empty: nothing). Readers take ``n_rows`` as an int, ``choice`` as a
+    table, ...: an edited value was a raw ``ValueError``, ``AttributeError`` or ``TypeError`` in every
+    query and in ``datavalue info`` (P9-11)."""
+    attrs = arr.attrs.get(_EMBEDDINGS_ATTRS)
+    if attrs is None:
+        return []
+    if not isinstance(attrs, dict):
+        return [f"'{_EMBEDDINGS_ATTRS}' is a {type(attrs).__name__}, expected an object"]
+    out = []
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    for key in _BUILD_INTS:
+        if key in attrs and not is_int(attrs[key]):
+            out.append(f"{key} {attrs[key]!r:.60}, expected an int >= 0")
+    for key in _BUILD_BOOLS:
+        if key in attrs and not isinstance(attrs[key], bool):
+            out.append(f"{key} {attrs[key]!r:.60}, expected true or false")
+    for key in _BUILD_DICTS:  # "choice" is always written as one; the others may be null
+        if key in attrs and not isinstance(attrs[key], dict) and (key == "choice" or attrs[key] is not None):
+            out.append(f"{key} {attrs[key]!r:.60}, expected an object")
+    for key in _BUILD_SPANS:
+        v = attrs.get(key)
+        if key in attrs and not (isinstance(v, list) and all(
+                isinstance(b, list) and len(b) == 2 and all(is_int(x) for x in b) and b[0] <= b[1] for b in v)):
+            out.append(f"{key} {v!r:.60}, expected a list of [start, stop] int pairs")
+    return out
+
+
 def check_array(arr: Any, name: str, location: Any, root_attrs: Any = None) -> Any:
     """Return ``arr`` when its metadata is datavalue's layout for array ``name`` of the run at
     ``location``; ``root_attrs``: the run's root attributes (for the manifest's ``storage_dtype``).
@@ -163,4 +203,13 @@ def check_array(arr: Any, name: str, location: Any, root_attrs: Any = None) -> A
             + ". The file was edited or replaced, and its chunks would read as other numbers (or as zeros) with "
             f"no error. {fix}"
         )
+    if name.startswith("embeddings/") and name.endswith("/values"):
+        problems = build_attr_problems(arr)
+        if problems:
+            curvature = name.split("/")[1]
+            raise StoreCorruptError(
+                f"{location}: the build attributes ('{_EMBEDDINGS_ATTRS}' in {name}/zarr.json) are not as "
+                f"build_embeddings writes them: {'; '.join(problems)}. The file was edited or damaged, so what the build "
+                f"says it is cannot be trusted. Rebuild it: datavalue.build_embeddings({str(location)!r}, "
+                f"curvature={curvature!r}, overwrite=True) (CLI: datavalue build RUN --overwrite).")
     return arr

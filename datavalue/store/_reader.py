@@ -37,7 +37,7 @@ from datavalue.store._paths import (
     is_local,
     refuse_reading_links,
 )
-from datavalue.store._runpath import run_location
+from datavalue.store._runpath import RunPathError, run_location
 from datavalue.store._schema import (
     CHUNK_DIGESTS_KEY,
     FINAL_PASS_INTEGRATION,
@@ -107,8 +107,12 @@ def _open_group(location: Any, mode: str) -> zarr.Group:
             store = open_zip(location)  # damaged entries: StoreCorruptError; duplicate names refused
         elif isinstance(location, (str, os.PathLike)):
             store = zarr.storage.FsspecStore.from_url(os.fspath(location), read_only=True)
-        else:
+        elif isinstance(location, zarr.abc.store.Store):
             store = location  # a zarr Store object (e.g. zarr.storage.MemoryStore in tests)
+        else:  # P9-06: was "cannot open the zarr group at 3: Unsupported type ..." as a StoreCorruptError
+            raise RunPathError(
+                f"a run location is a local path (str or os.PathLike), a URL or a zarr Store; got {type(location).__name__} "
+                f"{str(location)[:60]!r}.")
     try:
         return zarr.open_group(store, mode=mode, zarr_format=3)
     except FileNotFoundError as exc:
@@ -134,9 +138,15 @@ class Run:
         manifest = self._group.attrs.get(MANIFEST_KEY)
         if manifest is None:
             raise StoreMismatchError(f"{self.path} is a zarr group but not a datavalue run (no '{MANIFEST_KEY}' attrs).")
+        if not isinstance(manifest, dict):  # P9-07: was a raw ValueError from dict(manifest)
+            raise StoreCorruptError(
+                f"{self.path}: the run manifest (root attribute '{MANIFEST_KEY}' in zarr.json) is a "
+                f"{type(manifest).__name__} ({str(manifest)[:60]!r}), not the object the recorder writes: zarr.json was "
+                "edited or damaged. Restore zarr.json from a copy of the run, or re-record it.")
         self.manifest: dict[str, Any] = dict(manifest)
         version = self.manifest.get("schema_version")
-        wrote = str((self.manifest.get("versions") or {}).get("datavalue-engine", "unknown"))
+        versions = self.manifest.get("versions")
+        wrote = str((versions if isinstance(versions, dict) else {}).get("datavalue-engine", "unknown"))
         if wrote[:1].isdigit() and wrote.split(".")[0] != _our_major():
             raise StoreMismatchError(
                 f"{self.path} was written by datavalue-engine {wrote}; this is version {_our_version()} (another major "
@@ -311,9 +321,25 @@ class Run:
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``start:stop`` of a row array (``grads``, ``fisher``, ...) as numpy, within the commit
-        (for an optional per-step array such as ``adam_v``: steps ``start:stop``)."""
+        (for an optional per-step array such as ``adam_v``: steps ``start:stop``).
+
+        ``start`` and ``stop`` count as a Python slice of the committed rows does: ``read("grads", -5)``
+        is the last five committed rows, ``read("grads", 0, -1)`` all but the last (P9-02: both were
+        taken as positions in the array's allocated length, which runs past the commit: no rows, or
+        thousands of rows never committed).
+
+        Raises:
+            StoreMismatchError: ``start`` or ``stop`` is not an int (a float, a bool).
+        """
         limit = self.n_steps if name in OPTIONAL_STEP_ARRAYS else (self.n_fisher_rows if name == "fisher" else self.n_rows)
-        stop = limit if stop is None else min(stop, limit)
+        for what, v in (("start", start), ("stop", stop)):
+            if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
+                raise StoreMismatchError(
+                    f"Run.read({name!r}, start, stop): {what} must be an int (a row position; negative counts from the "
+                    f"end of the {limit} committed entries, as in a Python slice), got {v!r} ({type(v).__name__}); "
+                    "nothing is rounded.")
+        start, stop, _ = slice(None if start is None else int(start), None if stop is None else int(stop)).indices(limit)
+        stop = max(start, stop)
         try:
             arr = self._group[name]
         except KeyError as exc:

@@ -18,6 +18,8 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from datavalue.errors import StoreCorruptError
+
 __all__ = ["read_run_attrs"]
 
 
@@ -27,7 +29,7 @@ def read_run_attrs(store: Any, array: str) -> tuple[dict[str, Any], np.ndarray, 
 
     Raises:
         Exception: whatever reading fails with (the run deleted, or being replaced); a damaged commit
-            chunk is a ``ValueError`` naming ``commit/c/0``. The caller says what it means for it.
+            chunk is a ``StoreCorruptError`` naming ``commit/c/0``. The caller says what it means for it.
     """
     return _read_local(store, array) if isinstance(store, LocalStore) else _read_zarr(store, array)
 
@@ -36,7 +38,10 @@ def _read_local(store: Any, array: str) -> tuple[dict[str, Any], np.ndarray, dic
     root = Path(str(store.root))
     raw = (root / "commit" / "c" / "0").read_bytes()  # [steps, rows, fisher_rows, generation] int64 + crc32c
     if len(raw) != 36 or crc32c.crc32c(raw[:32]) != int.from_bytes(raw[32:], "little"):
-        raise ValueError("the commit chunk commit/c/0 is damaged")
+        # the writer replaces the commit atomically (a rename): a bad one is damage, never a write in flight
+        why = "its crc32c does not match" if len(raw) == 36 else f"{len(raw)} bytes, expected 36"
+        raise StoreCorruptError(f"{root}: the commit chunk commit/c/0 is damaged ({why}). Restore the run from a copy "
+                                "of its directory.")
     attrs = json.loads((root / "zarr.json").read_bytes()).get("attributes") or {}
     meta = json.loads((root / array / "zarr.json").read_bytes()).get("attributes") or {}
     return attrs, np.frombuffer(raw[:32], "<i8"), meta

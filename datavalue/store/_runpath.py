@@ -83,6 +83,38 @@ def _refuse_chained(s: str) -> None:
         )
 
 
+def _name_max(path: str) -> int:
+    """The longest file name (bytes) the file system holding ``path``'s nearest existing ancestor takes."""
+    anc = _first_existing(Path(path)) if not os.path.lexists(path) else Path(path)
+    try:
+        return int(os.pathconf(anc if anc.is_dir() else anc.parent, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def refuse_unusable_name(path: str, what: str) -> None:
+    """Refuse a local path no file system can hold: a NUL byte (was a raw ``ValueError: embedded null byte``
+    from the recorder and ``archive_run``, and ``no run at '...\\x00...'`` from readers), or a name longer
+    than the file system takes (was a raw ``OSError: [Errno 36] File name too long``) (P9-06).
+
+    Raises:
+        RunPathError: naming the problem and what to pass instead.
+    """
+    if "\x00" in path:
+        raise RunPathError(
+            f"{what}: the path {path!r} contains a NUL byte ('\\x00'), which no file name can hold (a string built from "
+            "C or binary data?). Pass the path without it. Nothing was read or written.")
+    parts = [(len(os.fsencode(part)), part) for part in Path(path).parts]
+    if max((n for n, _ in parts), default=0) <= 143:  # every file system takes that (eCryptfs' limit): no syscall
+        return
+    limit = _name_max(path)
+    for size, part in parts:
+        if size > limit:
+            raise RunPathError(
+                f"{what}: the name {part[:40]!r}... in {path[:80]!r}... is {size} bytes long; this file system takes at "
+                f"most {limit} bytes per name. Choose a shorter name. Nothing was read or written.")
+
+
 def run_location(location: Any) -> Any:
     """Where a reader finds a run: a local directory or ``.zip`` archive as an absolute path (a
     ``file://`` URL as the local path it names), another URL as given, a zarr Store object as is.
@@ -93,6 +125,9 @@ def run_location(location: Any) -> Any:
     Raises:
         RunPathError: a local name containing ``::``, or a ``file://`` URL naming another host.
     """
+    if isinstance(location, (bytes, bytearray)):
+        raise RunPathError(f"a run path must be a str or os.PathLike, got {type(location).__name__} {location!r:.80}; "
+                           "decode it first (os.fsdecode(path)).")
     if not isinstance(location, (str, os.PathLike)):
         return location
     s = os.fspath(location)
@@ -106,6 +141,7 @@ def run_location(location: Any) -> Any:
         local = s
     else:
         _refuse_chained(local)
+    refuse_unusable_name(local, "reading a run")
     return os.path.abspath(local)
 
 
@@ -130,6 +166,7 @@ def run_dir_path(path: Any, what: str = "recording", fix: str | None = None) -> 
         )
     local = s if local is None else local
     _refuse_chained(local)
+    refuse_unusable_name(local, what)
     refuse_unexpanded_home(local, what)
     return Path(os.path.abspath(local))
 

@@ -268,19 +268,22 @@ def _refuse_dropped_bindings(group: zarr.Group, location: Any, run_id: Any) -> N
     attrs = group.attrs
     fix = "Restore zarr.json from a copy of the run, or re-record it."
     if run_id is None:
-        stamped = None
-        for name in ("grads", "sample_id", "step_ptr"):
+        # every recorded array (and the commit) carries the run id it was written with: asking only a few of
+        # them let a zarr.json stripped from those few (and from the root) pass as a run older than run ids (P9-01)
+        stamped, where = None, None
+        for name in ("commit", *COMMITTED_ARRAYS):
             try:
                 stamped = group[name].attrs.get(RUN_ID_KEY)
             except KeyError:
                 continue
             if stamped is not None:
+                where = name
                 break
         if stamped is not None:
             raise StoreCorruptError(
                 f"{location}: the run's zarr.json has no run id (root attribute '{RUN_ID_KEY}'), but its recorded "
-                f"arrays carry one ({stamped!r}): the attribute was removed, and without it neither the arrays nor the "
-                f"chunks would be checked against the run. {fix}")
+                f"arrays carry one ({stamped!r}, on {where}/zarr.json): the attribute was removed, and without it "
+                f"neither the arrays nor the chunks would be checked against the run. {fix}")
     elif attrs.get(MANIFEST_DIGEST_KEY) is None:
         raise StoreCorruptError(
             f"{location}: the run has a run id ('{RUN_ID_KEY}') but no manifest digest (root attribute "

@@ -12,17 +12,24 @@ keeps both and reads the last: which bytes a chunk has would depend on how the a
 from __future__ import annotations
 
 import collections
+import json
+import math
 import os
 import zipfile
 import zlib
 from typing import Any
 
 import crc32c
+import numpy as np
 from zarr.storage import ZipStore
 
 from datavalue.errors import StoreCorruptError
 
 _FIX = "Restore the archive from a copy, or archive the run again (datavalue archive RUN OUT.zip)."
+
+#: the most bytes an entry that is not a chunk (``zarr.json``, the digest record) may hold: a run's
+#: metadata is a few KiB (the directory reader's bound on a ``zarr.json`` is the same)
+MAX_META_ENTRY = 64 << 20
 
 
 def _is_chunk_key(key: str) -> bool:
@@ -36,7 +43,18 @@ class CheckedZipStore(ZipStore):
     datavalue array ends its codec chain with ``crc32c``, checked on open by ``_metacheck``)."""
 
     def _sync_open(self) -> None:
-        super()._sync_open()
+        try:
+            super()._sync_open()
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:  # P9-10: was a raw BadZipFile
+            try:
+                size = f"{os.path.getsize(self.path):,} bytes"
+            except OSError:
+                size = "size unknown"
+            raise StoreCorruptError(
+                f"{self.path}: not a readable run archive ({size}; {type(exc).__name__}: {exc}): the file is cut short "
+                "(a copy or download that did not finish), damaged, or not a zip file. Expected a .zip that "
+                f"archive_run wrote. {_FIX}"
+            ) from exc
         names = collections.Counter(self._zf.namelist())
         dups = sorted(n for n, c in names.items() if c > 1)
         if dups:
@@ -49,7 +67,48 @@ class CheckedZipStore(ZipStore):
                 f"entry per file, as archive_run writes. {_FIX}"
             )
 
+    def _entry_limit(self, key: str) -> tuple[int, str] | None:
+        """The most bytes entry ``key`` may hold and why, or None (no bound known): a chunk holds one chunk
+        of its array (``bytes`` then ``crc32c``: the chunk's bytes and a 4-byte checksum), anything else
+        at most :data:`MAX_META_ENTRY`."""
+        if not _is_chunk_key(key):
+            return MAX_META_ENTRY, f"at most {MAX_META_ENTRY:,} bytes for an entry that is not a chunk"
+        array = key[: -2] if key.endswith("/c") else key[: key.rfind("/c/")] if "/c/" in key else ""
+        cache = self.__dict__.setdefault("_chunk_bytes", {})
+        if array not in cache:
+            cache[array] = None
+            meta = f"{array}/zarr.json" if array else "zarr.json"
+            try:
+                if self._zf.getinfo(meta).file_size <= MAX_META_ENTRY:
+                    doc = json.loads(self._zf.read(meta))
+                    shape = doc["chunk_grid"]["configuration"]["chunk_shape"]
+                    n = math.prod(int(c) for c in shape) * np.dtype(doc["data_type"]).itemsize + 4
+                    cache[array] = (n, f"{n:,} bytes: one chunk of {shape} {doc['data_type']} and its checksum, as "
+                                       f"{meta} says")
+            except Exception:  # noqa: BLE001 - no readable metadata: the open checks refuse the array itself
+                pass
+        return cache[array]
+
+    def _refuse_oversized(self, key: str) -> None:
+        """Refuse, before anything is read or allocated, an entry that declares more bytes than it may
+        hold (P9-05: a 6 MB archive whose one deflated chunk unpacks to 1.5 GB made ``open_run`` take 3 GB
+        of memory; a few GB more and the kernel kills the process)."""
+        try:
+            info = self._zf.getinfo(key)
+        except KeyError:
+            return
+        limit = self._entry_limit(key)
+        if limit is not None and info.file_size > limit[0]:
+            raise StoreCorruptError(
+                f"{self.path}: entry {key} of the run archive declares {info.file_size:,} bytes "
+                f"({info.compress_size:,} stored), but it may hold {limit[1]}: the archive was edited or crafted (a "
+                f"compressed entry that unpacks to far more than it stores), so nothing was read from it. {_FIX}"
+            )
+
     def _get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        if not self._is_open:
+            self._sync_open()
+        self._refuse_oversized(key)
         try:
             buf = super()._get(key, prototype=prototype, byte_range=byte_range)
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as exc:

@@ -77,6 +77,9 @@ class DiskCache:
 
     def __init__(self, path: str | os.PathLike[str], *, n: int, fingerprint: str = "") -> None:
         self.path = Path(path)
+        if isinstance(n, bool | np.bool_) or not isinstance(n, int | np.integer) or n < 0:  # P9-09
+            raise UtilityError(f"n (the number of players) must be an int >= 0, got {n!r} ({type(n).__name__}); "
+                               "nothing is rounded or converted.")
         self.n = int(n)
         self.fingerprint = str(fingerprint)
         self._values: dict[int, float] = {}
@@ -224,7 +227,7 @@ class DiskCache:
                     f"{self.path}:{lineno} is not a cache record (expected "
                     f'{{"mask": int, "value": float}}); got {line[:80]!r}.'
                 ) from None
-            if not 0 <= mask < (1 << self.n):
+            if mask < 0 or mask.bit_length() > self.n:  # not 1 << n: a huge n would allocate it (P9-09)
                 raise CacheMismatchError(
                     f"{self.path}:{lineno} has mask {mask} outside 0..2**{self.n}-1."
                 )
@@ -270,6 +273,8 @@ class DiskCache:
         value = float(value)
         if not math.isfinite(value):
             raise UtilityError(f"cannot cache non-finite utility {value} for mask {mask}.")
+        self._check_mask(mask)
+        mask = int(mask)
         with self._lock:
             old = self._values.get(mask)
             if old is not None:
@@ -286,6 +291,17 @@ class DiskCache:
             self._values[mask] = value
             self._fh.write(json.dumps({"mask": int(mask), "value": value}) + "\n")
             self._fh.flush()
+
+    def _check_mask(self, mask: object) -> None:
+        """Refuse, before anything is written, a mask that is no coalition of the ``n`` players (P9-08: a
+        float was written truncated, 2.5 as coalition 2; a mask outside ``0..2**n-1`` was written, and the
+        cache, every utility in it, then refused to open)."""
+        if isinstance(mask, bool | np.bool_) or not isinstance(mask, int | np.integer):
+            raise UtilityError(f"a coalition mask must be an int (bit i set: player i in the coalition), got {mask!r} "
+                               f"({type(mask).__name__}); nothing is rounded or converted. Nothing was written.")
+        if mask < 0 or int(mask).bit_length() > self.n:
+            raise UtilityError(f"mask {mask} is no coalition of this cache's n={self.n} players (expected "
+                               f"0..2**{self.n}-1); nothing was written, the cache is as it was.")
 
     def close(self) -> None:
         """Flush to stable storage and close the file."""

@@ -133,7 +133,8 @@ class Recorder(ClosesAtExit, ResumeChecks):
             milliseconds, and 1 (sampled labels) above; on ``resume``, the run's own value. Sampled
             labels, the cheap form, are one extra backward pass: issue 20's 2x is not met on this CPU
             either (2.7-3.1x on that MLP, 2.1-2.7x on a small GPT-2).
-        chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
+        chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients, rounded down to a power of two,
+            so that steps of a power-of-two batch fill chunks exactly and none is rewritten at a commit).
         commit_every: durability bound in steps (default 32): a ``kill -9`` loses at most the last
             ``commit_every`` recorded steps (and at most about 10 s of them); ``rec.flush()``
             commits everything now, ``1`` commits every step (docs/capture.md, "What a crash loses").

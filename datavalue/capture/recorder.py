@@ -290,6 +290,8 @@ class Recorder(ClosesAtExit, ResumeChecks):
                                     "precondition= or pass a proj_dim.")
             self.engine = _whiten.capture_engine(model, self.layout)
             self._whitener = _whiten.Whitener(self.layout, self.engine)
+        # the Fisher pseudo-gradient passes and the real backward sketch the same saved inputs: once per block
+        self.engine.memo_inputs = bool(self.fisher)
         if self.hessian and self.engine.k > int(hessian_max_dim):
             raise RecorderError(
                 f"curvature='hessian' with k={self.engine.k} columns costs {self.engine.k} Hessian-vector products and "

@@ -33,7 +33,6 @@ import numpy as np
 
 from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
 from datavalue.store import FLAG_NONFINITE, RunWriter, StepBlock
-from datavalue.store._writer import default_chunk_rows
 
 logger = logging.getLogger(__name__)
 
@@ -390,7 +389,7 @@ class StepSink:
                 raise
         #: rows per chunk (the writer's; on other ranks the writer's default, for memory bounds)
         self.chunk_rows = self.writer.chunk_rows if self.writer is not None else int(
-            chunk_rows or default_chunk_rows(self.k))
+            chunk_rows or RunWriter.default_chunk_rows(self.k))
         start = self.dist.broadcast_int(self.writer.steps if self.writer is not None else 0)
         if start < 0:
             raise RecorderStateError("rank 0 could not open the run (see its error); this rank stops too.")

@@ -283,6 +283,9 @@ class RunWriter:
             therefore leaves at least ``K - commit_every`` committed (``docs/capture.md``).
     """
 
+    #: rows per chunk when none is named (:func:`default_chunk_rows`; callers outside the store ask here)
+    default_chunk_rows = staticmethod(default_chunk_rows)
+
     def __init__(
         self,
         path: str | Path,

@@ -337,7 +337,7 @@ class Engine:
         # under torch.autocast the activations and output gradients come in bfloat16/float16 while the sketches
         # hold the weights' dtype: the rules compute in the sketches' dtype (the lower-precision tensors cast up,
         # autocast off for the rules' own GEMMs), and the gradient checks widen their tolerance to that precision
-        saved = (frozenset(t.untyped_storage().data_ptr() for t in (*args, *kwargs.values()) if torch.is_tensor(t))
+        saved = (frozenset(_rules.storage_address(t) for t in (*args, *kwargs.values()) if torch.is_tensor(t)) - {None}
                  if self.memo_inputs else None)  # the saved inputs' storages, before any cast (a cast is new each pass)
         grad, args, kwargs, eps = _to_compute_dtype(grad.detach(), args, kwargs, self.dtype)
         self.compute_eps = max(self.compute_eps, eps)

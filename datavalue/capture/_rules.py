@@ -81,6 +81,15 @@ def _project_affine(x: torch.Tensor, P: torch.Tensor, P_t: torch.Tensor) -> torc
 _ACTIVE = threading.local()
 
 
+def storage_address(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage, or ``None`` for a tensor without a plain one (sparse, nested, a
+    subclass): those are never memoised."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 def _side(sk: Sketch, tag: str, x: torch.Tensor, compute: Any) -> torch.Tensor:
     """``compute(x)``, memoised while a hook's memo is active and ``x`` views one of the layer's saved inputs.
 
@@ -94,8 +103,8 @@ def _side(sk: Sketch, tag: str, x: torch.Tensor, compute: Any) -> torch.Tensor:
     if active is None:
         return compute(x)
     memo, storages = active
-    ptr = x.untyped_storage().data_ptr()
-    if ptr not in storages:
+    ptr = storage_address(x)
+    if ptr is None or ptr not in storages:
         return compute(x)
     key = (id(sk), tag, ptr, x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x._version)
     hit = memo.get(key)

@@ -92,3 +92,18 @@ def test_the_memo_sees_an_in_place_edit_and_ignores_other_storages():
     finally:
         _rules._ACTIVE.active = None
     assert sk.right(a) is not sk.right(a)  # no memo outside a hook
+
+
+def test_a_tensor_without_a_plain_storage_is_computed_not_memoised():
+    P = torch.randn(3, 5, dtype=torch.float64)
+    sk = _rules.Sketch("kron", None, P, 3)
+    sparse = torch.eye(5, dtype=torch.float64).to_sparse()
+    assert _rules.storage_address(sparse) is None
+    memo: dict = {}
+    _rules._ACTIVE.active = (memo, frozenset({123}))
+    try:
+        out = _rules._side(sk, "r", sparse, lambda x: x.to_dense() @ P.T)
+    finally:
+        _rules._ACTIVE.active = None
+    torch.testing.assert_close(out, P.T)
+    assert memo == {}

@@ -121,7 +121,7 @@ class CaptureConfig:
         "help": "refuse curvature='hessian' above this many columns (k HVPs and k^2 numbers per step)"})
     record_optimizer_state: bool | None = field(default=None, metadata={
         "help": "store Adam/AdamW moments each step (default: whenever the optimizer is Adam/AdamW)"})
-    chunk_rows: int | None = field(default=None, metadata={"help": "rows per Zarr chunk (default: about 4 MiB)"})
+    chunk_rows: int | None = field(default=None, metadata={"help": "rows per Zarr chunk (default: about 4 MiB, a power of two)"})
     commit_every: int = field(default=32, metadata={
         "help": "commit at least every this many steps (plus every 10 s and on each full chunk): a kill -9 "
                 "loses at most the last commit_every steps; 1 commits every step"})

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datavalue.capture import _rules
 from datavalue.capture._projection import (
     DEFAULT_SKETCH,
     SIDE_COLS,
@@ -140,6 +141,10 @@ class Engine:
         self._seen_batch = 0
         self._replaying = False
         self._pseudo = False  # inside grad_wrt_outputs (Fisher pseudo-gradients, test gradients)
+        #: ``True``: the rules' input-side sketches are computed once per block and reused by every pass over
+        #: the same saved inputs (``_rules._side``); a recorder with ``curvature="fisher"`` turns it on
+        self.memo_inputs = False
+        self._input_memo: dict[Any, Any] = {}
         self._backward_seen = False  # a user backward reached a captured module in this block
         #: the unit roundoff of the least precise floating tensor the hooks saw in this block (activations
         #: and output gradients): above the weights' under ``torch.autocast`` (bfloat16/float16 compute), where
@@ -332,13 +337,17 @@ class Engine:
         # under torch.autocast the activations and output gradients come in bfloat16/float16 while the sketches
         # hold the weights' dtype: the rules compute in the sketches' dtype (the lower-precision tensors cast up,
         # autocast off for the rules' own GEMMs), and the gradient checks widen their tolerance to that precision
+        saved = (frozenset(_rules.storage_address(t) for t in (*args, *kwargs.values()) if torch.is_tensor(t)) - {None}
+                 if self.memo_inputs else None)  # the saved inputs' storages, before any cast (a cast is new each pass)
         grad, args, kwargs, eps = _to_compute_dtype(grad.detach(), args, kwargs, self.dtype)
         self.compute_eps = max(self.compute_eps, eps)
         self._replaying = True
+        _rules._ACTIVE.active = (self._input_memo, saved) if saved else None
         try:
             with torch.no_grad(), _autocast_off(grad.device.type):
                 contrib = entry.rule.per_sample(entry.module, args, kwargs, grad, self.sketches, entry.drafts)
         finally:
+            _rules._ACTIVE.active = None
             self._replaying = False
         for key, v in contrib.items():
             if key in sink:
@@ -349,6 +358,7 @@ class Engine:
     # ------------------------------------------------------------------ sinks
     def begin(self, batch_size: int | None) -> None:
         self.sink = {}
+        self._input_memo = {}
         self.batch_size = batch_size
         self.outputs = []
         self.output_edges = []
@@ -360,6 +370,7 @@ class Engine:
 
     def end(self) -> dict[str, torch.Tensor]:
         sink, self.sink = self.sink or {}, None
+        self._input_memo = {}  # the saved inputs it holds are freed with the block
         self.outputs = []
         self.output_edges = []
         return sink

@@ -389,7 +389,7 @@ class StepSink:
                 raise
         #: rows per chunk (the writer's; on other ranks the writer's default, for memory bounds)
         self.chunk_rows = self.writer.chunk_rows if self.writer is not None else int(
-            chunk_rows or max(64, min(65536, (4 << 20) // (4 * max(self.k, 1)))))
+            chunk_rows or RunWriter.default_chunk_rows(self.k))
         start = self.dist.broadcast_int(self.writer.steps if self.writer is not None else 0)
         if start < 0:
             raise RecorderStateError("rank 0 could not open the run (see its error); this rank stops too.")

@@ -133,7 +133,8 @@ class Recorder(ClosesAtExit, ResumeChecks):
             milliseconds, and 1 (sampled labels) above; on ``resume``, the run's own value. Sampled
             labels, the cheap form, are one extra backward pass: issue 20's 2x is not met on this CPU
             either (2.7-3.1x on that MLP, 2.1-2.7x on a small GPT-2).
-        chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients).
+        chunk_rows: rows per Zarr chunk (default: about 4 MiB of gradients, rounded down to a power of two,
+            so that steps of a power-of-two batch fill chunks exactly and none is rewritten at a commit).
         commit_every: durability bound in steps (default 32): a ``kill -9`` loses at most the last
             ``commit_every`` recorded steps (and at most about 10 s of them); ``rec.flush()``
             commits everything now, ``1`` commits every step (docs/capture.md, "What a crash loses").
@@ -289,6 +290,8 @@ class Recorder(ClosesAtExit, ResumeChecks):
                                     "precondition= or pass a proj_dim.")
             self.engine = _whiten.capture_engine(model, self.layout)
             self._whitener = _whiten.Whitener(self.layout, self.engine)
+        # the Fisher pseudo-gradient passes and the real backward sketch the same saved inputs: once per block
+        self.engine.memo_inputs = bool(self.fisher)
         if self.hessian and self.engine.k > int(hessian_max_dim):
             raise RecorderError(
                 f"curvature='hessian' with k={self.engine.k} columns costs {self.engine.k} Hessian-vector products and "

@@ -45,3 +45,27 @@ def test_p9_15_half_precision_moments_are_summed_in_at_least_float32(dtype):
         assert (scale[key] > 0).all()
         rel = np.abs(got[key] - ref[key]) / scale[key]
         assert rel.max() <= 1e-6, (key, rel.max())
+
+
+def test_p9_16_weights_an_update_made_non_finite_are_not_called_changed(tmp_path):
+    """Was: a float16 model whose Adam update (eps=1e-8 rounds to 0 in float16) made its weights NaN was told
+    its weights "changed ... (weight clipping, an EMA copied back ...)"; now a NonFiniteError that says the
+    update overflowed, with the float16 fixes."""
+    import datavalue
+    from datavalue.errors import NonFiniteError, RecorderStateError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).half()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(4, 8).half(), torch.randint(0, 3, (4,))
+    rec = datavalue.Recorder(tmp_path / "r.zarr", model, proj_dim=4, optimizer=opt)
+    with pytest.raises(NonFiniteError, match=r"hold NaN or inf after the last optimizer\.step\(\).*eps >= 1e-4") as e:
+        for s in range(3):
+            with rec.step(range(4 * s, 4 * s + 4)):
+                opt.zero_grad()
+                F.cross_entropy(model(x).float(), y).backward()
+            opt.step()
+    assert not isinstance(e.value, RecorderStateError) and "weight clipping" not in str(e.value)
+    assert not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    rec.close()
+    assert datavalue.open_run(tmp_path / "r.zarr").n_steps == 1

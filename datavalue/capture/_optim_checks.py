@@ -27,7 +27,7 @@ from datavalue.capture._gradient_probe import GradientProbe as GradientProbe
 from datavalue.capture._gradient_probe import _loss_scale, _residual
 from datavalue.capture._gradient_probe import gradient_tolerances as gradient_tolerances
 from datavalue.capture._optim import group_state, unwrap_optimizer
-from datavalue.errors import RecorderError, RecorderStateError
+from datavalue.errors import NonFiniteError, RecorderError, RecorderStateError
 
 
 @dataclasses.dataclass
@@ -253,6 +253,7 @@ class UnrecordedGradients:
         names = [self._block_names[i] for i in moved]
         kept = (f"The run keeps its {_steps(p.step + 1)}; this block was not recorded (nor is any other until the "
                 "weights are the ones the last update left). ") if p is not None else ""
+        self._refuse_nonfinite_weights(kept)
         if all(i in self._orphans for i in moved):
             raise RecorderStateError(f"{_another_optimizer(names, 'after the last optimizer.step()')}. {kept}Fix: "
                                      f"{ONE_OPTIMIZER}.")
@@ -263,6 +264,26 @@ class UnrecordedGradients:
             f"every later step would model weights that were never trained. {kept}Fix: leave the weights to the "
             "optimizer while recording (an EMA: evaluate a copy instead of copying it back); to keep such an edit, "
             "record only the layers it does not touch (layers=[...]) or do it before recording starts (a new run)."
+        )
+
+    def _refuse_nonfinite_weights(self, kept: str) -> None:
+        """Weights that hold NaN or inf (an update that overflowed) are not weights that "changed" (P9-16)."""
+        with torch.no_grad():
+            bad = [n for n, q in self._captured.items() if not bool(torch.isfinite(q.detach()).all())]
+        if not bad:
+            return
+        dtypes = sorted({str(self._captured[n].dtype).removeprefix("torch.") for n in bad})
+        half = any(d in ("float16", "bfloat16") for d in dtypes)
+        raise NonFiniteError(
+            f"the weights of {bad[:3]}{' ...' if len(bad) > 3 else ''} ({', '.join(dtypes)}) hold NaN or inf after "
+            "the last optimizer.step(): the update itself overflowed, nothing edited them, and no later step can be "
+            f"recorded from them. {kept}"
+            + ("In float16, Adam's default eps=1e-8 rounds to 0 (float16's smallest step is 6e-8), so a zero "
+               "second moment divides 0 by 0. Fix: keep float32 master weights (a float32 model under "
+               "torch.autocast(dtype=torch.float16 or torch.bfloat16), with torch.amp.GradScaler for float16), "
+               "train in bfloat16 or float32, or give Adam eps >= 1e-4 in float16; "
+               if half else "Fix: lower the learning rate or clip the gradients (torch.nn.utils.clip_grad_norm_); ")
+            + "then record a new run."
         )
 
     def moved_since_update(self) -> list[str]:

@@ -51,13 +51,14 @@ from datavalue.embeddings._plan import (
     parse_fisher_window,
 )
 from datavalue.embeddings._stream import _pad_op, _run_segments
-from datavalue.errors import EmbeddingError, StoreExistsError
+from datavalue.errors import EmbeddingError, StoreExistsError, StoreReadOnlyError
 from datavalue.store import (
     check_step_values,
     check_workers_see_run,
     refuse_foreign_below,
     writes_run,
 )
+from datavalue.store._paths import is_local
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,29 @@ _BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
 
 # the memory reading is shared with queries and recordings (datavalue._memory)
 from datavalue._memory import MEMORY_CHECK_ENV, available_memory, fmt_bytes, parse_max_memory  # noqa: E402
+
+
+def refuse_read_only_run(path: Any, what: str) -> None:
+    """Refuse a build in a run datavalue opens read-only (a ``.zip`` archive, a URL), before any other check:
+    "Pass overwrite=True" would only fail there too (P9-17).
+
+    Raises:
+        StoreReadOnlyError: naming how to unpack the archive and build there.
+    """
+    if is_local(path):
+        return
+    s = os.fspath(path) if isinstance(path, str | os.PathLike) else repr(path)
+    if s.endswith(".zip") and "://" not in s:
+        out = s[: -len(".zip")] + (".zarr" if not s[: -len(".zip")].endswith(".zarr") else "")
+        raise StoreReadOnlyError(
+            f"{what}: {s} is a run archive (.zip), which is read-only: embeddings cannot be built or rebuilt in it "
+            f"(overwrite=True cannot either). Unpack it to a directory and build there: `unzip {s} -d {out}` "
+            f"(or zipfile.ZipFile({s!r}).extractall({out!r})), then datavalue.build_embeddings({out!r}, ...)."
+        )
+    raise StoreReadOnlyError(
+        f"{what}: {s} is a remote or in-memory store, which datavalue opens read-only: embeddings cannot be built "
+        "in it. Copy the run to a local directory and build there."
+    )
 
 
 def state_bytes(plan: _Plan, segments: int = 1) -> int:
@@ -496,6 +520,7 @@ def build_embeddings(
      adam_second_moment, blocks, fisher_window) = (getattr(cfg, k) for k in options)
     run = open_run(path)
     path = run.path  # absolute (a file:// URL: its local path): what the tasks open, on any worker
+    refuse_read_only_run(path, "build_embeddings")  # before "already holds a build: pass overwrite=True" (P9-17)
     check_workers_see_run(client, path, run.run_id, "build_embeddings(client=)'s segment tasks")
     refuse_final_pass(run, "build_embeddings")
     check_step_values(run, error=EmbeddingError)  # lr, gradient scales, row weights: as the recorder requires

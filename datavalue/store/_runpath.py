@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from datavalue._files import unexpanded_home_problem
 from datavalue.errors import StoreError
 
 
@@ -175,20 +176,12 @@ def refuse_unexpanded_home(path: str, what: str) -> None:
     """Refuse to create ``~/...`` (or ``~user/...``) literally: Python does not expand ``~``, so the path
     names a directory called ``~`` in the current directory, not the home directory (P8-37: a run was
     created at ``./~/run.zarr``, where a later ``rm -rf ~`` typed to clean it up would delete the home
-    directory). One that exists already (made on purpose) is used as it is.
+    directory). One that exists already (made on purpose) is used as it is. The rule and its words are
+    :func:`datavalue._files.unexpanded_home_problem`'s.
 
     Raises:
         RunPathError: naming the expanded path to pass instead.
     """
-    if not path.startswith("~") or os.path.lexists(path):
-        return
-    head = path.split("/", 1)[0]
-    if os.path.lexists(head):  # a directory really called "~" (or "~name") made on purpose
-        return
-    expanded = os.path.expanduser(path)
-    raise RunPathError(
-        f"{what}: {path!r} starts with '~', which Python does not expand: it would create a directory named "
-        f"{head!r} in the current directory ({os.getcwd()}), not under the home directory. Pass "
-        f"os.path.expanduser({path!r}) ({expanded!r}), or './{path}' for a directory really named {head!r}. "
-        "Nothing was written."
-    )
+    problem = unexpanded_home_problem(path, f"{what}:")
+    if problem is not None:
+        raise RunPathError(problem)

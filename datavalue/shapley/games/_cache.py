@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datavalue._files import atomic_write, inside_run_problem, unshare
+from datavalue._files import atomic_write, inside_run_problem, unexpanded_home_problem, unshare
 from datavalue._lock import LockFile
 from datavalue.shapley._errors import CacheMismatchError, OutputPathError, UtilityError
 
@@ -77,6 +77,9 @@ class DiskCache:
 
     def __init__(self, path: str | os.PathLike[str], *, n: int, fingerprint: str = "") -> None:
         self.path = Path(path)
+        home = unexpanded_home_problem(path, "the utility cache")  # not ./~/...: the rule Recorder("~/r") follows
+        if home is not None:
+            raise OutputPathError(home)
         if isinstance(n, bool | np.bool_) or not isinstance(n, int | np.integer) or n < 0:  # P9-09
             raise UtilityError(f"n (the number of players) must be an int >= 0, got {n!r} ({type(n).__name__}); "
                                "nothing is rounded or converted.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import decimal
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 
@@ -161,6 +162,62 @@ def parse_owners(owners: object) -> tuple[str, ...]:
     return tuple(out)
 
 
+#: Money given as text: ASCII digits with at most one point and an optional sign (``'1234.56'``, ``'-0.00'``);
+#: ``Decimal(str)`` also takes ``'5e2'``, ``'1_000'``, ``' 5 '``, ``'NaN'`` and ``'Infinity'`` (P9-14).
+_PLAIN_DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+#: Amounts from ``10**MONEY_DIGITS`` up, or with more than ``MONEY_PLACES`` decimal places, are refused before
+#: they are parsed: no revenue is that large, and ``Decimal('1E+400')`` would make the pool's rounding fail
+#: (``decimal.InvalidOperation``) and ``Decimal('1E+100000000000')`` hang the exact cent arithmetic.
+MONEY_DIGITS = 30
+MONEY_PLACES = 40
+
+
+def money_input(amount: object, name: str) -> object:
+    """``amount`` (revenue or royalty rate) as :func:`parse_money` should see it: a str must be plain decimal
+    text (:data:`_PLAIN_DECIMAL`) and becomes a ``Decimal``; a finite ``Decimal`` or int must be below
+    ``10**MONEY_DIGITS`` with at most ``MONEY_PLACES`` decimal places. Anything else is passed on as given,
+    for :func:`parse_money` to check (types, NaN, the sign, the grid).
+
+    Raises:
+        InvalidPoolError: text that is not plain decimal digits, an amount too large or too finely divided.
+    """
+    accepted = ("Pass money as a Decimal, an int, or a str of plain decimal digits with at most one point, "
+                "like Decimal('1234.56') or '1234.56'")
+    if isinstance(amount, str):
+        if _PLAIN_DECIMAL.fullmatch(amount) is None:
+            shown = amount if len(amount) <= 60 else amount[:60] + "..."
+            raise InvalidPoolError(
+                f"{name} must be written as plain decimal digits with at most one point, like '1234.56'; got "
+                f"{shown!r} ({len(amount)} characters). Exponents ('5e2'), underscores ('1_000'), spaces, "
+                "'NaN' and 'Infinity' are not taken as money, so that a typo never becomes an amount. "
+                f"{accepted}."
+            )
+        amount = Decimal(amount)
+    if isinstance(amount, bool | np.bool_):
+        return amount
+    if isinstance(amount, int | np.integer):
+        amount = Decimal(int(amount))  # no str(): an int past 4300 digits has none
+        too_large = not amount.is_zero() and amount.adjusted() >= MONEY_DIGITS
+        too_fine = False
+    elif isinstance(amount, Decimal) and amount.is_finite():
+        too_large = not amount.is_zero() and amount.adjusted() >= MONEY_DIGITS
+        too_fine = int(amount.as_tuple().exponent) < -MONEY_PLACES
+    else:
+        return amount
+    if too_large:
+        raise InvalidPoolError(
+            f"{name} must be below 10**{MONEY_DIGITS} (1E+{MONEY_DIGITS}); got an amount with "
+            f"{amount.adjusted() + 1:,} digits before the point ({amount:.3E}): no payment is that "
+            f"large, so it is a units or parsing mistake. {accepted}."
+        )
+    if too_fine:
+        raise InvalidPoolError(
+            f"{name} must have at most {MONEY_PLACES} decimal places; got {name} with exponent "
+            f"{amount.as_tuple().exponent} ({str(amount)[:40]}). {accepted}, on the currency's grid."
+        )
+    return amount
+
+
 def parse_row_inputs(
     *,
     owners: object,
@@ -178,7 +235,8 @@ def parse_row_inputs(
             no values, values and owners or utilities of different sizes, ``result`` disagreeing with
             ``utilities``.
         InvalidValuesError: values or utilities that are not finite numbers.
-        InvalidPoolError: revenue or rate not money on their grid, a rate above 1.
+        InvalidPoolError: revenue or rate not money on their grid (a str not plain decimal digits, an
+            amount of 10**30 or more: :func:`money_input`), a rate above 1.
     """
     owners = parse_owners(owners)
     if len(set(owners)) != len(owners) or not owners:
@@ -213,12 +271,12 @@ def parse_row_inputs(
                 "utilities= alone (exact values, replayable), or result= alone (an estimate), or "
                 "both only when they agree."
             )
-    revenue_d = parse_money(revenue, name="revenue")
-    rate = parse_money(royalty_rate, name="royalty_rate", quantum=Decimal("1E-12"))
+    revenue_d = parse_money(money_input(revenue, "revenue"), name="revenue")
+    rate = parse_money(money_input(royalty_rate, "royalty_rate"), name="royalty_rate", quantum=Decimal("1E-12"))
     if rate > 1:
         raise InvalidPoolError(f"royalty_rate must be in [0, 1]; got {rate}.")
     with decimal.localcontext() as ctx:
-        ctx.prec = 80
+        ctx.prec = 80  # exact: revenue < 10**30 on the cent grid (32 digits) times a rate of 13 digits at most
         pool = (revenue_d * rate).quantize(CENT, rounding=decimal.ROUND_HALF_EVEN)
     return RowInputs(owners=owners, values=values, stderr=stderr, method=method, utilities=u,
                      revenue=revenue_d, royalty_rate=rate, pool=pool)  # fmt: skip

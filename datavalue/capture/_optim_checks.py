@@ -268,8 +268,7 @@ class UnrecordedGradients:
 
     def _refuse_nonfinite_weights(self, kept: str) -> None:
         """Weights that hold NaN or inf (an update that overflowed) are not weights that "changed" (P9-16)."""
-        with torch.no_grad():
-            bad = [n for n, q in self._captured.items() if not bool(torch.isfinite(q.detach()).all())]
+        bad = self.nonfinite_weights()
         if not bad:
             return
         dtypes = sorted({str(self._captured[n].dtype).removeprefix("torch.") for n in bad})
@@ -285,6 +284,11 @@ class UnrecordedGradients:
                if half else "Fix: lower the learning rate or clip the gradients (torch.nn.utils.clip_grad_norm_); ")
             + "then record a new run."
         )
+
+    def nonfinite_weights(self) -> list[str]:
+        """The recorded parameters whose weights hold NaN or inf (``[]``: none)."""
+        with torch.no_grad():
+            return [n for n, q in self._captured.items() if not bool(torch.isfinite(q.detach()).all())]
 
     def moved_since_update(self) -> list[str]:
         """The blocks whose weights moved since the last verified update (``[]``: none, or no update yet)."""

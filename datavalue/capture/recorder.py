@@ -745,7 +745,12 @@ class Recorder(ClosesAtExit, ResumeChecks):
         _OPEN.pop(id(self), None)
         self.engine.detach()
         if getattr(self, "_unrecorded", None) is not None:
-            moved = self._unrecorded.moved_since_update()
+            nonfinite = self._unrecorded.nonfinite_weights()
+            moved = [] if nonfinite else self._unrecorded.moved_since_update()  # NaN != NaN: not a "move"
+            if nonfinite:  # an update overflowed (P9-16): say that, not that something edited the weights
+                logger.warning("%s: the weights of %s hold NaN or inf at close (an optimizer update overflowed: in "
+                               "float16, Adam's eps=1e-8 rounds to 0); the model's final weights are not usable",
+                               self.path, nonfinite[:3])
             if moved:  # the steps are written; the weights the model ends with are not the run's
                 logger.warning("%s: the weights of %s changed after the last optimizer.step() (weight clipping, an EMA "
                                "copied back?); the run's last step does not lead to the model's final weights",

@@ -249,17 +249,19 @@ def refuse_read_only_run(path: Any, what: str) -> None:
     """
     if is_local(path):
         return
+    call = "datavalue.build_embeddings" if what == "build_embeddings" else f"datavalue.embeddings.{what}"
     s = os.fspath(path) if isinstance(path, str | os.PathLike) else repr(path)
     if s.endswith(".zip") and "://" not in s:
         out = s[: -len(".zip")] + (".zarr" if not s[: -len(".zip")].endswith(".zarr") else "")
         raise StoreReadOnlyError(
-            f"{what}: {s} is a run archive (.zip), which is read-only: embeddings cannot be built or rebuilt in it "
+            f"{what}: {s} is a run archive (.zip), which is read-only: embeddings cannot be built, rebuilt or extended "
+            "in it "
             f"(overwrite=True cannot either). Unpack it to a directory and build there: `unzip {s} -d {out}` "
-            f"(or zipfile.ZipFile({s!r}).extractall({out!r})), then datavalue.build_embeddings({out!r}, ...)."
+            f"(or zipfile.ZipFile({s!r}).extractall({out!r})), then {call}({out!r}, ...)."
         )
     raise StoreReadOnlyError(
         f"{what}: {s} is a remote or in-memory store, which datavalue opens read-only: embeddings cannot be built "
-        "in it. Copy the run to a local directory and build there."
+        "or extended in it. Copy the run to a local directory and build there."
     )
 
 

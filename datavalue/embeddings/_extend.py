@@ -34,6 +34,7 @@ from datavalue.embeddings._build import (
     _warn_expansive,
     check_chunk_memory,
     check_client,
+    refuse_read_only_run,
 )
 from datavalue.embeddings._check import refuse_final_pass, refuse_foreign, require_intact_rows
 from datavalue.embeddings._metadata import (
@@ -201,6 +202,7 @@ def extend_embeddings(
     limit = parse_max_memory(max_memory, EmbeddingError)
     device = parse_device(device)
     check_client(client)
+    refuse_read_only_run(path, "extend_embeddings")  # an archive: say to unpack it (P9-17's twin)
     run = open_run(path)
     path = run.path  # absolute (a file:// URL: its local path): what the tasks open, on any worker
     check_workers_see_run(client, path, run.run_id, "extend_embeddings(client=)'s tasks")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -47,7 +49,7 @@ def test_p9_15_half_precision_moments_are_summed_in_at_least_float32(dtype):
         assert rel.max() <= 1e-6, (key, rel.max())
 
 
-def test_p9_16_weights_an_update_made_non_finite_are_not_called_changed(tmp_path):
+def test_p9_16_weights_an_update_made_non_finite_are_not_called_changed(tmp_path, caplog):
     """Was: a float16 model whose Adam update (eps=1e-8 rounds to 0 in float16) made its weights NaN was told
     its weights "changed ... (weight clipping, an EMA copied back ...)"; now a NonFiniteError that says the
     update overflowed, with the float16 fixes."""
@@ -67,5 +69,9 @@ def test_p9_16_weights_an_update_made_non_finite_are_not_called_changed(tmp_path
             opt.step()
     assert not isinstance(e.value, RecorderStateError) and "weight clipping" not in str(e.value)
     assert not all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    rec.close()
+    with caplog.at_level(logging.WARNING, logger="datavalue"):
+        rec.close()
     assert datavalue.open_run(tmp_path / "r.zarr").n_steps == 1
+    # the close-time warning says the same (was: "changed after the last optimizer.step() (weight clipping ...)")
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "hold NaN or inf at close" in said and "weight clipping" not in said

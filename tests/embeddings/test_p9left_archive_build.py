@@ -43,3 +43,16 @@ def test_p9_17_a_build_in_an_archive_says_to_unpack_it_not_to_pass_overwrite(arc
     out = archived.with_suffix(".zarr")
     zipfile.ZipFile(archived).extractall(out)
     datavalue.build_embeddings(out, curvature="empirical_fisher", overwrite=True, progress=False)
+
+
+def test_an_extension_in_an_archive_says_to_unpack_it(archived):
+    """extend_embeddings on an archive gets the same answer as a build there (session 13): what to unpack, and the
+    extension to run on the unpacked run, with the archive's bytes unchanged."""
+    from datavalue.embeddings import extend_embeddings
+
+    before = archived.read_bytes()
+    with pytest.raises(StoreReadOnlyError, match=r"extend_embeddings: .*run archive \(\.zip\), which is read-only.*"
+                                                  r"`unzip .*x\.zip -d .*x\.zarr`.*datavalue\.embeddings\."
+                                                  r"extend_embeddings\("):
+        extend_embeddings(archived, progress=False)
+    assert archived.read_bytes() == before

@@ -533,14 +533,16 @@ class RoyaltyLedger:
             output_id: the generated output's id: a non-empty ``str`` (nothing is converted: ``5`` is
                 refused, so ``5`` and ``"5"`` can never be recorded as one output).
             prompt: the prompt (kept for audit).
-            revenue: revenue of this output (``Decimal``, on the cent grid).
+            revenue: revenue of this output (``Decimal``, ``int`` or text, on the cent grid): text is plain
+                decimal digits with at most one point and an optional sign (``"12.50"``; ``"1e3"``, ``"1_000"``,
+                ``" 5 "``, ``"NaN"`` are refused), and amounts must be below ``10**30``.
             owners: owner id of each player, in player order: a list (or tuple, array) of
                 non-empty strings; nothing is converted (``None``, a string to split, a set are refused).
             result: a :class:`ShapleyResult` or per-owner values.
             utilities: ``(2**n,)`` coalition utilities.
             content: the output's bytes or text (hashed; the content itself is not stored).
             output_hash: a precomputed content hash instead of ``content``.
-            royalty_rate: the owners' contractual share rho in ``[0, 1]``.
+            royalty_rate: the owners' contractual share rho in ``[0, 1]`` (text as for ``revenue``).
             policy: royalty policy id.
             timestamp: when the output was sold (defaults to now, UTC). Refused when earlier than the
                 ledger's last row (it would change periods whose statements may be issued) or later

@@ -55,10 +55,10 @@ from datavalue.errors import EmbeddingError, StoreExistsError, StoreReadOnlyErro
 from datavalue.store import (
     check_step_values,
     check_workers_see_run,
+    is_local,
     refuse_foreign_below,
     writes_run,
 )
-from datavalue.store._paths import is_local
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ run's private attributes), so that the format has one place to change:
   to extend it), :func:`delete_path`; these and :func:`archive_run` refuse a path that a symbolic
   link leads outside the run; :func:`open_run` refuses a run holding a link that leads outside it;
   :func:`refuse_inside_run` refuses a report path inside a run (every API writer of reports);
+  :func:`is_local` says whether a location is a writable local run directory (not an archive, not a URL);
 - the final-weights pass (``<run>/final``, :data:`FINAL_RUN`): ``Run.is_final_pass``, its manifest's
   ``integration["name"]`` :data:`FINAL_PASS_INTEGRATION`; :func:`stale_final_pass` says why a pass
   no longer describes the run (the run trained further after it was recorded);
@@ -48,6 +49,7 @@ from datavalue.store._chunkfiles import chunk_dir as chunk_dir
 from datavalue.store._chunkfiles import fast_rows as fast_rows
 from datavalue.store._chunkfiles import write_all as write_all
 from datavalue.store._paths import check_workers_see_run as check_workers_see_run
+from datavalue.store._paths import is_local as is_local
 from datavalue.store._paths import refuse_inside_run as refuse_inside_run
 from datavalue.store._reader import Run as Run
 from datavalue.store._reader import create_array as create_array
@@ -109,6 +111,7 @@ __all__ = [
     "create_array",
     "delete_path",
     "fast_rows",
+    "is_local",
     "fingerprint_params",
     "lock_run",
     "manifest_digest",

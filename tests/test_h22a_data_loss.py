@@ -121,14 +121,19 @@ def test_royalties_refuses_to_write_the_report_over_its_ledger(tmp_path, capsys)
 # ------------------------------------------------------------------ item 13: CSV formula injection
 def test_csv_report_escapes_formulas_in_text_and_keeps_numbers(tmp_path):
     evil = '=HYPERLINK("http://evil","x")'
-    owners = [evil, "+1-cmd", "@SUM(A1)", "\tTAB", "\rCR", "-neg", "plain"]
-    ledger = _ledger(tmp_path / "L.jsonl", owners=owners, values=[3.0, 2.0, 1.0, 1.0, 1.0, 1.0, -2.5])
+    # ids that start with a tab or a carriage return are refused when recorded since session 13 (p8left: control
+    # characters and padding in ids), so they can no longer reach a report
+    for bad in ("\tTAB", "\rCR"):
+        with pytest.raises(shapley.InvalidGameError, match="leading or trailing whitespace|control character"):
+            _ledger(tmp_path / f"refused{len(bad)}{ord(bad[0])}.jsonl", owners=[bad, "plain"], values=[1.0, 1.0])
+    owners = [evil, "+1-cmd", "@SUM(A1)", "-neg", "plain"]
+    ledger = _ledger(tmp_path / "L.jsonl", owners=owners, values=[3.0, 2.0, 1.0, 1.0, -2.5])
     st = ledger.statement(shapley.Period())
     text = shapley.render_report(st, "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
     got = {r["owner"] for r in rows if r["kind"] == "owner"}
     assert "'" + evil in got and evil not in got
-    for o in owners[1:6]:
+    for o in owners[1:4]:
         assert "'" + o in got, (o, got)
     assert "plain" in got
     for r in rows:
